@@ -1,0 +1,132 @@
+"""Network definitions (without normalization; `models.build_model` prepends it).
+
+- `fashion_cnn`: a small two-convolution CNN for 1x28x28 inputs, fast enough to train and certify
+  on a laptop CPU (about 0.1 M parameters, about 1 M multiply-adds per image).
+- `toy_cnn`: a tiny CNN for the synthetic test dataset.
+- `cifar_resnet20` / `cifar_resnet110`: the CIFAR ResNet family (depth 6k+2, BasicBlock, widths
+  16/32/64, 8x8 average pooling) used by Cohen et al. and Salman et al.; parameter names match
+  their released checkpoints (`conv1`, `bn1`, `layer1..3`, `downsample.0/1`, `fc`).
+- `resnet50`: torchvision's ResNet-50 (ImageNet), as in both papers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class FashionCNN(nn.Module):
+    """conv3x3(16) - ReLU - maxpool - conv3x3(32) - ReLU - maxpool - fc(64) - ReLU - fc(classes)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * side * side, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class ToyCNN(nn.Module):
+    """A tiny CNN for 3x8x8 synthetic images: conv3x3(8) - ReLU - maxpool - fc(classes)."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2), 1))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth 6k+2 with BasicBlocks (He et al. 2016, Section 4.2)."""
+
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6k+2, got {depth}")
+        blocks = (depth - 2) // 6
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(16, blocks, 1)
+        self.layer2 = self._make_layer(32, blocks, 2)
+        self.layer3 = self._make_layer(64, blocks, 2)
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                module.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.data.fill_(1)
+                module.bias.data.zero_()
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_planes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers = [BasicBlock(self.in_planes, planes, stride, downsample)]
+        self.in_planes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet50(num_classes: int) -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None, num_classes=num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "fashion_cnn": lambda k: FashionCNN(k),
+    "toy_cnn": lambda k: ToyCNN(k),
+    "cifar_resnet20": lambda k: CifarResNet(20, k),
+    "cifar_resnet110": lambda k: CifarResNet(110, k),
+    "imagenet32_resnet110": lambda k: CifarResNet(110, k),
+    "resnet50": _resnet50,
+}
+"""Architecture name -> constructor taking the number of classes."""
+
+CLASSIFIER_HEADS: dict[str, str] = {
+    "fashion_cnn": "classifier.3", "toy_cnn": "fc", "cifar_resnet20": "fc", "cifar_resnet110": "fc",
+    "imagenet32_resnet110": "fc", "resnet50": "fc",
+}
+"""Architecture name -> attribute path of its final Linear layer (replaced when fine-tuning)."""

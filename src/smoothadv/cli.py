@@ -1,0 +1,310 @@
+"""The `smoothadv` command line: a thin argparse layer over the library.
+
+Each subcommand parses its flags (in natural units: sigma 0.25 means 0.25 in [0, 1] pixels),
+builds library objects, calls one library function and says where the output went. Bad input
+ends with a one-line `smoothadv: error: ...` message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SmoothAdvError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+# ------------------------------------------------------------------ argument types
+
+
+def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+probability = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    try:
+        i, k = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/k (e.g. 0/4), got {text!r}") from None
+    if k < 1 or not 0 <= i < k:
+        raise argparse.ArgumentTypeError(f"expected i/k with 0 <= i < k, got {text!r}")
+    return i, k
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (with a pointer to --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config_defaults(argv: Sequence[str]) -> dict[str, Any]:
+    """Values of a `--config file.toml` recipe: its keys (flag names, - or _) become parser defaults."""
+    if "--config" not in argv:
+        return {}
+    position = list(argv).index("--config")
+    if position + 1 >= len(argv):
+        raise SmoothAdvError("--config needs a file")
+    path = Path(argv[position + 1])
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SmoothAdvError(f"config {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):  # sections such as [train] are flattened
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+# ------------------------------------------------------------------ shared flags
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for noise and data order")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $SMOOTHADV_DATA or ./data)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+
+def _evaluation(parser: argparse.ArgumentParser, default_n: int) -> None:
+    parser.add_argument("checkpoint", help="model checkpoint (smoothadv, Cohen or Salman format)")
+    parser.add_argument("--sigma", type=positive_float, required=True, help="noise level of the smoothed classifier")
+    parser.add_argument("--out", required=True, help="output TSV (one row per example)")
+    parser.add_argument("--n", type=positive_int, default=default_n, help="Monte Carlo samples")
+    parser.add_argument("--alpha", type=probability, default=0.001, help="failure probability")
+    parser.add_argument("--batch", type=positive_int, default=1000, help="noisy samples per forward pass")
+    parser.add_argument("--skip", type=positive_int, default=1, help="use every skip-th example")
+    parser.add_argument("--max", type=positive_int, default=None, help="stop after this many examples")
+    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument("--normalization", choices=("normalize", "center"), default=None,
+                        help="input layer for Cohen/Salman checkpoints, which do not record it (see README)")
+    parser.add_argument("--shard", type=shard_spec, default=None, help="run only shard i of k (i/k)")
+    parser.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .data import DEFAULT_ARCH
+    from .train import TrainConfig
+
+    arch = args.arch or DEFAULT_ARCH[args.dataset]
+    return TrainConfig(
+        dataset=args.dataset, arch=arch, out_dir=Path(args.out), sigma=args.sigma, epochs=args.epochs,
+        batch_size=args.batch, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma, momentum=args.momentum,
+        weight_decay=args.weight_decay, normalization=args.normalization, seed=args.seed, device=args.device,
+        workers=args.workers, data_dir=args.data_dir, train_subset=args.train_subset, eval_subset=args.eval_subset,
+        pretrained=args.pretrained, pretrained_normalization=args.pretrained_normalization,
+        unlabelled=args.unlabelled, unlabelled_weight=args.unlabelled_weight, resume=args.resume, force=args.force,
+        progress=args.progress,
+    )
+
+
+def build_objective(args: argparse.Namespace) -> Any:
+    """The training objective named by --objective, from the parsed flags."""
+    from .objectives import OBJECTIVES, GaussianAugmentation
+
+    if args.objective not in OBJECTIVES:
+        raise SmoothAdvError(f"unknown objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if args.objective == "gaussian":
+        return GaussianAugmentation(args.sigma)
+    return OBJECTIVES[args.objective].from_args(args)  # type: ignore[attr-defined]
+
+
+def add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a base classifier (Gaussian augmentation or SmoothAdv)")
+    p.add_argument("--config", help="TOML recipe whose keys set these flags' defaults")
+    p.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "cifar10", "imagenet", "synthetic"))
+    p.add_argument("--arch", default=None, help="architecture (default: the dataset's usual one)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pth.tar, log.tsv, args.json)")
+    p.add_argument("--objective", default="gaussian", help="gaussian or smoothadv")
+    p.add_argument("--sigma", type=nonneg_float, default=0.25, help="training noise level")
+    p.add_argument("--epochs", type=positive_int, default=90)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--lr-step", type=positive_int, default=30, help="decay lr every this many epochs")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.1)
+    p.add_argument("--momentum", type=nonneg_float, default=0.9)
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    p.add_argument("--normalization", choices=("normalize", "center"), default="normalize")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes")
+    p.add_argument("--train-subset", type=positive_int, default=None, help="train on the first N images only")
+    p.add_argument("--eval-subset", type=positive_int, default=1000, help="noisy test accuracy on N test images")
+    p.add_argument("--pretrained", default=None, help="fine-tune from this checkpoint")
+    p.add_argument("--pretrained-normalization", choices=("normalize", "center"), default=None)
+    p.add_argument("--unlabelled", default=None, help=".npz of extra pseudo-labelled images (self-training)")
+    p.add_argument("--unlabelled-weight", type=nonneg_float, default=1.0, help="loss weight of the extra batches")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--force", action="store_true", help="start over even if a checkpoint exists")
+    _common(p)
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .train import fit
+
+    objective = build_objective(args)
+    path = fit(_train_config(args), objective)
+    print(f"checkpoint: {path}")
+
+
+def _load_smooth(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    from .data import get_dataset
+    from .models import load_checkpoint
+    from .smoothing import Smooth
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(args.checkpoint, device, normalization=args.normalization)
+    dataset = get_dataset(meta["dataset"], args.split, args.data_dir)
+    return Smooth(model, meta["num_classes"], args.sigma), dataset, meta, device
+
+
+def _run_rows(args: argparse.Namespace, columns: Sequence[str], make_rows: Callable[[list[int]], Any],
+              size: int, label: str) -> None:
+    from tqdm.auto import tqdm
+
+    from .evaluate import row_fields, select_indices, shard_indices
+    from .files import OutputLock, TsvLog, check_writable_output, write_provenance
+
+    out = check_writable_output(args.out, resume=args.resume, force=args.force)
+    indices = select_indices(size, args.skip, args.max)
+    if args.shard is not None:
+        indices = shard_indices(indices, *args.shard)
+    with OutputLock(out), TsvLog(out, columns, resume=args.resume, force=args.force) as log:
+        todo = [i for i in indices if str(i) not in log.done]
+        write_provenance(out.parent, {**vars(args), "handler": None}, prefix=f"{out.name}.")
+        with tqdm(total=len(indices), initial=len(indices) - len(todo), desc=label, disable=not args.progress,
+                  dynamic_ncols=True) as bar:
+            for row in make_rows(todo):
+                log.write(row_fields(row))
+                bar.update(1)
+    print(f"wrote {out} ({len(indices)} rows)")
+
+
+def add_certify(sub: Any) -> None:
+    p = sub.add_parser("certify", help="CERTIFY each test example: prediction and certified L2 radius")
+    _evaluation(p, 100_000)
+    p.add_argument("--n0", type=positive_int, default=100, help="selection samples")
+    _common(p)
+    p.set_defaults(handler=run_certify)
+
+
+def run_certify(args: argparse.Namespace) -> None:
+    from .evaluate import CERTIFY_COLUMNS, certify_dataset
+
+    smooth, dataset, _, device = _load_smooth(args)
+    _run_rows(args, CERTIFY_COLUMNS,
+              lambda todo: certify_dataset(smooth, dataset, todo, n0=args.n0, n=args.n, alpha=args.alpha,
+                                           batch_size=args.batch, seed=args.seed, device=device),
+              len(dataset), "certify")
+
+
+def add_predict(sub: Any) -> None:
+    p = sub.add_parser("predict", help="PREDICT each test example with the smoothed classifier (or abstain)")
+    _evaluation(p, 1000)
+    _common(p)
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from .evaluate import PREDICT_COLUMNS, predict_dataset
+
+    smooth, dataset, _, device = _load_smooth(args)
+    _run_rows(args, PREDICT_COLUMNS,
+              lambda todo: predict_dataset(smooth, dataset, todo, n=args.n, alpha=args.alpha,
+                                           batch_size=args.batch, seed=args.seed, device=device),
+              len(dataset), "predict")
+
+
+def add_convert(sub: Any) -> None:
+    p = sub.add_parser("convert-checkpoint", help="re-save a TRUSTED legacy checkpoint as a weights-only file")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--trust", action="store_true", help="confirm that you trust SRC (loading it can run its code)")
+    p.set_defaults(handler=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .models import convert_trusted_checkpoint
+
+    if not args.trust:
+        raise SmoothAdvError("converting unpickles the file, which can run code from it; pass --trust if you trust it")
+    convert_trusted_checkpoint(args.src, args.dst)
+    print(f"wrote {args.dst}")
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_convert]
+
+
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog="smoothadv", description="Randomized smoothing and SmoothAdv: certified L2 robustness.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"smoothadv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for add in COMMANDS:
+        add(sub)
+    if defaults:
+        for action in sub.choices.values():
+            known = {a.dest for a in action._actions}
+            unknown = set(defaults) - known
+            if action.prog.endswith(" train") and unknown:
+                raise SmoothAdvError(f"config has unknown keys: {', '.join(sorted(unknown))}")
+            action.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `smoothadv` console script and `python -m smoothadv`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_config_defaults(argv))
+        args = parser.parse_args(argv)
+        args.handler(args)
+    except SmoothAdvError as exc:
+        print(f"smoothadv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smoothadv: interrupted (finished rows and checkpoints are kept; rerun with --resume)", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"smoothadv: error: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Certify and predict over a dataset, streaming one result row per example into a resumable TSV.
+
+Row formats are Cohen et al.'s, so their and Salman et al.'s published logs and ours are read by
+the same `report` code:
+
+    certify:  idx  label  predict  radius  correct  time
+    predict:  idx  label  predict  correct  time
+
+`time` is a `datetime.timedelta` string as in Cohen's scripts; `radius` is rounded *down* to 6
+decimals so that rounding never enlarges a certificate.
+
+Randomness: each example's noise comes from its own generator seeded by (seed, dataset index),
+so a row does not depend on which other examples were run, in which order, or on how many
+workers shared the work (`--shard`, torchrun): a sharded, resumed or re-run evaluation gives the
+same rows as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import SmoothAdvError
+from .smoothing import ABSTAIN, Smooth
+
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
+
+
+class CertifyRow(NamedTuple):
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: str
+
+
+class PredictRow(NamedTuple):
+    idx: int
+    label: int
+    predict: int
+    correct: int
+    time: str
+
+
+def format_time(seconds: float) -> str:
+    """Cohen's time column: str(datetime.timedelta(seconds=...)), e.g. '0:00:14.172309'."""
+    return str(datetime.timedelta(seconds=seconds))
+
+
+def format_radius(radius: float) -> str:
+    """Radius rounded down to 6 decimals (never up, so the logged certificate stays valid)."""
+    return f"{math.floor(radius * 1e6) / 1e6:.6f}"
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The noise seed of dataset example `index` under a global `seed` (independent of order and sharding)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+def example_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(example_seed(seed, index))
+
+
+def select_indices(size: int, skip: int = 1, max_count: int | None = None, start: int = 0) -> list[int]:
+    """Dataset indices start, start + skip, ... (at most `max_count` of them)."""
+    if skip < 1:
+        raise SmoothAdvError(f"skip must be >= 1, got {skip}")
+    if max_count is not None and max_count < 1:
+        raise SmoothAdvError(f"max must be >= 1, got {max_count}")
+    if size == 0:
+        raise SmoothAdvError("the dataset is empty")
+    indices = list(range(start, size, skip))
+    return indices[:max_count] if max_count is not None else indices
+
+
+def shard_indices(indices: Sequence[int], shard: int, num_shards: int) -> list[int]:
+    """The part of `indices` that shard `shard` of `num_shards` runs (round-robin, so shards balance)."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise SmoothAdvError(f"shard must be i/k with 0 <= i < k, got {shard}/{num_shards}")
+    return list(indices[shard::num_shards])
+
+
+def _load_example(dataset: Dataset, index: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    x, label = dataset[index]
+    return x.to(device), int(label)
+
+
+def certify_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *, n0: int, n: int, alpha: float,
+                    batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> Iterator[CertifyRow]:
+    """Run CERTIFY on each dataset example in `indices`; yields one `CertifyRow` per example."""
+    device = torch.device(device)
+    for index in indices:
+        x, label = _load_example(dataset, index, device)
+        started = time.time()
+        prediction, radius = smooth.certify(x, n0, n, alpha, batch_size,
+                                            generator=example_generator(seed, index, device))
+        elapsed = time.time() - started
+        yield CertifyRow(index, label, prediction, radius, int(prediction == label), format_time(elapsed))
+
+
+def predict_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *, n: int, alpha: float,
+                    batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> Iterator[PredictRow]:
+    """Run PREDICT on each dataset example in `indices`; yields one `PredictRow` per example."""
+    device = torch.device(device)
+    for index in indices:
+        x, label = _load_example(dataset, index, device)
+        started = time.time()
+        prediction = smooth.predict(x, n, alpha, batch_size, generator=example_generator(seed, index, device))
+        elapsed = time.time() - started
+        yield PredictRow(index, label, prediction, int(prediction == label and prediction != ABSTAIN),
+                         format_time(elapsed))
+
+
+def row_fields(row: NamedTuple) -> list[str]:
+    """A result row as TSV fields (radius rounded down)."""
+    return [format_radius(v) if name == "radius" else str(v) for name, v in zip(row._fields, row)]

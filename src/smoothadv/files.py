@@ -1,0 +1,245 @@
+"""Files that must survive crashes: atomic writes, append-only TSV results, run provenance, locks.
+
+- `atomic_write_bytes` / `atomic_torch_save`: write to a temporary file in the same directory,
+  fsync, then rename over the target, so a reader sees the old file or the new one, never half.
+- `TsvLog`: a result TSV with a fixed header, one flushed and fsynced row per finished example;
+  `--resume` reads the rows already there (dropping a torn last line) and skips their indices.
+- `OutputLock`: refuses a second process writing the same output file.
+- `write_provenance`: `args.json` and `env.json` (versions, device, git hash) next to outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SmoothAdvError
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace `path` with `data` atomically (temporary file, fsync, rename)."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save to `path` atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False, force: bool = False) -> Path:
+    """Validate an output file path before any work starts.
+
+    Raises SmoothAdvError if the file exists and neither `resume` nor `force` is set, or if its
+    directory cannot be created or written.
+    """
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise SmoothAdvError(f"output {out} is a directory, expected a file path")
+    if out.exists() and not (resume or force):
+        raise SmoothAdvError(f"output {out} already exists; pass --resume to continue it or --force to overwrite it")
+    directory = out.parent if str(out.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot create output directory {directory}: {exc.strerror or exc}") from None
+    if not os.access(directory, os.W_OK):
+        raise SmoothAdvError(f"output directory {directory} is not writable")
+    return out
+
+
+class OutputLock:
+    """An exclusive lock file `<path>.lock` for the lifetime of a run; a second run is refused.
+
+    A lock left by a process that no longer exists (on this host) is taken over.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(f"{path}.lock")
+        self._held = False
+
+    def _stale(self) -> bool:
+        try:
+            host, pid = self.path.read_text().strip().split(":")
+            if host != platform.node():
+                return False
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError):
+            return False
+        return False
+
+    def __enter__(self) -> OutputLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    continue
+                raise SmoothAdvError(
+                    f"another run is writing {str(self.path)[:-5]} (lock {self.path}); wait for it or remove the lock "
+                    "file if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{platform.node()}:{os.getpid()}")
+            self._held = True
+            return self
+        raise SmoothAdvError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._held = False
+
+
+class TsvLog:
+    """An append-only TSV results file with a fixed header; one durable row per finished example.
+
+    Open with `resume=True` to continue a file: its header must match, rows already written are
+    kept, and a torn last line (a crash mid-write) is cut off. `done` holds the first column's
+    values (example indices) already present.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], *, resume: bool = False,
+                 force: bool = False) -> None:
+        self.path = check_writable_output(path, resume=resume, force=force)
+        self.columns = list(columns)
+        self.done: set[str] = set()
+        header = "\t".join(self.columns)
+        if resume and self.path.exists() and self.path.stat().st_size > 0:
+            self._recover(header)
+            self._handle = open(self.path, "a", encoding="utf-8")
+        else:
+            self._handle = open(self.path, "w", encoding="utf-8")
+            self._handle.write(header + "\n")
+            self._sync()
+
+    def _recover(self, header: str) -> None:
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines[0] != header:
+            raise SmoothAdvError(
+                f"{self.path} has header {lines[0]!r}, expected {header!r}; it was written by a different "
+                "command or version, so it is not resumed (choose another --out)"
+            )
+        complete = lines[:-1]  # the part after the last newline is empty or a torn row
+        if not text.endswith("\n"):  # torn last row: drop it, it will be redone
+            with open(self.path, "r+", encoding="utf-8") as handle:
+                handle.truncate(len("\n".join(complete).encode("utf-8")) + 1)
+        for line in complete[1:]:
+            fields = line.split("\t")
+            if len(fields) != len(self.columns):
+                raise SmoothAdvError(f"{self.path} has a malformed row {line!r}; refusing to resume it")
+            self.done.add(fields[0])
+
+    def _sync(self) -> None:
+        self._handle.flush()
+        with contextlib.suppress(OSError):
+            os.fsync(self._handle.fileno())
+
+    def write(self, values: Iterable[Any]) -> None:
+        fields = [str(v) for v in values]
+        if len(fields) != len(self.columns):
+            raise ValueError(f"row has {len(fields)} fields, header has {len(self.columns)}")
+        self._handle.write("\t".join(fields) + "\n")
+        self._sync()
+        self.done.add(fields[0])
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> TsvLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def git_revision() -> str | None:
+    """The git commit of the source tree this package runs from (with '-dirty'), if any."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, device and git revision: what a result depends on besides its arguments."""
+    import numpy
+    import scipy
+    import torch
+
+    from . import __version__
+
+    env: dict[str, Any] = {
+        "smoothadv": __version__, "git": git_revision(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+        "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(Exception):
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    return env
+
+
+def write_provenance(directory: str | os.PathLike[str], args: dict[str, Any], prefix: str = "") -> None:
+    """Write `<prefix>args.json` (resolved arguments) and `<prefix>env.json` into `directory`."""
+    out = Path(directory)
+    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if not callable(v)}
+    atomic_write_text(out / f"{prefix}args.json", json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out / f"{prefix}env.json", json.dumps(environment(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,246 @@
+"""Models are `Sequential(normalization, network)`, and the checkpoint format is specified here.
+
+The normalization layer is the model's first layer (Cohen et al.'s design): Gaussian noise and
+attacks act on raw [0, 1] pixels, so sigma, eps and certified radii are in pixel units.
+
+Checkpoint format (`torch.save` of a dict holding only tensors, numbers, strings, lists and
+dicts, so it loads with `weights_only=True`):
+
+    format          "smoothadv-checkpoint"      version   1
+    arch            architecture name (archs.ARCHITECTURES)
+    dataset         dataset name (data.DATASETS)
+    num_classes     int
+    normalization   {"kind": "normalize" | "center" | "none", "mean": [...], "std": [...]}
+    sigma           training noise level (float, may be 0)
+    epoch           completed epochs
+    state_dict      state dict of Sequential(norm, net): keys "1.<param>" exactly as in Cohen's files
+    optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
+
+`load_checkpoint` also reads Cohen et al.'s and Salman et al.'s released `checkpoint.pth.tar`
+files (keys `arch`, `state_dict` with `1.` or `1.module.` prefixes). They do not record their
+normalization, so the caller must choose it: "normalize" (x - mean) / std, or "center" x - mean
+(Salman's InputCenterLayer; see the README's table of which released model needs which).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .archs import ARCHITECTURES, CLASSIFIER_HEADS
+from .data import dataset_stats, num_classes
+from .errors import SmoothAdvError
+from .files import atomic_torch_save
+
+FORMAT = "smoothadv-checkpoint"
+NORMALIZATIONS = ("normalize", "center", "none")
+
+# Dataset of each architecture in Cohen's and Salman's released checkpoints.
+_FOREIGN_ARCH_DATASET = {"cifar_resnet20": "cifar10", "cifar_resnet110": "cifar10", "resnet50": "imagenet",
+                         "imagenet32_resnet110": "imagenet32"}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel. mean and std are non-persistent buffers: they follow `.to()`
+    but stay out of the state dict, so Cohen's and Salman's state dicts load strictly."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        std_values = list(std) if std is not None else [1.0] * len(mean)
+        self.register_buffer("std", torch.tensor(std_values, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.centers_only = std is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.centers_only:
+            return x - self.mean
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = [round(v, 4) for v in self.mean.flatten().tolist()]
+        if self.centers_only:
+            return f"center, mean={mean}"
+        return f"mean={mean}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
+
+
+def normalization_spec(dataset: str, kind: str = "normalize") -> dict[str, Any]:
+    """The checkpoint's record of a normalization layer for `dataset` of the given kind."""
+    if kind not in NORMALIZATIONS:
+        raise SmoothAdvError(f"unknown normalization {kind!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    mean, std = dataset_stats(dataset)
+    return {"kind": kind, "mean": list(mean), "std": list(std)}
+
+
+def _norm_layer(spec: dict[str, Any]) -> nn.Module:
+    kind = spec.get("kind")
+    if kind == "normalize":
+        return Normalize(spec["mean"], spec["std"])
+    if kind == "center":
+        return Normalize(spec["mean"], None)
+    if kind == "none":
+        return nn.Identity()
+    raise SmoothAdvError(f"unknown normalization kind {kind!r} in checkpoint")
+
+
+def build_model(arch: str, dataset: str, normalization: str | dict[str, Any] = "normalize",
+                classes: int | None = None) -> nn.Sequential:
+    """Sequential(normalization layer, network) for `arch` trained on `dataset`."""
+    if arch not in ARCHITECTURES:
+        raise SmoothAdvError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    spec = normalization if isinstance(normalization, dict) else normalization_spec(dataset, normalization)
+    net = ARCHITECTURES[arch](classes if classes is not None else num_classes(dataset))
+    return nn.Sequential(_norm_layer(spec), net)
+
+
+def replace_head(model: nn.Sequential, arch: str, classes: int) -> None:
+    """Replace the final Linear layer of `model` (built by build_model) with a fresh one of `classes` outputs."""
+    path = CLASSIFIER_HEADS[arch].split(".")
+    parent = model[1]
+    for name in path[:-1]:
+        parent = getattr(parent, name) if not name.isdigit() else parent[int(name)]
+    old = getattr(parent, path[-1]) if not path[-1].isdigit() else parent[int(path[-1])]
+    new = nn.Linear(old.in_features, classes).to(old.weight.device)
+    if path[-1].isdigit():
+        parent[int(path[-1])] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, dataset: str,
+                    normalization: dict[str, Any], sigma: float, **extra: Any) -> None:
+    """Write a checkpoint in the format above, atomically (temporary file, fsync, rename)."""
+    from . import __version__
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload: dict[str, Any] = {
+        "format": FORMAT, "version": 1, "arch": arch, "dataset": dataset,
+        "num_classes": int(extra.pop("num_classes", num_classes(dataset))),
+        "normalization": normalization, "sigma": float(sigma), "state_dict": state,
+        "smoothadv_version": __version__,
+    }
+    payload.update(extra)
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True, turning every failure into a one-line SmoothAdvError."""
+    file = Path(path)
+    if not file.is_file():
+        raise SmoothAdvError(f"checkpoint {file} does not exist")
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise SmoothAdvError(
+            f"refusing to load {file}: it holds objects other than tensors and plain containers, which could run "
+            f"code when unpickled ({first[:160]}). If you trust the file, convert it once with "
+            "`smoothadv convert-checkpoint IN OUT --trust`"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, KeyError) as exc:
+        raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "arch" not in payload:
+        raise SmoothAdvError(f"{file} is not a model checkpoint (expected a dict with 'arch' and 'state_dict')")
+    return payload
+
+
+def _foreign_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map Cohen/Salman keys ('1.x', '1.module.x', 'module.1.x' or bare 'x') to this library's '1.x'."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        parts = [p for i, p in enumerate(parts) if not (p == "module" and i <= 1)]
+        if parts[0] == "0":  # a normalization layer saved with buffers: ours are non-persistent
+            continue
+        if parts[0] != "1":
+            parts = ["1", *parts]
+        out[".".join(parts)] = value
+    return out
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], file: Path, arch: str) -> None:
+    own = model.state_dict()
+    for key in own:  # old checkpoints predate BatchNorm's num_batches_tracked
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = own[key]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong_shape:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape mismatch at {wrong_shape[:3]}")
+        raise SmoothAdvError(f"the weights in {file} do not fit architecture {arch!r} ({detail}); "
+                             "is the checkpoint of another architecture?")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                    normalization: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Load a model and its metadata from a smoothadv checkpoint or a Cohen/Salman release.
+
+    Args:
+        path: checkpoint file.
+        map_location: device for the tensors.
+        normalization: required for Cohen/Salman files, which do not record it: "normalize"
+            (mean/std; Cohen's models) or "center" (mean only; most SmoothAdv models). For this
+            library's own files it overrides the recorded choice only if given.
+
+    Returns: (model in eval mode, metadata dict without the state dict). The metadata always has
+    `arch`, `dataset`, `num_classes`, `normalization` and `sigma` (None when unknown).
+    """
+    file = Path(path)
+    payload = read_checkpoint(file, map_location)
+    arch = payload["arch"]
+    if arch not in ARCHITECTURES:
+        raise SmoothAdvError(f"{file} has unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    state = payload["state_dict"]
+    if payload.get("format") == FORMAT:
+        dataset = payload["dataset"]
+        spec = payload["normalization"] if normalization is None else normalization_spec(dataset, normalization)
+        classes = int(payload["num_classes"])
+        sigma = payload.get("sigma")
+    else:
+        dataset = _FOREIGN_ARCH_DATASET.get(arch, "")
+        if normalization is None:
+            raise SmoothAdvError(
+                f"{file} is a Cohen/Salman-format checkpoint, which does not record its input normalization: pass "
+                "--normalization normalize (Cohen's models) or --normalization center (most SmoothAdv models; see README)"
+            )
+        spec = normalization_spec(dataset, normalization)
+        state = _foreign_state_dict(state)
+        classes = num_classes(dataset)
+        sigma = None
+    model = build_model(arch, dataset, spec, classes)
+    _load_state(model, dict(state), file, arch)
+    model.to(map_location).eval()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
+    meta.update({"arch": arch, "dataset": dataset, "num_classes": classes, "normalization": spec, "sigma": sigma})
+    return model, meta
+
+
+def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Re-save a *trusted* legacy checkpoint that needs full unpickling as a weights-only file.
+
+    This runs `torch.load(weights_only=False)`, which can execute code from the file: only use it on
+    files whose origin you trust. Keeps `arch`, `epoch` and the tensors of `state_dict`.
+    """
+    try:
+        payload = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SmoothAdvError(f"cannot read {src}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise SmoothAdvError(f"{src} is not a checkpoint dict with a 'state_dict'")
+    clean: dict[str, Any] = {"arch": str(payload.get("arch")),
+                             "state_dict": {str(k): v.detach().cpu() for k, v in payload["state_dict"].items()}}
+    if "epoch" in payload:
+        clean["epoch"] = int(payload["epoch"])
+    atomic_torch_save(clean, dst)

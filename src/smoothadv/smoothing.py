@@ -1,0 +1,246 @@
+"""The smoothed classifier g(x) = argmax_c P(f(x + delta) = c), delta ~ N(0, sigma^2 I).
+
+`Smooth` implements Cohen et al.'s PREDICT and CERTIFY with their public API
+(`Smooth(base_classifier, num_classes, sigma)`, `predict(x, n, alpha, batch_size)`,
+`certify(x, n0, n, alpha, batch_size)`), and `SoftSmoothed` is the smoothed *soft* classifier
+G(x) = E[softmax(f(x + delta))] of Salman et al. as an ordinary differentiable module, so any
+attack that maximizes cross-entropy attacks G without knowing about smoothing.
+
+Papers: Cohen, Rosenfeld & Kolter, ICML 2019 (arXiv:1902.02918), Algorithms PREDICT and CERTIFY;
+Salman et al., NeurIPS 2019 (arXiv:1906.04584), Section 3.
+
+Noise is added in the model's input space, which is [0, 1] pixels because every model of this
+library starts with its normalization layer; the noisy image is not clamped (as in Cohen's code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SmoothAdvError
+from .stats import binom_pvalue, certified_radius, clopper_pearson_lower
+
+ABSTAIN: int = -1
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule of `model` in eval mode and restore each one's previous mode on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def check_image(x: Tensor, name: str = "x") -> None:
+    """Raise SmoothAdvError unless x is one finite floating-point image (C, H, W) with values in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise SmoothAdvError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise SmoothAdvError(f"{name} must be a floating-point image in [0, 1], got dtype {x.dtype}")
+    if x.dim() != 3:
+        raise SmoothAdvError(f"{name} must be one image of shape (C, H, W), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise SmoothAdvError(f"{name} contains NaN or Inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise SmoothAdvError(f"{name} must have pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
+    """Raise SmoothAdvError on a non-positive sample count or batch size, or alpha outside (0, 1)."""
+    if int(n) != n or n < 1:
+        raise SmoothAdvError(f"{name} must be a positive integer, got {n}")
+    if not 0.0 < alpha < 1.0:
+        raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise SmoothAdvError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+class NoisySampler:
+    """Counts the base classifier's votes on noisy copies of one input.
+
+    Noise is drawn on the input's device into one reused buffer, votes are counted on the device
+    with `bincount`, and the host sees the counts once per call. The base model runs in eval mode
+    under `torch.inference_mode()`; its previous mode is restored afterwards.
+    """
+
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float) -> None:
+        self.base = base
+        self.num_classes = num_classes
+        self.sigma = sigma
+        self._buffer: Tensor | None = None
+
+    def _noise_buffer(self, x: Tensor, batch: int) -> Tensor:
+        shape = (batch, *x.shape)
+        buf = self._buffer
+        if buf is None or buf.shape[1:] != x.shape or buf.shape[0] < batch or buf.device != x.device \
+                or buf.dtype != x.dtype:
+            buf = torch.empty(shape, device=x.device, dtype=x.dtype)
+            self._buffer = buf
+        return buf[:batch]
+
+    def counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Return the int64 vote counts (num_classes,) of f(x + delta) over `num` noise draws, on x's device."""
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        remaining = int(num)
+        with eval_mode(self.base), torch.inference_mode():
+            while remaining > 0:
+                batch = min(batch_size, remaining)
+                noisy = self._noise_buffer(x, batch)
+                noisy.normal_(0.0, self.sigma, generator=generator)
+                noisy.add_(x)
+                try:
+                    logits = self.base(noisy)
+                except RuntimeError as exc:  # shape or channel mismatch with the model
+                    raise SmoothAdvError(
+                        f"the base classifier rejected an input of shape {tuple(x.shape)}: "
+                        f"{str(exc).splitlines()[0]}"
+                    ) from None
+                if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+                    raise SmoothAdvError(
+                        f"the base classifier returned shape {tuple(logits.shape)}, "
+                        f"expected (batch, {self.num_classes})"
+                    )
+                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+                remaining -= batch
+        return counts
+
+
+class Certificate(tuple):
+    """Result of CERTIFY. Unpacks as Cohen's pair: `prediction, radius = smooth.certify(...)`.
+
+    Extra detail is available as attributes: `p_lower` (the lower confidence bound on p_A),
+    `count` (votes for the predicted class among the estimation samples), `n` (estimation
+    samples used) and `n0` (selection samples used).
+    """
+
+    prediction: int
+    radius: float
+
+    def __new__(cls, prediction: int, radius: float, p_lower: float, count: int, n: int, n0: int) -> Certificate:
+        self = super().__new__(cls, (int(prediction), float(radius)))
+        self.p_lower = float(p_lower)
+        self.count = int(count)
+        self.n = int(n)
+        self.n0 = int(n0)
+        return self
+
+    @property
+    def prediction(self) -> int:  # type: ignore[override]
+        return self[0]
+
+    @property
+    def radius(self) -> float:  # type: ignore[override]
+        return self[1]
+
+    @property
+    def abstained(self) -> bool:
+        return self[0] == ABSTAIN
+
+    def __repr__(self) -> str:
+        return (f"Certificate(prediction={self.prediction}, radius={self.radius:.4f}, p_lower={self.p_lower:.6f}, "
+                f"count={self.count}, n={self.n}, n0={self.n0})")
+
+
+class Smooth:
+    """A smoothed classifier g built from a base classifier f and Gaussian noise of std `sigma`.
+
+    Args:
+        base_classifier: maps a batch (B, C, H, W) of [0, 1] images to logits (B, num_classes).
+        num_classes: number of classes.
+        sigma: noise standard deviation, in [0, 1]-pixel units.
+
+    Paper: Cohen, Rosenfeld & Kolter, ICML 2019, https://arxiv.org/abs/1902.02918.
+    """
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float) -> None:
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma}")
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise SmoothAdvError(f"num_classes must be an integer >= 2, got {num_classes}")
+        self.base_classifier = base_classifier
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self._sampler = NoisySampler(base_classifier, self.num_classes, self.sigma)
+
+    def sample_counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Vote counts (num_classes,) of the base classifier on `num` noisy copies of x (on x's device)."""
+        check_image(x)
+        check_sample_args(num, 0.5, batch_size, "num")
+        return self._sampler.counts(x, num, batch_size, generator)
+
+    def predict(self, x: Tensor, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> int:
+        """Cohen et al.'s PREDICT: the smoothed prediction g(x), or ABSTAIN.
+
+        Guarantee: with probability at least 1 - alpha over the noise, the returned class is g(x)
+        or the result is ABSTAIN (two-sided binomial test on the top two counts, Hung & Fithian).
+        """
+        check_image(x)
+        check_sample_args(n, alpha, batch_size)
+        counts = self._sampler.counts(x, n, batch_size, generator).cpu()
+        top2 = torch.topk(counts, 2)
+        count_a, count_b = int(top2.values[0]), int(top2.values[1])
+        if binom_pvalue(count_a, count_a + count_b, 0.5) > alpha:
+            return ABSTAIN
+        return int(top2.indices[0])
+
+    def certify(self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> Certificate:
+        """Cohen et al.'s CERTIFY: the prediction of g at x and a certified L2 radius around x.
+
+        The class is chosen from `n0` selection samples; p_A is then bounded below with the
+        one-sided (1 - alpha) Clopper-Pearson bound from `n` fresh estimation samples; the result
+        abstains if that bound is below 1/2, and otherwise has radius sigma * Phi^-1(p_lower).
+
+        Guarantee: with probability at least 1 - alpha over the noise, the result is ABSTAIN or
+        g(x) = prediction and g is constant on the L2 ball of that radius around x.
+        Unpacks as `(prediction, radius)`; see `Certificate` for the extra detail.
+        """
+        check_image(x)
+        check_sample_args(n0, alpha, batch_size, "n0")
+        check_sample_args(n, alpha, batch_size)
+        counts0 = self._sampler.counts(x, n0, batch_size, generator)
+        c_hat = int(counts0.argmax())
+        counts = self._sampler.counts(x, n, batch_size, generator)
+        count_a = int(counts[c_hat])
+        p_lower = clopper_pearson_lower(count_a, n, alpha)
+        if p_lower < 0.5:
+            return Certificate(ABSTAIN, 0.0, p_lower, count_a, n, n0)
+        return Certificate(c_hat, certified_radius(p_lower, self.sigma), p_lower, count_a, n, n0)
+
+
+class SoftSmoothed(nn.Module):
+    """The smoothed soft classifier x -> log((1/m) sum_i softmax(f(x + delta_i))) with fixed draws.
+
+    The noise `(B, m, C, H, W)` is drawn once by the caller and kept for every call, as in
+    SmoothAdv's attack (Salman et al. 2019, Section 3). The output is a (B, K) tensor of
+    log-probabilities of the Monte-Carlo estimate of G, so cross-entropy on it is -log G_y(x):
+    an attack that maximizes cross-entropy of its model attacks the smoothed classifier.
+    """
+
+    def __init__(self, base: nn.Module, noise: Tensor) -> None:
+        super().__init__()
+        if noise.dim() < 2:
+            raise ValueError("noise must have shape (B, m, *input_shape)")
+        self.base = base
+        self.noise = noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, m = self.noise.shape[:2]
+        if x.shape[0] != batch or x.shape[1:] != self.noise.shape[2:]:
+            raise ValueError(f"input shape {tuple(x.shape)} does not match noise shape {tuple(self.noise.shape)}")
+        noisy = (x.unsqueeze(1) + self.noise).flatten(0, 1)  # (B*m, C, H, W)
+        log_probs = torch.log_softmax(self.base(noisy), dim=1).view(batch, m, -1)
+        return torch.logsumexp(log_probs, dim=1) - math.log(m)

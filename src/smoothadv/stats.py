@@ -1,0 +1,139 @@
+"""Certification statistics: confidence bounds, tests, radii and certified-accuracy curves.
+
+Pure functions over numbers and NumPy arrays (no torch), so every one of them can be checked
+against a closed form. Paper: Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via
+Randomized Smoothing", ICML 2019 (https://arxiv.org/abs/1902.02918), Theorem 1 and Section 3.2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import beta, binomtest, norm
+
+
+def _check_counts(k: int, n: int) -> None:
+    if n < 1:
+        raise ValueError(f"sample count n must be >= 1, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"success count k must be in [0, n={n}], got {k}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion.
+
+    Guarantee: if k ~ Binomial(n, p), then P(clopper_pearson_lower(k, n, alpha) <= p) >= 1 - alpha.
+    Equals the alpha-quantile of Beta(k, n - k + 1); 0 when k = 0; alpha ** (1 / n) when k = n.
+    This is the bound of Cohen et al.'s CERTIFY (their code obtains it as the lower end of a
+    two-sided interval at level 1 - 2 alpha, which is the same number).
+    """
+    _check_counts(k, n)
+    _check_alpha(alpha)
+    if k == 0:
+        return 0.0
+    if k == n:
+        return float(alpha ** (1.0 / n))
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper confidence bound on a binomial proportion.
+
+    Guarantee: P(clopper_pearson_upper(k, n, alpha) >= p) >= 1 - alpha. Equals 1 - (alpha) ** (1/n)
+    when k = 0 and 1 when k = n.
+    """
+    _check_counts(k, n)
+    _check_alpha(alpha)
+    if k == n:
+        return 1.0
+    return 1.0 - clopper_pearson_lower(n - k, n, alpha)
+
+
+def binom_pvalue(k: int, n: int, p: float = 0.5) -> float:
+    """Exact two-sided binomial test p-value of k successes in n trials under success rate p.
+
+    PREDICT (Cohen et al., Algorithm "PREDICT") abstains unless this p-value for the top class's
+    count among the top two classes' counts is at most alpha (Hung & Fithian, arXiv:1610.03944).
+    An empty test (n = 0) has p-value 1.
+    """
+    if n == 0:
+        return 1.0
+    _check_counts(k, n)
+    return float(binomtest(k, n, p).pvalue)
+
+
+def certified_radius(p_lower: float, sigma: float) -> float:
+    """Certified L2 radius sigma * Phi^-1(p_lower) of Cohen et al.'s Theorem 1 (p_B = 1 - p_A).
+
+    Returns 0.0 when p_lower <= 1/2 (no certificate). The radius is in the units of the input
+    space in which the Gaussian noise is added ([0, 1] pixels in this library).
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not 0.0 <= p_lower <= 1.0:
+        raise ValueError(f"p_lower must be in [0, 1], got {p_lower}")
+    if p_lower <= 0.5:
+        return 0.0
+    return float(sigma * norm.ppf(p_lower))
+
+
+def max_certifiable_radius(n: int, alpha: float, sigma: float) -> float:
+    """Largest radius CERTIFY can return with n estimation samples: sigma * Phi^-1(alpha^(1/n))."""
+    return certified_radius(clopper_pearson_lower(n, n, alpha), sigma)
+
+
+def certified_accuracy(
+    radius: np.ndarray | Sequence[float], correct: np.ndarray | Sequence[int], radii: np.ndarray | Sequence[float]
+) -> np.ndarray:
+    """Approximate certified accuracy at each radius in `radii`.
+
+    The fraction of rows with correct == 1 and radius >= r (Cohen et al., Section 4). Abstentions
+    have correct == 0 and therefore never count. Returns an array of len(radii).
+    """
+    radius_a = np.asarray(radius, dtype=float)
+    correct_a = np.asarray(correct, dtype=bool)
+    radii_a = np.asarray(radii, dtype=float)
+    if radius_a.shape != correct_a.shape:
+        raise ValueError("radius and correct must have the same length")
+    if radius_a.size == 0:
+        raise ValueError("no rows to compute certified accuracy on")
+    ok = (radius_a[None, :] >= radii_a[:, None]) & correct_a[None, :]
+    return ok.mean(axis=1)
+
+
+def average_certified_radius(radius: np.ndarray | Sequence[float], correct: np.ndarray | Sequence[int]) -> float:
+    """Average certified radius (ACR, Zhai et al. 2020): mean of radius * correct over all rows."""
+    radius_a = np.asarray(radius, dtype=float)
+    correct_a = np.asarray(correct, dtype=float)
+    if radius_a.size == 0:
+        raise ValueError("no rows to compute the average certified radius on")
+    return float(np.mean(radius_a * correct_a))
+
+
+def high_prob_certified_accuracy(
+    radius: np.ndarray | Sequence[float],
+    correct: np.ndarray | Sequence[int],
+    radii: np.ndarray | Sequence[float],
+    alpha: float = 0.001,
+    rho: float = 0.001,
+) -> np.ndarray:
+    """Cohen et al.'s finite-sample correction of certified accuracy (their Appendix, Figure "high_prob").
+
+    Returns acc(r) - alpha - sqrt(alpha (1 - alpha) ln(1/rho) / N) - ln(1/rho) / (3 N), with N the
+    number of rows. Guarantee: with probability >= 1 - rho over the certification randomness, the
+    smoothed classifier's true certified accuracy on these N points is at least this value
+    (Bernstein's inequality on the per-point failure indicators, each failing with prob <= alpha).
+    """
+    _check_alpha(alpha)
+    _check_alpha(rho)
+    acc = certified_accuracy(radius, correct, radii)
+    count = len(np.asarray(radius))
+    log_term = math.log(1.0 / rho)
+    return acc - alpha - math.sqrt(alpha * (1 - alpha) * log_term / count) - log_term / (3 * count)
