@@ -168,6 +168,18 @@ def add_train(sub: Any) -> None:
     p.add_argument("--unlabelled-weight", type=nonneg_float, default=1.0, help="loss weight of the extra batches")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--force", action="store_true", help="start over even if a checkpoint exists")
+    a = p.add_argument_group("SmoothAdv (--objective smoothadv; Salman et al. 2019)")
+    a.add_argument("--attack", default="pgd", help="pgd or ddn: attack on the smoothed soft classifier")
+    a.add_argument("--eps", type=nonneg_float, default=0.5, help="attack L2 radius in [0, 1] pixels (final, after warm-up)")
+    a.add_argument("--steps", type=positive_int, default=2, help="attack steps T")
+    a.add_argument("--m", type=positive_int, default=1, help="noise draws per input in the attack (m_train)")
+    a.add_argument("--multi-noise", action="store_true", help="train on all m noisy copies (m SGD steps per batch)")
+    a.add_argument("--warmup", type=positive_int, default=1, help="epochs over which eps ramps linearly to --eps")
+    a.add_argument("--random-start", action="store_true", help="PGD: start at a random point of the eps-ball")
+    a.add_argument("--gradient-free", action="store_true", help="PGD: Stein gradient estimate (no backprop; weaker)")
+    a.add_argument("--ddn-gamma", type=probability, default=0.05, help="DDN norm update factor")
+    a.add_argument("--ddn-init-norm", type=positive_float, default=1.0,
+                   help="DDN initial norm (replaced by the warm-up eps each epoch, as the original)")
     _common(p)
     p.set_defaults(handler=run_train)
 
@@ -292,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(_config_defaults(argv))
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or a usage error already printed by argparse
+            return int(exc.code or 0)
         args.handler(args)
     except SmoothAdvError as exc:
         print(f"smoothadv: error: {exc}", file=sys.stderr)

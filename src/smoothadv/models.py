@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,15 +138,19 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        text = str(exc).strip()
+        if "global" not in text.lower():  # "Unsupported operand", "pop from empty", ...: not a pickle we know
+            raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated (UnpicklingError: {text[:160]})") from None
+        unsupported = next((line.strip() for line in text.splitlines() if "global" in line.lower()),
+                           "unsupported object")
         raise SmoothAdvError(
             f"refusing to load {file}: it holds objects other than tensors and plain containers, which could run "
-            f"code when unpickled ({first[:160]}). If you trust the file, convert it once with "
+            f"code when unpickled ({unsupported[:160]}). If you trust the file, convert it once with "
             "`smoothadv convert-checkpoint IN OUT --trust`"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, KeyError) as exc:
-        raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'})") from None
+    except Exception as exc:  # zip, EOF, stream and pickle-structure errors all mean an unreadable file
+        detail = str(exc).splitlines()[0][:160] if str(exc) else "unreadable"
+        raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated ({type(exc).__name__}: {detail})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "arch" not in payload:
         raise SmoothAdvError(f"{file} is not a model checkpoint (expected a dict with 'arch' and 'state_dict')")
     return payload
@@ -213,7 +216,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         if normalization is None:
             raise SmoothAdvError(
                 f"{file} is a Cohen/Salman-format checkpoint, which does not record its input normalization: pass "
-                "--normalization normalize (Cohen's models) or --normalization center (most SmoothAdv models; see README)"
+                "--normalization normalize (Cohen's models) or --normalization center (most SmoothAdv models; "
+                "see README)"
             )
         spec = normalization_spec(dataset, normalization)
         state = _foreign_state_dict(state)

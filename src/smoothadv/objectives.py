@@ -6,18 +6,25 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
 
 - `GaussianAugmentation`: cross-entropy of f on x + delta, delta ~ N(0, sigma^2 I)
   (Cohen et al. 2019, Section 4, "training").
+- `SmoothAdv`: cross-entropy on adversarial examples of the smoothed soft classifier, plus the same
+  noise (Salman et al. 2019, Section 4; reference §3.5).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attacks import DDN, PGDL2, get_attack
+from .errors import SmoothAdvError
+from .smoothing import SoftSmoothed, eval_mode
 
 
 class LossOutput(NamedTuple):
@@ -42,7 +49,9 @@ class Objective(ABC):
 
     def describe(self) -> dict:
         """Plain-data description stored in checkpoints and run folders."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+        if not dataclasses.is_dataclass(self):
+            return {"name": type(self).__name__}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {"name": type(self).__name__, **{k: (v.describe() if hasattr(v, "describe") else
                                                     repr(v) if dataclasses.is_dataclass(v) else v)
                                                  for k, v in fields.items()}}
@@ -71,5 +80,77 @@ class GaussianAugmentation(Objective):
         return LossOutput(F.cross_entropy(logits, y), logits, y)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation}
+@dataclass(frozen=True)
+class SmoothAdv(Objective):
+    """Adversarial training of the smoothed classifier (SmoothAdv; Salman et al., NeurIPS 2019, Section 4).
+
+    Per batch: draw m noise vectors per input, N(0, sigma^2 I), shape (B, m, C, H, W), once; attack
+    the smoothed soft classifier `SoftSmoothed(model, noise)` (model in eval mode for the attack,
+    its previous mode restored; no parameter flags touched) to get x_adv; then the loss is the
+    cross-entropy of f on x_adv + the *same* noise: all m copies with `multi_noise` (labels repeated),
+    else the first copy only. With `multi_noise` the loop takes m SGD steps per loader batch, each
+    on B/m images x m draws (`steps_per_batch`), as Salman's train_pgd.py. With eps = 0 and m = 1
+    this is exactly `GaussianAugmentation` under the same generator (tested).
+
+    Warm-up: `at_epoch(e)` (e counted from 0) uses eps_e = min(eps, (e + 1) eps / warmup) (and a DDN
+    init norm of eps_e), so eps ramps linearly from eps/warmup to eps over the first `warmup` epochs.
+    """
+
+    sigma: float
+    attack: PGDL2 | DDN
+    m: int = 1
+    multi_noise: bool = False
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.sigma) or self.sigma < 0:
+            raise SmoothAdvError(f"sigma must be >= 0, got {self.sigma}")
+        if int(self.m) != self.m or self.m < 1:
+            raise SmoothAdvError(f"m (noise draws per input) must be an integer >= 1, got {self.m}")
+        if int(self.warmup) != self.warmup or self.warmup < 1:
+            raise SmoothAdvError(f"warm-up must be an integer >= 1 epochs, got {self.warmup}")
+
+    @property
+    def steps_per_batch(self) -> int:  # type: ignore[override]
+        return self.m if self.multi_noise else 1
+
+    def eps_at(self, epoch: int) -> float:
+        """The warm-up eps of (0-indexed) `epoch`: min(eps, (epoch + 1) * eps / warmup)."""
+        return min(self.attack.eps, (epoch + 1) * self.attack.eps / self.warmup)
+
+    def at_epoch(self, epoch: int) -> SmoothAdv:
+        eps = self.eps_at(epoch)
+        changes: dict[str, Any] = {"eps": eps}
+        if isinstance(self.attack, DDN) and eps > 0:
+            changes["init_norm"] = eps
+        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, **changes))
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        noise = torch.randn((x.shape[0], self.m, *x.shape[1:]), device=x.device, dtype=x.dtype,
+                            generator=generator) * self.sigma
+        if self.attack.eps > 0:
+            with eval_mode(model):
+                x = self.attack(SoftSmoothed(model, noise), x, y, generator)
+        if self.multi_noise:
+            inputs, targets = (x.unsqueeze(1) + noise).flatten(0, 1), y.repeat_interleave(self.m)
+        else:
+            inputs, targets = x + noise[:, 0], y
+        logits = model(inputs)
+        return LossOutput(F.cross_entropy(logits, targets), logits, targets)
+
+    @classmethod
+    def from_args(cls, args: Any) -> SmoothAdv:
+        """Build from the CLI's train flags (--attack --eps --steps --m --multi-noise --warmup ...)."""
+        eps, steps = args.eps, args.steps
+        attack_cls = get_attack(args.attack)
+        if attack_cls is DDN:
+            attack: PGDL2 | DDN = DDN(eps, steps, gamma=args.ddn_gamma, init_norm=args.ddn_init_norm)
+        else:
+            attack = PGDL2(eps, steps, random_start=args.random_start, gradient_free=args.gradient_free)
+        if args.warmup > args.epochs:
+            raise SmoothAdvError(f"warm-up ({args.warmup} epochs) is longer than training ({args.epochs} epochs)")
+        return cls(args.sigma, attack, m=args.m, multi_noise=args.multi_noise, warmup=args.warmup)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv}
 """Objective name (the CLI's --objective) -> class."""

@@ -1,0 +1,44 @@
+"""Shared test helpers: linear base classifiers whose smoothed classifier is known in closed form."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class LinearBinary(nn.Module):
+    """f(x) = 1 if <w, x> + b > 0 else 0, with ||w||_2 = 1.
+
+    Under x + N(0, sigma^2 I), P(f = 1) = Phi(margin / sigma) with margin = <w, x> + b, so the smoothed
+    classifier predicts sign(margin) and its exact certified L2 radius is |margin| (distance to the hyperplane).
+    """
+
+    def __init__(self, w: Tensor, b: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w / w.norm(), requires_grad=False)
+        self.b = b
+
+    def margin(self, x: Tensor) -> Tensor:
+        return (x.flatten(1) * self.w.flatten()).sum(1) + self.b
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.margin(x)
+        return torch.stack([torch.zeros_like(m), m], dim=1)
+
+
+@pytest.fixture
+def linear_model() -> LinearBinary:
+    w = torch.zeros(1, 4, 4)
+    w[0, 0, 0] = 1.0
+    return LinearBinary(w, -0.5)  # margin = x[0,0,0] - 0.5
+
+
+def image_with_margin(margin: float) -> Tensor:
+    x = torch.full((1, 4, 4), 0.5)
+    x[0, 0, 0] = 0.5 + margin
+    return x
