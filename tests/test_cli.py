@@ -49,7 +49,7 @@ def test_certify_writes_cohen_tsv(trained, tmp_path, capsys) -> None:
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     rows = [line.split("\t") for line in lines[1:]]
     assert [int(r[0]) for r in rows] == [0, 3, 6, 9, 12, 15, 18, 21]
-    for idx, label, predict, radius, correct, elapsed in rows:
+    for _idx, label, predict, radius, correct, elapsed in rows:
         assert int(correct) == int(int(predict) == int(label))
         assert 0.0 <= float(radius) <= max_certifiable_radius(500, 0.001, 0.25)
         assert elapsed.startswith("0:00:")
