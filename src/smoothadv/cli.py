@@ -278,7 +278,69 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}")
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_convert]
+def _named_path(text: str) -> tuple[str, str]:
+    """NAME=path (or a bare path, named after its file stem)."""
+    if "=" not in text or Path(text).exists():
+        return Path(text).stem, text
+    name, path = text.split("=", 1)
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=path, got {text!r}")
+    return name, path
+
+
+def add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="certified-accuracy table and plot from certify (and attack) TSVs")
+    p.add_argument("results", nargs="*", type=_named_path, metavar="NAME=path",
+                   help="certify TSVs (ours, Cohen's or Salman's); repeating a NAME merges files (shards)")
+    p.add_argument("--attack", action="append", type=_named_path, default=[], metavar="NAME=path",
+                   help="attack/predict TSV: empirical accuracy vs eps (dashed); repeat a NAME for several eps")
+    p.add_argument("--radii", type=nonneg_float, nargs="+", default=None,
+                   help="table columns (default: 0, 0.25, ... up to the largest certified radius)")
+    p.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    p.add_argument("--out", default=None, help="write the table to this file (default: print it)")
+    p.add_argument("--plot", default=None, help="write a PNG of accuracy vs radius (needs matplotlib)")
+    p.add_argument("--max-radius", type=positive_float, default=None, help="x-axis limit of the plot")
+    p.add_argument("--envelope", action="store_true", help="add the best-of-all-inputs row (and model used)")
+    p.add_argument("--high-prob", action="store_true", help="add Cohen's high-probability corrected rows")
+    p.add_argument("--alpha", type=probability, default=0.001, help="certification failure probability (high-prob)")
+    p.add_argument("--rho", type=probability, default=0.001, help="high-prob: failure probability of the bound")
+    p.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from .files import atomic_write_text
+    from .report import default_radii, format_table, load_results, merge, plot_accuracy, summarize
+
+    def grouped(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        files: dict[str, list[Any]] = {}
+        for name, path in pairs:
+            files.setdefault(name, []).append(load_results(path))
+        return {name: merge(parts) for name, parts in files.items()}
+
+    certify, attack = grouped(args.results), grouped(args.attack)
+    if not certify and not attack:
+        raise SmoothAdvError("give at least one certify TSV (NAME=path) or --attack NAME=path")
+    for res in certify.values():
+        if res.kind != "certify":
+            raise SmoothAdvError(f"{res.path} has no radius column (a predict/attack file?): pass it with --attack")
+    for res in attack.values():
+        if res.kind != "attack":
+            raise SmoothAdvError(f"{res.path} is a certify file (it has a radius column): pass it without --attack")
+    table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
+                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho)
+    text = format_table(table, args.format)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    if args.plot:
+        plot = plot_accuracy(certify, args.plot, attack=attack, max_radius=args.max_radius,
+                             include_envelope=args.envelope)
+        print(f"wrote {plot}")
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_convert, add_report]
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,433 @@
+"""Read result TSVs and turn them into certified-accuracy tables and plots.
+
+Inputs are the per-example TSVs of `smoothadv certify` / `predict` / `attack` and the published
+logs of Cohen et al. and Salman et al., which share the columns (extra columns are ignored):
+
+    certify:           idx  label  predict  radius  correct  time
+    predict / attack:  idx  label  predict  correct  [eps  norm]  time   (Salman's adds basePredict)
+
+`time` may be a `datetime.timedelta` string (`0:00:14.172309`, Cohen's scripts and ours) or float
+seconds (`15.4`, Cohen's released data files); radii may have any precision (Salman's logs use 4
+decimals). Abstentions (predict = -1) always count as wrong.
+
+Metrics (Cohen et al. 2019, Section 4; Salman et al. 2019, Section 5):
+- approximate certified accuracy at r: fraction of rows with correct = 1 and radius >= r;
+- the envelope: at each r the maximum over several models (ties broken by the higher clean
+  accuracy, i.e. certified accuracy at r = 0), which is how the papers' headline tables are built;
+- average certified radius (ACR, Zhai et al. 2020), abstention rate;
+- optionally Cohen's high-probability correction (`stats.high_prob_certified_accuracy`);
+- empirical accuracy of an attack TSV at each eps (an upper bound on robust accuracy, where the
+  certified accuracy is a lower bound).
+
+Matplotlib is imported only inside `plot_accuracy`, through the object-oriented Figure API with
+the Agg canvas, so importing this module never touches a display or the global backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import SmoothAdvError
+from .files import atomic_write_bytes
+from .stats import average_certified_radius, certified_accuracy, high_prob_certified_accuracy
+
+ABSTAIN = -1
+Format = Literal["markdown", "latex", "csv"]
+FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
+
+_TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Results:
+    """The rows of one result TSV as arrays (one entry per example).
+
+    `kind` is "certify" when the file has a `radius` column, else "attack" (predict and attack
+    files: `eps` is 0 for every row when the file has no `eps` column, i.e. clean PREDICT).
+    `correct` is 1 only for a non-abstaining correct prediction.
+    """
+
+    path: Path
+    kind: Literal["certify", "attack"]
+    idx: np.ndarray
+    label: np.ndarray
+    predict: np.ndarray
+    correct: np.ndarray
+    radius: np.ndarray | None
+    eps: np.ndarray | None
+    seconds: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def abstain_rate(self) -> float:
+        """Fraction of rows where the smoothed classifier abstained."""
+        return float(np.mean(self.predict == ABSTAIN))
+
+    @property
+    def clean_accuracy(self) -> float:
+        """Fraction of rows predicted correctly (for certify files: certified accuracy at radius 0)."""
+        return float(np.mean(self.correct))
+
+
+def parse_seconds(text: str) -> float:
+    """Seconds from a timedelta string ('0:00:14.17', '1 day, 2:00:00') or a float ('15.4')."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        match = _TIMEDELTA.match(text)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r}") from None
+        days, hours, minutes, seconds = match.groups()
+        value = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if not math.isfinite(value):
+        raise ValueError(f"not a duration: {text!r}")
+    return value
+
+
+def _split(line: str) -> list[str]:
+    return line.split("\t") if "\t" in line else line.split()
+
+
+def load_results(path: str | Path) -> Results:
+    """Parse one certify, predict or attack TSV (see the module docstring for the formats).
+
+    Raises SmoothAdvError (one line, naming the file and the line) for a missing, empty, headerless
+    or malformed file.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SmoothAdvError(f"result file {file} does not exist") from None
+    except IsADirectoryError:
+        raise SmoothAdvError(f"result file {file} is a directory") from None
+    except UnicodeDecodeError:
+        raise SmoothAdvError(f"result file {file} is not a text TSV") from None
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read result file {file}: {exc.strerror or exc}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise SmoothAdvError(f"result file {file} is empty")
+    header = [name.strip() for name in _split(lines[0])]
+    missing = [c for c in ("label", "predict", "correct") if c not in header]
+    if missing:
+        raise SmoothAdvError(f"{file} is not a certify/predict TSV: its header {' '.join(header)!r} lacks "
+                             f"{', '.join(missing)}")
+    if len(lines) == 1:
+        raise SmoothAdvError(f"result file {file} has a header but no rows")
+    columns: dict[str, list[str]] = {name: [] for name in header}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = _split(line)
+        if len(fields) != len(header):
+            raise SmoothAdvError(f"{file}, line {number}: {len(fields)} fields, the header has {len(header)} "
+                                 "(corrupt or truncated file?)")
+        for name, value in zip(header, fields):
+            columns[name].append(value)
+    rows = len(lines) - 1
+
+    def numbers(name: str, kind: type) -> np.ndarray:
+        try:
+            values = np.array([kind(float(v)) if kind is int else kind(v) for v in columns[name]])
+        except ValueError:
+            bad = next(v for v in columns[name] if not _parses(v, kind))
+            raise SmoothAdvError(f"{file}: column {name!r} has a non-numeric value {bad!r}") from None
+        if kind is float and not np.all(np.isfinite(values)):
+            raise SmoothAdvError(f"{file}: column {name!r} has a non-finite value")
+        return values
+
+    predict = numbers("predict", int)
+    label = numbers("label", int)
+    correct = numbers("correct", int)
+    if not np.all((correct == 0) | (correct == 1)):
+        raise SmoothAdvError(f"{file}: column 'correct' must hold 0 or 1")
+    correct = correct * (predict != ABSTAIN)
+    idx = numbers("idx", int) if "idx" in columns else np.arange(rows)
+    radius = numbers("radius", float) if "radius" in columns else None
+    if radius is not None and np.any(radius < 0):
+        raise SmoothAdvError(f"{file}: column 'radius' has a negative value")
+    eps = None
+    if radius is None:
+        eps = numbers("eps", float) if "eps" in columns else np.zeros(rows)
+    seconds = None
+    if "time" in columns:
+        try:
+            seconds = np.array([parse_seconds(v) for v in columns["time"]])
+        except ValueError as exc:
+            raise SmoothAdvError(f"{file}: column 'time': {exc}") from None
+    return Results(file, "certify" if radius is not None else "attack", idx, label, predict, correct, radius, eps,
+                   seconds)
+
+
+def _parses(text: str, kind: type) -> bool:
+    try:
+        float(text) if kind is int else kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+def merge(parts: Sequence[Results]) -> Results:
+    """Concatenate the rows of several files of the same kind (e.g. the shards of one certify run).
+
+    Raises SmoothAdvError if the kinds differ or an example appears twice (at the same eps).
+    """
+    if not parts:
+        raise SmoothAdvError("no result files to merge")
+    if len(parts) == 1:
+        return parts[0]
+    kinds = {p.kind for p in parts}
+    if len(kinds) > 1:
+        raise SmoothAdvError(f"cannot merge certify and attack files: {', '.join(str(p.path) for p in parts)}")
+
+    def cat(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    merged = Results(parts[0].path, parts[0].kind, cat("idx"), cat("label"), cat("predict"), cat("correct"),
+                     cat("radius"), cat("eps"), cat("seconds"))  # type: ignore[arg-type]
+    keys = list(zip(merged.idx.tolist(), (merged.eps if merged.eps is not None else merged.idx * 0).tolist()))
+    if len(set(keys)) != len(keys):
+        raise SmoothAdvError(f"example indices repeat across {', '.join(str(p.path) for p in parts)}")
+    return merged
+
+
+def certified_curve(results: Results, radii: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Approximate certified accuracy of a certify file at each radius (abstentions count as wrong)."""
+    if results.radius is None:
+        raise SmoothAdvError(f"{results.path} has no radius column (is it a predict/attack file?)")
+    return certified_accuracy(results.radius, results.correct, radii)
+
+
+def empirical_curve(results: Results) -> tuple[np.ndarray, np.ndarray]:
+    """(eps values, empirical accuracy at each) of an attack/predict file, eps sorted ascending."""
+    if results.eps is None:
+        raise SmoothAdvError(f"{results.path} is a certify file, not an attack/predict file")
+    eps_values = np.unique(results.eps)
+    accuracy = np.array([results.correct[results.eps == e].mean() for e in eps_values])
+    return eps_values, accuracy
+
+
+# ------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: accuracy (fraction) at each radius, or None where not measured.
+
+    kind: "certified", "high-prob" (Cohen's corrected lower bound), "empirical" (attack) or
+    "envelope" (then `models` / `model_clean` name the chosen model and its clean accuracy per radius).
+    """
+
+    name: str
+    kind: str
+    values: tuple[float | None, ...]
+    count: int
+    acr: float | None = None
+    abstain: float | None = None
+    models: tuple[str, ...] | None = None
+    model_clean: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    radii: tuple[float, ...]
+    rows: tuple[Row, ...]
+
+
+def envelope(curves: Mapping[str, np.ndarray], clean: Mapping[str, float]) -> tuple[np.ndarray, list[str]]:
+    """Best-of-several certified accuracy at each radius and the model that attains it.
+
+    `curves[name][j]` is model `name`'s accuracy at radius j; ties go to the model with the higher
+    `clean[name]` (then to the first given), as in Salman et al.'s envelope tables.
+    """
+    if not curves:
+        raise SmoothAdvError("the envelope needs at least one certify file")
+    names = list(curves)
+    stacked = np.stack([np.asarray(curves[n], dtype=float) for n in names])  # (models, radii)
+    best_names: list[str] = []
+    for j in range(stacked.shape[1]):
+        top = stacked[:, j].max()
+        tied = [i for i in range(len(names)) if stacked[i, j] == top]
+        best_names.append(names[max(tied, key=lambda i: (clean[names[i]], -i))])
+    return stacked.max(axis=0), best_names
+
+
+def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
+              attack: Mapping[str, Results] | None = None, include_envelope: bool = False,
+              high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001) -> Table:
+    """Build the table: one certified row per certify input (with ACR and abstention rate), then
+    optionally Cohen's high-probability rows, the envelope row and one empirical row per attack
+    input (its accuracy at those radii that equal one of its eps values)."""
+    radii_a = np.asarray(radii, dtype=float)
+    if radii_a.size == 0 or np.any(radii_a < 0) or not np.all(np.isfinite(radii_a)):
+        raise SmoothAdvError("radii must be a non-empty list of numbers >= 0")
+    rows: list[Row] = []
+    curves: dict[str, np.ndarray] = {}
+    for name, res in certify.items():
+        curves[name] = certified_curve(res, radii_a)
+        rows.append(Row(name, "certified", tuple(float(v) for v in curves[name]), len(res),
+                        average_certified_radius(res.radius, res.correct), res.abstain_rate))  # type: ignore[arg-type]
+    if high_prob:
+        for name, res in certify.items():
+            corrected = high_prob_certified_accuracy(res.radius, res.correct, radii_a, alpha, rho)  # type: ignore[arg-type]
+            rows.append(Row(f"{name} (high-prob)", "high-prob", tuple(max(0.0, float(v)) for v in corrected),
+                            len(res)))
+    if include_envelope:
+        clean = {name: res.clean_accuracy for name, res in certify.items()}
+        best, chosen = envelope(curves, clean)
+        rows.append(Row("envelope", "envelope", tuple(float(v) for v in best), 0,
+                        models=tuple(chosen), model_clean=tuple(clean[n] for n in chosen)))
+    for name, res in (attack or {}).items():
+        eps_values, accuracy = empirical_curve(res)
+        values = []
+        for r in radii_a:
+            hit = np.flatnonzero(np.isclose(eps_values, r, rtol=0, atol=1e-9))
+            values.append(float(accuracy[hit[0]]) if hit.size else None)
+        rows.append(Row(f"{name} (attack)", "empirical", tuple(values), len(res)))
+    return Table(tuple(float(r) for r in radii_a), tuple(rows))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _radius_label(r: float) -> str:
+    return f"{r:g}"
+
+
+def format_table(table: Table, fmt: Format = "markdown") -> str:
+    """Render a table as markdown or LaTeX (percentages, one decimal) or CSV (fractions, 6 decimals).
+
+    Envelope rows are followed by a row naming the model chosen at each radius with its clean
+    accuracy (in LaTeX also as a superscript on each value, as in Salman et al.'s tables).
+    """
+    if fmt == "csv":
+        return _csv(table)
+    if fmt not in FORMATS:
+        raise SmoothAdvError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    latex = fmt == "latex"
+    text = _latex_escape if latex else _markdown_escape
+    dash = "--" if latex else "–"
+    head = ["", *[f"$r = {_radius_label(r)}$" if latex else f"r = {_radius_label(r)}" for r in table.radii],
+            "ACR", r"abstain (\%)" if latex else "abstain (%)"]
+    body: list[list[str]] = []
+    for row in table.rows:
+        cells = [dash if v is None else _pct(v) for v in row.values]
+        if row.kind == "envelope" and latex and row.model_clean:
+            cells = [f"{v}$^{{{_pct(c)}}}$" for v, c in zip(cells, row.model_clean)]
+        acr = "" if row.acr is None else f"{row.acr:.3f}"
+        abstain = "" if row.abstain is None else _pct(row.abstain)
+        body.append([text(row.name), *cells, acr, abstain])
+        if row.kind == "envelope" and row.models:
+            body.append([text("envelope model (clean %)"),
+                         *[text(f"{m} ({_pct(c)})") for m, c in zip(row.models, row.model_clean or ())], "", ""])
+    if latex:
+        lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
+                 r"\midrule", *[" & ".join(cells) + r" \\" for cells in body], r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_escape(text: str) -> str:
+    return text.replace("|", r"\|")
+
+
+def _latex_escape(text: str) -> str:
+    out = []
+    for char in text:
+        out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}.get(char, char))
+    return "".join(out)
+
+
+def _csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "kind", "count", *[_radius_label(r) for r in table.radii], "acr", "abstain_rate"])
+    for row in table.rows:
+        values = ["" if v is None else f"{v:.6f}" for v in row.values]
+        writer.writerow([row.name, row.kind, row.count, *values,
+                         "" if row.acr is None else f"{row.acr:.6f}",
+                         "" if row.abstain is None else f"{row.abstain:.6f}"])
+        if row.kind == "envelope" and row.models:
+            writer.writerow(["envelope model", "envelope-model", "", *row.models, "", ""])
+            writer.writerow(["envelope model clean accuracy", "envelope-clean", "",
+                             *[f"{c:.6f}" for c in row.model_clean or ()], "", ""])
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ plots
+
+
+def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Mapping[str, Results] | None = None,
+                  max_radius: float | None = None, include_envelope: bool = False, title: str | None = None) -> Path:
+    """Write a PNG: certified accuracy vs radius (solid) per certify input and empirical accuracy vs
+    eps (dashed, markers) per attack input, on the same axes as in Salman et al.'s figures; inputs
+    with the same name share a colour. Needs matplotlib (imported here, Agg canvas, no pyplot)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SmoothAdvError("plotting needs matplotlib: pip install 'smoothadv[plot]'") from None
+    attack = attack or {}
+    if not certify and not attack:
+        raise SmoothAdvError("nothing to plot")
+    top = max([float(r.radius.max()) for r in certify.values() if r.radius is not None] +
+              [float(r.eps.max()) for r in attack.values() if r.eps is not None] + [0.0])
+    limit = max_radius if max_radius is not None else max(0.25, math.ceil(top * 1.1 / 0.25) * 0.25)
+    grid = np.linspace(0.0, limit, 401)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    names = list(dict.fromkeys([*certify, *attack]))
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    curves = {}
+    for name, res in certify.items():
+        curves[name] = certified_curve(res, grid)
+        ax.plot(grid, curves[name], color=colour[name], linewidth=2, label=f"{name} (certified)")
+    if include_envelope and len(certify) > 1:
+        best, _ = envelope(curves, {n: r.clean_accuracy for n, r in certify.items()})
+        ax.plot(grid, best, color="black", linewidth=1, linestyle=":", label="envelope (certified)")
+    for name, res in attack.items():
+        eps_values, accuracy = empirical_curve(res)
+        ax.plot(eps_values, accuracy, color=colour[name], linewidth=1.5, linestyle="--", marker="o", markersize=4,
+                label=f"{name} (empirical, attack)")
+    ax.set_xlim(0, limit)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(r"$\ell_2$ radius")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    target = Path(out)
+    atomic_write_bytes(target, buffer.getvalue())
+    return target
+
+
+def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_columns: int = 12) -> list[float]:
+    """0, step, 2 step, ... up to the largest certified radius in the inputs (at most `max_columns`)."""
+    top = max([float(r.radius.max()) for r in certify.values() if r.radius is not None] + [0.0])
+    count = int(math.floor(top / step + 1e-9)) + 1
+    while count > max_columns:
+        step *= 2
+        count = int(math.floor(top / step + 1e-9)) + 1
+    return [round(i * step, 10) for i in range(max(count, 1))]

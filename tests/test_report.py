@@ -1,0 +1,177 @@
+"""`smoothadv report`: numbers on hand-made TSVs equal hand-computed values; formats; the plot; bad files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.errors import SmoothAdvError
+from smoothadv.report import (
+    empirical_curve,
+    envelope,
+    format_table,
+    load_results,
+    merge,
+    parse_seconds,
+    plot_accuracy,
+    summarize,
+)
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+# Ours / Cohen's scripts: timedelta times. Rows: correct r=0.5, correct r=0.1, abstain, wrong r=0.8, correct r=0.3.
+A_ROWS = ["0\t1\t1\t0.5\t1\t0:00:14.172309", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
+          "3\t4\t5\t0.8\t0\t1 day, 0:00:01", "4\t0\t0\t0.3\t1\t0:00:01.5"]
+# Cohen's released data files: float seconds.
+B_ROWS = ["0\t1\t1\t1.2\t1\t15.4", "1\t2\t2\t0.05\t1\t15.4", "2\t3\t-1\t0.0\t0\t15.4", "3\t4\t4\t0.6\t1\t15.4"]
+# Salman's logs: 4-decimal radii; one correct row with a large radius, three abstentions.
+C_ROWS = ["0\t1\t1\t2.0000\t1\t0:00:25.1", "1\t2\t-1\t0.0000\t0\t0:00:25.1", "2\t3\t-1\t0.0000\t0\t0:00:25.1",
+          "3\t4\t-1\t0.0000\t0\t0:00:25.1"]
+RADII = [0.0, 0.25, 0.5, 1.0, 1.5]
+
+
+def write(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text(header + "".join(r + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    return {"A": write(tmp_path / "a.tsv", HEADER, A_ROWS), "B": write(tmp_path / "b.tsv", HEADER, B_ROWS),
+            "C": write(tmp_path / "c.tsv", HEADER, C_ROWS)}
+
+
+def test_both_time_formats_parse(files: dict[str, Path]) -> None:
+    a, b = load_results(files["A"]), load_results(files["B"])
+    assert a.kind == b.kind == "certify"
+    np.testing.assert_allclose(a.seconds, [14.172309, 1.0, 1.0, 86401.0, 1.5])
+    np.testing.assert_allclose(b.seconds, [15.4] * 4)
+    assert parse_seconds("2:03:04.5") == 2 * 3600 + 3 * 60 + 4.5
+    with pytest.raises(ValueError):
+        parse_seconds("yesterday")
+
+
+def test_certified_accuracy_acr_abstention_by_hand(files: dict[str, Path]) -> None:
+    table = summarize({"A": load_results(files["A"]), "B": load_results(files["B"])}, RADII)
+    a, b = table.rows
+    # A: correct radii {0.5, 0.1, 0.3} of 5 rows; B: {1.2, 0.05, 0.6} of 4 rows.
+    assert a.values == pytest.approx((3 / 5, 2 / 5, 1 / 5, 0.0, 0.0))
+    assert b.values == pytest.approx((3 / 4, 2 / 4, 2 / 4, 1 / 4, 0.0))
+    assert a.acr == pytest.approx((0.5 + 0.1 + 0.3) / 5)
+    assert b.acr == pytest.approx((1.2 + 0.05 + 0.6) / 4)
+    assert (a.abstain, b.abstain) == pytest.approx((1 / 5, 1 / 4))
+    assert (a.count, b.count) == (5, 4)
+
+
+def test_abstention_counts_as_wrong_even_if_marked_correct(tmp_path: Path) -> None:
+    res = load_results(write(tmp_path / "x.tsv", HEADER, ["0\t-1\t-1\t0.0\t1\t1.0", "1\t2\t2\t0.4\t1\t1.0"]))
+    assert res.correct.tolist() == [0, 1]
+    assert summarize({"x": res}, [0.0]).rows[0].values == (0.5,)
+
+
+def test_envelope_takes_max_and_breaks_ties_by_clean_accuracy(files: dict[str, Path]) -> None:
+    # C is listed first: at r = 1.0 it ties with B (0.25 each) but B has the higher clean accuracy (0.75 vs 0.25).
+    results = {name: load_results(files[name]) for name in ("C", "A", "B")}
+    table = summarize(results, RADII, include_envelope=True)
+    row = table.rows[-1]
+    assert row.kind == "envelope"
+    assert row.values == pytest.approx((0.75, 0.5, 0.5, 0.25, 0.25))
+    assert row.models == ("B", "B", "B", "B", "C")
+    assert row.model_clean == pytest.approx((0.75, 0.75, 0.75, 0.75, 0.25))
+    best, names = envelope({"x": np.array([0.5, 0.2]), "y": np.array([0.5, 0.3])}, {"x": 0.9, "y": 0.8})
+    assert best.tolist() == [0.5, 0.3] and names == ["x", "y"]
+
+
+def test_high_prob_rows_equal_cohens_formula(files: dict[str, Path]) -> None:
+    res = load_results(files["A"])
+    row = summarize({"A": res}, [0.0, 0.25], high_prob=True, alpha=0.001, rho=0.001).rows[1]
+    log_term = math.log(1000)
+    penalty = 0.001 + math.sqrt(0.001 * 0.999 * log_term / 5) + log_term / 15
+    assert row.kind == "high-prob"
+    assert row.values == pytest.approx((0.6 - penalty, 0.0))  # 0.4 - penalty < 0 is clipped to 0
+
+
+def test_attack_files_give_empirical_accuracy_per_eps(tmp_path: Path) -> None:
+    header = "idx\tlabel\tpredict\tcorrect\teps\tnorm\ttime\n"
+    first = write(tmp_path / "e25.tsv", header, ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.25\t0.2\t0:00:01"])
+    second = write(tmp_path / "e50.tsv", header, ["0\t1\t1\t1\t0.5\t0.5\t0:00:01", "1\t1\t-1\t0\t0.5\t0.5\t0:00:01",
+                                                  "2\t0\t0\t1\t0.5\t0.5\t0:00:01", "3\t0\t0\t1\t0.5\t0.5\t0:00:01"])
+    merged = merge([load_results(first), load_results(second)])
+    eps, accuracy = empirical_curve(merged)
+    assert eps.tolist() == [0.25, 0.5] and accuracy == pytest.approx([0.5, 0.75])
+    # Salman's predict format (extra basePredict column, no eps): a clean PREDICT run, eps = 0.
+    salman = write(tmp_path / "p.tsv", "idx\tlabel\tpredict\tbasePredict\tcorrect\ttime\n",
+                   ["0\t1\t1\t1\t1\t0:00:01", "20\t2\t3\t2\t0\t0:00:01"])
+    eps0, acc0 = empirical_curve(load_results(salman))
+    assert eps0.tolist() == [0.0] and acc0.tolist() == [0.5]
+    row = summarize({}, [0.0, 0.25, 0.5, 1.0], attack={"SA": merged}).rows[0]
+    assert row.values == (None, 0.5, 0.75, None)
+    with pytest.raises(SmoothAdvError, match="repeat"):
+        merge([load_results(first), load_results(first)])
+
+
+def test_formats(files: dict[str, Path]) -> None:
+    table = summarize({"A_1": load_results(files["A"]), "B": load_results(files["B"])}, [0.0, 0.5],
+                      include_envelope=True)
+    md = format_table(table, "markdown").splitlines()
+    assert md[0] == "|  | r = 0 | r = 0.5 | ACR | abstain (%) |"
+    assert md[2] == "| A_1 | 60.0 | 20.0 | 0.180 | 20.0 |"
+    assert md[4] == "| envelope | 75.0 | 50.0 |  |  |"
+    assert md[5] == "| envelope model (clean %) | B (75.0) | B (75.0) |  |  |"
+    latex = format_table(table, "latex")
+    assert latex.startswith(r"\begin{tabular}{lrrrr}") and latex.rstrip().endswith(r"\end{tabular}")
+    assert r"A\_1 & 60.0 & 20.0 & 0.180 & 20.0 \\" in latex
+    assert r"envelope & 75.0$^{75.0}$ & 50.0$^{75.0}$ &  &  \\" in latex
+    csv_lines = format_table(table, "csv").splitlines()
+    assert csv_lines[0] == "name,kind,count,0,0.5,acr,abstain_rate"
+    assert csv_lines[1] == "A_1,certified,5,0.600000,0.200000,0.180000,0.200000"
+    assert csv_lines[4] == "envelope model,envelope-model,,B,B,,"
+
+
+def test_plot_is_a_png_with_content(files: dict[str, Path], tmp_path: Path) -> None:
+    header = "idx\tlabel\tpredict\tcorrect\teps\tnorm\ttime\n"
+    attack = write(tmp_path / "att.tsv", header, ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.5\t0.5\t0:00:01"])
+    out = plot_accuracy({"A": load_results(files["A"]), "B": load_results(files["B"])}, tmp_path / "fig.png",
+                        attack={"A": load_results(attack)}, include_envelope=True)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    pixels = imread(out)
+    assert pixels.shape[:2] == (round(4.2 * 120), round(6.4 * 120))
+    assert float(pixels[..., :3].std()) > 0.05  # not a blank canvas
+
+
+def test_cli_report_writes_table_and_plot(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "t.md", tmp_path / "p.png"
+    assert main(["report", f"A={files['A']}", f"B={files['B']}", "--radii", "0", "0.5", "--envelope",
+                 "--out", str(out), "--plot", str(png)]) == 0
+    assert "| A | 60.0 | 20.0 | 0.180 | 20.0 |" in out.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(files["B"]), "--radii", "0.5", "--format", "csv"]) == 0
+    assert "b,certified,4,0.500000,0.462500,0.250000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    (HEADER, "no rows"),
+    ("a\tb\tc\n1\t2\t3\n", "not a certify/predict TSV"),
+    (HEADER + "0\t1\t1\t0.5\t1\n", "line 2: 5 fields"),
+    (HEADER + "0\t1\tcat\t0.5\t1\t0:00:01\n", "non-numeric value 'cat'"),
+    (HEADER + "0\t1\t1\t0.5\t1\tsoon\n", "not a duration"),
+    (HEADER + "0\t1\t1\t-0.5\t1\t1.0\n", "negative"),
+    (HEADER + "0\t1\t1\tnan\t1\t1.0\n", "non-finite"),
+])
+def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | None, message: str) -> None:
+    path = tmp_path / "bad.tsv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SmoothAdvError, match=message):
+        load_results(path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.split("'")[0] in err
