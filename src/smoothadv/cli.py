@@ -170,7 +170,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="start over even if a checkpoint exists")
     a = p.add_argument_group("SmoothAdv (--objective smoothadv; Salman et al. 2019)")
     a.add_argument("--attack", default="pgd", help="pgd or ddn: attack on the smoothed soft classifier")
-    a.add_argument("--eps", type=nonneg_float, default=0.5, help="attack L2 radius in [0, 1] pixels (final, after warm-up)")
+    a.add_argument("--eps", type=nonneg_float, default=0.5, help="attack L2 radius ([0, 1] pixels), after warm-up")
     a.add_argument("--steps", type=positive_int, default=2, help="attack steps T")
     a.add_argument("--m", type=positive_int, default=1, help="noise draws per input in the attack (m_train)")
     a.add_argument("--multi-noise", action="store_true", help="train on all m noisy copies (m SGD steps per batch)")

@@ -41,7 +41,10 @@ class Objective(ABC):
 
     @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """The loss on one batch x (B, C, H, W) in [0, 1] with labels y (B,); the model is in train mode."""
+        """The loss on one batch x (B, C, H, W) in [0, 1] with labels y (B,); the model is in train mode.
+
+        Under torchrun `model` is DistributedDataParallel-wrapped: only the loss's forward may go
+        through it; extra passes (attacks) must use `getattr(model, "module", model)`."""
 
     def at_epoch(self, epoch: int) -> Objective:
         """The objective to use in (0-indexed) `epoch`; schedules such as eps warm-up override this."""
@@ -129,8 +132,9 @@ class SmoothAdv(Objective):
         noise = torch.randn((x.shape[0], self.m, *x.shape[1:]), device=x.device, dtype=x.dtype,
                             generator=generator) * self.sigma
         if self.attack.eps > 0:
-            with eval_mode(model):
-                x = self.attack(SoftSmoothed(model, noise), x, y, generator)
+            plain = getattr(model, "module", model)  # under torchrun: attack the module, not its DDP wrapper
+            with eval_mode(plain):
+                x = self.attack(SoftSmoothed(plain, noise), x, y, generator)
         if self.multi_noise:
             inputs, targets = (x.unsqueeze(1) + noise).flatten(0, 1), y.repeat_interleave(self.m)
         else:

@@ -1,0 +1,225 @@
+"""L2 adversarial attacks that know nothing about smoothing: PGD and DDN, as SmoothAdv uses them.
+
+An attack is a frozen dataclass of hyperparameters, called as `attack(model, x, y) -> x_adv` with
+the model given at call time (so a training loop can keep one attack while the weights change).
+To attack the smoothed soft classifier G of Salman et al. (NeurIPS 2019, arXiv:1906.04584,
+Section 3), pass `smoothing.SoftSmoothed(base, noise)` as the model: it returns log G, so the
+cross-entropy these attacks maximize is -log G_y, the paper's objective J (Eq. (5)/(6)), with the
+m noise draws fixed across all steps because they live in the module.
+
+Contract (every attack, tested in tests/test_attacks.py):
+- `x` is a batch (B, ...) with values in [0, 1]; so is the result.
+- ||x_adv - x||_2 <= eps for every example (natural units: eps = 0.5 means 0.5 in [0, 1] pixels).
+- No side effects on the model: its train/eval mode and its parameters' `requires_grad` are left
+  alone; gradients are taken with respect to the input only (`torch.autograd.grad`), so no
+  parameter `.grad` is touched. Put the model in eval mode yourself if it has BatchNorm/dropout.
+- eps = 0 returns `x` unchanged without calling the model or drawing random numbers.
+- Untargeted only. Randomness (random start, the rare zero-gradient fallback) comes from the
+  optional `generator`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import SmoothAdvError
+
+Model = Callable[[Tensor], Tensor]
+
+
+class Attack(Protocol):
+    eps: float
+
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        ...
+
+
+def l2_norm(t: Tensor) -> Tensor:
+    """Per-example L2 norm of a batch (B, ...) -> (B,)."""
+    return t.flatten(1).norm(dim=1)
+
+
+def _view(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
+    """Clamp x + delta to the box [0, 1], then scale delta into the L2 ball of radius eps (as §3.2 of the
+    reference). Scaling towards x keeps x + delta in the box because x is in it."""
+    delta = (x + delta).clamp(0.0, 1.0) - x
+    norms = l2_norm(delta)
+    factor = torch.where(norms > eps, eps / norms.clamp_min(1e-12), torch.ones_like(norms))
+    return delta * _view(factor, delta)
+
+
+def _input_grad(model: Model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient of the summed cross-entropy with respect to the input only, and the logits."""
+    with torch.enable_grad():
+        point = x_adv.detach().requires_grad_(True)
+        logits = model(point)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, point)
+    return grad, logits.detach()
+
+
+def _normalize(g: Tensor, generator: torch.Generator | None) -> Tensor:
+    """g / ||g|| per example; a zero gradient is replaced by a random unit direction (the reference
+    code uses an un-normalized N(0, I) draw; both are then projected, we keep the step length)."""
+    zero = l2_norm(g) == 0
+    if bool(zero.any()):
+        g = g.clone()
+        g[zero] = torch.randn(g[zero].shape, device=g.device, dtype=g.dtype, generator=generator)
+    return g / _view(l2_norm(g).clamp_min(1e-12), g)
+
+
+def stein_gradient(model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+    """Gradient-free ascent direction of -log G_y (Salman et al., §3 and Appendix; reference §3.6).
+
+    Uses the Gaussian-smoothing identity grad G_y(x) = E[delta F_y(x + delta)] / sigma^2 with the
+    m fixed draws of `model.noise` (B, m, ...): returns -(1/m) sum_i F_y(x' + delta_i) delta_i, which
+    points along -grad G_y, the ascent direction of -log G_y. Only forward passes of `model.base`
+    (no backpropagation through the network). `model` must expose `base` and `noise`, as
+    `smoothing.SoftSmoothed` does.
+    """
+    base, noise = getattr(model, "base", None), getattr(model, "noise", None)
+    if base is None or not isinstance(noise, Tensor):
+        raise SmoothAdvError("the gradient-free attack needs a smoothed model exposing `base` and `noise` "
+                             "(smoothing.SoftSmoothed)")
+    batch, m = noise.shape[:2]
+    with torch.no_grad():
+        probs = torch.softmax(base((x_adv.unsqueeze(1) + noise).flatten(0, 1)), dim=1).view(batch, m, -1)
+        p_y = probs.gather(2, y.view(batch, 1, 1).expand(batch, m, 1)).squeeze(2)  # (B, m)
+        return -(p_y.view(batch, m, *([1] * (noise.dim() - 2))) * noise).mean(1)
+
+
+def _check(eps: float, steps: int) -> None:
+    if not math.isfinite(eps) or eps < 0:
+        raise SmoothAdvError(f"attack eps must be a finite number >= 0, got {eps}")
+    if int(steps) != steps or steps < 1:
+        raise SmoothAdvError(f"attack steps must be an integer >= 1, got {steps}")
+
+
+@dataclass(frozen=True)
+class PGDL2:
+    """L2 projected gradient ascent on the cross-entropy (SmoothAdv_PGD, Salman et al. 2019, Section 3).
+
+    T = `steps` steps of size `step_size` (default 2 eps / T, as the SmoothAdv code) along the
+    per-example normalized gradient, each followed by a clamp to [0, 1] and a projection onto the
+    eps-ball. Starts at x (the original never used a random start); `random_start` starts at a
+    uniformly random radius in [0, eps] in a random direction. `gradient_free=True` replaces the
+    backpropagated gradient by the Stein estimate of `stein_gradient` (the model must then be a
+    `SoftSmoothed`); it is much weaker (reference §6.2) and is offered for comparison only.
+    """
+
+    eps: float
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = False
+    gradient_free: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.eps, self.steps)
+        if self.step_size is not None and not self.step_size > 0:
+            raise SmoothAdvError(f"attack step size must be > 0, got {self.step_size}")
+
+    @property
+    def alpha(self) -> float:
+        """The step length actually used."""
+        return self.step_size if self.step_size is not None else 2 * self.eps / self.steps
+
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.eps == 0:
+            return x
+        x = x.detach()
+        delta = torch.zeros_like(x)
+        if self.random_start:
+            direction = _normalize(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator), None)
+            radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator) * self.eps
+            delta = project(x, direction * _view(radius, x), self.eps)
+        for _ in range(self.steps):
+            if self.gradient_free:
+                grad = stein_gradient(model, x + delta, y)
+            else:
+                grad, _ = _input_grad(model, x + delta, y)
+            delta = project(x, delta + self.alpha * _normalize(grad, generator), self.eps)
+        return (x + delta).detach()
+
+
+@dataclass(frozen=True)
+class DDN:
+    """Decoupled Direction and Norm (Rony et al., CVPR 2019), as SmoothAdv adapted it (reference §3.3).
+
+    Keeps a norm budget rho (starting at `init_norm`) that shrinks by (1 - gamma) while the point is
+    adversarial and grows by (1 + gamma) otherwise (capped at the largest possible perturbation);
+    each step moves along the normalized gradient with a cosine-annealed step (1 -> 0.01), rescales
+    delta to norm rho, quantizes to 256 levels (`quantize`) and clamps to [0, 1]. Returns the
+    smallest adversarial delta seen, scaled into the eps-ball (and re-quantized, re-projected so
+    the contract holds exactly); **an example for which no adversarial point was found is
+    returned unchanged**, as in the original. "Adversarial" means argmax of the model's output
+    differs from y (for `SoftSmoothed`, the argmax of the averaged softmax; the original used a
+    hard vote over the m noisy copies).
+    """
+
+    eps: float
+    steps: int = 10
+    gamma: float = 0.05
+    init_norm: float = 1.0
+    quantize: bool = True
+    levels: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.eps, self.steps)
+        if not 0 < self.gamma < 1:
+            raise SmoothAdvError(f"DDN gamma must be in (0, 1), got {self.gamma}")
+        if not self.init_norm > 0:
+            raise SmoothAdvError(f"DDN init norm must be > 0, got {self.init_norm}")
+
+    def _quantize(self, x: Tensor, delta: Tensor) -> Tensor:
+        if not self.quantize:
+            return delta
+        scale = self.levels - 1
+        return ((x + delta) * scale).round() / scale - x
+
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.eps == 0:
+            return x
+        x = x.detach()
+        batch = x.shape[0]
+        delta = torch.zeros_like(x)
+        norm = torch.full((batch,), float(self.init_norm), device=x.device, dtype=x.dtype)
+        worst_norm = l2_norm(torch.maximum(x, 1 - x))
+        best_l2 = torch.full((batch,), math.inf, device=x.device, dtype=x.dtype)
+        best_delta = torch.zeros_like(x)
+        for step in range(1, self.steps + 1):
+            lr = 0.01 + (1 - 0.01) * (1 + math.cos(math.pi * step / self.steps)) / 2  # cosine, stepped first
+            l2 = l2_norm(delta)
+            grad, logits = _input_grad(model, x + delta, y)
+            is_adv = logits.argmax(1) != y
+            better = is_adv & (l2 < best_l2)
+            best_l2 = torch.where(better, l2, best_l2)
+            best_delta[better] = delta[better]
+            delta = delta + lr * _normalize(grad, generator)
+            norm = torch.minimum(torch.where(is_adv, norm * (1 - self.gamma), norm * (1 + self.gamma)), worst_norm)
+            delta = delta * _view(norm / l2_norm(delta).clamp_min(1e-12), delta)
+            delta = (x + self._quantize(x, delta)).clamp(0.0, 1.0) - x
+        best_delta = project(x, self._quantize(x, project(x, best_delta, self.eps)), self.eps)
+        return (x + best_delta).detach()
+
+
+ATTACKS: dict[str, type] = {"pgd": PGDL2, "ddn": DDN}
+"""Attack name (the CLI's --attack) -> class."""
+
+
+def get_attack(name: str) -> type:
+    """The attack class called `name` ('pgd' or 'ddn'); SmoothAdvError for an unknown name."""
+    try:
+        return ATTACKS[name.lower()]
+    except (KeyError, AttributeError):
+        raise SmoothAdvError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}") from None
