@@ -108,7 +108,12 @@ def _evaluation(parser: argparse.ArgumentParser, default_n: int) -> None:
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--normalization", choices=("normalize", "center"), default=None,
                         help="input layer for Cohen/Salman checkpoints, which do not record it (see README)")
-    parser.add_argument("--shard", type=shard_spec, default=None, help="run only shard i of k (i/k)")
+    parser.add_argument("--shard", type=shard_spec, default=None,
+                        help="run only shard i of k (i/k), writing OUT.shard-i-of-k; then `smoothadv merge OUT`")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast the base classifier's forward passes (fp16: GPU only; see README)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the base classifier")
     parser.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
@@ -185,21 +190,28 @@ def add_train(sub: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .distributed import env_world
     from .train import fit
 
     objective = build_objective(args)
     path = fit(_train_config(args), objective)
-    print(f"checkpoint: {path}")
+    if env_world()[0] == 0:
+        print(f"checkpoint: {path}")
 
 
 def _load_smooth(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    from .accel import prepare_base
     from .data import get_dataset
+    from .distributed import env_world, local_device
     from .models import load_checkpoint
     from .smoothing import Smooth
     from .train import resolve_device
 
-    device = resolve_device(args.device)
+    _, world, local_rank = env_world()
+    device = local_device(resolve_device(args.device), local_rank, world)  # torchrun: cuda -> cuda:LOCAL_RANK
     model, meta = load_checkpoint(args.checkpoint, device, normalization=args.normalization)
+    model = prepare_base(model, device, getattr(args, "precision", "fp32"), getattr(args, "channels_last", False),
+                         getattr(args, "compile", False))
     dataset = get_dataset(meta["dataset"], args.split, args.data_dir)
     return Smooth(model, meta["num_classes"], args.sigma), dataset, meta, device
 
@@ -208,22 +220,44 @@ def _run_rows(args: argparse.Namespace, columns: Sequence[str], make_rows: Calla
               size: int, label: str) -> None:
     from tqdm.auto import tqdm
 
+    from .distributed import env_world
     from .evaluate import row_fields, select_indices, shard_indices
     from .files import OutputLock, TsvLog, check_writable_output, write_provenance
+    from .shards import check_resumable, file_sha256, merge_shards, shard_path, shards_complete
 
-    out = check_writable_output(args.out, resume=args.resume, force=args.force)
+    rank, world, _ = env_world()
+    if world > 1 and args.shard is not None:
+        raise SmoothAdvError("--shard is for separate jobs; under torchrun the ranks already split the examples")
+    shard = (rank, world) if world > 1 else args.shard  # torchrun: rank r of k writes OUT.shard-r-of-k
+    final = Path(args.out)
+    if world > 1:  # the merged output must be writable before any work starts
+        check_writable_output(final, resume=args.resume, force=args.force)
+    out = check_writable_output(shard_path(final, *shard) if shard else final, resume=args.resume, force=args.force)
     indices = select_indices(size, args.skip, args.max)
-    if args.shard is not None:
-        indices = shard_indices(indices, *args.shard)
+    # everything a row depends on; shards (and resumed runs) must agree on it (shards.ROW_SETTINGS)
+    settings = {**vars(args), "handler": None, "checkpoint_sha256": file_sha256(args.checkpoint),
+                "dataset_size": size, "shard": list(shard) if shard else None}
+    if shard is not None:
+        indices = shard_indices(indices, *shard)
     with OutputLock(out), TsvLog(out, columns, resume=args.resume, force=args.force) as log:
+        if args.resume:
+            check_resumable(out, settings)
         todo = [i for i in indices if str(i) not in log.done]
-        write_provenance(out.parent, {**vars(args), "handler": None}, prefix=f"{out.name}.")
-        with tqdm(total=len(indices), initial=len(indices) - len(todo), desc=label, disable=not args.progress,
-                  dynamic_ncols=True) as bar:
+        write_provenance(out.parent, settings, prefix=f"{out.name}.")
+        with tqdm(total=len(indices), initial=len(indices) - len(todo), desc=label,
+                  disable=not args.progress or rank != 0, dynamic_ncols=True) as bar:
             for row in make_rows(todo):
                 log.write(row_fields(row))
                 bar.update(1)
-    print(f"wrote {out} ({len(indices)} rows)")
+    if world > 1:  # the last rank to finish sees every shard complete and merges (merging twice is harmless)
+        if shards_complete(final, world, settings):
+            rows = merge_shards(final, [shard_path(final, i, world) for i in range(world)], force=True)
+            print(f"wrote {final} ({rows} rows, merged from {world} shards)")
+    elif shard is not None:
+        print(f"wrote {out} ({len(indices)} rows, shard {shard[0]}/{shard[1]}); when all shards are done: "
+              f"smoothadv merge {final}")
+    else:
+        print(f"wrote {out} ({len(indices)} rows)")
 
 
 def add_certify(sub: Any) -> None:
@@ -259,6 +293,21 @@ def run_predict(args: argparse.Namespace) -> None:
               lambda todo: predict_dataset(smooth, dataset, todo, n=args.n, alpha=args.alpha,
                                            batch_size=args.batch, seed=args.seed, device=device),
               len(dataset), "predict")
+
+
+def add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="merge shard TSVs (--shard i/k jobs or torchrun ranks) into one TSV")
+    p.add_argument("out", help="merged output TSV; its shards are OUT.shard-i-of-k unless listed")
+    p.add_argument("shards", nargs="*", help="shard files (default: every OUT.shard-*-of-* next to OUT)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.set_defaults(handler=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from .shards import merge_shards
+
+    rows = merge_shards(args.out, args.shards or None, force=args.force)
+    print(f"wrote {args.out} ({rows} rows)")
 
 
 def add_convert(sub: Any) -> None:
@@ -340,7 +389,7 @@ def run_report(args: argparse.Namespace) -> None:
         print(f"wrote {plot}")
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_convert, add_report]
+COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report]
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:

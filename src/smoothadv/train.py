@@ -7,6 +7,12 @@ and RNG states so `resume=True` continues exactly), `log.tsv` (one row per epoch
 and `env.json`. Optional: fine-tuning from a pretrained checkpoint (head replaced when the class
 count differs) and self-training on an extra pseudo-labelled .npz set mixed in batch by batch
 with a loss weight (Salman et al. 2019, Section 4.2 and Appendix; Carmon et al. 2019).
+
+Under torchrun (`torchrun --nproc-per-node K -m smoothadv train ...`) the same loop runs data
+parallel: DistributedDataParallel, `cfg.batch_size` is the global batch (B / K per process), each
+rank takes a disjoint share of every global batch, noise streams are seeded per (epoch, rank), rank
+0 alone evaluates, logs and writes checkpoints, and a restarted worker group resumes from the last
+checkpoint. See `distributed.py` for the exact conventions.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
+from .distributed import all_reduce_sum, derive_seed, restarted, setup, shard_order, teardown
 from .errors import SmoothAdvError
 from .files import atomic_write_text, write_provenance
 from .models import (
@@ -112,18 +119,26 @@ def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, Tensor] | None
 
 
 def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (images, labels) batches; in-memory datasets are sliced directly (no per-item Python)."""
+            workers: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (images, labels) batches; in-memory datasets are sliced directly (no per-item Python).
+
+    With `world` > 1 (torchrun), `batch_size` is the global batch and this yields rank `rank`'s
+    disjoint share of each global batch of the same shuffled order (`distributed.shard_order`).
+    """
     source = _tensor_source(dataset)
     if source is not None:
         inner, index = source
         if shuffle:
             index = index[torch.randperm(len(index), generator=generator)]
-        for start in range(0, len(index), batch_size):
-            chunk = index[start:start + batch_size]
+        for chunk in shard_order(index, batch_size, rank, world):
             images = inner.images[chunk]
             images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
             yield images, inner.labels[chunk]
+        return
+    if world > 1:
+        order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
+        plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
+        yield from DataLoader(dataset, batch_sampler=plan, num_workers=workers)
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
     yield from loader
@@ -178,6 +193,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)  # all ranks' examples (torchrun)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
 
 
@@ -210,7 +226,8 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.exists() and not (cfg.resume or cfg.force):
+    resume = cfg.resume or (restarted() and ckpt_path.exists())  # torchrun restarted us after a failure
+    if ckpt_path.exists() and not (resume or cfg.force):
         raise SmoothAdvError(f"{ckpt_path} exists; pass --resume to continue training or --force to start over")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,18 +240,23 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     if len(train_set) == 0:
         raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
     extra_set = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset)) if cfg.unlabelled else None
+    ctx = setup(device)  # under torchrun: join the process group, use this process's GPU
+    device, main = ctx.device, ctx.main
+    if cfg.batch_size % ctx.world:
+        raise SmoothAdvError(f"--batch {cfg.batch_size} is the global batch; it must be divisible by the "
+                             f"{ctx.world} processes")
 
     torch.manual_seed(cfg.seed)
     norm = normalization_spec(cfg.dataset, cfg.normalization)
     model = build_model(cfg.arch, cfg.dataset, norm).to(device)
-    if cfg.pretrained and not (cfg.resume and ckpt_path.exists()):
+    if cfg.pretrained and not (resume and ckpt_path.exists()):
         _load_pretrained(model, cfg, classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_epoch = 0
-    if cfg.resume and ckpt_path.exists():
+    if resume and ckpt_path.exists():  # multi-node: the run directory must be on a shared filesystem
         state = read_checkpoint(ckpt_path, device)
         if state.get("arch") != cfg.arch or state.get("dataset") != cfg.dataset:
             raise SmoothAdvError(f"{ckpt_path} was trained with {state.get('arch')}/{state.get('dataset')}, "
@@ -246,8 +268,14 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
         shuffle_gen.set_state(state["rng"]["shuffle"].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())
         start_epoch = int(state["epoch"])
+    train_model: nn.Module = model
+    if ctx.active:  # DDP for the loss's forward/backward; attacks and evaluation use the plain `model`
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    write_provenance(out_dir, {**config, "objective": objective.describe()})
+    if main:
+        write_provenance(out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world})
     log_path = out_dir / "log.tsv"
     log_lines = ["\t".join(LOG_COLUMNS)]
     if start_epoch > 0 and log_path.exists():
@@ -258,16 +286,22 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         steps = num_batches(train_set, cfg.batch_size)
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+        # per-(epoch, rank) streams from one seed: independent across ranks, identical after a resume
+        noise_gen.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank))
+        torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank, 1))
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
                   leave=False, dynamic_ncols=True) as bar:
-            extra_iter = (batches(extra_set, cfg.batch_size, shuffle=True, generator=shuffle_gen)
+            extra_iter = (batches(extra_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
+                                  rank=ctx.rank, world=ctx.world)
                           if extra_set is not None else None)
-            stats = train_epoch(model, epoch_objective, optimizer,
+            stats = train_epoch(train_model, epoch_objective, optimizer,
                                 batches(train_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                                        workers=cfg.workers),
+                                        workers=cfg.workers, rank=ctx.rank, world=ctx.world),
                                 device, extra=extra_iter, extra_weight=cfg.unlabelled_weight,
                                 generator=noise_gen, progress=bar)
         scheduler.step()
+        if not main:  # rank 0 evaluates, logs and saves; the others go on (they wait at the next all-reduce)
+            continue
         test = evaluate_noisy(model, test_set, cfg.sigma, device,
                               generator=torch.Generator(device=device).manual_seed(cfg.seed + 7))
         elapsed = time.time() - started
@@ -284,4 +318,5 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
         if cfg.progress:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train acc {stats['acc']:.3f}  "
                        f"noisy test acc {test['acc']:.3f}  ({elapsed:.0f}s)")
+    teardown(ctx)
     return ckpt_path
