@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -65,54 +66,149 @@ def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") ->
         raise SmoothAdvError(f"batch_size must be a positive integer, got {batch_size}")
 
 
-class NoisySampler:
-    """Counts the base classifier's votes on noisy copies of one input.
+class SampleRequest(NamedTuple):
+    """Noisy samples wanted for one input: `segments` counts drawn one after another from `generator`.
 
-    Noise is drawn on the input's device into one reused buffer, votes are counted on the device
-    with `bincount`, and the host sees the counts once per call. The base model runs in eval mode
-    under `torch.inference_mode()`; its previous mode is restored afterwards.
+    Each segment gets its own vote counts (e.g. Cohen's n0 selection samples and n estimation
+    samples), but the segments share one noise stream, drawn in pieces of the batch size.
+    """
+
+    x: Tensor
+    segments: tuple[int, ...]
+    generator: torch.Generator | None = None
+
+
+class NoisySampler:
+    """Counts the base classifier's votes on noisy copies of one or several inputs.
+
+    Speed: noise is drawn on the inputs' device into one reused buffer of `batch_size` samples,
+    every forward pass is a full batch of that static size (except the last one of a call),
+    several inputs' samples share a forward pass when one input does not fill it, votes are
+    counted on the device with one `bincount` per batch, and the host sees the counts once per
+    call. The base model runs in eval mode under `torch.inference_mode()`; its previous mode is
+    restored afterwards.
+
+    Independence from packing: an input's noise stream is drawn from its own generator in
+    pieces of min(batch_size, remaining) samples aligned to the start of its request, whatever
+    other inputs share the batches, so its counts do not depend on which inputs it is packed
+    with (up to floating-point differences of the model's batched kernels).
     """
 
     def __init__(self, base: nn.Module, num_classes: int, sigma: float) -> None:
         self.base = base
         self.num_classes = num_classes
         self.sigma = sigma
-        self._buffer: Tensor | None = None
+        self._buffers: dict[str, Tensor] = {}
 
-    def _noise_buffer(self, x: Tensor, batch: int) -> Tensor:
-        shape = (batch, *x.shape)
-        buf = self._buffer
-        if buf is None or buf.shape[1:] != x.shape or buf.shape[0] < batch or buf.device != x.device \
-                or buf.dtype != x.dtype:
-            buf = torch.empty(shape, device=x.device, dtype=x.dtype)
-            self._buffer = buf
+    def _buffer(self, name: str, like: Tensor, batch: int, dtype: torch.dtype | None = None,
+                per_sample: bool = True) -> Tensor:
+        shape = (batch, *like.shape) if per_sample else (batch,)
+        dtype = dtype or like.dtype
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < batch or buf.device != like.device \
+                or buf.dtype != dtype:
+            buf = torch.empty(shape, device=like.device, dtype=dtype)
+            self._buffers[name] = buf
         return buf[:batch]
 
     def counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Return the int64 vote counts (num_classes,) of f(x + delta) over `num` noise draws, on x's device."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
-        remaining = int(num)
+        return self.counts_many([SampleRequest(x, (int(num),), generator)], batch_size)[0]
+
+    def counts_many(self, requests: Sequence[SampleRequest], batch_size: int) -> Tensor:
+        """Vote counts of every segment of every request, as one int64 tensor (total segments, num_classes).
+
+        Rows are in request order, and within a request in segment order. The tensor is on the
+        inputs' device; copying it to the host is the caller's one synchronisation.
+        """
+        if not requests:
+            raise SmoothAdvError("no inputs to sample")
+        first = requests[0].x
+        for request in requests:
+            if request.x.shape != first.shape or request.x.device != first.device:
+                raise SmoothAdvError("all inputs sampled together must have the same shape and device")
+        num_slots = sum(len(r.segments) for r in requests)
+        classes = self.num_classes
+        batch_size = int(batch_size)
+        counts = torch.zeros(num_slots * classes, dtype=torch.long, device=first.device)
+        noisy = self._buffer("noisy", first, batch_size)
+        owner = self._buffer("owner", first, batch_size, torch.long, per_sample=False)
+        runs: list[tuple[int, int, int]] = []  # (start, end, slot) of the samples now in `noisy`
+        fill = 0
+
+        def flush() -> None:
+            nonlocal fill
+            logits = self._forward(noisy[:fill], first)
+            predictions = logits.argmax(dim=1)
+            if len(runs) == 1:
+                slot = runs[0][2]
+                counts[slot * classes:(slot + 1) * classes] += torch.bincount(predictions, minlength=classes)
+            else:
+                for start, end, slot in runs:
+                    owner[start:end].fill_(slot * classes)
+                counts.add_(torch.bincount(owner[:fill] + predictions, minlength=num_slots * classes))
+            runs.clear()
+            fill = 0
+
+        def place(piece: Tensor, slots: list[tuple[int, int]], in_place: bool) -> None:
+            """Append a piece's samples (already noisy) at `fill`, recording which slot each belongs to."""
+            nonlocal fill
+            offset = 0
+            for slot, length in slots:
+                while length > 0:
+                    take = min(length, batch_size - fill)
+                    if not in_place:
+                        noisy[fill:fill + take].copy_(piece[offset:offset + take])
+                    runs.append((fill, fill + take, slot))
+                    fill += take
+                    offset += take
+                    length -= take
+                    if fill == batch_size:
+                        flush()
+
         with eval_mode(self.base), torch.inference_mode():
-            while remaining > 0:
-                batch = min(batch_size, remaining)
-                noisy = self._noise_buffer(x, batch)
-                noisy.normal_(0.0, self.sigma, generator=generator)
-                noisy.add_(x)
-                try:
-                    logits = self.base(noisy)
-                except RuntimeError as exc:  # shape or channel mismatch with the model
-                    raise SmoothAdvError(
-                        f"the base classifier rejected an input of shape {tuple(x.shape)}: "
-                        f"{str(exc).splitlines()[0]}"
-                    ) from None
-                if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-                    raise SmoothAdvError(
-                        f"the base classifier returned shape {tuple(logits.shape)}, "
-                        f"expected (batch, {self.num_classes})"
-                    )
-                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
-                remaining -= batch
-        return counts
+            slot_base = 0
+            for request in requests:
+                segments = [(slot_base + i, int(num)) for i, num in enumerate(request.segments)]
+                slot_base += len(segments)
+                total = sum(num for _, num in segments)
+                while total > 0:
+                    size = min(batch_size, total)
+                    # a piece is drawn in place when it fits in the batch buffer, else in a staging buffer
+                    in_place = fill + size <= batch_size
+                    piece = noisy[fill:fill + size] if in_place else self._buffer("stage", first, batch_size)[:size]
+                    piece.normal_(0.0, self.sigma, generator=request.generator)
+                    piece.add_(request.x)
+                    taken: list[tuple[int, int]] = []
+                    need = size
+                    while need > 0:
+                        slot, num = segments[0]
+                        take = min(num, need)
+                        taken.append((slot, take))
+                        need -= take
+                        if take == num:
+                            segments.pop(0)
+                        else:
+                            segments[0] = (slot, num - take)
+                    place(piece, taken, in_place)
+                    total -= size
+            if fill > 0:
+                flush()
+        return counts.view(num_slots, classes)
+
+    def _forward(self, batch: Tensor, example: Tensor) -> Tensor:
+        try:
+            logits = self.base(batch)
+        except RuntimeError as exc:  # shape or channel mismatch with the model
+            raise SmoothAdvError(
+                f"the base classifier rejected an input of shape {tuple(example.shape)}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise SmoothAdvError(
+                f"the base classifier returned shape {tuple(logits.shape)}, expected (batch, {self.num_classes})"
+            )
+        return logits
 
 
 class Certificate(tuple):
@@ -208,17 +304,38 @@ class Smooth:
         g(x) = prediction and g is constant on the L2 ball of that radius around x.
         Unpacks as `(prediction, radius)`; see `Certificate` for the extra detail.
         """
-        check_image(x)
+        return self.certify_many([x], n0, n, alpha, batch_size, [generator])[0]
+
+    def certify_many(self, xs: Sequence[Tensor], n0: int, n: int, alpha: float, batch_size: int,
+                     generators: Sequence[torch.Generator | None] | None = None) -> list[Certificate]:
+        """CERTIFY for several inputs at once, their samples packed into shared forward passes.
+
+        Each input's n0 selection and n estimation samples are one noise stream drawn from its own
+        generator (n0 first), so `certify_many(xs, ..., gens)[i]` equals `certify(xs[i], ...,
+        gens[i])` whatever other inputs are packed with it. The guarantee of `certify` holds for
+        each input separately. Inputs must share one shape and device.
+        """
         check_sample_args(n0, alpha, batch_size, "n0")
         check_sample_args(n, alpha, batch_size)
-        counts0 = self._sampler.counts(x, n0, batch_size, generator)
-        c_hat = int(counts0.argmax())
-        counts = self._sampler.counts(x, n, batch_size, generator)
-        count_a = int(counts[c_hat])
-        p_lower = clopper_pearson_lower(count_a, n, alpha)
-        if p_lower < 0.5:
-            return Certificate(ABSTAIN, 0.0, p_lower, count_a, n, n0)
-        return Certificate(c_hat, certified_radius(p_lower, self.sigma), p_lower, count_a, n, n0)
+        generators = list(generators) if generators is not None else [None] * len(xs)
+        if len(generators) != len(xs):
+            raise SmoothAdvError(f"got {len(xs)} inputs but {len(generators)} generators")
+        for x in xs:
+            check_image(x)
+        if not xs:
+            return []
+        requests = [SampleRequest(x, (int(n0), int(n)), g) for x, g in zip(xs, generators)]
+        counts = self._sampler.counts_many(requests, batch_size).view(len(xs), 2, self.num_classes).cpu()
+        certificates = []
+        for selection, estimation in counts:
+            c_hat = int(selection.argmax())
+            count_a = int(estimation[c_hat])
+            p_lower = clopper_pearson_lower(count_a, n, alpha)
+            if p_lower < 0.5:
+                certificates.append(Certificate(ABSTAIN, 0.0, p_lower, count_a, n, n0))
+            else:
+                certificates.append(Certificate(c_hat, certified_radius(p_lower, self.sigma), p_lower, count_a, n, n0))
+        return certificates
 
 
 class SoftSmoothed(nn.Module):
