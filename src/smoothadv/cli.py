@@ -389,7 +389,36 @@ def run_report(args: argparse.Namespace) -> None:
         print(f"wrote {plot}")
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report]
+def add_validity(sub: Any) -> None:
+    p = sub.add_parser("validity", help="measure the rate of invalid certificates on classifiers with exact answers")
+    p.add_argument("--trials", type=positive_int, default=2000, help="independent runs per (input, mode)")
+    p.add_argument("--alpha", type=probability, default=0.1, help="failure probability (large, so failures show)")
+    p.add_argument("--n", type=positive_int, default=100, help="estimation samples of fixed-n CERTIFY and PREDICT")
+    p.add_argument("--n0", type=positive_int, default=10, help="selection samples")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer inputs (the test-suite version)")
+    p.add_argument("--json", default=None, help="also write all results as JSON to this file")
+    p.set_defaults(handler=run_validity)
+
+
+def run_validity(args: argparse.Namespace) -> None:
+    from .files import atomic_write_text
+    from .validity import format_summary, format_table, results_json, run_suite
+
+    results = run_suite(trials=args.trials, alpha=args.alpha, n=args.n, n0=args.n0, seed=args.seed,
+                        quick=args.quick, progress=lambda r: print(f"  {r.problem:<34} {r.mode:<34} "
+                                                                   f"{r.checked}/{r.trials}", file=sys.stderr))
+    print(format_table(results))
+    print()
+    print(format_summary(results))
+    if args.json:
+        atomic_write_text(args.json, results_json(results) + "\n")
+    if not all(r.passed for r in results):
+        raise SmoothAdvError("some validity checks failed (see the table)")
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report,
+                                         add_validity]
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,612 @@
+"""Statistical validity suite: measure how often certificates are wrong, against exact answers.
+
+A certificate from CERTIFY promises: with probability at least 1 - alpha over the noise, the
+returned class is the smoothed classifier's g(x) and g is constant on the L2 ball of the returned
+radius (Cohen, Rosenfeld & Kolter, ICML 2019, Theorem 1 and Proposition 2). PREDICT promises
+P(returns a class other than g(x)) <= alpha (ibid., Proposition 1; Hung & Fithian 2019).
+
+This module checks those promises empirically on base classifiers whose smoothed classifier is
+known exactly. Every problem is a base classifier that looks only at s = <u, x> for a unit vector
+u in d = C*H*W dimensions and splits the line into K intervals:
+
+    f(x) = j  iff  t_j <= <u, x> < t_{j+1}      (t_0 = -inf, t_K = +inf)
+
+Under x + N(0, sigma^2 I), <u, x + delta> ~ N(s, sigma^2), so exactly
+
+    p_j = Phi((t_{j+1} - s) / sigma) - Phi((t_j - s) / sigma),   g(x) = argmax_j p_j.
+
+g depends on s only, so its true robust radius at x is the distance (along u) from s to the
+nearest s' where argmax_j p_j(s') changes; it is found by root finding to 1e-12. K = 2 is the
+linear binary classifier, where p_A = Phi(margin / sigma) and the true radius is |margin|, the
+distance to the hyperplane. For every problem we also know the radius that CERTIFY estimates,
+sigma * Phi^-1(p_A) (Theorem 1 with p_B = 1 - p_A), which is <= the true radius; exceeding it
+is the event whose probability Clopper-Pearson bounds by alpha, so it is the sharpest check.
+
+For fixed-n CERTIFY and PREDICT the exact probability of an invalid result is computed too
+(selection by multinomial argmax, then binomial tails), so the observed count is also tested
+for agreement with the exact rate, not only for being below alpha.
+
+Acceptance: with T trials and F invalid results, each (problem, mode) passes when
+F <= the (1 - delta) quantile of Binomial(T, alpha) (delta = 1e-3 by default): "within alpha up
+to sampling error", with a false-alarm probability of at most delta per check when the true rate
+is alpha. A negative control (a certifier that plugs in the point estimate k/n instead of a
+confidence bound) must fail, which shows the suite has power.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from scipy.special import gammaln
+from scipy.stats import beta, binom, binomtest, norm
+from torch import Tensor, nn
+
+from .errors import SmoothAdvError
+from .smoothing import ABSTAIN, Smooth
+from .stats import certified_radius
+
+# ------------------------------------------------------------------ problems with exact answers
+
+
+class IntervalClassifier(nn.Module):
+    """f(x) = j iff t_j <= <u, flatten(x)> < t_{j+1}; computed in float64 so the class is exact.
+
+    Logits are minus the distance of s = <u, x> to each class's interval (0 inside it).
+    """
+
+    def __init__(self, direction: np.ndarray, thresholds: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("u", torch.as_tensor(np.asarray(direction, dtype=np.float64)))
+        inf = float("inf")
+        edges = [-inf, *[float(t) for t in thresholds], inf]
+        self.register_buffer("lo", torch.tensor(edges[:-1], dtype=torch.float64))
+        self.register_buffer("hi", torch.tensor(edges[1:], dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = (x.flatten(1).double() @ self.u).unsqueeze(1)
+        return -(torch.relu(self.lo - s) + torch.relu(s - self.hi))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One input x and one interval classifier, with the smoothed classifier's exact answers."""
+
+    name: str
+    shape: tuple[int, int, int]
+    sigma: float
+    thresholds: tuple[float, ...]
+    s: float                      # <u, x>
+    seed: int = 0                 # picks the direction u and the point x
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.thresholds) + 1
+
+    def probabilities(self, s: float | None = None) -> np.ndarray:
+        """Exact p_j = P(f(x + delta) = j) at position s along u (default: this problem's x)."""
+        s = self.s if s is None else s
+        edges = np.array([-np.inf, *self.thresholds, np.inf])
+        return np.diff(norm.cdf((edges - s) / self.sigma))
+
+    @property
+    def g(self) -> int:
+        """The smoothed classifier's prediction g(x)."""
+        return int(np.argmax(self.probabilities()))
+
+    @property
+    def p_a(self) -> float:
+        return float(self.probabilities()[self.g])
+
+    @property
+    def bound_radius(self) -> float:
+        """sigma * Phi^-1(p_A): the radius CERTIFY estimates (<= the true radius)."""
+        return certified_radius(self.p_a, self.sigma)
+
+    @property
+    def true_radius(self) -> float:
+        """Distance from x to the nearest point where g changes (exact, by root finding along u)."""
+        return _true_radius(self.sigma, self.thresholds, self.s)
+
+    def tensors(self) -> tuple[IntervalClassifier, Tensor]:
+        """The base classifier and the image x in [0, 1]^(C, H, W) with <u, x> = s."""
+        d = int(np.prod(self.shape))
+        rng = np.random.default_rng(self.seed)
+        u = rng.standard_normal(d)
+        u /= np.linalg.norm(u)
+        x = rng.uniform(0.0, 1.0, d)
+        offset = float(u @ x) - self.s  # shift the thresholds so that x sits at position s
+        model = IntervalClassifier(u, [t + offset for t in self.thresholds])
+        image = torch.tensor(x.reshape(self.shape), dtype=torch.float32)
+        return model, image
+
+
+def _gap(sigma: float, thresholds: tuple[float, ...], c: int, s: float) -> float:
+    edges = np.array([-np.inf, *thresholds, np.inf])
+    p = np.diff(norm.cdf((edges - s) / sigma))
+    return float(p[c] - np.max(np.delete(p, c)))
+
+
+@lru_cache(maxsize=4096)
+def _true_radius(sigma: float, thresholds: tuple[float, ...], s: float) -> float:
+    edges = np.array([-np.inf, *thresholds, np.inf])
+    c = int(np.argmax(np.diff(norm.cdf((edges - s) / sigma))))
+    span = (max(thresholds) - min(thresholds)) + 20 * sigma + abs(s)
+    step = sigma / 64
+    best = math.inf
+    for direction in (-1.0, 1.0):
+        prev = 0.0
+        k = 1
+        while k * step <= span + step:
+            cur = k * step
+            if _gap(sigma, thresholds, c, s + direction * cur) <= 0:
+                root = brentq(lambda r, d=direction: _gap(sigma, thresholds, c, s + d * r), prev, cur,
+                              xtol=1e-13, rtol=1e-13)
+                best = min(best, root)
+                break
+            prev = cur
+            k += 1
+    return best
+
+
+# ------------------------------------------------------------------ exact failure probabilities
+
+
+def selection_probabilities(p: np.ndarray, n0: int) -> np.ndarray:
+    """P(argmax of Multinomial(n0, p) counts = j), ties going to the lowest index (torch.argmax).
+
+    Exact: for each count m of class j, a dynamic programme over the other classes (each placed
+    with its conditional binomial law) gives the probability that all stay below their caps.
+    """
+    p = np.asarray(p, dtype=float)
+    k = len(p)
+    out = np.zeros(k)
+    r = np.arange(n0 + 1)
+    have, left = np.meshgrid(r, r, indexing="ij")
+    take = have - left
+    for j in range(k):
+        rest = [i for i in range(k) if i != j]
+        grids = []
+        mass = 1.0 - p[j]
+        for i in rest[:-1]:
+            q = min(1.0, p[i] / mass) if mass > 0 else 0.0
+            grid = np.where(take >= 0, binom.pmf(np.maximum(take, 0), have, q), 0.0)
+            grids.append(grid)
+            mass -= p[i]
+        pm = binom.pmf(r, n0, p[j])
+        total = 0.0
+        for mj in range(n0 + 1):
+            if pm[mj] == 0.0:
+                continue
+            state = np.zeros(n0 + 1)
+            state[n0 - mj] = 1.0
+            for pos, i in enumerate(rest):
+                cap = mj - 1 if i < j else mj
+                if cap < 0:
+                    state[:] = 0.0
+                    break
+                if pos == len(rest) - 1:  # the last class takes everything left
+                    state = np.where(r <= cap, state, 0.0)
+                    break
+                state = state @ np.where(take <= cap, grids[pos], 0.0)
+            total += pm[mj] * state.sum()
+        out[j] = total
+    return out
+
+
+def cp_lower_all(n: int, alpha: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bounds for k = 0..n (vectorized stats.clopper_pearson_lower)."""
+    k = np.arange(n + 1)
+    out = np.zeros(n + 1)
+    mid = (k > 0) & (k < n)
+    out[mid] = beta.ppf(alpha, k[mid], n - k[mid] + 1)
+    out[n] = alpha ** (1.0 / n)
+    return out
+
+
+def exact_certify_failure(problem: Problem, n0: int, n: int, alpha: float, against: str = "bound") -> float:
+    """Exact probability that fixed-n CERTIFY (Smooth.certify) returns an invalid certificate.
+
+    Invalid: a class other than g(x) without abstaining, or class g(x) with radius larger than
+    `against` ("bound": sigma * Phi^-1(p_A); "true": g's true robust radius).
+    """
+    p = problem.probabilities()
+    g = problem.g
+    limit = problem.bound_radius if against == "bound" else problem.true_radius
+    lower = cp_lower_all(n, alpha)
+    k = np.arange(n + 1)
+    select = selection_probabilities(p, n0)
+    fail = 0.0
+    for j, pj in enumerate(p):
+        if select[j] == 0.0:
+            continue
+        pmf = binom.pmf(k, n, pj)
+        if j == g:
+            if limit == math.inf:
+                bad = np.zeros(n + 1, dtype=bool)
+            else:
+                bad = (lower >= 0.5) & (problem.sigma * norm.ppf(np.clip(lower, 0.5, 1.0)) > limit * (1 + 1e-9))
+        else:
+            bad = lower >= 0.5
+        fail += select[j] * float(pmf[bad].sum())
+    return fail
+
+
+@lru_cache(maxsize=256)
+def _predict_critical(n: int, alpha: float) -> tuple[int, ...]:
+    """For each total t = a + b of the top two counts, the smallest top count a with p-value <= alpha."""
+    crit = []
+    for t in range(n + 1):
+        lo, hi = (t + 1) // 2 + (t % 2 == 0), t + 1  # a must exceed t/2
+        lo = max(lo, math.floor(t / 2) + 1)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if binomtest(mid, t, 0.5).pvalue <= alpha:
+                hi = mid
+            else:
+                lo = mid + 1
+        crit.append(lo)
+    return tuple(crit)
+
+
+def exact_predict_failure(problem: Problem, n: int, alpha: float) -> float | None:
+    """Exact P(PREDICT returns a class != g(x)) for K = 2 or 3 classes (None for larger K)."""
+    p = problem.probabilities()
+    g = problem.g
+    crit = _predict_critical(n, alpha)
+    if len(p) == 2:
+        k = np.arange(n + 1)
+        pmf = binom.pmf(k, n, p[1 - g])  # counts of the wrong class
+        bad = np.array([kk > n - kk and kk >= crit[n] for kk in k])
+        return float(pmf[bad].sum())
+    if len(p) != 3:
+        return None
+    a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    c = n - a - b
+    ok = c >= 0
+    logp = np.where(p > 0, np.log(np.maximum(p, 1e-300)), -np.inf)
+    with np.errstate(invalid="ignore"):
+        logpmf = (gammaln(n + 1) - gammaln(a + 1) - gammaln(b + 1) - gammaln(np.maximum(c, 0) + 1)
+                  + a * logp[0] + b * logp[1] + np.maximum(c, 0) * logp[2])
+    pmf = np.where(ok, np.exp(np.nan_to_num(logpmf, nan=-np.inf)), 0.0)
+    counts = np.stack([a, b, np.maximum(c, 0)])
+    order = np.sort(counts, axis=0)
+    top, second = order[2], order[1]
+    winner = np.argmax(counts, axis=0)
+    unique = top > second
+    crit_arr = np.asarray(crit)
+    total = top + second
+    decides = unique & (top >= crit_arr[np.minimum(total, n)])
+    bad = ok & decides & (winner != g)
+    return float(pmf[bad].sum())
+
+
+# ------------------------------------------------------------------ certification modes
+
+
+@dataclass
+class Mode:
+    """A way of certifying or predicting: run(smooth, x, generator) -> (class or ABSTAIN, radius)."""
+
+    name: str
+    kind: str                                            # "certify" or "predict"
+    run: Callable[[Smooth, Tensor, torch.Generator], tuple[int, float]]
+    exact: Callable[[Problem, str], float | None] | None = None   # exact invalid probability
+    control: bool = False                                # an unsound negative control: must FAIL
+
+
+def fixed_n_mode(n0: int, n: int, alpha: float, batch: int = 10_000) -> Mode:
+    """Cohen's CERTIFY with one-sided Clopper-Pearson at n samples (Smooth.certify)."""
+    return Mode(
+        f"certify n0={n0} n={n}", "certify",
+        lambda smooth, x, gen: tuple(smooth.certify(x, n0, n, alpha, min(batch, max(n, n0)), generator=gen)),
+        lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against),
+    )
+
+
+def predict_mode(n: int, alpha: float, batch: int = 10_000) -> Mode:
+    """Cohen's PREDICT (Smooth.predict); radius reported as 0."""
+    return Mode(
+        f"predict n={n}", "predict",
+        lambda smooth, x, gen: (smooth.predict(x, n, alpha, min(batch, n), generator=gen), 0.0),
+        lambda problem, against: exact_predict_failure(problem, n, alpha),
+    )
+
+
+def point_estimate_control(n0: int, n: int, alpha: float) -> Mode:
+    """UNSOUND on purpose: radius from the point estimate k/n instead of a lower confidence bound.
+
+    About half of its certificates near p_A exceed the true radius; the suite must flag it.
+    """
+    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> tuple[int, float]:
+        counts0 = smooth.sample_counts(x, n0, max(n0, 1), generator=gen)
+        c = int(counts0.argmax())
+        k = int(smooth.sample_counts(x, n, n, generator=gen)[c])
+        p_hat = min(k / n, 1 - 1e-12)
+        return (c, certified_radius(p_hat, smooth.sigma)) if p_hat > 0.5 else (ABSTAIN, 0.0)
+
+    return Mode(f"control: point estimate n={n}", "certify", run, None, control=True)
+
+
+def sequential_modes(alpha: float, n0: int, n: int) -> list[Mode]:
+    """Sequential/adaptive certification modes of `smoothadv.sequential`, if that module exists."""
+    try:
+        from . import sequential  # type: ignore[attr-defined]
+    except ImportError:
+        return []
+    factory = getattr(sequential, "validity_modes", None)
+    if factory is None:
+        return []
+    return list(factory(alpha=alpha, n0=n0, n=n))
+
+
+# ------------------------------------------------------------------ running the suite
+
+
+@dataclass
+class Result:
+    """Outcome of `trials` independent runs of one mode on one problem."""
+
+    problem: str
+    mode: str
+    kind: str
+    dims: int
+    classes: int
+    sigma: float
+    p_a: float
+    true_radius: float
+    bound_radius: float
+    alpha: float
+    trials: int
+    invalid: int                   # wrong class, or radius > true radius of g
+    bound_exceeded: int            # wrong class, or radius > sigma * Phi^-1(p_A)
+    abstained: int
+    exact_rate: float | None       # exact probability of the counted event (bound_exceeded; predict: invalid)
+    allowed: int                   # (1 - delta) quantile of Binomial(trials, alpha)
+    consistency_pvalue: float | None  # two-sided binomial test of the count against exact_rate
+    tightness: float | None        # mean returned radius / true radius over non-abstained certificates
+    tightness_bound: float | None  # same, over sigma * Phi^-1(p_A)
+    control: bool = False
+    seconds: float = 0.0
+    passed: bool = field(default=False)
+
+    @property
+    def rate(self) -> float:
+        return self.invalid / self.trials
+
+    @property
+    def checked(self) -> int:
+        """The count compared with alpha: predict -> invalid; certify -> bound_exceeded (>= invalid)."""
+        return self.invalid if self.kind == "predict" else self.bound_exceeded
+
+
+def binomial_tolerance(trials: int, alpha: float, delta: float = 1e-3) -> int:
+    """Largest invalid count still consistent with a true rate <= alpha: the (1 - delta) quantile of Bin(T, alpha)."""
+    return int(binom.ppf(1 - delta, trials, alpha))
+
+
+def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: int = 0,
+                delta: float = 1e-3) -> Result:
+    """Run `mode` `trials` times on `problem` with independent noise and count invalid results."""
+    if trials < 1:
+        raise SmoothAdvError(f"trials must be >= 1, got {trials}")
+    model, x = problem.tensors()
+    smooth = Smooth(model, problem.num_classes, problem.sigma)
+    g, true_r, bound_r = problem.g, problem.true_radius, problem.bound_radius
+    gen = torch.Generator().manual_seed(seed)
+    invalid = exceeded = abstained = 0
+    ratios, ratios_bound = [], []
+    started = time.time()
+    for _ in range(trials):
+        prediction, radius = mode.run(smooth, x, gen)
+        if prediction == ABSTAIN:
+            abstained += 1
+            continue
+        if prediction != g:
+            invalid += 1
+            exceeded += 1
+            continue
+        if mode.kind == "certify":
+            invalid += radius > true_r * (1 + 1e-9)
+            exceeded += radius > bound_r * (1 + 1e-9)
+            ratios.append(radius / true_r if true_r < math.inf else 0.0)
+            ratios_bound.append(radius / bound_r if bound_r > 0 else 0.0)
+    exact = mode.exact(problem, "bound") if mode.exact is not None else None
+    result = Result(
+        problem=problem.name, mode=mode.name, kind=mode.kind, dims=int(np.prod(problem.shape)),
+        classes=problem.num_classes, sigma=problem.sigma, p_a=problem.p_a, true_radius=true_r, bound_radius=bound_r,
+        alpha=alpha, trials=trials, invalid=invalid, bound_exceeded=exceeded, abstained=abstained, exact_rate=exact,
+        allowed=binomial_tolerance(trials, alpha, delta), consistency_pvalue=None,
+        tightness=float(np.mean(ratios)) if ratios else None,
+        tightness_bound=float(np.mean(ratios_bound)) if ratios_bound else None,
+        control=mode.control, seconds=time.time() - started,
+    )
+    if exact is not None:
+        result.consistency_pvalue = float(binomtest(result.checked, trials, min(max(exact, 0.0), 1.0)).pvalue)
+    ok = result.checked <= result.allowed and (result.consistency_pvalue is None or result.consistency_pvalue >= delta)
+    result.passed = (not ok) if mode.control else ok
+    return result
+
+
+def worst_case_p(n: int, alpha: float, n0: int = 1, low: float = 0.5, high: float = 0.995) -> float:
+    """The p_A in [low, high] (just below a Clopper-Pearson threshold) that maximizes fixed-n CERTIFY's exact
+    probability of overestimating the radius (selection with n0 samples included, g = class 0): the hardest
+    input for the check, so that the test has power."""
+    lower = cp_lower_all(n, alpha)
+    best_p, best_fail = high, -1.0
+    for k in range(1, n + 1):
+        p = float(lower[k]) * (1 - 1e-4)
+        if not low < p <= high:
+            continue
+        problem = Problem("probe", (1, 1, 1), 1.0, (0.0,), -float(norm.ppf(p)))
+        fail = exact_certify_failure(problem, n0, n, alpha)
+        if fail > best_fail:
+            best_p, best_fail = p, fail
+    return best_p
+
+
+def _middle_s_for(p_target: float, sigma: float, thresholds: tuple[float, ...], c: int) -> float:
+    """Position s right of the centre of class c's interval with p_c(s) = p_target."""
+    edges = [-math.inf, *thresholds, math.inf]
+    lo, hi = edges[c], edges[c + 1]
+    centre = (lo + hi) / 2 if math.isfinite(lo) and math.isfinite(hi) else (hi - 5 * sigma if math.isfinite(hi)
+                                                                           else lo + 5 * sigma)
+
+    def p_c(s: float) -> float:
+        return float(norm.cdf((hi - s) / sigma) - norm.cdf((lo - s) / sigma))
+
+    if p_c(centre) < p_target:
+        raise ValueError("target probability is not reachable for this interval")
+    right = centre + 20 * sigma
+    return float(brentq(lambda s: p_c(s) - p_target, centre, right, xtol=1e-14))
+
+
+def standard_problems(n: int, alpha: float, n0: int = 1, quick: bool = False) -> list[Problem]:
+    """Linear binary classifiers in 1, 16, 192 and 784 dimensions at several sigma, and 3- and 5-class
+    interval classifiers, each placed at the p_A that is hardest for n-sample Clopper-Pearson, plus
+    easy inputs (p_A = 0.9, 0.99) for tightness."""
+    p_hard = worst_case_p(n, alpha, n0)
+    problems: list[Problem] = []
+    shapes = [(1, 1, 1), (1, 4, 4), (3, 8, 8)] + ([] if quick else [(1, 28, 28)])
+    sigmas = [0.25, 0.5] if quick else [0.12, 0.25, 0.5, 1.0]
+    seed = 0
+    for shape in shapes:
+        for sigma in sigmas:
+            for p_a, tag in ((p_hard, "hard"), (0.9, "p=0.9")) if not quick else ((p_hard, "hard"),):
+                seed += 1
+                margin = sigma * float(norm.ppf(p_a))
+                sign = 1.0 if seed % 2 else -1.0  # alternate which class is g
+                problems.append(Problem(f"linear d={int(np.prod(shape))} sigma={sigma} {tag}", shape, sigma,
+                                        (0.0,), sign * margin, seed))
+    if not quick:
+        problems.append(Problem("linear d=16 sigma=0.25 p=0.99", (1, 4, 4), 0.25, (0.0,),
+                                0.25 * float(norm.ppf(0.99)), 101))
+    # multi-class: class 1 is [-0.75, 0.75] (width 6 sigma at sigma = 0.25), classes 0 and 2 outside
+    sigma = 0.25
+    three = (-0.75, 0.75)
+    problems.append(Problem("3-class d=16 sigma=0.25 hard", (1, 4, 4), sigma, three,
+                            _middle_s_for(p_hard, sigma, three, 1), 201))
+    five = (-1.0, -0.4, 0.4, 0.55, 1.2)   # a narrow class 3 sits next to the middle class 2
+    if not quick:
+        problems.append(Problem("3-class d=16 sigma=0.25 p=0.9", (1, 4, 4), sigma, three,
+                                _middle_s_for(0.9, sigma, three, 1), 202))
+        problems.append(Problem("5-class d=192 sigma=0.25", (3, 8, 8), sigma, five,
+                                _middle_s_for(min(p_hard, 0.8), 0.25, five, 2), 203))
+    return problems
+
+
+def predict_problems(n: int, alpha: float, quick: bool = False) -> list[Problem]:
+    """Inputs near a tie, where PREDICT is most likely to return the wrong class."""
+    crit = _predict_critical(n, alpha)[n]
+    # wrong class returned needs about crit of n votes for the minority class: put p_A just above 1/2
+    problems = [Problem("linear d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, (0.0,), 0.25 * 0.01, 301)]
+    problems.append(Problem("linear d=1 sigma=0.5 p=0.55", (1, 1, 1), 0.5, (0.0,), -0.5 * float(norm.ppf(0.55)), 302))
+    three = (-0.75, 0.75)
+    s = float(brentq(lambda v: _gap(0.25, three, 1, v) - 0.002, 0.0, 2.0))
+    problems.append(Problem("3-class d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, three, s, 303))
+    del crit
+    return problems
+
+
+def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10, seed: int = 0,
+              quick: bool = False, include_control: bool = True, progress: Callable[[Result], None] | None = None,
+              ) -> list[Result]:
+    """Run every certification mode (fixed-n, sequential if available), PREDICT and the negative control
+    over `standard_problems` / `predict_problems`, `trials` times each."""
+    if not 0 < alpha < 1:
+        raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
+    if n < 1 or n0 < 1:
+        raise SmoothAdvError("n and n0 must be >= 1")
+    modes = [fixed_n_mode(n0, n, alpha), *sequential_modes(alpha, n0, n)]
+    if include_control:
+        modes.append(point_estimate_control(n0, n, alpha))
+    results = []
+    for i, problem in enumerate(standard_problems(n, alpha, n0, quick)):
+        for j, mode in enumerate(modes):
+            if mode.control and i > 0 and quick:
+                continue
+            res = run_problem(problem, mode, trials, alpha, seed=seed * 1_000_003 + 1000 * i + j)
+            results.append(res)
+            if progress:
+                progress(res)
+    pmode = predict_mode(n, alpha)
+    for i, problem in enumerate(predict_problems(n, alpha, quick)):
+        res = run_problem(problem, pmode, trials, alpha, seed=seed * 1_000_003 + 500_000 + i)
+        results.append(res)
+        if progress:
+            progress(res)
+    return results
+
+
+def summarize(results: Sequence[Result]) -> dict[str, object]:
+    """Pooled figures per mode (controls excluded from the sound totals)."""
+    sound = [r for r in results if not r.control]
+    by_mode: dict[str, dict[str, float]] = {}
+    for r in sound:
+        entry = by_mode.setdefault(r.mode, {"trials": 0, "invalid": 0, "bound_exceeded": 0, "worst_rate": 0.0})
+        entry["trials"] += r.trials
+        entry["invalid"] += r.invalid
+        entry["bound_exceeded"] += r.checked
+        entry["worst_rate"] = max(entry["worst_rate"], r.checked / r.trials)
+    tight = [r.tightness for r in sound if r.tightness is not None and r.kind == "certify"]
+    return {
+        "trials": sum(r.trials for r in sound), "checks": len(sound), "passed": sum(r.passed for r in sound),
+        "alpha": sound[0].alpha if sound else None, "modes": by_mode,
+        "controls_detected": sum(r.passed for r in results if r.control),
+        "controls": sum(r.control for r in results),
+        "mean_tightness": float(np.mean(tight)) if tight else None,
+    }
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A markdown table of the results, one row per (problem, mode)."""
+    head = ("| problem | mode | p_A | true R | trials | invalid (R > true) | > sigma Phi^-1(p_A) | exact rate | "
+            "allowed | abstain | R / true R | ok |")
+    lines = [head, "|" + "---|" * 12]
+    for r in results:
+        exact = f"{r.exact_rate:.4f}" if r.exact_rate is not None else "-"
+        tight = f"{r.tightness:.3f}" if r.tightness is not None else "-"
+        true_r = f"{r.true_radius:.4f}" if r.true_radius < math.inf else "inf"
+        status = ("detected" if r.passed else "MISSED") if r.control else ("yes" if r.passed else "NO")
+        lines.append(f"| {r.problem} | {r.mode} | {r.p_a:.4f} | {true_r} | {r.trials} | "
+                     f"{r.invalid} ({r.invalid / r.trials:.4f}) | {r.checked} ({r.checked / r.trials:.4f}) | {exact} | "
+                     f"{r.allowed} | {r.abstained / r.trials:.3f} | {tight} | {status} |")
+    return "\n".join(lines)
+
+
+def format_summary(results: Sequence[Result]) -> str:
+    """Pooled lines per mode: trials, invalid rate versus alpha, worst input's rate, tightness."""
+    summary = summarize(results)
+    alpha = summary["alpha"]
+    lines = []
+    for mode, m in summary["modes"].items():  # type: ignore[union-attr]
+        kind = "wrong class" if mode.startswith("predict") else "invalid certificates"
+        lines.append(f"{mode}: {int(m['trials'])} trials, {kind} {int(m['invalid'])} "
+                     f"(rate {m['invalid'] / m['trials']:.4f}; radius > sigma*Phi^-1(p_A) rate "
+                     f"{m['bound_exceeded'] / m['trials']:.4f}; worst input {m['worst_rate']:.4f}) vs alpha {alpha}")
+    tight = summary["mean_tightness"]
+    lines.append(f"checks passed: {summary['passed']}/{summary['checks']} (each: count <= the 0.999 quantile of "
+                 f"Binomial(trials, alpha), and consistent with the exact rate at level 0.001)")
+    lines.append(f"negative controls detected: {summary['controls_detected']}/{summary['controls']}")
+    if tight is not None:
+        lines.append(f"mean tightness (returned radius / true radius, certified trials): {tight:.3f}")
+    return "\n".join(lines)
+
+
+def results_json(results: Sequence[Result]) -> str:
+    return json.dumps({"summary": summarize(results), "results": [asdict(r) for r in results]}, indent=2,
+                      default=float)
+
+
+__all__ = [
+    "IntervalClassifier", "Mode", "Problem", "Result", "binomial_tolerance", "exact_certify_failure",
+    "exact_predict_failure", "fixed_n_mode", "format_summary", "format_table", "point_estimate_control", "predict_mode",
+    "run_problem", "run_suite", "selection_probabilities", "standard_problems", "summarize",
+]
