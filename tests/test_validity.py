@@ -101,14 +101,14 @@ def test_exact_predict_failure_binary_by_hand() -> None:
 
 
 def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
-    results = run_suite(trials=600, alpha=0.1, n=100, n0=10, seed=0, quick=True)
+    results = run_suite(trials=500, alpha=0.1, n=100, n0=10, seed=0, quick=True)
     assert all(r.passed for r in results), [(r.problem, r.mode, r.checked, r.allowed) for r in results
                                             if not r.passed]
     summary = summarize(results)
     assert summary["controls"] == summary["controls_detected"] == 1
     certify = [r for r in results if r.kind == "certify" and not r.control]
     predict = [r for r in results if r.kind == "predict"]
-    assert len(certify) >= 7 and len(predict) == 3
+    assert len(certify) >= 14 and len(predict) == 3  # fixed-n and packed certify_many on 7 inputs
     pooled = sum(r.checked for r in certify) / sum(r.trials for r in certify)
     assert pooled <= alpha_quantile(sum(r.trials for r in certify), 0.1)
     for r in certify:

@@ -293,11 +293,12 @@ def exact_predict_failure(problem: Problem, n: int, alpha: float) -> float | Non
 
 @dataclass
 class Mode:
-    """A way of certifying or predicting: run(smooth, x, generator) -> (class or ABSTAIN, radius)."""
+    """A way of certifying or predicting: run(smooth, x, generator) -> [(class or ABSTAIN, radius), ...],
+    one pair per independent trial (several when the mode packs trials into one call)."""
 
     name: str
     kind: str                                            # "certify" or "predict"
-    run: Callable[[Smooth, Tensor, torch.Generator], tuple[int, float]]
+    run: Callable[[Smooth, Tensor, torch.Generator], list[tuple[int, float]]]
     exact: Callable[[Problem, str], float | None] | None = None   # exact invalid probability
     control: bool = False                                # an unsound negative control: must FAIL
 
@@ -306,16 +307,27 @@ def fixed_n_mode(n0: int, n: int, alpha: float, batch: int = 10_000) -> Mode:
     """Cohen's CERTIFY with one-sided Clopper-Pearson at n samples (Smooth.certify)."""
     return Mode(
         f"certify n0={n0} n={n}", "certify",
-        lambda smooth, x, gen: tuple(smooth.certify(x, n0, n, alpha, min(batch, max(n, n0)), generator=gen)),
+        lambda smooth, x, gen: [tuple(smooth.certify(x, n0, n, alpha, min(batch, max(n, n0)), generator=gen))],
         lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against),
     )
+
+
+def packed_mode(n0: int, n: int, alpha: float, pack: int = 16, batch: int = 1000) -> Mode:
+    """`Smooth.certify_many`: `pack` independent trials (own generators) packed into shared forward passes."""
+    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
+        seeds = torch.randint(0, 2**62, (pack,), generator=gen).tolist()
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        return [tuple(c) for c in smooth.certify_many([x] * pack, n0, n, alpha, batch, generators=gens)]
+
+    return Mode(f"certify_many n0={n0} n={n}", "certify", run,
+                lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against))
 
 
 def predict_mode(n: int, alpha: float, batch: int = 10_000) -> Mode:
     """Cohen's PREDICT (Smooth.predict); radius reported as 0."""
     return Mode(
         f"predict n={n}", "predict",
-        lambda smooth, x, gen: (smooth.predict(x, n, alpha, min(batch, n), generator=gen), 0.0),
+        lambda smooth, x, gen: [(smooth.predict(x, n, alpha, min(batch, n), generator=gen), 0.0)],
         lambda problem, against: exact_predict_failure(problem, n, alpha),
     )
 
@@ -325,12 +337,12 @@ def point_estimate_control(n0: int, n: int, alpha: float) -> Mode:
 
     About half of its certificates near p_A exceed the true radius; the suite must flag it.
     """
-    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> tuple[int, float]:
+    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
         counts0 = smooth.sample_counts(x, n0, max(n0, 1), generator=gen)
         c = int(counts0.argmax())
         k = int(smooth.sample_counts(x, n, n, generator=gen)[c])
         p_hat = min(k / n, 1 - 1e-12)
-        return (c, certified_radius(p_hat, smooth.sigma)) if p_hat > 0.5 else (ABSTAIN, 0.0)
+        return [(c, certified_radius(p_hat, smooth.sigma)) if p_hat > 0.5 else (ABSTAIN, 0.0)]
 
     return Mode(f"control: point estimate n={n}", "certify", run, None, control=True)
 
@@ -404,8 +416,10 @@ def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: i
     invalid = exceeded = abstained = 0
     ratios, ratios_bound = [], []
     started = time.time()
-    for _ in range(trials):
-        prediction, radius = mode.run(smooth, x, gen)
+    outcomes: list[tuple[int, float]] = []
+    while len(outcomes) < trials:
+        outcomes.extend(mode.run(smooth, x, gen))
+    for prediction, radius in outcomes[:trials]:
         if prediction == ABSTAIN:
             abstained += 1
             continue
@@ -524,7 +538,7 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
         raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
     if n < 1 or n0 < 1:
         raise SmoothAdvError("n and n0 must be >= 1")
-    modes = [fixed_n_mode(n0, n, alpha), *sequential_modes(alpha, n0, n)]
+    modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n)]
     if include_control:
         modes.append(point_estimate_control(n0, n, alpha))
     results = []
@@ -607,6 +621,7 @@ def results_json(results: Sequence[Result]) -> str:
 
 __all__ = [
     "IntervalClassifier", "Mode", "Problem", "Result", "binomial_tolerance", "exact_certify_failure",
-    "exact_predict_failure", "fixed_n_mode", "format_summary", "format_table", "point_estimate_control", "predict_mode",
-    "run_problem", "run_suite", "selection_probabilities", "standard_problems", "summarize",
+    "exact_predict_failure", "fixed_n_mode", "format_summary", "format_table", "packed_mode",
+    "point_estimate_control", "predict_mode", "run_problem", "run_suite", "selection_probabilities",
+    "standard_problems", "summarize",
 ]
