@@ -79,6 +79,8 @@ def _config_defaults(argv: Sequence[str]) -> dict[str, Any]:
         raise SmoothAdvError(f"config {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
+        if key in ("paper", "certify"):  # a recipe's reference numbers and certify settings: not train flags
+            continue
         if isinstance(value, dict):  # sections such as [train] are flattened
             flat.update({k.replace("-", "_"): v for k, v in value.items()})
         else:
