@@ -266,13 +266,64 @@ def add_certify(sub: Any) -> None:
     p = sub.add_parser("certify", help="CERTIFY each test example: prediction and certified L2 radius")
     _evaluation(p, 100_000)
     p.add_argument("--n0", type=positive_int, default=100, help="selection samples")
+    q = p.add_argument_group("sequential certification (--mode sequential; same guarantee, far fewer samples)")
+    q.add_argument("--mode", choices=("fixed", "sequential"), default="fixed",
+                   help="fixed: Cohen's CERTIFY with n samples; sequential: looks at 1024, 2048, ... samples")
+    q.add_argument("--class-from", choices=("selection", "label"), default=None,
+                   help="sequential: class from n0 selection samples (Cohen; deployment, default) "
+                        "or the known label (evaluation only)")
+    q.add_argument("--policy", choices=("grid", "tolerance", "full"), default=None,
+                   help="sequential stopping rule: settle certified/not at --radii (default), stop within "
+                        "--tolerance of the best reachable radius, or make every look")
+    q.add_argument("--radii", type=nonneg_float, nargs="+", default=None,
+                   help="grid policy: radii to decide (one radius = single-radius mode; default 0, 0.25, ...)")
+    q.add_argument("--tolerance", type=nonneg_float, default=None, help="tolerance policy: radius loss accepted")
+    q.add_argument("--looks", default=None, help="sequential look schedule FIRST:LAST, doubling (default 1024:131072)")
     _common(p)
     p.set_defaults(handler=run_certify)
+
+
+def _sequential_config(args: argparse.Namespace) -> Any:
+    from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
+
+    looks = DEFAULT_LOOKS
+    if args.looks is not None:
+        try:
+            first, last = (int(part) for part in args.looks.split(":"))
+        except ValueError:
+            raise SmoothAdvError(f"--looks must be FIRST:LAST (e.g. 1024:131072), got {args.looks!r}") from None
+        looks = doubling_looks(first, last)
+    policy = args.policy or ("tolerance" if args.tolerance is not None else "grid")
+    if policy == "tolerance" and args.tolerance is None:
+        raise SmoothAdvError("--policy tolerance needs --tolerance")
+    if args.radii is not None and policy != "grid":
+        raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
+    return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0)
 
 
 def run_certify(args: argparse.Namespace) -> None:
     from .evaluate import CERTIFY_COLUMNS, certify_dataset
 
+    if args.mode == "sequential":
+        from .sequential import SEQUENTIAL_COLUMNS, certify_sequential_dataset
+
+        config = _sequential_config(args)
+        args.class_from = args.class_from or "selection"  # provenance records the resolved test
+        args.policy, args.radii, args.looks = config.policy, list(config.radii), list(config.looks)
+        args.n = None  # unused: the looks set the sample sizes
+        smooth, dataset, _, device = _load_smooth(args)
+        _run_rows(args, SEQUENTIAL_COLUMNS,
+                  lambda todo: certify_sequential_dataset(smooth, dataset, todo, config=config,
+                                                          class_from=args.class_from, n0=args.n0,
+                                                          batch_size=args.batch, seed=args.seed, device=device),
+                  len(dataset), "certify")
+        return
+    class_from = None if args.class_from == "selection" else args.class_from  # fixed mode is Cohen's selection
+    given = [flag for flag, value in (("--class-from", class_from), ("--policy", args.policy),
+                                      ("--radii", args.radii), ("--tolerance", args.tolerance),
+                                      ("--looks", args.looks)) if value is not None]
+    if given:
+        raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
     smooth, dataset, _, device = _load_smooth(args)
     _run_rows(args, CERTIFY_COLUMNS,
               lambda todo: certify_dataset(smooth, dataset, todo, n0=args.n0, n=args.n, alpha=args.alpha,

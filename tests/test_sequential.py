@@ -1,0 +1,211 @@
+"""Sequential (group-sequential Clopper-Pearson) certification and packed certification.
+
+The counts-level logic is checked against Bernoulli samplers with known p (no network): validity
+of the union bound over looks, closed-form stopping points and the cap radius; the network
+drivers are checked for independence from packing and through the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import image_with_margin
+from scipy.stats import binom, norm
+
+from smoothadv import Smooth, SmoothAdvError
+from smoothadv.cli import main
+from smoothadv.models import build_model, normalization_spec, save_checkpoint
+from smoothadv.sequential import (
+    DEFAULT_LOOKS,
+    SEQUENTIAL_COLUMNS,
+    SequentialConfig,
+    SequentialTest,
+    certify_sequential,
+    certify_sequential_many,
+    doubling_looks,
+    run_sequential,
+    standard_radii,
+)
+from smoothadv.stats import clopper_pearson_lower, max_certifiable_radius
+
+
+def bernoulli(p: float, seed: int):
+    rng = np.random.default_rng(seed)
+    return lambda k: int(rng.binomial(k, p))
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
+def test_max_radius_matches_fixed_n_100k_within_half_percent(sigma) -> None:
+    config = SequentialConfig(sigma)
+    assert config.looks == DEFAULT_LOOKS == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+    assert config.max_radius == pytest.approx(sigma * norm.ppf((0.001 / 8) ** (1 / 131072)), rel=1e-12)
+    fixed = max_certifiable_radius(100_000, 0.001, sigma)  # 3.8115 sigma
+    assert abs(config.max_radius / fixed - 1) <= 0.005
+    result = run_sequential(SequentialConfig(sigma, policy="full"), lambda k: k)  # every sample agrees
+    assert result.n == 131072 and result.radius == pytest.approx(config.max_radius)
+
+
+def test_one_look_is_cohens_fixed_n_bound() -> None:
+    config = SequentialConfig(0.5, alpha=0.001, looks=(1000,), policy="full")
+    result = run_sequential(config, lambda k: 950)
+    assert result.p_lower == clopper_pearson_lower(950, 1000, 0.001)
+    assert result.radius == pytest.approx(0.5 * norm.ppf(clopper_pearson_lower(950, 1000, 0.001)))
+    assert (result.n, result.looks, result.stop) == (1000, 1, "last look")
+
+
+@pytest.mark.parametrize("policy,p", [("full", 0.8), ("grid", 0.8), ("tolerance", 0.93)])
+def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p) -> None:
+    # alpha = 0.2 split over 7 looks: the reported max_j L_j exceeds the true p in at most a fraction alpha of
+    # runs. Tolerance: the 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead of
+    # alpha / K fails this check: the invalid rate of the running maximum then exceeds 0.3.)
+    config = SequentialConfig(1.0, alpha=0.2, looks=doubling_looks(8, 512), policy=policy, radii=(0.0, 0.5, 0.9),
+                              tolerance=0.05)
+    trials = 600
+    sample = bernoulli(p, 11)
+    invalid = sum(run_sequential(config, sample).p_lower > p for _ in range(trials))
+    assert invalid <= binom.ppf(0.999, trials, 0.2)
+
+
+def test_unsplit_alpha_would_be_invalid() -> None:
+    # The check above has power: with alpha at each of the 7 looks (no split) the running max is invalid often.
+    looks, p, alpha, trials = doubling_looks(8, 512), 0.8, 0.2, 600
+    rng = np.random.default_rng(3)
+    invalid = 0
+    for _ in range(trials):
+        draws = np.cumsum(rng.binomial(np.diff((0, *looks)), p))
+        invalid += max(clopper_pearson_lower(int(k), n, alpha) for k, n in zip(draws, looks)) > p
+    assert invalid > binom.ppf(0.999, trials, alpha)
+
+
+def test_unanimous_votes_stop_at_the_first_look_that_certifies_the_top_radius() -> None:
+    sigma, alpha, k = 0.25, 0.001, len(DEFAULT_LOOKS)
+    config = SequentialConfig(sigma)  # grid 0, 0.25, 0.5, 0.75
+    assert config.radii == (0.0, 0.25, 0.5, 0.75) == standard_radii(sigma)
+    # all N agree: radius sigma * Phi^-1((alpha/K)^(1/N)); the first look with radius >= 0.75 = 3 sigma
+    expected = next(n for n in DEFAULT_LOOKS if sigma * norm.ppf((alpha / k) ** (1 / n)) >= 0.75)
+    result = run_sequential(config, lambda m: m)
+    assert expected == 8192 and result.n == expected and result.stop == "settled"
+    assert result.radius == pytest.approx(sigma * norm.ppf((alpha / k) ** (1 / expected)))
+
+
+def test_single_radius_and_futility_stop_at_the_first_look() -> None:
+    sigma = 0.25
+    one = SequentialConfig(sigma, radii=(0.25,))
+    result = run_sequential(one, bernoulli(0.99, 1))  # L ~ 0.975 at 1024 samples: radius ~ 0.49 >= 0.25
+    assert result.certified and result.radius >= 0.25 and result.n == 1024 and result.stop == "settled"
+    futile = run_sequential(SequentialConfig(sigma), bernoulli(0.05, 2))
+    assert not futile.certified and futile.radius == 0.0 and futile.n == 1024 and futile.stop == "futile"
+    out_of_reach = run_sequential(one, bernoulli(0.55, 3))  # Phi(1) = 0.84 is far above any upper bound
+    assert not out_of_reach.certified or out_of_reach.radius < 0.25
+    assert out_of_reach.n == 1024
+
+
+def test_tolerance_policy_stops_when_the_reachable_gain_is_small() -> None:
+    sigma, p = 0.5, 0.9
+    loose = run_sequential(SequentialConfig(sigma, policy="tolerance", tolerance=10.0), bernoulli(p, 4))
+    assert loose.n == 1024
+    tight = run_sequential(SequentialConfig(sigma, policy="tolerance", tolerance=0.01), bernoulli(p, 4))
+    assert tight.n > 1024 and tight.radius <= sigma * norm.ppf(p) + 1e-9
+    assert sigma * norm.ppf(p) - tight.radius < 0.05  # ~2.5% CP slack at 16-65k samples
+
+
+def test_config_and_test_reject_bad_input() -> None:
+    with pytest.raises(SmoothAdvError, match="strictly increasing"):
+        SequentialConfig(0.25, looks=(100, 100))
+    with pytest.raises(SmoothAdvError, match="policy"):
+        SequentialConfig(0.25, policy="fast")
+    with pytest.raises(SmoothAdvError, match="alpha"):
+        SequentialConfig(0.25, alpha=1.0)
+    test = SequentialTest(SequentialConfig(0.25, looks=(10,)))
+    with pytest.raises(SmoothAdvError, match="successes"):
+        test.update(11)
+    test.update(10)
+    with pytest.raises(SmoothAdvError, match="stopped"):
+        test.update(0)
+
+
+# ------------------------------------------------------------------ with a network
+
+
+def test_sequential_radius_is_valid_and_tight_on_a_linear_classifier(linear_model) -> None:
+    sigma, margin = 0.25, 0.2  # p = Phi(0.8) = 0.788; true radius 0.2
+    smooth = Smooth(linear_model, 2, sigma)
+    config = SequentialConfig(sigma, looks=doubling_looks(1024, 32768), policy="full")
+    cert = certify_sequential(smooth, image_with_margin(margin), config, batch_size=8192, label=1,
+                              generator=torch.Generator().manual_seed(5))
+    assert cert.prediction == 1 and cert.n0 == 0 and cert.samples == 32768
+    assert 0.9 * margin <= cert.radius <= margin
+
+
+def _gens(seed: int, count: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def test_rows_do_not_depend_on_which_inputs_share_a_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model("toy_cnn", "synthetic").eval()
+    smooth = Smooth(model, 4, 0.25)
+    xs = [torch.rand(3, 8, 8) for _ in range(4)]
+    packed = smooth.certify_many(xs, 30, 170, 0.01, 128, _gens(10, 4))  # 200-sample streams straddle batches
+    alone = [smooth.certify(x, 30, 170, 0.01, 128, generator=g) for x, g in zip(xs, _gens(10, 4))]
+    assert [(c.prediction, c.count, c.p_lower) for c in packed] == [(c.prediction, c.count, c.p_lower) for c in alone]
+    config = SequentialConfig(0.25, alpha=0.01, looks=doubling_looks(96, 768), radii=(0.1, 0.3))
+    together = certify_sequential_many(smooth, xs, config, batch_size=128, n0=20, selection_generators=_gens(20, 4),
+                                       estimation_generators=_gens(30, 4))
+    separately = [certify_sequential_many(smooth, [x], config, batch_size=128, n0=20, selection_generators=[s],
+                                          estimation_generators=[e])[0]
+                  for x, s, e in zip(xs, _gens(20, 4), _gens(30, 4))]
+    assert together == separately
+    assert len({c.result.n for c in together}) > 1 or together[0].result.n < 768  # looks really differ/stop early
+
+
+def _checkpoint(tmp_path) -> str:
+    torch.manual_seed(1)
+    model = build_model("toy_cnn", "synthetic")
+    path = tmp_path / "toy.pth.tar"
+    save_checkpoint(path, model, arch="toy_cnn", dataset="synthetic",
+                    normalization=normalization_spec("synthetic", "normalize"), sigma=0.25)
+    return str(path)
+
+
+def test_cli_sequential_mode_records_samples_and_mode(tmp_path, capsys) -> None:
+    ckpt = _checkpoint(tmp_path)
+    common = ["--sigma", "0.25", "--max", "5", "--no-progress", "--batch", "512", "--device", "cpu"]
+    out = tmp_path / "seq.tsv"
+    assert main(["certify", ckpt, "--out", str(out), "--mode", "sequential", "--class-from", "label",
+                 "--looks", "128:1024", "--radii", "0.25", *common]) == 0
+    lines = out.read_text().splitlines()
+    assert tuple(lines[0].split("\t")) == SEQUENTIAL_COLUMNS
+    for line in lines[1:]:
+        idx, label, predict, radius, correct, _, n, mode = line.split("\t")
+        assert mode == "sequential/label" and int(n) in (128, 256, 512, 1024)
+        assert int(correct) == int(int(predict) == int(label)) and int(predict) in (int(label), -1)
+        assert float(radius) <= SequentialConfig(0.25, looks=doubling_looks(128, 1024)).max_radius
+    sel = tmp_path / "sel.tsv"
+    assert main(["certify", ckpt, "--out", str(sel), "--mode", "sequential", "--n0", "64", "--looks", "128:1024",
+                 *common]) == 0
+    rows = [line.split("\t") for line in sel.read_text().splitlines()[1:]]
+    assert all(r[7] == "sequential/selection" and (int(r[6]) - 64) in (128, 256, 512, 1024) for r in rows)
+    fixed = tmp_path / "fixed.tsv"
+    assert main(["certify", ckpt, "--out", str(fixed), "--n0", "16", "--n", "100", *common]) == 0
+    assert fixed.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--class-from", "label"], "need --mode sequential"),
+    (["--mode", "sequential", "--policy", "tolerance"], "needs --tolerance"),
+    (["--mode", "sequential", "--policy", "full", "--radii", "0.5"], "grid policy"),
+    (["--mode", "sequential", "--looks", "1000"], "FIRST:LAST"),
+])
+def test_cli_rejects_inconsistent_sequential_flags(tmp_path, capsys, flags, message) -> None:
+    code = main(["certify", _checkpoint(tmp_path), "--sigma", "0.25", "--out", str(tmp_path / "o.tsv"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_standard_radii_reach_the_cap() -> None:
+    radii = standard_radii(0.5)
+    assert radii[0] == 0.0 and radii[-1] == 1.75 and math.isclose(radii[1], 0.25)
