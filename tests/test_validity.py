@@ -108,11 +108,18 @@ def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
     assert summary["controls"] == summary["controls_detected"] == 1
     certify = [r for r in results if r.kind == "certify" and not r.control]
     predict = [r for r in results if r.kind == "predict"]
-    assert len(certify) >= 14 and len(predict) == 3  # fixed-n and packed certify_many on 7 inputs
+    assert len(certify) >= 7 + 2 * 4 and len(predict) == 3  # fixed-n on 7 inputs; packed, 3 sequential on 2
     pooled = sum(r.checked for r in certify) / sum(r.trials for r in certify)
     assert pooled <= alpha_quantile(sum(r.trials for r in certify), 0.1)
+    modes = {r.mode for r in certify}
+    assert any(m.startswith("certify_many") for m in modes)
+    assert {"full", "grid", "full label"} <= {m.split(" looks")[0][len("sequential "):] for m in modes
+                                               if m.startswith("sequential")}
     for r in certify:
-        assert 0.09 < r.exact_rate <= 0.1  # hardest inputs: failures really are observable
+        if r.mode.startswith("certify"):
+            assert 0.09 < r.exact_rate <= 0.1  # hardest inputs for fixed n: failures really are observable
+        elif r.exact_rate is not None:
+            assert 0.005 < r.exact_rate <= 0.1  # sequential, policy full: Bonferroni over 3 looks
         assert 0.6 < r.tightness < 1.0
     assert binomial_tolerance(600, 0.1) == int(binom.ppf(0.999, 600, 0.1))
 
@@ -148,3 +155,19 @@ def test_linear_counts_follow_the_binomial_law() -> None:
     k = int(smooth.sample_counts(x, n, 20_000, generator=torch.Generator().manual_seed(11))[1])
     p = problem.p_a
     assert abs(k - n * p) <= 4.5 * math.sqrt(n * p * (1 - p))
+
+
+def test_exact_sequential_failure_matches_monte_carlo_on_counts() -> None:
+    from smoothadv.validity import cp_lower_all, exact_sequential_failure
+
+    problem = Problem("lin", (1, 1, 1), 1.0, (0.0,), float(norm.ppf(0.87)))
+    looks, alpha = (25, 50, 100), 0.1
+    rng = np.random.default_rng(0)
+    trials = 100_000
+    steps = np.stack([rng.binomial(25, 0.87, trials), rng.binomial(25, 0.87, trials), rng.binomial(50, 0.87, trials)])
+    sums = np.cumsum(steps, axis=0)
+    best = np.max([cp_lower_all(n, alpha / 3)[sums[j]] for j, n in enumerate(looks)], axis=0)
+    rate = float(np.mean(best > 0.87))
+    exact = exact_sequential_failure(problem, None, looks, alpha)
+    assert abs(rate - exact) <= 4.5 * math.sqrt(exact * (1 - exact) / trials)
+    assert exact <= alpha / 3 * 3

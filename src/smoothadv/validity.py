@@ -347,16 +347,83 @@ def point_estimate_control(n0: int, n: int, alpha: float) -> Mode:
     return Mode(f"control: point estimate n={n}", "certify", run, None, control=True)
 
 
-def sequential_modes(alpha: float, n0: int, n: int) -> list[Mode]:
-    """Sequential/adaptive certification modes of `smoothadv.sequential`, if that module exists."""
+def sequential_looks(n: int) -> tuple[int, ...]:
+    """The look schedule used for sequential modes at budget n: n/4, n/2, n (fewer when n is tiny)."""
+    return tuple(sorted({max(1, n // 4), max(1, n // 2), n}))
+
+
+def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[int], alpha: float,
+                             against: str = "bound") -> float:
+    """Exact probability that group-sequential CP with policy "full" (every look, radius from the largest
+    lower bound at level alpha / K) is invalid; `n0=None` tests the class g itself (label mode).
+
+    Policies that stop earlier take the maximum over a subset of the same looks, so their failure
+    probability is at most this number (same sample path, fewer bounds).
+    """
+    p = problem.probabilities()
+    g = problem.g
+    limit = problem.bound_radius if against == "bound" else problem.true_radius
+    level = alpha / len(looks)
+    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
+    fail = 0.0
+    for c, pc in enumerate(p):
+        if select[c] == 0.0:
+            continue
+        alive = np.zeros(looks[-1] + 1)
+        alive[0] = 1.0
+        failed, previous = 0.0, 0
+        for look in looks:
+            step = binom.pmf(np.arange(look - previous + 1), look - previous, pc)
+            alive = np.convolve(alive, step)[: looks[-1] + 1]
+            lower = cp_lower_all(look, level)
+            if c == g:
+                bad = (lower > 0.5) & (problem.sigma * norm.ppf(np.clip(lower, 0.5, 1.0)) > limit * (1 + 1e-9))
+            else:
+                bad = lower > 0.5
+            mask = np.zeros_like(alive, dtype=bool)
+            mask[: look + 1] = bad
+            failed += float(alive[mask].sum())
+            alive[mask] = 0.0
+            previous = look
+        fail += select[c] * failed
+    return fail
+
+
+def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list[Mode]:
+    """Group-sequential Clopper-Pearson (`smoothadv.sequential`) with looks n/4, n/2, n: policies full and grid
+    with Cohen's class selection, full with the class given (label mode), and tolerance (not with quick)."""
     try:
-        from . import sequential  # type: ignore[attr-defined]
-    except ImportError:
+        from .sequential import SequentialConfig, certify_sequential_many
+    except ImportError:  # pragma: no cover - the module is part of the package
         return []
-    factory = getattr(sequential, "validity_modes", None)
-    if factory is None:
-        return []
-    return list(factory(alpha=alpha, n0=n0, n=n))
+    looks = sequential_looks(n)
+
+    def make(policy: str, label: bool, pack: int = 16) -> Mode:
+        def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
+            config = SequentialConfig(sigma=smooth.sigma, alpha=alpha, looks=looks, policy=policy,
+                                      tolerance=0.05 * smooth.sigma)
+            seeds = torch.randint(0, 2**62, (2, pack), generator=gen).tolist()
+            certs = certify_sequential_many(
+                smooth, [x] * pack, config, batch_size=1000, n0=n0,
+                labels=[run.label] * pack if label else None,  # type: ignore[attr-defined]
+                selection_generators=[torch.Generator().manual_seed(int(v)) for v in seeds[0]],
+                estimation_generators=[torch.Generator().manual_seed(int(v)) for v in seeds[1]])
+            return [(c.prediction, c.radius) for c in certs]
+
+        run.label = 0  # type: ignore[attr-defined]  # set per problem by run_problem (label mode tests g)
+        exact = None
+        if policy == "full":
+            def exact(problem: Problem, against: str) -> float:
+                return exact_sequential_failure(problem, None if label else n0, looks, alpha, against)
+        name = f"sequential {policy}{' label' if label else ''} looks={','.join(map(str, looks))}"
+        mode = Mode(name, "certify", run, exact)
+        mode.label_run = run if label else None  # type: ignore[attr-defined]
+        return mode
+
+    modes = [make("full", False), make("grid", False), make("full", True)]
+    if not quick:
+        modes.append(make("tolerance", False))
+    return modes
 
 
 # ------------------------------------------------------------------ running the suite
@@ -412,6 +479,8 @@ def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: i
     model, x = problem.tensors()
     smooth = Smooth(model, problem.num_classes, problem.sigma)
     g, true_r, bound_r = problem.g, problem.true_radius, problem.bound_radius
+    if getattr(mode, "label_run", None) is not None:  # label mode: the given label is the true class g
+        mode.label_run.label = g  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(seed)
     invalid = exceeded = abstained = 0
     ratios, ratios_bound = [], []
@@ -538,13 +607,16 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
         raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
     if n < 1 or n0 < 1:
         raise SmoothAdvError("n and n0 must be >= 1")
-    modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n)]
+    modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n, quick)]
     if include_control:
         modes.append(point_estimate_control(n0, n, alpha))
     results = []
-    for i, problem in enumerate(standard_problems(n, alpha, n0, quick)):
+    problems = standard_problems(n, alpha, n0, quick)
+    for i, problem in enumerate(problems):
         for j, mode in enumerate(modes):
-            if mode.control and i > 0 and quick:
+            if quick and j > 0 and i not in (0, len(problems) - 1):  # quick: other modes on linear and 3-class
+                continue
+            if quick and mode.control and i > 0:
                 continue
             res = run_problem(problem, mode, trials, alpha, seed=seed * 1_000_003 + 1000 * i + j)
             results.append(res)
