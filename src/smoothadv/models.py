@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,8 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         text = str(exc).strip()
         if "global" not in text.lower():  # "Unsupported operand", "pop from empty", ...: not a pickle we know
             raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated (UnpicklingError: {text[:160]})") from None
-        unsupported = next((line.strip() for line in text.splitlines() if "global" in line.lower()),
-                           "unsupported object")
+        found = re.search(r"GLOBAL ([\w.]+)", text)  # name the offending object; never echo torch's allowlist advice
+        unsupported = f"it would call {found.group(1)}" if found else "unsupported object"
         raise SmoothAdvError(
             f"refusing to load {file}: it holds objects other than tensors and plain containers, which could run "
             f"code when unpickled ({unsupported[:160]}). If you trust the file, convert it once with "
