@@ -210,6 +210,7 @@ class DDN:
             delta = delta * _view(norm / l2_norm(delta).clamp_min(1e-12), delta)
             delta = (x + self._quantize(x, delta)).clamp(0.0, 1.0) - x
         best_delta = project(x, self._quantize(x, project(x, best_delta, self.eps)), self.eps)
+        best_delta[torch.isinf(best_l2)] = 0.0  # nothing adversarial found: x itself (not re-quantized)
         return (x + best_delta).detach()
 
 

@@ -470,8 +470,99 @@ def run_validity(args: argparse.Namespace) -> None:
         raise SmoothAdvError("some validity checks failed (see the table)")
 
 
+def add_attack(sub: Any) -> None:
+    p = sub.add_parser("attack", help="empirical robustness: SmoothAdv attack on the smoothed classifier, then PREDICT")
+    _evaluation(p, 1000)
+    p.add_argument("--eps", type=nonneg_float, required=True, help="attack L2 radius in [0, 1] pixels")
+    p.add_argument("--attack", default="pgd", help="pgd or ddn")
+    p.add_argument("--steps", type=positive_int, default=20, help="attack steps T")
+    p.add_argument("--m", type=positive_int, default=1, help="noise draws estimating G in the attack (m_test)")
+    p.add_argument("--base-attack", action="store_true", help="attack the base classifier f alone (vanilla PGD)")
+    p.add_argument("--random-start", action="store_true", help="PGD: start at a random point of the eps-ball")
+    p.add_argument("--gradient-free", action="store_true", help="PGD: Stein gradient estimate (no backprop)")
+    _common(p)
+    p.set_defaults(handler=run_attack)
+
+
+def run_attack(args: argparse.Namespace) -> None:
+    from .attacks import DDN, PGDL2, get_attack
+    from .evaluate import ATTACK_COLUMNS, attack_dataset
+
+    if args.gradient_free and args.base_attack:
+        raise SmoothAdvError("--gradient-free estimates the smoothed classifier's gradient; drop --base-attack")
+    cls = get_attack(args.attack)
+    if cls is DDN:  # the original predict.py: the norm can shrink from eps to ~3/510 in T steps
+        gamma = 1 - (3 / 510 / args.eps) ** (1 / args.steps) if args.eps > 3 / 510 else 0.05
+        attack = DDN(args.eps, args.steps, gamma=gamma, init_norm=max(args.eps, 1e-3))
+    else:
+        attack = PGDL2(args.eps, args.steps, random_start=args.random_start, gradient_free=args.gradient_free)
+    smooth, dataset, _, device = _load_smooth(args)
+    _run_rows(args, ATTACK_COLUMNS,
+              lambda todo: attack_dataset(smooth, attack, dataset, todo, m=args.m, n=args.n, alpha=args.alpha,
+                                          batch_size=args.batch, seed=args.seed, device=device,
+                                          base_attack=args.base_attack),
+              len(dataset), "attack")
+
+
+def add_pseudo_label(sub: Any) -> None:
+    p = sub.add_parser("pseudo-label", help="label an unlabelled .npz with a model (for train --unlabelled)")
+    p.add_argument("checkpoint", help="the labelling model's checkpoint")
+    p.add_argument("--images", required=True, help=".npz with an `images` array (labels, if any, are ignored)")
+    p.add_argument("--out", required=True, help="output .npz: the same `images` plus predicted `labels`")
+    p.add_argument("--batch", type=positive_int, default=1000)
+    p.add_argument("--normalization", choices=("normalize", "center"), default=None)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.set_defaults(handler=run_pseudo_label)
+
+
+def run_pseudo_label(args: argparse.Namespace) -> None:
+    from .pseudo import pseudo_label
+
+    count = pseudo_label(args.checkpoint, args.images, args.out, batch_size=args.batch, device=args.device,
+                         normalization=args.normalization, force=args.force)
+    print(f"wrote {args.out} ({count} pseudo-labelled images)")
+
+
+def add_demo(sub: Any) -> None:
+    from .demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="Gaussian vs SmoothAdv end to end: train, certify, attack, report (CPU minutes)")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute run (fewer epochs, images and samples)")
+    p.add_argument("--out", default=str(d.out), help="run folder (re-running reuses finished steps)")
+    p.add_argument("--dataset", default=d.dataset, choices=("fashion_mnist", "synthetic", "cifar10"))
+    p.add_argument("--sigma", type=positive_float, default=d.sigma, help="noise level of both models")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--train-subset", type=positive_int, default=None, help="train on the first N images only")
+    p.add_argument("--eps", type=nonneg_float, default=None, help="SmoothAdv training eps (default 2 sigma)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="SmoothAdv training attack steps T")
+    p.add_argument("--m", type=positive_int, default=d.m, help="SmoothAdv training noise draws m")
+    p.add_argument("--certify", type=positive_int, default=None, help=f"test images to certify (default {d.certify})")
+    p.add_argument("--n", type=positive_int, default=None, help=f"CERTIFY samples (default {d.n})")
+    p.add_argument("--attack-count", type=nonneg_int, default=None,
+                   help=f"test images to attack (default {d.attack_count}; 0: no attack)")
+    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    _common(p)
+    p.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import QUICK, DemoConfig, run_demo
+
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.dataset == "synthetic":
+        values["train_subset"] = None
+    for name in ("epochs", "train_subset", "eps", "certify", "n", "attack_count"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    run_demo(DemoConfig(out=Path(args.out), dataset=args.dataset, sigma=args.sigma, steps=args.steps, m=args.m,
+                        device=args.device, seed=args.seed, data_dir=args.data_dir, fresh=args.fresh,
+                        progress=args.progress, **values))
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report,
-                                         add_validity]
+                                         add_validity, add_attack, add_pseudo_label, add_demo]
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ the same `report` code:
 
     certify:  idx  label  predict  radius  correct  time
     predict:  idx  label  predict  correct  time
+    attack:   idx  label  predict  correct  eps  norm  time   (PREDICT after a SmoothAdv attack)
 
 `time` is a `datetime.timedelta` string as in Cohen's scripts; `radius` is rounded *down* to 6
 decimals so that rounding never enlarges a certificate.
@@ -26,8 +27,9 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
+from .attacks import Attack
 from .errors import SmoothAdvError
-from .smoothing import ABSTAIN, Smooth
+from .smoothing import ABSTAIN, Smooth, SoftSmoothed, eval_mode
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -132,3 +134,54 @@ def predict_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *,
 def row_fields(row: NamedTuple) -> list[str]:
     """A result row as TSV fields (radius rounded down)."""
     return [format_radius(v) if name == "radius" else str(v) for name, v in zip(row._fields, row)]
+
+
+# ------------------------------------------------------------------ empirical robustness (SmoothAdv attack)
+
+ATTACK_COLUMNS = ("idx", "label", "predict", "correct", "eps", "norm", "time")
+
+
+class AttackRow(NamedTuple):
+    idx: int
+    label: int
+    predict: int      # PREDICT on the adversarial input (ABSTAIN = -1)
+    correct: int      # 1 iff predict == label (an abstention counts as wrong)
+    eps: float        # the attack's L2 budget
+    norm: float       # the actual ||x_adv - x||_2 (<= eps)
+    time: str
+
+
+def attack_dataset(smooth: Smooth, attack: Attack, dataset: Dataset, indices: Iterable[int], *, m: int, n: int,
+                   alpha: float, batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
+                   base_attack: bool = False) -> Iterator[AttackRow]:
+    """Empirical robustness of the smoothed classifier g (Salman et al. 2019, Section 5; reference §6.1).
+
+    For each example: attack the smoothed soft classifier G estimated with `m` noise draws that stay
+    fixed over the attack's steps (`SoftSmoothed`), then run PREDICT on x_adv with `n` fresh noise
+    draws at level `alpha`. With `base_attack` the attack sees the base classifier f alone, without
+    noise (the "vanilla PGD" baseline of the paper). The model is attacked in eval mode (its mode
+    restored). Each example's noise comes from its own generator seeded by (seed, index), so rows
+    do not depend on order, sharding or resumption. Empirical accuracy (mean of `correct`) at eps
+    is an upper bound on certified accuracy at radius eps only up to the attack's strength.
+    """
+    if int(m) != m or m < 1:
+        raise SmoothAdvError(f"m (noise draws in the attack) must be an integer >= 1, got {m}")
+    device = torch.device(device)
+    base = smooth.base_classifier
+    for index in indices:
+        x, label = _load_example(dataset, index, device)
+        generator = example_generator(seed, index, device)
+        started = time.time()
+        batch, target = x.unsqueeze(0), torch.tensor([label], device=device)
+        with eval_mode(base):
+            if base_attack:
+                model = base
+            else:
+                noise = torch.randn((1, int(m), *x.shape), device=device, dtype=x.dtype, generator=generator)
+                model = SoftSmoothed(base, noise * smooth.sigma)
+            x_adv = attack(model, batch, target, generator)[0].detach()
+        prediction = smooth.predict(x_adv, n, alpha, batch_size, generator=generator)
+        elapsed = time.time() - started
+        norm = float((x_adv - x).flatten().norm())
+        yield AttackRow(index, label, prediction, int(prediction == label and prediction != ABSTAIN),
+                        float(attack.eps), round(norm, 6), format_time(elapsed))

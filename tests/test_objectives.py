@@ -1,0 +1,135 @@
+"""The SmoothAdv objective: reduction to Gaussian augmentation, warm-up, multi-noise, side effects, training."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from smoothadv.attacks import DDN, PGDL2
+from smoothadv.data import get_dataset
+from smoothadv.errors import SmoothAdvError
+from smoothadv.models import build_model
+from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv
+from smoothadv.train import batches, train_epoch
+
+
+def _toy(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return build_model("toy_cnn", "synthetic")
+
+
+def test_eps_zero_single_draw_is_exactly_gaussian_augmentation() -> None:
+    model = _toy()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    gauss = GaussianAugmentation(0.5)(model, x, y, g1)
+    adv = SmoothAdv(0.5, PGDL2(0.0, 3))(model, x, y, g2)
+    assert torch.equal(gauss.loss, adv.loss) and torch.equal(gauss.logits, adv.logits)
+    assert torch.equal(g1.get_state(), g2.get_state())  # same randomness consumed, so whole runs coincide
+    # also after the warm-up schedule (eps 0 stays 0) and with DDN
+    g3 = torch.Generator().manual_seed(7)
+    assert torch.equal(SmoothAdv(0.5, DDN(0.0), warmup=3).at_epoch(0)(model, x, y, g3).loss, gauss.loss)
+
+
+def test_warmup_gives_the_documented_eps_per_epoch() -> None:
+    objective = SmoothAdv(0.25, PGDL2(1.0, 2), warmup=4)
+    assert [objective.at_epoch(e).attack.eps for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert objective.attack.eps == 1.0  # frozen: at_epoch returns copies, the configured objective is unchanged
+    ddn = SmoothAdv(0.25, DDN(0.5, 4, init_norm=1.0), warmup=2)
+    assert [(o.attack.eps, o.attack.init_norm) for o in map(ddn.at_epoch, range(3))] == [
+        (0.25, 0.25), (0.5, 0.5), (0.5, 0.5)]
+    assert SmoothAdv(0.25, PGDL2(0.5)).at_epoch(0).attack.eps == 0.5  # warmup 1: no ramp
+
+
+def test_multi_noise_trains_on_all_draws_with_the_attack_noise() -> None:
+    # eps = 0 makes x_adv = x, so the training rows must be x + the m draws, in the generator's order
+    model = _toy()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    objective = SmoothAdv(0.25, PGDL2(0.0), m=3, multi_noise=True)
+    assert objective.steps_per_batch == 3 and SmoothAdv(0.25, PGDL2(0.0), m=3).steps_per_batch == 1
+    out = objective(model, x, y, torch.Generator().manual_seed(1))
+    noise = torch.randn((4, 3, 3, 8, 8), generator=torch.Generator().manual_seed(1)) * 0.25
+    expected = model((x.unsqueeze(1) + noise).flatten(0, 1))
+    assert torch.allclose(out.logits, expected, atol=1e-6)
+    assert out.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert torch.allclose(out.loss, F.cross_entropy(expected, out.targets), atol=1e-6)
+
+
+def test_attack_runs_in_eval_mode_and_restores_train_mode_and_flags() -> None:
+    seen = []
+
+    class Spy(PGDL2):
+        def __call__(self, model, x, y, generator=None):  # type: ignore[override]
+            seen.append(model.base.training)
+            return super().__call__(model, x, y, generator)
+
+    model = _toy()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    out = SmoothAdv(0.25, Spy(0.5, 2), m=2)(model, torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,)))
+    assert seen == [False] and model.training
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    out.loss.backward()  # the training loss has a graph through the parameters (not through the attack)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_adversarial_loss_is_higher_than_gaussian_loss_on_the_same_noise() -> None:
+    model = _toy(1)
+    train = get_dataset("synthetic", "train")
+    x, y = next(batches(train, 64, shuffle=False))
+    gauss = GaussianAugmentation(0.25)(model, x, y, torch.Generator().manual_seed(0))
+    adv = SmoothAdv(0.25, PGDL2(0.5, 3), m=2)(model, x, y, torch.Generator().manual_seed(0))
+    assert float(adv.loss.detach()) > float(gauss.loss.detach())
+
+
+def test_one_epoch_of_smoothadv_training_lowers_the_loss() -> None:
+    # The SmoothAdv loss on the synthetic training set, with the same fixed noise/attack seed, before and
+    # after one epoch (lr 0.05): it must drop by at least 20% (seeded, deterministic).
+    model = _toy(2)
+    data = Subset(get_dataset("synthetic", "train"), range(256))
+    objective = SmoothAdv(0.25, PGDL2(0.25, 2), m=2, multi_noise=True)
+
+    def loss() -> float:
+        total = 0.0
+        for x, y in batches(data, 256, shuffle=False):
+            total += float(objective(model, x, y, torch.Generator().manual_seed(3)).loss.detach()) * len(y)
+        return total / len(data)
+
+    before = loss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    stats = train_epoch(model, objective, optimizer,
+                        batches(data, 64, shuffle=True, generator=torch.Generator().manual_seed(0)),
+                        torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    after = loss()
+    assert after < 0.8 * before, (before, after, stats)
+
+
+def _args(**overrides) -> argparse.Namespace:
+    values = dict(sigma=0.25, attack="pgd", eps=0.5, steps=2, m=2, multi_noise=False, warmup=1, random_start=False,
+                  gradient_free=False, ddn_gamma=0.05, ddn_init_norm=1.0, epochs=5)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_from_args_and_registry() -> None:
+    assert OBJECTIVES["smoothadv"] is SmoothAdv
+    objective = SmoothAdv.from_args(_args(attack="ddn", m=4, multi_noise=True, warmup=5))
+    assert objective == SmoothAdv(0.25, DDN(0.5, 2, gamma=0.05, init_norm=1.0), m=4, multi_noise=True, warmup=5)
+    assert SmoothAdv.from_args(_args()).attack == PGDL2(0.5, 2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SmoothAdv(0.25, PGDL2(0.5), m=0), "m "),
+    (lambda: SmoothAdv(0.25, PGDL2(0.5), warmup=0), "warm-up"),
+    (lambda: SmoothAdv(-0.1, PGDL2(0.5)), "sigma"),
+    (lambda: SmoothAdv.from_args(_args(warmup=6, epochs=5)), "longer than training"),
+    (lambda: SmoothAdv.from_args(_args(attack="cw")), "unknown attack"),
+])
+def test_bad_settings_are_one_line_errors(make, message) -> None:
+    with pytest.raises(SmoothAdvError, match=message) as info:
+        make()
+    assert "\n" not in str(info.value)
