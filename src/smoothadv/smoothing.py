@@ -131,7 +131,11 @@ class NoisySampler:
         classes = self.num_classes
         batch_size = int(batch_size)
         counts = torch.zeros(num_slots * classes, dtype=torch.long, device=first.device)
-        noisy = self._buffer("noisy", first, batch_size)
+        nan_rows = torch.zeros((), dtype=torch.long, device=first.device)
+        # noise is drawn and added in at least float32, whatever the input's dtype: a float16 input must not
+        # quantize the Gaussian (the certificate is for f at x + N(0, sigma^2 I), Cohen et al. Theorem 1)
+        noise_dtype = torch.promote_types(first.dtype, torch.float32)
+        noisy = self._buffer("noisy", first, batch_size, noise_dtype)
         owner = self._buffer("owner", first, batch_size, torch.long, per_sample=False)
         runs: list[tuple[int, int, int]] = []  # (start, end, slot) of the samples now in `noisy`
         fill = 0
@@ -139,6 +143,8 @@ class NoisySampler:
         def flush() -> None:
             nonlocal fill
             logits = self._forward(noisy[:fill], first)
+            if logits.is_floating_point():
+                nan_rows.add_(torch.isnan(logits).any(dim=1).sum())
             predictions = logits.argmax(dim=1)
             if len(runs) == 1:
                 slot = runs[0][2]
@@ -176,7 +182,8 @@ class NoisySampler:
                     size = min(batch_size, total)
                     # a piece is drawn in place when it fits in the batch buffer, else in a staging buffer
                     in_place = fill + size <= batch_size
-                    piece = noisy[fill:fill + size] if in_place else self._buffer("stage", first, batch_size)[:size]
+                    piece = noisy[fill:fill + size] if in_place else self._buffer("stage", first, batch_size,
+                                                                                    noise_dtype)[:size]
                     piece.normal_(0.0, self.sigma, generator=request.generator)
                     piece.add_(request.x)
                     taken: list[tuple[int, int]] = []
@@ -194,6 +201,11 @@ class NoisySampler:
                     total -= size
             if fill > 0:
                 flush()
+        if int(nan_rows):  # argmax would silently count NaN rows as votes for an arbitrary class
+            raise SmoothAdvError(
+                f"the base classifier returned NaN logits on {int(nan_rows)} noisy inputs; votes would be "
+                "meaningless (an overflow at low precision? try --precision fp32)"
+            )
         return counts.view(num_slots, classes)
 
     def _forward(self, batch: Tensor, example: Tensor) -> Tensor:
