@@ -277,14 +277,29 @@ def get_dataset(name: str, split: Split, data_dir: str | os.PathLike[str] | None
 
 class NpzDataset(Dataset):
     """Images and labels from an .npz file: `images` uint8 (N, H, W, C) or (N, C, H, W) or float in
-    [0, 1], and `labels` int (N,). The documented format for extra (e.g. pseudo-labelled) data."""
+    [0, 1], and `labels` int (N,). The documented format for extra (e.g. pseudo-labelled) data.
 
-    def __init__(self, path: str | os.PathLike[str], shape: Sequence[int] | None = None) -> None:
+    Raises SmoothAdvError for an empty file, non-finite or out-of-range pixels, non-integer or
+    non-1-D labels, and (with `classes`) labels outside [0, classes)."""
+
+    def __init__(self, path: str | os.PathLike[str], shape: Sequence[int] | None = None,
+                 classes: int | None = None) -> None:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 images, labels = archive["images"], archive["labels"]
         except (OSError, KeyError, ValueError) as exc:
             raise SmoothAdvError(f"cannot read {path} as an .npz with arrays 'images' and 'labels': {exc}") from None
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+            raise SmoothAdvError(f"{path}: labels must be a 1-D integer array, got {labels.dtype} of shape "
+                                 f"{labels.shape}")
+        if len(labels) == 0:
+            raise SmoothAdvError(f"{path} holds no images")
+        if labels.min() < 0 or (classes is not None and labels.max() >= classes):
+            bound = f"[0, {classes})" if classes is not None else ">= 0"
+            raise SmoothAdvError(f"{path}: labels must be in {bound}, found {labels.min()}..{labels.max()}")
+        if images.dtype.kind not in "biuf":
+            raise SmoothAdvError(f"{path}: images must be numeric, got dtype {images.dtype}")
         tensor = torch.from_numpy(np.ascontiguousarray(images))
         if tensor.dim() == 3:
             tensor = tensor.unsqueeze(1)
@@ -294,6 +309,8 @@ class NpzDataset(Dataset):
             raise SmoothAdvError(f"{path}: images have shape {tuple(tensor.shape[1:])}, expected {tuple(shape)}")
         if tensor.dtype != torch.uint8:
             tensor = tensor.float()
+            if not bool(torch.isfinite(tensor).all()):
+                raise SmoothAdvError(f"{path}: images contain NaN or Inf values")
             if tensor.numel() and (float(tensor.min()) < 0 or float(tensor.max()) > 1):
                 raise SmoothAdvError(f"{path}: float images must be in [0, 1]")
         self.inner = TensorImageDataset(tensor, torch.from_numpy(np.asarray(labels, dtype=np.int64)))

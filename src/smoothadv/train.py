@@ -239,7 +239,7 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     test_set = _subset(get_dataset(cfg.dataset, "test", cfg.data_dir), cfg.eval_subset)
     if len(train_set) == 0:
         raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
-    extra_set = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset)) if cfg.unlabelled else None
+    extra_set = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset), classes) if cfg.unlabelled else None
     ctx = setup(device)  # under torchrun: join the process group, use this process's GPU
     device, main = ctx.device, ctx.main
     if cfg.batch_size % ctx.world:
