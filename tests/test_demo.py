@@ -1,0 +1,85 @@
+"""`smoothadv demo --quick --dataset synthetic` end to end: the run folder, its numbers, and step reuse."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.evaluate import ATTACK_COLUMNS, CERTIFY_COLUMNS
+from smoothadv.report import format_table, load_results, summarize
+
+STEPS = ["train gaussian", "train smoothadv", "certify gaussian", "attack gaussian", "certify smoothadv",
+         "attack smoothadv"]
+
+
+def run(out: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[str, dict[str, str]]:
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--out", str(out), "--no-progress", *extra]) == 0
+    text = capsys.readouterr().out
+    status = {step: re.search(rf"^  {step}\s+(\w+)", text, re.M).group(1) for step in STEPS}  # type: ignore[union-attr]
+    return text, status
+
+
+def rows(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo") / "run"
+
+
+def test_demo_quick_synthetic_end_to_end(first_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, status = run(first_run, capsys)
+    assert set(status.values()) == {"ran"}
+    for name in ("gaussian", "smoothadv"):
+        certify = rows(first_run / f"certify_{name}.tsv")
+        assert tuple(certify[0]) == CERTIFY_COLUMNS and len(certify) == 1 + 100  # --quick certifies 100 images
+        attack = rows(first_run / f"attack_{name}.tsv")
+        assert tuple(attack[0]) == ATTACK_COLUMNS and len(attack) == 1 + 2 * 20  # 20 images at eps = sigma, 2 sigma
+        assert sorted({float(r[4]) for r in attack[1:]}) == [0.25, 0.5]
+        assert all(float(r[5]) <= float(r[4]) + 1e-6 for r in attack[1:])  # ||x_adv - x|| <= eps
+        assert (first_run / name / "checkpoint.pth.tar").is_file()
+    # the printed and written table is exactly what `smoothadv report` computes from the TSVs
+    certify = {n: load_results(first_run / f"certify_{n}.tsv") for n in ("gaussian", "smoothadv")}
+    attack = {n: load_results(first_run / f"attack_{n}.tsv") for n in ("gaussian", "smoothadv")}
+    radii = [0.0, 0.125, 0.25, 0.375, 0.5]  # sigma/2 steps up to the largest radius n = 500 can certify (0.551)
+    table = format_table(summarize(certify, radii, attack=attack), "markdown")
+    assert (first_run / "table.md").read_text() == table
+    assert table.strip() in text
+    report = (first_run / "report.md").read_text()
+    assert table.strip() in report and "![certified and empirical accuracy](accuracy.png)" in report
+    assert "smoothadv report gaussian=" in report
+    assert (first_run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"report: {first_run / 'report.md'}" in text
+    assert all(entry["done"] for entry in json.loads((first_run / "steps.json").read_text()).values())
+
+
+def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p.name: p.read_bytes() for p in first_run.glob("*.tsv")}
+    checkpoint = (first_run / "gaussian" / "checkpoint.pth.tar").read_bytes()
+    _, status = run(first_run, capsys)
+    assert set(status.values()) == {"reused"}
+    assert {p.name: p.read_bytes() for p in first_run.glob("*.tsv")} == before
+    assert (first_run / "gaussian" / "checkpoint.pth.tar").read_bytes() == checkpoint
+
+    # an interrupted certification (steps.json not done, TSV cut after 10 rows) is resumed, with the same rows
+    state = json.loads((first_run / "steps.json").read_text())
+    state["certify_gaussian"]["done"] = False
+    (first_run / "steps.json").write_text(json.dumps(state))
+    tsv = first_run / "certify_gaussian.tsv"
+    tsv.write_text("\n".join(tsv.read_text().splitlines()[:11]) + "\n")
+    _, status = run(first_run, capsys)
+    assert status["certify gaussian"] == "resumed"
+    assert [s for step, s in status.items() if step != "certify gaussian"] == ["reused"] * 5
+    without_time = [r[:-1] for r in rows(tsv)]
+    assert without_time == [line.split("\t")[:-1] for line in before[tsv.name].decode().splitlines()]
+
+    # changing n re-certifies both models but reuses the models and the attacks
+    _, status = run(first_run, capsys, "--n", "300")
+    assert status == {"train gaussian": "reused", "train smoothadv": "reused", "certify gaussian": "ran",
+                      "attack gaussian": "reused", "certify smoothadv": "ran", "attack smoothadv": "reused"}
