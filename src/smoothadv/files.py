@@ -152,7 +152,8 @@ class TsvLog:
         self.columns = list(columns)
         self.done: set[str] = set()
         header = "\t".join(self.columns)
-        if resume and self.path.exists() and self.path.stat().st_size > 0:
+        if resume and self.path.exists() and self.path.stat().st_size > 0 \
+                and not header.startswith(self.path.read_text(encoding="utf-8")):  # else: killed mid-header
             self._recover(header)
             self._handle = open(self.path, "a", encoding="utf-8")
         else:

@@ -135,13 +135,9 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torc
             images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
             yield images, inner.labels[chunk]
         return
-    if world > 1:
-        order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
-        plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
-        yield from DataLoader(dataset, batch_sampler=plan, num_workers=workers)
-        return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
-    yield from loader
+    order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))  # type: ignore[arg-type]
+    plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
+    yield from DataLoader(dataset, batch_sampler=plan, num_workers=workers)
 
 
 def num_batches(dataset: Dataset, batch_size: int) -> int:
