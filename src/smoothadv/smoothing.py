@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -58,11 +59,14 @@ def check_image(x: Tensor, name: str = "x") -> None:
 
 def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
     """Raise SmoothAdvError on a non-positive sample count or batch size, or alpha outside (0, 1)."""
-    if int(n) != n or n < 1:
+    def count(value: object) -> bool:
+        return isinstance(value, numbers.Real) and math.isfinite(value) and int(value) == value and value >= 1
+
+    if not count(n):
         raise SmoothAdvError(f"{name} must be a positive integer, got {n}")
-    if not 0.0 < alpha < 1.0:
+    if not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
         raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
-    if int(batch_size) != batch_size or batch_size < 1:
+    if not count(batch_size):
         raise SmoothAdvError(f"batch_size must be a positive integer, got {batch_size}")
 
 
@@ -204,7 +208,7 @@ class NoisySampler:
         if int(nan_rows):  # argmax would silently count NaN rows as votes for an arbitrary class
             raise SmoothAdvError(
                 f"the base classifier returned NaN logits on {int(nan_rows)} noisy inputs; votes would be "
-                "meaningless (an overflow at low precision? try --precision fp32)"
+                "meaningless (an overflow: low precision, or a huge sigma?)"
             )
         return counts.view(num_slots, classes)
 
