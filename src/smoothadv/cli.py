@@ -236,7 +236,7 @@ def _run_rows(args: argparse.Namespace, columns: Sequence[str], make_rows: Calla
         check_writable_output(final, resume=args.resume, force=args.force)
     out = check_writable_output(shard_path(final, *shard) if shard else final, resume=args.resume, force=args.force)
     indices = select_indices(size, args.skip, args.max)
-    # everything a row depends on; shards (and resumed runs) must agree on it (shards.ROW_SETTINGS)
+    # everything a row depends on; shards (and resumed runs) must agree on it (see shards.IGNORED_SETTINGS)
     settings = {**vars(args), "handler": None, "checkpoint_sha256": file_sha256(args.checkpoint),
                 "dataset_size": size, "shard": list(shard) if shard else None}
     if shard is not None:

@@ -7,9 +7,11 @@ own generator keyed by (seed, index) (`evaluate.example_seed`), a row does not d
 that computed it, so merging the shards (rows sorted by index) gives the same rows as one
 single-process run with the same settings; only the `time` column differs.
 
-`merge_shards` refuses shards that disagree on any setting that can change a row (`ROW_SETTINGS`:
-command, checkpoint hash, sigma, n, n0, alpha, seed, batch, precision, index selection, ...) and
-shards that miss, duplicate or add rows, with a one-line `SmoothAdvError`.
+`merge_shards` refuses shards that disagree on any recorded setting except those in
+`IGNORED_SETTINGS` (paths, resume/force, progress, device, speed-only flags): the command, the
+checkpoint's SHA-256, sigma, n, n0, alpha, seed, batch, precision, the index selection (dataset
+size, skip, max, split), attack settings, ...; and shards that miss, duplicate or add rows. Each
+refusal is a one-line `SmoothAdvError`.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 from .errors import SmoothAdvError
 from .files import atomic_write_text
 
-#: settings recorded with every evaluation output; shards (and resumed runs) must agree on all of them
-ROW_SETTINGS = ("command", "checkpoint_sha256", "sigma", "n", "n0", "alpha", "seed", "batch", "skip", "max",
-                "split", "normalization", "precision", "dataset_size")
+#: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
+IGNORED_SETTINGS = frozenset({"out", "resume", "force", "progress", "device", "data_dir", "shard", "handler",
+                              "checkpoint", "config", "merged_from", "channels_last", "compile"})
 
 _SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
@@ -71,8 +73,9 @@ def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """'key: a != b' for every row-changing setting on which `a` and `b` disagree."""
-    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in ROW_SETTINGS if a.get(key) != b.get(key)]
+    """'key: a != b' for every setting (not in IGNORED_SETTINGS) on which `a` and `b` disagree."""
+    keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS)
+    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
 
 
 def check_resumable(out: str | os.PathLike[str], settings: dict[str, Any]) -> None:
@@ -124,8 +127,9 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     """Merge shard TSVs into `out` (rows sorted by index; written atomically); returns the row count.
 
     `shards` defaults to every OUT.shard-i-of-k next to `out`. All k shards of one k must be given,
-    each with its settings sidecar; they must agree on `ROW_SETTINGS`, and together hold each
-    selected index exactly once. Any violation raises SmoothAdvError (one line) and writes nothing.
+    each with its settings sidecar; they must agree on every setting but `IGNORED_SETTINGS`, and
+    together hold each selected index exactly once. Any violation raises SmoothAdvError (one line)
+    and writes nothing.
     """
     from .evaluate import shard_indices
 
