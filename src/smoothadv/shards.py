@@ -74,6 +74,7 @@ def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """'key: a != b' for every setting (not in IGNORED_SETTINGS) on which `a` and `b` disagree."""
+    a, b = (json.loads(json.dumps(d, default=str)) for d in (a, b))  # as stored: tuples -> lists, paths -> str
     keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS)
     return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
 
