@@ -50,6 +50,8 @@ def check_image(x: Tensor, name: str = "x") -> None:
         raise SmoothAdvError(f"{name} must be a floating-point image in [0, 1], got dtype {x.dtype}")
     if x.dim() != 3:
         raise SmoothAdvError(f"{name} must be one image of shape (C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise SmoothAdvError(f"{name} is an empty image of shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise SmoothAdvError(f"{name} contains NaN or Inf values")
     lo, hi = float(x.min()), float(x.max())

@@ -75,8 +75,8 @@ def certified_radius(p_lower: float, sigma: float) -> float:
     Returns 0.0 when p_lower <= 1/2 (no certificate). The radius is in the units of the input
     space in which the Gaussian noise is added ([0, 1] pixels in this library).
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
     if not 0.0 <= p_lower <= 1.0:
         raise ValueError(f"p_lower must be in [0, 1], got {p_lower}")
     if p_lower <= 0.5:
