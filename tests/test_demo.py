@@ -39,8 +39,8 @@ def test_demo_quick_synthetic_end_to_end(first_run: Path, capsys: pytest.Capture
         certify = rows(first_run / f"certify_{name}.tsv")
         assert tuple(certify[0]) == CERTIFY_COLUMNS and len(certify) == 1 + 100  # --quick certifies 100 images
         attack = rows(first_run / f"attack_{name}.tsv")
-        assert tuple(attack[0]) == ATTACK_COLUMNS and len(attack) == 1 + 2 * 20  # 20 images at eps = sigma, 2 sigma
-        assert sorted({float(r[4]) for r in attack[1:]}) == [0.25, 0.5]
+        assert tuple(attack[0]) == ATTACK_COLUMNS and len(attack) == 1 + 3 * 20  # 20 images at eps = 0, sigma, 2 sigma
+        assert sorted({float(r[4]) for r in attack[1:]}) == [0.0, 0.25, 0.5]
         assert all(float(r[5]) <= float(r[4]) + 1e-6 for r in attack[1:])  # ||x_adv - x|| <= eps
         assert (first_run / name / "checkpoint.pth.tar").is_file()
     # the printed and written table is exactly what `smoothadv report` computes from the TSVs
