@@ -56,14 +56,15 @@ def test_one_look_is_cohens_fixed_n_bound() -> None:
     assert (result.n, result.looks, result.stop) == (1000, 1, "last look")
 
 
-@pytest.mark.parametrize("policy,p", [("full", 0.8), ("grid", 0.8), ("tolerance", 0.93)])
-def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p) -> None:
+@pytest.mark.parametrize("policy,p,forecast", [("full", 0.8, None), ("grid", 0.8, None), ("tolerance", 0.93, None),
+                                               ("grid", 0.8, 0.5)])
+def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p, forecast) -> None:
     # alpha = 0.2 split over 7 looks: the reported max_j L_j exceeds the true p in at most a fraction alpha of
     # runs. Tolerance: the 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead of
     # alpha / K fails this check: the invalid rate of the running maximum then exceeds 0.3.)
     config = SequentialConfig(1.0, alpha=0.2, looks=doubling_looks(8, 512), policy=policy, radii=(0.0, 0.5, 0.9),
-                              tolerance=0.05)
-    trials = 600
+                              tolerance=0.05, forecast_alpha=forecast)
+    trials = 400
     sample = bernoulli(p, 11)
     invalid = sum(run_sequential(config, sample).p_lower > p for _ in range(trials))
     assert invalid <= binom.ppf(0.999, trials, 0.2)
@@ -71,7 +72,7 @@ def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p) -> None
 
 def test_unsplit_alpha_would_be_invalid() -> None:
     # The check above has power: with alpha at each of the 7 looks (no split) the running max is invalid often.
-    looks, p, alpha, trials = doubling_looks(8, 512), 0.8, 0.2, 600
+    looks, p, alpha, trials = doubling_looks(8, 512), 0.8, 0.2, 400
     rng = np.random.default_rng(3)
     invalid = 0
     for _ in range(trials):
@@ -101,6 +102,16 @@ def test_single_radius_and_futility_stop_at_the_first_look() -> None:
     out_of_reach = run_sequential(one, bernoulli(0.55, 3))  # Phi(1) = 0.84 is far above any upper bound
     assert not out_of_reach.certified or out_of_reach.radius < 0.25
     assert out_of_reach.n == 1024
+
+
+def test_a_looser_forecast_stops_boundary_inputs_sooner() -> None:
+    # p = Phi(3) = 0.99865: the radius is about 0.75 = 3 sigma, the top of the sigma = 0.25 grid
+    p = float(norm.cdf(3.0))
+    strict = [run_sequential(SequentialConfig(0.25), bernoulli(p, s)).n for s in range(5)]
+    loose = [run_sequential(SequentialConfig(0.25, forecast_alpha=0.2), bernoulli(p, s)).n for s in range(5)]
+    assert all(a <= b for a, b in zip(loose, strict)) and sum(loose) < sum(strict)
+    with pytest.raises(SmoothAdvError, match="forecast_alpha"):
+        SequentialConfig(0.25, forecast_alpha=1.5)
 
 
 def test_tolerance_policy_stops_when_the_reachable_gain_is_small() -> None:

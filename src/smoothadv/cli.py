@@ -279,6 +279,9 @@ def add_certify(sub: Any) -> None:
                    help="grid policy: radii to decide (one radius = single-radius mode; default 0, 0.25, ...)")
     q.add_argument("--tolerance", type=nonneg_float, default=None, help="tolerance policy: radius loss accepted")
     q.add_argument("--looks", default=None, help="sequential look schedule FIRST:LAST, doubling (default 1024:131072)")
+    q.add_argument("--forecast-alpha", type=probability, default=None,
+                   help="level of the upper bound that forecasts the reachable radius (default alpha/K; larger "
+                        "stops boundary inputs sooner; never affects validity)")
     _common(p)
     p.set_defaults(handler=run_certify)
 
@@ -298,7 +301,8 @@ def _sequential_config(args: argparse.Namespace) -> Any:
         raise SmoothAdvError("--policy tolerance needs --tolerance")
     if args.radii is not None and policy != "grid":
         raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
-    return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0)
+    return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0,
+                            args.forecast_alpha)
 
 
 def run_certify(args: argparse.Namespace) -> None:
@@ -321,7 +325,8 @@ def run_certify(args: argparse.Namespace) -> None:
     class_from = None if args.class_from == "selection" else args.class_from  # fixed mode is Cohen's selection
     given = [flag for flag, value in (("--class-from", class_from), ("--policy", args.policy),
                                       ("--radii", args.radii), ("--tolerance", args.tolerance),
-                                      ("--looks", args.looks)) if value is not None]
+                                      ("--looks", args.looks), ("--forecast-alpha", args.forecast_alpha))
+             if value is not None]
     if given:
         raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
     smooth, dataset, _, device = _load_smooth(args)

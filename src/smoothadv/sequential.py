@@ -17,7 +17,7 @@ Stopping policies (all stop at the last look):
 - `grid` (with `radii`): stop once the answer "certified at r or not" is settled for every r in
   `radii`: either the radius already reaches r, or r is out of reach, judged optimistically by
   the radius the last look would give if the class's rate were the current upper bound U_j
-  (Clopper-Pearson at alpha / K). One radius is the single-radius policy.
+  (Clopper-Pearson at alpha / K, or at `forecast_alpha`). One radius is the single-radius policy.
 - `tolerance`: stop once that optimistic reachable radius is within `tolerance` of the current one.
 - `full`: every look (Cohen-equivalent radius; costs N_K samples).
 - futility (all but `full`): stop when U_j <= 1/2 (no certificate is reachable).
@@ -92,6 +92,10 @@ class SequentialConfig:
         policy: "grid", "tolerance" or "full" (see the module docstring).
         radii: the radii whose decision `grid` settles (default: `standard_radii`).
         tolerance: for `tolerance`, the radius loss accepted against the best reachable radius.
+        forecast_alpha: level of the Clopper-Pearson upper bound U_j used to forecast the reachable
+            radius (default alpha / K: stop only when more samples can change the answer with
+            probability at most alpha / K). A larger level (e.g. 0.05) stops boundary inputs sooner.
+            It changes when the test stops, never the validity of the certificate.
     """
 
     sigma: float
@@ -100,6 +104,7 @@ class SequentialConfig:
     policy: str = "grid"
     radii: tuple[float, ...] = field(default=())
     tolerance: float = 0.0
+    forecast_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if not self.sigma > 0 or not math.isfinite(self.sigma):
@@ -120,6 +125,8 @@ class SequentialConfig:
         object.__setattr__(self, "radii", radii)
         if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
             raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.forecast_alpha is not None and not 0.0 < self.forecast_alpha < 1.0:
+            raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {self.forecast_alpha}")
 
     @property
     def alpha_per_look(self) -> float:
@@ -185,7 +192,7 @@ class SequentialTest:
         elif config.policy == "full":
             return
         else:
-            upper = clopper_pearson_upper(self.successes, self.n, level)
+            upper = clopper_pearson_upper(self.successes, self.n, config.forecast_alpha or level)
             if upper <= 0.5 and self.p_lower <= 0.5:
                 self.stop = "futile"
             elif self._settled(upper):
