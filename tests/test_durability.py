@@ -252,3 +252,14 @@ def test_concurrent_run_on_the_same_output_is_refused(tmp_path, checkpoint, caps
     with OutputLock(out):
         assert main(certify_args(checkpoint, out, "--force")) == 2  # even --force waits for the other run
     assert out.read_text() == before
+
+
+def test_concurrent_training_in_the_same_directory_is_refused(tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    with OutputLock(out / "checkpoint.pth.tar"):
+        with pytest.raises(SmoothAdvError, match="another run is writing"):
+            fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+        with pytest.raises(SmoothAdvError, match="another run is writing"):
+            fit(TrainConfig(out_dir=out, force=True, **TRAIN), GaussianAugmentation(0.25))
+    assert not (out / "checkpoint.pth.tar").exists()

@@ -215,7 +215,27 @@ def _load_pretrained(model: nn.Sequential, cfg: TrainConfig, classes: int) -> No
 
 
 def fit(cfg: TrainConfig, objective: Objective) -> Path:
-    """Train a base classifier with `objective`; returns the checkpoint path. See the module docstring."""
+    """Train a base classifier with `objective`; returns the checkpoint path. See the module docstring.
+
+    A second run writing the same `out_dir` at the same time is refused (lock file
+    `checkpoint.pth.tar.lock`, held by rank 0; a lock left by a dead process is taken over).
+    """
+    from .distributed import env_world
+    from .files import OutputLock
+
+    cfg.validate()
+    if env_world()[0] != 0:
+        return _fit(cfg, objective)
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from None
+    with OutputLock(out_dir / CHECKPOINT):
+        return _fit(cfg, objective)
+
+
+def _fit(cfg: TrainConfig, objective: Objective) -> Path:
     from tqdm.auto import tqdm
 
     cfg.validate()
