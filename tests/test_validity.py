@@ -171,3 +171,16 @@ def test_exact_sequential_failure_matches_monte_carlo_on_counts() -> None:
     exact = exact_sequential_failure(problem, None, looks, alpha)
     assert abs(rate - exact) <= 4.5 * math.sqrt(exact * (1 - exact) / trials)
     assert exact <= alpha / 3 * 3
+
+
+def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None:
+    import json
+
+    from smoothadv.cli import main
+
+    out = tmp_path / "validity.json"
+    assert main(["validity", "--quick", "--trials", "60", "--n", "40", "--n0", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| problem | mode |" in printed and "negative controls detected: 1/1" in printed
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["passed"] == summary["checks"] > 10 and summary["alpha"] == 0.1

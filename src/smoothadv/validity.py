@@ -45,7 +45,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from scipy.optimize import brentq
-from scipy.special import gammaln
+from scipy.special import gammaln, ndtr
 from scipy.stats import beta, binom, binomtest, norm
 from torch import Tensor, nn
 
@@ -93,8 +93,7 @@ class Problem:
     def probabilities(self, s: float | None = None) -> np.ndarray:
         """Exact p_j = P(f(x + delta) = j) at position s along u (default: this problem's x)."""
         s = self.s if s is None else s
-        edges = np.array([-np.inf, *self.thresholds, np.inf])
-        return np.diff(norm.cdf((edges - s) / self.sigma))
+        return _class_probabilities(self.sigma, self.thresholds, np.array([s]))[0]
 
     @property
     def g(self) -> int:
@@ -128,31 +127,34 @@ class Problem:
         return model, image
 
 
-def _gap(sigma: float, thresholds: tuple[float, ...], c: int, s: float) -> float:
+def _class_probabilities(sigma: float, thresholds: tuple[float, ...], s: np.ndarray) -> np.ndarray:
+    """p_j(s) for an array of positions s: shape (len(s), K)."""
     edges = np.array([-np.inf, *thresholds, np.inf])
-    p = np.diff(norm.cdf((edges - s) / sigma))
-    return float(p[c] - np.max(np.delete(p, c)))
+    return np.diff(ndtr((edges[None, :] - np.asarray(s, dtype=float)[:, None]) / sigma), axis=1)
+
+
+def _gap(sigma: float, thresholds: tuple[float, ...], c: int, s: float | np.ndarray) -> np.ndarray:
+    """p_c(s) - max_{j != c} p_j(s) (positive where g = c)."""
+    p = _class_probabilities(sigma, thresholds, np.atleast_1d(s))
+    return p[:, c] - np.max(np.delete(p, c, axis=1), axis=1)
 
 
 @lru_cache(maxsize=4096)
 def _true_radius(sigma: float, thresholds: tuple[float, ...], s: float) -> float:
-    edges = np.array([-np.inf, *thresholds, np.inf])
-    c = int(np.argmax(np.diff(norm.cdf((edges - s) / sigma))))
+    c = int(np.argmax(_class_probabilities(sigma, thresholds, np.array([s]))[0]))
     span = (max(thresholds) - min(thresholds)) + 20 * sigma + abs(s)
-    step = sigma / 64
+    grid = np.arange(1, int(span / (sigma / 64)) + 2) * (sigma / 64)
     best = math.inf
     for direction in (-1.0, 1.0):
-        prev = 0.0
-        k = 1
-        while k * step <= span + step:
-            cur = k * step
-            if _gap(sigma, thresholds, c, s + direction * cur) <= 0:
-                root = brentq(lambda r, d=direction: _gap(sigma, thresholds, c, s + d * r), prev, cur,
-                              xtol=1e-13, rtol=1e-13)
-                best = min(best, root)
-                break
-            prev = cur
-            k += 1
+        gaps = _gap(sigma, thresholds, c, s + direction * grid)
+        change = np.nonzero(gaps <= 0)[0]
+        if len(change) == 0:
+            continue
+        k = int(change[0])
+        lo = 0.0 if k == 0 else float(grid[k - 1])
+        root = brentq(lambda r, d=direction: float(_gap(sigma, thresholds, c, s + d * r)[0]), lo, float(grid[k]),
+                      xtol=1e-13, rtol=1e-13)
+        best = min(best, root)
     return best
 
 
@@ -592,7 +594,7 @@ def predict_problems(n: int, alpha: float, quick: bool = False) -> list[Problem]
     problems = [Problem("linear d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, (0.0,), 0.25 * 0.01, 301)]
     problems.append(Problem("linear d=1 sigma=0.5 p=0.55", (1, 1, 1), 0.5, (0.0,), -0.5 * float(norm.ppf(0.55)), 302))
     three = (-0.75, 0.75)
-    s = float(brentq(lambda v: _gap(0.25, three, 1, v) - 0.002, 0.0, 2.0))
+    s = float(brentq(lambda v: float(_gap(0.25, three, 1, v)[0]) - 0.002, 0.0, 2.0))
     problems.append(Problem("3-class d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, three, s, 303))
     del crit
     return problems
