@@ -105,3 +105,27 @@ def test_trusted_legacy_file_converts_once_then_loads_weights_only(tmp_path) -> 
     payload = read_checkpoint(converted)  # weights_only=True succeeds now
     assert payload["epoch"] == 7 and set(payload["state_dict"]) == set(state)
     assert all(torch.equal(payload["state_dict"][k], v) for k, v in state.items())
+
+
+def test_checkpoints_with_malformed_fields_are_one_line_errors(tmp_path) -> None:
+    from smoothadv.models import FORMAT, normalization_spec
+
+    state = build_model("toy_cnn", "synthetic").state_dict()
+    good = {"format": FORMAT, "version": 1, "arch": "toy_cnn", "dataset": "synthetic", "num_classes": 4,
+            "normalization": normalization_spec("synthetic"), "sigma": 0.25, "state_dict": state}
+    bad = {
+        "arch": {**good, "arch": ["toy_cnn"]}, "state_dict": {**good, "state_dict": "weights"},
+        "state_dict values": {**good, "state_dict": {"1.fc.weight": [1.0, 2.0]}},
+        "num_classes": {**good, "num_classes": "four"}, "dataset": {k: v for k, v in good.items() if k != "dataset"},
+        "normalization": {**good, "normalization": {"kind": "normalize"}}, "sigma": {**good, "sigma": "0.25"},
+        "not a dict": [1, 2, 3],
+    }
+    for name, payload in bad.items():
+        path = tmp_path / "c.pth.tar"
+        torch.save(payload, path)
+        with pytest.raises(SmoothAdvError) as info:
+            load_checkpoint(path)
+        assert "\n" not in str(info.value), name
+    torch.save(good, tmp_path / "good.pth.tar")
+    model, meta = load_checkpoint(tmp_path / "good.pth.tar")
+    assert meta["num_classes"] == 4 and meta["sigma"] == 0.25

@@ -187,6 +187,34 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], file: Path, arch: st
     model.load_state_dict(state, strict=True)
 
 
+def _check_fields(payload: dict[str, Any], file: Path) -> None:
+    """Raise SmoothAdvError unless the checkpoint's fields have the types the format above specifies."""
+    def bad(field: str, what: str) -> SmoothAdvError:
+        return SmoothAdvError(f"{file} is malformed: {field} must be {what}, got {type(payload.get(field)).__name__}")
+
+    if not isinstance(payload.get("arch"), str):
+        raise bad("arch", "a string")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise bad("state_dict", "a dict of named tensors")
+    if payload.get("format") != FORMAT:
+        return
+    if not isinstance(payload.get("dataset"), str):
+        raise bad("dataset", "a string")
+    classes = payload.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise bad("num_classes", "an integer >= 2")
+    spec = payload.get("normalization")
+    numbers_ok = isinstance(spec, dict) and (spec.get("kind") == "none" or all(
+        isinstance(spec.get(key), (list, tuple)) and all(isinstance(v, (int, float)) for v in spec[key])
+        for key in ("mean", "std")))
+    if not numbers_ok or spec.get("kind") not in NORMALIZATIONS:  # type: ignore[union-attr]
+        raise bad("normalization", f"a dict with kind in {NORMALIZATIONS} and numeric mean and std lists")
+    sigma = payload.get("sigma")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))):
+        raise bad("sigma", "a number")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
                     normalization: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
     """Load a model and its metadata from a smoothadv checkpoint or a Cohen/Salman release.
@@ -203,6 +231,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """
     file = Path(path)
     payload = read_checkpoint(file, map_location)
+    _check_fields(payload, file)
     arch = payload["arch"]
     if arch not in ARCHITECTURES:
         raise SmoothAdvError(f"{file} has unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
