@@ -27,10 +27,12 @@ For fixed-n CERTIFY and PREDICT the exact probability of an invalid result is co
 for agreement with the exact rate, not only for being below alpha.
 
 Acceptance: with T trials and F invalid results, each (problem, mode) passes when
-F <= the (1 - delta) quantile of Binomial(T, alpha) (delta = 1e-3 by default): "within alpha up
-to sampling error", with a false-alarm probability of at most delta per check when the true rate
-is alpha. A negative control (a certifier that plugs in the point estimate k/n instead of a
-confidence bound) must fail, which shows the suite has power.
+F <= the (1 - delta) quantile of Binomial(T, alpha): "within alpha up to sampling error", with a
+false-alarm probability of at most delta per check when the true rate is alpha; where the exact
+rate is known, the two-sided binomial test of F against it must also have p-value >= delta.
+`run_suite` sets delta = 0.01 / (2 x number of checks) (Bonferroni), so a correct implementation
+fails the suite with probability at most 0.01. A negative control (a certifier that plugs in the
+point estimate k/n instead of a confidence bound) must fail, which shows the suite has power.
 """
 
 from __future__ import annotations
@@ -451,6 +453,7 @@ class Result:
     abstained: int
     exact_rate: float | None       # exact probability of the counted event (bound_exceeded; predict: invalid)
     allowed: int                   # (1 - delta) quantile of Binomial(trials, alpha)
+    delta: float                   # false-alarm level of this check
     consistency_pvalue: float | None  # two-sided binomial test of the count against exact_rate
     tightness: float | None        # mean returned radius / true radius over non-abstained certificates
     tightness_bound: float | None  # same, over sigma * Phi^-1(p_A)
@@ -508,7 +511,7 @@ def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: i
         problem=problem.name, mode=mode.name, kind=mode.kind, dims=int(np.prod(problem.shape)),
         classes=problem.num_classes, sigma=problem.sigma, p_a=problem.p_a, true_radius=true_r, bound_radius=bound_r,
         alpha=alpha, trials=trials, invalid=invalid, bound_exceeded=exceeded, abstained=abstained, exact_rate=exact,
-        allowed=binomial_tolerance(trials, alpha, delta), consistency_pvalue=None,
+        allowed=binomial_tolerance(trials, alpha, delta), delta=delta, consistency_pvalue=None,
         tightness=float(np.mean(ratios)) if ratios else None,
         tightness_bound=float(np.mean(ratios_bound)) if ratios_bound else None,
         control=mode.control, seconds=time.time() - started,
@@ -602,31 +605,38 @@ def predict_problems(n: int, alpha: float, quick: bool = False) -> list[Problem]
 
 def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10, seed: int = 0,
               quick: bool = False, include_control: bool = True, progress: Callable[[Result], None] | None = None,
-              ) -> list[Result]:
-    """Run every certification mode (fixed-n, sequential if available), PREDICT and the negative control
-    over `standard_problems` / `predict_problems`, `trials` times each."""
+              family_delta: float = 0.01) -> list[Result]:
+    """Run every certification mode (fixed-n, packed, sequential), PREDICT and the negative control over
+    `standard_problems` / `predict_problems`, `trials` times each.
+
+    Each of the 2 m tests of the m checks uses the level family_delta / (2 m) (Bonferroni), so a correct implementation
+    fails any check of the whole suite with probability at most `family_delta`.
+    """
     if not 0 < alpha < 1:
         raise SmoothAdvError(f"alpha must be in (0, 1), got {alpha}")
     if n < 1 or n0 < 1:
         raise SmoothAdvError("n and n0 must be >= 1")
+    if trials < 1:
+        raise SmoothAdvError(f"trials must be >= 1, got {trials}")
     modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n, quick)]
     if include_control:
         modes.append(point_estimate_control(n0, n, alpha))
-    results = []
     problems = standard_problems(n, alpha, n0, quick)
+    plan: list[tuple[Problem, Mode, int]] = []
     for i, problem in enumerate(problems):
         for j, mode in enumerate(modes):
             if quick and j > 0 and i not in (0, len(problems) - 1):  # quick: other modes on linear and 3-class
                 continue
             if mode.control and i > (0 if quick else 2):  # the control only needs to be caught a few times
                 continue
-            res = run_problem(problem, mode, trials, alpha, seed=seed * 1_000_003 + 1000 * i + j)
-            results.append(res)
-            if progress:
-                progress(res)
+            plan.append((problem, mode, seed * 1_000_003 + 1000 * i + j))
     pmode = predict_mode(n, alpha)
     for i, problem in enumerate(predict_problems(n, alpha, quick)):
-        res = run_problem(problem, pmode, trials, alpha, seed=seed * 1_000_003 + 500_000 + i)
+        plan.append((problem, pmode, seed * 1_000_003 + 500_000 + i))
+    delta = family_delta / (2 * sum(not mode.control for _, mode, _ in plan))  # two tests per check
+    results = []
+    for problem, mode, run_seed in plan:
+        res = run_problem(problem, mode, trials, alpha, seed=run_seed, delta=delta)
         results.append(res)
         if progress:
             progress(res)
@@ -680,8 +690,11 @@ def format_summary(results: Sequence[Result]) -> str:
                      f"(rate {m['invalid'] / m['trials']:.4f}; radius > sigma*Phi^-1(p_A) rate "
                      f"{m['bound_exceeded'] / m['trials']:.4f}; worst input {m['worst_rate']:.4f}) vs alpha {alpha}")
     tight = summary["mean_tightness"]
-    lines.append(f"checks passed: {summary['passed']}/{summary['checks']} (each: count <= the 0.999 quantile of "
-                 f"Binomial(trials, alpha), and consistent with the exact rate at level 0.001)")
+    delta = min((r.delta for r in results if not r.control), default=0.0)
+    lines.append(f"checks passed: {summary['passed']}/{summary['checks']} (each: count <= the (1 - {delta:.2g}) "
+                 f"quantile of Binomial(trials, alpha), and consistent with the exact rate at level {delta:.2g}; "
+                 f"Bonferroni: a correct implementation fails any check with probability <= "
+                 f"{2 * delta * summary['checks']:.2g})")
     lines.append(f"negative controls detected: {summary['controls_detected']}/{summary['controls']}")
     if tight is not None:
         lines.append(f"mean tightness (returned radius / true radius, certified trials): {tight:.3f}")
