@@ -40,7 +40,7 @@ def main() -> None:
     text = format_table(results) + "\n\n" + format_summary(results) + f"\n\n({time.time() - started:.0f} s)\n"
     print(text)
     out = Path(args.out)
-    stem = f"validity_alpha{args.alpha:g}_n{args.n}_n0{args.n0}_trials{args.trials}"
+    stem = f"validity_alpha{args.alpha:g}_n{args.n}_n0{args.n0}_trials{args.trials}_seed{args.seed}"
     atomic_write_text(out / f"{stem}.md", text)
     atomic_write_text(out / f"{stem}.json", results_json(results) + "\n")
     print(f"wrote {out / stem}.md and .json")
