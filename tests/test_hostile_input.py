@@ -62,6 +62,20 @@ def test_clopper_pearson_bounds_are_ordered_and_symmetric(kn, alpha) -> None:
 
 
 @FAST
+@given(counts(), st.one_of(st.floats(1e-300, 0.5), st.sampled_from([5e-324, 1e-300, 1e-100, 1e-41, 1e-39])))
+def test_clopper_pearson_lower_bound_is_valid_even_at_extreme_alpha(kn, alpha) -> None:
+    # validity: P(Bin(n, lower) >= k) <= alpha, i.e. the bound never exceeds the exact CP bound (it was NaN or
+    # too large from scipy's beta quantile below alpha ~ 1e-50)
+    from scipy.stats import binom
+
+    k, n = kn
+    lower = clopper_pearson_lower(k, n, alpha)
+    assert 0.0 <= lower <= k / n and math.isfinite(lower)
+    if 0 < k and lower > 0:
+        assert binom.logsf(k - 1, n, lower) <= math.log(alpha) + 1e-6 * abs(math.log(alpha)) + 1e-9
+
+
+@FAST
 @given(counts(), st.floats(0.01, 10, allow_nan=False), alphas)
 def test_radius_is_monotone_and_capped(kn, sigma, alpha) -> None:
     k, n = kn

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import gammaln
 from scipy.stats import beta, binomtest, norm
 
 
@@ -40,7 +41,13 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
         return 0.0
     if k == n:
         return float(alpha ** (1.0 / n))
-    return float(beta.ppf(alpha, k, n - k + 1))
+    bound = float(beta.ppf(alpha, k, n - k + 1))
+    if alpha >= 1e-40 and math.isfinite(bound):  # scipy's quantile is accurate to ~1e-10 in the tail here
+        return bound
+    # extreme alpha: beta.ppf is unreliable (NaN, or too large). P(Bin(n, p) >= k) <= C(n, k) p^k, so the root
+    # (alpha / C(n, k))^(1/k) of the right side is a valid (smaller, conservative) lower confidence bound
+    log_choose = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+    return float(math.exp((math.log(alpha) - log_choose) / k))
 
 
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
