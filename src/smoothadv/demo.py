@@ -60,7 +60,7 @@ class DemoConfig:
     n: int = 2000
     alpha: float = 0.001
     batch: int = 1000                 # noisy samples per forward pass
-    attack_count: int = 100           # test images attacked (the first of the certified ones)
+    attack_count: int = 50            # test images attacked (the first of the certified ones)
     attack_eps: tuple[float, ...] = ()  # default: (0, sigma, 2 sigma); eps = 0 is plain PREDICT
     attack_steps: int = 20
     attack_m: int = 16

@@ -412,7 +412,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     ax.set_xlabel(r"$\ell_2$ radius")
     ax.set_ylabel("accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
