@@ -7,6 +7,7 @@ Randomized Smoothing", ICML 2019 (https://arxiv.org/abs/1902.02918), Theorem 1 a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -41,9 +42,11 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
         return 0.0
     if k == n:
         return float(alpha ** (1.0 / n))
-    bound = float(beta.ppf(alpha, k, n - k + 1))
-    if alpha >= 1e-40 and math.isfinite(bound):  # scipy's quantile is accurate to ~1e-10 in the tail here
-        return bound
+    if alpha >= 1e-40:  # scipy's quantile is accurate to ~1e-10 in the tail here
+        with contextlib.suppress(ArithmeticError):
+            bound = float(beta.ppf(alpha, k, n - k + 1))
+            if math.isfinite(bound):
+                return bound
     # extreme alpha: beta.ppf is unreliable (NaN, or too large). P(Bin(n, p) >= k) <= C(n, k) p^k, so the root
     # (alpha / C(n, k))^(1/k) of the right side is a valid (smaller, conservative) lower confidence bound
     log_choose = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
