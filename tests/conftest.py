@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,15 @@ def image_with_margin(margin: float) -> Tensor:
     x = torch.full((1, 4, 4), 0.5)
     x[0, 0, 0] = 0.5 + margin
     return x
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    """A toy_cnn checkpoint for the synthetic data with fixed random weights (seed 0); treat it as read-only."""
+    from smoothadv.models import build_model, normalization_spec, save_checkpoint
+
+    path = tmp_path_factory.mktemp("toy") / "toy.pth.tar"
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic",
+                    normalization=normalization_spec("synthetic"), sigma=0.25)
+    return path

@@ -175,12 +175,8 @@ def test_truncated_or_garbage_checkpoint_is_reported_and_not_overwritten(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "toy.pth.tar"
-    torch.manual_seed(0)
-    save_checkpoint(path, build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic",
-                    normalization=normalization_spec("synthetic"), sigma=0.25)
-    return path
+def checkpoint(toy_checkpoint: Path) -> Path:
+    return toy_checkpoint
 
 
 def certify_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:

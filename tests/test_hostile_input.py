@@ -24,7 +24,6 @@ from smoothadv import Smooth, SmoothAdvError
 from smoothadv.cli import main
 from smoothadv.data import NpzDataset
 from smoothadv.evaluate import select_indices
-from smoothadv.models import build_model, normalization_spec, save_checkpoint
 from smoothadv.stats import (
     binom_pvalue,
     certified_radius,
@@ -326,12 +325,8 @@ def assert_clean(code: int, err: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fuzz") / "toy.pth.tar"
-    torch.manual_seed(0)
-    save_checkpoint(path, build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic",
-                    normalization=normalization_spec("synthetic"), sigma=0.25)
-    return path
+def tiny_checkpoint(toy_checkpoint: Path) -> Path:
+    return toy_checkpoint
 
 
 @settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -133,3 +133,12 @@ def test_bad_settings_are_one_line_errors(make, message) -> None:
     with pytest.raises(SmoothAdvError, match=message) as info:
         make()
     assert "\n" not in str(info.value)
+
+
+def test_fit_refuses_a_warmup_longer_than_training(tmp_path) -> None:
+    from smoothadv.train import TrainConfig, fit
+
+    cfg = TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=2, progress=False)
+    with pytest.raises(SmoothAdvError, match="warm-up"):
+        fit(cfg, SmoothAdv(0.25, PGDL2(0.5), warmup=3))
+    assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()

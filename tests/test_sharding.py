@@ -17,19 +17,14 @@ from smoothadv.accel import prepare_base
 from smoothadv.cli import main
 from smoothadv.errors import SmoothAdvError
 from smoothadv.files import TsvLog
-from smoothadv.models import build_model, normalization_spec, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
+def ckpt(toy_checkpoint: Path) -> str:
     """A toy_cnn on the synthetic data with fixed random weights (its votes are what they are; rows must agree)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pth.tar"
-    save_checkpoint(path, build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic",
-                    normalization=normalization_spec("synthetic"), sigma=0.25)
-    return str(path)
+    return str(toy_checkpoint)
 
 
 FLAGS = ["--sigma", "0.25", "--n", "200", "--n0", "20", "--batch", "100", "--max", "9", "--device", "cpu",

@@ -224,6 +224,9 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     from .files import OutputLock
 
     cfg.validate()
+    warmup = getattr(objective, "warmup", 1)
+    if warmup > cfg.epochs:
+        raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
     if env_world()[0] != 0:
         return _fit(cfg, objective)
     out_dir = Path(cfg.out_dir)
@@ -238,7 +241,6 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
 def _fit(cfg: TrainConfig, objective: Objective) -> Path:
     from tqdm.auto import tqdm
 
-    cfg.validate()
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CHECKPOINT
