@@ -137,3 +137,23 @@ def test_rank_death_resumes_from_last_checkpoint(ddp_run) -> None:
     for key, value in full["state_dict"].items():
         assert torch.equal(crash["state_dict"][key], value), key
     assert (ddp_run / "k2_crash" / "log.tsv").read_text().count("\n") == 3
+
+
+def test_two_ranks_match_one_process_with_noise(ddp_run, tmp_path) -> None:
+    """sigma = 0.25: each example gets the same training noise whatever K (RankSlicedNoise), so K = 2 is K = 1."""
+    fit(_config(tmp_path, "k1_full"), GaussianAugmentation(0.25))
+    one = read_checkpoint(tmp_path / "k1_full" / "checkpoint.pth.tar")["state_dict"]
+    two = read_checkpoint(ddp_run / "k2_full" / "checkpoint.pth.tar")["state_dict"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_rank_sliced_noise_is_the_single_process_noise() -> None:
+    from smoothadv.objectives import RankSlicedNoise, gaussian_noise
+
+    x = torch.zeros(6, 1, 2, 2)
+    whole = gaussian_noise(x, 0.5, RankSlicedNoise(torch.Generator().manual_seed(4)))
+    parts = [gaussian_noise(x[r::3], 0.5, RankSlicedNoise(torch.Generator().manual_seed(4), r, 3)) for r in range(3)]
+    for r in range(3):
+        torch.testing.assert_close(parts[r], whole[r::3], rtol=0, atol=0)
+    assert float(whole.std()) == pytest.approx(0.5, rel=0.5)  # it is noise at the right scale

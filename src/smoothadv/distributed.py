@@ -11,10 +11,12 @@ Conventions (used by `train.fit`):
   seed); rank r takes positions r, r + K, r + 2K, ... of each global batch, so ranks see disjoint
   examples. As in `torch.utils.data.DistributedSampler`, an epoch whose length N is not a multiple
   of K is padded with the first (-N mod K) examples of its order (at most K - 1 repeats per epoch).
-- Noise: rank r of a run with seed s draws its training noise from a generator seeded with
-  `derive_seed(s, epoch, r)` at the start of every epoch: streams are independent across ranks and
-  epochs, reproducible from one seed, and a resumed run (even with another K) draws the same noise
-  for the same (epoch, rank) without saved generator states.
+- Noise: at the start of every epoch each rank seeds a generator with `derive_seed(s, epoch, 0)`
+  (the same on all ranks) and draws the noise of the whole global batch, keeping its own rows
+  (`objectives.RankSlicedNoise`): every example gets the same noise whatever K, so training results
+  do not depend on K (up to floating point and per-process batch-norm statistics), and a resumed run
+  draws the same noise without saved generator states. Draws that are not one per example (attack
+  random starts) use a per-(epoch, rank) generator.
 - Objectives receive the training model, which is `DistributedDataParallel`-wrapped under torchrun.
   Anything other than the training loss's forward/backward (for example SmoothAdv's attack) must
   run on `unwrap(model)`, because a DDP forward whose backward does not reach every parameter

@@ -40,7 +40,7 @@ class Objective(ABC):
     steps_per_batch: int = 1
 
     @abstractmethod
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         """The loss on one batch x (B, C, H, W) in [0, 1] with labels y (B,); the model is in train mode.
 
         Under torchrun `model` is DistributedDataParallel-wrapped: only the loss's forward may go
@@ -60,9 +60,45 @@ class Objective(ABC):
                                                  for k, v in fields.items()}}
 
 
-def gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+class RankSlicedNoise:
+    """Training noise for one rank's share of a global batch, independent of the number of ranks.
+
+    Every rank holds `shared`, seeded identically, and draws the noise of the *whole* global batch,
+    keeping rows rank, rank + world, ... : exactly the batch rows this rank trains on (see
+    `distributed.shard_order`). So K processes draw the same noise per example as one process, and
+    training gives the same result whatever K, up to floating point (and batch-norm statistics,
+    which are per process). `local` is a per-rank generator for draws that do not follow batch rows
+    (an attack's random start or zero-gradient fallback).
+    """
+
+    def __init__(self, shared: torch.Generator, rank: int = 0, world: int = 1,
+                 local: torch.Generator | None = None) -> None:
+        self.shared, self.rank, self.world = shared, rank, world
+        self.local = local if local is not None else shared
+
+    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        full = torch.randn((shape[0] * self.world, *shape[1:]), device=device, dtype=dtype, generator=self.shared)
+        return full[self.rank::self.world]
+
+
+NoiseSource = torch.Generator | RankSlicedNoise | None
+
+
+def standard_normal(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
+    """N(0, 1) draws of `shape` on like's device and dtype, from a generator or a RankSlicedNoise."""
+    if isinstance(generator, RankSlicedNoise):
+        return generator.randn(shape, like.device, like.dtype)
+    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
+
+
+def row_generator(generator: NoiseSource) -> torch.Generator | None:
+    """The plain generator for draws that are not one row per batch example."""
+    return generator.local if isinstance(generator, RankSlicedNoise) else generator
+
+
+def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
     """N(0, sigma^2) noise shaped like x, drawn on x's device (from `generator` if given)."""
-    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * sigma
+    return standard_normal(tuple(x.shape), x, generator) * sigma
 
 
 @dataclass(frozen=True)
@@ -78,7 +114,7 @@ class GaussianAugmentation(Objective):
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         logits = model(x + gaussian_noise(x, self.sigma, generator))
         return LossOutput(F.cross_entropy(logits, y), logits, y)
 
@@ -128,13 +164,12 @@ class SmoothAdv(Objective):
             changes["init_norm"] = eps
         return dataclasses.replace(self, attack=dataclasses.replace(self.attack, **changes))
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        noise = torch.randn((x.shape[0], self.m, *x.shape[1:]), device=x.device, dtype=x.dtype,
-                            generator=generator) * self.sigma
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        noise = standard_normal((x.shape[0], self.m, *x.shape[1:]), x, generator) * self.sigma
         if self.attack.eps > 0:
             plain = getattr(model, "module", model)  # under torchrun: attack the module, not its DDP wrapper
             with eval_mode(plain):
-                x = self.attack(SoftSmoothed(plain, noise), x, y, generator)
+                x = self.attack(SoftSmoothed(plain, noise), x, y, row_generator(generator))
         if self.multi_noise:
             inputs, targets = (x.unsqueeze(1) + noise).flatten(0, 1), y.repeat_interleave(self.m)
         else:

@@ -42,7 +42,7 @@ from .models import (
     replace_head,
     save_checkpoint,
 )
-from .objectives import Objective
+from .objectives import NoiseSource, Objective, RankSlicedNoise
 from .smoothing import eval_mode
 
 CHECKPOINT = "checkpoint.pth.tar"
@@ -162,7 +162,7 @@ def evaluate_noisy(model: nn.Module, dataset: Dataset, sigma: float, device: tor
 def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
                 labelled: Iterator[tuple[Tensor, Tensor]], device: torch.device, *,
                 extra: Iterator[tuple[Tensor, Tensor]] | None = None, extra_weight: float = 1.0,
-                generator: torch.Generator | None = None, progress: Any = None) -> dict[str, float]:
+                generator: NoiseSource = None, progress: Any = None) -> dict[str, float]:
     """One epoch: for each loader batch (and, with `extra`, one extra batch after it, its loss scaled
     by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each."""
     model.train()
@@ -304,8 +304,11 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         steps = num_batches(train_set, cfg.batch_size)
-        # per-(epoch, rank) streams from one seed: independent across ranks, identical after a resume
-        noise_gen.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank))
+        # per-epoch streams from one seed, identical after a resume: the batch noise is shared by all ranks and
+        # sliced by RankSlicedNoise (so it does not depend on K); other randomness is per (epoch, rank)
+        noise_gen.manual_seed(derive_seed(cfg.seed, epoch, 0))
+        noise = RankSlicedNoise(noise_gen, ctx.rank, ctx.world,
+                                torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, ctx.rank, 2)))
         torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank, 1))
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
                   leave=False, dynamic_ncols=True) as bar:
@@ -316,7 +319,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
                                 batches(train_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
                                         workers=cfg.workers, rank=ctx.rank, world=ctx.world),
                                 device, extra=extra_iter, extra_weight=cfg.unlabelled_weight,
-                                generator=noise_gen, progress=bar)
+                                generator=noise, progress=bar)
         scheduler.step()
         if not main:  # rank 0 evaluates, logs and saves; the others go on (they wait at the next all-reduce)
             continue
