@@ -112,13 +112,18 @@ def test_two_ranks_see_disjoint_data_and_keep_identical_models(ddp_run) -> None:
     assert all(torch.equal(saved[k], v) for k, v in rank0["state"].items())  # rank 0 saved the shared model
 
 
-def test_two_ranks_match_one_process(ddp_run, tmp_path) -> None:
-    """sigma = 0 and no batch norm: K = 2 (global batch 64 = 2 x 32) is K = 1 up to float rounding."""
-    fit(_config(tmp_path, "k1_s0"), GaussianAugmentation(0.0))
-    one = read_checkpoint(tmp_path / "k1_s0" / "checkpoint.pth.tar")["state_dict"]
-    two = read_checkpoint(ddp_run / "k2_s0" / "checkpoint.pth.tar")["state_dict"]
+def _assert_one_process_matches(ddp_run: Path, tmp_path: Path, k1: str, k2: str, sigma: float) -> None:
+    """Train with one process as the torchrun worker trained `k2` with two, and compare the weights."""
+    fit(_config(tmp_path, k1), GaussianAugmentation(sigma))
+    one = read_checkpoint(tmp_path / k1 / "checkpoint.pth.tar")["state_dict"]
+    two = read_checkpoint(ddp_run / k2 / "checkpoint.pth.tar")["state_dict"]
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_ranks_match_one_process(ddp_run, tmp_path) -> None:
+    """sigma = 0 and no batch norm: K = 2 (global batch 64 = 2 x 32) is K = 1 up to float rounding."""
+    _assert_one_process_matches(ddp_run, tmp_path, "k1_s0", "k2_s0", 0.0)
     log1 = (tmp_path / "k1_s0" / "log.tsv").read_text().splitlines()[1:]
     log2 = (ddp_run / "k2_s0" / "log.tsv").read_text().splitlines()[1:]
     for a, b in zip(log1, log2, strict=True):  # train loss/acc are all-reduced over both ranks
@@ -141,11 +146,7 @@ def test_rank_death_resumes_from_last_checkpoint(ddp_run) -> None:
 
 def test_two_ranks_match_one_process_with_noise(ddp_run, tmp_path) -> None:
     """sigma = 0.25: each example gets the same training noise whatever K (RankSlicedNoise), so K = 2 is K = 1."""
-    fit(_config(tmp_path, "k1_full"), GaussianAugmentation(0.25))
-    one = read_checkpoint(tmp_path / "k1_full" / "checkpoint.pth.tar")["state_dict"]
-    two = read_checkpoint(ddp_run / "k2_full" / "checkpoint.pth.tar")["state_dict"]
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    _assert_one_process_matches(ddp_run, tmp_path, "k1_full", "k2_full", 0.25)
 
 
 def test_rank_sliced_noise_is_the_single_process_noise() -> None:

@@ -247,10 +247,6 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
     resume = cfg.resume or (restarted() and ckpt_path.exists())  # torchrun restarted us after a failure
     if ckpt_path.exists() and not (resume or cfg.force):
         raise SmoothAdvError(f"{ckpt_path} exists; pass --resume to continue training or --force to start over")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SmoothAdvError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from None
 
     classes = num_classes(cfg.dataset)
     train_set = _subset(get_dataset(cfg.dataset, "train", cfg.data_dir, augment=True), cfg.train_subset)
@@ -282,9 +278,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        noise_gen.set_state(state["rng"]["noise"].cpu())
-        shuffle_gen.set_state(state["rng"]["shuffle"].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        shuffle_gen.set_state(state["rng"]["shuffle"].cpu())  # noise and torch RNGs are reseeded every epoch
         start_epoch = int(state["epoch"])
     train_model: nn.Module = model
     if ctx.active:  # DDP for the loss's forward/backward; attacks and evaluation use the plain `model`
