@@ -1,0 +1,240 @@
+"""Sequential against fixed-n CERTIFY on the same noise, on real models (issue 5, part 2).
+
+`sample` runs the model once per image and records the *count trajectory* of its estimation
+noise stream: the cumulative votes for the tested class (and for the label) after every
+`step` samples (the first look, 1024 by default) and after exactly `n` (100,000). `table`
+then replays, from those counts and without the model:
+
+- fixed-n CERTIFY (Cohen et al.): the class from n0 selection samples, the one-sided
+  Clopper-Pearson bound on the first n estimation samples at level alpha;
+- each sequential policy, by feeding `SequentialTest` (the code `smoothadv certify --mode
+  sequential` runs) the counts at its looks; its cost is the look at which it stops, plus n0.
+
+Both use the noise streams `smoothadv certify --mode sequential` draws (selection stream 0,
+estimation stream 1 of each image under --seed), so the sequential rows are the CLI's rows
+(`tests/test_sequential_replay.py` checks this) and the fixed-n rows use the first n samples of
+the same estimation stream: the two tables differ only through the stopping rule, not through
+Monte Carlo noise. Trajectories stop at the first multiple of `step` >= n unless one of the
+replayed policies has not stopped by then; they are then continued to the last look.
+`sample` appends one JSON line per image and resumes where a previous run stopped.
+
+    OMP_NUM_THREADS=1 python benchmarks/sequential_vs_fixed.py sample model.pth.tar --sigma 0.25 \\
+        --skip 20 --max 500 --out g025.jsonl --channels-last
+    python benchmarks/sequential_vs_fixed.py table g025.jsonl --sigma 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smoothadv.errors import SmoothAdvError
+from smoothadv.evaluate import select_indices
+from smoothadv.sequential import DEFAULT_LOOKS, SequentialConfig, SequentialTest, doubling_looks, stream_generator
+from smoothadv.smoothing import ABSTAIN, SampleRequest, Smooth
+from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearson_lower
+
+
+def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, SequentialConfig]:
+    """The replayed policies: the default grid, the grid with forecast level 0.05, and single radii."""
+    out = {"grid": SequentialConfig(sigma, alpha, tuple(looks), "grid"),
+           "grid-f0.05": SequentialConfig(sigma, alpha, tuple(looks), "grid", forecast_alpha=0.05)}
+    for r in single:
+        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, tuple(looks), "grid", radii=(r,))
+    return out
+
+
+def boundaries(looks: Sequence[int], n: int) -> list[int]:
+    """Sample sizes at which a trajectory records counts: every multiple of the first look, and n."""
+    step = looks[0]
+    if any(look % step for look in looks):
+        raise SmoothAdvError("every look must be a multiple of the first")
+    return sorted(set(range(step, looks[-1] + 1, step)) | {n})
+
+
+def replay(config: SequentialConfig, at: dict[int, int]) -> SequentialTest | None:
+    """Feed a SequentialTest the cumulative counts `at[size]`; None if it needs a size not recorded."""
+    test = SequentialTest(config)
+    while (draw := test.next_draw()) > 0:
+        target = test.n + draw
+        if target not in at:
+            return None
+        test.update(at[target] - at[test.n] if test.n else at[target])
+    return test
+
+
+def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Sequence[int], *, n0: int, n: int,
+                 looks: Sequence[int], configs: Sequence[SequentialConfig], batch_size: int, seed: int,
+                 device: torch.device, group: int) -> Iterator[dict]:
+    """One record per image: selection counts, the tested class and the count trajectories (see module doc)."""
+    if not 0 < n <= looks[-1]:
+        raise SmoothAdvError(f"fixed n must be in [1, {looks[-1]}] (the last look), got {n}")
+    bounds = boundaries(looks, n)
+    first_cut = next(b for b in bounds if b >= n and b % looks[0] == 0)
+    head = [b for b in bounds if b <= first_cut]
+    tail = [b for b in bounds if b > first_cut]
+    sampler = smooth._sampler
+    for start in range(0, len(indices), group):
+        chunk = list(indices[start:start + group])
+        began = time.time()
+        xs, labels = zip(*[(dataset[i][0].to(device), int(dataset[i][1])) for i in chunk])
+        selection = sampler.counts_many([SampleRequest(x, (n0,), stream_generator(seed, i, 0, device))
+                                         for x, i in zip(xs, chunk)], batch_size).cpu()
+        gens = [stream_generator(seed, i, 1, device) for i in chunk]
+        segments = tuple(np.diff([0, *head]).tolist())
+        pieces = sampler.counts_many([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size).cpu()
+        pieces = pieces.view(len(chunk), len(head), -1)
+        records = []
+        for row, (i, label) in enumerate(zip(chunk, labels)):
+            c = int(selection[row].argmax())
+            cum = pieces[row].cumsum(0)
+            records.append({"idx": i, "label": label, "selection": selection[row].tolist(), "class": c,
+                            "sizes": list(head), "counts": cum[:, c].tolist(), "label_counts": cum[:, label].tolist()})
+        need = [r for r in records
+                if any(replay(cfg, dict(zip(r["sizes"], r["counts"]))) is None for cfg in configs)] if tail else []
+        if need:
+            rows = {r["idx"]: k for k, r in enumerate(records)}
+            more = tuple(np.diff([first_cut, *tail]).tolist())
+            extra = sampler.counts_many([SampleRequest(xs[rows[r["idx"]]], more, gens[rows[r["idx"]]]) for r in need],
+                                        batch_size).cpu().view(len(need), len(tail), -1).cumsum(1)
+            for r, ext in zip(need, extra):
+                r["counts"] += (ext[:, r["class"]] + r["counts"][-1]).tolist()
+                r["label_counts"] += (ext[:, r["label"]] + r["label_counts"][-1]).tolist()
+                r["sizes"] += tail
+        elapsed = time.time() - began
+        for r in records:
+            r["seconds"] = round(elapsed / len(records), 3)
+            yield r
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from smoothadv.accel import prepare_base
+    from smoothadv.data import get_dataset
+    from smoothadv.models import load_checkpoint
+
+    device = torch.device(args.device)
+    model, meta = load_checkpoint(args.checkpoint, device)
+    model = prepare_base(model, device, "fp32", args.channels_last)
+    dataset = get_dataset(meta["dataset"], "test", args.data_dir)
+    smooth = Smooth(model, meta["num_classes"], args.sigma)
+    looks = doubling_looks(*args.looks)
+    configs = list(policies(args.sigma, args.alpha, looks, args.single).values())
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        with out.open() as handle:
+            done = {json.loads(line)["idx"] for line in handle if line.strip()}
+    todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
+    header = {"checkpoint": os.path.basename(args.checkpoint), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
+              "n": args.n, "looks": list(looks), "seed": args.seed, "batch": args.batch, "torch": torch.__version__}
+    print(json.dumps(header), file=sys.stderr)
+    with out.open("a") as handle:
+        for count, record in enumerate(trajectories(smooth, dataset, todo, n0=args.n0, n=args.n, looks=looks,
+                                                    configs=configs, batch_size=args.batch, seed=args.seed,
+                                                    device=device, group=args.group), 1):
+            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+            handle.flush()
+            if count % 10 == 0:
+                print(f"{len(done) + count} images", file=sys.stderr, flush=True)
+
+
+def fixed_row(record: dict, n: int, alpha: float, sigma: float) -> tuple[int, float]:
+    """(prediction, radius) of fixed-n CERTIFY from the first n estimation samples of the record."""
+    count = dict(zip(record["sizes"], record["counts"]))[n]
+    p_lower = clopper_pearson_lower(count, n, alpha)
+    return (record["class"], certified_radius(p_lower, sigma)) if p_lower > 0.5 else (ABSTAIN, 0.0)
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def run_table(args: argparse.Namespace) -> None:
+    looks = doubling_looks(*args.looks)
+    configs = policies(args.sigma, args.alpha, looks, args.single)
+    radii = list(args.radii or configs["grid"].radii)
+    records = load(args.trajectories)
+    if not records:
+        raise SmoothAdvError(f"{args.trajectories} has no records")
+    n0, n = sum(records[0]["selection"]), args.n
+    fixed = [fixed_row(r, n, args.alpha, args.sigma) for r in records]
+    labels = [r["label"] for r in records]
+    fixed_ok = [int(p == y) for (p, _), y in zip(fixed, labels)]
+    fixed_acc = certified_accuracy([rad for _, rad in fixed], fixed_ok, radii)
+    cost = n0 + n
+    print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, alpha {args.alpha:g}, n0 {n0}, "
+          f"fixed n {n:,}, looks {looks[0]}..{looks[-1]} (K = {len(looks)})")
+    cols = " | ".join(f"{r:g}" for r in radii)
+    print(f"\n| run | forward passes / image | fewer than fixed | max diff (pp) | decisions differing | {cols} |")
+    print("|---|---|---|---|---|" + "---|" * len(radii))
+    print(f"| fixed n = {n:,} | {cost:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in fixed_acc) + " |")
+    for name, config in configs.items():
+        tests = [replay(config, dict(zip(r["sizes"], r["counts"]))) for r in records]
+        missing = sum(t is None for t in tests)
+        if missing:
+            print(f"| {name} | {missing} trajectories too short to replay | | | |")
+            continue
+        results = [t.result() for t in tests]
+        ok = [int(res.certified and r["class"] == r["label"]) for res, r in zip(results, records)]
+        rad = [res.radius if res.certified else 0.0 for res in results]
+        acc = certified_accuracy(rad, ok, radii)
+        used = float(np.mean([n0 + res.n for res in results]))
+        asked = radii if len(config.radii) > 1 else list(config.radii)
+        a = certified_accuracy(rad, ok, asked)
+        b = certified_accuracy([x for _, x in fixed], fixed_ok, asked)
+        differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
+                     for q in asked)
+        cells = [f"{100 * v:.1f}" if q in asked else "" for v, q in zip(acc, radii)]
+        print(f"| {name} | {used:,.0f} | {cost / used:.1f}x | {100 * np.max(np.abs(a - b)):.2f} | "
+              f"{differ} of {len(records) * len(asked)} | " + " | ".join(cells) + " |")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("sample", "table"):
+        p = sub.add_parser(name)
+        if name == "sample":
+            p.add_argument("checkpoint")
+            p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
+            p.add_argument("--skip", type=int, default=20)
+            p.add_argument("--max", type=int, default=500)
+            p.add_argument("--batch", type=int, default=256, help="a divisor of the first look keeps the CLI's noise")
+            p.add_argument("--group", type=int, default=8, help="images sampled together")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--n0", type=int, default=100)
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--data-dir", default=None)
+            p.add_argument("--channels-last", action="store_true")
+        else:
+            p.add_argument("trajectories")
+            p.add_argument("--radii", type=float, nargs="+", default=None, help="table radii (default: the grid's)")
+        p.add_argument("--sigma", type=float, required=True)
+        p.add_argument("--alpha", type=float, default=0.001)
+        p.add_argument("--n", type=int, default=100_000, help="fixed-n CERTIFY's estimation samples")
+        p.add_argument("--looks", type=int, nargs=2, default=(DEFAULT_LOOKS[0], DEFAULT_LOOKS[-1]),
+                       metavar=("FIRST", "LAST"))
+        p.add_argument("--single", type=float, nargs="*", default=[0.5], help="single radii replayed")
+    args = parser.parse_args(argv)
+    if math.isnan(args.sigma) or args.sigma <= 0:
+        parser.error("--sigma must be > 0")
+    try:
+        (run_sample if args.command == "sample" else run_table)(args)
+    except SmoothAdvError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

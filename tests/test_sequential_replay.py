@@ -1,0 +1,105 @@
+"""benchmarks/sequential_vs_fixed.py replays exactly what `smoothadv certify` computes.
+
+The issue-5 comparison of sequential and fixed-n certification on real models is computed from
+recorded count trajectories, so the replay must give the CLI's sequential rows (same noise
+streams) and fixed-n CERTIFY's bound on the first n samples of the same estimation stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.data import get_dataset
+from smoothadv.models import load_checkpoint
+from smoothadv.sequential import doubling_looks, stream_generator
+from smoothadv.smoothing import SampleRequest, Smooth
+from smoothadv.stats import certified_radius, clopper_pearson_lower
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sequential_vs_fixed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sequential_vs_fixed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sequential_vs_fixed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+COMMON = ["--sigma", "0.25", "--seed", "3", "--n0", "16", "--batch", "32"]
+
+
+def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tmp_path, capsys) -> None:
+    traj = tmp_path / "t.jsonl"
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "8", "--group", "3",
+                       "--looks", "64", "512", "--n", "400", "--single", "0.3", *COMMON]) == 0
+    records = bench.load(str(traj))
+    assert [r["idx"] for r in records] == [0, 3, 6, 9, 12, 15, 18, 21]
+    # a second run resumes: nothing is sampled twice
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "8",
+                       "--looks", "64", "512", "--n", "400", *COMMON]) == 0
+    assert len(bench.load(str(traj))) == 8
+
+    looks = doubling_looks(64, 512)
+    configs = bench.policies(0.25, 0.001, looks, [0.3])
+    for name, radii in (("grid", []), ("radius 0.3", ["--radii", "0.3"])):
+        out = tmp_path / f"{name}.tsv"
+        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--looks", "64:512",
+                     "--skip", "3", "--max", "8", "--no-progress", "--device", "cpu", *radii, *COMMON]) == 0
+        with out.open() as handle:
+            cli = list(csv.DictReader(handle, delimiter="\t"))
+        for row, record in zip(cli, records, strict=True):
+            test = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"])))
+            result = test.result()
+            assert int(row["idx"]) == record["idx"]
+            assert int(row["n"]) == 16 + result.n
+            assert int(row["predict"]) == (record["class"] if result.certified else -1)
+            assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
+
+    # fixed n: the class of the 16 selection samples, the bound on the first 400 estimation samples
+    model, meta = load_checkpoint(toy_checkpoint)
+    smooth = Smooth(model, meta["num_classes"], 0.25)
+    data = get_dataset("synthetic", "test", None)
+    for record in records:
+        x = data[record["idx"]][0]
+        sel = smooth._sampler.counts_many([SampleRequest(x, (16,), stream_generator(3, record["idx"], 0, "cpu"))], 32)
+        est = smooth._sampler.counts_many([SampleRequest(x, (400,), stream_generator(3, record["idx"], 1, "cpu"))], 32)
+        c = int(sel[0].argmax())
+        assert record["class"] == c and record["selection"] == sel[0].tolist()
+        p_lower = clopper_pearson_lower(int(est[0, c]), 400, 0.001)
+        expected = (c, certified_radius(p_lower, 0.25)) if p_lower > 0.5 else (-1, 0.0)
+        assert bench.fixed_row(record, 400, 0.001, 0.25) == pytest.approx(expected)
+
+    assert bench.main(["table", str(traj), "--looks", "64", "512", "--n", "400", "--sigma", "0.25",
+                       "--single", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fixed n = 400 | 416 | 1x |" in printed and "| radius 0.3 |" in printed
+
+
+def test_trajectories_extend_to_the_last_look_only_when_a_policy_needs_it(bench, toy_checkpoint, tmp_path) -> None:
+    traj = tmp_path / "t.jsonl"
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--max", "6", "--looks", "64", "512",
+                       "--n", "400", *COMMON]) == 0
+    configs = list(bench.policies(0.25, 0.001, doubling_looks(64, 512), [0.5]).values())
+    for record in bench.load(str(traj)):
+        at = dict(zip(record["sizes"], record["counts"]))
+        assert record["sizes"][-1] in (448, 512) and 400 in at
+        assert all(bench.replay(config, at) is not None for config in configs)
+        short = {k: v for k, v in at.items() if k <= 448}
+        assert (record["sizes"][-1] == 512) == any(bench.replay(config, short) is None for config in configs)
+        assert all(b >= a for a, b in zip(record["counts"], record["counts"][1:]))
+        assert record["label_counts"][-1] <= record["sizes"][-1]
+
+
+def test_bad_schedule_is_a_one_line_error(bench, toy_checkpoint, tmp_path, capsys) -> None:
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(tmp_path / "t.jsonl"), "--max", "1",
+                       "--looks", "64", "512", "--n", "1000", *COMMON]) == 2
+    assert "fixed n must be in [1, 512]" in capsys.readouterr().err
+    assert not (tmp_path / "t.jsonl").read_text()
