@@ -23,7 +23,6 @@ table then also shows the optimised model's forward throughput relative to the p
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from smoothadv.accel import fold_batchnorm
 from smoothadv.evaluate import certify_dataset
 from smoothadv.models import build_model
 from smoothadv.smoothing import Smooth
@@ -74,13 +74,6 @@ class CohenStraightforward:
         c_hat = int(counts0.argmax())
         counts = self._sample_noise(x, n, batch_size)
         return int(counts[c_hat])
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval mode) with every BatchNorm that follows a convolution folded into it."""
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(model).eval())
 
 
 def sync(device: torch.device) -> None:

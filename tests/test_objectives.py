@@ -142,3 +142,46 @@ def test_fit_refuses_a_warmup_longer_than_training(tmp_path) -> None:
     with pytest.raises(SmoothAdvError, match="warm-up"):
         fit(cfg, SmoothAdv(0.25, PGDL2(0.5), warmup=3))
     assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+
+
+def test_bf16_training_autocasts_the_attack_and_the_loss_and_still_learns() -> None:
+    # Mixed precision (--precision bf16): every forward pass of the epoch, the attack's included, runs in
+    # bf16 (seen by a hook on the convolution); the epoch lowers the float32 SmoothAdv loss by >= 20% like
+    # the fp32 epoch of the test above, and its weights end close to (but not equal to) the fp32 run's.
+    data = Subset(get_dataset("synthetic", "train"), range(256))
+    objective = SmoothAdv(0.25, PGDL2(0.25, 2), m=2, multi_noise=True)
+
+    def loss(model) -> float:
+        x, y = next(batches(data, 256, shuffle=False))
+        return float(objective(model, x, y, torch.Generator().manual_seed(3)).loss.detach())
+
+    weights, dtypes = {}, []
+    for precision in (None, torch.bfloat16):
+        model = _toy(2)
+        before = loss(model)
+        hook = model[1].conv.register_forward_hook(lambda m, i, out, p=precision: dtypes.append((p, out.dtype)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train_epoch(model, objective, optimizer,
+                    batches(data, 64, shuffle=True, generator=torch.Generator().manual_seed(0)),
+                    torch.device("cpu"), generator=torch.Generator().manual_seed(1), precision=precision)
+        hook.remove()
+        assert loss(model) < 0.8 * before, precision
+        weights[precision] = model[1].conv.weight.detach().clone()
+    seen = {p: {d for q, d in dtypes if q is p} for p in (None, torch.bfloat16)}
+    assert seen[torch.bfloat16] == {torch.bfloat16}
+    assert seen[None] == {torch.float32}
+    difference = (weights[torch.bfloat16] - weights[None]).abs().max()
+    assert 0 < difference < 0.1 * weights[None].abs().max()
+
+
+def test_fp16_training_needs_a_gpu(tmp_path) -> None:
+    from smoothadv.train import TrainConfig, fit
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=1, progress=False,
+                      precision="fp16", device="cpu")
+    with pytest.raises(SmoothAdvError, match="fp16 autocast needs a GPU"):
+        fit(cfg, GaussianAugmentation(0.25))
+    with pytest.raises(SmoothAdvError, match="unknown precision"):
+        TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8").validate()

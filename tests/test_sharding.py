@@ -154,3 +154,39 @@ def test_precision_options() -> None:
     torch.testing.assert_close(fast, plain, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
     with pytest.raises(SmoothAdvError, match="fp16 autocast needs a GPU"):
         prepare_base(model, "cpu", "fp16")
+
+
+def test_fold_bn_gives_the_same_function_with_no_batchnorm_left() -> None:
+    from smoothadv.accel import fold_batchnorm
+    from smoothadv.models import build_model
+
+    torch.manual_seed(2)
+    model = build_model("cifar_resnet20", "cifar10")
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32) * 2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.rand(8, 3, 32, 32)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(prepare_base(model, "cpu", fold_bn=True, channels_last=True)(x), expected,
+                                   rtol=1e-4, atol=1e-4)
+    assert float(expected.std(0).max()) > 0.01  # the check is not on a constant function
+
+
+def test_fold_bn_refuses_an_untraceable_model() -> None:
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(SmoothAdvError, match="cannot fold BatchNorm"):
+        prepare_base(Branchy(), "cpu", fold_bn=True)

@@ -116,6 +116,8 @@ def _evaluation(parser: argparse.ArgumentParser, default_n: int) -> None:
                         help="autocast the base classifier's forward passes (fp16: GPU only; see README)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the base classifier")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold BatchNorm into the convolutions (same function up to float rounding; faster)")
     parser.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
@@ -135,7 +137,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         workers=args.workers, data_dir=args.data_dir, train_subset=args.train_subset, eval_subset=args.eval_subset,
         pretrained=args.pretrained, pretrained_normalization=args.pretrained_normalization,
         unlabelled=args.unlabelled, unlabelled_weight=args.unlabelled_weight, resume=args.resume, force=args.force,
-        progress=args.progress,
+        progress=args.progress, precision=args.precision,
     )
 
 
@@ -174,6 +176,8 @@ def add_train(sub: Any) -> None:
     p.add_argument("--unlabelled", default=None, help=".npz of extra pseudo-labelled images (self-training)")
     p.add_argument("--unlabelled-weight", type=nonneg_float, default=1.0, help="loss weight of the extra batches")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="mixed precision: autocast forward passes and attacks (fp16: GPU, with loss scaling)")
     p.add_argument("--force", action="store_true", help="start over even if a checkpoint exists")
     a = p.add_argument_group("SmoothAdv (--objective smoothadv; Salman et al. 2019)")
     a.add_argument("--attack", default="pgd", help="pgd or ddn: attack on the smoothed soft classifier")
@@ -213,7 +217,7 @@ def _load_smooth(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     device = local_device(resolve_device(args.device), local_rank, world)  # torchrun: cuda -> cuda:LOCAL_RANK
     model, meta = load_checkpoint(args.checkpoint, device, normalization=args.normalization)
     model = prepare_base(model, device, getattr(args, "precision", "fp32"), getattr(args, "channels_last", False),
-                         getattr(args, "compile", False))
+                         getattr(args, "compile", False), getattr(args, "fold_bn", False))
     dataset = get_dataset(meta["dataset"], args.split, args.data_dir)
     return Smooth(model, meta["num_classes"], args.sigma), dataset, meta, device
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .accel import PRECISIONS, autocast_dtype
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
 from .distributed import all_reduce_sum, derive_seed, restarted, setup, shard_order, teardown
 from .errors import SmoothAdvError
@@ -78,6 +79,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     progress: bool = True
+    precision: str = "fp32"           # "bf16" / "fp16": autocast the training forward passes and the attack
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -93,6 +95,8 @@ class TrainConfig:
             raise SmoothAdvError(f"sigma must be >= 0, got {self.sigma}")
         if self.unlabelled_weight < 0:
             raise SmoothAdvError(f"unlabelled weight must be >= 0, got {self.unlabelled_weight}")
+        if self.precision not in PRECISIONS:
+            raise SmoothAdvError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -162,19 +166,30 @@ def evaluate_noisy(model: nn.Module, dataset: Dataset, sigma: float, device: tor
 def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
                 labelled: Iterator[tuple[Tensor, Tensor]], device: torch.device, *,
                 extra: Iterator[tuple[Tensor, Tensor]] | None = None, extra_weight: float = 1.0,
-                generator: NoiseSource = None, progress: Any = None) -> dict[str, float]:
+                generator: NoiseSource = None, progress: Any = None, precision: torch.dtype | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch: for each loader batch (and, with `extra`, one extra batch after it, its loss scaled
-    by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each."""
+    by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each.
+
+    With `precision` (torch.bfloat16 or torch.float16) the objective, attack included, runs under
+    autocast (noise is still drawn and added in float32); with `scaler` the loss is scaled for fp16.
+    """
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
 
     def step(x: Tensor, y: Tensor, weight: float) -> None:
         nonlocal seen, correct, loss_sum
         for xc, yc in zip(x.chunk(objective.steps_per_batch), y.chunk(objective.steps_per_batch)):
-            out = objective(model, xc, yc, generator)
+            with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+                out = objective(model, xc, yc, generator)
             optimizer.zero_grad(set_to_none=True)
-            (out.loss * weight).backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(out.loss * weight).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                (out.loss * weight).backward()
+                optimizer.step()
             with torch.no_grad():
                 loss_sum += float(out.loss) * len(yc)
                 correct += int((out.logits.argmax(1) == out.targets).sum()) * len(yc) // len(out.targets)
@@ -267,6 +282,8 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         _load_pretrained(model, cfg, classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    precision = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision is torch.float16 else None
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_epoch = 0
@@ -278,6 +295,8 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         shuffle_gen.set_state(state["rng"]["shuffle"].cpu())  # noise and torch RNGs are reseeded every epoch
         start_epoch = int(state["epoch"])
     train_model: nn.Module = model
@@ -313,7 +332,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
                                 batches(train_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
                                         workers=cfg.workers, rank=ctx.rank, world=ctx.world),
                                 device, extra=extra_iter, extra_weight=cfg.unlabelled_weight,
-                                generator=noise, progress=bar)
+                                generator=noise, progress=bar, precision=precision, scaler=scaler)
         scheduler.step()
         if not main:  # rank 0 evaluates, logs and saves; the others go on (they wait at the next all-reduce)
             continue
@@ -325,7 +344,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
                                                      f"{test['acc']:.4f}")))
         save_checkpoint(ckpt_path, model, arch=cfg.arch, dataset=cfg.dataset, normalization=norm, sigma=cfg.sigma,
                         num_classes=classes, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         rng={"noise": noise_gen.get_state(), "shuffle": shuffle_gen.get_state(),
                              "torch": torch.get_rng_state()},
                         config=config, objective=epoch_objective.describe())
