@@ -39,17 +39,32 @@ import torch
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.evaluate import select_indices
-from smoothadv.sequential import DEFAULT_LOOKS, SequentialConfig, SequentialTest, doubling_looks, stream_generator
+from smoothadv.sequential import (
+    DEFAULT_LOOKS,
+    SequentialConfig,
+    SequentialTest,
+    doubling_looks,
+    fitted_looks,
+    standard_radii,
+    stream_generator,
+)
 from smoothadv.smoothing import ABSTAIN, SampleRequest, Smooth
 from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearson_lower
 
 
 def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, SequentialConfig]:
-    """The replayed policies: the default grid, the grid with forecast level 0.05, and single radii."""
-    out = {"grid": SequentialConfig(sigma, alpha, tuple(looks), "grid"),
-           "grid-f0.05": SequentialConfig(sigma, alpha, tuple(looks), "grid", forecast_alpha=0.05)}
+    """The replayed policies: the grid at the standard radii (doubling `looks`, or the default schedule
+    fitted to the grid's radii, which adds looks to `looks`), with forecast levels alpha / K (default),
+    0.05 and 0.2; and single radii."""
+    base = tuple(looks)
+    radii = standard_radii(sigma, alpha, base)
+    fitted = fitted_looks(sigma, alpha, radii, base)
+    out = {"grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii)}
+    for level in (None, 0.05, 0.2):
+        name = "grid" if level is None else f"grid, forecast {level:g}"
+        out[name] = SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=level)
     for r in single:
-        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, tuple(looks), "grid", radii=(r,))
+        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, base, "grid", radii=(r,))
     return out
 
 
@@ -163,6 +178,7 @@ def run_table(args: argparse.Namespace) -> None:
     looks = doubling_looks(*args.looks)
     configs = policies(args.sigma, args.alpha, looks, args.single)
     radii = list(args.radii or configs["grid"].radii)
+    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in configs["grid"].looks))
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")

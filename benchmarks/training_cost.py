@@ -16,7 +16,7 @@ the pixel values); `train.train_epoch` is the loop both objectives run in, as in
 
     OMP_NUM_THREADS=1 python benchmarks/training_cost.py
     python benchmarks/training_cost.py --model cifar_resnet20 --configs 1x1 2x2 --batches 4
-    python benchmarks/training_cost.py --device cuda --amp      # GPU: also mixed precision (bf16/fp16)
+    python benchmarks/training_cost.py --device cuda --precision bf16   # also mixed precision (train --precision)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from smoothadv.accel import autocast_dtype
 from smoothadv.attacks import PGDL2
 from smoothadv.models import build_model
 from smoothadv.objectives import GaussianAugmentation, Objective, SmoothAdv
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall-clock, or process CPU time (steadier on a shared, oversubscribed CPU)")
-    parser.add_argument("--amp", action="store_true", help="GPU: also measure autocast mixed precision")
+    parser.add_argument("--precision", choices=("bf16", "fp16"), default=None,
+                        help="also measure this mixed precision, as `smoothadv train --precision` runs it "
+                             "(fp16: GPU only; bf16 on a CPU without bf16 instructions is emulated and slow)")
     args = parser.parse_args()
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -81,8 +84,8 @@ def main() -> None:
         objectives[f"smoothadv T={steps} m={m}"] = SmoothAdv(args.sigma, attack=PGDL2(args.eps, steps), m=m,
                                                               multi_noise=True, warmup=1)
     precisions = [None]
-    if args.amp and device.type == "cuda":
-        precisions.append(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if args.precision:
+        precisions.append(autocast_dtype(args.precision, device))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -90,12 +93,11 @@ def main() -> None:
 
     def run(objective: Objective, dtype: torch.dtype | None) -> Callable[[], float]:
         def once() -> float:
-            amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+            scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
-            with amp:
-                train_epoch(model, objective, optimizer, iter(data), device,
-                            generator=torch.Generator(device).manual_seed(1))
+            train_epoch(model, objective, optimizer, iter(data), device,
+                        generator=torch.Generator(device).manual_seed(1), precision=dtype, scaler=scaler)
             sync()
             return (time.perf_counter() - wall) if args.clock == "wall" else (time.process_time() - cpu)
         return once

@@ -49,7 +49,7 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
 
     looks = doubling_looks(64, 512)
     configs = bench.policies(0.25, 0.001, looks, [0.3])
-    for name, radii in (("grid", []), ("radius 0.3", ["--radii", "0.3"])):
+    for name, radii in (("grid, doubling looks", []), ("radius 0.3", ["--radii", "0.3"])):
         out = tmp_path / f"{name}.tsv"
         assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--looks", "64:512",
                      "--skip", "3", "--max", "8", "--no-progress", "--device", "cpu", *radii, *COMMON]) == 0

@@ -282,7 +282,9 @@ def add_certify(sub: Any) -> None:
     q.add_argument("--radii", type=nonneg_float, nargs="+", default=None,
                    help="grid policy: radii to decide (one radius = single-radius mode; default 0, 0.25, ...)")
     q.add_argument("--tolerance", type=nonneg_float, default=None, help="tolerance policy: radius loss accepted")
-    q.add_argument("--looks", default=None, help="sequential look schedule FIRST:LAST, doubling (default 1024:131072)")
+    q.add_argument("--looks", default=None,
+                   help="sequential look schedule FIRST:LAST, doubling (default 1024:131072, plus for the grid "
+                        "policy a look where unanimous votes first certify a radius the doubling misses)")
     q.add_argument("--forecast-alpha", type=probability, default=None,
                    help="level of the upper bound that forecasts the reachable radius (default alpha/K; larger "
                         "stops boundary inputs sooner; never affects validity)")
@@ -291,9 +293,9 @@ def add_certify(sub: Any) -> None:
 
 
 def _sequential_config(args: argparse.Namespace) -> Any:
-    from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
+    from .sequential import SequentialConfig, doubling_looks
 
-    looks = DEFAULT_LOOKS
+    looks = None  # the default schedule (fitted to the grid's radii)
     if args.looks is not None:
         try:
             first, last = (int(part) for part in args.looks.split(":"))

@@ -2,8 +2,10 @@
 
 Group-sequential Clopper-Pearson (GS-CP). The counts of the tested class c are looked at after
 N_1 < N_2 < ... < N_K samples (a schedule fixed before sampling; default 1024 * 2^j up to
-131,072, K = 8); samples are reused across looks. At look j the one-sided Clopper-Pearson lower
-bound L_j is computed at level alpha / K, and the certificate uses the largest L_j seen.
+131,072, K = 8, plus for the grid policy a look where unanimous votes first certify a grid radius
+that the doubling schedule serves badly: `fitted_looks`); samples are reused across looks. At look
+j the one-sided Clopper-Pearson lower bound L_j is computed at level alpha / K, and the certificate
+uses the largest L_j seen.
 
 Guarantee (union bound): each L_j <= p_c fails with probability at most alpha / K, so with
 probability at least 1 - alpha *all* K bounds hold at once, whatever rule decides when to stop.
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from scipy.stats import norm
 from torch.utils.data import Dataset
 
 from .errors import SmoothAdvError
@@ -74,6 +77,40 @@ def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
     return tuple(looks)
 
 
+def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Sequence[int] = DEFAULT_LOOKS,
+                 min_saving: float = 0.25) -> tuple[int, ...]:
+    """`base` plus, for grid radii it serves badly, a look where unanimous votes first certify the radius.
+
+    For each radius r, n_r is the smallest multiple of base[0] at which all n_r samples voting for
+    the class certify r at level alpha / K (K = the number of looks, including the added ones). It
+    is added when it is at least `min_saving` below the next look of `base`: inputs whose votes are
+    (almost) unanimous then stop there instead (e.g. sigma = 0.5, r = 1.75 = 3.5 sigma: a look at
+    40,960 instead of 65,536). The schedule depends only on (sigma, alpha, radii, base), so it is
+    fixed before sampling and the union-bound guarantee is unchanged.
+    """
+    base = tuple(int(n) for n in base)
+    step, last = base[0], base[-1]
+    extra: set[int] = set()
+    for _ in range(10):  # K and the added looks depend on each other; a fixed point is reached in 2-3 rounds
+        level = alpha / (len(base) + len(extra))
+        found = set()
+        for r in radii:
+            if r <= 0:
+                continue
+            target = float(norm.cdf(r / sigma))
+            # unanimous votes give p_lower = level^(1/n); need it >= target
+            n = math.ceil(math.log(level) / math.log(target) / step) * step if target < 1 else last + 1
+            while n <= last and clopper_pearson_lower(n, n, level) < target:
+                n += step
+            later = [b for b in base if b >= n]
+            if n < last and later and n not in base and n <= (1 - min_saving) * later[0]:
+                found.add(n)
+        if found == extra:
+            break
+        extra = found
+    return tuple(sorted(set(base) | extra))
+
+
 def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DEFAULT_LOOKS,
                    step: float = 0.25) -> tuple[float, ...]:
     """0, step, 2 step, ... up to the largest radius the schedule can certify (the usual table columns)."""
@@ -88,7 +125,9 @@ class SequentialConfig:
     Args:
         sigma: noise level of the smoothed classifier.
         alpha: total failure probability (split equally over the looks).
-        looks: strictly increasing cumulative sample sizes, fixed before sampling.
+        looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: 1024,
+            2048, ..., 131072, plus for the grid policy the looks `fitted_looks` adds for its radii
+            (sigma = 0.5 with the standard radii: 39,936 for r = 1.75).
         policy: "grid", "tolerance" or "full" (see the module docstring).
         radii: the radii whose decision `grid` settles (default: `standard_radii`).
         tolerance: for `tolerance`, the radius loss accepted against the best reachable radius.
@@ -100,7 +139,7 @@ class SequentialConfig:
 
     sigma: float
     alpha: float = 0.001
-    looks: tuple[int, ...] = DEFAULT_LOOKS
+    looks: tuple[int, ...] | None = None
     policy: str = "grid"
     radii: tuple[float, ...] = field(default=())
     tolerance: float = 0.0
@@ -111,10 +150,9 @@ class SequentialConfig:
             raise SmoothAdvError(f"sigma must be a finite number > 0, got {self.sigma}")
         if not 0.0 < self.alpha < 1.0:
             raise SmoothAdvError(f"alpha must be in (0, 1), got {self.alpha}")
-        looks = tuple(int(n) for n in self.looks)
+        looks = tuple(int(n) for n in (DEFAULT_LOOKS if self.looks is None else self.looks))
         if not looks or looks[0] < 1 or any(b <= a for a, b in zip(looks, looks[1:])):
             raise SmoothAdvError(f"looks must be strictly increasing positive sample sizes, got {self.looks}")
-        object.__setattr__(self, "looks", looks)
         if self.policy not in POLICIES:
             raise SmoothAdvError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         radii = tuple(sorted(float(r) for r in self.radii))
@@ -122,6 +160,9 @@ class SequentialConfig:
             raise SmoothAdvError(f"radii must be finite and >= 0, got {self.radii}")
         if self.policy == "grid" and not radii:
             radii = standard_radii(self.sigma, self.alpha, looks)
+        if self.policy == "grid" and self.looks is None:
+            looks = fitted_looks(self.sigma, self.alpha, radii, looks)
+        object.__setattr__(self, "looks", looks)
         object.__setattr__(self, "radii", radii)
         if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
             raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
