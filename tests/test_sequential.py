@@ -77,14 +77,19 @@ def test_one_look_is_cohens_fixed_n_bound() -> None:
     assert (result.n, result.looks, result.stop) == (1000, 1, "last look")
 
 
-@pytest.mark.parametrize("policy,p,forecast", [("full", 0.8, None), ("grid", 0.8, None), ("tolerance", 0.93, None),
-                                               ("grid", 0.8, 0.5)])
-def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p, forecast) -> None:
-    # alpha = 0.2 split over 7 looks: the reported max_j L_j exceeds the true p in at most a fraction alpha of
-    # runs. Tolerance: the 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead of
-    # alpha / K fails this check: the invalid rate of the running maximum then exceeds 0.3.)
-    config = SequentialConfig(1.0, alpha=0.2, looks=doubling_looks(8, 512), policy=policy, radii=(0.0, 0.5, 0.9),
-                              tolerance=0.05, forecast_alpha=forecast)
+@pytest.mark.parametrize("policy,p,forecast,fitted", [
+    ("full", 0.8, None, False), ("grid", 0.8, None, False), ("tolerance", 0.93, None, False),
+    ("grid", 0.8, 0.5, False), ("grid", 0.8, 0.05, True), ("grid", 0.95, 0.05, True)])
+def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p, forecast, fitted) -> None:
+    # alpha = 0.2 split over the K looks (7 doubling, 8 with the look fitted to the radii: 8, 16, 24, 32, 64, 128,
+    # 256, 512): the reported max_j L_j exceeds the true p in at most a fraction alpha of runs. Tolerance: the
+    # 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead of alpha / K fails this check:
+    # the invalid rate of the running maximum then exceeds 0.3.)
+    radii = (0.0, 0.5, 0.9, 1.2, 1.5)
+    looks = fitted_looks(1.0, 0.2, radii, doubling_looks(8, 512)) if fitted else doubling_looks(8, 512)
+    assert len(looks) == (8 if fitted else 7)
+    config = SequentialConfig(1.0, alpha=0.2, looks=looks, policy=policy, radii=radii, tolerance=0.05,
+                              forecast_alpha=forecast)
     trials = 400
     sample = bernoulli(p, 11)
     invalid = sum(run_sequential(config, sample).p_lower > p for _ in range(trials))
