@@ -39,6 +39,7 @@ import torch
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.evaluate import select_indices
+from smoothadv.files import atomic_write_text
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
     SequentialConfig,
@@ -68,12 +69,11 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
     return out
 
 
-def boundaries(looks: Sequence[int], n: int) -> list[int]:
-    """Sample sizes at which a trajectory records counts: every multiple of the first look, and n."""
-    step = looks[0]
-    if any(look % step for look in looks):
+def last_look(configs: Sequence[SequentialConfig], step: int) -> int:
+    """The largest look of the replayed policies (every look must be a multiple of `step`)."""
+    if any(look % step for cfg in configs for look in cfg.looks):
         raise SmoothAdvError("every look must be a multiple of the first")
-    return sorted(set(range(step, looks[-1] + 1, step)) | {n})
+    return max(cfg.looks[-1] for cfg in configs)
 
 
 def replay(config: SequentialConfig, at: dict[int, int]) -> SequentialTest | None:
@@ -87,16 +87,49 @@ def replay(config: SequentialConfig, at: dict[int, int]) -> SequentialTest | Non
     return test
 
 
+def needs_more(record: dict, configs: Sequence[SequentialConfig]) -> bool:
+    at = dict(zip(record["sizes"], record["counts"]))
+    return any(replay(cfg, at) is None for cfg in configs)
+
+
+def extend(sampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
+           upto: int, step: int, batch_size: int) -> None:
+    """Append counts at every multiple of `step` after each record's last size, up to `upto`, drawn from
+    `gens` (positioned where the record's stream stopped) in one request per record."""
+    start = records[0]["sizes"][-1]
+    if any(r["sizes"][-1] != start for r in records):
+        raise SmoothAdvError("records extended together must end at the same size")
+    sizes = list(range(start + step, upto + 1, step))
+    segments = tuple(np.diff([start, *sizes]).tolist())
+    counts = sampler.counts_many([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size)
+    counts = counts.cpu().view(len(records), len(sizes), -1).cumsum(1)
+    for r, ext in zip(records, counts):
+        r["counts"] += (ext[:, r["class"]] + r["counts"][-1]).tolist()
+        r["label_counts"] += (ext[:, r["label"]] + r["label_counts"][-1]).tolist()
+        r["sizes"] += sizes
+        r["requests"].append(upto - start)
+
+
+def advance(generator: torch.Generator, requests: Sequence[int], shape: Sequence[int], sigma: float,
+            batch_size: int) -> None:
+    """Draw (and discard) the noise NoisySampler drew for `requests` (their sample totals), in its pieces
+    of min(batch_size, remaining) samples per request, so `generator` continues the same stream."""
+    for total in requests:
+        while total > 0:
+            size = min(batch_size, total)
+            torch.empty((size, *shape)).normal_(0.0, sigma, generator=generator)
+            total -= size
+
+
 def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Sequence[int], *, n0: int, n: int,
                  looks: Sequence[int], configs: Sequence[SequentialConfig], batch_size: int, seed: int,
                  device: torch.device, group: int) -> Iterator[dict]:
     """One record per image: selection counts, the tested class and the count trajectories (see module doc)."""
-    if not 0 < n <= looks[-1]:
-        raise SmoothAdvError(f"fixed n must be in [1, {looks[-1]}] (the last look), got {n}")
-    bounds = boundaries(looks, n)
-    first_cut = next(b for b in bounds if b >= n and b % looks[0] == 0)
-    head = [b for b in bounds if b <= first_cut]
-    tail = [b for b in bounds if b > first_cut]
+    step, top = looks[0], last_look(configs, looks[0])
+    if not 0 < n <= top:
+        raise SmoothAdvError(f"fixed n must be in [1, {top}] (the last look), got {n}")
+    first_cut = -(-n // step) * step
+    head = sorted(set(range(step, first_cut + 1, step)) | {n})
     sampler = smooth._sampler
     for start in range(0, len(indices), group):
         chunk = list(indices[start:start + group])
@@ -113,22 +146,47 @@ def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Seq
             c = int(selection[row].argmax())
             cum = pieces[row].cumsum(0)
             records.append({"idx": i, "label": label, "selection": selection[row].tolist(), "class": c,
-                            "sizes": list(head), "counts": cum[:, c].tolist(), "label_counts": cum[:, label].tolist()})
-        need = [r for r in records
-                if any(replay(cfg, dict(zip(r["sizes"], r["counts"]))) is None for cfg in configs)] if tail else []
+                            "sizes": list(head), "counts": cum[:, c].tolist(), "label_counts": cum[:, label].tolist(),
+                            "requests": [first_cut]})
+        need = [k for k, r in enumerate(records) if needs_more(r, configs)] if top > first_cut else []
         if need:
-            rows = {r["idx"]: k for k, r in enumerate(records)}
-            more = tuple(np.diff([first_cut, *tail]).tolist())
-            extra = sampler.counts_many([SampleRequest(xs[rows[r["idx"]]], more, gens[rows[r["idx"]]]) for r in need],
-                                        batch_size).cpu().view(len(need), len(tail), -1).cumsum(1)
-            for r, ext in zip(need, extra):
-                r["counts"] += (ext[:, r["class"]] + r["counts"][-1]).tolist()
-                r["label_counts"] += (ext[:, r["label"]] + r["label_counts"][-1]).tolist()
-                r["sizes"] += tail
+            extend(sampler, [records[k] for k in need], [xs[k] for k in need], [gens[k] for k in need], top, step,
+                   batch_size)
         elapsed = time.time() - began
         for r in records:
             r["seconds"] = round(elapsed / len(records), 3)
             yield r
+
+
+def top_up(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, looks: Sequence[int],
+           configs: Sequence[SequentialConfig], batch_size: int, seed: int, device: torch.device,
+           group: int) -> int:
+    """Continue, in place, the trajectories that a replayed policy needs further (e.g. after the schedule
+    changed), from the same noise stream; returns how many records were extended."""
+    step, top = looks[0], last_look(configs, looks[0])
+    need = [r for r in records if needs_more(r, configs)]
+    by_end: dict[int, list[dict]] = {}
+    for r in need:
+        if "requests" not in r:
+            r["requests"] = _requests_of(r, step)
+        by_end.setdefault(r["sizes"][-1], []).append(r)
+    for batch in (rs[k:k + group] for rs in by_end.values() for k in range(0, len(rs), group)):
+        xs = [dataset[r["idx"]][0].to(device) for r in batch]
+        gens = [stream_generator(seed, r["idx"], 1, device) for r in batch]
+        for g, x, r in zip(gens, xs, batch):
+            advance(g, r["requests"], x.shape, smooth.sigma, batch_size)
+        extend(smooth._sampler, batch, xs, gens, top, step, batch_size)
+    return len(need)
+
+
+def _requests_of(record: dict, step: int) -> list[int]:
+    """Request totals of a record written before they were stored: the head up to the first multiple of
+    `step` at or after n (the first size that is not a multiple of step, or the first multiple after it),
+    then one extension request to the last size if there is one."""
+    sizes = record["sizes"]
+    odd = next((s for s in sizes if s % step), None)
+    head = -(-odd // step) * step if odd is not None else sizes[-1]
+    return [head] if sizes[-1] == head else [head, sizes[-1] - head]
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -146,8 +204,13 @@ def run_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     done = set()
     if out.exists():
-        with out.open() as handle:
-            done = {json.loads(line)["idx"] for line in handle if line.strip()}
+        records = load(str(out))
+        done = {r["idx"] for r in records}
+        extended = top_up(smooth, dataset, records, looks=looks, configs=configs, batch_size=args.batch,
+                          seed=args.seed, device=device, group=args.group)
+        if extended or not out.read_text().endswith("\n"):  # rewrite atomically (an interruption keeps the old)
+            atomic_write_text(out, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            print(f"extended {extended} earlier trajectories", file=sys.stderr)
     todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
     header = {"checkpoint": os.path.basename(args.checkpoint), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
               "n": args.n, "looks": list(looks), "seed": args.seed, "batch": args.batch, "torch": torch.__version__}
@@ -170,8 +233,17 @@ def fixed_row(record: dict, n: int, alpha: float, sigma: float) -> tuple[int, fl
 
 
 def load(path: str) -> list[dict]:
+    """The records of a trajectory file; a torn last line (a run killed mid-write) is dropped."""
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = [line for line in handle if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise SmoothAdvError(f"{path}: line {k + 1} is not a trajectory record") from None
+    return records
 
 
 def run_table(args: argparse.Namespace) -> None:

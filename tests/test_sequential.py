@@ -41,26 +41,30 @@ def bernoulli(p: float, seed: int):
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
 def test_max_radius_matches_fixed_n_100k_within_half_percent(sigma) -> None:
     assert DEFAULT_LOOKS == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-    config = SequentialConfig(sigma)  # the grid's schedule: DEFAULT_LOOKS, plus 39,936 at sigma >= 0.5 (fitted)
-    assert config.looks == (DEFAULT_LOOKS if sigma < 0.5 else tuple(sorted((*DEFAULT_LOOKS, 39936))))
-    k = len(config.looks)
-    assert config.max_radius == pytest.approx(sigma * norm.ppf((0.001 / k) ** (1 / 131072)), rel=1e-12)
+    config = SequentialConfig(sigma)  # the grid's schedule: DEFAULT_LOOKS; at sigma >= 0.5 fitted (see below)
+    fitted = (1024, 2048, 4096, 8192, 16384, 32768, 39936, 65536, 133120)
+    assert config.looks == (DEFAULT_LOOKS if sigma < 0.5 else fitted)
+    k, last = len(config.looks), config.looks[-1]
+    assert config.max_radius == pytest.approx(sigma * norm.ppf((0.001 / k) ** (1 / last)), rel=1e-12)
     fixed = max_certifiable_radius(100_000, 0.001, sigma)  # 3.8115 sigma
     assert abs(config.max_radius / fixed - 1) <= 0.005
     full = SequentialConfig(sigma, policy="full")  # K = 8: every look, every sample agrees
     result = run_sequential(full, lambda k: k)
     assert result.n == 131072 and result.radius == pytest.approx(full.max_radius)
-    assert full.max_radius >= config.max_radius
+    assert config.max_radius >= full.max_radius  # fitted looks never lower the cap
     assert abs(full.max_radius / fixed - 1) <= 0.005
 
 
 def test_fitted_look_is_where_unanimous_votes_first_certify_the_radius() -> None:
     # sigma = 0.5, r = 1.75 = 3.5 sigma: with K = 9 looks, N unanimous votes certify r once (alpha/9)^(1/N) >=
-    # Phi(3.5), i.e. N >= ln(9000) / -ln Phi(3.5) = 39,131: the look is 39 * 1024 = 39,936 (65,536 without it)
+    # Phi(3.5), i.e. N >= ln(9000) / -ln Phi(3.5) = 39,131: the look is 39 * 1024 = 39,936 (65,536 without it).
+    # The last look grows from 131,072 to the first multiple of 1024 whose cap at alpha/9 is >= the cap at alpha/8.
     looks = fitted_looks(0.5, 0.001, (0.0, 1.0, 1.75))
-    assert looks == (1024, 2048, 4096, 8192, 16384, 32768, 39936, 65536, 131072)
+    assert looks == (1024, 2048, 4096, 8192, 16384, 32768, 39936, 65536, 133120)
     need = math.log(0.001 / 9) / math.log(norm.cdf(3.5))
     assert 38 * 1024 < need <= 39936
+    cap8 = clopper_pearson_lower(131072, 131072, 0.001 / 8)
+    assert clopper_pearson_lower(132096, 132096, 0.001 / 9) < cap8 <= clopper_pearson_lower(133120, 133120, 0.001 / 9)
     result = run_sequential(SequentialConfig(0.5, looks=looks, radii=(1.75,)), lambda m: m)
     assert (result.n, result.stop) == (39936, "settled") and result.radius >= 1.75
     # radii the doubling schedule already serves (within 25% of a look) add nothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -88,12 +89,14 @@ def test_trajectories_extend_to_the_last_look_only_when_a_policy_needs_it(bench,
     assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--max", "6", "--looks", "64", "512",
                        "--n", "400", *COMMON]) == 0
     configs = list(bench.policies(0.25, 0.001, doubling_looks(64, 512), [0.5]).values())
+    top = bench.last_look(configs, 64)
+    assert top == 576  # the fitted schedule adds a look on this short base, so its last look grows past 512
     for record in bench.load(str(traj)):
         at = dict(zip(record["sizes"], record["counts"]))
-        assert record["sizes"][-1] in (448, 512) and 400 in at
+        assert record["sizes"][-1] in (448, top) and 400 in at
         assert all(bench.replay(config, at) is not None for config in configs)
         short = {k: v for k, v in at.items() if k <= 448}
-        assert (record["sizes"][-1] == 512) == any(bench.replay(config, short) is None for config in configs)
+        assert (record["sizes"][-1] == top) == any(bench.replay(config, short) is None for config in configs)
         assert all(b >= a for a, b in zip(record["counts"], record["counts"][1:]))
         assert record["label_counts"][-1] <= record["sizes"][-1]
 
@@ -101,5 +104,28 @@ def test_trajectories_extend_to_the_last_look_only_when_a_policy_needs_it(bench,
 def test_bad_schedule_is_a_one_line_error(bench, toy_checkpoint, tmp_path, capsys) -> None:
     assert bench.main(["sample", str(toy_checkpoint), "--out", str(tmp_path / "t.jsonl"), "--max", "1",
                        "--looks", "64", "512", "--n", "1000", *COMMON]) == 2
-    assert "fixed n must be in [1, 512]" in capsys.readouterr().err
+    assert "fixed n must be in [1, 576]" in capsys.readouterr().err
     assert not (tmp_path / "t.jsonl").read_text()
+
+
+def test_top_up_continues_the_same_noise_stream(bench, toy_checkpoint, tmp_path) -> None:
+    # Trajectories cut back to the head (as if written under a shorter schedule, and without the `requests`
+    # field of older files) are continued by a resumed `sample` to exactly the counts of an uncut run.
+    full = tmp_path / "full.jsonl"
+    args = ["--max", "12", "--looks", "64", "512", "--n", "400", "--group", "5", *COMMON]
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(full), *args]) == 0
+    records = bench.load(str(full))
+    extended = [r for r in records if r["sizes"][-1] == 576]
+    assert extended and len(extended) < len(records)
+    cut = tmp_path / "cut.jsonl"
+    with cut.open("w") as handle:
+        for r in records:
+            keep = r["sizes"].index(448) + 1
+            short = {**{k: v for k, v in r.items() if k != "requests"}, "sizes": r["sizes"][:keep],
+                     "counts": r["counts"][:keep], "label_counts": r["label_counts"][:keep]}
+            handle.write(json.dumps(short) + "\n")
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(cut), *args]) == 0
+    again = {r["idx"]: r for r in bench.load(str(cut))}
+    for r in records:
+        for key in ("sizes", "counts", "label_counts"):
+            assert again[r["idx"]][key] == r[key], (r["idx"], key)

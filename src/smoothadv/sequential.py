@@ -85,8 +85,11 @@ def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Seque
     the class certify r at level alpha / K (K = the number of looks, including the added ones). It
     is added when it is at least `min_saving` below the next look of `base`: inputs whose votes are
     (almost) unanimous then stop there instead (e.g. sigma = 0.5, r = 1.75 = 3.5 sigma: a look at
-    40,960 instead of 65,536). The schedule depends only on (sigma, alpha, radii, base), so it is
-    fixed before sampling and the union-bound guarantee is unchanged.
+    39,936 instead of 65,536). Added looks split alpha further, so the last look then grows to the
+    smallest multiple of base[0] whose cap (unanimous radius at alpha / K) is at least `base`'s
+    (133,120 instead of 131,072 for K = 9): the largest radius, and the bound for inputs that reach
+    the last look, do not get worse. The schedule depends only on (sigma, alpha, radii, base), so it
+    is fixed before sampling and the union-bound guarantee is unchanged.
     """
     base = tuple(int(n) for n in base)
     step, last = base[0], base[-1]
@@ -108,7 +111,13 @@ def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Seque
         if found == extra:
             break
         extra = found
-    return tuple(sorted(set(base) | extra))
+    if not extra:
+        return base
+    looks = sorted(set(base) | extra)
+    cap = clopper_pearson_lower(last, last, alpha / len(base))
+    while clopper_pearson_lower(looks[-1], looks[-1], alpha / len(looks)) < cap:
+        looks[-1] += step
+    return tuple(looks)
 
 
 def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DEFAULT_LOOKS,
