@@ -54,18 +54,20 @@ from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearso
 
 
 def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, SequentialConfig]:
-    """The replayed policies: the grid at the standard radii (doubling `looks`, or the default schedule
-    fitted to the grid's radii, which adds looks to `looks`), with forecast levels alpha / K (default),
-    0.05 and 0.2; and single radii."""
+    """The replayed policies: `smoothadv certify --mode sequential`'s default ("grid": the standard radii,
+    the schedule fitted to them, forecast level 0.05), the same with the strict forecast (alpha / K), with
+    forecast level 0.2 and with the plain doubling looks; and single radii (default and strict)."""
     base = tuple(looks)
     radii = standard_radii(sigma, alpha, base)
     fitted = fitted_looks(sigma, alpha, radii, base)
-    out = {"grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii)}
-    for level in (None, 0.05, 0.2):
-        name = "grid" if level is None else f"grid, forecast {level:g}"
-        out[name] = SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=level)
+    out = {"grid": SequentialConfig(sigma, alpha, fitted, "grid", radii),
+           "grid, strict forecast": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=None),
+           "grid, forecast 0.2": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=0.2),
+           "grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii)}
     for r in single:
-        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, base, "grid", radii=(r,))
+        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid", (r,))
+        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid",
+                                                        (r,), forecast_alpha=None)
     return out
 
 

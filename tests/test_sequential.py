@@ -137,9 +137,11 @@ def test_single_radius_and_futility_stop_at_the_first_look() -> None:
 def test_a_looser_forecast_stops_boundary_inputs_sooner() -> None:
     # p = Phi(3) = 0.99865: the radius is about 0.75 = 3 sigma, the top of the sigma = 0.25 grid
     p = float(norm.cdf(3.0))
-    strict = [run_sequential(SequentialConfig(0.25), bernoulli(p, s)).n for s in range(5)]
-    loose = [run_sequential(SequentialConfig(0.25, forecast_alpha=0.2), bernoulli(p, s)).n for s in range(5)]
-    assert all(a <= b for a, b in zip(loose, strict)) and sum(loose) < sum(strict)
+    runs = {level: [run_sequential(SequentialConfig(0.25, forecast_alpha=level), bernoulli(p, s)).n for s in range(5)]
+            for level in (None, 0.05, 0.2)}  # None: the strict forecast at alpha / K; 0.05 is the default
+    assert SequentialConfig(0.25).forecast_alpha == 0.05
+    for loose, strict in ((runs[0.05], runs[None]), (runs[0.2], runs[0.05])):
+        assert all(a <= b for a, b in zip(loose, strict)) and sum(loose) < sum(strict)
     with pytest.raises(SmoothAdvError, match="forecast_alpha"):
         SequentialConfig(0.25, forecast_alpha=1.5)
 
@@ -250,3 +252,17 @@ def test_cli_rejects_inconsistent_sequential_flags(tmp_path, capsys, flags, mess
 def test_standard_radii_reach_the_cap() -> None:
     radii = standard_radii(0.5)
     assert radii[0] == 0.0 and radii[-1] == 1.75 and math.isclose(radii[1], 0.25)
+
+
+def test_cli_forecast_level_default_strict_and_bad(tmp_path, capsys) -> None:
+    import json
+
+    ckpt = _checkpoint(tmp_path)
+    common = ["--sigma", "0.25", "--max", "3", "--no-progress", "--batch", "256", "--device", "cpu", "--mode",
+              "sequential", "--class-from", "label", "--looks", "128:1024", "--radii", "0.25"]
+    for flag, recorded in (([], 0.05), (["--forecast-alpha", "strict"], "strict"), (["--forecast-alpha", "0.2"], 0.2)):
+        out = tmp_path / f"seq{len(flag)}{recorded}.tsv"
+        assert main(["certify", ckpt, "--out", str(out), *common, *flag]) == 0
+        assert json.loads((tmp_path / f"{out.name}.args.json").read_text())["forecast_alpha"] == recorded
+    assert main(["certify", ckpt, "--out", str(tmp_path / "bad.tsv"), *common, "--forecast-alpha", "loose"]) == 2
+    assert "forecast-alpha" in capsys.readouterr().err

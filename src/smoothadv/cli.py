@@ -45,6 +45,11 @@ nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 probability = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+def forecast_level(text: str) -> float | str:
+    """--forecast-alpha: a probability in (0, 1), or 'strict' (alpha / K)."""
+    return "strict" if text == "strict" else probability(text)
+
+
 def shard_spec(text: str) -> tuple[int, int]:
     try:
         i, k = (int(part) for part in text.split("/"))
@@ -285,9 +290,9 @@ def add_certify(sub: Any) -> None:
     q.add_argument("--looks", default=None,
                    help="sequential look schedule FIRST:LAST, doubling (default 1024:131072, plus for the grid "
                         "policy a look where unanimous votes first certify a radius the doubling misses)")
-    q.add_argument("--forecast-alpha", type=probability, default=None,
-                   help="level of the upper bound that forecasts the reachable radius (default alpha/K; larger "
-                        "stops boundary inputs sooner; never affects validity)")
+    q.add_argument("--forecast-alpha", type=forecast_level, default=None,
+                   help="level of the upper bound that forecasts the reachable radius (default 0.05; 'strict' = "
+                        "alpha/K; larger stops boundary inputs sooner; never affects validity)")
     _common(p)
     p.set_defaults(handler=run_certify)
 
@@ -307,8 +312,10 @@ def _sequential_config(args: argparse.Namespace) -> Any:
         raise SmoothAdvError("--policy tolerance needs --tolerance")
     if args.radii is not None and policy != "grid":
         raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
+    forecast = {} if args.forecast_alpha is None else {"forecast_alpha": None if args.forecast_alpha == "strict"
+                                                        else args.forecast_alpha}
     return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0,
-                            args.forecast_alpha)
+                            **forecast)
 
 
 def run_certify(args: argparse.Namespace) -> None:
@@ -320,6 +327,7 @@ def run_certify(args: argparse.Namespace) -> None:
         config = _sequential_config(args)
         args.class_from = args.class_from or "selection"  # provenance records the resolved test
         args.policy, args.radii, args.looks = config.policy, list(config.radii), list(config.looks)
+        args.forecast_alpha = "strict" if config.forecast_alpha is None else config.forecast_alpha
         args.n = None  # unused: the looks set the sample sizes
         smooth, dataset, _, device = _load_smooth(args)
         _run_rows(args, SEQUENTIAL_COLUMNS,
