@@ -263,38 +263,84 @@ def run_table(args: argparse.Namespace) -> None:
     fixed_acc = certified_accuracy([rad for _, rad in fixed], fixed_ok, radii)
     cost = n0 + n
     print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, alpha {args.alpha:g}, n0 {n0}, "
-          f"fixed n {n:,}, looks {looks[0]}..{looks[-1]} (K = {len(looks)})")
+          f"fixed n {n:,}, base looks {looks[0]:,}..{looks[-1]:,}")
     cols = " | ".join(f"{r:g}" for r in radii)
     print(f"\n| run | forward passes / image | fewer than fixed | max diff (pp) | decisions differing | {cols} |")
     print("|---|---|---|---|---|" + "---|" * len(radii))
     print(f"| fixed n = {n:,} | {cost:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in fixed_acc) + " |")
-    for name, config in configs.items():
-        tests = [replay(config, dict(zip(r["sizes"], r["counts"]))) for r in records]
-        missing = sum(t is None for t in tests)
-        if missing:
-            print(f"| {name} | {missing} trajectories too short to replay | | | |")
+    rows = [(name, config, "counts", n0) for name, config in configs.items()]
+    rows += [(f"{name}, label mode", configs[name], "label_counts", 0) for name in configs
+             if name == "grid" or (name.startswith("radius") and not name.endswith("strict"))]
+    for name, config, key, used_n0 in rows:
+        ev = evaluate_policy(records, fixed, config, key, used_n0, radii)
+        if ev is None:
+            print(f"| {name} | trajectories too short to replay | | | |")
             continue
-        results = [t.result() for t in tests]
-        ok = [int(res.certified and r["class"] == r["label"]) for res, r in zip(results, records)]
-        rad = [res.radius if res.certified else 0.0 for res in results]
-        acc = certified_accuracy(rad, ok, radii)
-        used = float(np.mean([n0 + res.n for res in results]))
-        asked = radii if len(config.radii) > 1 else list(config.radii)
-        a = certified_accuracy(rad, ok, asked)
-        b = certified_accuracy([x for _, x in fixed], fixed_ok, asked)
-        differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
-                     for q in asked)
-        cells = [f"{100 * v:.1f}" if q in asked else "" for v, q in zip(acc, radii)]
-        print(f"| {name} | {used:,.0f} | {cost / used:.1f}x | {100 * np.max(np.abs(a - b)):.2f} | "
-              f"{differ} of {len(records) * len(asked)} | " + " | ".join(cells) + " |")
+        cells = [f"{100 * v:.1f}" if q in ev["asked"] else "" for v, q in zip(ev["acc"], radii)]
+        print(f"| {name} | {ev['used']:,.0f} | {cost / ev['used']:.1f}x | {ev['max_diff']:.2f} | "
+              f"{ev['differ']} of {len(records) * len(ev['asked'])} | " + " | ".join(cells) + " |")
+
+
+def evaluate_policy(records: list[dict], fixed: list[tuple[int, float]], config: SequentialConfig, key: str,
+                    used_n0: int, radii: Sequence[float]) -> dict | None:
+    """Replay one policy on every record: mean forward passes, its certified accuracy at `radii`, and its
+    differences from fixed n on the radii it decides (None if a trajectory is too short)."""
+    tests = [replay(config, dict(zip(r["sizes"], r[key]))) for r in records]
+    if any(t is None for t in tests):
+        return None
+    results = [t.result() for t in tests]
+    # selection mode: correct when the selected class is the label; label mode: the label is what was tested
+    ok = [int(res.certified and (key == "label_counts" or r["class"] == r["label"]))
+          for res, r in zip(results, records)]
+    rad = [res.radius if res.certified else 0.0 for res in results]
+    fixed_ok = [int(p == r["label"]) for (p, _), r in zip(fixed, records)]
+    asked = list(radii) if len(config.radii) > 1 else list(config.radii)
+    a = certified_accuracy(rad, ok, asked)
+    b = certified_accuracy([x for _, x in fixed], fixed_ok, asked)
+    differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
+                 for q in asked)
+    return {"used": float(np.mean([used_n0 + res.n for res in results])), "acc": certified_accuracy(rad, ok, radii),
+            "asked": asked, "max_diff": 100 * float(np.max(np.abs(a - b))), "signed": 100 * (a - b), "differ": differ}
+
+
+def run_summary(args: argparse.Namespace) -> None:
+    """One row per model and a total over all of them, for the default grid and single-radius policies."""
+    looks = doubling_looks(*args.looks)
+    print(f"| model | images | policy | forward passes / image | fewer than fixed n = {args.n:,} | "
+          "max table difference (pp) | decisions differing |")
+    print("|---|---|---|---|---|---|---|")
+    totals: dict[str, list[float]] = {}
+    for spec in args.runs:
+        path, _, sigma_text = spec.rpartition(":")
+        sigma = float(sigma_text)
+        records = load(path)
+        configs = policies(sigma, args.alpha, looks, args.single)
+        fixed = [fixed_row(r, args.n, args.alpha, sigma) for r in records]
+        n0 = sum(records[0]["selection"])
+        for name in args.policies:
+            ev = evaluate_policy(records, fixed, configs[name], "counts", n0, configs["grid"].radii)
+            if ev is None:
+                print(f"| {Path(path).stem} | {len(records)} | {name} | too short to replay | | | |")
+                continue
+            total = totals.setdefault(name, [0.0, 0.0, 0.0])
+            total[0] += ev["used"] * len(records)
+            total[1] += (n0 + args.n) * len(records)
+            total[2] += len(records)
+            print(f"| {Path(path).stem} (sigma {sigma:g}) | {len(records)} | {name} | {ev['used']:,.0f} | "
+                  f"{(n0 + args.n) / ev['used']:.1f}x | {ev['max_diff']:.2f} | {ev['differ']} |")
+    for name, (used, fixed_cost, count) in totals.items():
+        print(f"| all | {int(count)} | {name} | {used / count:,.0f} | {fixed_cost / used:.1f}x | | |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table"):
+    for name in ("sample", "table", "summary"):
         p = sub.add_parser(name)
-        if name == "sample":
+        if name == "summary":
+            p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
+            p.add_argument("--policies", nargs="+", default=["grid", "radius 0.5"])
+        elif name == "sample":
             p.add_argument("checkpoint")
             p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
             p.add_argument("--skip", type=int, default=20)
@@ -309,17 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("trajectories")
             p.add_argument("--radii", type=float, nargs="+", default=None, help="table radii (default: the grid's)")
-        p.add_argument("--sigma", type=float, required=True)
+        if name != "summary":
+            p.add_argument("--sigma", type=float, required=True)
         p.add_argument("--alpha", type=float, default=0.001)
         p.add_argument("--n", type=int, default=100_000, help="fixed-n CERTIFY's estimation samples")
         p.add_argument("--looks", type=int, nargs=2, default=(DEFAULT_LOOKS[0], DEFAULT_LOOKS[-1]),
                        metavar=("FIRST", "LAST"))
         p.add_argument("--single", type=float, nargs="*", default=[0.5], help="single radii replayed")
     args = parser.parse_args(argv)
-    if math.isnan(args.sigma) or args.sigma <= 0:
+    if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
-        (run_sample if args.command == "sample" else run_table)(args)
+        {"sample": run_sample, "table": run_table, "summary": run_summary}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
