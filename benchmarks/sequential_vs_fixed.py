@@ -119,7 +119,7 @@ def advance(generator: torch.Generator, requests: Sequence[int], shape: Sequence
     for total in requests:
         while total > 0:
             size = min(batch_size, total)
-            torch.empty((size, *shape)).normal_(0.0, sigma, generator=generator)
+            torch.empty((size, *shape), device=generator.device).normal_(0.0, sigma, generator=generator)
             total -= size
 
 
