@@ -15,12 +15,15 @@ estimation stream 1 of each image under --seed), so the sequential rows are the 
 (`tests/test_sequential_replay.py` checks this) and the fixed-n rows use the first n samples of
 the same estimation stream: the two tables differ only through the stopping rule, not through
 Monte Carlo noise. Trajectories stop at the first multiple of `step` >= n unless one of the
-replayed policies has not stopped by then; they are then continued to the last look.
-`sample` appends one JSON line per image and resumes where a previous run stopped.
+replayed policies has not stopped by then; they are then continued to the largest last look.
+`sample` appends one JSON line per image and resumes where a previous run stopped; when the
+replayed policies change, it first continues earlier trajectories that are now too short, from
+the same noise stream. `summary` prints one row per model and a total.
 
     OMP_NUM_THREADS=1 python benchmarks/sequential_vs_fixed.py sample model.pth.tar --sigma 0.25 \\
         --skip 20 --max 500 --out g025.jsonl --channels-last
     python benchmarks/sequential_vs_fixed.py table g025.jsonl --sigma 0.25
+    python benchmarks/sequential_vs_fixed.py summary g025.jsonl:0.25 g05.jsonl:0.5
 """
 
 from __future__ import annotations
