@@ -66,7 +66,10 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
     out = {"grid": SequentialConfig(sigma, alpha, fitted, "grid", radii),
            "grid, strict forecast": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=None),
            "grid, forecast 0.2": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=0.2),
-           "grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii)}
+           "grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii),
+           "grid, stretched last look": SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, radii, base,
+                                                                                    reference_n=100_000),
+                                                          "grid", radii)}
     for r in single:
         out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid", (r,))
         out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid",

@@ -79,7 +79,8 @@ def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
 
 
 def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Sequence[int] = DEFAULT_LOOKS,
-                 min_saving: float = 0.25) -> tuple[int, ...]:
+                 min_saving: float = 0.25, reference_n: int | None = None, cap_slack: float = 0.004,
+                 ) -> tuple[int, ...]:
     """`base` plus, for grid radii it serves badly, a look where unanimous votes first certify the radius.
 
     For each radius r, n_r is the smallest multiple of base[0] at which all n_r samples voting for
@@ -91,6 +92,11 @@ def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Seque
     (133,120 instead of 131,072 for K = 9): the largest radius, and the bound for inputs that reach
     the last look, do not get worse. The schedule depends only on (sigma, alpha, radii, base), so it
     is fixed before sampling and the union-bound guarantee is unchanged.
+
+    With `reference_n` (the fixed n the schedule replaces, e.g. 100,000) and a last look of at least
+    that, the last look instead grows as far as it can while its cap stays within `cap_slack` of
+    fixed n's cap (sigma * Phi^-1(alpha^(1/reference_n))): inputs whose vote rate sits at a grid
+    radius then get, at the last look, a bound as strong as fixed n's despite the alpha split.
     """
     base = tuple(int(n) for n in base)
     step, last = base[0], base[-1]
@@ -112,11 +118,14 @@ def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Seque
         if found == extra:
             break
         extra = found
-    if not extra:
-        return base
     looks = sorted(set(base) | extra)
+    level = alpha / len(looks)
+    if reference_n is not None and last >= reference_n:
+        limit = (1 + cap_slack) * float(norm.ppf(clopper_pearson_lower(reference_n, reference_n, alpha)))
+        while float(norm.ppf(clopper_pearson_lower(looks[-1] + step, looks[-1] + step, level))) <= limit:
+            looks[-1] += step
     cap = clopper_pearson_lower(last, last, alpha / len(base))
-    while clopper_pearson_lower(looks[-1], looks[-1], alpha / len(looks)) < cap:
+    while clopper_pearson_lower(looks[-1], looks[-1], level) < cap:
         looks[-1] += step
     return tuple(looks)
 
