@@ -154,8 +154,8 @@ class SequentialConfig:
             radius. Default 0.05: stop when even a 95% upper bound on the vote rate could not change
             the answer at the last look. None is the strict forecast at alpha / K (stop only when more
             samples can change the answer with probability at most alpha / K; on the Fashion-MNIST
-            models its tables were within 0.3 pp of the default at 1.2-1.4x the cost; see the README). It changes when the
-            test stops, never the validity of the certificate.
+            models its tables were within 0.3 pp of the default's at 1.2-1.4x the cost; see the
+            README). It changes when the test stops, never the validity of the certificate.
     """
 
     sigma: float
