@@ -71,9 +71,9 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
                                                                                     reference_n=100_000),
                                                           "grid", radii)}
     for r in single:
-        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid", (r,))
-        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, (r,), base), "grid",
-                                                        (r,), forecast_alpha=None)
+        one = fitted_looks(sigma, alpha, (r,), base)
+        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, one, "grid", (r,))
+        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, one, "grid", (r,), forecast_alpha=None)
     return out
 
 
@@ -101,21 +101,20 @@ def needs_more(record: dict, configs: Sequence[SequentialConfig]) -> bool:
 
 
 def extend(sampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
-           upto: int, step: int, batch_size: int) -> None:
-    """Append counts at every multiple of `step` after each record's last size, up to `upto`, drawn from
-    `gens` (positioned where the record's stream stopped) in one request per record."""
-    start = records[0]["sizes"][-1]
-    if any(r["sizes"][-1] != start for r in records):
+           sizes: Sequence[int], batch_size: int) -> None:
+    """Append each record's cumulative counts (tested class and label) at the increasing sample sizes
+    `sizes`, drawn from `gens` (positioned where the record's stream stopped) in one request per record."""
+    start = records[0]["sizes"][-1] if records[0]["sizes"] else 0
+    if any((r["sizes"][-1] if r["sizes"] else 0) != start for r in records):
         raise SmoothAdvError("records extended together must end at the same size")
-    sizes = list(range(start + step, upto + 1, step))
     segments = tuple(np.diff([start, *sizes]).tolist())
     counts = sampler.counts_many([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size)
     counts = counts.cpu().view(len(records), len(sizes), -1).cumsum(1)
     for r, ext in zip(records, counts):
-        r["counts"] += (ext[:, r["class"]] + r["counts"][-1]).tolist()
-        r["label_counts"] += (ext[:, r["label"]] + r["label_counts"][-1]).tolist()
-        r["sizes"] += sizes
-        r["requests"].append(upto - start)
+        r["counts"] += (ext[:, r["class"]] + (r["counts"][-1] if r["counts"] else 0)).tolist()
+        r["label_counts"] += (ext[:, r["label"]] + (r["label_counts"][-1] if r["label_counts"] else 0)).tolist()
+        r["sizes"] += list(sizes)
+        r["requests"].append(sizes[-1] - start)
 
 
 def advance(generator: torch.Generator, requests: Sequence[int], shape: Sequence[int], sigma: float,
@@ -146,20 +145,14 @@ def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Seq
         selection = sampler.counts_many([SampleRequest(x, (n0,), stream_generator(seed, i, 0, device))
                                          for x, i in zip(xs, chunk)], batch_size).cpu()
         gens = [stream_generator(seed, i, 1, device) for i in chunk]
-        segments = tuple(np.diff([0, *head]).tolist())
-        pieces = sampler.counts_many([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size).cpu()
-        pieces = pieces.view(len(chunk), len(head), -1)
-        records = []
-        for row, (i, label) in enumerate(zip(chunk, labels)):
-            c = int(selection[row].argmax())
-            cum = pieces[row].cumsum(0)
-            records.append({"idx": i, "label": label, "selection": selection[row].tolist(), "class": c,
-                            "sizes": list(head), "counts": cum[:, c].tolist(), "label_counts": cum[:, label].tolist(),
-                            "requests": [first_cut]})
+        records = [{"idx": i, "label": label, "selection": counts.tolist(), "class": int(counts.argmax()),
+                    "sizes": [], "counts": [], "label_counts": [], "requests": []}
+                   for i, label, counts in zip(chunk, labels, selection)]
+        extend(sampler, records, xs, gens, head, batch_size)
         need = [k for k, r in enumerate(records) if needs_more(r, configs)] if top > first_cut else []
         if need:
-            extend(sampler, [records[k] for k in need], [xs[k] for k in need], [gens[k] for k in need], top, step,
-                   batch_size)
+            extend(sampler, [records[k] for k in need], [xs[k] for k in need], [gens[k] for k in need],
+                   range(first_cut + step, top + 1, step), batch_size)
         elapsed = time.time() - began
         for r in records:
             r["seconds"] = round(elapsed / len(records), 3)
@@ -183,7 +176,7 @@ def top_up(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict
         gens = [stream_generator(seed, r["idx"], 1, device) for r in batch]
         for g, x, r in zip(gens, xs, batch):
             advance(g, r["requests"], x.shape, smooth.sigma, batch_size)
-        extend(smooth._sampler, batch, xs, gens, top, step, batch_size)
+        extend(smooth._sampler, batch, xs, gens, range(batch[0]["sizes"][-1] + step, top + 1, step), batch_size)
     return len(need)
 
 
@@ -195,6 +188,11 @@ def _requests_of(record: dict, step: int) -> list[int]:
     odd = next((s for s in sizes if s % step), None)
     head = -(-odd // step) * step if odd is not None else sizes[-1]
     return [head] if sizes[-1] == head else [head, sizes[-1] - head]
+
+
+def dump(record: dict) -> str:
+    """One JSON line of a trajectory file."""
+    return json.dumps(record, separators=(",", ":")) + "\n"
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -217,7 +215,7 @@ def run_sample(args: argparse.Namespace) -> None:
         extended = top_up(smooth, dataset, records, looks=looks, configs=configs, batch_size=args.batch,
                           seed=args.seed, device=device, group=args.group)
         if extended or not out.read_text().endswith("\n"):  # rewrite atomically (an interruption keeps the old)
-            atomic_write_text(out, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            atomic_write_text(out, "".join(dump(r) for r in records))
             print(f"extended {extended} earlier trajectories", file=sys.stderr)
     todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
     header = {"checkpoint": os.path.basename(args.checkpoint), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
@@ -227,7 +225,7 @@ def run_sample(args: argparse.Namespace) -> None:
         for count, record in enumerate(trajectories(smooth, dataset, todo, n0=args.n0, n=args.n, looks=looks,
                                                     configs=configs, batch_size=args.batch, seed=args.seed,
                                                     device=device, group=args.group), 1):
-            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+            handle.write(dump(record))
             handle.flush()
             if count % 10 == 0:
                 print(f"{len(done) + count} images", file=sys.stderr, flush=True)

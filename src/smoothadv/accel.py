@@ -53,6 +53,12 @@ class ChannelsLast(nn.Module):
         return self.inner(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
 
 
+def check_precision(precision: str) -> None:
+    """Raise SmoothAdvError unless `precision` is one of PRECISIONS (device checks: `autocast_dtype`)."""
+    if precision not in PRECISIONS:
+        raise SmoothAdvError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of `precision` ("fp32": None, "bf16", "fp16") on `device`, checked.
 
@@ -60,8 +66,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     without bf16 support.
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise SmoothAdvError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     dtype = PRECISIONS[precision]
     if dtype is torch.float16 and device.type != "cuda":
         raise SmoothAdvError("fp16 autocast needs a GPU; on CPU use --precision bf16")

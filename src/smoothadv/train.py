@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .accel import PRECISIONS, autocast_dtype
+from .accel import autocast_dtype, check_precision
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
 from .distributed import all_reduce_sum, derive_seed, restarted, setup, shard_order, teardown
 from .errors import SmoothAdvError
@@ -95,8 +95,7 @@ class TrainConfig:
             raise SmoothAdvError(f"sigma must be >= 0, got {self.sigma}")
         if self.unlabelled_weight < 0:
             raise SmoothAdvError(f"unlabelled weight must be >= 0, got {self.unlabelled_weight}")
-        if self.precision not in PRECISIONS:
-            raise SmoothAdvError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
 
 def resolve_device(name: str | None) -> torch.device:
