@@ -48,7 +48,7 @@ from smoothadv.sequential import (
     SequentialConfig,
     SequentialTest,
     doubling_looks,
-    fitted_looks,
+    fitted_schedule,
     standard_radii,
     stream_generator,
 )
@@ -58,22 +58,24 @@ from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearso
 
 def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, SequentialConfig]:
     """The replayed policies: `smoothadv certify --mode sequential`'s default ("grid": the standard radii,
-    the schedule fitted to them, forecast level 0.05), the same with the strict forecast (alpha / K), with
-    forecast level 0.2 and with the plain doubling looks; and single radii (default and strict)."""
+    the schedule and alpha spending fitted to them, forecast level 0.05), the same with the strict forecast
+    (each look's own level), with forecast level 0.2, and on the plain doubling looks with alpha / K at every
+    look; and single radii (default and strict)."""
     base = tuple(looks)
     radii = standard_radii(sigma, alpha, base)
-    fitted = fitted_looks(sigma, alpha, radii, base)
-    out = {"grid": SequentialConfig(sigma, alpha, fitted, "grid", radii),
-           "grid, strict forecast": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=None),
-           "grid, forecast 0.2": SequentialConfig(sigma, alpha, fitted, "grid", radii, forecast_alpha=0.2),
-           "grid, doubling looks": SequentialConfig(sigma, alpha, base, "grid", radii),
-           "grid, stretched last look": SequentialConfig(sigma, alpha, fitted_looks(sigma, alpha, radii, base,
-                                                                                    reference_n=100_000),
-                                                          "grid", radii)}
+    fitted, levels = fitted_schedule(sigma, alpha, radii, base)
+
+    def grid(**kw: object) -> SequentialConfig:
+        return SequentialConfig(sigma, alpha, fitted, "grid", radii, levels=levels, **kw)  # type: ignore[arg-type]
+
+    out = {"grid": grid(), "grid, strict forecast": grid(forecast_alpha=None),
+           "grid, forecast 0.2": grid(forecast_alpha=0.2),
+           "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base, "grid", radii)}
     for r in single:
-        one = fitted_looks(sigma, alpha, (r,), base)
-        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, one, "grid", (r,))
-        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, one, "grid", (r,), forecast_alpha=None)
+        one, one_levels = fitted_schedule(sigma, alpha, (r,), base)
+        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, one, "grid", (r,), levels=one_levels)
+        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, one, "grid", (r,), forecast_alpha=None,
+                                                         levels=one_levels)
     return out
 
 

@@ -26,7 +26,7 @@ from smoothadv.sequential import (
     certify_sequential,
     certify_sequential_many,
     doubling_looks,
-    fitted_looks,
+    fitted_schedule,
     run_sequential,
     standard_radii,
 )
@@ -41,36 +41,54 @@ def bernoulli(p: float, seed: int):
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
 def test_max_radius_matches_fixed_n_100k_within_half_percent(sigma) -> None:
     assert DEFAULT_LOOKS == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-    config = SequentialConfig(sigma)  # the grid's schedule: DEFAULT_LOOKS; at sigma >= 0.5 fitted (see below)
-    fitted = (1024, 2048, 4096, 8192, 16384, 32768, 39936, 65536, 133120)
-    assert config.looks == (DEFAULT_LOOKS if sigma < 0.5 else fitted)
-    k, last = len(config.looks), config.looks[-1]
-    assert config.max_radius == pytest.approx(sigma * norm.ppf((0.001 / k) ** (1 / last)), rel=1e-12)
+    config = SequentialConfig(sigma)  # the grid's default: the fitted schedule, half of alpha at its last look
+    assert config.looks[-1] == 111616 and config.levels[-1] == pytest.approx(0.0005)
+    assert sum(config.levels) == pytest.approx(0.001, rel=1e-12)
+    assert config.max_radius == pytest.approx(sigma * norm.ppf(0.0005 ** (1 / 111616)), rel=1e-12)
     fixed = max_certifiable_radius(100_000, 0.001, sigma)  # 3.8115 sigma
     assert abs(config.max_radius / fixed - 1) <= 0.005
-    full = SequentialConfig(sigma, policy="full")  # K = 8: every look, every sample agrees
+    full = SequentialConfig(sigma, policy="full")  # K = 8 doubling looks at alpha / 8: every look, every sample agrees
+    assert full.levels == (0.001 / 8,) * 8
     result = run_sequential(full, lambda k: k)
     assert result.n == 131072 and result.radius == pytest.approx(full.max_radius)
-    assert config.max_radius >= full.max_radius  # fitted looks never lower the cap
+    assert config.max_radius >= full.max_radius  # the fitted schedule never lowers the cap
     assert abs(full.max_radius / fixed - 1) <= 0.005
 
 
-def test_fitted_look_is_where_unanimous_votes_first_certify_the_radius() -> None:
-    # sigma = 0.5, r = 1.75 = 3.5 sigma: with K = 9 looks, N unanimous votes certify r once (alpha/9)^(1/N) >=
-    # Phi(3.5), i.e. N >= ln(9000) / -ln Phi(3.5) = 39,131: the look is 39 * 1024 = 39,936 (65,536 without it).
-    # The last look grows from 131,072 to the first multiple of 1024 whose cap at alpha/9 is >= the cap at alpha/8.
-    looks = fitted_looks(0.5, 0.001, (0.0, 1.0, 1.75))
-    assert looks == (1024, 2048, 4096, 8192, 16384, 32768, 39936, 65536, 133120)
-    need = math.log(0.001 / 9) / math.log(norm.cdf(3.5))
-    assert 38 * 1024 < need <= 39936
+def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
+    # Last look: the first multiple of 1024 whose cap at alpha / 2 reaches the doubling schedule's cap at alpha / 8:
+    # N >= ln(2000) / -ln((alpha/8)^(1/131072)) = 131072 ln 2000 / ln 8000 = 110,946, so 109 * 1024 = 111,616.
+    # Top radius sigma = 0.5, r = 1.75 = 3.5 sigma at alpha / 4: N >= ln(4000) / -ln Phi(3.5) = 35,650 -> 35 * 1024.
+    looks, levels = fitted_schedule(0.5, 0.001, (0.0, 1.0, 1.75))
+    assert looks == (1024, 2048, 4096, 8192, 16384, 32768, 35840, 65536, 111616)
+    assert levels == pytest.approx((0.001 / 28,) * 6 + (0.001 / 4, 0.001 / 28, 0.001 / 2), rel=1e-12)
+    assert 108 * 1024 < 131072 * math.log(2000) / math.log(8000) <= 111616
     cap8 = clopper_pearson_lower(131072, 131072, 0.001 / 8)
-    assert clopper_pearson_lower(132096, 132096, 0.001 / 9) < cap8 <= clopper_pearson_lower(133120, 133120, 0.001 / 9)
-    result = run_sequential(SequentialConfig(0.5, looks=looks, radii=(1.75,)), lambda m: m)
-    assert (result.n, result.stop) == (39936, "settled") and result.radius >= 1.75
-    # radii the doubling schedule already serves (within 25% of a look) add nothing
-    assert fitted_looks(0.25, 0.001, standard_radii(0.25)) == DEFAULT_LOOKS
-    assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).looks == DEFAULT_LOOKS  # explicit looks are kept
+    assert clopper_pearson_lower(110592, 110592, 0.0005) < cap8 <= clopper_pearson_lower(111616, 111616, 0.0005)
+    need = math.log(0.001 / 4) / math.log(norm.cdf(3.5))
+    assert 34 * 1024 < need <= 35840
+    config = SequentialConfig(0.5, radii=(0.0, 1.0, 1.75))
+    assert (config.looks, config.levels) == (looks, levels)
+    result = run_sequential(config, lambda m: m)  # unanimous votes stop at the fitted look
+    assert (result.n, result.stop) == (35840, "settled") and result.radius >= 1.75
+    # sigma = 0.25, r = 0.75 = 3 sigma: ln(4000) / -ln Phi(3) = 6,140 -> 6,144, between the doublings
+    assert fitted_schedule(0.25, 0.001, standard_radii(0.25))[0] == (1024, 2048, 4096, 6144, 8192, 16384, 32768,
+                                                                      65536, 111616)
+    # a top radius at a doubling look takes that look's place; one beyond the last look adds nothing
+    one, one_levels = fitted_schedule(0.5, 0.001, (0.5,))
+    assert one == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 111616)
+    assert one_levels[0] == pytest.approx(0.00025) and one_levels[1] == pytest.approx(0.00025 / 6)
+    far, far_levels = fitted_schedule(0.5, 0.001, (5.0,))
+    assert far == (*DEFAULT_LOOKS[:-1], 111616) and far_levels[:-1] == pytest.approx((0.0005 / 7,) * 7)
+    # explicit looks keep the equal split alpha / K
+    assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).levels == (0.001 / 8,) * 8
     assert SequentialConfig(0.5, policy="full").looks == DEFAULT_LOOKS
+
+
+@pytest.mark.parametrize("levels", [(0.0005, 0.0005, 0.0001), (0.001, 0.0), (0.0005,)])
+def test_levels_must_sum_to_at_most_alpha(levels) -> None:
+    with pytest.raises(SmoothAdvError, match="levels"):
+        SequentialConfig(0.5, looks=(1024, 2048, 4096)[: max(len(levels), 2)], levels=levels)
 
 
 def test_one_look_is_cohens_fixed_n_bound() -> None:
@@ -83,17 +101,20 @@ def test_one_look_is_cohens_fixed_n_bound() -> None:
 
 @pytest.mark.parametrize("policy,p,forecast,fitted", [
     ("full", 0.8, None, False), ("grid", 0.8, None, False), ("tolerance", 0.93, None, False),
-    ("grid", 0.8, 0.5, False), ("grid", 0.8, 0.05, True), ("grid", 0.95, 0.05, True)])
+    ("grid", 0.8, 0.5, False), ("grid", 0.8, 0.05, True), ("grid", 0.95, 0.05, True), ("full", 0.95, None, True)])
 def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p, forecast, fitted) -> None:
-    # alpha = 0.2 split over the K looks (7 doubling, 8 with the look fitted to the radii: 8, 16, 24, 32, 64, 128,
-    # 256, 512): the reported max_j L_j exceeds the true p in at most a fraction alpha of runs. Tolerance: the
-    # 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead of alpha / K fails this check:
-    # the invalid rate of the running maximum then exceeds 0.3.)
+    # alpha = 0.2 over the looks: 7 doubling looks 8..512 at alpha / 7, or the fitted schedule 8, 16, 32, 48, 64, 128,
+    # 256, 336 spending alpha / 4 at 48 (unanimous votes certify r = 1.5 there), alpha / 2 at 336 and alpha / 24
+    # elsewhere. The reported max_j L_j exceeds the true p in at most a fraction alpha of runs. Tolerance: the
+    # 0.999 quantile of Binomial(trials, alpha). (Using alpha at every look instead fails this check: the invalid
+    # rate of the running maximum then exceeds 0.3.)
     radii = (0.0, 0.5, 0.9, 1.2, 1.5)
-    looks = fitted_looks(1.0, 0.2, radii, doubling_looks(8, 512)) if fitted else doubling_looks(8, 512)
-    assert len(looks) == (8 if fitted else 7)
+    looks, levels = fitted_schedule(1.0, 0.2, radii, doubling_looks(8, 512)) if fitted else (doubling_looks(8, 512),
+                                                                                              None)
+    assert looks == ((8, 16, 32, 48, 64, 128, 256, 336) if fitted else (8, 16, 32, 64, 128, 256, 512))
     config = SequentialConfig(1.0, alpha=0.2, looks=looks, policy=policy, radii=radii, tolerance=0.05,
-                              forecast_alpha=forecast)
+                              forecast_alpha=forecast, levels=levels)
+    assert sum(config.levels) == pytest.approx(0.2)
     trials = 400
     sample = bernoulli(p, 11)
     invalid = sum(run_sequential(config, sample).p_lower > p for _ in range(trials))
@@ -112,14 +133,17 @@ def test_unsplit_alpha_would_be_invalid() -> None:
 
 
 def test_unanimous_votes_stop_at_the_first_look_that_certifies_the_top_radius() -> None:
-    sigma, alpha, k = 0.25, 0.001, len(DEFAULT_LOOKS)
+    sigma, alpha = 0.25, 0.001
     config = SequentialConfig(sigma)  # grid 0, 0.25, 0.5, 0.75
     assert config.radii == (0.0, 0.25, 0.5, 0.75) == standard_radii(sigma)
-    # all N agree: radius sigma * Phi^-1((alpha/K)^(1/N)); the first look with radius >= 0.75 = 3 sigma
-    expected = next(n for n in DEFAULT_LOOKS if sigma * norm.ppf((alpha / k) ** (1 / n)) >= 0.75)
+    # all N agree: radius sigma * Phi^-1(alpha_j^(1/N)); the fitted look 6,144 spends alpha / 4 and is the first
+    # with radius >= 0.75 = 3 sigma (with alpha / 8 at the doubling looks it would be 8,192)
+    radius = {n: sigma * norm.ppf(level ** (1 / n)) for n, level in zip(config.looks, config.levels)}
+    expected = next(n for n in config.looks if radius[n] >= 0.75)
     result = run_sequential(config, lambda m: m)
-    assert expected == 8192 and result.n == expected and result.stop == "settled"
-    assert result.radius == pytest.approx(sigma * norm.ppf((alpha / k) ** (1 / expected)))
+    assert expected == 6144 and result.n == expected and result.stop == "settled"
+    assert result.radius == pytest.approx(radius[6144]) and config.levels[3] == pytest.approx(alpha / 4)
+    assert next(n for n in DEFAULT_LOOKS if sigma * norm.ppf((alpha / 8) ** (1 / n)) >= 0.75) == 8192
 
 
 def test_single_radius_and_futility_stop_at_the_first_look() -> None:
@@ -138,7 +162,7 @@ def test_a_looser_forecast_stops_boundary_inputs_sooner() -> None:
     # p = Phi(3) = 0.99865: the radius is about 0.75 = 3 sigma, the top of the sigma = 0.25 grid
     p = float(norm.cdf(3.0))
     runs = {level: [run_sequential(SequentialConfig(0.25, forecast_alpha=level), bernoulli(p, s)).n for s in range(5)]
-            for level in (None, 0.05, 0.2)}  # None: the strict forecast at alpha / K; 0.05 is the default
+            for level in (None, 0.05, 0.2)}  # None: the strict forecast at each look's level
     assert SequentialConfig(0.25).forecast_alpha == 0.05
     for loose, strict in ((runs[0.05], runs[None]), (runs[0.2], runs[0.05])):
         assert all(a <= b for a, b in zip(loose, strict)) and sum(loose) < sum(strict)

@@ -108,18 +108,20 @@ def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
     assert summary["controls"] == summary["controls_detected"] == 1
     certify = [r for r in results if r.kind == "certify" and not r.control]
     predict = [r for r in results if r.kind == "predict"]
-    assert len(certify) >= 7 + 2 * 4 and len(predict) == 3  # fixed-n on 7 inputs; packed, 3 sequential on 2
+    assert len(certify) == 7 + 2 * 5 and len(predict) == 3  # fixed-n on 7 inputs; packed, 4 sequential on 2
     pooled = sum(r.checked for r in certify) / sum(r.trials for r in certify)
     assert pooled <= alpha_quantile(sum(r.trials for r in certify), 0.1)
     modes = {r.mode for r in certify}
     assert any(m.startswith("certify_many") for m in modes)
     assert {"full", "grid", "full label"} <= {m.split(" looks")[0][len("sequential "):] for m in modes
                                                if m.startswith("sequential")}
+    spent = {m for m in modes if "alpha spending" in m}  # the default schedule: unequal levels, checked exactly too
+    assert spent == {"sequential grid looks=fitted (alpha spending)", "sequential full looks=fitted (alpha spending)"}
     for r in certify:
         if r.mode.startswith("certify"):
             assert 0.09 < r.exact_rate <= 0.1  # hardest inputs for fixed n: failures really are observable
         elif r.exact_rate is not None:
-            assert 0.005 < r.exact_rate <= 0.1  # sequential, policy full: Bonferroni over 3 looks
+            assert 0.005 < r.exact_rate <= 0.1  # sequential, policy full: union bound over the looks
         assert 0.6 < r.tightness < 1.0
     assert binomial_tolerance(600, 0.1) == int(binom.ppf(0.999, 600, 0.1))
 
@@ -157,20 +159,22 @@ def test_linear_counts_follow_the_binomial_law() -> None:
     assert abs(k - n * p) <= 4.5 * math.sqrt(n * p * (1 - p))
 
 
-def test_exact_sequential_failure_matches_monte_carlo_on_counts() -> None:
+@pytest.mark.parametrize("levels", [None, (0.01, 0.03, 0.06)])
+def test_exact_sequential_failure_matches_monte_carlo_on_counts(levels) -> None:
     from smoothadv.validity import cp_lower_all, exact_sequential_failure
 
     problem = Problem("lin", (1, 1, 1), 1.0, (0.0,), float(norm.ppf(0.87)))
     looks, alpha = (25, 50, 100), 0.1
+    per_look = levels or (alpha / 3,) * 3  # None: the equal split alpha / K
     rng = np.random.default_rng(0)
     trials = 100_000
     steps = np.stack([rng.binomial(25, 0.87, trials), rng.binomial(25, 0.87, trials), rng.binomial(50, 0.87, trials)])
     sums = np.cumsum(steps, axis=0)
-    best = np.max([cp_lower_all(n, alpha / 3)[sums[j]] for j, n in enumerate(looks)], axis=0)
+    best = np.max([cp_lower_all(n, per_look[j])[sums[j]] for j, n in enumerate(looks)], axis=0)
     rate = float(np.mean(best > 0.87))
-    exact = exact_sequential_failure(problem, None, looks, alpha)
+    exact = exact_sequential_failure(problem, None, looks, alpha, levels=levels)
     assert abs(rate - exact) <= 4.5 * math.sqrt(exact * (1 - exact) / trials)
-    assert exact <= alpha / 3 * 3
+    assert exact <= sum(per_look) == pytest.approx(alpha)
 
 
 def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None:

@@ -46,7 +46,7 @@ probability = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def forecast_level(text: str) -> float | str:
-    """--forecast-alpha: a probability in (0, 1), or 'strict' (alpha / K)."""
+    """--forecast-alpha: a probability in (0, 1), or 'strict' (each look's own level)."""
     return "strict" if text == "strict" else probability(text)
 
 
@@ -288,34 +288,39 @@ def add_certify(sub: Any) -> None:
                    help="grid policy: radii to decide (one radius = single-radius mode; default 0, 0.25, ...)")
     q.add_argument("--tolerance", type=nonneg_float, default=None, help="tolerance policy: radius loss accepted")
     q.add_argument("--looks", default=None,
-                   help="sequential look schedule FIRST:LAST, doubling (default 1024:131072, plus for the grid "
-                        "policy a look where unanimous votes first certify a radius the doubling misses)")
+                   help="sequential doubling looks FIRST:LAST (default 1024:131072), alpha split equally; the grid "
+                        "policy fits its schedule to them: the looks below a last look that keeps their cap at "
+                        "alpha/2 (111,616 by default), plus a look where unanimous votes first certify the largest "
+                        "radius (alpha/4)")
     q.add_argument("--forecast-alpha", type=forecast_level, default=None,
                    help="level of the upper bound that forecasts the reachable radius (default 0.05; 'strict' = "
-                        "alpha/K; larger stops boundary inputs sooner; never affects validity)")
+                        "the look's own level; larger stops boundary inputs sooner; never affects validity)")
     _common(p)
     p.set_defaults(handler=run_certify)
 
 
 def _sequential_config(args: argparse.Namespace) -> Any:
-    from .sequential import SequentialConfig, doubling_looks
+    from .sequential import SequentialConfig, doubling_looks, fitted_schedule, standard_radii
 
-    looks = None  # the default schedule (fitted to the grid's radii)
+    policy = args.policy or ("tolerance" if args.tolerance is not None else "grid")
+    if policy == "tolerance" and args.tolerance is None:
+        raise SmoothAdvError("--policy tolerance needs --tolerance")
+    if args.radii is not None and policy != "grid":
+        raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
+    looks = levels = None  # the default schedule (for the grid policy: fitted to its radii on 1024:131072)
     if args.looks is not None:
         try:
             first, last = (int(part) for part in args.looks.split(":"))
         except ValueError:
             raise SmoothAdvError(f"--looks must be FIRST:LAST (e.g. 1024:131072), got {args.looks!r}") from None
         looks = doubling_looks(first, last)
-    policy = args.policy or ("tolerance" if args.tolerance is not None else "grid")
-    if policy == "tolerance" and args.tolerance is None:
-        raise SmoothAdvError("--policy tolerance needs --tolerance")
-    if args.radii is not None and policy != "grid":
-        raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
+        if policy == "grid":  # the grid's schedule is fitted to its radii on the given doubling looks
+            radii = tuple(args.radii or standard_radii(args.sigma, args.alpha, looks))
+            looks, levels = fitted_schedule(args.sigma, args.alpha, radii, looks)
     forecast = {} if args.forecast_alpha is None else {"forecast_alpha": None if args.forecast_alpha == "strict"
                                                         else args.forecast_alpha}
     return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0,
-                            **forecast)
+                            levels=levels, **forecast)
 
 
 def run_certify(args: argparse.Namespace) -> None:
@@ -327,6 +332,7 @@ def run_certify(args: argparse.Namespace) -> None:
         config = _sequential_config(args)
         args.class_from = args.class_from or "selection"  # provenance records the resolved test
         args.policy, args.radii, args.looks = config.policy, list(config.radii), list(config.looks)
+        args.levels = list(config.levels)  # alpha spent at each look (provenance; they sum to at most alpha)
         args.forecast_alpha = "strict" if config.forecast_alpha is None else config.forecast_alpha
         args.n = None  # unused: the looks set the sample sizes
         smooth, dataset, _, device = _load_smooth(args)

@@ -1,26 +1,31 @@
 """Sequential certification: Cohen et al.'s CERTIFY with far fewer samples and the same guarantee.
 
 Group-sequential Clopper-Pearson (GS-CP). The counts of the tested class c are looked at after
-N_1 < N_2 < ... < N_K samples (a schedule fixed before sampling; default 1024 * 2^j up to
-131,072, K = 8, plus for the grid policy a look where unanimous votes first certify a grid radius
-that the doubling schedule serves badly: `fitted_looks`); samples are reused across looks. At look
-j the one-sided Clopper-Pearson lower bound L_j is computed at level alpha / K, and the certificate
-uses the largest L_j seen.
+N_1 < N_2 < ... < N_K samples (a schedule fixed before sampling); samples are reused across looks.
+At look j the one-sided Clopper-Pearson lower bound L_j is computed at level alpha_j, with
+alpha_1 + ... + alpha_K <= alpha, and the certificate uses the largest L_j seen. Schedules:
 
-Guarantee (union bound): each L_j <= p_c fails with probability at most alpha / K, so with
+- explicit looks (e.g. 1024 * 2^j up to 131,072, K = 8): alpha_j = alpha / K;
+- the grid policy's default, `fitted_schedule` (alpha spending): the doubling looks below the last,
+  a look where unanimous votes first certify the largest grid radius (alpha / 4) and a last look
+  sized to keep the doubling schedule's cap (alpha / 2; 111,616 samples at alpha = 0.001); the
+  other looks share alpha / 4.
+
+Guarantee (union bound): each L_j <= p_c fails with probability at most alpha_j, so with
 probability at least 1 - alpha *all* K bounds hold at once, whatever rule decides when to stop.
 So the result is ABSTAIN or, with probability >= 1 - alpha, g(x) = c and g is constant on the
 L2 ball of the returned radius sigma * Phi^-1(max_j L_j) (Cohen, Rosenfeld & Kolter, ICML 2019,
 Theorem 1). The stopping policy changes the cost and the power, never the validity. The
 largest radius at the last look, sigma * Phi^-1((alpha/8)^(1/131072)) = 3.813 sigma at
-alpha = 0.001, matches fixed n = 100,000's 3.811 sigma.
+alpha = 0.001 (the fitted schedule's last look is sized to keep it), matches fixed n = 100,000's
+3.811 sigma.
 
 Stopping policies (all stop at the last look):
 - `grid` (with `radii`): stop once the answer "certified at r or not" is settled for every r in
   `radii`: either the radius already reaches r, or r is out of reach, judged optimistically by
   the radius the last look would give if the class's rate were the current upper bound U_j
-  (Clopper-Pearson at level `forecast_alpha`, 0.05 by default, or alpha / K for the strict
-  forecast). One radius is the single-radius policy.
+  (Clopper-Pearson at level `forecast_alpha`, 0.05 by default, or the look's alpha_j for the
+  strict forecast). One radius is the single-radius policy.
 - `tolerance`: stop once that optimistic reachable radius is within `tolerance` of the current one.
 - `full`: every look (Cohen-equivalent radius; costs N_K samples).
 - futility (all but `full`): stop when U_j <= 1/2 (no certificate is reachable).
@@ -31,7 +36,8 @@ label directly (evaluation only, no selection samples): a certificate then says 
 g(x) and robust, and ABSTAIN means "not certified" (g(x) may or may not be the label).
 
 References: Cohen et al. 2019 (arXiv:1902.02918); the look schedule with a Bonferroni split is
-the classical group-sequential design (Pocock 1977); multi-stage sampling for randomized
+the classical group-sequential design (Pocock 1977), and spending more of alpha on chosen looks is
+alpha spending (Lan & DeMets 1983); multi-stage sampling for randomized
 smoothing: Horvath et al., ICLR 2022.
 
 The counts-level logic (`SequentialConfig`, `SequentialTest`, `run_sequential`) uses no network,
@@ -42,6 +48,7 @@ so it is tested against Bernoulli samplers with known p; `certify_sequential` an
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,56 +85,59 @@ def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
     return tuple(looks)
 
 
-def fitted_looks(sigma: float, alpha: float, radii: Sequence[float], base: Sequence[int] = DEFAULT_LOOKS,
-                 min_saving: float = 0.25, reference_n: int | None = None, cap_slack: float = 0.004,
-                 ) -> tuple[int, ...]:
-    """`base` plus, for grid radii it serves badly, a look where unanimous votes first certify the radius.
+def fitted_schedule(sigma: float, alpha: float, radii: Sequence[float], base: Sequence[int] = DEFAULT_LOOKS,
+                    last_share: float = 0.5, top_share: float = 0.25,
+                    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Looks and per-look levels (alpha spending) fitted to the grid `radii`; the levels sum to alpha.
 
-    For each radius r, n_r is the smallest multiple of base[0] at which all n_r samples voting for
-    the class certify r at level alpha / K (K = the number of looks, including the added ones). It
-    is added when it is at least `min_saving` below the next look of `base`: inputs whose votes are
-    (almost) unanimous then stop there instead (e.g. sigma = 0.5, r = 1.75 = 3.5 sigma: a look at
-    39,936 instead of 65,536). Added looks split alpha further, so the last look then grows to the
-    smallest multiple of base[0] whose cap (unanimous radius at alpha / K) is at least `base`'s
-    (133,120 instead of 131,072 for K = 9): the largest radius, and the bound for inputs that reach
-    the last look, do not get worse. The schedule depends only on (sigma, alpha, radii, base), so it
-    is fixed before sampling and the union-bound guarantee is unchanged.
+    Two looks decide most inputs, so they get most of alpha (shares of alpha, the rest split equally
+    over the other looks of `base`):
 
-    With `reference_n` (the fixed n the schedule replaces, e.g. 100,000) and a last look of at least
-    that, the last look instead grows as far as it can while its cap stays within `cap_slack` of
-    fixed n's cap (sigma * Phi^-1(alpha^(1/reference_n))): inputs whose vote rate sits at a grid
-    radius then get, at the last look, a bound as strong as fixed n's despite the alpha split.
+    - the last look (`last_share`, default 1/2): inputs whose vote rate sits at a grid radius take
+      every look. It is the smallest multiple of base[0] whose cap (the radius when every vote agrees)
+      is at least `base`'s with an equal split (131,072 at alpha / 8: 3.813 sigma, fixed n = 100,000
+      gives 3.811 sigma), so the largest radius is unchanged and the worst case costs 111,616 samples
+      at alpha = 0.001 instead of 131,072.
+    - the look where unanimous votes first certify the largest grid radius (`top_share`, default
+      1/4): near-unanimous inputs stop there (sigma = 0.5, r = 1.75 = 3.5 sigma: 35,840 instead of
+      65,536; sigma = 0.25, r = 0.75: 6,144). It is added to `base` (or takes a look it coincides
+      with) when it comes before the last look; otherwise its share goes to the other looks.
+
+    The schedule depends only on (sigma, alpha, radii, base, shares), so it is fixed before sampling
+    and the union bound over the looks (each failing with probability at most its level) keeps the
+    certificate valid at level alpha whatever the stopping rule.
     """
     base = tuple(int(n) for n in base)
-    step, last = base[0], base[-1]
-    extra: set[int] = set()
-    for _ in range(10):  # K and the added looks depend on each other; a fixed point is reached in 2-3 rounds
-        level = alpha / (len(base) + len(extra))
-        found = set()
-        for r in radii:
-            if r <= 0:
-                continue
-            target = float(norm.cdf(r / sigma))
-            # unanimous votes give p_lower = level^(1/n); need it >= target
-            n = math.ceil(math.log(level) / math.log(target) / step) * step if target < 1 else last + 1
-            while n <= last and clopper_pearson_lower(n, n, level) < target:
-                n += step
-            later = [b for b in base if b >= n]
-            if n < last and later and n not in base and n <= (1 - min_saving) * later[0]:
-                found.add(n)
-        if found == extra:
-            break
-        extra = found
-    looks = sorted(set(base) | extra)
-    level = alpha / len(looks)
-    if reference_n is not None and last >= reference_n:
-        limit = (1 + cap_slack) * float(norm.ppf(clopper_pearson_lower(reference_n, reference_n, alpha)))
-        while float(norm.ppf(clopper_pearson_lower(looks[-1] + step, looks[-1] + step, level))) <= limit:
-            looks[-1] += step
-    cap = clopper_pearson_lower(last, last, alpha / len(base))
-    while clopper_pearson_lower(looks[-1], looks[-1], level) < cap:
-        looks[-1] += step
-    return tuple(looks)
+    if not 0.0 < last_share < 1.0 or not 0.0 <= top_share < 1.0 - last_share:
+        raise SmoothAdvError(f"need 0 < last_share < 1 and 0 <= top_share < 1 - last_share, got {last_share}, "
+                             f"{top_share}")
+    step = base[0]
+    cap = clopper_pearson_lower(base[-1], base[-1], alpha / len(base))
+    last = _unanimous_look(cap, alpha * last_share, step)
+    earlier = [b for b in base if b < last]
+    if not earlier:  # a one-look base: nothing to spend early
+        return (base[-1],), (alpha,)
+    top = max((float(r) for r in radii), default=0.0)
+    special = _unanimous_look(float(norm.cdf(top / sigma)), alpha * top_share, step) if top > 0 and top_share else last
+    if special >= last:
+        levels = {b: alpha * (1 - last_share) / len(earlier) for b in earlier}
+    else:
+        others = [b for b in earlier if b != special]
+        levels = {b: alpha * (1 - last_share - top_share) / len(others) for b in others} if others else {}
+        levels[special] = alpha * (top_share if others else 1 - last_share)
+    levels[last] = alpha * last_share
+    looks = tuple(sorted(levels))
+    return looks, tuple(levels[n] for n in looks)
+
+
+def _unanimous_look(target: float, level: float, step: int) -> int:
+    """Smallest multiple of `step` at which all-agreeing votes give a lower bound >= `target` at `level`."""
+    if target >= 1.0:
+        return sys.maxsize
+    n = max(step, math.ceil(math.log(level) / math.log(target) / step) * step)
+    while clopper_pearson_lower(n, n, level) < target:
+        n += step
+    return n
 
 
 def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DEFAULT_LOOKS,
@@ -143,19 +153,22 @@ class SequentialConfig:
 
     Args:
         sigma: noise level of the smoothed classifier.
-        alpha: total failure probability (split equally over the looks).
+        alpha: total failure probability (split over the looks by `levels`).
         looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: 1024,
-            2048, ..., 131072, plus for the grid policy the looks `fitted_looks` adds for its radii
-            (sigma = 0.5 with the standard radii: 39,936 for r = 1.75).
+            2048, ..., 131072 (K = 8); for the grid policy `fitted_schedule` for its radii (sigma = 0.5
+            with the standard radii: 1024, ..., 32768, 35840, 65536, 111616).
         policy: "grid", "tolerance" or "full" (see the module docstring).
         radii: the radii whose decision `grid` settles (default: `standard_radii`).
         tolerance: for `tolerance`, the radius loss accepted against the best reachable radius.
         forecast_alpha: level of the Clopper-Pearson upper bound U_j used to forecast the reachable
             radius. Default 0.05: stop when even a 95% upper bound on the vote rate could not change
-            the answer at the last look. None is the strict forecast at alpha / K (stop only when more
-            samples can change the answer with probability at most alpha / K; on the Fashion-MNIST
-            models its tables were within 0.3 pp of the default's at 1.2-1.4x the cost; see the
-            README). It changes when the test stops, never the validity of the certificate.
+            the answer at the last look. None is the strict forecast at the look's level alpha_j
+            (stop only when more samples can change the answer with probability at most alpha_j; on
+            the Fashion-MNIST models its tables were within 0.5 pp of the default's at 1.2-1.4x the
+            cost; see the README). It changes when the test stops, never the validity.
+        levels: the failure probability spent at each look (summing to at most alpha). Default: the
+            fitted schedule's levels for the grid policy with default looks (1/2 of alpha at the last
+            look, 1/4 at the look fitted to the largest radius), otherwise alpha / K at every look.
     """
 
     sigma: float
@@ -165,6 +178,7 @@ class SequentialConfig:
     radii: tuple[float, ...] = field(default=())
     tolerance: float = 0.0
     forecast_alpha: float | None = 0.05
+    levels: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.sigma > 0 or not math.isfinite(self.sigma):
@@ -181,9 +195,16 @@ class SequentialConfig:
             raise SmoothAdvError(f"radii must be finite and >= 0, got {self.radii}")
         if self.policy == "grid" and not radii:
             radii = standard_radii(self.sigma, self.alpha, looks)
-        if self.policy == "grid" and self.looks is None:
-            looks = fitted_looks(self.sigma, self.alpha, radii, looks)
+        levels = None if self.levels is None else tuple(float(v) for v in self.levels)
+        if self.policy == "grid" and self.looks is None and levels is None:
+            looks, levels = fitted_schedule(self.sigma, self.alpha, radii, looks)
+        if levels is None:
+            levels = (self.alpha / len(looks),) * len(looks)
+        if len(levels) != len(looks) or any(not 0.0 < v < 1.0 for v in levels) or sum(levels) > self.alpha * (1 + 1e-9):
+            raise SmoothAdvError(f"levels must be one probability in (0, 1) per look, summing to at most alpha = "
+                                 f"{self.alpha:g}; got {self.levels} for {len(looks)} looks")
         object.__setattr__(self, "looks", looks)
+        object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "radii", radii)
         if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
             raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
@@ -191,14 +212,10 @@ class SequentialConfig:
             raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {self.forecast_alpha}")
 
     @property
-    def alpha_per_look(self) -> float:
-        return self.alpha / len(self.looks)
-
-    @property
     def max_radius(self) -> float:
         """Largest radius the schedule can certify (all N_K samples vote for the class)."""
         last = self.looks[-1]
-        return certified_radius(clopper_pearson_lower(last, last, self.alpha_per_look), self.sigma)
+        return certified_radius(clopper_pearson_lower(last, last, self.levels[-1]), self.sigma)
 
 
 class SequentialResult(NamedTuple):
@@ -244,10 +261,10 @@ class SequentialTest:
         if not 0 <= successes <= draw:
             raise SmoothAdvError(f"successes must be in [0, {draw}], got {successes}")
         config = self.config
+        level = config.levels[self.look]
         self.successes += int(successes)
         self.n += draw
         self.look += 1
-        level = config.alpha_per_look
         self.p_lower = max(self.p_lower, clopper_pearson_lower(self.successes, self.n, level))
         if self.look == len(config.looks):
             self.stop = "last look"
@@ -264,7 +281,7 @@ class SequentialTest:
         """Optimistic forecast: the last look's radius if its vote fraction were `upper` (0 if none)."""
         last = self.config.looks[-1]
         k = min(last, math.ceil(upper * last))
-        p = clopper_pearson_lower(k, last, self.config.alpha_per_look) if k > 0 else 0.0
+        p = clopper_pearson_lower(k, last, self.config.levels[-1]) if k > 0 else 0.0
         return certified_radius(p, self.config.sigma) if p > 0.5 else -1.0
 
     def _settled(self, upper: float) -> bool:

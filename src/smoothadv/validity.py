@@ -357,9 +357,10 @@ def sequential_looks(n: int) -> tuple[int, ...]:
 
 
 def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[int], alpha: float,
-                             against: str = "bound") -> float:
+                             against: str = "bound", levels: Sequence[float] | None = None) -> float:
     """Exact probability that group-sequential CP with policy "full" (every look, radius from the largest
-    lower bound at level alpha / K) is invalid; `n0=None` tests the class g itself (label mode).
+    lower bound, at level `levels[j]` at look j; default alpha / K) is invalid; `n0=None` tests the class g
+    itself (label mode).
 
     Policies that stop earlier take the maximum over a subset of the same looks, so their failure
     probability is at most this number (same sample path, fewer bounds).
@@ -367,7 +368,7 @@ def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[i
     p = problem.probabilities()
     g = problem.g
     limit = problem.bound_radius if against == "bound" else problem.true_radius
-    level = alpha / len(looks)
+    levels = [alpha / len(looks)] * len(looks) if levels is None else list(levels)
     select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
     fail = 0.0
     for c, pc in enumerate(p):
@@ -376,7 +377,7 @@ def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[i
         alive = np.zeros(looks[-1] + 1)
         alive[0] = 1.0
         failed, previous = 0.0, 0
-        for look in looks:
+        for look, level in zip(looks, levels):
             step = binom.pmf(np.arange(look - previous + 1), look - previous, pc)
             alive = np.convolve(alive, step)[: looks[-1] + 1]
             lower = cp_lower_all(look, level)
@@ -394,18 +395,26 @@ def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[i
 
 
 def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list[Mode]:
-    """Group-sequential Clopper-Pearson (`smoothadv.sequential`) with looks n/4, n/2, n: policies full and grid
-    with Cohen's class selection, full with the class given (label mode), and tolerance (not with quick)."""
+    """Group-sequential Clopper-Pearson (`smoothadv.sequential`) with looks n/4, n/2, n at alpha / 3 each:
+    policy full with Cohen's class selection and with the class given (label mode), and tolerance (not with
+    quick); and the schedule `certify --mode sequential` uses by default, `fitted_schedule` on those looks
+    (unequal levels: alpha spending), with policies grid and full."""
     try:
-        from .sequential import SequentialConfig, certify_sequential_many
+        from .sequential import SequentialConfig, certify_sequential_many, fitted_schedule, standard_radii
     except ImportError:  # pragma: no cover - the module is part of the package
         return []
-    looks = sequential_looks(n)
+    equal = sequential_looks(n)
 
-    def make(policy: str, label: bool, pack: int = 16) -> Mode:
+    def schedule(sigma: float, spent: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        if spent:
+            return fitted_schedule(sigma, alpha, standard_radii(sigma, alpha, equal), equal)
+        return equal, (alpha / len(equal),) * len(equal)
+
+    def make(policy: str, label: bool, spent: bool = False, pack: int = 16) -> Mode:
         def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
+            looks, levels = schedule(smooth.sigma, spent)
             config = SequentialConfig(sigma=smooth.sigma, alpha=alpha, looks=looks, policy=policy,
-                                      tolerance=0.05 * smooth.sigma)
+                                      tolerance=0.05 * smooth.sigma, levels=levels)
             seeds = torch.randint(0, 2**62, (2, pack), generator=gen).tolist()
             certs = certify_sequential_many(
                 smooth, [x] * pack, config, batch_size=1000, n0=n0,
@@ -418,13 +427,16 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
         exact = None
         if policy == "full":
             def exact(problem: Problem, against: str) -> float:
-                return exact_sequential_failure(problem, None if label else n0, looks, alpha, against)
-        name = f"sequential {policy}{' label' if label else ''} looks={','.join(map(str, looks))}"
+                looks, levels = schedule(problem.sigma, spent)
+                return exact_sequential_failure(problem, None if label else n0, looks, alpha, against, levels)
+        looks_text = "fitted (alpha spending)" if spent else ",".join(map(str, equal))
+        name = f"sequential {policy}{' label' if label else ''} looks={looks_text}"
         mode = Mode(name, "certify", run, exact)
         mode.label_run = run if label else None  # type: ignore[attr-defined]
         return mode
 
-    modes = [make("full", False), make("grid", False), make("full", True)]
+    modes = [make("full", False), make("grid", False, spent=True), make("full", False, spent=True),
+             make("full", True)]
     if not quick:
         modes.append(make("tolerance", False))
     return modes
