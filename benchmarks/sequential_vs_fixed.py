@@ -358,10 +358,53 @@ def clairvoyant_cost(records: list[dict], fixed: list[tuple[int, float]], radii:
     return float(np.mean(need))
 
 
+def run_check(args: argparse.Namespace) -> None:
+    """Compare the rows of a `smoothadv certify --mode sequential` TSV with the replay of a policy on the
+    trajectories (same model, seed, sigma and alpha): the end-to-end check that the recorded counts are the
+    CLI's."""
+    import csv
+
+    config = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single).get(args.policy)
+    if config is None:
+        raise SmoothAdvError(f"unknown policy {args.policy!r}")
+    records = {r["idx"]: r for r in load(args.trajectories)}
+    try:
+        with open(args.tsv, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except OSError as error:
+        raise SmoothAdvError(f"cannot read {args.tsv}: {error.strerror}") from None
+    bad, checked = [], 0
+    for row in rows:
+        try:
+            idx, n, predict, radius = int(row["idx"]), int(row["n"]), int(row["predict"]), float(row["radius"])
+            label_mode = row["mode"] == "sequential/label"
+        except (KeyError, TypeError, ValueError):
+            raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV") from None
+        record = records.get(idx)
+        if record is None:
+            continue
+        test = replay(config, dict(zip(record["sizes"], record["label_counts" if label_mode else "counts"])))
+        if test is None:
+            raise SmoothAdvError(f"trajectory of image {idx} is too short for policy {args.policy!r}")
+        result = test.result()
+        tested = record["label"] if label_mode else record["class"]
+        expected = (0 if label_mode else sum(record["selection"])) + result.n, \
+            tested if result.certified else ABSTAIN, result.radius
+        checked += 1
+        if (n, predict) != expected[:2] or abs(radius - expected[2]) > 2e-6:
+            bad.append(f"image {idx}: TSV (n {n}, predict {predict}, radius {radius:.4f}), replay (n {expected[0]}, "
+                       f"predict {expected[1]}, radius {expected[2]:.4f})")
+    if not checked:
+        raise SmoothAdvError(f"no row of {args.tsv} has a trajectory in {args.trajectories}")
+    if bad:
+        raise SmoothAdvError(f"{len(bad)} of {checked} rows differ from the replay; first: {bad[0]}")
+    print(f"{checked} rows of {args.tsv} equal the replay of policy {args.policy!r} (samples used, class, radius)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table", "summary"):
+    for name in ("sample", "table", "summary", "check"):
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
@@ -378,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--device", default="cpu")
             p.add_argument("--data-dir", default=None)
             p.add_argument("--channels-last", action="store_true")
+        elif name == "check":
+            p.add_argument("trajectories")
+            p.add_argument("--tsv", required=True, help="a `smoothadv certify --mode sequential` TSV of the same model")
+            p.add_argument("--policy", default="grid", help="the replayed policy the TSV ran (default: grid)")
         else:
             p.add_argument("trajectories")
             p.add_argument("--radii", type=float, nargs="+", default=None, help="table radii (default: the grid's)")
@@ -392,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
-        {"sample": run_sample, "table": run_table, "summary": run_summary}[args.command](args)
+        {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

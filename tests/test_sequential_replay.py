@@ -63,6 +63,18 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
             assert int(row["n"]) == 16 + result.n
             assert int(row["predict"]) == (record["class"] if result.certified else -1)
             assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
+        # the same comparison as a benchmark command (used on the real models: results/sequential/check_cli.sh)
+        check = ["check", str(traj), "--tsv", str(out), "--sigma", "0.25", "--looks", "64", "512", "--single", "0.3",
+                 "--policy", name]
+        assert bench.main(check) == 0
+        assert f"8 rows of {out} equal the replay of policy '{name}'" in capsys.readouterr().out
+    tampered = tmp_path / "tampered.tsv"
+    lines = (tmp_path / "grid.tsv").read_text().splitlines()
+    fields = lines[2].split("\t")
+    fields[6] = str(int(fields[6]) + 64)  # n of the second row
+    tampered.write_text("\n".join([lines[0], lines[1], "\t".join(fields), *lines[3:]]) + "\n")
+    assert bench.main(["check", str(traj), "--tsv", str(tampered), "--sigma", "0.25", "--looks", "64", "512"]) == 2
+    assert "1 of 8 rows differ from the replay; first: image 3:" in capsys.readouterr().err
 
     # fixed n: the class of the 16 selection samples, the bound on the first 400 estimation samples
     model, meta = load_checkpoint(toy_checkpoint)
