@@ -358,6 +358,51 @@ def clairvoyant_cost(records: list[dict], fixed: list[tuple[int, float]], radii:
     return float(np.mean(need))
 
 
+def expected_accuracy(records: list[dict], config: SequentialConfig, radii: Sequence[float], n: int, alpha: float,
+                      reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expected certified accuracy at `radii` of fixed-n CERTIFY (exact binomial tails) and of the sequential
+    policy (Monte Carlo, `reps` runs per image), if each image's vote rate for its selected class were the rate
+    its trajectory shows. Their difference is the systematic part of the table difference; the rest is noise."""
+    from scipy.stats import binom, norm
+
+    from smoothadv.validity import cp_lower_all
+
+    lower = cp_lower_all(n, alpha)
+    need = [int(np.searchsorted(lower, max(0.5 + 1e-12, float(norm.cdf(r / config.sigma))))) for r in radii]
+    rng = np.random.default_rng(seed)
+    fixed, sequential = np.zeros(len(radii)), np.zeros(len(radii))
+    for record in records:
+        if record["class"] != record["label"]:
+            continue  # both procedures certify the selected class: wrong for either
+        p = record["counts"][-1] / record["sizes"][-1]
+        fixed += [float(binom.sf(k - 1, n, p)) if k <= n else 0.0 for k in need]
+        steps = np.diff((0, *config.looks))
+        for _ in range(reps):
+            draws = rng.binomial(steps, p)
+            test = SequentialTest(config)
+            while test.next_draw() > 0:
+                test.update(int(draws[test.look]))
+            result = test.result()
+            sequential += [result.certified and result.radius >= r for r in radii]
+    return fixed / len(records), sequential / (reps * len(records))
+
+
+def run_bias(args: argparse.Namespace) -> None:
+    configs = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single)
+    config = configs["grid"]
+    records = load(args.trajectories)
+    fixed_rows = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
+    realized = evaluate_policy(records, fixed_rows, config, "counts", sum(records[0]["selection"]), config.radii)
+    if realized is None:
+        raise SmoothAdvError("trajectories too short to replay the grid policy")
+    fixed, sequential = expected_accuracy(records, config, config.radii, args.n, args.alpha, args.reps, args.seed)
+    print(f"{args.trajectories}: {len(records)} images, grid policy, {args.reps} simulated runs per image")
+    print("\n| radius | expected fixed n (%) | expected sequential (%) | expected difference (pp) | realized (pp) |")
+    print("|---|---|---|---|---|")
+    for r, a, b, d in zip(config.radii, fixed, sequential, realized["signed"]):
+        print(f"| {r:g} | {100 * a:.2f} | {100 * b:.2f} | {100 * (b - a):+.2f} | {d:+.2f} |")
+
+
 def run_check(args: argparse.Namespace) -> None:
     """Compare the rows of a `smoothadv certify --mode sequential` TSV with the replay of a policy on the
     trajectories (same model, seed, sigma and alpha): the end-to-end check that the recorded counts are the
@@ -404,7 +449,7 @@ def run_check(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table", "summary", "check"):
+    for name in ("sample", "table", "summary", "check", "bias"):
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
@@ -425,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("trajectories")
             p.add_argument("--tsv", required=True, help="a `smoothadv certify --mode sequential` TSV of the same model")
             p.add_argument("--policy", default="grid", help="the replayed policy the TSV ran (default: grid)")
+        elif name == "bias":
+            p.add_argument("trajectories")
+            p.add_argument("--reps", type=int, default=200, help="simulated sequential runs per image")
+            p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("trajectories")
             p.add_argument("--radii", type=float, nargs="+", default=None, help="table radii (default: the grid's)")
@@ -439,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
-        {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check}[args.command](args)
+        {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check,
+         "bias": run_bias}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -141,3 +141,36 @@ def test_top_up_continues_the_same_noise_stream(bench, toy_checkpoint, tmp_path)
     for r in records:
         for key in ("sizes", "counts", "label_counts"):
             assert again[r["idx"]][key] == r[key], (r["idx"], key)
+
+
+def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule(bench) -> None:
+    # Synthetic trajectories (no model): vote rates 1, 0.97 and 0.9 for the label, and one image whose selected
+    # class is wrong. Fixed n = 400: the exact binomial tail, checked against a direct simulation of CERTIFY's
+    # bound; the "full" policy (max of the bounds at 64..512 samples, alpha / 4 each) is checked the same way.
+    import numpy as np
+    from scipy.stats import norm
+
+    from smoothadv.sequential import SequentialConfig
+
+    def record(label: int, cls: int, p: float) -> dict:
+        return {"label": label, "class": cls, "sizes": [512], "counts": [round(p * 512)], "selection": [1]}
+
+    records = [record(0, 0, 1.0), record(1, 1, 0.96875), record(2, 2, 0.90625), record(3, 4, 0.9)]
+    radii = (0.0, 0.25, 0.5)
+    full = SequentialConfig(0.25, 0.001, doubling_looks(64, 512), "full")
+    fixed, sequential = bench.expected_accuracy(records, full, radii, 400, 0.001, reps=2000, seed=1)
+    rng = np.random.default_rng(2)
+    direct = np.zeros((2, len(radii)))
+    targets = np.array([max(0.5 + 1e-12, norm.cdf(r / 0.25)) for r in radii])
+    for rec in records[:3]:
+        p = rec["counts"][0] / 512
+        once = [clopper_pearson_lower(int(k), 400, 0.001) for k in rng.binomial(400, p, 2000)]
+        paths = np.cumsum(rng.binomial((64, 64, 128, 256), p, (2000, 4)), axis=1)
+        best = [max(clopper_pearson_lower(int(k), n, 0.00025) for n, k in zip((64, 128, 256, 512), path))
+                for path in paths]
+        direct[0] += np.mean(np.array(once)[:, None] >= targets, axis=0) / 4
+        direct[1] += np.mean(np.array(best)[:, None] >= targets, axis=0) / 4
+    sd = 3 * 0.5 / np.sqrt(2000) / 4  # three images, each a proportion of 2000 runs (the first sum is exact)
+    assert np.all(np.abs(fixed - direct[0]) <= 4.5 * sd)
+    assert np.all(np.abs(sequential - direct[1]) <= 4.5 * (sd + 3 * 0.5 / np.sqrt(2000) / 4))
+    assert fixed[0] == pytest.approx(0.75)  # the three right images always certify r = 0; the wrong one never
