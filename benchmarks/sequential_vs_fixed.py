@@ -233,11 +233,13 @@ def run_sample(args: argparse.Namespace) -> None:
                 print(f"{len(done) + count} images", file=sys.stderr, flush=True)
 
 
-def fixed_row(record: dict, n: int, alpha: float, sigma: float) -> tuple[int, float]:
-    """(prediction, radius) of fixed-n CERTIFY from the first n estimation samples of the record."""
-    count = dict(zip(record["sizes"], record["counts"]))[n]
+def fixed_row(record: dict, n: int, alpha: float, sigma: float, key: str = "counts") -> tuple[int, float]:
+    """(prediction, radius) of fixed-n CERTIFY from the first n estimation samples of the record: Cohen's, of the
+    selected class (key "counts"), or in label mode, of the label ("label_counts")."""
+    count = dict(zip(record["sizes"], record[key]))[n]
     p_lower = clopper_pearson_lower(count, n, alpha)
-    return (record["class"], certified_radius(p_lower, sigma)) if p_lower > 0.5 else (ABSTAIN, 0.0)
+    tested = record["class"] if key == "counts" else record["label"]
+    return (tested, certified_radius(p_lower, sigma)) if p_lower > 0.5 else (ABSTAIN, 0.0)
 
 
 def load(path: str) -> list[dict]:
@@ -267,6 +269,9 @@ def run_table(args: argparse.Namespace) -> None:
     labels = [r["label"] for r in records]
     fixed_ok = [int(p == y) for (p, _), y in zip(fixed, labels)]
     fixed_acc = certified_accuracy([rad for _, rad in fixed], fixed_ok, radii)
+    label_fixed = [fixed_row(r, n, args.alpha, args.sigma, "label_counts") for r in records]
+    label_acc = certified_accuracy([rad for _, rad in label_fixed], [int(p == y) for (p, _), y in
+                                                                      zip(label_fixed, labels)], radii)
     cost = n0 + n
     print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, alpha {args.alpha:g}, n0 {n0}, "
           f"fixed n {n:,}, base looks {looks[0]:,}..{looks[-1]:,}")
@@ -274,23 +279,27 @@ def run_table(args: argparse.Namespace) -> None:
     print(f"\n| run | forward passes / image | fewer than fixed | max diff (pp) | decisions differing | {cols} |")
     print("|---|---|---|---|---|" + "---|" * len(radii))
     print(f"| fixed n = {n:,} | {cost:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in fixed_acc) + " |")
+    print(f"| fixed n = {n:,}, label mode | {n:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in label_acc)
+          + " |")
     rows = [(name, config, "counts", n0) for name, config in configs.items()]
     rows += [(f"{name}, label mode", configs[name], "label_counts", 0) for name in configs
              if name == "grid" or (name.startswith("radius") and not name.endswith("strict"))]
     for name, config, key, used_n0 in rows:
-        ev = evaluate_policy(records, fixed, config, key, used_n0, radii)
+        ev = evaluate_policy(records, config, key, used_n0, radii, n)
         if ev is None:
             print(f"| {name} | trajectories too short to replay | | | |")
             continue
         cells = [f"{100 * v:.1f}" if q in ev["asked"] else "" for v, q in zip(ev["acc"], radii)]
-        print(f"| {name} | {ev['used']:,.0f} | {cost / ev['used']:.1f}x | {ev['max_diff']:.2f} | "
+        print(f"| {name} | {ev['used']:,.0f} | {ev['fixed_cost'] / ev['used']:.1f}x | {ev['max_diff']:.2f} | "
               f"{ev['differ']} of {len(records) * len(ev['asked'])} | " + " | ".join(cells) + " |")
 
 
-def evaluate_policy(records: list[dict], fixed: list[tuple[int, float]], config: SequentialConfig, key: str,
-                    used_n0: int, radii: Sequence[float]) -> dict | None:
+def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, used_n0: int, radii: Sequence[float],
+                    n: int) -> dict | None:
     """Replay one policy on every record: mean forward passes, its certified accuracy at `radii`, and its
-    differences from fixed n on the radii it decides (None if a trajectory is too short)."""
+    differences from fixed-n CERTIFY in the same mode (Cohen's selection with key "counts", the label with
+    "label_counts") on the radii it decides (None if a trajectory is too short)."""
+    fixed = [fixed_row(r, n, config.alpha, config.sigma, key) for r in records]
     tests = [replay(config, dict(zip(r["sizes"], r[key]))) for r in records]
     if any(t is None for t in tests):
         return None
@@ -306,13 +315,14 @@ def evaluate_policy(records: list[dict], fixed: list[tuple[int, float]], config:
     differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
                  for q in asked)
     return {"used": float(np.mean([used_n0 + res.n for res in results])), "acc": certified_accuracy(rad, ok, radii),
-            "asked": asked, "max_diff": 100 * float(np.max(np.abs(a - b))), "signed": 100 * (a - b), "differ": differ}
+            "asked": asked, "max_diff": 100 * float(np.max(np.abs(a - b))), "signed": 100 * (a - b), "differ": differ,
+            "fixed_cost": used_n0 + n}
 
 
 def run_summary(args: argparse.Namespace) -> None:
     """One row per model and a total over all of them, for the default grid and single-radius policies."""
     looks = doubling_looks(*args.looks)
-    print(f"| model | images | policy | forward passes / image | fewer than fixed n = {args.n:,} | "
+    print(f"| model | images | policy | forward passes / image | fewer than fixed n = {args.n:,} (same mode) | "
           "max table difference (pp) | decisions differing |")
     print("|---|---|---|---|---|---|---|")
     bounds = []
@@ -327,18 +337,23 @@ def run_summary(args: argparse.Namespace) -> None:
         bounds.append((Path(path).stem, (n0 + args.n) / (n0 + clairvoyant_cost(records, fixed, configs["grid"].radii,
                                                                                  args.alpha, sigma))))
         for name in args.policies:
-            ev = evaluate_policy(records, fixed, configs[name], "counts", n0, configs["grid"].radii)
+            label = name.endswith(", label mode")
+            config = configs.get(name.removesuffix(", label mode"))
+            if config is None:
+                raise SmoothAdvError(f"unknown policy {name!r}")
+            ev = evaluate_policy(records, config, "label_counts" if label else "counts", 0 if label else n0,
+                                 configs["grid"].radii, args.n)
             if ev is None:
                 print(f"| {Path(path).stem} | {len(records)} | {name} | too short to replay | | | |")
                 continue
             total = totals.setdefault(name, [0.0, 0.0, 0.0])
             total[0] += ev["used"] * len(records)
-            total[1] += (n0 + args.n) * len(records)
+            total[1] += ev["fixed_cost"] * len(records)
             total[2] += len(records)
             print(f"| {Path(path).stem} (sigma {sigma:g}) | {len(records)} | {name} | {ev['used']:,.0f} | "
-                  f"{(n0 + args.n) / ev['used']:.1f}x | {ev['max_diff']:.2f} | {ev['differ']} |")
+                  f"{ev['fixed_cost'] / ev['used']:.2f}x | {ev['max_diff']:.2f} | {ev['differ']} |")
     for name, (used, fixed_cost, count) in totals.items():
-        print(f"| all | {int(count)} | {name} | {used / count:,.0f} | {fixed_cost / used:.1f}x | | |")
+        print(f"| all | {int(count)} | {name} | {used / count:,.0f} | {fixed_cost / used:.2f}x | | |")
     print("\nlargest saving any level-alpha test could have for the grid table (a clairvoyant single test, at the"
           " full alpha, of the largest grid radius fixed n certifies, seeing only agreeing votes): "
           + ", ".join(f"{name} {bound:.1f}x" for name, bound in bounds))
@@ -391,8 +406,7 @@ def run_bias(args: argparse.Namespace) -> None:
     configs = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single)
     config = configs["grid"]
     records = load(args.trajectories)
-    fixed_rows = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
-    realized = evaluate_policy(records, fixed_rows, config, "counts", sum(records[0]["selection"]), config.radii)
+    realized = evaluate_policy(records, config, "counts", sum(records[0]["selection"]), config.radii, args.n)
     if realized is None:
         raise SmoothAdvError("trajectories too short to replay the grid policy")
     fixed, sequential = expected_accuracy(records, config, config.radii, args.n, args.alpha, args.reps, args.seed)
@@ -453,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
-            p.add_argument("--policies", nargs="+", default=["grid", "radius 0.5"])
+            p.add_argument("--policies", nargs="+", default=["grid", "grid, label mode", "radius 0.5"],
+                           help="replayed policies; \", label mode\" tests the label (no selection samples)")
         elif name == "sample":
             p.add_argument("checkpoint")
             p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
