@@ -239,6 +239,8 @@ def _checkpoint(tmp_path) -> str:
 
 
 def test_cli_sequential_mode_records_samples_and_mode(tmp_path, capsys) -> None:
+    import json
+
     ckpt = _checkpoint(tmp_path)
     common = ["--sigma", "0.25", "--max", "5", "--no-progress", "--batch", "512", "--device", "cpu"]
     out = tmp_path / "seq.tsv"
@@ -251,6 +253,11 @@ def test_cli_sequential_mode_records_samples_and_mode(tmp_path, capsys) -> None:
         assert mode == "sequential/label" and int(n) in (128, 256, 512, 1024)
         assert int(correct) == int(int(predict) == int(label)) and int(predict) in (int(label), -1)
         assert float(radius) <= SequentialConfig(0.25, looks=doubling_looks(128, 1024)).max_radius
+    # provenance: the grid's schedule fitted on the given doublings, and the alpha spent at each look
+    recorded = json.loads((tmp_path / "seq.tsv.args.json").read_text())
+    looks, levels = fitted_schedule(0.25, 0.001, (0.25,), doubling_looks(128, 1024))
+    assert tuple(recorded["looks"]) == looks and recorded["levels"] == pytest.approx(levels)
+    assert sum(recorded["levels"]) == pytest.approx(0.001) and recorded["policy"] == "grid"
     sel = tmp_path / "sel.tsv"
     assert main(["certify", ckpt, "--out", str(sel), "--mode", "sequential", "--n0", "64", "--looks", "128:1024",
                  *common]) == 0
