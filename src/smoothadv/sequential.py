@@ -164,7 +164,7 @@ class SequentialConfig:
             radius. Default 0.05: stop when even a 95% upper bound on the vote rate could not change
             the answer at the last look. None is the strict forecast at the look's level alpha_j
             (stop only when more samples can change the answer with probability at most alpha_j; on
-            the Fashion-MNIST models its tables were within 0.5 pp of the default's at 1.2-1.4x the
+            the Fashion-MNIST models its tables were within 0.2 pp of the default's at 1.2-1.4x the
             cost; see the README). It changes when the test stops, never the validity.
         levels: the failure probability spent at each look (summing to at most alpha). Default: the
             fitted schedule's levels for the grid policy with default looks (1/2 of alpha at the last
