@@ -188,3 +188,22 @@ def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None
     assert "| problem | mode |" in printed and "negative controls detected: 1/1" in printed
     summary = json.loads(out.read_text())["summary"]
     assert summary["passed"] == summary["checks"] > 10 and summary["alpha"] == 0.1
+
+
+def test_default_sequential_schedule_at_the_papers_scale_fails_at_most_alpha_exactly() -> None:
+    # alpha = 0.001 and the grid's default schedule (sigma = 0.5: nine looks up to 111,616, alpha spending), label
+    # mode, policy full (every other policy stops on a subset of these looks): the exact probability that the best
+    # bound exceeds p_A. Below alpha, yet not vacuous; with alpha at every look (no split) it exceeds alpha.
+    from smoothadv.sequential import SequentialConfig
+    from smoothadv.validity import exact_sequential_failure
+
+    config = SequentialConfig(0.5)
+    assert config.looks[-1] == 111616 and len(config.looks) == 9
+    for p in (0.99, 0.9999):
+        problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(p)))
+        assert problem.p_a == pytest.approx(p)
+        fail = exact_sequential_failure(problem, None, config.looks, 0.001, levels=config.levels)
+        assert 1e-4 < fail <= 0.001
+    problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(0.99)))
+    unsplit = exact_sequential_failure(problem, None, config.looks, 0.009, levels=(0.001,) * 9)
+    assert unsplit > 0.004
