@@ -386,12 +386,12 @@ def expected_accuracy(records: list[dict], config: SequentialConfig, radii: Sequ
     need = [int(np.searchsorted(lower, max(0.5 + 1e-12, float(norm.cdf(r / config.sigma))))) for r in radii]
     rng = np.random.default_rng(seed)
     fixed, sequential = np.zeros(len(radii)), np.zeros(len(radii))
+    steps = np.diff((0, *config.looks))
     for record in records:
         if record["class"] != record["label"]:
             continue  # both procedures certify the selected class: wrong for either
         p = record["counts"][-1] / record["sizes"][-1]
         fixed += [float(binom.sf(k - 1, n, p)) if k <= n else 0.0 for k in need]
-        steps = np.diff((0, *config.looks))
         for _ in range(reps):
             draws = rng.binomial(steps, p)
             test = SequentialTest(config)
@@ -406,6 +406,8 @@ def run_bias(args: argparse.Namespace) -> None:
     configs = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single)
     config = configs["grid"]
     records = load(args.trajectories)
+    if not records:
+        raise SmoothAdvError(f"{args.trajectories} has no records")
     realized = evaluate_policy(records, config, "counts", sum(records[0]["selection"]), config.radii, args.n)
     if realized is None:
         raise SmoothAdvError("trajectories too short to replay the grid policy")
@@ -447,12 +449,12 @@ def run_check(args: argparse.Namespace) -> None:
             raise SmoothAdvError(f"trajectory of image {idx} is too short for policy {args.policy!r}")
         result = test.result()
         tested = record["label"] if label_mode else record["class"]
-        expected = (0 if label_mode else sum(record["selection"])) + result.n, \
-            tested if result.certified else ABSTAIN, result.radius
+        used = (0 if label_mode else sum(record["selection"])) + result.n
+        certified = tested if result.certified else ABSTAIN
         checked += 1
-        if (n, predict) != expected[:2] or abs(radius - expected[2]) > 2e-6:
-            bad.append(f"image {idx}: TSV (n {n}, predict {predict}, radius {radius:.4f}), replay (n {expected[0]}, "
-                       f"predict {expected[1]}, radius {expected[2]:.4f})")
+        if (n, predict) != (used, certified) or abs(radius - result.radius) > 2e-6:
+            bad.append(f"image {idx}: TSV (n {n}, predict {predict}, radius {radius:.4f}), replay (n {used}, "
+                       f"predict {certified}, radius {result.radius:.4f})")
     if not checked:
         raise SmoothAdvError(f"no row of {args.tsv} has a trajectory in {args.trajectories}")
     if bad:
