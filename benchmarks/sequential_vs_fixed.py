@@ -48,8 +48,6 @@ from smoothadv.sequential import (
     SequentialConfig,
     SequentialTest,
     doubling_looks,
-    fitted_schedule,
-    standard_radii,
     stream_generator,
 )
 from smoothadv.smoothing import ABSTAIN, SampleRequest, Smooth
@@ -62,20 +60,15 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
     (each look's own level), with forecast level 0.2, and on the plain doubling looks with alpha / K at every
     look; and single radii (default and strict)."""
     base = tuple(looks)
-    radii = standard_radii(sigma, alpha, base)
-    fitted, levels = fitted_schedule(sigma, alpha, radii, base)
 
-    def grid(**kw: object) -> SequentialConfig:
-        return SequentialConfig(sigma, alpha, fitted, "grid", radii, levels=levels, **kw)  # type: ignore[arg-type]
+    def grid(radii: Sequence[float] = (), forecast: float | None = 0.05) -> SequentialConfig:
+        return SequentialConfig(sigma, alpha, radii=tuple(radii), forecast_alpha=forecast, base=base)
 
-    out = {"grid": grid(), "grid, strict forecast": grid(forecast_alpha=None),
-           "grid, forecast 0.2": grid(forecast_alpha=0.2),
-           "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base, "grid", radii)}
+    out = {"grid": grid(), "grid, strict forecast": grid(forecast=None), "grid, forecast 0.2": grid(forecast=0.2),
+           "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base)}
     for r in single:
-        one, one_levels = fitted_schedule(sigma, alpha, (r,), base)
-        out[f"radius {r:g}"] = SequentialConfig(sigma, alpha, one, "grid", (r,), levels=one_levels)
-        out[f"radius {r:g}, strict"] = SequentialConfig(sigma, alpha, one, "grid", (r,), forecast_alpha=None,
-                                                         levels=one_levels)
+        out[f"radius {r:g}"] = grid((r,))
+        out[f"radius {r:g}, strict"] = grid((r,), forecast=None)
     return out
 
 
@@ -242,6 +235,12 @@ def fixed_row(record: dict, n: int, alpha: float, sigma: float, key: str = "coun
     return (tested, certified_radius(p_lower, sigma)) if p_lower > 0.5 else (ABSTAIN, 0.0)
 
 
+def fixed_accuracy(records: list[dict], fixed: list[tuple[int, float]], radii: Sequence[float]) -> np.ndarray:
+    """Certified accuracy at `radii` of fixed-n rows (`fixed_row`) of these records."""
+    return certified_accuracy([radius for _, radius in fixed],
+                              [int(p == r["label"]) for (p, _), r in zip(fixed, records)], radii)
+
+
 def load(path: str) -> list[dict]:
     """The records of a trajectory file; a torn last line (a run killed mid-write) is dropped."""
     with open(path) as handle:
@@ -265,13 +264,8 @@ def run_table(args: argparse.Namespace) -> None:
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
     n0, n = sum(records[0]["selection"]), args.n
-    fixed = [fixed_row(r, n, args.alpha, args.sigma) for r in records]
-    labels = [r["label"] for r in records]
-    fixed_ok = [int(p == y) for (p, _), y in zip(fixed, labels)]
-    fixed_acc = certified_accuracy([rad for _, rad in fixed], fixed_ok, radii)
-    label_fixed = [fixed_row(r, n, args.alpha, args.sigma, "label_counts") for r in records]
-    label_acc = certified_accuracy([rad for _, rad in label_fixed], [int(p == y) for (p, _), y in
-                                                                      zip(label_fixed, labels)], radii)
+    fixed_acc, label_acc = (fixed_accuracy(records, [fixed_row(r, n, args.alpha, args.sigma, key) for r in records],
+                                           radii) for key in ("counts", "label_counts"))
     cost = n0 + n
     print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, alpha {args.alpha:g}, n0 {n0}, "
           f"fixed n {n:,}, base looks {looks[0]:,}..{looks[-1]:,}")
@@ -311,7 +305,7 @@ def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, use
     fixed_ok = [int(p == r["label"]) for (p, _), r in zip(fixed, records)]
     asked = list(radii) if len(config.radii) > 1 else list(config.radii)
     a = certified_accuracy(rad, ok, asked)
-    b = certified_accuracy([x for _, x in fixed], fixed_ok, asked)
+    b = fixed_accuracy(records, fixed, asked)
     differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
                  for q in asked)
     return {"used": float(np.mean([used_n0 + res.n for res in results])), "acc": certified_accuracy(rad, ok, radii),

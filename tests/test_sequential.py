@@ -80,6 +80,11 @@ def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
     assert one_levels[0] == pytest.approx(0.00025) and one_levels[1] == pytest.approx(0.00025 / 6)
     far, far_levels = fitted_schedule(0.5, 0.001, (5.0,))
     assert far == (*DEFAULT_LOOKS[:-1], 111616) and far_levels[:-1] == pytest.approx((0.0005 / 7,) * 7)
+    # `base` replaces the doubling looks the grid schedule is fitted on; other policies make exactly those looks
+    short = doubling_looks(64, 512)
+    on_short = SequentialConfig(0.25, base=short)
+    assert (on_short.looks, on_short.levels) == fitted_schedule(0.25, 0.001, standard_radii(0.25, 0.001, short), short)
+    assert SequentialConfig(0.25, policy="full", base=short).looks == short
     # explicit looks keep the equal split alpha / K
     assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).levels == (0.001 / 8,) * 8
     assert SequentialConfig(0.5, policy="full").looks == DEFAULT_LOOKS

@@ -300,27 +300,24 @@ def add_certify(sub: Any) -> None:
 
 
 def _sequential_config(args: argparse.Namespace) -> Any:
-    from .sequential import SequentialConfig, doubling_looks, fitted_schedule, standard_radii
+    from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
 
     policy = args.policy or ("tolerance" if args.tolerance is not None else "grid")
     if policy == "tolerance" and args.tolerance is None:
         raise SmoothAdvError("--policy tolerance needs --tolerance")
     if args.radii is not None and policy != "grid":
         raise SmoothAdvError(f"--radii applies to the grid policy, not {policy}")
-    looks = levels = None  # the default schedule (for the grid policy: fitted to its radii on 1024:131072)
+    base = DEFAULT_LOOKS  # the doubling looks; the grid policy fits its schedule on them
     if args.looks is not None:
         try:
             first, last = (int(part) for part in args.looks.split(":"))
         except ValueError:
             raise SmoothAdvError(f"--looks must be FIRST:LAST (e.g. 1024:131072), got {args.looks!r}") from None
-        looks = doubling_looks(first, last)
-        if policy == "grid":  # the grid's schedule is fitted to its radii on the given doubling looks
-            radii = tuple(args.radii or standard_radii(args.sigma, args.alpha, looks))
-            looks, levels = fitted_schedule(args.sigma, args.alpha, radii, looks)
+        base = doubling_looks(first, last)
     forecast = {} if args.forecast_alpha is None else {"forecast_alpha": None if args.forecast_alpha == "strict"
                                                         else args.forecast_alpha}
-    return SequentialConfig(args.sigma, args.alpha, looks, policy, tuple(args.radii or ()), args.tolerance or 0.0,
-                            levels=levels, **forecast)
+    return SequentialConfig(args.sigma, args.alpha, None, policy, tuple(args.radii or ()), args.tolerance or 0.0,
+                            base=base, **forecast)
 
 
 def run_certify(args: argparse.Namespace) -> None:

@@ -154,9 +154,9 @@ class SequentialConfig:
     Args:
         sigma: noise level of the smoothed classifier.
         alpha: total failure probability (split over the looks by `levels`).
-        looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: 1024,
-            2048, ..., 131072 (K = 8); for the grid policy `fitted_schedule` for its radii (sigma = 0.5
-            with the standard radii: 1024, ..., 32768, 35840, 65536, 111616).
+        looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: `base`
+            (1024, 2048, ..., 131072, K = 8); for the grid policy `fitted_schedule` on `base` for its
+            radii (sigma = 0.5 with the standard radii: 1024, ..., 32768, 35840, 65536, 111616).
         policy: "grid", "tolerance" or "full" (see the module docstring).
         radii: the radii whose decision `grid` settles (default: `standard_radii`).
         tolerance: for `tolerance`, the radius loss accepted against the best reachable radius.
@@ -169,6 +169,8 @@ class SequentialConfig:
         levels: the failure probability spent at each look (summing to at most alpha). Default: the
             fitted schedule's levels for the grid policy with default looks (1/2 of alpha at the last
             look, 1/4 at the look fitted to the largest radius), otherwise alpha / K at every look.
+        base: the doubling looks used when `looks` is None (default 1024, ..., 131072): the grid
+            policy's schedule is fitted on them, the other policies make exactly these looks.
     """
 
     sigma: float
@@ -179,15 +181,17 @@ class SequentialConfig:
     tolerance: float = 0.0
     forecast_alpha: float | None = 0.05
     levels: tuple[float, ...] | None = None
+    base: tuple[int, ...] = DEFAULT_LOOKS
 
     def __post_init__(self) -> None:
         if not self.sigma > 0 or not math.isfinite(self.sigma):
             raise SmoothAdvError(f"sigma must be a finite number > 0, got {self.sigma}")
         if not 0.0 < self.alpha < 1.0:
             raise SmoothAdvError(f"alpha must be in (0, 1), got {self.alpha}")
-        looks = tuple(int(n) for n in (DEFAULT_LOOKS if self.looks is None else self.looks))
+        given = self.base if self.looks is None else self.looks
+        looks = tuple(int(n) for n in given)
         if not looks or looks[0] < 1 or any(b <= a for a, b in zip(looks, looks[1:])):
-            raise SmoothAdvError(f"looks must be strictly increasing positive sample sizes, got {self.looks}")
+            raise SmoothAdvError(f"looks must be strictly increasing positive sample sizes, got {given}")
         if self.policy not in POLICIES:
             raise SmoothAdvError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         radii = tuple(sorted(float(r) for r in self.radii))

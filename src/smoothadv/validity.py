@@ -409,15 +409,16 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
     quick); and the schedule `certify --mode sequential` uses by default, `fitted_schedule` on those looks
     (unequal levels: alpha spending), with policies grid and full."""
     try:
-        from .sequential import SequentialConfig, certify_sequential_many, fitted_schedule, standard_radii
+        from .sequential import SequentialConfig, certify_sequential_many
     except ImportError:  # pragma: no cover - the module is part of the package
         return []
     equal = sequential_looks(n)
 
-    def schedule(sigma: float, spent: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        if spent:
-            return fitted_schedule(sigma, alpha, standard_radii(sigma, alpha, equal), equal)
-        return equal, (alpha / len(equal),) * len(equal)
+    def schedule(sigma: float, spent: bool) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+        if spent:  # the grid policy's default schedule on these looks (None: alpha / K at each look)
+            fitted = SequentialConfig(sigma, alpha, base=equal)
+            return fitted.looks, fitted.levels
+        return equal, None
 
     def make(policy: str, label: bool, spent: bool = False, pack: int = 16) -> Mode:
         def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
