@@ -92,3 +92,13 @@ def test_unknown_architecture_and_dataset() -> None:
         build_model("vgg_nope", "cifar10")
     with pytest.raises(SmoothAdvError, match="unknown dataset"):
         build_model("toy_cnn", "mnist_nope")
+
+
+def test_lenet_shape_parameters_and_names() -> None:
+    """LeNet of the certified-training papers: 431,080 parameters, their parameter names, 10 logits."""
+    model = build_model("lenet", "fashion_mnist", "none")
+    assert sum(p.numel() for p in model.parameters()) == 431_080
+    assert [name for name, _ in model[1].named_parameters()] == [
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert isinstance(model[0], torch.nn.Identity)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)

@@ -2,6 +2,9 @@
 
 - `fashion_cnn`: a small two-convolution CNN for 1x28x28 inputs, fast enough to train and certify
   on a laptop CPU (about 0.1 M parameters, about 1 M multiply-adds per image).
+- `lenet`: the LeNet the certified-training papers use on MNIST and Fashion-MNIST (conv5x5(20) - pool -
+  conv5x5(50) - pool - fc(500) - fc(classes), no BatchNorm, 431,080 parameters); parameter names
+  `conv1`, `conv2`, `fc1`, `fc2` as in the released code of Jeong & Shin (2020) and its successors.
 - `toy_cnn`: a tiny CNN for the synthetic test dataset.
 - `cifar_resnet20` / `cifar_resnet110`: the CIFAR ResNet family (depth 6k+2, BasicBlock, widths
   16/32/64, 8x8 average pooling) used by Cohen et al. and Salman et al.; parameter names match
@@ -34,6 +37,24 @@ class FashionCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class LeNet(nn.Module):
+    """LeNet for 1x28x28 inputs: two valid 5x5 convolutions (20, 50 channels), each followed by ReLU and a
+    2x2 max-pool, then fc(800 -> 500) - ReLU - fc(500 -> classes)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = nn.functional.max_pool2d
+        x = pool(torch.relu(self.conv1(x)), 2)
+        x = pool(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
 class ToyCNN(nn.Module):
@@ -117,6 +138,7 @@ def _resnet50(num_classes: int) -> nn.Module:
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "fashion_cnn": lambda k: FashionCNN(k),
+    "lenet": lambda k: LeNet(k),
     "toy_cnn": lambda k: ToyCNN(k),
     "cifar_resnet20": lambda k: CifarResNet(20, k),
     "cifar_resnet110": lambda k: CifarResNet(110, k),
@@ -126,7 +148,7 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 """Architecture name -> constructor taking the number of classes."""
 
 CLASSIFIER_HEADS: dict[str, str] = {
-    "fashion_cnn": "classifier.3", "toy_cnn": "fc", "cifar_resnet20": "fc", "cifar_resnet110": "fc",
+    "fashion_cnn": "classifier.3", "lenet": "fc2", "toy_cnn": "fc", "cifar_resnet20": "fc", "cifar_resnet110": "fc",
     "imagenet32_resnet110": "fc", "resnet50": "fc",
 }
 """Architecture name -> attribute path of its final Linear layer (replaced when fine-tuning)."""

@@ -172,7 +172,8 @@ def add_train(sub: Any) -> None:
     p.add_argument("--lr-gamma", type=positive_float, default=0.1)
     p.add_argument("--momentum", type=nonneg_float, default=0.9)
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
-    p.add_argument("--normalization", choices=("normalize", "center"), default="normalize")
+    p.add_argument("--normalization", choices=("normalize", "center", "none"), default="normalize",
+                   help="input layer: mean/std, mean only, or none (raw [0, 1] pixels, as the LeNet recipes)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes")
     p.add_argument("--train-subset", type=positive_int, default=None, help="train on the first N images only")
     p.add_argument("--eval-subset", type=positive_int, default=1000, help="noisy test accuracy on N test images")
