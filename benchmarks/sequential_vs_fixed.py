@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from smoothadv.errors import SmoothAdvError
-from smoothadv.evaluate import select_indices
 from smoothadv.files import atomic_write_text
+from smoothadv.run import select_indices
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
     SequentialConfig,

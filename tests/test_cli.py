@@ -94,8 +94,9 @@ def test_predict_writes_cohen_tsv(trained, tmp_path, capsys) -> None:
         (["certify", "{ckpt}", "--sigma", "0.25", "--out", "{existing}"], "already exists"),
         (["certify", "{ckpt}", "--sigma", "0.25", "--out", "{existing}/sub/o.tsv"], "cannot create"),
         (["train", "--dataset", "nope", "--out", "{tmp}/r"], "--dataset"),
-        (["train", "--dataset", "synthetic", "--arch", "nope", "--out", "{tmp}/r"], "unknown architecture"),
-        (["train", "--dataset", "synthetic", "--objective", "nope", "--out", "{tmp}/r"], "unknown objective"),
+        (["train", "--dataset", "synthetic", "--arch", "nope", "--out", "{tmp}/r"], "--arch: invalid choice: 'nope'"),
+        (["train", "--dataset", "synthetic", "--objective", "nope", "--out", "{tmp}/r"],
+         "--objective: invalid choice: 'nope'"),
     ],
 )
 def test_bad_input_is_one_line_error(trained, tmp_path, capsys, argv, message) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from smoothadv import Smooth, SmoothAdvError
 from smoothadv.cli import main
 from smoothadv.data import NpzDataset
-from smoothadv.evaluate import select_indices
+from smoothadv.run import select_indices
 from smoothadv.stats import (
     binom_pvalue,
     certified_radius,

@@ -7,14 +7,14 @@ recipe's objective settings, so a renamed flag or a broken objective cannot leav
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pytest
 
-from smoothadv.cli import _config_defaults, build_parser, main
+from smoothadv.cli import build_parser, main
 from smoothadv.models import read_checkpoint
+from smoothadv.settings import read_toml, train_recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,12 +66,16 @@ def test_recipe_runs_its_first_steps(recipe: Path, tmp_path: Path) -> None:
     assert (parsed.n, parsed.n0, parsed.alpha, parsed.skip) == (certify["n"], certify["n0"], certify["alpha"],
                                                                   certify["skip"])
 
-    # the recipe's keys are train flags, and they reach the parsed arguments
-    argv = ["train", "--config", str(recipe), "--out", str(tmp_path / "run"), *OVERRIDES]
-    args: argparse.Namespace = build_parser(_config_defaults(argv)).parse_args(argv)
-    for key in ("objective", "sigma", "lr", "lr_step", "normalization", "momentum"):
+    # the recipe's keys are train settings, and they reach the typed settings and the objective
+    values = {k: v for k, v in read_toml(recipe).items() if k not in ("paper", "certify")}
+    settings, objective = train_recipe({**values, "out": str(tmp_path / "run")}, source=str(recipe))
+    for key, field in (("sigma", "sigma"), ("lr", "lr"), ("lr_step", "lr_step"), ("normalization", "normalization"),
+                       ("momentum", "momentum"), ("batch", "batch_size"), ("epochs", "epochs"), ("arch", "arch")):
         if key in data:
-            assert getattr(args, key) == data[key], key
+            assert getattr(settings, field) == data[key], key
+    assert objective.describe()["name"] == {"gaussian": "GaussianAugmentation", "smoothadv": "SmoothAdv"}[
+        data["objective"]]
+    argv = ["train", "--config", str(recipe), "--out", str(tmp_path / "run"), *OVERRIDES]
 
     assert main(argv) == 0
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")

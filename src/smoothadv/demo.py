@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,6 @@ class _Steps:
         atomic_write_text(self.path, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -143,14 +135,12 @@ def _key(settings: dict[str, Any]) -> str:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run (or resume) the demo described in the module docstring; returns where the report went."""
     from . import report
-    from .attacks import PGDL2
-    from .data import DEFAULT_ARCH, get_dataset, num_classes
-    from .evaluate import select_indices
-    from .models import load_checkpoint
-    from .objectives import GaussianAugmentation, SmoothAdv
-    from .smoothing import Smooth
+    from .data import DEFAULT_ARCH, get_dataset
+    from .objectives import build_objective
+    from .run import select_indices
+    from .settings import AttackRunSettings, AttackSettings, CertifySettings, RunSettings, TrainSettings
     from .stats import max_certifiable_radius
-    from .train import TrainConfig, fit, resolve_device
+    from .train import resolve_device
 
     cfg.validate()
     out = Path(cfg.out)
@@ -162,62 +152,40 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     steps = _Steps(out, cfg.fresh)
     timings: dict[str, tuple[str, float]] = {}
     arch = DEFAULT_ARCH[cfg.dataset]
-    test_set = get_dataset(cfg.dataset, "test", cfg.data_dir)
+    test_size = len(get_dataset(cfg.dataset, "test", cfg.data_dir))
     started_all = time.time()
     cfg.log(f"demo: {cfg.dataset} ({arch}), sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; "
             f"run folder {out}")
 
-    objectives = {
-        "gaussian": GaussianAugmentation(cfg.sigma),
-        "smoothadv": SmoothAdv(cfg.sigma, PGDL2(cfg.train_eps, cfg.steps), m=cfg.m, warmup=cfg.warmup),
+    objectives = {  # the same factory as `smoothadv train --objective ...`
+        "gaussian": build_objective("gaussian", cfg.sigma),
+        "smoothadv": build_objective("smoothadv", cfg.sigma, {"m": cfg.m, "warmup": cfg.warmup},
+                                     AttackSettings(attack="pgd", eps=cfg.train_eps, steps=cfg.steps)),
     }
-    model_keys: dict[str, str] = {}
     for name, objective in objectives.items():
-        train_cfg = TrainConfig(dataset=cfg.dataset, arch=arch, out_dir=out / name, sigma=cfg.sigma,
-                                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                lr_step=max(1, math.ceil(cfg.epochs * 2 / 3)), seed=cfg.seed, device=str(device),
-                                data_dir=cfg.data_dir, train_subset=cfg.train_subset, progress=cfg.progress)
-        settings = {k: v for k, v in dataclasses.asdict(train_cfg).items()
-                    if k not in ("out_dir", "device", "progress", "resume", "force", "data_dir")}
-        key = _key({**settings, "objective": objective.describe()})
-        checkpoint = out / name / "checkpoint.pth.tar"
-        status = steps.status(f"train_{name}", key, [checkpoint])
-        started = time.time()
-        if status == "done":
-            cfg.log(f"[train {name}] reusing {checkpoint}")
-        else:
-            cfg.log(f"[train {name}] {objective.describe()}")
-            previous = steps.seconds(f"train_{name}") if status == "partial" else 0.0
-            steps.mark(f"train_{name}", key, False, seconds=previous)
-            fit(dataclasses.replace(train_cfg, resume=status == "partial", force=status != "partial"), objective)
-            steps.mark(f"train_{name}", key, True, seconds=previous + time.time() - started,
-                       checkpoint=_file_hash(checkpoint))
-        model_keys[name] = steps.state[f"train_{name}"]["checkpoint"]
-        timings[f"train {name}"] = (_label(status), steps.seconds(f"train_{name}"))
+        settings = TrainSettings(dataset=cfg.dataset, arch=arch, out_dir=out / name, sigma=cfg.sigma,
+                                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                 lr_step=max(1, math.ceil(cfg.epochs * 2 / 3)), seed=cfg.seed, device=str(device),
+                                 data_dir=cfg.data_dir, train_subset=cfg.train_subset, progress=cfg.progress)
+        timings[f"train {name}"] = _train_step(cfg, steps, name, settings, objective)
 
-    indices = select_indices(len(test_set), max(1, len(test_set) // cfg.certify), cfg.certify)
-    attack_indices = indices[: cfg.attack_count]
-    classes = num_classes(cfg.dataset)
-    certify_files: dict[str, Path] = {}
-    attack_files: dict[str, Path] = {}
+    # the evaluations are durable runs: they resume, and start over when their settings (or model) changed
+    skip = max(1, test_size // cfg.certify)
+    common = dict(sigma=cfg.sigma, alpha=cfg.alpha, batch=cfg.batch, seed=cfg.seed, skip=skip)
+    certify_files = {name: out / f"certify_{name}.tsv" for name in objectives}
+    attack_files = {name: out / f"attack_{name}.tsv" for name in objectives} if cfg.attack_count else {}
     for name in objectives:
-        model, _ = load_checkpoint(out / name / "checkpoint.pth.tar", device)
-        smooth = Smooth(model, classes, cfg.sigma)
-        certify_files[name] = out / f"certify_{name}.tsv"
-        settings = {"model": model_keys[name], "indices": indices, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
-                    "seed": cfg.seed}
-        timings[f"certify {name}"] = _rows_step(
-            cfg, steps, f"certify_{name}", settings, certify_files[name], indices,
-            lambda todo, smooth=smooth: _certify_rows(smooth, test_set, todo, cfg, device))
-        if attack_indices:
-            attack_files[name] = out / f"attack_{name}.tsv"
-            settings = {"model": model_keys[name], "indices": attack_indices, "eps": cfg.eps_values,
-                        "steps": cfg.attack_steps, "m": cfg.attack_m, "n": cfg.attack_n, "alpha": cfg.alpha,
-                        "seed": cfg.seed}
-            jobs = [(e, i) for e in cfg.eps_values for i in attack_indices]
-            timings[f"attack {name}"] = _rows_step(
-                cfg, steps, f"attack_{name}", settings, attack_files[name], jobs,
-                lambda todo, smooth=smooth: _attack_rows(smooth, test_set, todo, cfg, device), attack=True)
+        run = RunSettings(checkpoint=str(out / name / "checkpoint.pth.tar"), out=certify_files[name],
+                          device=str(device), data_dir=cfg.data_dir, progress=cfg.progress)
+        timings[f"certify {name}"] = _evaluation_step(
+            cfg, steps, f"certify_{name}", run, CertifySettings(n0=cfg.n0, n=cfg.n, max=cfg.certify, **common))
+        if attack_files:
+            timings[f"attack {name}"] = _evaluation_step(
+                cfg, steps, f"attack_{name}", dataclasses.replace(run, out=attack_files[name]),
+                AttackRunSettings(eps=cfg.eps_values, steps=cfg.attack_steps, m=cfg.attack_m, n=cfg.attack_n,
+                                  max=cfg.attack_count, **common))
+    indices = select_indices(test_size, skip, cfg.certify)
+    attack_indices = indices[: cfg.attack_count]
 
     certify = {name: report.load_results(path) for name, path in certify_files.items()}
     attack = {name: report.load_results(path) for name, path in attack_files.items()}
@@ -242,85 +210,53 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     return DemoResult(out, report_path, table, timings)
 
 
+def _train_step(cfg: DemoConfig, steps: _Steps, name: str, settings: Any, objective: Any) -> tuple[str, float]:
+    """Train one model, or reuse it when an earlier run trained it with the same settings and the
+    checkpoint is still the file that run wrote (its SHA-256 is compared)."""
+    from .files import file_sha256
+    from .settings import row_settings
+    from .train import fit
+
+    step = f"train_{name}"
+    key = _key({**row_settings(settings), "objective": objective.describe()})
+    checkpoint = Path(settings.out_dir) / "checkpoint.pth.tar"
+    status = steps.status(step, key, [checkpoint])
+    if status == "done" and steps.state[step].get("checkpoint") != file_sha256(checkpoint):
+        cfg.log(f"[train {name}] {checkpoint} was replaced since it was trained: training again")
+        status = "new"
+    if status == "done":
+        cfg.log(f"[train {name}] reusing {checkpoint}")
+        return _label(status), steps.seconds(step)
+    cfg.log(f"[train {name}] {objective.describe()}")
+    previous = steps.seconds(step) if status == "partial" else 0.0
+    steps.mark(step, key, False, seconds=previous)
+    started = time.time()
+    fit(dataclasses.replace(settings, resume=status == "partial", force=status != "partial"), objective)
+    steps.mark(step, key, True, seconds=previous + time.time() - started, checkpoint=file_sha256(checkpoint))
+    return _label(status), steps.seconds(step)
+
+
+def _evaluation_step(cfg: DemoConfig, steps: _Steps, step: str, run: Any, settings: Any) -> tuple[str, float]:
+    """One durable evaluation run (`run.run_evaluation`), resumed or started over as its settings say."""
+    from .run import run_evaluation
+
+    previous = steps.seconds(step)
+    steps.mark(step, "", False, seconds=previous)
+    started = time.time()
+    outcome = run_evaluation(run, settings, restart_on_change=True, log=lambda text: cfg.log(f"[{step}] {text}"))
+    status = "done" if outcome.resumed == outcome.rows else "partial" if outcome.resumed else "new"
+    seconds = previous + time.time() - started if status == "partial" else \
+        previous if status == "done" else time.time() - started
+    steps.mark(step, "", True, seconds=seconds)
+    return _label(status), seconds
+
+
 def _label(status: str) -> str:
     return {"done": "reused", "partial": "resumed", "new": "ran"}[status]
 
 
 def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
-
-
-def _rows_step(cfg: DemoConfig, steps: _Steps, name: str, settings: dict[str, Any], path: Path, jobs: list[Any],
-               make_rows: Callable[[list[Any]], Iterator[Any]], attack: bool = False) -> tuple[str, float]:
-    """Write one TSV row per job (skipping rows already there when the settings match)."""
-    from tqdm.auto import tqdm
-
-    from .evaluate import row_fields
-    from .files import OutputLock, TsvLog
-
-    key = _key(settings)
-    status = steps.status(name, key, [path])
-    started = time.time()
-    if status == "done":
-        cfg.log(f"[{name.replace('_', ' ')}] reusing {path}")
-        return _label(status), steps.seconds(name)
-    previous = steps.seconds(name) if status == "partial" else 0.0
-    steps.mark(name, key, False, seconds=previous)
-    rows_of = _attack_columns() if attack else _certify_columns()
-    with OutputLock(path), TsvLog(path, rows_of, resume=status == "partial", force=status != "partial") as log:
-        done = log.done if not attack else _done_pairs(path)
-        todo = [job for job in jobs if _job_id(job) not in done]
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=name.replace("_", " "),
-                  disable=not cfg.progress, dynamic_ncols=True) as bar:
-            for row in make_rows(todo):
-                log.write(row_fields(row))
-                bar.update(1)
-    steps.mark(name, key, True, seconds=previous + time.time() - started)
-    return _label(status), steps.seconds(name)
-
-
-def _job_id(job: Any) -> str:
-    return f"{job[1]}@{job[0]:g}" if isinstance(job, tuple) else str(job)
-
-
-def _done_pairs(path: Path) -> set[str]:
-    lines = path.read_text().splitlines()
-    if len(lines) < 2:
-        return set()
-    header = lines[0].split("\t")
-    i_idx, i_eps = header.index("idx"), header.index("eps")
-    rows = (line.split("\t") for line in lines[1:])
-    return {f"{f[i_idx]}@{float(f[i_eps]):g}" for f in rows if len(f) == len(header)}
-
-
-def _certify_columns() -> tuple[str, ...]:
-    from .evaluate import CERTIFY_COLUMNS
-
-    return CERTIFY_COLUMNS
-
-
-def _attack_columns() -> tuple[str, ...]:
-    from .evaluate import ATTACK_COLUMNS
-
-    return ATTACK_COLUMNS
-
-
-def _certify_rows(smooth: Any, dataset: Any, todo: list[int], cfg: DemoConfig, device: Any) -> Iterator[Any]:
-    from .evaluate import certify_dataset
-
-    return certify_dataset(smooth, dataset, todo, n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch,
-                           seed=cfg.seed, device=device)
-
-
-def _attack_rows(smooth: Any, dataset: Any, todo: list[tuple[float, int]], cfg: DemoConfig,
-                 device: Any) -> Iterator[Any]:
-    from .attacks import PGDL2
-    from .evaluate import attack_dataset
-
-    for eps in dict.fromkeys(e for e, _ in todo):
-        yield from attack_dataset(smooth, PGDL2(eps, cfg.attack_steps), dataset, [i for e, i in todo if e == eps],
-                                  m=cfg.attack_m, n=cfg.attack_n, alpha=cfg.alpha, batch_size=cfg.batch,
-                                  seed=cfg.seed, device=device)
 
 
 def _plot(report: Any, certify: dict, attack: dict, path: Path, top: float, cfg: DemoConfig) -> Path | None:

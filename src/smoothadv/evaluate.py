@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -69,25 +69,6 @@ def example_seed(seed: int, index: int) -> int:
 
 def example_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(example_seed(seed, index))
-
-
-def select_indices(size: int, skip: int = 1, max_count: int | None = None, start: int = 0) -> list[int]:
-    """Dataset indices start, start + skip, ... (at most `max_count` of them)."""
-    if skip < 1:
-        raise SmoothAdvError(f"skip must be >= 1, got {skip}")
-    if max_count is not None and max_count < 1:
-        raise SmoothAdvError(f"max must be >= 1, got {max_count}")
-    if size == 0:
-        raise SmoothAdvError("the dataset is empty")
-    indices = list(range(start, size, skip))
-    return indices[:max_count] if max_count is not None else indices
-
-
-def shard_indices(indices: Sequence[int], shard: int, num_shards: int) -> list[int]:
-    """The part of `indices` that shard `shard` of `num_shards` runs (round-robin, so shards balance)."""
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise SmoothAdvError(f"shard must be i/k with 0 <= i < k, got {shard}/{num_shards}")
-    return list(indices[shard::num_shards])
 
 
 def _load_example(dataset: Dataset, index: int, device: torch.device) -> tuple[torch.Tensor, int]:

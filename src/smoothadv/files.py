@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +139,54 @@ class OutputLock:
             self._held = False
 
 
+def read_tsv(path: str | os.PathLike[str], what: str = "") -> tuple[str, list[list[str]]]:
+    """Header and complete rows of a result TSV; a torn last line (from a killed run) is ignored.
+
+    Every row must have as many fields as the header (else SmoothAdvError, with `what` appended).
+    The one reader of our own result files (`report` also reads Cohen's and Salman's logs).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SmoothAdvError(f"{path} is not a text (UTF-8) TSV file") from None
+    lines = text.split("\n")[:-1]  # the part after the last newline is empty or torn
+    if not lines:
+        raise SmoothAdvError(f"{path} is empty (no header)")
+    width = len(lines[0].split("\t"))
+    rows = [line.split("\t") for line in lines[1:]]
+    for row in rows:
+        if len(row) != width:
+            raise SmoothAdvError(f"{path} has a malformed row {chr(9).join(row)!r}" + (f"; {what}" if what else ""))
+    return lines[0], rows
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (identifies the checkpoint a result was computed with)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
 class TsvLog:
     """An append-only TSV results file with a fixed header; one durable row per finished example.
 
     Open with `resume=True` to continue a file: its header must match, rows already written are
-    kept, and a torn last line (a crash mid-write) is cut off. `done` holds the first column's
-    values (example indices) already present.
+    kept, and a torn last line (a crash mid-write) is cut off. `done` holds the keys of the rows
+    present: `key(fields)`, by default the first column (the example index).
     """
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], *, resume: bool = False,
-                 force: bool = False) -> None:
+                 force: bool = False, key: Callable[[list[str]], str] | None = None) -> None:
         self.path = check_writable_output(path, resume=resume, force=force)
         self.columns = list(columns)
+        self.key = key or (lambda fields: fields[0])
         self.done: set[str] = set()
         header = "\t".join(self.columns)
         if resume and self.path.exists() and self.path.stat().st_size > 0 \
@@ -162,22 +199,18 @@ class TsvLog:
             self._sync()
 
     def _recover(self, header: str) -> None:
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        if lines[0] != header:
+        first = self.path.read_text(encoding="utf-8").split("\n", 1)[0]
+        if first != header:
             raise SmoothAdvError(
-                f"{self.path} has header {lines[0]!r}, expected {header!r}; it was written by a different "
+                f"{self.path} has header {first!r}, expected {header!r}; it was written by a different "
                 "command or version, so it is not resumed (choose another --out)"
             )
-        complete = lines[:-1]  # the part after the last newline is empty or a torn row
-        if not text.endswith("\n"):  # torn last row: drop it, it will be redone
+        _, rows = read_tsv(self.path, what="refusing to resume it")
+        size = len("\n".join([header, *("\t".join(row) for row in rows)]).encode("utf-8")) + 1
+        if self.path.stat().st_size != size:  # a torn last row (a crash mid-write): cut it off, it will be redone
             with open(self.path, "r+", encoding="utf-8") as handle:
-                handle.truncate(len("\n".join(complete).encode("utf-8")) + 1)
-        for line in complete[1:]:
-            fields = line.split("\t")
-            if len(fields) != len(self.columns):
-                raise SmoothAdvError(f"{self.path} has a malformed row {line!r}; refusing to resume it")
-            self.done.add(fields[0])
+                handle.truncate(size)
+        self.done.update(self.key(row) for row in rows)
 
     def _sync(self) -> None:
         self._handle.flush()
@@ -190,7 +223,7 @@ class TsvLog:
             raise ValueError(f"row has {len(fields)} fields, header has {len(self.columns)}")
         self._handle.write("\t".join(fields) + "\n")
         self._sync()
-        self.done.add(fields[0])
+        self.done.add(self.key(fields))
 
     def close(self) -> None:
         if not self._handle.closed:

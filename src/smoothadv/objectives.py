@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from .attacks import DDN, PGDL2, get_attack
 from .errors import SmoothAdvError
+from .settings import AT_LEAST_ONE, AttackSettings, convert, fields_of, setting
 from .smoothing import SoftSmoothed, eval_mode
 
 
@@ -137,9 +139,9 @@ class SmoothAdv(Objective):
 
     sigma: float
     attack: PGDL2 | DDN
-    m: int = 1
-    multi_noise: bool = False
-    warmup: int = 1
+    m: int = setting(1, "noise draws per input in the attack (m_train)", limit=AT_LEAST_ONE)
+    multi_noise: bool = setting(False, "train on all m noisy copies (m SGD steps per batch)")
+    warmup: int = setting(1, "epochs over which eps ramps linearly to --eps", limit=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.sigma) or self.sigma < 0:
@@ -177,19 +179,66 @@ class SmoothAdv(Objective):
         logits = model(inputs)
         return LossOutput(F.cross_entropy(logits, targets), logits, targets)
 
-    @classmethod
-    def from_args(cls, args: Any) -> SmoothAdv:
-        """Build from the CLI's train flags (--attack --eps --steps --m --multi-noise --warmup ...)."""
-        eps, steps = args.eps, args.steps
-        attack_cls = get_attack(args.attack)
-        if attack_cls is DDN:
-            attack: PGDL2 | DDN = DDN(eps, steps, gamma=args.ddn_gamma, init_norm=args.ddn_init_norm)
-        else:
-            attack = PGDL2(eps, steps, random_start=args.random_start, gradient_free=args.gradient_free)
-        if args.warmup > args.epochs:
-            raise SmoothAdvError(f"warm-up ({args.warmup} epochs) is longer than training ({args.epochs} epochs)")
-        return cls(args.sigma, attack, m=args.m, multi_noise=args.multi_noise, warmup=args.warmup)
-
 
 OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv}
-"""Objective name (the CLI's --objective) -> class."""
+"""Objective name (the CLI's --objective) -> class. Each class is a frozen dataclass whose fields are its
+hyperparameters: `sigma` (the training noise level), `attack` (built by `build_attack`) and the others,
+declared with `settings.setting(...)` so that the command line, recipes and checks know them."""
+
+
+# ------------------------------------------------------------------ the factory
+
+
+def build_attack(settings: AttackSettings) -> PGDL2 | DDN:
+    """The attack `settings` describe. DDN's gamma and initial norm, when None, follow Salman et al.'s
+    prediction script: the norm may shrink from eps to 3/510 in T steps, and starts at eps (>= 1e-3)."""
+    eps, steps = settings.eps, settings.steps
+    if settings.attack == "ddn":
+        gamma = settings.ddn_gamma
+        if gamma is None:
+            gamma = 1 - (3 / 510 / eps) ** (1 / steps) if eps > 3 / 510 else 0.05
+        init_norm = settings.ddn_init_norm if settings.ddn_init_norm is not None else max(eps, 1e-3)
+        return DDN(eps, steps, gamma=gamma, init_norm=init_norm)
+    get_attack(settings.attack)  # a one-line error for an unknown name
+    return PGDL2(eps, steps, random_start=settings.random_start, gradient_free=settings.gradient_free)
+
+
+def hyperparameters() -> dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]]:
+    """Every registered objective's own settings: name -> (field, type, objectives that have it).
+    `sigma` and `attack` are excluded: they come from the training and attack settings."""
+    found: dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]] = {}
+    for name, cls in OBJECTIVES.items():
+        for key, (field, kind) in fields_of(cls).items():
+            if key in ("sigma", "attack"):
+                continue
+            owners = found[key][2] if key in found else ()
+            found[key] = (found[key][0] if key in found else field, kind, (*owners, name))
+    return found
+
+
+def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None = None,
+                    attack: AttackSettings | None = None) -> Objective:
+    """The objective registered as `name` at noise level `sigma`.
+
+    `options` holds hyperparameters by field name (the command line's flags, a recipe's keys);
+    each is converted strictly to its declared type, including those of other objectives, which
+    are then ignored (so one recipe format serves them all). `attack` (default `AttackSettings()`)
+    is used when the objective has an `attack` field.
+    """
+    if name not in OBJECTIVES:
+        raise SmoothAdvError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    known = hyperparameters()
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SmoothAdvError(f"unknown objective setting(s) {', '.join(unknown)}")
+    values = {key: convert(value, known[key][1], key) for key, value in options.items()}
+    kwargs: dict[str, Any] = {}
+    for key in fields_of(OBJECTIVES[name]):
+        if key == "sigma":
+            kwargs[key] = sigma
+        elif key == "attack":
+            kwargs[key] = build_attack(attack or AttackSettings())
+        elif key in values:
+            kwargs[key] = values[key]
+    return OBJECTIVES[name](**kwargs)

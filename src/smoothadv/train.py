@@ -21,7 +21,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .accel import autocast_dtype, check_precision
+from .accel import autocast_dtype
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
 from .distributed import all_reduce_sum, derive_seed, restarted, setup, shard_order, teardown
 from .errors import SmoothAdvError
@@ -44,58 +43,15 @@ from .models import (
     save_checkpoint,
 )
 from .objectives import NoiseSource, Objective, RankSlicedNoise
+from .settings import TrainSettings
 from .smoothing import eval_mode
 
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
 
 
-@dataclass
-class TrainConfig:
-    """Training settings. Units: sigma in [0, 1] pixels; lr per batch; epochs counted from 0."""
-
-    dataset: str
-    arch: str
-    out_dir: Path
-    sigma: float = 0.25              # noise level the model is trained for (recorded in the checkpoint)
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.1
-    lr_step: int = 30                # multiply lr by lr_gamma every lr_step epochs
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    normalization: str = "normalize"  # "normalize" (mean/std) or "center" (mean only)
-    seed: int = 0
-    device: str = "cpu"
-    workers: int = 0
-    data_dir: str | None = None
-    train_subset: int | None = None   # use only the first N training images (quick runs)
-    eval_subset: int | None = 1000    # noisy test accuracy on the first N test images per epoch
-    pretrained: str | None = None     # fine-tune from this checkpoint
-    pretrained_normalization: str | None = None  # for Cohen/Salman pretrained files
-    unlabelled: str | None = None     # .npz of extra (pseudo-labelled) images and labels
-    unlabelled_weight: float = 1.0
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-    precision: str = "fp32"           # "bf16" / "fp16": autocast the training forward passes and the attack
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise SmoothAdvError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise SmoothAdvError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise SmoothAdvError(f"lr must be > 0, got {self.lr}")
-        if self.lr_step < 1:
-            raise SmoothAdvError(f"lr step must be >= 1, got {self.lr_step}")
-        if self.sigma < 0 or not math.isfinite(self.sigma):
-            raise SmoothAdvError(f"sigma must be >= 0, got {self.sigma}")
-        if self.unlabelled_weight < 0:
-            raise SmoothAdvError(f"unlabelled weight must be >= 0, got {self.unlabelled_weight}")
-        check_precision(self.precision)
+TrainConfig = TrainSettings
+"""The training settings (`settings.TrainSettings`; this name is kept for existing code)."""
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,0 +1,420 @@
+"""The durable evaluation run: select examples, shard, resume, lock, append flushed rows, record provenance.
+
+`run_evaluation(run, settings)` is what `smoothadv certify`, `predict` and `attack` (and torchrun
+ranks, and the demo) call. It
+
+1. selects the dataset indices (`select_indices`: every `skip`-th, at most `max`);
+2. keeps this process's shard (`--shard i/k`, or rank r of k under torchrun: round-robin,
+   `shard_indices`), writing `OUT.shard-i-of-k`;
+3. refuses an existing output unless resuming or forcing; with `resume`, checks the recorded
+   settings (`OUT.args.json`) against these field by field (`setting_differences`: every field
+   declared `rows=True` in `settings` must agree) and skips the rows already written;
+4. holds a lock file (`OUT.lock`) so a second writer is refused;
+5. appends each row flushed and fsynced as it is computed (`files.TsvLog`), so a killed run
+   loses at most the row in progress;
+6. under torchrun, the last rank to finish merges the shards (`merge_shards`).
+
+Rows do not depend on sharding, order or resumption: each example's noise comes from its own
+generator keyed by (seed, index) (`seeds.example_seed`). So shards merged, a resumed run, and
+one uninterrupted run give the same rows (only the `time` column differs).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import SmoothAdvError
+from .files import OutputLock, TsvLog, atomic_write_text, check_writable_output, file_sha256, read_tsv, write_provenance
+from .settings import (
+    AttackRunSettings,
+    CertifySettings,
+    EvaluationSettings,
+    PredictSettings,
+    RunSettings,
+    bookkeeping_fields,
+)
+
+#: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
+IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from"}
+
+_SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
+
+Job = Any  # a dataset index, or (eps, index) for an attack at several radii
+
+
+# ------------------------------------------------------------------ which examples
+
+
+def select_indices(size: int, skip: int = 1, max_count: int | None = None, start: int = 0) -> list[int]:
+    """Dataset indices start, start + skip, ... (at most `max_count` of them)."""
+    if skip < 1:
+        raise SmoothAdvError(f"skip must be >= 1, got {skip}")
+    if max_count is not None and max_count < 1:
+        raise SmoothAdvError(f"max must be >= 1, got {max_count}")
+    if size == 0:
+        raise SmoothAdvError("the dataset is empty")
+    indices = list(range(start, size, skip))
+    return indices[:max_count] if max_count is not None else indices
+
+
+def shard_indices(jobs: Sequence[Job], shard: int, num_shards: int) -> list[Job]:
+    """The part of `jobs` that shard `shard` of `num_shards` runs (round-robin, so shards balance)."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise SmoothAdvError(f"shard must be i/k with 0 <= i < k, got {shard}/{num_shards}")
+    return list(jobs[shard::num_shards])
+
+
+def job_key(job: Job) -> str:
+    """The identity of a job in its output: 'idx', or 'idx@eps' for an attack job (eps, idx)."""
+    return f"{job[1]}@{float(job[0]):g}" if isinstance(job, tuple) else str(job)
+
+
+def row_key(header: Sequence[str], fields: Sequence[str]) -> str:
+    """The job key of a written row (its idx, with its eps when the file has an eps column)."""
+    idx = fields[header.index("idx")] if "idx" in header else fields[0]
+    if "eps" in header:
+        try:
+            return f"{idx}@{float(fields[header.index('eps')]):g}"
+        except ValueError:
+            return f"{idx}@{fields[header.index('eps')]}"
+    return idx
+
+
+def run_jobs(settings: EvaluationSettings, size: int) -> list[Job]:
+    """Every job of a run over a dataset of `size` examples, in output order (all shards together)."""
+    indices = select_indices(size, settings.skip, settings.max)
+    if isinstance(settings, AttackRunSettings):
+        return [(eps, i) for eps in settings.eps for i in indices]
+    return list(indices)
+
+
+# ------------------------------------------------------------------ files next to an output
+
+
+def shard_path(out: str | os.PathLike[str], shard: int, num_shards: int) -> Path:
+    """The file shard `shard` of `num_shards` writes for the final output `out`: OUT.shard-i-of-k."""
+    return Path(f"{out}.shard-{shard}-of-{num_shards}")
+
+
+def settings_path(out: str | os.PathLike[str]) -> Path:
+    """The provenance sidecar `<out>.args.json` written next to an evaluation output."""
+    out = Path(out)
+    return out.parent / f"{out.name}.args.json"
+
+
+def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings recorded next to `out`, or None if there is no sidecar."""
+    path = settings_path(out)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SmoothAdvError(f"cannot read the settings file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SmoothAdvError(f"the settings file {path} is not a JSON object")
+    return data
+
+
+def setting_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS) on which `a` and `b` disagree."""
+    a, b = (json.loads(json.dumps(d, default=str)) for d in (a, b))  # as stored: tuples -> lists, paths -> str
+    keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS)
+    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
+
+
+def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict[str, Any]:
+    """The provenance of a run as written to `OUT.args.json`: every field of both settings, resolved
+    (sequential mode records its fitted looks, the alpha spent at each and the class source), plus
+    `facts` such as the checkpoint's SHA-256 and the dataset size."""
+    values: dict[str, Any] = {**asdict(run), **asdict(settings), "command": settings.command}
+    if isinstance(settings, CertifySettings) and settings.mode == "sequential":
+        config = settings.sequential_config()
+        values.update(class_from=settings.class_from or "selection", policy=config.policy, radii=list(config.radii),
+                      looks=list(config.looks), levels=list(config.levels), n=None,
+                      forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha)
+    if isinstance(settings, AttackRunSettings):
+        values["eps"] = settings.eps[0] if len(settings.eps) == 1 else list(settings.eps)
+    values["shard"] = list(run.shard) if run.shard else None
+    return {**values, **facts}
+
+
+# ------------------------------------------------------------------ the run
+
+
+class RunOutcome(NamedTuple):
+    path: Path       # the file written (a shard file when sharded)
+    rows: int        # jobs of this process (written now or before)
+    resumed: int     # of which were already there
+    merged: Path | None  # the merged output, when this process merged the shards (torchrun)
+
+
+def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
+               make_rows: Callable[[list[Job]], Iterable[NamedTuple]], *, resume: bool, force: bool,
+               progress: bool = True, label: str = "", restart_on_change: bool = False) -> RunOutcome:
+    """Append one row per job to the TSV `out` (resumable, locked, each row flushed and fsynced).
+
+    With `resume`, rows already in `out` are kept and their jobs skipped, after checking that `out`
+    was started with the same `recorded` settings (else SmoothAdvError; or, with
+    `restart_on_change`, the file is started over). `recorded` is written to `OUT.args.json`
+    together with `OUT.env.json` (versions, device, git revision).
+    """
+    with OutputLock(out):
+        if resume and out.exists():
+            previous = read_settings(out)
+            differences = [] if previous is None else setting_differences(previous, recorded)
+            if differences and restart_on_change:
+                resume, force = False, True
+            elif differences:
+                raise SmoothAdvError(f"cannot resume {out}: it was started with other settings "
+                                     f"({'; '.join(differences)}); use the same flags or a new --out")
+        with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
+            return _append(out, log, recorded, columns, jobs, make_rows, progress, label)
+
+
+def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
+            make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str) -> RunOutcome:
+    from tqdm.auto import tqdm
+
+    from .evaluate import row_fields
+
+    todo = [job for job in jobs if job_key(job) not in log.done]
+    write_provenance(out.parent, recorded, prefix=f"{out.name}.")
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=label, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for row in make_rows(todo):
+            log.write(row_fields(row))
+            bar.update(1)
+    return RunOutcome(out, len(jobs), len(jobs) - len(todo), None)
+
+
+def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(Smooth, dataset, checkpoint metadata, device) for a run: the checkpoint on this process's device
+    (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split."""
+    from .accel import prepare_base
+    from .data import get_dataset
+    from .distributed import env_world, local_device
+    from .models import load_checkpoint
+    from .smoothing import Smooth
+    from .train import resolve_device
+
+    _, world, local_rank = env_world()
+    device = local_device(resolve_device(run.device), local_rank, world)
+    model, meta = load_checkpoint(run.checkpoint, device, normalization=settings.normalization)
+    model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, settings.fold_bn)
+    dataset = get_dataset(meta["dataset"], settings.split, run.data_dir)
+    return Smooth(model, meta["num_classes"], settings.sigma), dataset, meta, device
+
+
+def rows_maker(settings: EvaluationSettings, smooth: Any, dataset: Any,
+               device: Any) -> tuple[tuple[str, ...], Callable[[list[Job]], Iterable[NamedTuple]]]:
+    """The TSV columns of a run and the function computing the rows of a list of jobs."""
+    from .evaluate import (
+        ATTACK_COLUMNS,
+        CERTIFY_COLUMNS,
+        PREDICT_COLUMNS,
+        attack_dataset,
+        certify_dataset,
+        predict_dataset,
+    )
+
+    s = settings
+    if isinstance(s, CertifySettings) and s.mode == "sequential":
+        from .sequential import SEQUENTIAL_COLUMNS, certify_sequential_dataset
+
+        config = s.sequential_config()
+        return SEQUENTIAL_COLUMNS, lambda todo: certify_sequential_dataset(
+            smooth, dataset, todo, config=config, class_from=s.class_from or "selection", n0=s.n0,
+            batch_size=s.batch, seed=s.seed, device=device)
+    if isinstance(s, CertifySettings):
+        return CERTIFY_COLUMNS, lambda todo: certify_dataset(smooth, dataset, todo, n0=s.n0, n=s.n, alpha=s.alpha,
+                                                             batch_size=s.batch, seed=s.seed, device=device)
+    if isinstance(s, PredictSettings):
+        return PREDICT_COLUMNS, lambda todo: predict_dataset(smooth, dataset, todo, n=s.n, alpha=s.alpha,
+                                                             batch_size=s.batch, seed=s.seed, device=device)
+    if isinstance(s, AttackRunSettings):
+        from .objectives import build_attack
+
+        def attack_rows(todo: list[Job]) -> Iterable[NamedTuple]:
+            for eps in dict.fromkeys(e for e, _ in todo):  # one attack per radius, jobs in their order
+                yield from attack_dataset(smooth, build_attack(s.attack_settings(eps)), dataset,
+                                          [i for e, i in todo if e == eps], m=s.m, n=s.n, alpha=s.alpha,
+                                          batch_size=s.batch, seed=s.seed, device=device, base_attack=s.base_attack)
+
+        return ATTACK_COLUMNS, attack_rows
+    raise SmoothAdvError(f"no evaluation is defined for {type(s).__name__}")
+
+
+def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on_change: bool = False,
+                   log: Callable[[str], None] | None = print) -> RunOutcome:
+    """Certify, predict or attack (by the type of `settings`) every selected example, durably.
+
+    See the module docstring for what is guaranteed. Under torchrun (WORLD_SIZE > 1) rank r of k
+    writes `OUT.shard-r-of-k` and the last rank to finish merges them into `OUT`. Returns what was
+    written; `log` (default print) receives one line saying where.
+    """
+    from .distributed import env_world
+
+    rank, world, _ = env_world()
+    if world > 1 and run.shard is not None:
+        raise SmoothAdvError("--shard is for separate jobs; under torchrun the ranks already split the examples")
+    shard = (rank, world) if world > 1 else run.shard
+    final = Path(run.out)
+    if world > 1:  # the merged output must be writable before any work starts
+        check_writable_output(final, resume=run.resume, force=run.force)
+    out = check_writable_output(shard_path(final, *shard) if shard else final, resume=run.resume or restart_on_change,
+                                force=run.force)
+    smooth, dataset, _, device = load_smoothed(run, settings)
+    jobs = run_jobs(settings, len(dataset))
+    recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
+                      shard=list(shard) if shard else None)
+    if shard is not None:
+        jobs = shard_indices(jobs, *shard)
+    columns, make_rows = rows_maker(settings, smooth, dataset, device)
+    outcome = write_rows(out, recorded, columns, jobs, make_rows, resume=run.resume or restart_on_change,
+                         force=run.force, progress=run.progress and rank == 0, label=settings.command,
+                         restart_on_change=restart_on_change)
+    say = log or (lambda _: None)
+    if world > 1:  # the last rank to finish sees every shard complete and merges (merging twice is harmless)
+        if shards_complete(final, world, recorded):
+            rows = merge_shards(final, [shard_path(final, i, world) for i in range(world)], force=True)
+            say(f"wrote {final} ({rows} rows, merged from {world} shards)")
+            return outcome._replace(merged=final)
+    elif shard is not None:
+        say(f"wrote {out} ({len(jobs)} rows, shard {shard[0]}/{shard[1]}); when all shards are done: "
+            f"smoothadv merge {final}")
+    else:
+        say(f"wrote {out} ({len(jobs)} rows)")
+    return outcome
+
+
+# ------------------------------------------------------------------ shards
+
+
+def find_shards(out: str | os.PathLike[str]) -> list[Path]:
+    """The shard files OUT.shard-i-of-k that exist next to `out`."""
+    pattern = glob.escape(str(out)) + ".shard-*-of-*"
+    return sorted(Path(p) for p in glob.glob(pattern) if _SHARD_RE.search(p))
+
+
+def expected_jobs(settings: dict[str, Any]) -> list[Job]:
+    """The jobs a run with these recorded settings covers (all shards together)."""
+    try:
+        indices = select_indices(int(settings["dataset_size"]), int(settings.get("skip") or 1), settings.get("max"))
+    except (KeyError, TypeError, ValueError):
+        raise SmoothAdvError("the settings file lacks dataset_size/skip/max; was it written by smoothadv?") from None
+    eps = settings.get("eps")
+    if eps is not None:  # an attack run: one job per (radius, index)
+        return [(float(e), i) for e in (eps if isinstance(eps, list) else [eps]) for i in indices]
+    return list(indices)
+
+
+@dataclass
+class _Shard:
+    path: Path
+    settings: dict[str, Any]
+
+
+def _parse_shards(out: Path, paths: Sequence[Path]) -> list[_Shard]:
+    parsed: dict[int, _Shard] = {}
+    total: int | None = None
+    for path in paths:
+        match = _SHARD_RE.search(str(path))
+        if match is None:
+            raise SmoothAdvError(f"{path} is not named like a shard (OUT.shard-i-of-k)")
+        i, k = int(match.group(1)), int(match.group(2))
+        if total is not None and k != total:
+            raise SmoothAdvError(f"shards of different splits: {path} is of {k}, another of {total}")
+        total = k
+        if i in parsed:
+            raise SmoothAdvError(f"shard {i}-of-{k} is given twice ({parsed[i].path} and {path})")
+        settings = read_settings(path)
+        if settings is None:
+            raise SmoothAdvError(f"{settings_path(path)} is missing; cannot check that {path} matches the others")
+        parsed[i] = _Shard(path, settings)
+    assert total is not None
+    missing = sorted(set(range(total)) - set(parsed))
+    if missing:
+        raise SmoothAdvError(f"missing shard(s) {', '.join(f'{i}-of-{total}' for i in missing)} of {out}")
+    return [parsed[i] for i in range(total)]
+
+
+def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike[str]] | None = None, *,
+                 force: bool = False) -> int:
+    """Merge shard TSVs into `out` (rows in job order; written atomically); returns the row count.
+
+    `shards` defaults to every OUT.shard-i-of-k next to `out`. All k shards of one k must be given,
+    each with its settings sidecar; they must agree on every setting but `IGNORED_SETTINGS`, and
+    together hold each selected job exactly once. Any violation raises SmoothAdvError (one line)
+    and writes nothing.
+    """
+    out = Path(out)
+    paths = [Path(p) for p in shards] if shards else find_shards(out)
+    if not paths:
+        raise SmoothAdvError(f"no shard files {out}.shard-*-of-* found")
+    if out.exists() and not force:
+        raise SmoothAdvError(f"{out} already exists; pass --force to overwrite it")
+    parsed = _parse_shards(out, paths)
+    reference = parsed[0]
+    for shard in parsed[1:]:
+        differences = setting_differences(reference.settings, shard.settings)
+        if differences:
+            raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "
+                                 f"({'; '.join(differences)}); rerun the odd shard")
+    everything = expected_jobs(reference.settings)
+    order = {job_key(job): position for position, job in enumerate(everything)}
+    header: str | None = None
+    merged: list[tuple[int, list[str]]] = []
+    for i, shard in enumerate(parsed):
+        head, rows = read_tsv(shard.path)
+        if header is not None and head != header:
+            raise SmoothAdvError(f"{shard.path} has header {head!r}, other shards {header!r}")
+        header = head
+        columns = head.split("\t")
+        seen: set[str] = set()
+        for row in rows:
+            try:
+                int(row[columns.index("idx") if "idx" in columns else 0])
+            except ValueError:
+                raise SmoothAdvError(f"{shard.path} has a non-integer index {row[0]!r}") from None
+            key = row_key(columns, row)
+            if key in seen:
+                raise SmoothAdvError(f"{shard.path} has index {key} twice")
+            seen.add(key)
+            merged.append((order.get(key, -1), row))
+        wanted = {job_key(job) for job in shard_indices(everything, i, len(parsed))}
+        if seen - wanted:
+            raise SmoothAdvError(f"{shard.path} has rows this shard should not have (e.g. idx {min(seen - wanted)})")
+        if wanted - seen:
+            raise SmoothAdvError(f"{shard.path} is incomplete: {len(wanted - seen)} of {len(wanted)} rows missing "
+                                 f"(e.g. idx {min(wanted - seen)}); finish it with --resume")
+    merged.sort(key=lambda item: item[0])
+    assert header is not None
+    atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
+    settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}
+    atomic_write_text(settings_path(out), json.dumps(settings_out, indent=2, sort_keys=True, default=str) + "\n")
+    return len(merged)
+
+
+def shards_complete(out: str | os.PathLike[str], num_shards: int, settings: dict[str, Any]) -> bool:
+    """Whether all `num_shards` shards of `out` hold all their rows (checked without raising)."""
+    everything = expected_jobs(settings)
+    for i in range(num_shards):
+        path = shard_path(out, i, num_shards)
+        if not path.exists():
+            return False
+        try:
+            head, rows = read_tsv(path)
+        except SmoothAdvError:
+            return False
+        columns = head.split("\t")
+        if not {job_key(j) for j in shard_indices(everything, i, num_shards)} <= {row_key(columns, r) for r in rows}:
+            return False
+    return True

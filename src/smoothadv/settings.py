@@ -1,0 +1,566 @@
+"""Typed settings: the data model of every run. The command line and TOML recipes only fill these in.
+
+Each run is described by frozen dataclasses, validated when they are made (a one-line
+`SmoothAdvError` naming the setting), so a library user, the command line and a recipe file all
+meet the same checks:
+
+- `TrainSettings`: a training run (`train.fit`); the objective is a separate typed object
+  (`objectives.build_objective`), whose dataclass fields are its hyperparameters.
+- `AttackSettings`: an L2 attack (`attacks.build_attack`), for SmoothAdv training and `attack`.
+- `CertifySettings`, `PredictSettings`, `AttackRunSettings`: what a durable evaluation run
+  computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
+
+Every field is declared with `setting(...)`, which records its help text, its command-line spelling
+and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
+bars, resume/force) are the only ones a resumed run, or the shards of one run, may differ in; every
+other field is compared (`row_settings`). `convert` turns a value from a flag or a recipe into the
+field's declared type, strictly: `"false"` is not a bool, `1.5` is not an int, `true` is not a
+number. Field names are those of the flags (and of the `args.json` files earlier versions wrote),
+so recorded runs stay comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SmoothAdvError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+Check = Callable[[Any], bool]
+
+#: largest seed accepted (torch generators take 64-bit seeds; ours are mixed modulo 2^63 - 1)
+MAX_SEED = 2**63 - 1
+
+
+def _limit(test: Check, what: str) -> tuple[Check, str]:
+    return test, what
+
+
+POSITIVE = _limit(lambda v: v > 0, "a number > 0")
+NONNEGATIVE = _limit(lambda v: v >= 0, "a number >= 0")
+AT_LEAST_ONE = _limit(lambda v: v >= 1, "an integer >= 1")
+COUNT = _limit(lambda v: v >= 0, "an integer >= 0")
+PROBABILITY = _limit(lambda v: 0 < v < 1, "a number in (0, 1)")
+SEED = _limit(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+
+
+Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+            limit: tuple[Check, str] | None = None, choices: Choices | None = None, rows: bool = True,
+            positional: bool = False, metavar: str | None = None) -> Any:
+    """A dataclass field with what the command line and the checks need to know about it.
+
+    Args:
+        default: the value when the setting is not given (omit for a required setting).
+        help: one line for `--help`.
+        flag: the command-line spelling (default `--name-with-dashes`).
+        limit: (test, description) the value must pass, e.g. `POSITIVE`.
+        choices: the allowed strings (or a function returning them, read when checked).
+        rows: False when the setting cannot change a result (paths, devices, progress output).
+        positional: a positional command-line argument.
+    """
+    metadata = {"help": help, "flag": flag, "limit": limit, "choices": choices, "rows": rows,
+                "positional": positional, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("settings are immutable: use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The command-line spelling of a settings field (`--batch` for `batch_size`, ...)."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def recipe_key(field: dataclasses.Field) -> str:
+    """The key of a settings field in recipes and `train_recipe` (the flag without dashes: `batch`)."""
+    return flag_name(field)[2:].replace("-", "_")
+
+
+def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """name -> (field, resolved type annotation) of a settings dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _choices(field: dataclasses.Field) -> tuple[str, ...] | None:
+    choices = field.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+# ------------------------------------------------------------------ strict conversion
+
+
+def _describe(kind: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    if kind in names:
+        return names[kind]
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        return "a list"
+    return str(kind)
+
+
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of `X | None`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        args = tuple(a for a in typing.get_args(kind) if a is not type(None))
+        return (args[0] if len(args) == 1 else typing.Union[args]), True  # noqa: UP007
+    return kind, False
+
+
+def convert(value: Any, kind: Any, name: str, *, from_text: bool = False) -> Any:
+    """`value` as type `kind` (bool, int, float, str, Path, X | None, tuple[X, ...], tuple[X, Y]).
+
+    Strict: a bool is never taken for a number or a string for a bool; an int is taken for a float;
+    floats must be finite. With `from_text` (command-line strings) numbers are parsed from text.
+    Raises SmoothAdvError naming `name`.
+    """
+    inner, nullable = _optional(kind)
+    members = [a for a in typing.get_args(inner) if a is not type(None)] \
+        if typing.get_origin(inner) in (typing.Union, types.UnionType) else []
+    if members and value is not None:  # e.g. float | str: the first member the value converts to
+        for member in members:
+            try:
+                return convert(value, member, name, from_text=from_text)
+            except SmoothAdvError:
+                continue
+        raise SmoothAdvError(f"{name} must be {' or '.join(_describe(m) for m in members)}, got {value!r}")
+    if value is None or value is dataclasses.MISSING:
+        if nullable and value is None:
+            return None
+        raise SmoothAdvError(f"{name} needs a value ({_describe(inner)})")
+    bad = SmoothAdvError(f"{name} must be {_describe(inner)}, got {value!r}")
+    if typing.get_origin(inner) is tuple:
+        items = typing.get_args(inner)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(convert(v, items[0], name, from_text=from_text) for v in value)
+        if len(value) != len(items):
+            raise SmoothAdvError(f"{name} must be a list of {len(items)} values, got {value!r}")
+        return tuple(convert(v, k, name, from_text=from_text) for v, k in zip(value, items))
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if inner in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        if from_text and isinstance(value, str):
+            try:
+                value = inner(value)
+            except ValueError:
+                raise bad from None
+        if inner is int and isinstance(value, int):
+            return value
+        if inner is float and isinstance(value, (int, float)):
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+            if not math.isfinite(number):
+                raise SmoothAdvError(f"{name} must be a finite number, got {value!r}")
+            return number
+        raise bad
+    if inner in (str, Path):
+        if isinstance(value, (str, Path)) and str(value):
+            return inner(value)
+        raise bad
+    raise TypeError(f"unsupported settings type {kind!r} for {name}")
+
+
+def check_fields(settings: Any, label: Callable[[dataclasses.Field], str] = flag_name) -> None:
+    """Check every field's type, limit and choices; SmoothAdvError (one line) on the first bad one."""
+    for name, (field, kind) in fields_of(type(settings)).items():
+        value = getattr(settings, name)
+        shown = label(field)
+        converted = convert(value, kind, shown)
+        if converted is not value and converted != value:
+            object.__setattr__(settings, name, converted)  # e.g. an int given for a float, a list for a tuple
+        if converted is None:
+            continue
+        limit = field.metadata.get("limit")
+        values = converted if isinstance(converted, tuple) else (converted,)
+        if limit is not None and not all(limit[0](v) for v in values):
+            raise SmoothAdvError(f"{shown} must be {limit[1]}, got {value!r}")
+        choices = _choices(field)
+        if choices is not None and not all(v in choices for v in values):
+            raise SmoothAdvError(f"{shown} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def row_settings(settings: Any) -> dict[str, Any]:
+    """The fields of `settings` that can change a result (those declared with rows=True)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.metadata.get("rows", True)}
+
+
+def bookkeeping_fields(*classes: type) -> frozenset[str]:
+    """Names of the fields declared rows=False in `classes` (they never change a result)."""
+    return frozenset(f.name for cls in classes for f in dataclasses.fields(cls) if not f.metadata.get("rows", True))
+
+
+def make(cls: type, values: Mapping[str, Any], *, source: str = "") -> Any:
+    """Build settings `cls` from `values` keyed by field name, converting each value strictly.
+
+    Unknown keys are refused. `source` prefixes error messages (e.g. a recipe's file name).
+    """
+    known = fields_of(cls)
+    unknown = sorted(set(values) - set(known))
+    prefix = f"{source}: " if source else ""
+    if unknown:
+        raise SmoothAdvError(f"{prefix}unknown setting(s) {', '.join(unknown)}")
+    try:
+        converted = {k: convert(v, known[k][1], k) for k, v in values.items()}
+        return cls(**converted)
+    except SmoothAdvError as exc:
+        raise SmoothAdvError(f"{prefix}{exc}") from None
+
+
+# ------------------------------------------------------------------ recipes (TOML)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML recipe as a flat dict: keys with - or _, top level and [train] merged; the reference
+    sections [paper] and [certify] are returned under those keys untouched."""
+    file = Path(path)
+    try:
+        with open(file, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read config {file}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SmoothAdvError(f"config {file} is not valid UTF-8 TOML: {str(exc).splitlines()[0]}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("paper", "certify"):
+            flat[key] = value
+        elif isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+# ------------------------------------------------------------------ the settings
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from .data import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _arch_names() -> tuple[str, ...]:
+    from .archs import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+NORMALIZATIONS = ("normalize", "center", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """A training run (Cohen et al.'s recipe: SGD with momentum and a step learning rate).
+
+    Units: sigma in [0, 1] pixels; lr per batch; epochs counted from 0. The objective (Gaussian
+    augmentation, SmoothAdv, ...) is passed to `train.fit` beside these settings.
+    """
+
+    dataset: str = setting("fashion_mnist", "dataset to train on", choices=_dataset_names)
+    arch: str = setting(help="architecture (default: the dataset's usual one)", choices=_arch_names)
+    out_dir: Path = setting(help="run directory (checkpoint.pth.tar, log.tsv, args.json)", flag="--out", rows=False)
+    sigma: float = setting(0.25, "training noise level (recorded in the checkpoint)", limit=NONNEGATIVE)
+    epochs: int = setting(90, "training epochs", limit=AT_LEAST_ONE)
+    batch_size: int = setting(256, "batch size (the global batch under torchrun)", flag="--batch", limit=AT_LEAST_ONE)
+    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE)
+    lr_step: int = setting(30, "decay lr every this many epochs", limit=AT_LEAST_ONE)
+    lr_gamma: float = setting(0.1, "lr decay factor", limit=POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", limit=NONNEGATIVE)
+    weight_decay: float = setting(1e-4, "SGD weight decay", limit=NONNEGATIVE)
+    normalization: str = setting("normalize", "input layer: mean/std, mean only, or none (raw [0, 1] pixels)",
+                                 choices=NORMALIZATIONS)
+    seed: int = setting(0, "seed for noise, initialization and data order", limit=SEED)
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
+    workers: int = setting(0, "data loader processes", limit=COUNT, rows=False)
+    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
+    train_subset: int | None = setting(None, "train on the first N images only", limit=AT_LEAST_ONE)
+    eval_subset: int | None = setting(1000, "noisy test accuracy on N test images", limit=AT_LEAST_ONE)
+    pretrained: str | None = setting(None, "fine-tune from this checkpoint")
+    pretrained_normalization: str | None = setting(None, "input layer of a Cohen/Salman pretrained file",
+                                                   choices=("normalize", "center"))
+    unlabelled: str | None = setting(None, ".npz of extra pseudo-labelled images (self-training)")
+    unlabelled_weight: float = setting(1.0, "loss weight of the extra batches", limit=NONNEGATIVE)
+    resume: bool = setting(False, "continue from the run directory's checkpoint", rows=False)
+    force: bool = setting(False, "start over even if a checkpoint exists", rows=False)
+    progress: bool = setting(True, "progress bars", rows=False)
+    precision: str = setting("fp32", "mixed precision: autocast forward passes and attacks (fp16: GPU, with loss "
+                             "scaling)", choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        check_fields(self, recipe_key)
+
+    def validate(self) -> None:
+        """Checks that need more than one field (the single-field checks ran when it was made)."""
+        from .accel import check_precision
+
+        check_precision(self.precision)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackSettings:
+    """An L2 attack, as `attacks.build_attack` makes it (Salman et al. 2019, Section 3).
+
+    `attack` is "pgd" or "ddn"; `gradient_free` turns PGD into its Stein-estimate variant.
+    `ddn_gamma` / `ddn_init_norm` None mean the rule of Salman et al.'s prediction script: the
+    norm can shrink from eps to 3/510 in `steps` steps, starting at eps (at least 1e-3).
+    """
+
+    attack: str = setting("pgd", "attack on the smoothed soft classifier", choices=("pgd", "ddn"))
+    eps: float = setting(0.5, "attack L2 radius in [0, 1] pixels", limit=NONNEGATIVE)
+    steps: int = setting(2, "attack steps T", limit=AT_LEAST_ONE)
+    random_start: bool = setting(False, "PGD: start at a random point of the eps-ball")
+    gradient_free: bool = setting(False, "PGD: Stein gradient estimate (no backpropagation; weaker)")
+    ddn_gamma: float | None = setting(0.05, "DDN norm update factor", limit=PROBABILITY)
+    ddn_init_norm: float | None = setting(1.0, "DDN initial norm (replaced by the warm-up eps each epoch, as the "
+                                          "original)", limit=POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_fields(self, recipe_key)
+        if self.gradient_free and self.attack != "pgd":
+            raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """Where a durable evaluation run reads and writes. None of these fields changes a row."""
+
+    checkpoint: str = setting(help="model checkpoint (smoothadv, Cohen or Salman format)", positional=True,
+                              rows=False)
+    out: Path = setting(help="output TSV (one row per example)", rows=False)
+    shard: tuple[int, int] | None = setting(None, "run only shard i of k (i/k), writing OUT.shard-i-of-k; then "
+                                            "`smoothadv merge OUT`", rows=False, metavar="I/K")
+    resume: bool = setting(False, "continue an existing output, skipping finished rows", rows=False)
+    force: bool = setting(False, "overwrite an existing output", rows=False)
+    device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
+    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
+    progress: bool = setting(True, "progress bars", rows=False)
+    channels_last: bool = setting(False, "channels_last memory format (GPU speed)", rows=False)
+    compile: bool = setting(False, "torch.compile the base classifier", rows=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.shard is not None and not (self.shard[1] >= 1 and 0 <= self.shard[0] < self.shard[1]):
+            raise SmoothAdvError(f"--shard must be i/k with 0 <= i < k, got {self.shard[0]}/{self.shard[1]}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSettings:
+    """What every evaluation run shares: the smoothed classifier, the examples and the noise seed."""
+
+    sigma: float = setting(help="noise level of the smoothed classifier", limit=POSITIVE)
+    alpha: float = setting(0.001, "failure probability", limit=PROBABILITY)
+    batch: int = setting(1000, "noisy samples per forward pass", limit=AT_LEAST_ONE)
+    skip: int = setting(1, "use every skip-th example", limit=AT_LEAST_ONE)
+    max: int | None = setting(None, "stop after this many examples", limit=AT_LEAST_ONE)
+    split: str = setting("test", "dataset split", choices=("test", "train"))
+    seed: int = setting(0, "seed of the noise (each example's stream is keyed by (seed, index))", limit=SEED)
+    normalization: str | None = setting(None, "input layer for Cohen/Salman checkpoints, which do not record it",
+                                        choices=("normalize", "center"))
+    precision: str = setting("fp32", "autocast the base classifier's forward passes (fp16: GPU only)",
+                             choices=PRECISIONS)
+    fold_bn: bool = setting(False, "fold BatchNorm into the convolutions (same function up to float rounding)")
+
+    command = "evaluate"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictSettings(EvaluationSettings):
+    """PREDICT on each example (Cohen et al., Section 3.2): a class or ABSTAIN."""
+
+    n: int = setting(1000, "Monte Carlo samples", limit=AT_LEAST_ONE)
+
+    command = "predict"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertifySettings(EvaluationSettings):
+    """CERTIFY on each example: Cohen et al.'s fixed-n test, or the sequential test with looks.
+
+    In sequential mode `n` is unused (the looks set the sample sizes); `class_from`, `policy`,
+    `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling base) and `forecast_alpha` (a
+    probability, or "strict") are its settings; `sequential_config()` resolves them.
+    """
+
+    n: int | None = setting(100_000, "Monte Carlo samples", limit=AT_LEAST_ONE)
+    n0: int = setting(100, "selection samples", limit=AT_LEAST_ONE)
+    mode: str = setting("fixed", "fixed: Cohen's CERTIFY with n samples; sequential: looks at 1024, 2048, ... "
+                        "samples", choices=("fixed", "sequential"))
+    class_from: str | None = setting(None, "sequential: class from n0 selection samples (Cohen; deployment, "
+                                     "default) or the known label (evaluation only)", choices=("selection", "label"))
+    policy: str | None = setting(None, "sequential stopping rule: settle certified/not at --radii (default), stop "
+                                 "within --tolerance of the best reachable radius, or make every look",
+                                 choices=("grid", "tolerance", "full"))
+    radii: tuple[float, ...] | None = setting(None, "grid policy: radii to decide (one radius = single-radius "
+                                              "mode; default 0, 0.25, ...)", limit=NONNEGATIVE)
+    tolerance: float | None = setting(None, "tolerance policy: radius loss accepted", limit=NONNEGATIVE)
+    looks: tuple[int, int] | None = setting(None, "sequential doubling looks FIRST:LAST (default 1024:131072); "
+                                            "the grid policy fits its schedule to them", metavar="FIRST:LAST")
+    forecast_alpha: float | str | None = setting(None, "level of the upper bound that forecasts the reachable "
+                                                 "radius (default 0.05; 'strict' = the look's own level)")
+
+    command = "certify"
+
+    def __post_init__(self) -> None:
+        forecast = self.forecast_alpha
+        if isinstance(forecast, str) and forecast != "strict":
+            raise SmoothAdvError(f"--forecast-alpha must be a number in (0, 1) or 'strict', got {forecast!r}")
+        if forecast is not None and not isinstance(forecast, str):
+            if isinstance(forecast, bool) or not isinstance(forecast, (int, float)) or not 0 < forecast < 1:
+                raise SmoothAdvError(f"--forecast-alpha must be a number in (0, 1) or 'strict', got {forecast!r}")
+        super().__post_init__()
+        if self.mode == "fixed":
+            given = [flag for flag, value in (("--class-from", self.class_from if self.class_from != "selection"
+                                               else None), ("--policy", self.policy), ("--radii", self.radii),
+                                              ("--tolerance", self.tolerance), ("--looks", self.looks),
+                                              ("--forecast-alpha", self.forecast_alpha)) if value is not None]
+            if given:
+                raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
+            if self.n is None:
+                raise SmoothAdvError("--n needs a value in fixed mode")
+            return
+        if self.resolved_policy == "tolerance" and self.tolerance is None:
+            raise SmoothAdvError("--policy tolerance needs --tolerance")
+        if self.radii is not None and self.resolved_policy != "grid":
+            raise SmoothAdvError(f"--radii applies to the grid policy, not {self.resolved_policy}")
+
+    @property
+    def resolved_policy(self) -> str:
+        return self.policy or ("tolerance" if self.tolerance is not None else "grid")
+
+    def sequential_config(self) -> Any:
+        """The `sequential.SequentialConfig` these settings describe (sequential mode)."""
+        from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
+
+        base = DEFAULT_LOOKS if self.looks is None else doubling_looks(*self.looks)
+        forecast = {} if self.forecast_alpha is None else {
+            "forecast_alpha": None if self.forecast_alpha == "strict" else self.forecast_alpha}
+        return SequentialConfig(self.sigma, self.alpha, None, self.resolved_policy, tuple(self.radii or ()),
+                                self.tolerance or 0.0, base=base, **forecast)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackRunSettings(EvaluationSettings):
+    """Empirical robustness: the SmoothAdv attack on the smoothed classifier, then PREDICT.
+
+    The attack's own settings (`attack`, `eps`, `steps`, `random_start`, `gradient_free`) are
+    fields here too, so that a run's recorded settings stay one flat record; `attack_settings()`
+    gives them as `AttackSettings` (DDN with the prediction script's gamma and initial norm).
+    """
+
+    eps: tuple[float, ...] = setting(help="attack L2 radius in [0, 1] pixels; several radii make one row per "
+                                     "(radius, example)", limit=NONNEGATIVE)
+    attack: str = setting("pgd", "pgd or ddn", choices=("pgd", "ddn"))
+    steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
+    m: int = setting(1, "noise draws estimating G in the attack (m_test)", limit=AT_LEAST_ONE)
+    n: int = setting(1000, "PREDICT samples on the adversarial input", limit=AT_LEAST_ONE)
+    base_attack: bool = setting(False, "attack the base classifier f alone (vanilla PGD)")
+    random_start: bool = setting(False, "PGD: start at a random point of the eps-ball")
+    gradient_free: bool = setting(False, "PGD: Stein gradient estimate (no backpropagation)")
+
+    command = "attack"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool):
+            object.__setattr__(self, "eps", (self.eps,))  # one radius given as a number
+        super().__post_init__()
+        if not self.eps:
+            raise SmoothAdvError("--eps needs at least one radius")
+        if len(set(self.eps)) != len(self.eps):
+            raise SmoothAdvError(f"--eps lists a radius twice: {self.eps}")
+        if self.gradient_free and self.base_attack:
+            raise SmoothAdvError("--gradient-free estimates the smoothed classifier's gradient; drop --base-attack")
+        self.attack_settings(self.eps[0])  # refuses combinations such as DDN with --gradient-free
+
+    def attack_settings(self, eps: float) -> AttackSettings:
+        """The attack at radius `eps` (DDN: gamma and initial norm by the prediction script's rule)."""
+        return AttackSettings(attack=self.attack, eps=eps, steps=self.steps, random_start=self.random_start,
+                              gradient_free=self.gradient_free, ddn_gamma=None, ddn_init_norm=None)
+
+
+# ------------------------------------------------------------------ a training recipe
+
+
+def flag_keys(cls: type) -> dict[str, str]:
+    """Recipe/flag key -> field name of a settings class (`batch` -> `batch_size`, `out` -> `out_dir`)."""
+    return {recipe_key(f): f.name for f in dataclasses.fields(cls)}
+
+
+def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainSettings, Any]:
+    """The training settings and objective that flat `values` describe (a TOML recipe's keys, flags).
+
+    Keys are the command line's flag names (`batch`, `lr_step`, `objective`, `attack`, `eps`, `m`,
+    ...): training settings, attack settings, `objective` (default "gaussian") and the objective's
+    own hyperparameters. Every value is checked against its declared type; unknown keys, a missing
+    `out`, or a value of the wrong type are one-line errors prefixed with `source`. The architecture
+    defaults to the dataset's usual one.
+    """
+    from .objectives import build_objective, hyperparameters
+
+    prefix = f"{source}: " if source else ""
+    train_keys, attack_keys, options = flag_keys(TrainSettings), flag_keys(AttackSettings), hyperparameters()
+    train: dict[str, Any] = {}
+    attack: dict[str, Any] = {}
+    objective: dict[str, Any] = {}
+    name = values.get("objective", "gaussian")
+    if not isinstance(name, str):
+        raise SmoothAdvError(f"{prefix}objective must be a string, got {name!r}")
+    unknown = []
+    for key, value in values.items():
+        if key == "objective":
+            continue
+        if key in train_keys:
+            train[train_keys[key]] = value
+        elif key in attack_keys:
+            attack[attack_keys[key]] = value
+        elif key in options:
+            objective[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SmoothAdvError(f"{prefix}unknown setting(s) {', '.join(sorted(unknown))}")
+    if "out_dir" not in train:
+        raise SmoothAdvError(f"{prefix}the run directory (--out) is required")
+    if train.get("arch") is None:
+        dataset = train.get("dataset", TrainSettings.__dataclass_fields__["dataset"].default)
+        if dataset not in _dataset_names():
+            raise SmoothAdvError(f"{prefix}dataset must be one of {', '.join(_dataset_names())}, got {dataset!r}")
+        train["arch"] = DATASETS_DEFAULT_ARCH(dataset)
+    settings = make(TrainSettings, train, source=source)
+    try:
+        built = build_objective(name, settings.sigma, objective, make(AttackSettings, attack))
+    except SmoothAdvError as exc:
+        raise SmoothAdvError(f"{prefix}{exc}") from None
+    warmup = getattr(built, "warmup", 1)
+    if warmup > settings.epochs:
+        raise SmoothAdvError(f"{prefix}warm-up ({warmup} epochs) is longer than training ({settings.epochs} epochs)")
+    return settings, built
+
+
+def DATASETS_DEFAULT_ARCH(dataset: str) -> str:  # noqa: N802 - replaced by the dataset registry
+    from .data import DEFAULT_ARCH
+
+    return DEFAULT_ARCH[dataset]

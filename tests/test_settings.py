@@ -1,0 +1,213 @@
+"""Typed settings: strict conversion, one-line errors, recipes, the factory, and the durable run as a library call."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import smoothadv
+from smoothadv import SmoothAdvError
+from smoothadv.attacks import DDN, PGDL2
+from smoothadv.cli import main
+from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv, build_attack, build_objective
+from smoothadv.run import IGNORED_SETTINGS, read_settings, run_evaluation
+from smoothadv.settings import (
+    AttackRunSettings,
+    AttackSettings,
+    CertifySettings,
+    PredictSettings,
+    RunSettings,
+    TrainSettings,
+    convert,
+    read_toml,
+    row_settings,
+    train_recipe,
+)
+
+PACKAGE = Path(smoothadv.__file__).parent
+
+
+def test_the_library_never_imports_argparse() -> None:
+    """Only the command line knows argparse: every other module receives typed settings."""
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert "argparse" not in imported, path.name
+        assert "Namespace" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(("value", "kind", "expected"), [
+    (3, int, 3), (3, float, 3.0), (2.5, float, 2.5), (True, bool, True), ("a", str, "a"), (None, int | None, None),
+    ([1, 2], tuple[float, ...], (1.0, 2.0)), ("0.5", float, 0.5), (0.2, float | str, 0.2), ("strict", float | str,
+                                                                                                  "strict"),
+])
+def test_convert_accepts_exactly_the_declared_type(value, kind, expected) -> None:
+    got = convert(value, kind, "x", from_text=isinstance(value, str) and kind is float)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    ("false", bool), (1, bool), (1.5, int), (True, int), (True, float), ([1, 2], int), ("3", int),
+    (float("nan"), float), (float("inf"), float), (None, int), (10**400, float), ([1, "a"], tuple[float, ...]),
+])
+def test_convert_refuses_anything_else_with_one_line(value, kind) -> None:
+    with pytest.raises(SmoothAdvError) as info:
+        convert(value, kind, "epochs")
+    assert "epochs" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_settings_are_frozen_and_checked_when_made(tmp_path) -> None:
+    settings = TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path, epochs=3)
+    with pytest.raises(AttributeError):
+        settings.epochs = 4  # type: ignore[misc]
+    for bad, message in [({"epochs": 0}, "epochs must be an integer >= 1"), ({"sigma": -1}, "sigma must be"),
+                         ({"dataset": "mnist"}, "dataset must be one of"), ({"seed": 2**64}, "seed must be"),
+                         ({"lr": float("nan")}, "lr must be a finite number"), ({"epochs": 1.5}, "epochs must be"),
+                         ({"precision": "fp8"}, "precision must be one of"), ({"arch": "nope"}, "arch must be")]:
+        with pytest.raises(SmoothAdvError, match=message):
+            TrainSettings(**{"dataset": "synthetic", "arch": "toy_cnn", "out_dir": tmp_path, **bad})
+    assert CertifySettings(sigma=0.5).n == 100_000
+    with pytest.raises(SmoothAdvError, match="--policy need --mode sequential"):
+        CertifySettings(sigma=0.5, policy="grid")
+    with pytest.raises(SmoothAdvError, match="--policy tolerance needs --tolerance"):
+        CertifySettings(sigma=0.5, mode="sequential", policy="tolerance")
+    with pytest.raises(SmoothAdvError, match="--sigma must be a number > 0"):
+        PredictSettings(sigma=0)
+    with pytest.raises(SmoothAdvError, match="--shard must be i/k"):
+        RunSettings(checkpoint="c", out=Path("o"), shard=(3, 2))
+    with pytest.raises(SmoothAdvError, match="gradient_free is a variant of PGD"):
+        AttackSettings(attack="ddn", gradient_free=True)
+    assert AttackRunSettings(sigma=0.25, eps=0.5).eps == (0.5,)  # one radius given as a number
+
+
+def test_row_settings_leave_out_only_what_cannot_change_a_row() -> None:
+    run = RunSettings(checkpoint="c.pth", out=Path("o.tsv"))
+    assert row_settings(run) == {}
+    assert IGNORED_SETTINGS >= {"out", "resume", "force", "progress", "device", "data_dir", "shard", "checkpoint",
+                                "channels_last", "compile"}
+    assert set(row_settings(CertifySettings(sigma=0.25))) >= {"sigma", "n", "n0", "alpha", "seed", "batch", "skip",
+                                                             "max", "split", "precision", "fold_bn", "mode"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('multi_noise = "false"', "multi_noise must be true or false, got 'false'"),
+    ("epochs = true", "epochs must be an integer, got True"),
+    ("epochs = 1.5", "epochs must be an integer, got 1.5"),
+    ("epochs = [1, 2]", "epochs must be an integer, got [1, 2]"),
+    ("sigma = -1", "sigma must be a number >= 0, got -1"),
+    ('dataset = "mnist"', "dataset must be one of"),
+    ("seed = 99999999999999999999", "seed must be an integer in [0, 9223372036854775807]"),
+    ("seed = 9223372036854775807", None),
+    ("lr_stepp = 3", "unknown setting(s) lr_stepp"),
+    ('objective = "nope"', "unknown objective 'nope'"),
+    ('attack = "cw"', "attack must be one of pgd, ddn"),
+])
+def test_recipe_values_are_type_checked(tmp_path, line, message) -> None:
+    path = write(tmp_path, f'{line}\n')
+    values = {"dataset": "synthetic", "objective": "smoothadv", **read_toml(path), "out": str(tmp_path / "run")}
+    if message is None:
+        settings, _ = train_recipe(values, source=str(path))
+        assert settings.seed == 2**63 - 1
+        return
+    with pytest.raises(SmoothAdvError) as info:
+        train_recipe(values, source=str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_recipe_through_the_command_line_is_one_line_and_trains_nothing(tmp_path, capsys) -> None:
+    path = write(tmp_path, 'dataset = "synthetic"\nobjective = "smoothadv"\nmulti_noise = "false"\n')
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "multi_noise must be true or false" in err and str(path) in err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "latin1.toml").write_bytes('dataset = "synth\xe9tic"\n'.encode("latin-1"))
+    assert main(["train", "--config", str(tmp_path / "latin1.toml"), "--out", str(tmp_path / "run")]) == 2
+    assert "not valid UTF-8 TOML" in capsys.readouterr().err
+
+
+def test_flags_override_the_recipe_and_the_dataset_gives_the_architecture(tmp_path) -> None:
+    path = write(tmp_path, 'dataset = "synthetic"\nobjective = "smoothadv"\neps = 0.5\nsteps = 3\nm = 2\n'
+                           "multi_noise = true\nepochs = 4\nbatch = 32\n[paper]\nradii = [0.5]\n")
+    values = {k: v for k, v in read_toml(path).items() if k != "paper"}
+    settings, objective = train_recipe({**values, "steps": 5, "out": "run"})
+    assert (settings.arch, settings.batch_size, settings.epochs) == ("toy_cnn", 32, 4)
+    assert isinstance(objective, SmoothAdv) and objective.attack == PGDL2(0.5, 5)
+    assert (objective.m, objective.multi_noise) == (2, True)
+    with pytest.raises(SmoothAdvError, match="warm-up \\(5 epochs\\) is longer than training \\(4 epochs\\)"):
+        train_recipe({**values, "warmup": 5, "out": "run"})
+
+
+def test_one_factory_builds_every_objective_and_attack() -> None:
+    assert set(OBJECTIVES) == {"gaussian", "smoothadv"}
+    assert build_objective("gaussian", 0.25) == GaussianAugmentation(0.25)
+    # options of other objectives are type-checked but do not apply
+    assert build_objective("gaussian", 0.25, {"m": 4}) == GaussianAugmentation(0.25)
+    with pytest.raises(SmoothAdvError, match="m must be an integer"):
+        build_objective("gaussian", 0.25, {"m": "4"})
+    smoothadv_objective = build_objective("smoothadv", 0.5, {"m": 4, "multi_noise": True, "warmup": 10},
+                                          AttackSettings(attack="ddn", eps=1.0, steps=4))
+    assert smoothadv_objective == SmoothAdv(0.5, DDN(1.0, 4, gamma=0.05, init_norm=1.0), m=4, multi_noise=True,
+                                            warmup=10)
+    # DDN for evaluation: Salman et al.'s prediction script shrinks the norm from eps to 3/510 in T steps
+    ddn = build_attack(AttackSettings(attack="ddn", eps=0.5, steps=20, ddn_gamma=None, ddn_init_norm=None))
+    assert ddn.init_norm == 0.5 and ddn.gamma == pytest.approx(1 - (3 / 510 / 0.5) ** (1 / 20), rel=1e-15)
+    assert 0.5 * (1 - ddn.gamma) ** 20 == pytest.approx(3 / 510)
+
+
+def test_run_evaluation_is_the_library_call_behind_the_commands(toy_checkpoint, tmp_path, capsys) -> None:
+    flags = ["--sigma", "0.25", "--n0", "10", "--n", "100", "--max", "5", "--batch", "64", "--seed", "2",
+             "--no-progress", "--device", "cpu"]
+    assert main(["certify", str(toy_checkpoint), "--out", str(tmp_path / "cli.tsv"), *flags]) == 0
+    run = RunSettings(checkpoint=str(toy_checkpoint), out=tmp_path / "api.tsv", device="cpu", progress=False)
+    settings = CertifySettings(sigma=0.25, n0=10, n=100, max=5, batch=64, seed=2)
+    outcome = run_evaluation(run, settings, log=None)
+    assert (outcome.rows, outcome.resumed) == (5, 0)
+
+    def strip(path: Path) -> list[str]:
+        return [line.rsplit("\t", 1)[0] for line in path.read_text().splitlines()]
+
+    assert strip(tmp_path / "api.tsv") == strip(tmp_path / "cli.tsv")
+    recorded = read_settings(tmp_path / "api.tsv")
+    assert recorded is not None and recorded["n"] == 100 and recorded["command"] == "certify"
+    cli_recorded = json.loads((tmp_path / "cli.tsv.args.json").read_text())
+    assert {k: v for k, v in recorded.items() if k not in IGNORED_SETTINGS} == \
+        {k: v for k, v in cli_recorded.items() if k not in IGNORED_SETTINGS}
+    # resuming a finished run computes nothing; a changed setting is refused, or (demo) starts over
+    again = run_evaluation(RunSettings(**{**run.__dict__, "resume": True}), settings, log=None)
+    assert (again.rows, again.resumed) == (5, 5)
+    changed = CertifySettings(sigma=0.25, n0=10, n=200, max=5, batch=64, seed=2)
+    with pytest.raises(SmoothAdvError, match="n: 100 != 200"):
+        run_evaluation(RunSettings(**{**run.__dict__, "resume": True}), changed, log=None)
+    redone = run_evaluation(run, changed, restart_on_change=True, log=None)
+    assert (redone.rows, redone.resumed) == (5, 0) and read_settings(tmp_path / "api.tsv")["n"] == 200
+
+
+def test_attack_at_several_radii_is_one_resumable_run(toy_checkpoint, tmp_path) -> None:
+    out = tmp_path / "attack.tsv"
+    flags = [str(toy_checkpoint), "--sigma", "0.25", "--eps", "0", "0.25", "--steps", "2", "--m", "2", "--n", "50",
+             "--max", "3", "--batch", "64", "--no-progress", "--device", "cpu"]
+    assert main(["attack", *flags, "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert [line.split("\t")[4] for line in lines[1:]] == ["0.0"] * 3 + ["0.25"] * 3
+    assert [line.split("\t")[0] for line in lines[1:]] == ["0", "1", "2"] * 2
+    out.write_text("\n".join(lines[:5]) + "\n")  # killed after four rows
+    assert main(["attack", *flags, "--out", str(out), "--resume"]) == 0
+    assert [line.rsplit("\t", 1)[0] for line in out.read_text().splitlines()] == \
+        [line.rsplit("\t", 1)[0] for line in lines]
+    for i in (0, 1):
+        assert main(["attack", *flags, "--out", str(tmp_path / "sharded.tsv"), "--shard", f"{i}/2"]) == 0
+    assert main(["merge", str(tmp_path / "sharded.tsv")]) == 0
+    assert [line.rsplit("\t", 1)[0] for line in (tmp_path / "sharded.tsv").read_text().splitlines()] == \
+        [line.rsplit("\t", 1)[0] for line in lines]
