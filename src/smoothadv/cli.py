@@ -131,10 +131,10 @@ def _evaluation(parser: argparse.ArgumentParser, default_n: int) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from .data import DEFAULT_ARCH
+    from .data import dataset_info
     from .train import TrainConfig
 
-    arch = args.arch or DEFAULT_ARCH[args.dataset]
+    arch = args.arch or dataset_info(args.dataset).default_arch
     return TrainConfig(
         dataset=args.dataset, arch=arch, out_dir=Path(args.out), sigma=args.sigma, epochs=args.epochs,
         batch_size=args.batch, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma, momentum=args.momentum,
@@ -158,9 +158,11 @@ def build_objective(args: argparse.Namespace) -> Any:
 
 
 def add_train(sub: Any) -> None:
+    from .data import dataset_names
+
     p = sub.add_parser("train", help="train a base classifier (Gaussian augmentation or SmoothAdv)")
     p.add_argument("--config", help="TOML recipe whose keys set these flags' defaults")
-    p.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "cifar10", "imagenet", "synthetic"))
+    p.add_argument("--dataset", default="fashion_mnist", choices=dataset_names())
     p.add_argument("--arch", default=None, help="architecture (default: the dataset's usual one)")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pth.tar, log.tsv, args.json)")
     p.add_argument("--objective", default="gaussian", help="gaussian or smoothadv")

@@ -144,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run (or resume) the demo described in the module docstring; returns where the report went."""
     from . import report
     from .attacks import PGDL2
-    from .data import DEFAULT_ARCH, get_dataset, num_classes
+    from .data import dataset_info, get_dataset, num_classes
     from .evaluate import select_indices
     from .models import load_checkpoint
     from .objectives import GaussianAugmentation, SmoothAdv
@@ -161,7 +161,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     device = resolve_device(cfg.device)
     steps = _Steps(out, cfg.fresh)
     timings: dict[str, tuple[str, float]] = {}
-    arch = DEFAULT_ARCH[cfg.dataset]
+    arch = dataset_info(cfg.dataset).default_arch
     test_set = get_dataset(cfg.dataset, "test", cfg.data_dir)
     started_all = time.time()
     cfg.log(f"demo: {cfg.dataset} ({arch}), sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; "
