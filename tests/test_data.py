@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 
 import numpy as np
@@ -110,3 +111,78 @@ def test_real_fashion_mnist_from_the_debian_package(monkeypatch, tmp_path) -> No
     monkeypatch.setenv("SMOOTHADV_DATA", str(tmp_path))
     ds = data.get_dataset("fashion_mnist", "test")
     assert len(ds) == 10_000 and torch.bincount(ds.labels).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------ the dataset registry
+
+# The constants of the five parallel dicts the registry replaced (_NUM_CLASSES, _STATS, _INPUT_SHAPES, DEFAULT_ARCH).
+OLD_CONSTANTS = {
+    "fashion_mnist": (10, (0.2860,), (0.3530,), (1, 28, 28), "fashion_cnn"),
+    "cifar10": (10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), (3, 32, 32), "cifar_resnet110"),
+    "imagenet": (1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (3, 224, 224), "resnet50"),
+    "synthetic": (4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (3, 8, 8), "toy_cnn"),
+    "imagenet32": (1000, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), (3, 32, 32), "imagenet32_resnet110"),
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_CONSTANTS))
+def test_registry_entries_hold_the_old_constants(name: str) -> None:
+    classes, mean, std, shape, arch = OLD_CONSTANTS[name]
+    info = data.DATASETS[name]
+    assert (info.name, info.num_classes, info.mean, info.std, info.input_shape, info.default_arch) == (
+        name, classes, mean, std, shape, arch)
+    assert data.num_classes(name) == classes and data.dataset_stats(name) == (mean, std)
+    assert data.input_shape(name) == shape and data.dataset_info(name) is info
+
+
+def test_registry_names_and_loadability() -> None:
+    assert set(data.DATASETS) == set(OLD_CONSTANTS)
+    assert data.dataset_names() == ("fashion_mnist", "cifar10", "imagenet", "synthetic")
+    assert [name for name, info in data.DATASETS.items() if not info.loadable] == ["imagenet32"]
+
+
+def test_every_default_architecture_is_registered_for_images_of_that_shape() -> None:
+    from smoothadv.archs import ARCHITECTURES
+
+    for name, info in data.DATASETS.items():
+        arch = ARCHITECTURES[info.default_arch]
+        assert data.input_shape(arch.dataset) == info.input_shape, name
+
+
+def test_unloadable_and_unknown_datasets_are_one_line_errors() -> None:
+    with pytest.raises(SmoothAdvError, match="'imagenet32' cannot be loaded") as info:
+        data.get_dataset("imagenet32", "test")
+    assert "\n" not in str(info.value)
+    for call in (lambda: data.get_dataset("mnist_nope", "test"), lambda: data.num_classes("mnist_nope"),
+                 lambda: data.dataset_info("mnist_nope")):
+        with pytest.raises(SmoothAdvError, match="unknown dataset 'mnist_nope'; choose one of fashion_mnist, cifar10"):
+            call()
+    with pytest.raises(SmoothAdvError, match="unknown split"):
+        data.get_dataset("synthetic", "validation")  # type: ignore[arg-type]
+
+
+def test_get_dataset_calls_the_registered_loader() -> None:
+    x, y = data.get_dataset("synthetic", "test")[5]
+    reference = data.make_synthetic("test")
+    assert torch.equal(x, reference[5][0]) and y == reference[5][1] and len(reference) == 128
+
+
+def test_dataset_info_rejects_inconsistent_facts() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        data.DatasetInfo("bad", 10, (0.5,), (0.5, 0.5), (1, 28, 28), "lenet", None)
+    with pytest.raises(ValueError, match="num_classes"):
+        data.DatasetInfo("bad", 1, (0.5,), (0.5,), (1, 28, 28), "lenet", None)
+
+
+def test_cli_dataset_choices_and_default_arch_come_from_the_registry() -> None:
+    from smoothadv.archs import architecture_names
+    from smoothadv.cli import build_parser
+    from smoothadv.settings import train_recipe
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    train = commands.choices["train"]._actions
+    assert tuple(next(action.choices for action in train if action.dest == "dataset")) == data.dataset_names()
+    assert tuple(next(action.choices for action in train if action.dest == "arch")) == architecture_names()
+    settings, _ = train_recipe({"dataset": "cifar10", "out": "unused"})
+    assert settings.arch == data.DATASETS["cifar10"].default_arch

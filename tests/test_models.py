@@ -102,3 +102,50 @@ def test_lenet_shape_parameters_and_names() -> None:
         "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     assert isinstance(model[0], torch.nn.Identity)
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+# ------------------------------------------------------------------ the architecture registry
+
+# The old CLASSIFIER_HEADS, and the old models._FOREIGN_ARCH_DATASET (the dataset of Cohen's/Salman's files).
+OLD_HEADS = {"fashion_cnn": "classifier.3", "lenet": "fc2", "toy_cnn": "fc", "cifar_resnet20": "fc",
+             "cifar_resnet110": "fc", "imagenet32_resnet110": "fc", "resnet50": "fc"}
+OLD_FOREIGN_DATASET = {"cifar_resnet20": "cifar10", "cifar_resnet110": "cifar10", "resnet50": "imagenet",
+                       "imagenet32_resnet110": "imagenet32"}
+
+
+def test_architecture_registry_holds_the_old_facts() -> None:
+    from smoothadv.archs import ARCHITECTURES, architecture_names, foreign_names
+
+    assert architecture_names() == tuple(ARCHITECTURES) == tuple(OLD_HEADS)
+    assert {name: info.head for name, info in ARCHITECTURES.items()} == OLD_HEADS
+    assert {name: info.dataset for name, info in ARCHITECTURES.items() if info.foreign} == OLD_FOREIGN_DATASET
+    assert foreign_names() == ("cifar_resnet20", "cifar_resnet110", "imagenet32_resnet110", "resnet50")
+    assert all(name == info.name for name, info in ARCHITECTURES.items())
+
+
+@pytest.mark.parametrize("arch", list(OLD_HEADS))
+def test_every_architecture_builds_with_its_head_at_the_registered_path(arch: str) -> None:
+    from smoothadv.archs import ARCHITECTURES
+    from smoothadv.data import input_shape
+    from smoothadv.models import replace_head
+
+    info = ARCHITECTURES[arch]
+    model = build_model(arch, info.dataset, classes=7).eval()
+    head = model[1]
+    for name in info.head.split("."):
+        head = head[int(name)] if name.isdigit() else getattr(head, name)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 7
+    x = torch.rand(1, *input_shape(info.dataset))
+    with torch.no_grad():
+        assert model(x).shape == (1, 7)
+        replace_head(model, arch, 3)
+        assert model(x).shape == (1, 3)
+
+
+def test_foreign_format_file_of_an_architecture_without_releases_is_refused(tmp_path) -> None:
+    path = tmp_path / "checkpoint.pth.tar"
+    state = {k[2:]: v for k, v in build_model("toy_cnn", "synthetic").state_dict().items()}
+    torch.save({"arch": "toy_cnn", "state_dict": state}, path)
+    with pytest.raises(SmoothAdvError, match="'toy_cnn' has no Cohen/Salman-format checkpoints") as info:
+        load_checkpoint(path, normalization="normalize")
+    assert "cifar_resnet110" in str(info.value) and "\n" not in str(info.value)

@@ -175,3 +175,14 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | No
     assert main(["report", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.split("'")[0] in err
+
+
+def test_default_radii_doubles_the_step_until_the_columns_fit(tmp_path: Path) -> None:
+    from smoothadv.report import default_radii
+
+    results = {"A": load_results(write(tmp_path / "a.tsv", HEADER, A_ROWS))}  # largest radius 0.8
+    assert default_radii(results) == [0.0, 0.25, 0.5, 0.75]
+    assert default_radii(results, step=0.1) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert default_radii(results, step=0.05, max_columns=12) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert default_radii(results, step=0.25, max_columns=2) == [0.0, 0.5]
+    assert default_radii({}) == [0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -97,3 +98,37 @@ def test_radius_rejects_bad_sigma_and_probability() -> None:
         stats.certified_radius(0.9, 0.0)
     with pytest.raises(ValueError):
         stats.certified_radius(1.5, 0.25)
+
+
+def _old_grid(top: float, step: float) -> list[float]:
+    """The inline grid `report.default_radii` and `sequential.standard_radii` used before `radius_grid`."""
+    return [round(i * step, 10) for i in range(int(math.floor(top / step + 1e-9)) + 1)]
+
+
+def test_radius_grid_values() -> None:
+    assert stats.radius_grid(1.0, 0.25) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert stats.radius_grid(0.99, 0.25) == [0.0, 0.25, 0.5, 0.75]
+    assert stats.radius_grid(0.3, 0.1) == [0.0, 0.1, 0.2, 0.3]  # 0.3 / 0.1 = 2.9999999999999996: 0.3 kept
+    assert stats.radius_grid(0.75 - 1e-12, 0.25)[-1] == 0.75
+    assert stats.radius_grid(0.0, 0.25) == [0.0] and stats.radius_grid(-0.1, 0.25) == []
+    for bad in (0.0, -0.25, math.inf, math.nan):
+        with pytest.raises(ValueError, match="step"):
+            stats.radius_grid(1.0, bad)
+    with pytest.raises(ValueError, match="top"):
+        stats.radius_grid(math.nan, 0.25)
+
+
+def test_radius_grid_equals_the_grids_it_replaced() -> None:
+    rng = np.random.default_rng(0)
+    tops = [*rng.uniform(0, 5, 300), *(k * 0.125 for k in range(40)), *(k * 0.1 for k in range(40))]
+    for step in (0.05, 0.1, 0.125, 0.25, 0.5, 1 / 3):
+        for top in tops:
+            assert stats.radius_grid(float(top), step) == _old_grid(float(top), step)
+
+
+def test_abstain_has_one_home() -> None:
+    from smoothadv import ABSTAIN, report, smoothing
+
+    assert stats.ABSTAIN == ABSTAIN == smoothing.ABSTAIN == report.ABSTAIN == smoothing.Smooth.ABSTAIN == -1
+    for module in (report, smoothing):  # imported from stats, not defined again
+        assert "\nABSTAIN" not in inspect.getsource(module)

@@ -10,15 +10,22 @@
   16/32/64, 8x8 average pooling) used by Cohen et al. and Salman et al.; parameter names match
   their released checkpoints (`conv1`, `bn1`, `layer1..3`, `downsample.0/1`, `fc`).
 - `resnet50`: torchvision's ResNet-50 (ImageNet), as in both papers.
+
+Every fact about an architecture (constructor, classifier head, the dataset it is built for, whether
+Cohen's/Salman's checkpoints of it exist) sits in its `ArchInfo` entry of the registry `ARCHITECTURES`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+
+from .errors import SmoothAdvError
 
 
 class FashionCNN(nn.Module):
@@ -136,19 +143,53 @@ def _resnet50(num_classes: int) -> nn.Module:
     return resnet50(weights=None, num_classes=num_classes)
 
 
-ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
-    "fashion_cnn": lambda k: FashionCNN(k),
-    "lenet": lambda k: LeNet(k),
-    "toy_cnn": lambda k: ToyCNN(k),
-    "cifar_resnet20": lambda k: CifarResNet(20, k),
-    "cifar_resnet110": lambda k: CifarResNet(110, k),
-    "imagenet32_resnet110": lambda k: CifarResNet(110, k),
-    "resnet50": _resnet50,
-}
-"""Architecture name -> constructor taking the number of classes."""
+@dataclass(frozen=True)
+class ArchInfo:
+    """Everything smoothadv knows about one architecture; `ARCHITECTURES` holds one per name.
 
-CLASSIFIER_HEADS: dict[str, str] = {
-    "fashion_cnn": "classifier.3", "lenet": "fc2", "toy_cnn": "fc", "cifar_resnet20": "fc", "cifar_resnet110": "fc",
-    "imagenet32_resnet110": "fc", "resnet50": "fc",
-}
-"""Architecture name -> attribute path of its final Linear layer (replaced when fine-tuning)."""
+    Attributes:
+        name: the registry key, also recorded in checkpoints (`arch`), as in Cohen's and Salman's files.
+        build: constructor taking the number of classes; returns the network without normalization.
+        head: attribute path (dots, digits index a Sequential) from the network to its final
+            `nn.Linear`, which has `num_classes` outputs and is replaced when fine-tuning.
+        dataset: the dataset (a `data.DATASETS` key) whose images (`input_shape`) it takes.
+        foreign: whether Cohen et al.'s and Salman et al.'s code defines it under this name; their
+            checkpoint files record no dataset, so those of this architecture are read as trained on `dataset`.
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    head: str
+    dataset: str
+    foreign: bool = False
+
+
+ARCHITECTURES: dict[str, ArchInfo] = {info.name: info for info in (
+    ArchInfo("fashion_cnn", FashionCNN, "classifier.3", "fashion_mnist"),
+    ArchInfo("lenet", LeNet, "fc2", "fashion_mnist"),
+    ArchInfo("toy_cnn", ToyCNN, "fc", "synthetic"),
+    ArchInfo("cifar_resnet20", partial(CifarResNet, 20), "fc", "cifar10", foreign=True),
+    ArchInfo("cifar_resnet110", partial(CifarResNet, 110), "fc", "cifar10", foreign=True),
+    ArchInfo("imagenet32_resnet110", partial(CifarResNet, 110), "fc", "imagenet32", foreign=True),
+    ArchInfo("resnet50", _resnet50, "fc", "imagenet", foreign=True),
+)}
+"""Architecture name -> ArchInfo. `imagenet32_resnet110` is `cifar_resnet110`'s network; the name marks Salman
+et al.'s checkpoints pretrained on ImageNet32 (1000 classes)."""
+
+
+def arch_info(name: str) -> ArchInfo:
+    """The registry entry `ARCHITECTURES[name]`; an unknown name is a one-line SmoothAdvError listing the known ones."""
+    info = ARCHITECTURES.get(name)
+    if info is None:
+        raise SmoothAdvError(f"unknown architecture {name!r}; choose one of {', '.join(architecture_names())}")
+    return info
+
+
+def architecture_names() -> tuple[str, ...]:
+    """Names of every registered architecture, in registry order (the CLI's `--arch` choices)."""
+    return tuple(ARCHITECTURES)
+
+
+def foreign_names() -> tuple[str, ...]:
+    """Names of the architectures whose Cohen/Salman-format checkpoint files `models.load_checkpoint` reads."""
+    return tuple(name for name, info in ARCHITECTURES.items() if info.foreign)

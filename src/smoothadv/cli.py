@@ -390,7 +390,8 @@ def add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="Gaussian vs SmoothAdv end to end: train, certify, attack, report (CPU minutes)")
     p.add_argument("--quick", action="store_true", help="a ~2-minute run (fewer epochs, images and samples)")
     p.add_argument("--out", default=str(d.out), help="run folder (re-running reuses finished steps)")
-    p.add_argument("--dataset", default=d.dataset, choices=("fashion_mnist", "synthetic", "cifar10"))
+    p.add_argument("--dataset", default=d.dataset, choices=("fashion_mnist", "synthetic", "cifar10"),
+                   help="a dataset with a training split on this machine (default: fashion_mnist)")
     p.add_argument("--sigma", type=positive_float, default=d.sigma, help="noise level of both models")
     p.add_argument("--epochs", type=positive_int, default=None, help=f"training epochs (default {d.epochs})")
     p.add_argument("--train-subset", type=positive_int, default=None, help="train on the first N images only")

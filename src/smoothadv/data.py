@@ -12,6 +12,10 @@ Where data is looked for, in order:
 - ImageNet: `$IMAGENET_DIR/{train,val}`, else `<root>/imagenet/{train,val}`, as class folders
   (ImageFolder); Cohen et al.'s transforms.
 - synthetic: generated deterministically in memory (4 classes of 3x8x8 images).
+
+Every fact about a dataset (classes, normalization statistics, image shape, default architecture,
+loader) sits in its `DatasetInfo` entry of the registry `DATASETS`; `num_classes`, `dataset_stats`,
+`input_shape` and `get_dataset` read it, and `dataset_names()` lists the loadable ones.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import gzip
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,53 +38,82 @@ from .errors import SmoothAdvError
 
 Split = Literal["train", "test"]
 
-DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "imagenet", "synthetic")
+PathArg = str | os.PathLike[str] | None
+Loader = Callable[[Split, PathArg, bool, bool], Dataset]
+"""A dataset loader: `(split, data_dir, download, augment) -> Dataset` of (float [0, 1] image, int label)."""
 
-_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet": 1000, "imagenet32": 1000, "synthetic": 4}
 
-# Channel statistics recorded in each checkpoint. CIFAR-10 keeps Cohen et al.'s constants because
-# released checkpoints were trained with them (the dataset's true pixel std is about 0.247/0.243/0.262).
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "imagenet32": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything smoothadv knows about one dataset; `DATASETS` holds one per name.
 
-_INPUT_SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet32": (3, 32, 32),
-                 "imagenet": (3, 224, 224), "synthetic": (3, 8, 8)}
+    Attributes:
+        name: the registry key, also recorded in checkpoints (`dataset`).
+        num_classes: number of classes (labels are 0 .. num_classes - 1).
+        mean, std: per-channel statistics of the normalization layer of models trained on it
+            (recorded in each checkpoint).
+        input_shape: shape (C, H, W) of one image.
+        default_arch: the architecture `train` uses when none is given (an `archs.ARCHITECTURES` key).
+        loader: loads a split, or None for a dataset known only as the training data of released
+            checkpoints (its classes and statistics are needed to load them, its images are not).
 
-DEFAULT_ARCH = {"fashion_mnist": "fashion_cnn", "cifar10": "cifar_resnet110", "imagenet": "resnet50",
-                "synthetic": "toy_cnn"}
+    Construction checks that mean, std and the image channels agree and that there are >= 2 classes.
+    """
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, int, int]
+    default_arch: str
+    loader: Loader | None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"dataset {self.name!r}: num_classes must be >= 2, got {self.num_classes}")
+        if len(self.input_shape) != 3 or not len(self.mean) == len(self.std) == self.input_shape[0]:
+            raise ValueError(f"dataset {self.name!r}: mean, std and input_shape (C, H, W) disagree on the channels")
+
+    @property
+    def loadable(self) -> bool:
+        """Whether `get_dataset` can load it (it has a loader)."""
+        return self.loader is not None
+
 
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+"""Split -> (images, labels) IDX file names of Fashion-MNIST (`load_fashion_mnist` looks for them, or `.gz`)."""
 
 
-def _check_name(name: str) -> None:
-    if name not in _NUM_CLASSES:
-        raise SmoothAdvError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry `DATASETS[name]`; an unknown name is a one-line SmoothAdvError listing the loadable ones."""
+    info = DATASETS.get(name)
+    if info is None:
+        raise SmoothAdvError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
+    return info
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Names of the datasets `get_dataset` can load, in registry order (the CLI's `--dataset` choices)."""
+    return tuple(name for name, info in DATASETS.items() if info.loadable)
 
 
 def num_classes(name: str) -> int:
-    """Number of classes of a dataset."""
-    _check_name(name)
-    return _NUM_CLASSES[name]
+    """Number of classes of a dataset (`DATASETS[name].num_classes`)."""
+    return dataset_info(name).num_classes
 
 
 def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) used by the normalization layer of models trained on `name`."""
-    _check_name(name)
-    return _STATS[name]
+    info = dataset_info(name)
+    return info.mean, info.std
 
 
 def input_shape(name: str) -> tuple[int, int, int]:
-    """Shape (C, H, W) of one image of the dataset."""
-    _check_name(name)
-    return _INPUT_SHAPES[name]  # type: ignore[return-value]
+    """Shape (C, H, W) of one image of the dataset (`DATASETS[name].input_shape`)."""
+    return dataset_info(name).input_shape
 
 
 def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -258,21 +292,54 @@ def make_synthetic(split: Split, size: int | None = None, seed: int = 0) -> Tens
     return TensorImageDataset(images, labels)
 
 
+# ------------------------------------------------------------------ the registry
+
+def _fashion_mnist_loader(split: Split, data_dir: PathArg, download: bool, augment: bool) -> Dataset:
+    return load_fashion_mnist(split, data_dir, download)  # no augmentation for Fashion-MNIST
+
+
+def _cifar10_loader(split: Split, data_dir: PathArg, download: bool, augment: bool) -> Dataset:
+    return load_cifar10(split, data_dir, download, augment)
+
+
+def _imagenet_loader(split: Split, data_dir: PathArg, download: bool, augment: bool) -> Dataset:
+    return load_imagenet(split, data_dir, augment)  # never downloaded
+
+
+def _synthetic_loader(split: Split, data_dir: PathArg, download: bool, augment: bool) -> Dataset:
+    return make_synthetic(split)  # generated in memory
+
+
+# CIFAR-10 (and ImageNet32, Salman et al.'s pretraining data for CIFAR-10) keep Cohen et al.'s constants because
+# released checkpoints were trained with them (CIFAR-10's true pixel std is about 0.247/0.243/0.262).
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
+    DatasetInfo("fashion_mnist", 10, (0.2860,), (0.3530,), (1, 28, 28), "fashion_cnn", _fashion_mnist_loader),
+    DatasetInfo("cifar10", 10, _CIFAR_MEAN, _CIFAR_STD, (3, 32, 32), "cifar_resnet110", _cifar10_loader),
+    DatasetInfo("imagenet", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (3, 224, 224), "resnet50",
+                _imagenet_loader),
+    DatasetInfo("synthetic", 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (3, 8, 8), "toy_cnn", _synthetic_loader),
+    DatasetInfo("imagenet32", 1000, _CIFAR_MEAN, _CIFAR_STD, (3, 32, 32), "imagenet32_resnet110", None),
+)}
+"""Dataset name -> DatasetInfo. Loadable ones first (in `dataset_names()` order); `imagenet32` (downsampled
+ImageNet, Salman et al.'s pretraining data) is known only so that their `imagenet32_resnet110` checkpoints load."""
+
+
 def get_dataset(name: str, split: Split, data_dir: str | os.PathLike[str] | None = None,
                 augment: bool = False, download: bool = True) -> Dataset:
-    """Load a dataset split by name. Raises SmoothAdvError (one line, where it looked) if it is missing."""
-    _check_name(name)
+    """Load a dataset split by name with its registered loader.
+
+    Raises SmoothAdvError (one line) for an unknown name or split, for a dataset without a loader, and
+    (saying where it looked) when the data is missing.
+    """
+    info = dataset_info(name)
     if split not in ("train", "test"):
         raise SmoothAdvError(f"unknown split {split!r}; choose train or test")
-    if name == "fashion_mnist":
-        return load_fashion_mnist(split, data_dir, download)
-    if name == "cifar10":
-        return load_cifar10(split, data_dir, download, augment)
-    if name == "imagenet":
-        return load_imagenet(split, data_dir, augment)
-    if name == "synthetic":
-        return make_synthetic(split)
-    raise SmoothAdvError(f"dataset {name!r} has no loader")  # imagenet32: pretraining data, bring your own
+    if info.loader is None:
+        raise SmoothAdvError(f"dataset {name!r} cannot be loaded: smoothadv knows its classes and statistics only to "
+                             f"read released checkpoints trained on it; choose one of {', '.join(dataset_names())}")
+    return info.loader(split, data_dir, download, augment)
 
 
 class NpzDataset(Dataset):

@@ -135,11 +135,11 @@ def _key(settings: dict[str, Any]) -> str:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run (or resume) the demo described in the module docstring; returns where the report went."""
     from . import report
-    from .data import DEFAULT_ARCH, get_dataset
+    from .data import dataset_info, get_dataset
     from .objectives import build_objective
     from .run import select_indices
     from .settings import AttackRunSettings, AttackSettings, CertifySettings, RunSettings, TrainSettings
-    from .stats import max_certifiable_radius
+    from .stats import max_certifiable_radius, radius_grid
     from .train import resolve_device
 
     cfg.validate()
@@ -151,7 +151,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     device = resolve_device(cfg.device)
     steps = _Steps(out, cfg.fresh)
     timings: dict[str, tuple[str, float]] = {}
-    arch = DEFAULT_ARCH[cfg.dataset]
+    arch = dataset_info(cfg.dataset).default_arch
     test_size = len(get_dataset(cfg.dataset, "test", cfg.data_dir))
     started_all = time.time()
     cfg.log(f"demo: {cfg.dataset} ({arch}), sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; "
@@ -190,7 +190,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     certify = {name: report.load_results(path) for name, path in certify_files.items()}
     attack = {name: report.load_results(path) for name, path in attack_files.items()}
     top = max_certifiable_radius(cfg.n, cfg.alpha, cfg.sigma)
-    radii = [round(k * cfg.sigma / 2, 6) for k in range(int(top / (cfg.sigma / 2)) + 1)]
+    radii = radius_grid(top, cfg.sigma / 2)
     table = report.format_table(report.summarize(certify, radii, attack=attack), "markdown")
     atomic_write_text(out / "table.md", table)
     plot = _plot(report, certify, attack, out / "accuracy.png", top, cfg)

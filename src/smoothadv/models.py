@@ -17,7 +17,8 @@ dicts, so it loads with `weights_only=True`):
     optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
 
 `load_checkpoint` also reads Cohen et al.'s and Salman et al.'s released `checkpoint.pth.tar`
-files (keys `arch`, `state_dict` with `1.` or `1.module.` prefixes). They do not record their
+files (keys `arch`, `state_dict` with `1.` or `1.module.` prefixes) of the architectures their code
+defines (`ArchInfo.foreign`), as trained on that architecture's `ArchInfo.dataset`. They do not record their
 normalization, so the caller must choose it: "normalize" (x - mean) / std, or "center" x - mean
 (Salman's InputCenterLayer; see the README's table of which released model needs which).
 """
@@ -34,17 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .archs import ARCHITECTURES, CLASSIFIER_HEADS
+from .archs import ARCHITECTURES, arch_info, foreign_names
 from .data import dataset_stats, num_classes
 from .errors import SmoothAdvError
 from .files import atomic_torch_save
 
 FORMAT = "smoothadv-checkpoint"
 NORMALIZATIONS = ("normalize", "center", "none")
-
-# Dataset of each architecture in Cohen's and Salman's released checkpoints.
-_FOREIGN_ARCH_DATASET = {"cifar_resnet20": "cifar10", "cifar_resnet110": "cifar10", "resnet50": "imagenet",
-                         "imagenet32_resnet110": "imagenet32"}
 
 
 class Normalize(nn.Module):
@@ -93,17 +90,21 @@ def _norm_layer(spec: dict[str, Any]) -> nn.Module:
 
 def build_model(arch: str, dataset: str, normalization: str | dict[str, Any] = "normalize",
                 classes: int | None = None) -> nn.Sequential:
-    """Sequential(normalization layer, network) for `arch` trained on `dataset`."""
-    if arch not in ARCHITECTURES:
-        raise SmoothAdvError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    """Sequential(normalization layer, network) for `arch` trained on `dataset`.
+
+    The network is `ARCHITECTURES[arch].build(classes)`, with `classes` defaulting to the dataset's number of
+    classes; an unknown architecture or dataset is a one-line SmoothAdvError.
+    """
+    info = arch_info(arch)
     spec = normalization if isinstance(normalization, dict) else normalization_spec(dataset, normalization)
-    net = ARCHITECTURES[arch](classes if classes is not None else num_classes(dataset))
+    net = info.build(classes if classes is not None else num_classes(dataset))
     return nn.Sequential(_norm_layer(spec), net)
 
 
 def replace_head(model: nn.Sequential, arch: str, classes: int) -> None:
-    """Replace the final Linear layer of `model` (built by build_model) with a fresh one of `classes` outputs."""
-    path = CLASSIFIER_HEADS[arch].split(".")
+    """Replace the final Linear layer of `model` (built by build_model; at `ARCHITECTURES[arch].head`) with a
+    fresh one of `classes` outputs, on the old layer's device."""
+    path = arch_info(arch).head.split(".")
     parent = model[1]
     for name in path[:-1]:
         parent = getattr(parent, name) if not name.isdigit() else parent[int(name)]
@@ -242,7 +243,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         classes = int(payload["num_classes"])
         sigma = payload.get("sigma")
     else:
-        dataset = _FOREIGN_ARCH_DATASET.get(arch, "")
+        info = ARCHITECTURES[arch]
+        if not info.foreign:
+            raise SmoothAdvError(
+                f"{file} is not a smoothadv checkpoint, and {arch!r} has no Cohen/Salman-format checkpoints (those "
+                f"are read for {', '.join(foreign_names())} only)"
+            )
+        dataset = info.dataset
         if normalization is None:
             raise SmoothAdvError(
                 f"{file} is a Cohen/Salman-format checkpoint, which does not record its input normalization: pass "

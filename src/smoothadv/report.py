@@ -38,9 +38,8 @@ import numpy as np
 
 from .errors import SmoothAdvError
 from .files import atomic_write_bytes
-from .stats import average_certified_radius, certified_accuracy, high_prob_certified_accuracy
+from .stats import ABSTAIN, average_certified_radius, certified_accuracy, high_prob_certified_accuracy, radius_grid
 
-ABSTAIN = -1
 Format = Literal["markdown", "latex", "csv"]
 FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
 
@@ -426,8 +425,8 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
 def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_columns: int = 12) -> list[float]:
     """0, step, 2 step, ... up to the largest certified radius in the inputs (at most `max_columns`)."""
     top = max([float(r.radius.max()) for r in certify.values() if r.radius is not None] + [0.0])
-    count = int(math.floor(top / step + 1e-9)) + 1
-    while count > max_columns:
+    radii = radius_grid(top, step)
+    while len(radii) > max_columns:
         step *= 2
-        count = int(math.floor(top / step + 1e-9)) + 1
-    return [round(i * step, 10) for i in range(max(count, 1))]
+        radii = radius_grid(top, step)
+    return radii

@@ -61,7 +61,7 @@ from torch.utils.data import Dataset
 from .errors import SmoothAdvError
 from .evaluate import CERTIFY_COLUMNS, example_seed, format_time
 from .smoothing import ABSTAIN, SampleRequest, Smooth, check_image
-from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper
+from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper, radius_grid
 
 DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
 """1024, 2048, ..., 131072: the default pre-declared look schedule (K = 8)."""
@@ -144,7 +144,7 @@ def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DE
                    step: float = 0.25) -> tuple[float, ...]:
     """0, step, 2 step, ... up to the largest radius the schedule can certify (the usual table columns)."""
     cap = certified_radius(clopper_pearson_lower(looks[-1], looks[-1], alpha / len(looks)), sigma)
-    return tuple(round(i * step, 10) for i in range(int(math.floor(cap / step + 1e-9)) + 1))
+    return tuple(radius_grid(cap, step))
 
 
 @dataclass(frozen=True)

@@ -254,15 +254,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def _dataset_names() -> tuple[str, ...]:
-    from .data import DATASETS
+    from .data import dataset_names
 
-    return tuple(DATASETS)
+    return dataset_names()
 
 
 def _arch_names() -> tuple[str, ...]:
-    from .archs import ARCHITECTURES
+    from .archs import architecture_names
 
-    return tuple(ARCHITECTURES)
+    return architecture_names()
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -518,6 +518,7 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
     `out`, or a value of the wrong type are one-line errors prefixed with `source`. The architecture
     defaults to the dataset's usual one.
     """
+    from .data import dataset_info
     from .objectives import build_objective, hyperparameters
 
     prefix = f"{source}: " if source else ""
@@ -548,7 +549,7 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
         dataset = train.get("dataset", TrainSettings.__dataclass_fields__["dataset"].default)
         if dataset not in _dataset_names():
             raise SmoothAdvError(f"{prefix}dataset must be one of {', '.join(_dataset_names())}, got {dataset!r}")
-        train["arch"] = DATASETS_DEFAULT_ARCH(dataset)
+        train["arch"] = dataset_info(dataset).default_arch
     settings = make(TrainSettings, train, source=source)
     try:
         built = build_objective(name, settings.sigma, objective, make(AttackSettings, attack))
@@ -558,9 +559,3 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
     if warmup > settings.epochs:
         raise SmoothAdvError(f"{prefix}warm-up ({warmup} epochs) is longer than training ({settings.epochs} epochs)")
     return settings, built
-
-
-def DATASETS_DEFAULT_ARCH(dataset: str) -> str:  # noqa: N802 - replaced by the dataset registry
-    from .data import DEFAULT_ARCH
-
-    return DEFAULT_ARCH[dataset]

@@ -25,9 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SmoothAdvError
-from .stats import binom_pvalue, certified_radius, clopper_pearson_lower
-
-ABSTAIN: int = -1
+from .stats import ABSTAIN, binom_pvalue, certified_radius, clopper_pearson_lower
 
 
 @contextlib.contextmanager

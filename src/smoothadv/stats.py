@@ -15,6 +15,10 @@ import numpy as np
 from scipy.special import gammaln
 from scipy.stats import beta, binomtest, norm
 
+ABSTAIN: int = -1
+"""The prediction of a smoothed classifier that abstains (its test did not reject; Cohen et al.'s ABSTAIN).
+Defined here, free of torch, so result files can be read without it; `smoothing` re-exports it."""
+
 
 def _check_counts(k: int, n: int) -> None:
     if n < 1:
@@ -97,6 +101,20 @@ def certified_radius(p_lower: float, sigma: float) -> float:
 def max_certifiable_radius(n: int, alpha: float, sigma: float) -> float:
     """Largest radius CERTIFY can return with n estimation samples: sigma * Phi^-1(alpha^(1/n))."""
     return certified_radius(clopper_pearson_lower(n, n, alpha), sigma)
+
+
+def radius_grid(top: float, step: float) -> list[float]:
+    """The radii 0, step, 2 step, ..., k step with k = floor(top / step + 1e-9): every multiple of `step` up to
+    `top`, a multiple within 1e-9 steps below `top` included (so float noise in `top` keeps its column).
+
+    Each radius is `round(i * step, 10)`, so 0.1 * 3 is 0.3. Empty when top < 0; ValueError unless step is
+    finite and > 0 and top is finite.
+    """
+    if not (step > 0 and math.isfinite(step)):
+        raise ValueError(f"step must be a finite number > 0, got {step}")
+    if not math.isfinite(top):
+        raise ValueError(f"top must be a finite number, got {top}")
+    return [round(i * step, 10) for i in range(int(math.floor(top / step + 1e-9)) + 1)]
 
 
 def certified_accuracy(
