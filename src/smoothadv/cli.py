@@ -508,7 +508,7 @@ def add_attack(sub: Any) -> None:
 
 
 def run_attack(args: argparse.Namespace) -> None:
-    from .attacks import DDN, PGDL2, get_attack
+    from .attacks import DDN, PGDL2, SteinPGDL2, get_attack
     from .evaluate import ATTACK_COLUMNS, attack_dataset
 
     if args.gradient_free and args.base_attack:
@@ -518,7 +518,7 @@ def run_attack(args: argparse.Namespace) -> None:
         gamma = 1 - (3 / 510 / args.eps) ** (1 / args.steps) if args.eps > 3 / 510 else 0.05
         attack = DDN(args.eps, args.steps, gamma=gamma, init_norm=max(args.eps, 1e-3))
     else:
-        attack = PGDL2(args.eps, args.steps, random_start=args.random_start, gradient_free=args.gradient_free)
+        attack = (SteinPGDL2 if args.gradient_free else PGDL2)(args.eps, args.steps, random_start=args.random_start)
     smooth, dataset, _, device = _load_smooth(args)
     _run_rows(args, ATTACK_COLUMNS,
               lambda todo: attack_dataset(smooth, attack, dataset, todo, m=args.m, n=args.n, alpha=args.alpha,

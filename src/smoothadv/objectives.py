@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import DDN, PGDL2, get_attack
+from .attacks import DDN, PGDL2, SteinPGDL2, get_attack
 from .errors import SmoothAdvError
 from .smoothing import SoftSmoothed, eval_mode
 
@@ -185,7 +185,7 @@ class SmoothAdv(Objective):
         if attack_cls is DDN:
             attack: PGDL2 | DDN = DDN(eps, steps, gamma=args.ddn_gamma, init_norm=args.ddn_init_norm)
         else:
-            attack = PGDL2(eps, steps, random_start=args.random_start, gradient_free=args.gradient_free)
+            attack = (SteinPGDL2 if args.gradient_free else PGDL2)(eps, steps, random_start=args.random_start)
         if args.warmup > args.epochs:
             raise SmoothAdvError(f"warm-up ({args.warmup} epochs) is longer than training ({args.epochs} epochs)")
         return cls(args.sigma, attack, m=args.m, multi_noise=args.multi_noise, warmup=args.warmup)
