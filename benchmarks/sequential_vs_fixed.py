@@ -374,9 +374,9 @@ def expected_accuracy(records: list[dict], config: SequentialConfig, radii: Sequ
     its trajectory shows. Their difference is the systematic part of the table difference; the rest is noise."""
     from scipy.stats import binom, norm
 
-    from smoothadv.validity import cp_lower_all
+    from smoothadv.validity import clopper_pearson_lower_all
 
-    lower = cp_lower_all(n, alpha)
+    lower = clopper_pearson_lower_all(n, alpha)
     need = [int(np.searchsorted(lower, max(0.5 + 1e-12, float(norm.cdf(r / config.sigma))))) for r in radii]
     rng = np.random.default_rng(seed)
     fixed, sequential = np.zeros(len(radii)), np.zeros(len(radii))

@@ -1,4 +1,4 @@
-"""PGD and DDN (L2) against closed forms on linear classifiers, the attack contract, and validation."""
+"""PGD, gradient-free PGD and DDN (L2) against closed forms on linear classifiers, the contract, validation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import LinearBinary
 from torch import nn
 
-from smoothadv.attacks import ATTACKS, DDN, PGDL2, get_attack, l2_norm, stein_gradient
+from smoothadv.attacks import ATTACKS, DDN, PGDL2, GradientFreeModel, SteinPGDL2, get_attack, l2_norm
 from smoothadv.errors import SmoothAdvError
 from smoothadv.smoothing import SoftSmoothed
 
@@ -70,7 +70,7 @@ def test_ddn_finds_the_minimal_adversarial_and_returns_x_when_there_is_none() ->
 
 
 @pytest.mark.parametrize("attack", [PGDL2(0.7, 4), PGDL2(0.7, 3, random_start=True), PGDL2(2.0, 2),
-                                    PGDL2(0.7, 3, gradient_free=True), DDN(0.7, 6), DDN(0.3, 5, quantize=False)],
+                                    SteinPGDL2(0.7, 3), DDN(0.7, 6), DDN(0.3, 5, quantize=False)],
                          ids=repr)
 def test_outputs_respect_box_and_ball(attack) -> None:
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def test_outputs_respect_box_and_ball(attack) -> None:
     x_adv = attack(SoftSmoothed(net, noise), x, y, torch.Generator().manual_seed(0))
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     assert float(l2_norm(x_adv - x).max()) <= attack.eps + 1e-6
-    if isinstance(attack, PGDL2) and not attack.gradient_free:  # a real attack: the loss goes up on average
+    if isinstance(attack, PGDL2):  # a real attack: the loss goes up on average
         with torch.no_grad():
             before = F.cross_entropy(SoftSmoothed(net, noise)(x), y)
             assert float(F.cross_entropy(SoftSmoothed(net, noise)(x_adv), y)) > float(before)
@@ -105,15 +105,30 @@ def test_no_side_effects_on_model(attack) -> None:
     assert not any(m.training for m in net.modules())
 
 
-@pytest.mark.parametrize("cls", [PGDL2, DDN])
+class _Spy:
+    """A `Model` and a `GradientFreeModel` at once that records every use."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(t)
+        return t.flatten(1)[:, :4]
+
+    def ascent_direction(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls.append(t)
+        return t
+
+
+@pytest.mark.parametrize("cls", [PGDL2, SteinPGDL2, DDN])
 def test_eps_zero_returns_x_without_using_randomness(cls) -> None:
-    calls = []
+    spy = _Spy()
     x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 4, (4,))
     generator = torch.Generator().manual_seed(5)
     state, global_state = generator.get_state(), torch.get_rng_state()
-    extra = {"random_start": True} if cls is PGDL2 else {}
-    out = cls(0.0, 3, **extra)(lambda t: calls.append(t) or t.flatten(1)[:, :4], x, y, generator)
-    assert out is x and not calls
+    extra = {"random_start": True} if cls is not DDN else {}
+    out = cls(0.0, 3, **extra)(spy, x, y, generator)
+    assert out is x and not spy.calls
     assert torch.equal(generator.get_state(), state) and torch.equal(torch.get_rng_state(), global_state)
 
 
@@ -145,23 +160,82 @@ def test_more_noise_draws_do_not_weaken_the_attack_on_average() -> None:
     assert results[16] > objective(x)  # and the attack works at all
 
 
-def test_stein_gradient_points_against_the_weight_vector_of_a_linear_classifier() -> None:
+def test_stein_ascent_direction_points_against_the_weight_vector_of_a_linear_classifier() -> None:
     # grad G_1 = E[delta F_1(x + delta)] / sigma^2 is parallel to w for a linear f; with 20000 draws the
     # estimate's cosine with -w exceeds 0.9 (seeded).
     model = _linear(seed=4)
     x = _center_batch(model, [0.0])
     noise = torch.randn(1, 20000, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
-    g = stein_gradient(SoftSmoothed(model, noise), x, torch.tensor([1]))
+    g = SoftSmoothed(model, noise).ascent_direction(x, torch.tensor([1]))
     cosine = F.cosine_similarity(g.flatten(1), -model.w.detach().flatten(1))
     assert float(cosine) > 0.9
     with pytest.raises(SmoothAdvError, match="gradient-free"):
-        stein_gradient(model, x, torch.tensor([1]))
+        SteinPGDL2(0.5, 2)(model, x, torch.tensor([1]))
+
+
+def test_ascent_direction_is_the_stein_estimate_over_the_fixed_draws() -> None:
+    # -(1/m) sum_i softmax(f(x + delta_i))_y delta_i, written out draw by draw (Salman et al. 2019, Appendix)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 2])
+    noise = torch.randn(2, 5, 3, 4, 4) * 0.5
+    got = SoftSmoothed(net, noise).ascent_direction(x, y)
+    with torch.no_grad():
+        want = torch.stack([-sum(torch.softmax(net((x[b] + noise[b, i]).unsqueeze(0)), 1)[0, y[b]] * noise[b, i]
+                                 for i in range(5)) / 5 for b in range(2)])
+    assert torch.allclose(got, want, atol=1e-6) and got.grad_fn is None
+    assert isinstance(SoftSmoothed(net, noise), GradientFreeModel) and not isinstance(net, GradientFreeModel)
+
+
+def test_stein_attack_sees_the_model_only_through_ascent_direction() -> None:
+    # any GradientFreeModel will do, even one that is not callable: a constant direction -w makes one step FGM
+    model = _linear(seed=3)
+    w = model.w.detach()
+    x = _center_batch(model, [0.1, 0.4])
+
+    class Oracle:
+        def ascent_direction(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -w.expand_as(x_adv)
+
+    x_adv = SteinPGDL2(0.15, steps=1)(Oracle(), x, torch.tensor([1, 1]))  # type: ignore[arg-type]
+    assert torch.allclose(x_adv, x - 0.15 * w, atol=1e-5)
+
+
+def test_stein_attack_never_backpropagates(monkeypatch) -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4)).train()
+    x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
+    noise = torch.randn(8, 4, 3, 4, 4) * 0.25
+
+    def no_backprop(*args, **kwargs):
+        raise AssertionError("the gradient-free attack called torch.autograd.grad")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_backprop)
+    x_adv = SteinPGDL2(0.5, 3, random_start=True)(SoftSmoothed(net, noise), x, y, torch.Generator().manual_seed(0))
+    assert float(l2_norm(x_adv - x).max()) <= 0.5 + 1e-6 and not torch.equal(x_adv, x)
+    assert net.training and all(p.grad is None and p.requires_grad for p in net.parameters())
+
+
+def test_attacks_know_nothing_about_smoothing() -> None:
+    # the module docstring's promise: no import of smoothadv.smoothing, no attribute of the model read
+    import ast
+    from pathlib import Path
+
+    import smoothadv.attacks as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert imported and not any("smoothing" in name for name in imported)
+    assert "getattr" not in Path(module.__file__).read_text()
+    # and the step length is not called alpha (the certificate's alpha is a probability)
+    assert not any(hasattr(a, "alpha") for a in (PGDL2(0.5), SteinPGDL2(0.5), DDN(0.5)))
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda: PGDL2(-0.1), "eps"), (lambda: PGDL2(0.5, steps=0), "steps"), (lambda: DDN(-1.0), "eps"),
     (lambda: DDN(0.5, steps=0), "steps"), (lambda: DDN(0.5, gamma=1.5), "gamma"),
     (lambda: PGDL2(float("nan")), "eps"), (lambda: get_attack("fgsm"), "unknown attack"),
+    (lambda: SteinPGDL2(0.5, step_size=0.0), "step size"), (lambda: SteinPGDL2(0.5, steps=0), "steps"),
 ])
 def test_bad_hyperparameters_are_one_line_errors(make, message) -> None:
     with pytest.raises(SmoothAdvError, match=message) as info:
@@ -171,6 +245,7 @@ def test_bad_hyperparameters_are_one_line_errors(make, message) -> None:
 
 def test_registry_and_frozen() -> None:
     assert ATTACKS == {"pgd": PGDL2, "ddn": DDN} and get_attack("PGD") is PGDL2
-    assert PGDL2(0.5, 4).alpha == pytest.approx(0.25)
+    assert PGDL2(0.5, 4).step_length == pytest.approx(0.25)
+    assert SteinPGDL2(0.5, 4).step_length == pytest.approx(0.25) and PGDL2(0.5, step_size=0.1).step_length == 0.1
     with pytest.raises(dataclasses.FrozenInstanceError):
         PGDL2(0.5).eps = 1.0  # type: ignore[misc]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
 from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv
+from smoothadv.settings import train_recipe
 from smoothadv.train import batches, train_epoch
 
 
@@ -108,26 +107,27 @@ def test_one_epoch_of_smoothadv_training_lowers_the_loss() -> None:
     assert after < 0.8 * before, (before, after, stats)
 
 
-def _args(**overrides) -> argparse.Namespace:
+def _recipe(**overrides) -> dict:
     values = dict(sigma=0.25, attack="pgd", eps=0.5, steps=2, m=2, multi_noise=False, warmup=1, random_start=False,
-                  gradient_free=False, ddn_gamma=0.05, ddn_init_norm=1.0, epochs=5)
+                  gradient_free=False, ddn_gamma=0.05, ddn_init_norm=1.0, epochs=5, objective="smoothadv",
+                  dataset="synthetic", out="unused")
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return values
 
 
-def test_from_args_and_registry() -> None:
+def test_factory_and_registry() -> None:
     assert OBJECTIVES["smoothadv"] is SmoothAdv
-    objective = SmoothAdv.from_args(_args(attack="ddn", m=4, multi_noise=True, warmup=5))
+    _, objective = train_recipe(_recipe(attack="ddn", m=4, multi_noise=True, warmup=5))
     assert objective == SmoothAdv(0.25, DDN(0.5, 2, gamma=0.05, init_norm=1.0), m=4, multi_noise=True, warmup=5)
-    assert SmoothAdv.from_args(_args()).attack == PGDL2(0.5, 2)
+    assert train_recipe(_recipe())[1].attack == PGDL2(0.5, 2)
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda: SmoothAdv(0.25, PGDL2(0.5), m=0), "m "),
     (lambda: SmoothAdv(0.25, PGDL2(0.5), warmup=0), "warm-up"),
     (lambda: SmoothAdv(-0.1, PGDL2(0.5)), "sigma"),
-    (lambda: SmoothAdv.from_args(_args(warmup=6, epochs=5)), "longer than training"),
-    (lambda: SmoothAdv.from_args(_args(attack="cw")), "unknown attack"),
+    (lambda: train_recipe(_recipe(warmup=6, epochs=5)), "longer than training"),
+    (lambda: train_recipe(_recipe(attack="cw")), "attack must be one of pgd, ddn"),
 ])
 def test_bad_settings_are_one_line_errors(make, message) -> None:
     with pytest.raises(SmoothAdvError, match=message) as info:
@@ -183,5 +183,5 @@ def test_fp16_training_needs_a_gpu(tmp_path) -> None:
                       precision="fp16", device="cpu")
     with pytest.raises(SmoothAdvError, match="fp16 autocast needs a GPU"):
         fit(cfg, GaussianAugmentation(0.25))
-    with pytest.raises(SmoothAdvError, match="unknown precision"):
-        TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8").validate()
+    with pytest.raises(SmoothAdvError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8")

@@ -161,7 +161,7 @@ def test_linear_counts_follow_the_binomial_law() -> None:
 
 @pytest.mark.parametrize("levels", [None, (0.01, 0.03, 0.06)])
 def test_exact_sequential_failure_matches_monte_carlo_on_counts(levels) -> None:
-    from smoothadv.validity import cp_lower_all, exact_sequential_failure
+    from smoothadv.validity import clopper_pearson_lower_all, exact_sequential_failure
 
     problem = Problem("lin", (1, 1, 1), 1.0, (0.0,), float(norm.ppf(0.87)))
     looks, alpha = (25, 50, 100), 0.1
@@ -170,7 +170,7 @@ def test_exact_sequential_failure_matches_monte_carlo_on_counts(levels) -> None:
     trials = 100_000
     steps = np.stack([rng.binomial(25, 0.87, trials), rng.binomial(25, 0.87, trials), rng.binomial(50, 0.87, trials)])
     sums = np.cumsum(steps, axis=0)
-    best = np.max([cp_lower_all(n, per_look[j])[sums[j]] for j, n in enumerate(looks)], axis=0)
+    best = np.max([clopper_pearson_lower_all(n, per_look[j])[sums[j]] for j, n in enumerate(looks)], axis=0)
     rate = float(np.mean(best > 0.87))
     exact = exact_sequential_failure(problem, None, looks, alpha, levels=levels)
     assert abs(rate - exact) <= 4.5 * math.sqrt(exact * (1 - exact) / trials)
@@ -207,3 +207,25 @@ def test_default_sequential_schedule_at_the_papers_scale_fails_at_most_alpha_exa
     problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(0.99)))
     unsplit = exact_sequential_failure(problem, None, config.looks, 0.009, levels=(0.001,) * 9)
     assert unsplit > 0.004
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1e-3, 1e-12, 1e-39, 1e-40, 1e-41, 1e-200, 1e-300])
+def test_vectorized_clopper_pearson_equals_stats_including_extreme_alpha(alpha) -> None:
+    from smoothadv.validity import clopper_pearson_lower_all
+
+    for n in (1, 2, 7, 50, 300):
+        want = [clopper_pearson_lower(k, n, alpha) for k in range(n + 1)]
+        assert clopper_pearson_lower_all(n, alpha).tolist() == want  # bit for bit, fallback branch included
+
+
+def test_modes_carry_no_hidden_state_and_label_mode_is_told_each_problems_class() -> None:
+    from smoothadv.validity import sequential_modes
+
+    modes = [fixed_n_mode(5, 40, 0.1), predict_mode(40, 0.1), point_estimate_control(5, 40, 0.1),
+             *sequential_modes(0.1, 5, 40)]
+    assert all(not vars(mode.run) for mode in modes)  # no function attributes
+    label = next(mode for mode in modes if " label " in mode.name)
+    for s in (-0.4, 0.4):  # g = 0, then g = 1, with the same mode object
+        problem = Problem("lin", (1, 4, 4), 0.25, (0.0,), s)
+        result = run_problem(problem, label, 16, 0.1, seed=3)
+        assert result.invalid == 0 and result.abstained < 16  # it certified g itself, never the other class

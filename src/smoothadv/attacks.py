@@ -1,4 +1,4 @@
-"""L2 adversarial attacks that know nothing about smoothing: PGD and DDN, as SmoothAdv uses them.
+"""L2 adversarial attacks that know nothing about smoothing: PGD, its gradient-free variant, and DDN.
 
 An attack is a frozen dataclass of hyperparameters, called as `attack(model, x, y) -> x_adv` with
 the model given at call time (so a training loop can keep one attack while the weights change).
@@ -6,6 +6,12 @@ To attack the smoothed soft classifier G of Salman et al. (NeurIPS 2019, arXiv:1
 Section 3), pass `smoothing.SoftSmoothed(base, noise)` as the model: it returns log G, so the
 cross-entropy these attacks maximize is -log G_y, the paper's objective J (Eq. (5)/(6)), with the
 m noise draws fixed across all steps because they live in the module.
+
+The attacks see a model only through two interfaces, both declared here: `Model` (a callable
+returning logits or log-probabilities, differentiated with `torch.autograd.grad`), used by `PGDL2`
+and `DDN`, and `GradientFreeModel` (a model that estimates the ascent direction of its own
+cross-entropy from forward passes), used by `SteinPGDL2`. Nothing here imports `smoothing` or
+reads a model's attributes; `SoftSmoothed` implements both interfaces.
 
 Contract (every attack, tested in tests/test_attacks.py):
 - `x` is a batch (B, ...) with values in [0, 1]; so is the result.
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,27 @@ from torch import Tensor
 from .errors import SmoothAdvError
 
 Model = Callable[[Tensor], Tensor]
+"""What PGDL2 and DDN attack: x (B, ...) -> logits or log-probabilities (B, K), differentiable in x."""
+
+
+@runtime_checkable
+class GradientFreeModel(Protocol):
+    """A model that estimates the ascent direction of its own loss without backpropagation.
+
+    `ascent_direction(x, y)` returns a (B, ...) tensor, computed from forward passes only, whose
+    expectation is a positive per-example multiple of the gradient with respect to x of the
+    cross-entropy of the model's output at (x, y). Only its per-example direction matters: the
+    attack normalizes it. `smoothing.SoftSmoothed` implements it with the Gaussian-smoothing
+    (Stein) identity of Salman et al. (2019), Appendix.
+    """
+
+    def ascent_direction(self, x: Tensor, y: Tensor) -> Tensor:
+        ...
 
 
 class Attack(Protocol):
+    """What training and evaluation call: an L2 budget `eps` and `attack(model, x, y, generator)`."""
+
     eps: float
 
     def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -79,26 +103,6 @@ def _normalize(g: Tensor, generator: torch.Generator | None) -> Tensor:
     return g / _view(l2_norm(g).clamp_min(1e-12), g)
 
 
-def stein_gradient(model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
-    """Gradient-free ascent direction of -log G_y (Salman et al., §3 and Appendix; reference §3.6).
-
-    Uses the Gaussian-smoothing identity grad G_y(x) = E[delta F_y(x + delta)] / sigma^2 with the
-    m fixed draws of `model.noise` (B, m, ...): returns -(1/m) sum_i F_y(x' + delta_i) delta_i, which
-    points along -grad G_y, the ascent direction of -log G_y. Only forward passes of `model.base`
-    (no backpropagation through the network). `model` must expose `base` and `noise`, as
-    `smoothing.SoftSmoothed` does.
-    """
-    base, noise = getattr(model, "base", None), getattr(model, "noise", None)
-    if base is None or not isinstance(noise, Tensor):
-        raise SmoothAdvError("the gradient-free attack needs a smoothed model exposing `base` and `noise` "
-                             "(smoothing.SoftSmoothed)")
-    batch, m = noise.shape[:2]
-    with torch.no_grad():
-        probs = torch.softmax(base((x_adv.unsqueeze(1) + noise).flatten(0, 1)), dim=1).view(batch, m, -1)
-        p_y = probs.gather(2, y.view(batch, 1, 1).expand(batch, m, 1)).squeeze(2)  # (B, m)
-        return -(p_y.view(batch, m, *([1] * (noise.dim() - 2))) * noise).mean(1)
-
-
 def _check(eps: float, steps: int) -> None:
     if not math.isfinite(eps) or eps < 0:
         raise SmoothAdvError(f"attack eps must be a finite number >= 0, got {eps}")
@@ -107,22 +111,19 @@ def _check(eps: float, steps: int) -> None:
 
 
 @dataclass(frozen=True)
-class PGDL2:
-    """L2 projected gradient ascent on the cross-entropy (SmoothAdv_PGD, Salman et al. 2019, Section 3).
+class _ProjectedL2Ascent:
+    """The PGD loop shared by `PGDL2` and `SteinPGDL2`; subclasses say where the ascent direction comes from.
 
-    T = `steps` steps of size `step_size` (default 2 eps / T, as the SmoothAdv code) along the
-    per-example normalized gradient, each followed by a clamp to [0, 1] and a projection onto the
-    eps-ball. Starts at x (the original never used a random start); `random_start` starts at a
-    uniformly random radius in [0, eps] in a random direction. `gradient_free=True` replaces the
-    backpropagated gradient by the Stein estimate of `stein_gradient` (the model must then be a
-    `SoftSmoothed`); it is much weaker (reference §6.2) and is offered for comparison only.
+    T = `steps` steps of length `step_length` along the per-example normalized direction, each
+    followed by a clamp to [0, 1] and a projection onto the eps-ball. Starts at x (the original
+    never used a random start); `random_start` starts at a uniformly random radius in [0, eps] in a
+    random direction.
     """
 
     eps: float
     steps: int = 10
     step_size: float | None = None
     random_start: bool = False
-    gradient_free: bool = False
 
     def __post_init__(self) -> None:
         _check(self.eps, self.steps)
@@ -130,11 +131,18 @@ class PGDL2:
             raise SmoothAdvError(f"attack step size must be > 0, got {self.step_size}")
 
     @property
-    def alpha(self) -> float:
-        """The step length actually used."""
+    def step_length(self) -> float:
+        """The L2 length of each step: `step_size`, or 2 eps / steps (the SmoothAdv code's default) when None."""
         return self.step_size if self.step_size is not None else 2 * self.eps / self.steps
 
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _accepts(self, model: Model) -> None:
+        """Raise SmoothAdvError if this attack cannot use `model` (checked once, before any step)."""
+
     def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        self._accepts(model)
         if self.eps == 0:
             return x
         x = x.detach()
@@ -144,12 +152,47 @@ class PGDL2:
             radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator) * self.eps
             delta = project(x, direction * _view(radius, x), self.eps)
         for _ in range(self.steps):
-            if self.gradient_free:
-                grad = stein_gradient(model, x + delta, y)
-            else:
-                grad, _ = _input_grad(model, x + delta, y)
-            delta = project(x, delta + self.alpha * _normalize(grad, generator), self.eps)
+            step = _normalize(self._direction(model, x + delta, y), generator)
+            delta = project(x, delta + self.step_length * step, self.eps)
         return (x + delta).detach()
+
+
+@dataclass(frozen=True)
+class PGDL2(_ProjectedL2Ascent):
+    """L2 projected gradient ascent on the cross-entropy (SmoothAdv_PGD, Salman et al. 2019, Section 3).
+
+    T = `steps` steps of length `step_length` (`step_size`, default 2 eps / T as the SmoothAdv code)
+    along the per-example normalized input gradient of the cross-entropy (backpropagated with
+    `torch.autograd.grad`), each followed by a clamp to [0, 1] and a projection onto the eps-ball.
+    Starts at x (the original never used a random start); `random_start` starts at a uniformly
+    random radius in [0, eps] in a random direction. Works on any differentiable `Model`.
+    """
+
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+        grad, _ = _input_grad(model, x_adv, y)
+        return grad
+
+
+@dataclass(frozen=True)
+class SteinPGDL2(_ProjectedL2Ascent):
+    """Gradient-free SmoothAdv_PGD: PGDL2's loop with the direction from `model.ascent_direction`.
+
+    The model must implement `GradientFreeModel` (as `smoothing.SoftSmoothed` does, with the
+    Gaussian-smoothing identity grad G_y(x) = E[delta F_y(x + delta)] / sigma^2 over its fixed noise
+    draws; Salman et al. 2019, Section 3 and Appendix); any other model is a SmoothAdvError before
+    the first step, even at eps = 0. No backpropagation through the network. Same steps, step
+    length, projection and random start as `PGDL2`; much weaker (reference §6.2), offered for
+    comparison only.
+    """
+
+    def _accepts(self, model: Model) -> None:
+        if not isinstance(model, GradientFreeModel):
+            raise SmoothAdvError("the gradient-free attack needs a model with ascent_direction(x, y), such as "
+                                 "smoothing.SoftSmoothed (the smoothed classifier)")
+
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model.ascent_direction(x_adv, y)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -215,7 +258,7 @@ class DDN:
 
 
 ATTACKS: dict[str, type] = {"pgd": PGDL2, "ddn": DDN}
-"""Attack name (the CLI's --attack) -> class."""
+"""Attack name (the CLI's --attack) -> class. `SteinPGDL2` is PGD with --gradient-free, not a separate name."""
 
 
 def get_attack(name: str) -> type:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import DDN, PGDL2, get_attack
+from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack
 from .errors import SmoothAdvError
 from .settings import AT_LEAST_ONE, AttackSettings, convert, fields_of, setting
 from .smoothing import SoftSmoothed, eval_mode
@@ -138,7 +138,7 @@ class SmoothAdv(Objective):
     """
 
     sigma: float
-    attack: PGDL2 | DDN
+    attack: Attack
     m: int = setting(1, "noise draws per input in the attack (m_train)", limit=AT_LEAST_ONE)
     multi_noise: bool = setting(False, "train on all m noisy copies (m SGD steps per batch)")
     warmup: int = setting(1, "epochs over which eps ramps linearly to --eps", limit=AT_LEAST_ONE)
@@ -189,7 +189,7 @@ declared with `settings.setting(...)` so that the command line, recipes and chec
 # ------------------------------------------------------------------ the factory
 
 
-def build_attack(settings: AttackSettings) -> PGDL2 | DDN:
+def build_attack(settings: AttackSettings) -> Attack:
     """The attack `settings` describe. DDN's gamma and initial norm, when None, follow Salman et al.'s
     prediction script: the norm may shrink from eps to 3/510 in T steps, and starts at eps (>= 1e-3)."""
     eps, steps = settings.eps, settings.steps
@@ -200,7 +200,9 @@ def build_attack(settings: AttackSettings) -> PGDL2 | DDN:
         init_norm = settings.ddn_init_norm if settings.ddn_init_norm is not None else max(eps, 1e-3)
         return DDN(eps, steps, gamma=gamma, init_norm=init_norm)
     get_attack(settings.attack)  # a one-line error for an unknown name
-    return PGDL2(eps, steps, random_start=settings.random_start, gradient_free=settings.gradient_free)
+    if settings.gradient_free:
+        return SteinPGDL2(eps, steps, random_start=settings.random_start)
+    return PGDL2(eps, steps, random_start=settings.random_start)
 
 
 def hyperparameters() -> dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]]:

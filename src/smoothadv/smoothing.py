@@ -361,6 +361,9 @@ class SoftSmoothed(nn.Module):
     SmoothAdv's attack (Salman et al. 2019, Section 3). The output is a (B, K) tensor of
     log-probabilities of the Monte-Carlo estimate of G, so cross-entropy on it is -log G_y(x):
     an attack that maximizes cross-entropy of its model attacks the smoothed classifier.
+
+    It also implements `attacks.GradientFreeModel` (`ascent_direction`), so the gradient-free
+    `attacks.SteinPGDL2` can attack it without backpropagating through f.
     """
 
     def __init__(self, base: nn.Module, noise: Tensor) -> None:
@@ -370,10 +373,27 @@ class SoftSmoothed(nn.Module):
         self.base = base
         self.noise = noise
 
+    def _noisy(self, x: Tensor) -> Tensor:
+        """The B*m noisy copies x_b + delta_{b,i}, (B*m, C, H, W), after checking x against the noise."""
+        if x.shape[0] != self.noise.shape[0] or x.shape[1:] != self.noise.shape[2:]:
+            raise ValueError(f"input shape {tuple(x.shape)} does not match noise shape {tuple(self.noise.shape)}")
+        return (x.unsqueeze(1) + self.noise).flatten(0, 1)
+
     def forward(self, x: Tensor) -> Tensor:
         batch, m = self.noise.shape[:2]
-        if x.shape[0] != batch or x.shape[1:] != self.noise.shape[2:]:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match noise shape {tuple(self.noise.shape)}")
-        noisy = (x.unsqueeze(1) + self.noise).flatten(0, 1)  # (B*m, C, H, W)
-        log_probs = torch.log_softmax(self.base(noisy), dim=1).view(batch, m, -1)
+        log_probs = torch.log_softmax(self.base(self._noisy(x)), dim=1).view(batch, m, -1)
         return torch.logsumexp(log_probs, dim=1) - math.log(m)
+
+    def ascent_direction(self, x: Tensor, y: Tensor) -> Tensor:
+        """-(1/m) sum_i F_y(x + delta_i) delta_i over the fixed draws, from forward passes of f only.
+
+        F = softmax(f). By the Gaussian-smoothing (Stein) identity grad G_y(x) = E[delta F_y(x + delta)] /
+        sigma^2 (Salman et al. 2019, Appendix), its expectation is -sigma^2 grad G_y(x) = sigma^2 G_y(x)
+        grad(-log G_y)(x): a positive per-example multiple of the gradient of this module's cross-entropy
+        -log G_y, i.e. its ascent direction (what `attacks.GradientFreeModel` asks for). No autograd graph.
+        """
+        batch, m = self.noise.shape[:2]
+        with torch.no_grad():
+            probs = torch.softmax(self.base(self._noisy(x)), dim=1).view(batch, m, -1)
+            p_y = probs.gather(2, y.view(batch, 1, 1).expand(batch, m, 1)).squeeze(2)  # (B, m)
+            return -(p_y.view(batch, m, *([1] * (self.noise.dim() - 2))) * self.noise).mean(1)

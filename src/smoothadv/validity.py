@@ -22,9 +22,10 @@ distance to the hyperplane. For every problem we also know the radius that CERTI
 sigma * Phi^-1(p_A) (Theorem 1 with p_B = 1 - p_A), which is <= the true radius; exceeding it
 is the event whose probability Clopper-Pearson bounds by alpha, so it is the sharpest check.
 
-For fixed-n CERTIFY and PREDICT the exact probability of an invalid result is computed too
-(selection by multinomial argmax, then binomial tails), so the observed count is also tested
-for agreement with the exact rate, not only for being below alpha.
+For fixed-n CERTIFY, sequential CERTIFY with policy full, and PREDICT (K <= 3) the exact
+probability of an invalid result is computed too (selection by multinomial argmax, then binomial
+tails), so the observed count is also tested for agreement with the exact rate, not only for
+being below alpha.
 
 Acceptance: with T trials and F invalid results, each (problem, mode) passes when
 F <= the (1 - delta) quantile of Binomial(T, alpha): "within alpha up to sampling error", with a
@@ -33,6 +34,20 @@ rate is known, the two-sided binomial test of F against it must also have p-valu
 `run_suite` sets delta = 0.01 / (2 x number of checks) (Bonferroni), so a correct implementation
 fails the suite with probability at most 0.01. A negative control (a certifier that plugs in the
 point estimate k/n instead of a confidence bound) must fail, which shows the suite has power.
+
+Why this is a module of the package and not a benchmark (issue 12, item 6): `smoothadv validity`
+is documented for users to check the guarantee on their own install (their torch, their CPU or
+GPU kernels, their random number generators), and an installed package cannot reach
+`benchmarks/`; keeping the command backward compatible therefore needs the code in the package.
+So it is a user-facing module held to the library's rules: every confidence bound is
+`stats.clopper_pearson_lower` (vectorized in `clopper_pearson_lower_all`, equal element by
+element, extreme alpha included), and it carries no hidden state: the only caches are
+`functools.lru_cache` on pure functions of their arguments, modes receive everything they use as
+arguments, and results are frozen. `benchmarks/validity.py` runs it at full size and writes files.
+
+Use: `smoothadv validity --quick` (the test-suite version), or `run_suite(...)` then `format_table`,
+`format_summary`. Sections below: problems with exact answers; exact failure probabilities;
+certification modes; the suite's inputs; running the suite; reporting.
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -53,8 +68,9 @@ from scipy.stats import beta, binom, binomtest, norm
 from torch import Tensor, nn
 
 from .errors import SmoothAdvError
+from .sequential import SequentialConfig, certify_sequential_many
 from .smoothing import ABSTAIN, Smooth
-from .stats import certified_radius
+from .stats import certified_radius, clopper_pearson_lower
 
 # ------------------------------------------------------------------ problems with exact answers
 
@@ -206,14 +222,40 @@ def selection_probabilities(p: np.ndarray, n0: int) -> np.ndarray:
     return out
 
 
-def cp_lower_all(n: int, alpha: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bounds for k = 0..n (vectorized stats.clopper_pearson_lower)."""
-    k = np.arange(n + 1)
-    out = np.zeros(n + 1)
-    mid = (k > 0) & (k < n)
-    out[mid] = beta.ppf(alpha, k[mid], n - k[mid] + 1)
-    out[n] = alpha ** (1.0 / n)
+_BETA_QUANTILE_MIN_ALPHA = 1e-40
+"""Below this alpha `stats.clopper_pearson_lower` does not use the beta quantile (extreme-alpha branch)."""
+
+
+def clopper_pearson_lower_all(n: int, alpha: float) -> np.ndarray:
+    """`stats.clopper_pearson_lower(k, n, alpha)` for k = 0..n as one array, equal element by element (tested).
+
+    The interior k take the beta quantile in one vectorized call, exactly where stats takes it; every
+    element stats would not take from it (alpha below 1e-40, or a non-finite quantile) and both ends are
+    `stats.clopper_pearson_lower` itself, so the extreme-alpha handling is stats' own.
+    """
+    out = np.full(n + 1, np.nan)
+    if n > 1 and alpha >= _BETA_QUANTILE_MIN_ALPHA:
+        k = np.arange(1, n)
+        with np.errstate(all="ignore"):
+            out[1:n] = beta.ppf(alpha, k, n - k + 1)
+    for k in np.flatnonzero(~np.isfinite(out)):
+        out[k] = clopper_pearson_lower(int(k), n, alpha)
     return out
+
+
+def _invalid(lower: np.ndarray, is_g: bool, sigma: float, limit: float, strict: bool) -> np.ndarray:
+    """Which lower confidence bounds on the selected class's p give an invalid certificate.
+
+    A certificate is issued when the bound is >= 1/2 (fixed n, as `Smooth.certify`) or > 1/2 (`strict`,
+    as the sequential certifier). It is invalid when its class is not g(x), or when its radius
+    sigma * Phi^-1(bound) exceeds `limit` (relative tolerance 1e-9; never when `limit` is infinite).
+    """
+    issued = lower > 0.5 if strict else lower >= 0.5
+    if not is_g:
+        return issued
+    if limit == math.inf:
+        return np.zeros_like(issued)
+    return issued & (sigma * norm.ppf(np.clip(lower, 0.5, 1.0)) > limit * (1 + 1e-9))
 
 
 def exact_certify_failure(problem: Problem, n0: int, n: int, alpha: float, against: str = "bound") -> float:
@@ -225,22 +267,56 @@ def exact_certify_failure(problem: Problem, n0: int, n: int, alpha: float, again
     p = problem.probabilities()
     g = problem.g
     limit = problem.bound_radius if against == "bound" else problem.true_radius
-    lower = cp_lower_all(n, alpha)
+    lower = clopper_pearson_lower_all(n, alpha)
     k = np.arange(n + 1)
     select = selection_probabilities(p, n0)
     fail = 0.0
     for j, pj in enumerate(p):
-        if select[j] == 0.0:
+        if select[j] > 0.0:
+            bad = _invalid(lower, j == g, problem.sigma, limit, strict=False)
+            fail += select[j] * float(binom.pmf(k, n, pj)[bad].sum())
+    return fail
+
+
+def _convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distribution of a sum of two independent counts: direct for small supports, by FFT for the papers' scale
+    (n ~ 10^5, where the direct sum would take minutes; FFT round-off is ~1e-16 absolute, clipped at 0)."""
+    if len(a) * len(b) <= 10**7:
+        return np.convolve(a, b)
+    return np.clip(fftconvolve(a, b), 0.0, None)
+
+
+def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[int], alpha: float,
+                             against: str = "bound", levels: Sequence[float] | None = None) -> float:
+    """Exact probability that group-sequential CP with policy "full" (every look, radius from the largest
+    lower bound, at level `levels[j]` at look j; default alpha / K) is invalid; `n0=None` tests the class g
+    itself (label mode).
+
+    Policies that stop earlier take the maximum over a subset of the same looks, so their failure
+    probability is at most this number (same sample path, fewer bounds).
+    """
+    p = problem.probabilities()
+    g = problem.g
+    limit = problem.bound_radius if against == "bound" else problem.true_radius
+    levels = [alpha / len(looks)] * len(looks) if levels is None else list(levels)
+    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
+    fail = 0.0
+    for c, pc in enumerate(p):
+        if select[c] == 0.0:
             continue
-        pmf = binom.pmf(k, n, pj)
-        if j == g:
-            if limit == math.inf:
-                bad = np.zeros(n + 1, dtype=bool)
-            else:
-                bad = (lower >= 0.5) & (problem.sigma * norm.ppf(np.clip(lower, 0.5, 1.0)) > limit * (1 + 1e-9))
-        else:
-            bad = lower >= 0.5
-        fail += select[j] * float(pmf[bad].sum())
+        alive = np.zeros(looks[-1] + 1)
+        alive[0] = 1.0
+        failed, previous = 0.0, 0
+        for look, level in zip(looks, levels):
+            step = binom.pmf(np.arange(look - previous + 1), look - previous, pc)
+            alive = _convolve(alive, step)[: looks[-1] + 1]
+            mask = np.zeros_like(alive, dtype=bool)
+            lower = clopper_pearson_lower_all(look, level)
+            mask[: look + 1] = _invalid(lower, c == g, problem.sigma, limit, strict=True)
+            failed += float(alive[mask].sum())
+            alive[mask] = 0.0
+            previous = look
+        fail += select[c] * failed
     return fail
 
 
@@ -249,8 +325,7 @@ def _predict_critical(n: int, alpha: float) -> tuple[int, ...]:
     """For each total t = a + b of the top two counts, the smallest top count a with p-value <= alpha."""
     crit = []
     for t in range(n + 1):
-        lo, hi = (t + 1) // 2 + (t % 2 == 0), t + 1  # a must exceed t/2
-        lo = max(lo, math.floor(t / 2) + 1)
+        lo, hi = t // 2 + 1, t + 1  # a must exceed t / 2; hi = t + 1: no a decides
         while lo < hi:
             mid = (lo + hi) // 2
             if binomtest(mid, t, 0.5).pvalue <= alpha:
@@ -296,33 +371,48 @@ def exact_predict_failure(problem: Problem, n: int, alpha: float) -> float | Non
 # ------------------------------------------------------------------ certification modes
 
 
+Outcome = tuple[int, float]
+"""One trial's answer: (class or ABSTAIN, radius); PREDICT reports radius 0."""
+
+
 @dataclass
 class Mode:
-    """A way of certifying or predicting: run(smooth, x, generator) -> [(class or ABSTAIN, radius), ...],
-    one pair per independent trial (several when the mode packs trials into one call)."""
+    """A way of certifying or predicting, run `trials` times by `run_problem`.
+
+    `run(smooth, x, label, generator)` returns one `Outcome` per independent trial (several when the
+    mode packs trials into one call), drawing all its randomness from `generator`. `label` is the
+    true class g(x): only label-mode certifiers use it (they are told the class to certify, as with
+    `certify --class-from label`); the others ignore it. `exact(problem, against)` is the exact
+    probability of the counted invalid event, when known.
+    """
 
     name: str
     kind: str                                            # "certify" or "predict"
-    run: Callable[[Smooth, Tensor, torch.Generator], list[tuple[int, float]]]
+    run: Callable[[Smooth, Tensor, int, torch.Generator], list[Outcome]]
     exact: Callable[[Problem, str], float | None] | None = None   # exact invalid probability
     control: bool = False                                # an unsound negative control: must FAIL
 
 
+def _seeded(gen: torch.Generator, count: int) -> list[torch.Generator]:
+    """`count` independent generators seeded from `gen`."""
+    return [torch.Generator().manual_seed(int(v)) for v in torch.randint(0, 2**62, (count,), generator=gen).tolist()]
+
+
 def fixed_n_mode(n0: int, n: int, alpha: float, batch: int = 10_000) -> Mode:
     """Cohen's CERTIFY with one-sided Clopper-Pearson at n samples (Smooth.certify)."""
-    return Mode(
-        f"certify n0={n0} n={n}", "certify",
-        lambda smooth, x, gen: [tuple(smooth.certify(x, n0, n, alpha, min(batch, max(n, n0)), generator=gen))],
-        lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against),
-    )
+    def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+        cert = smooth.certify(x, n0, n, alpha, min(batch, max(n, n0)), generator=gen)
+        return [(cert.prediction, cert.radius)]
+
+    return Mode(f"certify n0={n0} n={n}", "certify", run,
+                lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against))
 
 
 def packed_mode(n0: int, n: int, alpha: float, pack: int = 16, batch: int = 1000) -> Mode:
     """`Smooth.certify_many`: `pack` independent trials (own generators) packed into shared forward passes."""
-    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
-        seeds = torch.randint(0, 2**62, (pack,), generator=gen).tolist()
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        return [tuple(c) for c in smooth.certify_many([x] * pack, n0, n, alpha, batch, generators=gens)]
+    def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+        certs = smooth.certify_many([x] * pack, n0, n, alpha, batch, generators=_seeded(gen, pack))
+        return [(c.prediction, c.radius) for c in certs]
 
     return Mode(f"certify_many n0={n0} n={n}", "certify", run,
                 lambda problem, against: exact_certify_failure(problem, n0, n, alpha, against))
@@ -330,11 +420,9 @@ def packed_mode(n0: int, n: int, alpha: float, pack: int = 16, batch: int = 1000
 
 def predict_mode(n: int, alpha: float, batch: int = 10_000) -> Mode:
     """Cohen's PREDICT (Smooth.predict); radius reported as 0."""
-    return Mode(
-        f"predict n={n}", "predict",
-        lambda smooth, x, gen: [(smooth.predict(x, n, alpha, min(batch, n), generator=gen), 0.0)],
-        lambda problem, against: exact_predict_failure(problem, n, alpha),
-    )
+    return Mode(f"predict n={n}", "predict",
+                lambda smooth, x, label, gen: [(smooth.predict(x, n, alpha, min(batch, n), generator=gen), 0.0)],
+                lambda problem, against: exact_predict_failure(problem, n, alpha))
 
 
 def point_estimate_control(n0: int, n: int, alpha: float) -> Mode:
@@ -342,11 +430,9 @@ def point_estimate_control(n0: int, n: int, alpha: float) -> Mode:
 
     About half of its certificates near p_A exceed the true radius; the suite must flag it.
     """
-    def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
-        counts0 = smooth.sample_counts(x, n0, max(n0, 1), generator=gen)
-        c = int(counts0.argmax())
-        k = int(smooth.sample_counts(x, n, n, generator=gen)[c])
-        p_hat = min(k / n, 1 - 1e-12)
+    def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+        c = int(smooth.sample_counts(x, n0, max(n0, 1), generator=gen).argmax())
+        p_hat = min(int(smooth.sample_counts(x, n, n, generator=gen)[c]) / n, 1 - 1e-12)
         return [(c, certified_radius(p_hat, smooth.sigma)) if p_hat > 0.5 else (ABSTAIN, 0.0)]
 
     return Mode(f"control: point estimate n={n}", "certify", run, None, control=True)
@@ -357,61 +443,11 @@ def sequential_looks(n: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, n // 4), max(1, n // 2), n}))
 
 
-def _convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distribution of a sum of two independent counts: direct for small supports, by FFT for the papers' scale
-    (n ~ 10^5, where the direct sum would take minutes; FFT round-off is ~1e-16 absolute, clipped at 0)."""
-    if len(a) * len(b) <= 10**7:
-        return np.convolve(a, b)
-    return np.clip(fftconvolve(a, b), 0.0, None)
-
-
-def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[int], alpha: float,
-                             against: str = "bound", levels: Sequence[float] | None = None) -> float:
-    """Exact probability that group-sequential CP with policy "full" (every look, radius from the largest
-    lower bound, at level `levels[j]` at look j; default alpha / K) is invalid; `n0=None` tests the class g
-    itself (label mode).
-
-    Policies that stop earlier take the maximum over a subset of the same looks, so their failure
-    probability is at most this number (same sample path, fewer bounds).
-    """
-    p = problem.probabilities()
-    g = problem.g
-    limit = problem.bound_radius if against == "bound" else problem.true_radius
-    levels = [alpha / len(looks)] * len(looks) if levels is None else list(levels)
-    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
-    fail = 0.0
-    for c, pc in enumerate(p):
-        if select[c] == 0.0:
-            continue
-        alive = np.zeros(looks[-1] + 1)
-        alive[0] = 1.0
-        failed, previous = 0.0, 0
-        for look, level in zip(looks, levels):
-            step = binom.pmf(np.arange(look - previous + 1), look - previous, pc)
-            alive = _convolve(alive, step)[: looks[-1] + 1]
-            lower = cp_lower_all(look, level)
-            if c == g:
-                bad = (lower > 0.5) & (problem.sigma * norm.ppf(np.clip(lower, 0.5, 1.0)) > limit * (1 + 1e-9))
-            else:
-                bad = lower > 0.5
-            mask = np.zeros_like(alive, dtype=bool)
-            mask[: look + 1] = bad
-            failed += float(alive[mask].sum())
-            alive[mask] = 0.0
-            previous = look
-        fail += select[c] * failed
-    return fail
-
-
 def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list[Mode]:
     """Group-sequential Clopper-Pearson (`smoothadv.sequential`) with looks n/4, n/2, n at alpha / 3 each:
     policy full with Cohen's class selection and with the class given (label mode), and tolerance (not with
     quick); and the schedule `certify --mode sequential` uses by default, `fitted_schedule` on those looks
     (unequal levels: alpha spending), with policies grid and full."""
-    try:
-        from .sequential import SequentialConfig, certify_sequential_many
-    except ImportError:  # pragma: no cover - the module is part of the package
-        return []
     equal = sequential_looks(n)
 
     def schedule(sigma: float, spent: bool) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
@@ -420,30 +456,24 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
             return fitted.looks, fitted.levels
         return equal, None
 
-    def make(policy: str, label: bool, spent: bool = False, pack: int = 16) -> Mode:
-        def run(smooth: Smooth, x: Tensor, gen: torch.Generator) -> list[tuple[int, float]]:
+    def make(policy: str, label_mode: bool, spent: bool = False, pack: int = 16) -> Mode:
+        def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
             looks, levels = schedule(smooth.sigma, spent)
             config = SequentialConfig(sigma=smooth.sigma, alpha=alpha, looks=looks, policy=policy,
                                       tolerance=0.05 * smooth.sigma, levels=levels)
-            seeds = torch.randint(0, 2**62, (2, pack), generator=gen).tolist()
+            gens = _seeded(gen, 2 * pack)  # pack for class selection, then pack for estimation
             certs = certify_sequential_many(
-                smooth, [x] * pack, config, batch_size=1000, n0=n0,
-                labels=[run.label] * pack if label else None,  # type: ignore[attr-defined]
-                selection_generators=[torch.Generator().manual_seed(int(v)) for v in seeds[0]],
-                estimation_generators=[torch.Generator().manual_seed(int(v)) for v in seeds[1]])
+                smooth, [x] * pack, config, batch_size=1000, n0=n0, labels=[label] * pack if label_mode else None,
+                selection_generators=gens[:pack], estimation_generators=gens[pack:])
             return [(c.prediction, c.radius) for c in certs]
 
-        run.label = 0  # type: ignore[attr-defined]  # set per problem by run_problem (label mode tests g)
-        exact = None
-        if policy == "full":
-            def exact(problem: Problem, against: str) -> float:
-                looks, levels = schedule(problem.sigma, spent)
-                return exact_sequential_failure(problem, None if label else n0, looks, alpha, against, levels)
+        def exact(problem: Problem, against: str) -> float:
+            looks, levels = schedule(problem.sigma, spent)
+            return exact_sequential_failure(problem, None if label_mode else n0, looks, alpha, against, levels)
+
         looks_text = "fitted (alpha spending)" if spent else ",".join(map(str, equal))
-        name = f"sequential {policy}{' label' if label else ''} looks={looks_text}"
-        mode = Mode(name, "certify", run, exact)
-        mode.label_run = run if label else None  # type: ignore[attr-defined]
-        return mode
+        name = f"sequential {policy}{' label' if label_mode else ''} looks={looks_text}"
+        return Mode(name, "certify", run, exact if policy == "full" else None)
 
     modes = [make("full", False), make("grid", False, spent=True), make("full", False, spent=True),
              make("full", True)]
@@ -452,104 +482,14 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
     return modes
 
 
-# ------------------------------------------------------------------ running the suite
-
-
-@dataclass
-class Result:
-    """Outcome of `trials` independent runs of one mode on one problem."""
-
-    problem: str
-    mode: str
-    kind: str
-    dims: int
-    classes: int
-    sigma: float
-    p_a: float
-    true_radius: float
-    bound_radius: float
-    alpha: float
-    trials: int
-    invalid: int                   # wrong class, or radius > true radius of g
-    bound_exceeded: int            # wrong class, or radius > sigma * Phi^-1(p_A)
-    abstained: int
-    exact_rate: float | None       # exact probability of the counted event (bound_exceeded; predict: invalid)
-    allowed: int                   # (1 - delta) quantile of Binomial(trials, alpha)
-    delta: float                   # false-alarm level of this check
-    consistency_pvalue: float | None  # two-sided binomial test of the count against exact_rate
-    tightness: float | None        # mean returned radius / true radius over non-abstained certificates
-    tightness_bound: float | None  # same, over sigma * Phi^-1(p_A)
-    control: bool = False
-    seconds: float = 0.0
-    passed: bool = field(default=False)
-
-    @property
-    def rate(self) -> float:
-        return self.invalid / self.trials
-
-    @property
-    def checked(self) -> int:
-        """The count compared with alpha: predict -> invalid; certify -> bound_exceeded (>= invalid)."""
-        return self.invalid if self.kind == "predict" else self.bound_exceeded
-
-
-def binomial_tolerance(trials: int, alpha: float, delta: float = 1e-3) -> int:
-    """Largest invalid count still consistent with a true rate <= alpha: the (1 - delta) quantile of Bin(T, alpha)."""
-    return int(binom.ppf(1 - delta, trials, alpha))
-
-
-def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: int = 0,
-                delta: float = 1e-3) -> Result:
-    """Run `mode` `trials` times on `problem` with independent noise and count invalid results."""
-    if trials < 1:
-        raise SmoothAdvError(f"trials must be >= 1, got {trials}")
-    model, x = problem.tensors()
-    smooth = Smooth(model, problem.num_classes, problem.sigma)
-    g, true_r, bound_r = problem.g, problem.true_radius, problem.bound_radius
-    if getattr(mode, "label_run", None) is not None:  # label mode: the given label is the true class g
-        mode.label_run.label = g  # type: ignore[attr-defined]
-    gen = torch.Generator().manual_seed(seed)
-    invalid = exceeded = abstained = 0
-    ratios, ratios_bound = [], []
-    started = time.time()
-    outcomes: list[tuple[int, float]] = []
-    while len(outcomes) < trials:
-        outcomes.extend(mode.run(smooth, x, gen))
-    for prediction, radius in outcomes[:trials]:
-        if prediction == ABSTAIN:
-            abstained += 1
-            continue
-        if prediction != g:
-            invalid += 1
-            exceeded += 1
-            continue
-        if mode.kind == "certify":
-            invalid += radius > true_r * (1 + 1e-9)
-            exceeded += radius > bound_r * (1 + 1e-9)
-            ratios.append(radius / true_r if true_r < math.inf else 0.0)
-            ratios_bound.append(radius / bound_r if bound_r > 0 else 0.0)
-    exact = mode.exact(problem, "bound") if mode.exact is not None else None
-    result = Result(
-        problem=problem.name, mode=mode.name, kind=mode.kind, dims=int(np.prod(problem.shape)),
-        classes=problem.num_classes, sigma=problem.sigma, p_a=problem.p_a, true_radius=true_r, bound_radius=bound_r,
-        alpha=alpha, trials=trials, invalid=invalid, bound_exceeded=exceeded, abstained=abstained, exact_rate=exact,
-        allowed=binomial_tolerance(trials, alpha, delta), delta=delta, consistency_pvalue=None,
-        tightness=float(np.mean(ratios)) if ratios else None,
-        tightness_bound=float(np.mean(ratios_bound)) if ratios_bound else None,
-        control=mode.control, seconds=time.time() - started,
-    )
-    if exact is not None:
-        result.consistency_pvalue = float(binomtest(result.checked, trials, min(max(exact, 0.0), 1.0)).pvalue)
-    ok = result.checked <= result.allowed and (result.consistency_pvalue is None or result.consistency_pvalue >= delta)
-    result.passed = (not ok) if mode.control else ok
-    return result
+# ------------------------------------------------------------------ the suite's inputs
 
 
 def worst_case_p(n: int, alpha: float, n0: int = 1, low: float = 0.5, high: float = 0.995) -> float:
     """The p_A in [low, high] (just below a Clopper-Pearson threshold) that maximizes fixed-n CERTIFY's exact
     probability of overestimating the radius (selection with n0 samples included, g = class 0): the hardest
     input for the check, so that the test has power."""
-    lower = cp_lower_all(n, alpha)
+    lower = clopper_pearson_lower_all(n, alpha)
     best_p, best_fail = high, -1.0
     for k in range(1, n + 1):
         p = float(lower[k]) * (1 - 1e-4)
@@ -613,16 +553,107 @@ def standard_problems(n: int, alpha: float, n0: int = 1, quick: bool = False) ->
 
 
 def predict_problems(n: int, alpha: float, quick: bool = False) -> list[Problem]:
-    """Inputs near a tie, where PREDICT is most likely to return the wrong class."""
-    crit = _predict_critical(n, alpha)[n]
-    # wrong class returned needs about crit of n votes for the minority class: put p_A just above 1/2
+    """Inputs near a tie, where PREDICT is most likely to return the wrong class (the same for every n, alpha)."""
     problems = [Problem("linear d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, (0.0,), 0.25 * 0.01, 301)]
     problems.append(Problem("linear d=1 sigma=0.5 p=0.55", (1, 1, 1), 0.5, (0.0,), -0.5 * float(norm.ppf(0.55)), 302))
     three = (-0.75, 0.75)
     s = float(brentq(lambda v: float(_gap(0.25, three, 1, v)[0]) - 0.002, 0.0, 2.0))
     problems.append(Problem("3-class d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, three, s, 303))
-    del crit
     return problems
+
+
+# ------------------------------------------------------------------ running the suite
+
+
+@dataclass(frozen=True)
+class Result:
+    """Outcome of `trials` independent runs of one mode on one problem (`passed` is decided by `run_problem`)."""
+
+    problem: str
+    mode: str
+    kind: str
+    dims: int
+    classes: int
+    sigma: float
+    p_a: float
+    true_radius: float
+    bound_radius: float
+    alpha: float
+    trials: int
+    invalid: int                   # wrong class, or radius > true radius of g
+    bound_exceeded: int            # wrong class, or radius > sigma * Phi^-1(p_A)
+    abstained: int
+    exact_rate: float | None       # exact probability of the counted event (bound_exceeded; predict: invalid)
+    allowed: int                   # (1 - delta) quantile of Binomial(trials, alpha)
+    delta: float                   # false-alarm level of this check
+    consistency_pvalue: float | None  # two-sided binomial test of the count against exact_rate
+    tightness: float | None        # mean returned radius / true radius over non-abstained certificates
+    tightness_bound: float | None  # same, over sigma * Phi^-1(p_A)
+    control: bool = False
+    seconds: float = 0.0
+    passed: bool = False           # sound mode: within alpha and consistent; control: detected as unsound
+
+    @property
+    def rate(self) -> float:
+        """invalid / trials."""
+        return self.invalid / self.trials
+
+    @property
+    def checked(self) -> int:
+        """The count compared with alpha: predict -> invalid; certify -> bound_exceeded (>= invalid)."""
+        return self.invalid if self.kind == "predict" else self.bound_exceeded
+
+
+def binomial_tolerance(trials: int, alpha: float, delta: float = 1e-3) -> int:
+    """Largest invalid count still consistent with a true rate <= alpha: the (1 - delta) quantile of Bin(T, alpha)."""
+    return int(binom.ppf(1 - delta, trials, alpha))
+
+
+def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: int = 0,
+                delta: float = 1e-3) -> Result:
+    """Run `mode` `trials` times on `problem` with independent noise (all from `seed`) and count invalid results.
+
+    A sound mode passes when its count is at most `binomial_tolerance(trials, alpha, delta)` and, where
+    the exact rate is known, the two-sided binomial test of the count against it has p-value >= delta;
+    a control passes when it fails that check.
+    """
+    if trials < 1:
+        raise SmoothAdvError(f"trials must be >= 1, got {trials}")
+    model, x = problem.tensors()
+    smooth = Smooth(model, problem.num_classes, problem.sigma)
+    g, true_r, bound_r = problem.g, problem.true_radius, problem.bound_radius
+    gen = torch.Generator().manual_seed(seed)
+    invalid = exceeded = abstained = 0
+    ratios, ratios_bound = [], []
+    started = time.time()
+    outcomes: list[Outcome] = []
+    while len(outcomes) < trials:
+        outcomes.extend(mode.run(smooth, x, g, gen))
+    for prediction, radius in outcomes[:trials]:
+        if prediction == ABSTAIN:
+            abstained += 1
+        elif prediction != g:
+            invalid += 1
+            exceeded += 1
+        elif mode.kind == "certify":
+            invalid += radius > true_r * (1 + 1e-9)
+            exceeded += radius > bound_r * (1 + 1e-9)
+            ratios.append(radius / true_r if true_r < math.inf else 0.0)
+            ratios_bound.append(radius / bound_r if bound_r > 0 else 0.0)
+    checked = invalid if mode.kind == "predict" else exceeded
+    exact = mode.exact(problem, "bound") if mode.exact is not None else None
+    pvalue = None if exact is None else float(binomtest(checked, trials, min(max(exact, 0.0), 1.0)).pvalue)
+    allowed = binomial_tolerance(trials, alpha, delta)
+    ok = checked <= allowed and (pvalue is None or pvalue >= delta)
+    return Result(
+        problem=problem.name, mode=mode.name, kind=mode.kind, dims=int(np.prod(problem.shape)),
+        classes=problem.num_classes, sigma=problem.sigma, p_a=problem.p_a, true_radius=true_r, bound_radius=bound_r,
+        alpha=alpha, trials=trials, invalid=invalid, bound_exceeded=exceeded, abstained=abstained, exact_rate=exact,
+        allowed=allowed, delta=delta, consistency_pvalue=pvalue,
+        tightness=float(np.mean(ratios)) if ratios else None,
+        tightness_bound=float(np.mean(ratios_bound)) if ratios_bound else None,
+        control=mode.control, seconds=time.time() - started, passed=(not ok) if mode.control else ok,
+    )
 
 
 def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10, seed: int = 0,
@@ -663,6 +694,9 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
         if progress:
             progress(res)
     return results
+
+
+# ------------------------------------------------------------------ reporting
 
 
 def summarize(results: Sequence[Result]) -> dict[str, object]:
@@ -729,8 +763,9 @@ def results_json(results: Sequence[Result]) -> str:
 
 
 __all__ = [
-    "IntervalClassifier", "Mode", "Problem", "Result", "binomial_tolerance", "exact_certify_failure",
-    "exact_predict_failure", "fixed_n_mode", "format_summary", "format_table", "packed_mode",
-    "point_estimate_control", "predict_mode", "run_problem", "run_suite", "selection_probabilities",
-    "standard_problems", "summarize",
+    "IntervalClassifier", "Mode", "Outcome", "Problem", "Result", "binomial_tolerance", "clopper_pearson_lower_all",
+    "exact_certify_failure", "exact_predict_failure", "exact_sequential_failure", "fixed_n_mode", "format_summary",
+    "format_table", "packed_mode", "point_estimate_control", "predict_mode", "predict_problems", "results_json",
+    "run_problem", "run_suite", "selection_probabilities", "sequential_modes", "standard_problems", "summarize",
+    "worst_case_p",
 ]
