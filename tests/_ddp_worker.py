@@ -4,7 +4,9 @@ Run as `torchrun --nproc-per-node 2 tests/_ddp_worker.py OUT first`, then (after
 must) `... OUT resume`. The first launch trains on the synthetic dataset with gloo, in one group:
 
 1. `OUT/k2_s0`: sigma = 0, 2 epochs, recording the dataset positions each rank trains on and each
-   rank's final model (`OUT/rank{r}.pt`);
+   rank's final model replica, which must be the plain model (`OUT/rank{r}.pt`); then one
+   `distributed.sync_replicas` on a batch-norm model after a backward on different data per rank,
+   recording gradients and buffers before and after (`OUT/sync{r}.pt`);
 2. `OUT/k2_full`: sigma = 0.25, 2 epochs, uninterrupted;
 3. `OUT/k2_crash`: the same as 2, but rank 1 dies (os._exit) after one step of epoch 2, so the
    launch fails. The `resume` launch continues `OUT/k2_crash` with resume=True from the epoch-1
@@ -21,9 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 
 import smoothadv.train as train
+from smoothadv.distributed import broadcast_model, sync_replicas
 from smoothadv.objectives import GaussianAugmentation
 from smoothadv.train import TrainConfig, fit
 
@@ -39,7 +42,7 @@ def config(name: str, epochs: int, resume: bool = False) -> TrainConfig:
 
 
 seen: list[list[int]] = []
-wrapped: list[DistributedDataParallel] = []
+trained: list[nn.Module] = []
 original_shard_order, original_train_epoch = train.shard_order, train.train_epoch
 
 
@@ -50,19 +53,27 @@ def recording_shard_order(order, batch_size, rank_, world):  # type: ignore[no-u
         yield chunk
 
 
-class RecordingDDP(DistributedDataParallel):
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        wrapped.append(self)
+def recording_train_epoch(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+    trained.append(model)  # this rank's replica, as the objective receives it
+    return original_train_epoch(model, *args, **kwargs)
 
 
 if phase == "first":
-    train.shard_order = recording_shard_order
-    torch.nn.parallel.DistributedDataParallel = RecordingDDP  # type: ignore[misc]
+    train.shard_order, train.train_epoch = recording_shard_order, recording_train_epoch
     fit(config("k2_s0", 2), GaussianAugmentation(0.0))
-    train.shard_order = original_shard_order
-    torch.nn.parallel.DistributedDataParallel = DistributedDataParallel  # type: ignore[misc]
-    torch.save({"seen": seen, "state": wrapped[-1].module.state_dict()}, out / f"rank{rank}.pt")
+    train.shard_order, train.train_epoch = original_shard_order, original_train_epoch
+    assert all(type(m) is nn.Sequential for m in trained), [type(m) for m in trained]  # never a DDP wrapper
+    torch.save({"seen": seen, "state": trained[-1].state_dict()}, out / f"rank{rank}.pt")
+    torch.manual_seed(rank)  # replicas that start different
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    broadcast_model(bn)
+    start = {k: v.clone() for k, v in bn.state_dict().items()}
+    bn(torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(10 + rank))).square().sum().backward()
+    own = {name: p.grad.clone() for name, p in bn.named_parameters()}  # type: ignore[union-attr]
+    own_buffers = {k: v.clone() for k, v in bn.named_buffers()}
+    sync_replicas(bn)
+    torch.save({"start": start, "own": own, "own_buffers": own_buffers, "buffers": dict(bn.named_buffers()),
+                "synced": {name: p.grad for name, p in bn.named_parameters()}}, out / f"sync{rank}.pt")
     fit(config("k2_full", 2), GaussianAugmentation(0.25))
 
 epochs_run: list[int] = []

@@ -1,4 +1,5 @@
-"""Distributed training: sharding of each epoch's order, per-rank seeds, and a real two-process gloo run."""
+"""Distributed training: sharding of each epoch's order, per-rank seeds, replica sync, and a real two-process
+gloo run."""
 
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def test_two_ranks_match_one_process_with_noise(ddp_run, tmp_path) -> None:
 
 
 def test_rank_sliced_noise_is_the_single_process_noise() -> None:
-    from smoothadv.objectives import RankSlicedNoise, gaussian_noise
+    from smoothadv.distributed import RankSlicedNoise
+    from smoothadv.objectives import gaussian_noise
 
     x = torch.zeros(6, 1, 2, 2)
     whole = gaussian_noise(x, 0.5, RankSlicedNoise(torch.Generator().manual_seed(4)))
@@ -158,3 +160,31 @@ def test_rank_sliced_noise_is_the_single_process_noise() -> None:
     for r in range(3):
         torch.testing.assert_close(parts[r], whole[r::3], rtol=0, atol=0)
     assert float(whole.std()) == pytest.approx(0.5, rel=0.5)  # it is noise at the right scale
+
+
+def test_sync_replicas_averages_gradients_and_copies_rank0_buffers(ddp_run) -> None:
+    """broadcast_model makes different replicas equal; sync_replicas gives each rank the mean gradient
+    and rank 0's batch-norm statistics, so both ranks take the same optimizer step (see the worker)."""
+    ranks = [torch.load(ddp_run / f"sync{r}.pt") for r in range(2)]
+    for key, value in ranks[0]["start"].items():
+        assert torch.equal(value, ranks[1]["start"][key]), key
+    for name, own0 in ranks[0]["own"].items():
+        own1 = ranks[1]["own"][name]
+        assert not torch.equal(own0, own1)  # the ranks' data differ
+        for r in range(2):
+            assert torch.equal(ranks[r]["synced"][name], own0 * 0.5 + own1 * 0.5), name
+    assert not torch.equal(ranks[0]["own_buffers"]["1.running_mean"], ranks[1]["own_buffers"]["1.running_mean"])
+    for r in range(2):
+        for key, value in ranks[0]["own_buffers"].items():
+            assert torch.equal(ranks[r]["buffers"][key], value), key
+
+
+def test_sync_replicas_is_a_no_op_outside_a_process_group() -> None:
+    from smoothadv.distributed import broadcast_model, sync_replicas
+
+    model = torch.nn.Linear(3, 1)
+    model(torch.ones(2, 3)).sum().backward()
+    before = (model.weight.detach().clone(), model.weight.grad.clone())  # type: ignore[union-attr]
+    broadcast_model(model)
+    sync_replicas(model)
+    assert torch.equal(model.weight, before[0]) and torch.equal(model.weight.grad, before[1])  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for `smoothadv train` under torchrun: ranks, sharding, seeds, reductions.
+"""torch.distributed plumbing for `smoothadv train` under torchrun: ranks, sharding, seeds, replica sync.
 
 Conventions (used by `train.fit`):
 
@@ -13,20 +13,32 @@ Conventions (used by `train.fit`):
   of K is padded with the first (-N mod K) examples of its order (at most K - 1 repeats per epoch).
 - Noise: at the start of every epoch each rank seeds a generator with `derive_seed(s, epoch, 0)`
   (the same on all ranks) and draws the noise of the whole global batch, keeping its own rows
-  (`objectives.RankSlicedNoise`): every example gets the same noise whatever K, so training results
-  do not depend on K (up to floating point and per-process batch-norm statistics), and a resumed run
+  (`RankSlicedNoise`): every example gets the same noise whatever K, so training results do not
+  depend on K (up to floating point and per-process batch-norm batch statistics), and a resumed run
   draws the same noise without saved generator states. Draws that are not one per example (attack
   random starts) use a per-(epoch, rank) generator.
-- Objectives receive the training model, which is `DistributedDataParallel`-wrapped under torchrun.
-  Anything other than the training loss's forward/backward (for example SmoothAdv's attack) must
-  run on `unwrap(model)`, because a DDP forward whose backward does not reach every parameter
-  leaves DDP's gradient reducer waiting.
+- Replicas, without a model wrapper: every rank holds a plain `nn.Module` replica, and objectives,
+  attacks and evaluation all use it as is. Replicas are made equal once (`broadcast_model`, rank 0's
+  parameters and buffers, as DistributedDataParallel's constructor does) and kept equal by one call
+  between every backward and optimizer step (`sync_replicas`): each gradient becomes the mean over
+  ranks (one flattened all-reduce, scaled by 1/K before summing, as DDP does) and each buffer takes
+  rank 0's value (one flattened broadcast, DDP's `broadcast_buffers`). So every rank takes the same
+  optimizer step. Why not DDP: its wrapper must run the loss's forward, so every objective would
+  have to know about it (SmoothAdv's attack had to run on the unwrapped module, or DDP's reducer
+  waits for gradients that never come). Without it, objectives never see distributed code. The
+  cost is that communication no longer overlaps the backward pass (one all-reduce after it).
+  The updates are DDP's: measured with K = 2 on CPU (gloo), Gaussian and SmoothAdv training give
+  bit-identical weights to the DDP version. One difference: a model with batch norm whose objective
+  runs eval-mode passes (SmoothAdv's attack) now sees rank 0's running statistics on every rank,
+  where under DDP ranks other than 0 saw their own until the next forward; the weights then differ
+  from the DDP version's by about 3e-4 after one epoch (toy batch-norm CNN, synthetic data), less
+  than K = 2 differs from K = 1 either way (8e-3, per-process batch statistics).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,20 +144,75 @@ def teardown(ctx: Dist) -> None:
             dist.destroy_process_group()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DistributedDataParallel (or similar `.module`) wrapper; else `model`."""
-    return getattr(model, "module", model)
+def replicated() -> bool:
+    """True inside an initialized torch.distributed process group of more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum `values` over all ranks (identity outside a distributed run)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not replicated():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _by_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return list(groups.values())
+
+
+def _broadcast_from_rank0(tensors: Iterable[Tensor]) -> None:
+    """Overwrite `tensors` in place with rank 0's values: one flattened broadcast per dtype."""
+    import torch.distributed as dist
+
+    for group in _by_dtype(tensors):
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        for tensor, part in zip(group, flat.split([t.numel() for t in group])):
+            tensor.detach().copy_(part.view_as(tensor))
+
+
+def broadcast_model(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (no-op outside a distributed run).
+
+    Called once before training, as DistributedDataParallel's constructor does: afterwards the
+    replicas are bit-identical whatever each rank built or loaded.
+    """
+    if replicated():
+        _broadcast_from_rank0([*model.parameters(), *model.buffers()])
+
+
+def sync_replicas(model: nn.Module) -> None:
+    """Between backward and the optimizer step: make this step identical on every rank (no-op outside
+    a distributed run).
+
+    Each parameter gradient becomes the mean over the K ranks: one flattened all-reduce per dtype,
+    each rank's gradients multiplied by 1/K before summing, as DistributedDataParallel does, so the
+    result is DDP's up to the order of the sum over ranks (the same for K = 2). Each buffer
+    (batch-norm running statistics) takes rank 0's value, as DDP's `broadcast_buffers` does. Parameters
+    whose `.grad` is None are left alone; every rank must have gradients for the same parameters,
+    which holds because all ranks run the same code.
+    """
+    import torch.distributed as dist
+
+    if not replicated():
+        return
+    world = dist.get_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for group in _by_dtype(grads):
+        flat = torch.cat([g.reshape(-1) for g in group]).mul_(1.0 / world)
+        dist.all_reduce(flat)
+        for grad, part in zip(group, flat.split([g.numel() for g in group])):
+            grad.copy_(part.view_as(grad))
+    _broadcast_from_rank0(model.buffers())
 
 
 def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> Iterator[Tensor]:
@@ -169,3 +236,25 @@ def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> Iterat
         order = torch.cat([order, order.repeat(pad // len(order) + 1)[:pad]])
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size][rank::world]
+
+
+class RankSlicedNoise:
+    """Training noise for one rank's share of a global batch, independent of the number of ranks.
+
+    Every rank holds `shared`, seeded identically, and draws the noise of the *whole* global batch,
+    keeping rows rank, rank + world, ... : exactly the batch rows this rank trains on (see
+    `shard_order`). So K processes draw the same noise per example as one process, and training
+    gives the same result whatever K, up to floating point (and batch-norm batch statistics, which
+    are per process). `local` is a per-rank generator for draws that do not follow batch rows (an
+    attack's random start or zero-gradient fallback). It satisfies `objectives.RowNoise`.
+    """
+
+    def __init__(self, shared: torch.Generator, rank: int = 0, world: int = 1,
+                 local: torch.Generator | None = None) -> None:
+        self.shared, self.rank, self.world = shared, rank, world
+        self.local = local if local is not None else shared
+
+    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """N(0, 1) draws of `shape`: rows rank, rank + world, ... of a (shape[0] * world, ...) draw."""
+        full = torch.randn((shape[0] * self.world, *shape[1:]), device=device, dtype=dtype, generator=self.shared)
+        return full[self.rank::self.world]

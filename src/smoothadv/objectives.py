@@ -17,7 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,11 @@ class Objective(ABC):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         """The loss on one batch x (B, C, H, W) in [0, 1] with labels y (B,); the model is in train mode.
 
-        Under torchrun `model` is DistributedDataParallel-wrapped: only the loss's forward may go
-        through it; extra passes (attacks) must use `getattr(model, "module", model)`."""
+        `model` is always the plain network (never a DistributedDataParallel wrapper), so an
+        objective may run any forward and backward passes on it (an attack, several losses). Under
+        torchrun the training loop alone keeps the ranks' replicas in step (`distributed.sync_replicas`
+        after the backward of `loss`), and `generator` draws this rank's rows of the global batch's
+        noise; an objective needs no distributed code."""
 
     def at_epoch(self, epoch: int) -> Objective:
         """The objective to use in (0-indexed) `epoch`; schedules such as eps warm-up override this."""
@@ -62,40 +65,34 @@ class Objective(ABC):
                                                  for k, v in fields.items()}}
 
 
-class RankSlicedNoise:
-    """Training noise for one rank's share of a global batch, independent of the number of ranks.
+class RowNoise(Protocol):
+    """A noise source that draws one row per batch example, plus a generator for all other draws.
 
-    Every rank holds `shared`, seeded identically, and draws the noise of the *whole* global batch,
-    keeping rows rank, rank + world, ... : exactly the batch rows this rank trains on (see
-    `distributed.shard_order`). So K processes draw the same noise per example as one process, and
-    training gives the same result whatever K, up to floating point (and batch-norm statistics,
-    which are per process). `local` is a per-rank generator for draws that do not follow batch rows
-    (an attack's random start or zero-gradient fallback).
+    `distributed.RankSlicedNoise` is one: under torchrun it draws this rank's rows of the whole
+    global batch's noise, so each example's noise does not depend on the number of processes.
     """
 
-    def __init__(self, shared: torch.Generator, rank: int = 0, world: int = 1,
-                 local: torch.Generator | None = None) -> None:
-        self.shared, self.rank, self.world = shared, rank, world
-        self.local = local if local is not None else shared
+    local: torch.Generator  # for draws that are not one row per example (an attack's random start)
 
     def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        full = torch.randn((shape[0] * self.world, *shape[1:]), device=device, dtype=dtype, generator=self.shared)
-        return full[self.rank::self.world]
+        """N(0, 1) draws of `shape`, row i belonging to batch example i."""
+        ...
 
 
-NoiseSource = torch.Generator | RankSlicedNoise | None
+NoiseSource = torch.Generator | RowNoise | None
+"""What objectives draw their noise from: a torch generator, a `RowNoise`, or None (the global RNG)."""
 
 
 def standard_normal(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
-    """N(0, 1) draws of `shape` on like's device and dtype, from a generator or a RankSlicedNoise."""
-    if isinstance(generator, RankSlicedNoise):
-        return generator.randn(shape, like.device, like.dtype)
-    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
+    """N(0, 1) draws of `shape` on like's device and dtype, from a generator or a `RowNoise`."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
+    return generator.randn(shape, like.device, like.dtype)
 
 
 def row_generator(generator: NoiseSource) -> torch.Generator | None:
     """The plain generator for draws that are not one row per batch example."""
-    return generator.local if isinstance(generator, RankSlicedNoise) else generator
+    return generator if generator is None or isinstance(generator, torch.Generator) else generator.local
 
 
 def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
@@ -169,9 +166,8 @@ class SmoothAdv(Objective):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         noise = standard_normal((x.shape[0], self.m, *x.shape[1:]), x, generator) * self.sigma
         if self.attack.eps > 0:
-            plain = getattr(model, "module", model)  # under torchrun: attack the module, not its DDP wrapper
-            with eval_mode(plain):
-                x = self.attack(SoftSmoothed(plain, noise), x, y, row_generator(generator))
+            with eval_mode(model):
+                x = self.attack(SoftSmoothed(model, noise), x, y, row_generator(generator))
         if self.multi_noise:
             inputs, targets = (x.unsqueeze(1) + noise).flatten(0, 1), y.repeat_interleave(self.m)
         else:

@@ -9,10 +9,18 @@ count differs) and self-training on an extra pseudo-labelled .npz set mixed in b
 with a loss weight (Salman et al. 2019, Section 4.2 and Appendix; Carmon et al. 2019).
 
 Under torchrun (`torchrun --nproc-per-node K -m smoothadv train ...`) the same loop runs data
-parallel: DistributedDataParallel, `cfg.batch_size` is the global batch (B / K per process), each
-rank takes a disjoint share of every global batch, noise streams are seeded per (epoch, rank), rank
-0 alone evaluates, logs and writes checkpoints, and a restarted worker group resumes from the last
-checkpoint. See `distributed.py` for the exact conventions.
+parallel: `cfg.batch_size` is the global batch (B / K per process), each rank takes a disjoint share
+of every global batch, noise streams are seeded per (epoch, rank), rank 0 alone evaluates, logs and
+writes checkpoints, and a restarted worker group resumes from the last checkpoint. There is no
+DistributedDataParallel wrapper: every rank trains a plain replica of the model, objectives and
+attacks receive it as is, and the loop keeps the replicas identical in two places only, a
+broadcast of rank 0's model before the first epoch and an average of the gradients after every
+backward (`distributed.broadcast_model`, `distributed.sync_replicas`). See `distributed.py` for
+the exact conventions and why.
+
+`_fit` reads top to bottom: setup (output checks, data, process group, model/optimizer/resume
+state), then per epoch: the epoch's objective, its seeded random streams, one `train_epoch`, the
+schedule step, and on rank 0 evaluation, log row and checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .accel import autocast_dtype
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
-from .distributed import all_reduce_sum, derive_seed, restarted, setup, shard_order, teardown
+from .distributed import (
+    Dist,
+    RankSlicedNoise,
+    all_reduce_sum,
+    broadcast_model,
+    derive_seed,
+    restarted,
+    setup,
+    shard_order,
+    sync_replicas,
+    teardown,
+)
 from .errors import SmoothAdvError
 from .files import atomic_write_text, write_provenance
 from .models import (
@@ -42,7 +62,7 @@ from .models import (
     replace_head,
     save_checkpoint,
 )
-from .objectives import NoiseSource, Objective, RankSlicedNoise
+from .objectives import LossOutput, NoiseSource, Objective
 from .settings import TrainSettings
 from .smoothing import eval_mode
 
@@ -118,6 +138,69 @@ def evaluate_noisy(model: nn.Module, dataset: Dataset, sigma: float, device: tor
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
 
+class _Tally:
+    """This rank's running training loss and accuracy, summed over the examples trained on so far."""
+
+    def __init__(self) -> None:
+        self.seen, self.correct, self.loss_sum = 0, 0, 0.0
+
+    def add(self, out: LossOutput, count: int) -> None:
+        """Count one SGD step on `count` examples; `out.targets` may hold each label several times
+        (multi-noise), so correct predictions are rescaled to `count` examples (integer division)."""
+        with torch.no_grad():
+            self.loss_sum += float(out.loss) * count
+            self.correct += int((out.logits.argmax(1) == out.targets).sum()) * count // len(out.targets)
+            self.seen += count
+
+    def postfix(self) -> dict[str, str]:
+        """This rank's means so far, formatted for the progress bar."""
+        return {"loss": f"{self.loss_sum / max(self.seen, 1):.3f}", "acc": f"{self.correct / max(self.seen, 1):.3f}"}
+
+    def over_all_ranks(self, device: torch.device) -> dict[str, float]:
+        """Mean loss and accuracy per example over every rank's examples (this rank's alone outside torchrun)."""
+        loss_sum, correct, seen = all_reduce_sum([self.loss_sum, self.correct, self.seen], device)
+        return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@dataclass(frozen=True)
+class _Stepper:
+    """Takes SGD steps of one objective on one model: the inside of `train_epoch`."""
+
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    generator: NoiseSource
+    precision: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def batch(self, x: Tensor, y: Tensor, weight: float, tally: _Tally) -> None:
+        """Split (x, y) into `objective.steps_per_batch` chunks and take one step on each, in order."""
+        chunks = self.objective.steps_per_batch
+        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+            tally.add(self.step(xc, yc, weight), len(yc))
+
+    def step(self, x: Tensor, y: Tensor, weight: float) -> LossOutput:
+        """One optimizer step on `weight` x the objective's loss on (x, y); returns the objective's output.
+
+        Under torchrun the ranks meet here once: `sync_replicas` averages the gradients (and copies
+        rank 0's buffers) between backward and step, so every replica takes the same step.
+        """
+        dtype = self.precision or torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision is not None):
+            out = self.objective(self.model, x, y, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = out.loss * weight
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        sync_replicas(self.model)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return out
+
+
 def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
                 labelled: Iterator[tuple[Tensor, Tensor]], device: torch.device, *,
                 extra: Iterator[tuple[Tensor, Tensor]] | None = None, extra_weight: float = 1.0,
@@ -126,41 +209,25 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
     """One epoch: for each loader batch (and, with `extra`, one extra batch after it, its loss scaled
     by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each.
 
-    With `precision` (torch.bfloat16 or torch.float16) the objective, attack included, runs under
-    autocast (noise is still drawn and added in float32); with `scaler` the loss is scaled for fp16.
+    `model` is the plain network, passed to the objective as is. Under torchrun each step's
+    gradients are averaged over the ranks (`distributed.sync_replicas`), so the replicas stay
+    identical; outside it nothing is synchronised. With `precision` (torch.bfloat16 or
+    torch.float16) the objective, attack included, runs under autocast (noise is still drawn and
+    added in float32); with `scaler` the loss is scaled for fp16. Returns the mean training loss and
+    accuracy per example over all ranks.
     """
     model.train()
-    seen, correct, loss_sum = 0, 0, 0.0
-
-    def step(x: Tensor, y: Tensor, weight: float) -> None:
-        nonlocal seen, correct, loss_sum
-        for xc, yc in zip(x.chunk(objective.steps_per_batch), y.chunk(objective.steps_per_batch)):
-            with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
-                out = objective(model, xc, yc, generator)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.loss * weight).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                (out.loss * weight).backward()
-                optimizer.step()
-            with torch.no_grad():
-                loss_sum += float(out.loss) * len(yc)
-                correct += int((out.logits.argmax(1) == out.targets).sum()) * len(yc) // len(out.targets)
-                seen += len(yc)
-
+    stepper = _Stepper(model, objective, optimizer, device, generator, precision, scaler)
+    tally = _Tally()
     for x, y in labelled:
-        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1.0)
-        if extra is not None:
-            batch = next(extra, None)
-            if batch is not None:
-                step(batch[0].to(device), batch[1].to(device), extra_weight)
+        stepper.batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1.0, tally)
+        extra_batch = next(extra, None) if extra is not None else None
+        if extra_batch is not None:
+            stepper.batch(extra_batch[0].to(device), extra_batch[1].to(device), extra_weight, tally)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)  # all ranks' examples (torchrun)
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+            progress.set_postfix(tally.postfix())
+    return tally.over_all_ranks(device)
 
 
 def _subset(dataset: Dataset, count: int | None) -> Dataset:
@@ -209,103 +276,211 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
 
 
 def _fit(cfg: TrainConfig, objective: Objective) -> Path:
-    from tqdm.auto import tqdm
-
+    """The training run: setup, then one pass of the loop per epoch. See the module docstring."""
     device = resolve_device(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    resume = cfg.resume or (restarted() and ckpt_path.exists())  # torchrun restarted us after a failure
+    ckpt_path = Path(cfg.out_dir) / CHECKPOINT
+    resume_from = _checkpoint_to_resume(cfg, ckpt_path)
+    data = _load_data(cfg)
+    ctx = _join_process_group(cfg, device)
+    state = _initial_state(cfg, ctx.device, data.classes, resume_from)
+    broadcast_model(state.model)  # torchrun: every replica starts as rank 0's
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    if ctx.main:
+        write_provenance(cfg.out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world})
+    log = _EpochLog(Path(cfg.out_dir) / "log.tsv", state.epoch)
+
+    for epoch in range(state.epoch, cfg.epochs):
+        epoch_objective = objective.at_epoch(epoch)
+        started, lr = time.time(), state.optimizer.param_groups[0]["lr"]
+        noise = _seed_epoch(cfg.seed, epoch, ctx, state.noise_gen)
+        labelled, extra = _epoch_batches(cfg, data, ctx, state.shuffle_gen)
+        with _progress_bar(cfg, epoch, num_batches(data.train, cfg.batch_size), ctx.main) as bar:
+            stats = train_epoch(state.model, epoch_objective, state.optimizer, labelled, ctx.device, extra=extra,
+                                extra_weight=cfg.unlabelled_weight, generator=noise, progress=bar,
+                                precision=state.precision, scaler=state.scaler)
+        state.scheduler.step()
+        if not ctx.main:  # rank 0 alone evaluates, logs and saves; the others go on to the next all-reduce
+            continue
+        test = evaluate_noisy(state.model, data.test, cfg.sigma, ctx.device,
+                              generator=torch.Generator(device=ctx.device).manual_seed(cfg.seed + 7))
+        elapsed = time.time() - started
+        log.append(epoch + 1, elapsed, lr, stats, test)
+        _save(ckpt_path, cfg, state, data.classes, epochs_done=epoch + 1, config=config, objective=epoch_objective)
+        log.write()  # after the checkpoint: a log row always has its checkpoint
+        if cfg.progress:
+            _announce(epoch, cfg.epochs, stats, test, elapsed)
+    teardown(ctx)
+    return ckpt_path
+
+
+# ------------------------------------------------------------------ setup
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, ckpt_path: Path) -> Path | None:
+    """The checkpoint to continue from (`cfg.resume`, or torchrun restarted us after a failure), or
+    None to start afresh; an existing checkpoint is never overwritten without `cfg.force`."""
+    resume = cfg.resume or (restarted() and ckpt_path.exists())
     if ckpt_path.exists() and not (resume or cfg.force):
         raise SmoothAdvError(f"{ckpt_path} exists; pass --resume to continue training or --force to start over")
+    return ckpt_path if resume and ckpt_path.exists() else None
 
+
+@dataclass(frozen=True)
+class _Data:
+    """A run's datasets: training (subset applied), noisy evaluation, optional pseudo-labelled extra set."""
+
+    train: Dataset
+    test: Dataset
+    extra: NpzDataset | None
+    classes: int
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
     classes = num_classes(cfg.dataset)
     train_set = _subset(get_dataset(cfg.dataset, "train", cfg.data_dir, augment=True), cfg.train_subset)
     test_set = _subset(get_dataset(cfg.dataset, "test", cfg.data_dir), cfg.eval_subset)
     if len(train_set) == 0:
         raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
     extra_set = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset), classes) if cfg.unlabelled else None
-    ctx = setup(device)  # under torchrun: join the process group, use this process's GPU
-    device, main = ctx.device, ctx.main
+    return _Data(train_set, test_set, extra_set, classes)
+
+
+def _join_process_group(cfg: TrainConfig, device: torch.device) -> Dist:
+    """Under torchrun: join the process group and use this process's GPU; else a one-process `Dist`."""
+    ctx = setup(device)
     if cfg.batch_size % ctx.world:
         raise SmoothAdvError(f"--batch {cfg.batch_size} is the global batch; it must be divisible by the "
                              f"{ctx.world} processes")
+    return ctx
 
+
+@dataclass
+class _TrainingState:
+    """Everything a checkpoint carries over: model, optimizer, schedule, fp16 loss scaler, generators,
+    and `epoch`, the number of epochs already trained (the next epoch to train, counted from 0)."""
+
+    model: nn.Sequential
+    normalization: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    precision: torch.dtype | None
+    noise_gen: torch.Generator
+    shuffle_gen: torch.Generator
+    epoch: int = 0
+
+
+def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_from: Path | None) -> _TrainingState:
+    """The model (seeded with `cfg.seed`, or fine-tuned from `cfg.pretrained`), SGD with momentum and
+    weight decay, the step schedule and the generators; then `resume_from`'s state, if given."""
     torch.manual_seed(cfg.seed)
     norm = normalization_spec(cfg.dataset, cfg.normalization)
     model = build_model(cfg.arch, cfg.dataset, norm).to(device)
-    if cfg.pretrained and not (resume and ckpt_path.exists()):
+    if cfg.pretrained and resume_from is None:
         _load_pretrained(model, cfg, classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     precision = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if precision is torch.float16 else None
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start_epoch = 0
-    if resume and ckpt_path.exists():  # multi-node: the run directory must be on a shared filesystem
-        state = read_checkpoint(ckpt_path, device)
-        if state.get("arch") != cfg.arch or state.get("dataset") != cfg.dataset:
-            raise SmoothAdvError(f"{ckpt_path} was trained with {state.get('arch')}/{state.get('dataset')}, "
-                                 f"not {cfg.arch}/{cfg.dataset}; refusing to resume")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        shuffle_gen.set_state(state["rng"]["shuffle"].cpu())  # noise and torch RNGs are reseeded every epoch
-        start_epoch = int(state["epoch"])
-    train_model: nn.Module = model
-    if ctx.active:  # DDP for the loss's forward/backward; attacks and evaluation use the plain `model`
-        from torch.nn.parallel import DistributedDataParallel
+    state = _TrainingState(
+        model, norm, optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        scaler=torch.amp.GradScaler(device.type) if precision is torch.float16 else None,
+        precision=precision,
+        noise_gen=torch.Generator(device=device).manual_seed(cfg.seed),
+        shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
+    )
+    if resume_from is not None:  # multi-node: the run directory must be on a shared filesystem
+        _restore(state, resume_from, cfg, device)
+    return state
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    if main:
-        write_provenance(out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world})
-    log_path = out_dir / "log.tsv"
-    log_lines = ["\t".join(LOG_COLUMNS)]
-    if start_epoch > 0 and log_path.exists():
-        log_lines = log_path.read_text().splitlines()[: start_epoch + 1]
 
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_objective = objective.at_epoch(epoch)
-        started = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        steps = num_batches(train_set, cfg.batch_size)
-        # per-epoch streams from one seed, identical after a resume: the batch noise is shared by all ranks and
-        # sliced by RankSlicedNoise (so it does not depend on K); other randomness is per (epoch, rank)
-        noise_gen.manual_seed(derive_seed(cfg.seed, epoch, 0))
-        noise = RankSlicedNoise(noise_gen, ctx.rank, ctx.world,
-                                torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, ctx.rank, 2)))
-        torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank, 1))
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
-                  leave=False, dynamic_ncols=True) as bar:
-            extra_iter = (batches(extra_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                                  rank=ctx.rank, world=ctx.world)
-                          if extra_set is not None else None)
-            stats = train_epoch(train_model, epoch_objective, optimizer,
-                                batches(train_set, cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                                        workers=cfg.workers, rank=ctx.rank, world=ctx.world),
-                                device, extra=extra_iter, extra_weight=cfg.unlabelled_weight,
-                                generator=noise, progress=bar, precision=precision, scaler=scaler)
-        scheduler.step()
-        if not main:  # rank 0 evaluates, logs and saves; the others go on (they wait at the next all-reduce)
-            continue
-        test = evaluate_noisy(model, test_set, cfg.sigma, device,
-                              generator=torch.Generator(device=device).manual_seed(cfg.seed + 7))
-        elapsed = time.time() - started
-        log_lines.append("\t".join(str(v) for v in (epoch + 1, f"{elapsed:.1f}", f"{lr:.6g}", f"{stats['loss']:.4f}",
-                                                     f"{stats['acc']:.4f}", f"{test['loss']:.4f}",
-                                                     f"{test['acc']:.4f}")))
-        save_checkpoint(ckpt_path, model, arch=cfg.arch, dataset=cfg.dataset, normalization=norm, sigma=cfg.sigma,
-                        num_classes=classes, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        rng={"noise": noise_gen.get_state(), "shuffle": shuffle_gen.get_state(),
-                             "torch": torch.get_rng_state()},
-                        config=config, objective=epoch_objective.describe())
-        atomic_write_text(log_path, "\n".join(log_lines) + "\n")
-        if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train acc {stats['acc']:.3f}  "
-                       f"noisy test acc {test['acc']:.3f}  ({elapsed:.0f}s)")
-    teardown(ctx)
-    return ckpt_path
+def _restore(state: _TrainingState, path: Path, cfg: TrainConfig, device: torch.device) -> None:
+    """Load a checkpoint written by `_save` into `state`, refusing one of another architecture or dataset.
+
+    The noise and global torch generators are not restored: they are reseeded every epoch."""
+    saved = read_checkpoint(path, device)
+    if saved.get("arch") != cfg.arch or saved.get("dataset") != cfg.dataset:
+        raise SmoothAdvError(f"{path} was trained with {saved.get('arch')}/{saved.get('dataset')}, "
+                             f"not {cfg.arch}/{cfg.dataset}; refusing to resume")
+    state.model.load_state_dict(saved["state_dict"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
+    state.shuffle_gen.set_state(saved["rng"]["shuffle"].cpu())
+    state.epoch = int(saved["epoch"])
+
+
+# ------------------------------------------------------------------ one epoch
+
+
+def _seed_epoch(seed: int, epoch: int, ctx: Dist, noise_gen: torch.Generator) -> RankSlicedNoise:
+    """Seed the epoch's random streams from (seed, epoch) alone, so a resumed run draws them again.
+
+    The batch noise generator is seeded the same on every rank and sliced by `RankSlicedNoise`
+    (each example's noise does not depend on the number of ranks); the attack's own draws and the
+    global torch RNG are seeded per (epoch, rank).
+    """
+    noise_gen.manual_seed(derive_seed(seed, epoch, 0))
+    local = torch.Generator(device=ctx.device).manual_seed(derive_seed(seed, epoch, ctx.rank, 2))
+    torch.manual_seed(derive_seed(seed, epoch, ctx.rank, 1))
+    return RankSlicedNoise(noise_gen, ctx.rank, ctx.world, local)
+
+
+def _epoch_batches(cfg: TrainConfig, data: _Data, ctx: Dist, shuffle_gen: torch.Generator
+                   ) -> tuple[Iterator[tuple[Tensor, Tensor]], Iterator[tuple[Tensor, Tensor]] | None]:
+    """This rank's labelled batches and extra (pseudo-labelled) batches of the epoch, both shuffled
+    lazily by `shuffle_gen` (labelled first: its order is drawn at the first batch)."""
+    labelled = batches(data.train, cfg.batch_size, shuffle=True, generator=shuffle_gen, workers=cfg.workers,
+                       rank=ctx.rank, world=ctx.world)
+    extra = (batches(data.extra, cfg.batch_size, shuffle=True, generator=shuffle_gen, rank=ctx.rank, world=ctx.world)
+             if data.extra is not None else None)
+    return labelled, extra
+
+
+def _progress_bar(cfg: TrainConfig, epoch: int, steps: int, main: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
+                leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------ rank 0's end of an epoch
+
+
+class _EpochLog:
+    """`log.tsv`: a header and one row per finished epoch (LOG_COLUMNS), rewritten whole and atomically.
+
+    On resume the rows of the epochs already trained are kept and any later ones dropped."""
+
+    def __init__(self, path: Path, epochs_done: int) -> None:
+        self.path = path
+        self.lines = ["\t".join(LOG_COLUMNS)]
+        if epochs_done > 0 and path.exists():
+            self.lines = path.read_text().splitlines()[: epochs_done + 1]
+
+    def append(self, epoch: int, elapsed: float, lr: float, stats: dict[str, float], test: dict[str, float]) -> None:
+        self.lines.append("\t".join(str(v) for v in (epoch, f"{elapsed:.1f}", f"{lr:.6g}", f"{stats['loss']:.4f}",
+                                                      f"{stats['acc']:.4f}", f"{test['loss']:.4f}",
+                                                      f"{test['acc']:.4f}")))
+
+    def write(self) -> None:
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _save(path: Path, cfg: TrainConfig, state: _TrainingState, classes: int, *, epochs_done: int,
+          config: dict[str, Any], objective: Objective) -> None:
+    """Write the checkpoint (models.save_checkpoint's format) with everything `_restore` reads."""
+    save_checkpoint(path, state.model, arch=cfg.arch, dataset=cfg.dataset, normalization=state.normalization,
+                    sigma=cfg.sigma, num_classes=classes, epoch=epochs_done, optimizer=state.optimizer.state_dict(),
+                    scheduler=state.scheduler.state_dict(),
+                    scaler=state.scaler.state_dict() if state.scaler else None,
+                    rng={"noise": state.noise_gen.get_state(), "shuffle": state.shuffle_gen.get_state(),
+                         "torch": torch.get_rng_state()},
+                    config=config, objective=objective.describe())
+
+
+def _announce(epoch: int, epochs: int, stats: dict[str, float], test: dict[str, float], elapsed: float) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {stats['loss']:.4f}  train acc {stats['acc']:.3f}  "
+               f"noisy test acc {test['acc']:.3f}  ({elapsed:.0f}s)")
