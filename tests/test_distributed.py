@@ -14,10 +14,11 @@ import torch
 from torch.utils.data import Dataset
 
 from smoothadv.data import make_synthetic
-from smoothadv.distributed import derive_seed, shard_order
+from smoothadv.distributed import shard_order
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import read_checkpoint
 from smoothadv.objectives import GaussianAugmentation
+from smoothadv.seeds import derive_seed
 from smoothadv.train import TrainConfig, batches, fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -114,3 +114,16 @@ def prepare_base(model: nn.Module, device: torch.device | str, precision: str = 
         except RuntimeError as exc:
             raise SmoothAdvError(f"torch.compile failed: {str(exc).splitlines()[0]}") from None
     return model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SmoothAdvError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmoothAdvError("device cuda requested but CUDA is not available")
+    return device

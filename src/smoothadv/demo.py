@@ -135,12 +135,12 @@ def _key(settings: dict[str, Any]) -> str:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run (or resume) the demo described in the module docstring; returns where the report went."""
     from . import report
+    from .accel import resolve_device
     from .data import dataset_info, get_dataset
     from .objectives import build_objective
     from .run import select_indices
     from .settings import AttackRunSettings, AttackSettings, CertifySettings, RunSettings, TrainSettings
     from .stats import max_certifiable_radius, radius_grid
-    from .train import resolve_device
 
     cfg.validate()
     out = Path(cfg.out)

@@ -46,20 +46,6 @@ from torch import Tensor, nn
 
 from .errors import SmoothAdvError
 
-_MASK = (1 << 63) - 1
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from `seed` and integer `keys` (splitmix64 mixing; distinct keys -> unrelated seeds)."""
-    state = int(seed) & _MASK
-    for key in (*keys, len(keys)):
-        state = (state + 0x9E3779B97F4A7C15 + (int(key) & _MASK) * 0xD1B54A32D192ED03) & ((1 << 64) - 1)
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-        state = z ^ (z >> 31)
-    return state & _MASK
-
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""

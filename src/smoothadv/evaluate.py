@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from .attacks import Attack
 from .errors import SmoothAdvError
+from .seeds import example_generator
 from .smoothing import ABSTAIN, Smooth, SoftSmoothed, eval_mode
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -60,15 +61,6 @@ def format_time(seconds: float) -> str:
 def format_radius(radius: float) -> str:
     """Radius rounded down to 6 decimals (never up, so the logged certificate stays valid)."""
     return f"{math.floor(radius * 1e6) / 1e6:.6f}"
-
-
-def example_seed(seed: int, index: int) -> int:
-    """The noise seed of dataset example `index` under a global `seed` (independent of order and sharding)."""
-    return (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
-
-
-def example_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(example_seed(seed, index))
 
 
 def _load_example(dataset: Dataset, index: int, device: torch.device) -> tuple[torch.Tensor, int]:

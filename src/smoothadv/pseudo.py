@@ -58,7 +58,7 @@ def pseudo_label(checkpoint: str | os.PathLike[str], images: str | os.PathLike[s
                  *, batch_size: int = 1000, device: str = "cpu", normalization: str | None = None,
                  force: bool = False) -> int:
     """Write `out` (.npz: the input `images` and the base classifier's `labels`); returns the image count."""
-    from .train import resolve_device
+    from .accel import resolve_device
 
     out_path = Path(out)
     if out_path.exists() and not force:

@@ -198,12 +198,11 @@ def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[
 def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, Any, dict[str, Any], Any]:
     """(Smooth, dataset, checkpoint metadata, device) for a run: the checkpoint on this process's device
     (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split."""
-    from .accel import prepare_base
+    from .accel import prepare_base, resolve_device
     from .data import get_dataset
     from .distributed import env_world, local_device
     from .models import load_checkpoint
     from .smoothing import Smooth
-    from .train import resolve_device
 
     _, world, local_rank = env_world()
     device = local_device(resolve_device(run.device), local_rank, world)

@@ -38,14 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .accel import autocast_dtype
+from .accel import autocast_dtype, resolve_device
 from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
 from .distributed import (
     Dist,
     RankSlicedNoise,
     all_reduce_sum,
     broadcast_model,
-    derive_seed,
     restarted,
     setup,
     shard_order,
@@ -63,6 +62,7 @@ from .models import (
     save_checkpoint,
 )
 from .objectives import LossOutput, NoiseSource, Objective
+from .seeds import derive_seed
 from .settings import TrainSettings
 from .smoothing import eval_mode
 
@@ -72,19 +72,6 @@ LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "t
 
 TrainConfig = TrainSettings
 """The training settings (`settings.TrainSettings`; this name is kept for existing code)."""
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SmoothAdvError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SmoothAdvError("device cuda requested but CUDA is not available")
-    return device
 
 
 def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, Tensor] | None:
