@@ -42,7 +42,7 @@ smoothing: Horvath et al., ICLR 2022.
 
 The counts-level logic (`SequentialConfig`, `SequentialTest`, `run_sequential`) uses no network,
 so it is tested against Bernoulli samplers with known p; `certify_sequential` and
-`certify_sequential_dataset` drive it with a base classifier through `NoisySampler`.
+`certify_sequential_dataset` drive it with a base classifier through `PackedSampler`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from torch.utils.data import Dataset
 
 from .errors import SmoothAdvError
 from .evaluate import CERTIFY_COLUMNS, example_seed, format_time
-from .smoothing import ABSTAIN, SampleRequest, Smooth, check_image
+from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, check_image
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper
 
 DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
@@ -359,7 +359,7 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     estimation_generators = list(estimation_generators or [None] * count)
     if len(selection_generators) != count or len(estimation_generators) != count:
         raise SmoothAdvError("give one selection and one estimation generator per input")
-    sampler = smooth._sampler
+    sampler = PackedSampler(smooth.sampler)
     if labels is not None:
         if len(labels) != count:
             raise SmoothAdvError(f"got {count} inputs but {len(labels)} labels")
@@ -371,12 +371,12 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
         if int(n0) != n0 or n0 < 1:
             raise SmoothAdvError(f"n0 must be a positive integer, got {n0}")
         requests = [SampleRequest(x, (int(n0),), g) for x, g in zip(xs, selection_generators)]
-        classes = [int(c) for c in sampler.counts_many(requests, batch_size).argmax(dim=1).cpu()]
+        classes = [int(c) for c in sampler.counts(requests, batch_size).argmax(dim=1).cpu()]
         used_n0 = int(n0)
     tests = [SequentialTest(config) for _ in xs]
     while active := [i for i, test in enumerate(tests) if not test.done]:
         requests = [SampleRequest(xs[i], (tests[i].next_draw(),), estimation_generators[i]) for i in active]
-        counts = sampler.counts_many(requests, batch_size).cpu()
+        counts = sampler.counts(requests, batch_size).cpu()
         for row, i in enumerate(active):
             tests[i].update(int(counts[row, classes[i]]))
     certificates = []
