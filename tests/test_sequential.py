@@ -15,15 +15,18 @@ import torch
 from conftest import image_with_margin
 from scipy.stats import binom, norm
 
-from smoothadv import Smooth, SmoothAdvError
+from smoothadv import Certificate, Smooth, SmoothAdvError
 from smoothadv.cli import main
 from smoothadv.models import build_model, normalization_spec, save_checkpoint
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
     SEQUENTIAL_COLUMNS,
+    SequentialCertificate,
     SequentialConfig,
+    SequentialRow,
     SequentialTest,
     certify_sequential,
+    certify_sequential_dataset,
     certify_sequential_many,
     doubling_looks,
     fitted_schedule,
@@ -212,6 +215,26 @@ def test_sequential_radius_is_valid_and_tight_on_a_linear_classifier(linear_mode
     assert 0.9 * margin <= cert.radius <= margin
 
 
+def test_fixed_and_sequential_certificates_share_one_shape(linear_model) -> None:
+    smooth = Smooth(linear_model, 2, 0.25)
+    x = image_with_margin(0.2)
+    fixed = smooth.certify(x, 64, 1024, 0.001, 512, generator=torch.Generator().manual_seed(1))
+    config = SequentialConfig(0.25, looks=doubling_looks(256, 2048), policy="full")
+    chosen = certify_sequential(smooth, x, config, batch_size=512, n0=64, generator=torch.Generator().manual_seed(2))
+    given = certify_sequential(smooth, x, config, batch_size=512, label=1, generator=torch.Generator().manual_seed(2))
+    for cert, n0, n in ((fixed, 64, 1024), (chosen, 64, 2048), (given, 0, 2048)):
+        prediction, radius = cert  # Cohen's pair, for both
+        assert isinstance(cert, Certificate) and (prediction, radius) == (cert.prediction, cert.radius) == tuple(cert)
+        assert (cert.n0, cert.n, cert.samples) == (n0, n, n0 + n)  # n: estimation samples, everywhere
+        assert cert.tested_class == 1 == prediction and 0 < cert.count <= cert.n
+    assert isinstance(chosen, SequentialCertificate) and (chosen.looks, chosen.stop) == (4, "last look")
+    # a row's `samples` is written in the TSV column `n`: n0 + n forward passes
+    assert dict(zip(SEQUENTIAL_COLUMNS, SequentialRow._fields))["n"] == "samples"
+    data = torch.utils.data.TensorDataset(x[None], torch.tensor([1]))
+    (row,) = certify_sequential_dataset(smooth, data, [0], config=config, n0=64, batch_size=512)
+    assert row.samples == 64 + 2048
+
+
 def _gens(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(count)]
 
@@ -231,7 +254,7 @@ def test_rows_do_not_depend_on_which_inputs_share_a_batch() -> None:
                                           estimation_generators=[e])[0]
                   for x, s, e in zip(xs, _gens(20, 4), _gens(30, 4))]
     assert together == separately
-    assert len({c.result.n for c in together}) > 1 or together[0].result.n < 768  # looks really differ/stop early
+    assert len({c.n for c in together}) > 1 or together[0].n < 768  # looks really differ/stop early
 
 
 def _checkpoint(tmp_path) -> str:

@@ -20,6 +20,16 @@ def test_certify_unpacks_like_cohen_and_carries_detail(linear_model) -> None:
     assert radius == cert.radius and 0 < radius <= 0.3
     assert cert.n == 2000 and cert.n0 == 100 and 0.5 < cert.p_lower < 1
     assert Smooth.ABSTAIN == ABSTAIN == -1
+    # every count says what it counts: n0 selection, n estimation, samples = n0 + n forward passes
+    assert cert.samples == 2100 and cert.tested_class == 1 and 0 < cert.count <= cert.n
+    assert (cert[0], cert[1], len(cert), tuple(cert)) == (1, radius, 2, (1, radius))
+
+
+def test_abstaining_certificate_keeps_the_tested_class(linear_model) -> None:
+    cert = Smooth(linear_model, 2, 0.25).certify(image_with_margin(0.0), 100, 200, 0.001, 300,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert cert.abstained and tuple(cert) == (ABSTAIN, 0.0) and cert.tested_class in (0, 1)
+    assert cert.p_lower < 0.5 and cert.samples == 300
 
 
 def test_certified_radius_never_exceeds_distance_beyond_alpha(linear_model) -> None:

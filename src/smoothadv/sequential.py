@@ -42,7 +42,8 @@ smoothing: Horvath et al., ICLR 2022.
 
 The counts-level logic (`SequentialConfig`, `SequentialTest`, `run_sequential`) uses no network,
 so it is tested against Bernoulli samplers with known p; `certify_sequential` and
-`certify_sequential_dataset` drive it with a base classifier through `PackedSampler`.
+`certify_sequential_dataset` drive it with a base classifier through `PackedSampler` and return a
+`SequentialCertificate`, a `smoothing.Certificate` (same fields, same `n0`/`n`/`samples` meaning).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from torch.utils.data import Dataset
 
 from .errors import SmoothAdvError
 from .evaluate import CERTIFY_COLUMNS, example_seed, format_time
-from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, check_image
+from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_image
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper
 
 DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
@@ -69,8 +70,9 @@ DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
 POLICIES = ("grid", "tolerance", "full")
 CLASS_FROM = ("selection", "label")
 SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
-"""Cohen's six columns, then `n` (noisy forward passes used for the row, selection included) and
-`mode` (`sequential/selection` or `sequential/label`: how the tested class was chosen)."""
+"""Cohen's six columns, then `n` (noisy forward passes used for the row: n0 selection plus n estimation
+samples, i.e. `SequentialRow.samples` and `Certificate.samples`; the column keeps its historical name)
+and `mode` (`sequential/selection` or `sequential/label`: how the tested class was chosen)."""
 
 
 def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
@@ -314,19 +316,23 @@ def run_sequential(config: SequentialConfig, sample: Callable[[int], int]) -> Se
 # ------------------------------------------------------------------ with a base classifier
 
 
-class SequentialCertificate(NamedTuple):
-    """Result of `certify_sequential`; unpacks like Cohen's `(prediction, radius)` pair first."""
+@dataclass(frozen=True)
+class SequentialCertificate(Certificate):
+    """Result of sequential CERTIFY: a `Certificate` (same fields and meaning) plus how the test ran.
 
-    prediction: int       # the tested class if certified, else ABSTAIN
-    radius: float
-    tested_class: int     # the class whose vote probability was bounded
-    result: SequentialResult
-    n0: int               # selection samples used (0 in label mode)
+    Unpacks as Cohen's `(prediction, radius)` pair. As for every `Certificate`: `tested_class` is the
+    class whose vote probability was bounded (argmax of the n0 selection samples, or the given
+    label with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
+    estimation samples drawn (the look at which the test stopped) and `samples` = n0 + n.
 
-    @property
-    def samples(self) -> int:
-        """Noisy forward passes used: selection plus estimation samples."""
-        return self.n0 + self.result.n
+    Attributes:
+        looks: number of looks made.
+        stop: why the test stopped: "settled" (the policy's question is answered), "futile" (no
+            certificate reachable) or "last look".
+    """
+
+    looks: int
+    stop: str
 
 
 def stream_generator(seed: int, index: int, stream: int, device: torch.device | str) -> torch.Generator:
@@ -382,8 +388,10 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     certificates = []
     for c, test in zip(classes, tests):
         result = test.result()
-        certificates.append(SequentialCertificate(c if result.certified else ABSTAIN, result.radius, c, result,
-                                                  used_n0))
+        certificates.append(SequentialCertificate(
+            prediction=c if result.certified else ABSTAIN, radius=result.radius, tested_class=c,
+            p_lower=result.p_lower, count=result.successes, n0=used_n0, n=result.n, looks=result.looks,
+            stop=result.stop))
     return certificates
 
 
@@ -408,13 +416,19 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, config: SequentialConfig
 
 
 class SequentialRow(NamedTuple):
+    """One row of a sequential certify TSV (columns `SEQUENTIAL_COLUMNS`, in this order).
+
+    The field `samples` is written in the column named `n`: noisy forward passes used for the row,
+    n0 selection plus n estimation samples (`SequentialCertificate.samples`).
+    """
+
     idx: int
     label: int
     predict: int
     radius: float
     correct: int
     time: str
-    n: int
+    samples: int
     mode: str
 
 

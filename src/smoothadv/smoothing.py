@@ -8,7 +8,8 @@ attack that maximizes cross-entropy attacks G without knowing about smoothing.
 
 Sampling: `NoisySampler` is Cohen's `_sample_noise` (batches of noise, argmax votes counted);
 `PackedSampler` is a speed strategy beside it that packs several inputs' samples into shared
-forward batches and returns the same counts.
+forward batches and returns the same counts. `Certificate` is what CERTIFY returns, fixed-n here
+and sequential in `smoothadv.sequential` (a subclass).
 
 Papers: Cohen, Rosenfeld & Kolter, ICML 2019 (arXiv:1902.02918), Algorithms PREDICT and CERTIFY;
 Salman et al., NeurIPS 2019 (arXiv:1906.04584), Section 3.
@@ -24,6 +25,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -315,40 +317,56 @@ class _PackedBatch:
 # ------------------------------------------------------------------ CERTIFY's result
 
 
-class Certificate(tuple):
-    """Result of CERTIFY. Unpacks as Cohen's pair: `prediction, radius = smooth.certify(...)`.
+@dataclass(frozen=True)
+class Certificate:
+    """Result of CERTIFY (Cohen et al. 2019, Algorithm CERTIFY), fixed-n or sequential.
 
-    Extra detail is available as attributes: `p_lower` (the lower confidence bound on p_A),
-    `count` (votes for the predicted class among the estimation samples), `n` (estimation
-    samples used) and `n0` (selection samples used).
+    Unpacks as Cohen's pair, `prediction, radius = smooth.certify(...)`, and indexes like it
+    (`cert[0]`, `cert[1]`, `len(cert) == 2`); the other fields are detail. Sequential
+    certification returns the subclass `smoothadv.sequential.SequentialCertificate`.
+
+    Guarantee: with probability at least 1 - alpha over the noise, the result abstains or
+    g(x) = prediction and g is constant on the L2 ball of radius `radius` around x (Theorem 1).
+
+    Attributes:
+        prediction: the certified class, or ABSTAIN (-1).
+        radius: the certified L2 radius sigma * Phi^-1(p_lower), in [0, 1]-pixel units; 0.0 when abstaining.
+        tested_class: the class whose vote probability p_A = P(f(x + delta) = tested_class) was bounded:
+            the argmax of the n0 selection votes (Cohen's c_hat), or the given label (sequential label
+            mode). `prediction` is this class unless the result abstains.
+        p_lower: the lower confidence bound on p_A (one-sided Clopper-Pearson at level alpha; sequential:
+            the largest bound over the looks made, each at its own level).
+        count: votes for `tested_class` among the `n` estimation samples.
+        n0: selection samples drawn to choose the class (0 when the class was given).
+        n: estimation samples drawn, those `count` and `p_lower` come from. `samples` = n0 + n is the
+            number of noisy forward passes used.
     """
 
     prediction: int
     radius: float
+    tested_class: int
+    p_lower: float
+    count: int
+    n0: int
+    n: int
 
-    def __new__(cls, prediction: int, radius: float, p_lower: float, count: int, n: int, n0: int) -> Certificate:
-        self = super().__new__(cls, (int(prediction), float(radius)))
-        self.p_lower = float(p_lower)
-        self.count = int(count)
-        self.n = int(n)
-        self.n0 = int(n0)
-        return self
+    def __iter__(self) -> Iterator[int | float]:
+        return iter((self.prediction, self.radius))
 
-    @property
-    def prediction(self) -> int:  # type: ignore[override]
-        return self[0]
+    def __len__(self) -> int:
+        return 2
 
-    @property
-    def radius(self) -> float:  # type: ignore[override]
-        return self[1]
+    def __getitem__(self, index: int) -> int | float:
+        return (self.prediction, self.radius)[index]
 
     @property
     def abstained(self) -> bool:
-        return self[0] == ABSTAIN
+        return self.prediction == ABSTAIN
 
-    def __repr__(self) -> str:
-        return (f"Certificate(prediction={self.prediction}, radius={self.radius:.4f}, p_lower={self.p_lower:.6f}, "
-                f"count={self.count}, n={self.n}, n0={self.n0})")
+    @property
+    def samples(self) -> int:
+        """Noisy forward passes used: n0 selection plus n estimation samples."""
+        return self.n0 + self.n
 
 
 class Smooth:
@@ -449,7 +467,8 @@ class Smooth:
             prediction, radius = ABSTAIN, 0.0
         else:
             prediction, radius = c_hat, certified_radius(p_lower, self.sigma)
-        return Certificate(prediction, radius, p_lower, count, n, n0)
+        return Certificate(prediction=prediction, radius=float(radius), tested_class=c_hat, p_lower=float(p_lower),
+                           count=count, n0=int(n0), n=int(n))
 
 
 class SoftSmoothed(nn.Module):
