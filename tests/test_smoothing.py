@@ -32,6 +32,19 @@ def test_abstaining_certificate_keeps_the_tested_class(linear_model) -> None:
     assert cert.p_lower < 0.5 and cert.samples == 300
 
 
+def test_sigma_assigned_on_smooth_is_the_noise_sigma(linear_model) -> None:
+    # one source: the radius and the noise read the same sigma, also after an assignment
+    smooth = Smooth(linear_model, 2, 0.25)
+    smooth.sigma = 0.5
+    assert smooth.sampler.sigma == 0.5 and smooth.sigma == 0.5
+    gen = torch.Generator().manual_seed(0)
+    cert = smooth.certify(image_with_margin(0.45), 10, 1000, 0.001, 1000, generator=gen)
+    assert cert.radius == pytest.approx(0.5 * norm.ppf(cert.p_lower))
+    with pytest.raises(SmoothAdvError, match="sigma"):
+        smooth.sigma = 0.0
+    assert smooth.sigma == 0.5
+
+
 def test_certified_radius_never_exceeds_distance_beyond_alpha(linear_model) -> None:
     # 300 independent certifications at alpha = 0.1: the number of radii larger than the true radius (or wrong
     # class) is Binomial(300, q) with q <= 0.1; we require it below the 0.999 quantile of Binomial(300, 0.1).

@@ -369,6 +369,12 @@ class Certificate:
         return self.n0 + self.n
 
 
+def _checked_sigma(sigma: float) -> float:
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma}")
+    return float(sigma)
+
+
 class Smooth:
     """A smoothed classifier g built from a base classifier f and Gaussian noise of std `sigma`.
 
@@ -378,7 +384,9 @@ class Smooth:
         sigma: noise standard deviation, in [0, 1]-pixel units.
 
     Attributes:
-        sampler: the `NoisySampler` that draws the noise and counts f's votes.
+        sampler: the `NoisySampler` that draws the noise and counts f's votes. `base_classifier`,
+            `num_classes` and `sigma` are read from it, and assigning `sigma` or `base_classifier`
+            writes to it (sigma is checked), so the noise and the radius always use one sigma.
 
     Paper: Cohen, Rosenfeld & Kolter, ICML 2019, https://arxiv.org/abs/1902.02918.
     """
@@ -386,14 +394,30 @@ class Smooth:
     ABSTAIN = ABSTAIN
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float) -> None:
-        if not sigma > 0 or not math.isfinite(sigma):
-            raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma}")
+        sigma = _checked_sigma(sigma)
         if int(num_classes) != num_classes or num_classes < 2:
             raise SmoothAdvError(f"num_classes must be an integer >= 2, got {num_classes}")
-        self.base_classifier = base_classifier
-        self.num_classes = int(num_classes)
-        self.sigma = float(sigma)
-        self.sampler = NoisySampler(base_classifier, self.num_classes, self.sigma)
+        self.sampler = NoisySampler(base_classifier, int(num_classes), sigma)
+
+    @property
+    def base_classifier(self) -> nn.Module:
+        return self.sampler.base
+
+    @base_classifier.setter
+    def base_classifier(self, model: nn.Module) -> None:
+        self.sampler.base = model
+
+    @property
+    def num_classes(self) -> int:
+        return self.sampler.num_classes
+
+    @property
+    def sigma(self) -> float:
+        return self.sampler.sigma
+
+    @sigma.setter
+    def sigma(self, sigma: float) -> None:
+        self.sampler.sigma = _checked_sigma(sigma)
 
     def sample_counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Vote counts (num_classes,) of the base classifier on `num` noisy copies of x (on x's device)."""
