@@ -50,7 +50,7 @@ from smoothadv.sequential import (
     doubling_looks,
     stream_generator,
 )
-from smoothadv.smoothing import ABSTAIN, SampleRequest, Smooth
+from smoothadv.smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth
 from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearson_lower
 
 
@@ -95,7 +95,7 @@ def needs_more(record: dict, configs: Sequence[SequentialConfig]) -> bool:
     return any(replay(cfg, at) is None for cfg in configs)
 
 
-def extend(sampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
+def extend(sampler: PackedSampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
            sizes: Sequence[int], batch_size: int) -> None:
     """Append each record's cumulative counts (tested class and label) at the increasing sample sizes
     `sizes`, drawn from `gens` (positioned where the record's stream stopped) in one request per record."""
@@ -103,7 +103,7 @@ def extend(sampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Seque
     if any((r["sizes"][-1] if r["sizes"] else 0) != start for r in records):
         raise SmoothAdvError("records extended together must end at the same size")
     segments = tuple(np.diff([start, *sizes]).tolist())
-    counts = sampler.counts_many([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size)
+    counts = sampler.counts([SampleRequest(x, segments, g) for x, g in zip(xs, gens)], batch_size)
     counts = counts.cpu().view(len(records), len(sizes), -1).cumsum(1)
     for r, ext in zip(records, counts):
         r["counts"] += (ext[:, r["class"]] + (r["counts"][-1] if r["counts"] else 0)).tolist()
@@ -132,13 +132,13 @@ def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Seq
         raise SmoothAdvError(f"fixed n must be in [1, {top}] (the last look), got {n}")
     first_cut = -(-n // step) * step
     head = sorted(set(range(step, first_cut + 1, step)) | {n})
-    sampler = smooth._sampler
+    sampler = PackedSampler(smooth.sampler)
     for start in range(0, len(indices), group):
         chunk = list(indices[start:start + group])
         began = time.time()
         xs, labels = zip(*[(dataset[i][0].to(device), int(dataset[i][1])) for i in chunk])
-        selection = sampler.counts_many([SampleRequest(x, (n0,), stream_generator(seed, i, 0, device))
-                                         for x, i in zip(xs, chunk)], batch_size).cpu()
+        selection = sampler.counts([SampleRequest(x, (n0,), stream_generator(seed, i, 0, device))
+                                    for x, i in zip(xs, chunk)], batch_size).cpu()
         gens = [stream_generator(seed, i, 1, device) for i in chunk]
         records = [{"idx": i, "label": label, "selection": counts.tolist(), "class": int(counts.argmax()),
                     "sizes": [], "counts": [], "label_counts": [], "requests": []}
@@ -171,7 +171,8 @@ def top_up(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict
         gens = [stream_generator(seed, r["idx"], 1, device) for r in batch]
         for g, x, r in zip(gens, xs, batch):
             advance(g, r["requests"], x.shape, smooth.sigma, batch_size)
-        extend(smooth._sampler, batch, xs, gens, range(batch[0]["sizes"][-1] + step, top + 1, step), batch_size)
+        extend(PackedSampler(smooth.sampler), batch, xs, gens, range(batch[0]["sizes"][-1] + step, top + 1, step),
+               batch_size)
     return len(need)
 
 

@@ -16,7 +16,7 @@ from scipy.stats import kstest, norm
 from torch import Tensor, nn
 
 from smoothadv import Smooth, SmoothAdvError
-from smoothadv.smoothing import NoisySampler, SampleRequest
+from smoothadv.smoothing import NoisySampler, PackedSampler, SampleRequest, noise_pieces
 
 
 class Recorder(nn.Module):
@@ -111,9 +111,55 @@ def test_counts_do_not_depend_on_batch_size_or_packing() -> None:
     for batch in (1000, 4096):
         assert torch.equal(sampler.counts(x, 997, batch, torch.Generator().manual_seed(5)), ref)
     y = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1))
-    packed = sampler.counts_many([SampleRequest(y, (50,), torch.Generator().manual_seed(6)),
-                                  SampleRequest(x, (997,), torch.Generator().manual_seed(5))], 2000)
+    packed = PackedSampler(sampler).counts([SampleRequest(y, (50,), torch.Generator().manual_seed(6)),
+                                            SampleRequest(x, (997,), torch.Generator().manual_seed(5))], 2000)
     assert torch.equal(packed[1], ref)
+
+
+class Spread(Recorder):
+    """A 4-class base classifier with varied votes under noise (fixed weights); records its input batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append(x.detach().clone())
+        return x.flatten(1) @ self.weight
+
+
+def test_noise_pieces_are_batches_of_one_stream_split_at_segment_ends() -> None:
+    assert list(noise_pieces((5, 37), 16)) == [(16, [(0, 5), (1, 11)]), (16, [(1, 16)]), (10, [(1, 10)])]
+    assert list(noise_pieces((0, 3, 0), 16)) == [(3, [(1, 3)])]
+    assert list(noise_pieces((), 16)) == []
+
+
+def test_packed_sampler_gives_the_plain_sampler_counts_bit_for_bit() -> None:
+    # Several inputs with one or several segments (CERTIFY's n0 + n, sequential looks), packed into full batches
+    # of 48: pieces straddle batches (drawn in the staging buffer) or fit (drawn in place). Each request's counts
+    # and noisy samples are exactly those of the plain single-input loop with the same generator.
+    shape = (3, 4, 4)
+    xs = [torch.rand(shape, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    segments = [(5, 37), (64,), (0, 3, 100), (130, 1), (7,)]
+    batch = 48
+    packed_model = Spread()
+    packed = PackedSampler(NoisySampler(packed_model, 4, 0.5)).counts(
+        [SampleRequest(x, seg, torch.Generator().manual_seed(10 + i)) for i, (x, seg) in enumerate(zip(xs, segments))],
+        batch)
+    plain_model = Spread()
+    plain = NoisySampler(plain_model, 4, 0.5)
+    rows = [plain.segment_counts(x, seg, batch, torch.Generator().manual_seed(10 + i))
+            for i, (x, seg) in enumerate(zip(xs, segments))]
+    assert torch.equal(packed, torch.cat(rows))
+    assert [int(r.sum()) for r in packed] == [n for seg in segments for n in seg]
+    assert len(set(packed.argmax(1).tolist())) > 1  # the votes really vary
+    # same noisy samples in the same order; every packed forward batch but the last is full
+    assert torch.equal(torch.cat(packed_model.seen), torch.cat(plain_model.seen))
+    sizes = [len(b) for b in packed_model.seen]
+    assert all(size == batch for size in sizes[:-1]) and sum(sizes) == sum(map(sum, segments))
+    # the plain loop's batches are the pieces of each input's stream (Cohen's min(batch_size, remaining))
+    assert [len(b) for b in plain_model.seen] == [size for seg in segments for size, _ in noise_pieces(seg, batch)]
+    assert torch.equal(plain.counts(xs[1], 64, batch, torch.Generator().manual_seed(11)), packed[2])
 
 
 def test_low_precision_input_still_gets_float32_gaussian_noise() -> None:

@@ -15,22 +15,25 @@ import torch
 from conftest import image_with_margin
 from scipy.stats import binom, norm
 
-from smoothadv import Smooth, SmoothAdvError
+from smoothadv import Certificate, Smooth, SmoothAdvError
 from smoothadv.cli import main
 from smoothadv.models import build_model, normalization_spec, save_checkpoint
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
     SEQUENTIAL_COLUMNS,
+    SequentialCertificate,
     SequentialConfig,
+    SequentialRow,
     SequentialTest,
     certify_sequential,
+    certify_sequential_dataset,
     certify_sequential_many,
     doubling_looks,
     fitted_schedule,
     run_sequential,
     standard_radii,
 )
-from smoothadv.stats import clopper_pearson_lower, max_certifiable_radius
+from smoothadv.stats import certified_radius, clopper_pearson_lower, max_certifiable_radius
 
 
 def bernoulli(p: float, seed: int):
@@ -88,6 +91,18 @@ def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
     # explicit looks keep the equal split alpha / K
     assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).levels == (0.001 / 8,) * 8
     assert SequentialConfig(0.5, policy="full").looks == DEFAULT_LOOKS
+
+
+def test_a_resolved_config_passed_back_is_the_same_config() -> None:
+    # construction stores the resolved schedule in looks, levels and radii; giving them back changes nothing
+    import dataclasses
+
+    for config in (SequentialConfig(0.5), SequentialConfig(0.25, base=doubling_looks(64, 512), radii=(0.5, 0.25)),
+                   SequentialConfig(0.5, policy="full"),
+                   SequentialConfig(1.0, 0.01, policy="tolerance", tolerance=0.1)):
+        assert config.looks is not None and config.levels is not None
+        assert SequentialConfig(**dataclasses.asdict(config)) == config
+    assert SequentialConfig(0.25, radii=(0.5, 0.25)).radii == (0.25, 0.5)
 
 
 @pytest.mark.parametrize("levels", [(0.0005, 0.0005, 0.0001), (0.001, 0.0), (0.0005,)])
@@ -212,6 +227,53 @@ def test_sequential_radius_is_valid_and_tight_on_a_linear_classifier(linear_mode
     assert 0.9 * margin <= cert.radius <= margin
 
 
+def test_sigma_has_one_source_a_mismatched_config_is_refused(linear_model) -> None:
+    # Issue 12: Smooth(sigma = 0.25) certified with SequentialConfig(sigma = 1.0) drew the noise at 0.25 and computed
+    # the radius at 1.0. With margin 0.4 (true radius 0.4) that reported about 1.5, silently.
+    smooth = Smooth(linear_model, 2, 0.25)
+    x, margin = image_with_margin(0.4), 0.4
+    right = SequentialConfig.for_smooth(smooth, looks=doubling_looks(1024, 16384), policy="full")
+    assert right.sigma == 0.25 and right == SequentialConfig(0.25, looks=doubling_looks(1024, 16384), policy="full")
+    cert = certify_sequential(smooth, x, right, batch_size=4096, label=1, generator=torch.Generator().manual_seed(0))
+    assert 0.9 * margin <= cert.radius <= margin
+    hole = certified_radius(cert.p_lower, 1.0)  # what the mismatched config made of the same votes
+    assert hole > 3.5 * margin
+    wrong = SequentialConfig(1.0, looks=doubling_looks(1024, 16384), policy="full")
+    calls = {
+        "certify_sequential": lambda: certify_sequential(smooth, x, wrong, batch_size=4096, label=1),
+        "certify_sequential_many": lambda: certify_sequential_many(smooth, [x], wrong, batch_size=4096),
+        # refused on the call, before any row is asked for (no output file is half written)
+        "certify_sequential_dataset": lambda: certify_sequential_dataset(
+            smooth, torch.utils.data.TensorDataset(x[None], torch.tensor([1])), [0], config=wrong, batch_size=64),
+    }
+    for name, call in calls.items():
+        with pytest.raises(SmoothAdvError, match=r"sigma = 1\.0 but the smoothed classifier has sigma = 0\.25") as info:
+            call()
+        assert "\n" not in str(info.value), name
+    with pytest.raises(SmoothAdvError, match="takes sigma"):
+        SequentialConfig.for_smooth(smooth, sigma=0.25)
+
+
+def test_fixed_and_sequential_certificates_share_one_shape(linear_model) -> None:
+    smooth = Smooth(linear_model, 2, 0.25)
+    x = image_with_margin(0.2)
+    fixed = smooth.certify(x, 64, 1024, 0.001, 512, generator=torch.Generator().manual_seed(1))
+    config = SequentialConfig.for_smooth(smooth, looks=doubling_looks(256, 2048), policy="full")
+    chosen = certify_sequential(smooth, x, config, batch_size=512, n0=64, generator=torch.Generator().manual_seed(2))
+    given = certify_sequential(smooth, x, config, batch_size=512, label=1, generator=torch.Generator().manual_seed(2))
+    for cert, n0, n in ((fixed, 64, 1024), (chosen, 64, 2048), (given, 0, 2048)):
+        prediction, radius = cert  # Cohen's pair, for both
+        assert isinstance(cert, Certificate) and (prediction, radius) == (cert.prediction, cert.radius) == tuple(cert)
+        assert (cert.n0, cert.n, cert.samples) == (n0, n, n0 + n)  # n: estimation samples, everywhere
+        assert cert.tested_class == 1 == prediction and 0 < cert.count <= cert.n
+    assert isinstance(chosen, SequentialCertificate) and (chosen.looks, chosen.stop) == (4, "last look")
+    # a row's `samples` is written in the TSV column `n`: n0 + n forward passes
+    assert dict(zip(SEQUENTIAL_COLUMNS, SequentialRow._fields))["n"] == "samples"
+    data = torch.utils.data.TensorDataset(x[None], torch.tensor([1]))
+    (row,) = certify_sequential_dataset(smooth, data, [0], config=config, n0=64, batch_size=512)
+    assert row.samples == 64 + 2048
+
+
 def _gens(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(count)]
 
@@ -231,7 +293,7 @@ def test_rows_do_not_depend_on_which_inputs_share_a_batch() -> None:
                                           estimation_generators=[e])[0]
                   for x, s, e in zip(xs, _gens(20, 4), _gens(30, 4))]
     assert together == separately
-    assert len({c.result.n for c in together}) > 1 or together[0].result.n < 768  # looks really differ/stop early
+    assert len({c.n for c in together}) > 1 or together[0].n < 768  # looks really differ/stop early
 
 
 def _checkpoint(tmp_path) -> str:

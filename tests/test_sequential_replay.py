@@ -19,7 +19,7 @@ from smoothadv.cli import main
 from smoothadv.data import get_dataset
 from smoothadv.models import load_checkpoint
 from smoothadv.sequential import doubling_looks, stream_generator
-from smoothadv.smoothing import SampleRequest, Smooth
+from smoothadv.smoothing import PackedSampler, SampleRequest, Smooth
 from smoothadv.stats import certified_radius, clopper_pearson_lower
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sequential_vs_fixed.py"
@@ -80,10 +80,11 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
     model, meta = load_checkpoint(toy_checkpoint)
     smooth = Smooth(model, meta["num_classes"], 0.25)
     data = get_dataset("synthetic", "test", None)
+    packed = PackedSampler(smooth.sampler)
     for record in records:
         x = data[record["idx"]][0]
-        sel = smooth._sampler.counts_many([SampleRequest(x, (16,), stream_generator(3, record["idx"], 0, "cpu"))], 32)
-        est = smooth._sampler.counts_many([SampleRequest(x, (400,), stream_generator(3, record["idx"], 1, "cpu"))], 32)
+        sel = packed.counts([SampleRequest(x, (16,), stream_generator(3, record["idx"], 0, "cpu"))], 32)
+        est = packed.counts([SampleRequest(x, (400,), stream_generator(3, record["idx"], 1, "cpu"))], 32)
         c = int(sel[0].argmax())
         assert record["class"] == c and record["selection"] == sel[0].tolist()
         p_lower = clopper_pearson_lower(int(est[0, c]), 400, 0.001)

@@ -20,6 +20,29 @@ def test_certify_unpacks_like_cohen_and_carries_detail(linear_model) -> None:
     assert radius == cert.radius and 0 < radius <= 0.3
     assert cert.n == 2000 and cert.n0 == 100 and 0.5 < cert.p_lower < 1
     assert Smooth.ABSTAIN == ABSTAIN == -1
+    # every count says what it counts: n0 selection, n estimation, samples = n0 + n forward passes
+    assert cert.samples == 2100 and cert.tested_class == 1 and 0 < cert.count <= cert.n
+    assert (cert[0], cert[1], len(cert), tuple(cert)) == (1, radius, 2, (1, radius))
+
+
+def test_abstaining_certificate_keeps_the_tested_class(linear_model) -> None:
+    cert = Smooth(linear_model, 2, 0.25).certify(image_with_margin(0.0), 100, 200, 0.001, 300,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert cert.abstained and tuple(cert) == (ABSTAIN, 0.0) and cert.tested_class in (0, 1)
+    assert cert.p_lower < 0.5 and cert.samples == 300
+
+
+def test_sigma_assigned_on_smooth_is_the_noise_sigma(linear_model) -> None:
+    # one source: the radius and the noise read the same sigma, also after an assignment
+    smooth = Smooth(linear_model, 2, 0.25)
+    smooth.sigma = 0.5
+    assert smooth.sampler.sigma == 0.5 and smooth.sigma == 0.5
+    gen = torch.Generator().manual_seed(0)
+    cert = smooth.certify(image_with_margin(0.45), 10, 1000, 0.001, 1000, generator=gen)
+    assert cert.radius == pytest.approx(0.5 * norm.ppf(cert.p_lower))
+    with pytest.raises(SmoothAdvError, match="sigma"):
+        smooth.sigma = 0.0
+    assert smooth.sigma == 0.5
 
 
 def test_certified_radius_never_exceeds_distance_beyond_alpha(linear_model) -> None:

@@ -42,25 +42,32 @@ smoothing: Horvath et al., ICLR 2022.
 
 The counts-level logic (`SequentialConfig`, `SequentialTest`, `run_sequential`) uses no network,
 so it is tested against Bernoulli samplers with known p; `certify_sequential` and
-`certify_sequential_dataset` drive it with a base classifier through `NoisySampler`.
+`certify_sequential_dataset` drive it with a base classifier through `PackedSampler` and return a
+`SequentialCertificate`, a `smoothing.Certificate` (same fields, same `n0`/`n`/`samples` meaning).
+
+Sigma has one source: the radius sigma * Phi^-1(.) must use the sigma of the noise, so the drivers
+refuse a config whose sigma is not the smoothed classifier's (`SequentialConfig.for_smooth`
+builds a config with it).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from scipy.stats import norm
 from torch.utils.data import Dataset
 
 from .errors import SmoothAdvError
-from .evaluate import CERTIFY_COLUMNS, example_seed, format_time
-from .smoothing import ABSTAIN, SampleRequest, Smooth, check_image
+from .evaluate import CERTIFY_COLUMNS, format_time
+from .seeds import example_seed, stream_seed
+from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_image
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper, radius_grid
 
 DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
@@ -69,8 +76,9 @@ DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
 POLICIES = ("grid", "tolerance", "full")
 CLASS_FROM = ("selection", "label")
 SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
-"""Cohen's six columns, then `n` (noisy forward passes used for the row, selection included) and
-`mode` (`sequential/selection` or `sequential/label`: how the tested class was chosen)."""
+"""Cohen's six columns, then `n` (noisy forward passes used for the row: n0 selection plus n estimation
+samples, i.e. `SequentialRow.samples` and `Certificate.samples`; the column keeps its historical name)
+and `mode` (`sequential/selection` or `sequential/label`: how the tested class was chosen)."""
 
 
 def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
@@ -152,7 +160,9 @@ class SequentialConfig:
     """A pre-declared sequential test: noise level, failure probability, look schedule and stopping policy.
 
     Args:
-        sigma: noise level of the smoothed classifier.
+        sigma: noise level of the smoothed classifier; it must be the `Smooth`'s sigma (the drivers
+            refuse a mismatch: the radius sigma * Phi^-1(p_lower) is only valid for the noise's sigma).
+            `SequentialConfig.for_smooth(smooth, ...)` takes it from the smoothed classifier.
         alpha: total failure probability (split over the looks by `levels`).
         looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: `base`
             (1024, 2048, ..., 131072, K = 8); for the grid policy `fitted_schedule` on `base` for its
@@ -171,6 +181,15 @@ class SequentialConfig:
             look, 1/4 at the look fitted to the largest radius), otherwise alpha / K at every look.
         base: the doubling looks used when `looks` is None (default 1024, ..., 131072): the grid
             policy's schedule is fitted on them, the other policies make exactly these looks.
+
+    What you pass and what you read: `looks`, `levels` and `radii` may be left to their defaults
+    (None, None, ()); construction resolves them (`_resolved_schedule`) and stores the result in
+    those fields, so on a config they always say what the test does: the looks it makes, the alpha
+    it spends at each and the radii the grid policy settles (sorted). A resolved config passed
+    back is the same config: `SequentialConfig(**dataclasses.asdict(c)) == c`. Because the
+    resolved schedule is stored, `dataclasses.replace(c, sigma=...)` keeps the schedule and radii
+    fitted for the old sigma (still a valid test, any schedule fixed before sampling is, but not
+    the default one): build a new config instead, e.g. with `for_smooth`.
     """
 
     sigma: float
@@ -184,42 +203,71 @@ class SequentialConfig:
     base: tuple[int, ...] = DEFAULT_LOOKS
 
     def __post_init__(self) -> None:
+        """Check the settings, then store the resolved schedule in `looks`, `levels` and `radii`."""
         if not self.sigma > 0 or not math.isfinite(self.sigma):
             raise SmoothAdvError(f"sigma must be a finite number > 0, got {self.sigma}")
         if not 0.0 < self.alpha < 1.0:
             raise SmoothAdvError(f"alpha must be in (0, 1), got {self.alpha}")
-        given = self.base if self.looks is None else self.looks
-        looks = tuple(int(n) for n in given)
-        if not looks or looks[0] < 1 or any(b <= a for a, b in zip(looks, looks[1:])):
-            raise SmoothAdvError(f"looks must be strictly increasing positive sample sizes, got {given}")
         if self.policy not in POLICIES:
             raise SmoothAdvError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        radii = tuple(sorted(float(r) for r in self.radii))
-        if any(not math.isfinite(r) or r < 0 for r in radii):
-            raise SmoothAdvError(f"radii must be finite and >= 0, got {self.radii}")
-        if self.policy == "grid" and not radii:
-            radii = standard_radii(self.sigma, self.alpha, looks)
-        levels = None if self.levels is None else tuple(float(v) for v in self.levels)
-        if self.policy == "grid" and self.looks is None and levels is None:
-            looks, levels = fitted_schedule(self.sigma, self.alpha, radii, looks)
-        if levels is None:
-            levels = (self.alpha / len(looks),) * len(looks)
-        if len(levels) != len(looks) or any(not 0.0 < v < 1.0 for v in levels) or sum(levels) > self.alpha * (1 + 1e-9):
-            raise SmoothAdvError(f"levels must be one probability in (0, 1) per look, summing to at most alpha = "
-                                 f"{self.alpha:g}; got {self.levels} for {len(looks)} looks")
-        object.__setattr__(self, "looks", looks)
-        object.__setattr__(self, "levels", levels)
-        object.__setattr__(self, "radii", radii)
         if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
             raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.forecast_alpha is not None and not 0.0 < self.forecast_alpha < 1.0:
             raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {self.forecast_alpha}")
+        looks, levels, radii = _resolved_schedule(self.sigma, self.alpha, self.policy, self.looks, self.levels,
+                                                  self.radii, self.base)
+        object.__setattr__(self, "looks", looks)
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "radii", radii)
+
+    @classmethod
+    def for_smooth(cls, smooth: Smooth, **settings: Any) -> SequentialConfig:
+        """The config for certifying with `smooth`: its sigma, and `settings` for the other fields."""
+        if "sigma" in settings:
+            raise SmoothAdvError("SequentialConfig.for_smooth takes sigma from the smoothed classifier; "
+                                 "do not pass it")
+        return cls(smooth.sigma, **settings)
 
     @property
     def max_radius(self) -> float:
         """Largest radius the schedule can certify (all N_K samples vote for the class)."""
         last = self.looks[-1]
         return certified_radius(clopper_pearson_lower(last, last, self.levels[-1]), self.sigma)
+
+
+def _resolved_schedule(sigma: float, alpha: float, policy: str, looks: Sequence[int] | None,
+                       levels: Sequence[float] | None, radii: Sequence[float], base: Sequence[int],
+                       ) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """The (looks, levels, radii) a `SequentialConfig` runs, from the fields it was given.
+
+    - looks: as given, else `base`; for the grid policy with neither looks nor levels given, the
+      `fitted_schedule` on `base` for the radii, which also gives the levels;
+    - levels: as given, else the fitted ones, else alpha / K at each of the K looks;
+    - radii: sorted; for the grid policy without radii, `standard_radii(sigma, alpha, looks)`.
+
+    Depends only on its arguments (fixed before sampling), so the test's guarantee holds for it.
+    Raises SmoothAdvError unless the looks are strictly increasing positive sizes, the radii finite
+    and >= 0, and the levels one probability in (0, 1) per look summing to at most alpha.
+    """
+    given = base if looks is None else looks
+    resolved_looks = tuple(int(n) for n in given)
+    if not resolved_looks or resolved_looks[0] < 1 or any(b <= a for a, b in itertools.pairwise(resolved_looks)):
+        raise SmoothAdvError(f"looks must be strictly increasing positive sample sizes, got {given}")
+    resolved_radii = tuple(sorted(float(r) for r in radii))
+    if any(not math.isfinite(r) or r < 0 for r in resolved_radii):
+        raise SmoothAdvError(f"radii must be finite and >= 0, got {radii}")
+    if policy == "grid" and not resolved_radii:
+        resolved_radii = standard_radii(sigma, alpha, resolved_looks)
+    resolved_levels = None if levels is None else tuple(float(v) for v in levels)
+    if policy == "grid" and looks is None and resolved_levels is None:
+        resolved_looks, resolved_levels = fitted_schedule(sigma, alpha, resolved_radii, resolved_looks)
+    if resolved_levels is None:
+        resolved_levels = (alpha / len(resolved_looks),) * len(resolved_looks)
+    if len(resolved_levels) != len(resolved_looks) or any(not 0.0 < v < 1.0 for v in resolved_levels) \
+            or sum(resolved_levels) > alpha * (1 + 1e-9):
+        raise SmoothAdvError(f"levels must be one probability in (0, 1) per look, summing to at most alpha = "
+                             f"{alpha:g}; got {levels} for {len(resolved_looks)} looks")
+    return resolved_looks, resolved_levels, resolved_radii
 
 
 class SequentialResult(NamedTuple):
@@ -314,24 +362,39 @@ def run_sequential(config: SequentialConfig, sample: Callable[[int], int]) -> Se
 # ------------------------------------------------------------------ with a base classifier
 
 
-class SequentialCertificate(NamedTuple):
-    """Result of `certify_sequential`; unpacks like Cohen's `(prediction, radius)` pair first."""
+@dataclass(frozen=True)
+class SequentialCertificate(Certificate):
+    """Result of sequential CERTIFY: a `Certificate` (same fields and meaning) plus how the test ran.
 
-    prediction: int       # the tested class if certified, else ABSTAIN
-    radius: float
-    tested_class: int     # the class whose vote probability was bounded
-    result: SequentialResult
-    n0: int               # selection samples used (0 in label mode)
+    Unpacks as Cohen's `(prediction, radius)` pair. As for every `Certificate`: `tested_class` is the
+    class whose vote probability was bounded (argmax of the n0 selection samples, or the given
+    label with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
+    estimation samples drawn (the look at which the test stopped) and `samples` = n0 + n.
 
-    @property
-    def samples(self) -> int:
-        """Noisy forward passes used: selection plus estimation samples."""
-        return self.n0 + self.result.n
+    Attributes:
+        looks: number of looks made.
+        stop: why the test stopped: "settled" (the policy's question is answered), "futile" (no
+            certificate reachable) or "last look".
+    """
+
+    looks: int
+    stop: str
 
 
 def stream_generator(seed: int, index: int, stream: int, device: torch.device | str) -> torch.Generator:
     """Generator of noise stream `stream` (0: selection, 1: estimation) of example `index` under `seed`."""
-    return torch.Generator(device=device).manual_seed(example_seed(example_seed(seed, index), stream))
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, index, stream))
+
+
+def check_same_sigma(smooth: Smooth, config: SequentialConfig) -> None:
+    """Raise SmoothAdvError unless the config's sigma is the smoothed classifier's (one source of sigma).
+
+    The noise is drawn with `smooth.sigma` and the radius is computed with `config.sigma`; a
+    difference would make every radius wrong (scaled by their ratio) without any other sign.
+    """
+    if float(config.sigma) != smooth.sigma:
+        raise SmoothAdvError(f"the sequential config has sigma = {config.sigma!r} but the smoothed classifier has "
+                             f"sigma = {smooth.sigma!r}; use SequentialConfig.for_smooth(smooth, ...)")
 
 
 def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: SequentialConfig, *,
@@ -346,8 +409,9 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     selection generator (Cohen's mode). Estimation samples come from the estimation generators,
     in pieces that depend only on the input's own schedule, so each result is the same whichever
     inputs are certified together. The looks of all inputs advance in waves: one forward-pass
-    stream and one host synchronisation per look.
+    stream and one host synchronisation per look. `config.sigma` must be `smooth.sigma`.
     """
+    check_same_sigma(smooth, config)
     count = len(xs)
     if count == 0:
         return []
@@ -359,7 +423,7 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     estimation_generators = list(estimation_generators or [None] * count)
     if len(selection_generators) != count or len(estimation_generators) != count:
         raise SmoothAdvError("give one selection and one estimation generator per input")
-    sampler = smooth._sampler
+    sampler = PackedSampler(smooth.sampler)
     if labels is not None:
         if len(labels) != count:
             raise SmoothAdvError(f"got {count} inputs but {len(labels)} labels")
@@ -371,19 +435,21 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
         if int(n0) != n0 or n0 < 1:
             raise SmoothAdvError(f"n0 must be a positive integer, got {n0}")
         requests = [SampleRequest(x, (int(n0),), g) for x, g in zip(xs, selection_generators)]
-        classes = [int(c) for c in sampler.counts_many(requests, batch_size).argmax(dim=1).cpu()]
+        classes = [int(c) for c in sampler.counts(requests, batch_size).argmax(dim=1).cpu()]
         used_n0 = int(n0)
     tests = [SequentialTest(config) for _ in xs]
     while active := [i for i, test in enumerate(tests) if not test.done]:
         requests = [SampleRequest(xs[i], (tests[i].next_draw(),), estimation_generators[i]) for i in active]
-        counts = sampler.counts_many(requests, batch_size).cpu()
+        counts = sampler.counts(requests, batch_size).cpu()
         for row, i in enumerate(active):
             tests[i].update(int(counts[row, classes[i]]))
     certificates = []
     for c, test in zip(classes, tests):
         result = test.result()
-        certificates.append(SequentialCertificate(c if result.certified else ABSTAIN, result.radius, c, result,
-                                                  used_n0))
+        certificates.append(SequentialCertificate(
+            prediction=c if result.certified else ABSTAIN, radius=result.radius, tested_class=c,
+            p_lower=result.p_lower, count=result.successes, n0=used_n0, n=result.n, looks=result.looks,
+            stop=result.stop))
     return certificates
 
 
@@ -393,8 +459,10 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, config: SequentialConfig
     """Sequential CERTIFY of one input (Cohen's class selection unless `label` is given).
 
     With `generator`, the selection and estimation streams are two independent generators
-    seeded from it; without, both use the global generator (selection first).
+    seeded from it; without, both use the global generator (selection first). `config.sigma`
+    must be `smooth.sigma`.
     """
+    check_same_sigma(smooth, config)
     if generator is not None:
         base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         selection = torch.Generator(device=x.device).manual_seed(example_seed(base, 0))
@@ -408,13 +476,19 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, config: SequentialConfig
 
 
 class SequentialRow(NamedTuple):
+    """One row of a sequential certify TSV (columns `SEQUENTIAL_COLUMNS`, in this order).
+
+    The field `samples` is written in the column named `n`: noisy forward passes used for the row,
+    n0 selection plus n estimation samples (`SequentialCertificate.samples`).
+    """
+
     idx: int
     label: int
     predict: int
     radius: float
     correct: int
     time: str
-    n: int
+    samples: int
     mode: str
 
 
@@ -428,15 +502,21 @@ def certify_sequential_dataset(smooth: Smooth, dataset: Dataset, indices: Iterab
     selection and estimation noise streams are seeded by (seed, dataset index, stream), so a row
     does not depend on the group, order or sharding. `correct` is 1 when the certified class is
     the label (in label mode: when the label is certified). `time` is the group's time shared in
-    proportion to the samples each example used.
+    proportion to the samples each example used. The settings (`class_from`, `config.sigma` =
+    `smooth.sigma`) are checked on the call, before the first row is asked for.
     """
     if class_from not in CLASS_FROM:
         raise SmoothAdvError(f"class_from must be one of {', '.join(CLASS_FROM)}, got {class_from!r}")
-    device = torch.device(device)
-    todo = list(indices)
+    check_same_sigma(smooth, config)
+    return _sequential_rows(smooth, dataset, list(indices), config, class_from, n0, batch_size, seed,
+                            torch.device(device), max(1, group))
+
+
+def _sequential_rows(smooth: Smooth, dataset: Dataset, todo: list[int], config: SequentialConfig, class_from: str,
+                     n0: int, batch_size: int, seed: int, device: torch.device, group: int) -> Iterator[SequentialRow]:
     mode = f"sequential/{class_from}"
-    for start in range(0, len(todo), max(1, group)):
-        chunk = todo[start:start + max(1, group)]
+    for start in range(0, len(todo), group):
+        chunk = todo[start:start + group]
         examples = [dataset[i] for i in chunk]
         xs = [x.to(device) for x, _ in examples]
         labels = [int(label) for _, label in examples]

@@ -6,6 +6,11 @@
 G(x) = E[softmax(f(x + delta))] of Salman et al. as an ordinary differentiable module, so any
 attack that maximizes cross-entropy attacks G without knowing about smoothing.
 
+Sampling: `NoisySampler` is Cohen's `_sample_noise` (batches of noise, argmax votes counted);
+`PackedSampler` is a speed strategy beside it that packs several inputs' samples into shared
+forward batches and returns the same counts. `Certificate` is what CERTIFY returns, fixed-n here
+and sequential in `smoothadv.sequential` (a subclass).
+
 Papers: Cohen, Rosenfeld & Kolter, ICML 2019 (arXiv:1902.02918), Algorithms PREDICT and CERTIFY;
 Salman et al., NeurIPS 2019 (arXiv:1906.04584), Section 3.
 
@@ -16,9 +21,11 @@ library starts with its normalization layer; the noisy image is not clamped (as 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -70,32 +77,47 @@ def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") ->
         raise SmoothAdvError(f"batch_size must be a positive integer, got {batch_size}")
 
 
-class SampleRequest(NamedTuple):
-    """Noisy samples wanted for one input: `segments` counts drawn one after another from `generator`.
+# ------------------------------------------------------------------ sampling: Cohen's _sample_noise
 
-    Each segment gets its own vote counts (e.g. Cohen's n0 selection samples and n estimation
-    samples), but the segments share one noise stream, drawn in pieces of the batch size.
+
+def noise_pieces(segments: Sequence[int], batch_size: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """How one input's noise stream is drawn: pieces of min(batch_size, remaining) samples.
+
+    The stream has sum(segments) samples; segment i is the i-th run of consecutive samples (e.g.
+    CERTIFY's n0 selection samples, then its n estimation samples). Yields, for each piece in
+    order, `(size, runs)` where `runs` lists the `(segment, length)` parts of the piece (lengths
+    > 0, summing to `size`). The pieces depend only on `segments` and `batch_size`, never on other
+    inputs: this is what makes an input's noise, and so its counts, the same whichever sampler
+    draws it.
     """
-
-    x: Tensor
-    segments: tuple[int, ...]
-    generator: torch.Generator | None = None
+    ends = list(itertools.accumulate(int(num) for num in segments))
+    starts = [0, *ends[:-1]]
+    total = ends[-1] if ends else 0
+    for begin in range(0, total, int(batch_size)):
+        end = min(begin + int(batch_size), total)
+        runs = []
+        for segment, (first, last) in enumerate(zip(starts, ends)):
+            length = min(last, end) - max(first, begin)
+            if length > 0:
+                runs.append((segment, length))
+        yield end - begin, runs
 
 
 class NoisySampler:
-    """Counts the base classifier's votes on noisy copies of one or several inputs.
+    """Votes of the base classifier f on noisy copies x + delta, delta ~ N(0, sigma^2 I), of one input.
 
-    Speed: noise is drawn on the inputs' device into one reused buffer of `batch_size` samples,
-    every forward pass is a full batch of that static size (except the last one of a call),
-    several inputs' samples share a forward pass when one input does not fill it, votes are
-    counted on the device with one `bincount` per batch, and the host sees the counts once per
-    call. The base model runs in eval mode under `torch.inference_mode()`; its previous mode is
-    restored afterwards.
+    This is Cohen et al.'s `_sample_noise` (arXiv:1902.02918, code of Algorithms PREDICT and
+    CERTIFY): draw the noise in batches of at most `batch_size`, classify, count the argmax votes.
 
-    Independence from packing: an input's noise stream is drawn from its own generator in
-    pieces of min(batch_size, remaining) samples aligned to the start of its request, whatever
-    other inputs share the batches, so its counts do not depend on which inputs it is packed
-    with (up to floating-point differences of the model's batched kernels).
+    Guarantee: the counts are those of f on i.i.d. draws of x + N(0, sigma^2 I), so they are
+    Multinomial(num, (P(f(x + delta) = c))_c); the noise is drawn and added in at least float32
+    whatever x's dtype, so a low-precision input does not quantize the Gaussian. NaN logits are an
+    error, not votes.
+
+    Speed: noise is drawn on x's device into one reused buffer of `batch_size` samples, votes
+    are counted on the device (one `bincount` per batch and segment), and the host sees nothing
+    until the caller copies the counts. The base model runs in eval mode under
+    `torch.inference_mode()`; its previous mode is restored afterwards.
     """
 
     def __init__(self, base: nn.Module, num_classes: int, sigma: float) -> None:
@@ -104,8 +126,58 @@ class NoisySampler:
         self.sigma = sigma
         self._buffers: dict[str, Tensor] = {}
 
+    def counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """The int64 vote counts (num_classes,) of f(x + delta) over `num` noise draws, on x's device."""
+        return self.segment_counts(x, (num,), batch_size, generator)[0]
+
+    def segment_counts(self, x: Tensor, segments: Sequence[int], batch_size: int,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """Vote counts (len(segments), num_classes) of consecutive segments of one noise stream of x.
+
+        One stream of sum(segments) draws from `generator`, in the pieces of `noise_pieces`; row i
+        counts the votes of the i-th segment. CERTIFY uses segments (n0, n): selection and
+        estimation samples are disjoint, hence independent, draws.
+        """
+        batch_size = int(batch_size)
+        votes = torch.zeros(len(segments), self.num_classes, dtype=torch.long, device=x.device)
+        nan_rows = torch.zeros((), dtype=torch.long, device=x.device)
+        noisy = self._noise_buffer(x, batch_size)
+        with eval_mode(self.base), torch.inference_mode():
+            for size, runs in noise_pieces(segments, batch_size):
+                batch = noisy[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+                predictions = self._predict(batch, nan_rows)
+                start = 0
+                for segment, length in runs:
+                    votes[segment] += torch.bincount(predictions[start:start + length], minlength=self.num_classes)
+                    start += length
+        _raise_on_nan(nan_rows)
+        return votes
+
+    def _predict(self, batch: Tensor, nan_rows: Tensor) -> Tensor:
+        """f's argmax on a batch of noisy inputs (on the device); adds the number of NaN logit rows to `nan_rows`."""
+        try:
+            logits = self.base(batch)
+        except RuntimeError as exc:  # shape or channel mismatch with the model
+            raise SmoothAdvError(
+                f"the base classifier rejected an input of shape {tuple(batch.shape[1:])}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise SmoothAdvError(
+                f"the base classifier returned shape {tuple(logits.shape)}, expected (batch, {self.num_classes})"
+            )
+        if logits.is_floating_point():
+            nan_rows.add_(torch.isnan(logits).any(dim=1).sum())
+        return logits.argmax(dim=1)
+
+    def _noise_buffer(self, like: Tensor, batch: int, name: str = "noisy") -> Tensor:
+        # noise is drawn and added in at least float32, whatever the input's dtype: a float16 input must not
+        # quantize the Gaussian (the certificate is for f at x + N(0, sigma^2 I), Cohen et al. Theorem 1)
+        return self._buffer(name, like, batch, torch.promote_types(like.dtype, torch.float32))
+
     def _buffer(self, name: str, like: Tensor, batch: int, dtype: torch.dtype | None = None,
                 per_sample: bool = True) -> Tensor:
+        """A reused buffer of `batch` rows (each of x's shape, or scalars), on x's device."""
         shape = (batch, *like.shape) if per_sample else (batch,)
         dtype = dtype or like.dtype
         buf = self._buffers.get(name)
@@ -115,15 +187,61 @@ class NoisySampler:
             self._buffers[name] = buf
         return buf[:batch]
 
-    def counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """Return the int64 vote counts (num_classes,) of f(x + delta) over `num` noise draws, on x's device."""
-        return self.counts_many([SampleRequest(x, (int(num),), generator)], batch_size)[0]
 
-    def counts_many(self, requests: Sequence[SampleRequest], batch_size: int) -> Tensor:
+def _raise_on_nan(nan_rows: Tensor) -> None:
+    if int(nan_rows):  # argmax would silently count NaN rows as votes for an arbitrary class
+        raise SmoothAdvError(
+            f"the base classifier returned NaN logits on {int(nan_rows)} noisy inputs; votes would be "
+            "meaningless (an overflow: low precision, or a huge sigma?)"
+        )
+
+
+# ------------------------------------------------------------------ sampling strategy: several inputs per batch
+
+
+class SampleRequest(NamedTuple):
+    """Noisy samples wanted for one input: `segments` counts drawn one after another from `generator`.
+
+    Each segment gets its own vote counts (e.g. Cohen's n0 selection samples and n estimation
+    samples), but the segments share one noise stream, drawn in the pieces of `noise_pieces`.
+    """
+
+    x: Tensor
+    segments: tuple[int, ...]
+    generator: torch.Generator | None = None
+
+
+class PackedSampler:
+    """Counts for several inputs at once, their samples packed into shared, full forward batches.
+
+    A speed strategy beside `NoisySampler` (whose model, noise level and buffers it uses): when
+    one input's samples do not fill a batch, the next inputs' samples fill it, so every forward
+    pass but the last of a call has `batch_size` samples, and the host sees the counts once per
+    call. Several small requests (e.g. CERTIFY with small n, or the looks of sequential
+    certification) then cost about as many forward passes as one large one.
+
+    Guarantee: each request's noisy samples are bit for bit those of `sampler.segment_counts(x,
+    segments, batch_size, generator)`, whatever other requests share the batches: its noise is
+    drawn from its own generator in the same pieces (`noise_pieces`); only the forward batches are
+    shared. So the rows of `counts(requests, batch_size)` are that call's counts, exactly when the
+    model's output for a sample does not depend on the other samples of its batch (eval mode; a
+    batched kernel may round differently at another batch size, which can flip a vote at a tie).
+    A single request is counted by the plain loop itself: its batches are its pieces either way.
+
+    Speed: a piece is drawn straight into the batch buffer when it fits, otherwise into a staging
+    buffer and copied into this batch and the next; each sample's vote counter is recorded in a
+    reused index buffer, and each batch is counted on the device with one `bincount`.
+    """
+
+    def __init__(self, sampler: NoisySampler) -> None:
+        self.sampler = sampler
+
+    def counts(self, requests: Sequence[SampleRequest], batch_size: int) -> Tensor:
         """Vote counts of every segment of every request, as one int64 tensor (total segments, num_classes).
 
         Rows are in request order, and within a request in segment order. The tensor is on the
-        inputs' device; copying it to the host is the caller's one synchronisation.
+        inputs' device; copying it to the host is the caller's one synchronisation. Inputs must
+        share one shape and device.
         """
         if not requests:
             raise SmoothAdvError("no inputs to sample")
@@ -131,136 +249,128 @@ class NoisySampler:
         for request in requests:
             if request.x.shape != first.shape or request.x.device != first.device:
                 raise SmoothAdvError("all inputs sampled together must have the same shape and device")
-        num_slots = sum(len(r.segments) for r in requests)
-        classes = self.num_classes
-        batch_size = int(batch_size)
-        counts = torch.zeros(num_slots * classes, dtype=torch.long, device=first.device)
-        nan_rows = torch.zeros((), dtype=torch.long, device=first.device)
-        # noise is drawn and added in at least float32, whatever the input's dtype: a float16 input must not
-        # quantize the Gaussian (the certificate is for f at x + N(0, sigma^2 I), Cohen et al. Theorem 1)
-        noise_dtype = torch.promote_types(first.dtype, torch.float32)
-        noisy = self._buffer("noisy", first, batch_size, noise_dtype)
-        owner = self._buffer("owner", first, batch_size, torch.long, per_sample=False)
-        runs: list[tuple[int, int, int]] = []  # (start, end, slot) of the samples now in `noisy`
-        fill = 0
-
-        def flush() -> None:
-            nonlocal fill
-            logits = self._forward(noisy[:fill], first)
-            if logits.is_floating_point():
-                nan_rows.add_(torch.isnan(logits).any(dim=1).sum())
-            predictions = logits.argmax(dim=1)
-            if len(runs) == 1:
-                slot = runs[0][2]
-                counts[slot * classes:(slot + 1) * classes] += torch.bincount(predictions, minlength=classes)
-            else:
-                for start, end, slot in runs:
-                    owner[start:end].fill_(slot * classes)
-                counts.add_(torch.bincount(owner[:fill] + predictions, minlength=num_slots * classes))
-            runs.clear()
-            fill = 0
-
-        def place(piece: Tensor, slots: list[tuple[int, int]], in_place: bool) -> None:
-            """Append a piece's samples (already noisy) at `fill`, recording which slot each belongs to."""
-            nonlocal fill
-            offset = 0
-            for slot, length in slots:
-                while length > 0:
-                    take = min(length, batch_size - fill)
-                    if not in_place:
-                        noisy[fill:fill + take].copy_(piece[offset:offset + take])
-                    runs.append((fill, fill + take, slot))
-                    fill += take
-                    offset += take
-                    length -= take
-                    if fill == batch_size:
-                        flush()
-
-        with eval_mode(self.base), torch.inference_mode():
-            slot_base = 0
-            for request in requests:
-                segments = [(slot_base + i, int(num)) for i, num in enumerate(request.segments)]
-                slot_base += len(segments)
-                total = sum(num for _, num in segments)
-                while total > 0:
-                    size = min(batch_size, total)
-                    # a piece is drawn in place when it fits in the batch buffer, else in a staging buffer
-                    in_place = fill + size <= batch_size
-                    piece = noisy[fill:fill + size] if in_place else self._buffer("stage", first, batch_size,
-                                                                                    noise_dtype)[:size]
-                    piece.normal_(0.0, self.sigma, generator=request.generator)
-                    piece.add_(request.x)
-                    taken: list[tuple[int, int]] = []
-                    need = size
-                    while need > 0:
-                        slot, num = segments[0]
-                        take = min(num, need)
-                        taken.append((slot, take))
-                        need -= take
-                        if take == num:
-                            segments.pop(0)
-                        else:
-                            segments[0] = (slot, num - take)
-                    place(piece, taken, in_place)
-                    total -= size
-            if fill > 0:
-                flush()
-        if int(nan_rows):  # argmax would silently count NaN rows as votes for an arbitrary class
-            raise SmoothAdvError(
-                f"the base classifier returned NaN logits on {int(nan_rows)} noisy inputs; votes would be "
-                "meaningless (an overflow: low precision, or a huge sigma?)"
-            )
-        return counts.view(num_slots, classes)
-
-    def _forward(self, batch: Tensor, example: Tensor) -> Tensor:
-        try:
-            logits = self.base(batch)
-        except RuntimeError as exc:  # shape or channel mismatch with the model
-            raise SmoothAdvError(
-                f"the base classifier rejected an input of shape {tuple(example.shape)}: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise SmoothAdvError(
-                f"the base classifier returned shape {tuple(logits.shape)}, expected (batch, {self.num_classes})"
-            )
-        return logits
+        if len(requests) == 1:  # nothing to pack with: the plain loop makes the same batches
+            return self.sampler.segment_counts(first, requests[0].segments, batch_size, requests[0].generator)
+        # the counter (row of the result) of segment i of request r is offsets[r] + i
+        offsets = list(itertools.accumulate((len(request.segments) for request in requests), initial=0))
+        batch = _PackedBatch(self.sampler, first, int(batch_size), offsets[-1])
+        with eval_mode(self.sampler.base), torch.inference_mode():
+            for request, offset in zip(requests, offsets):
+                for size, runs in noise_pieces(request.segments, batch.size):
+                    piece = batch.free_rows(size)
+                    in_place = piece is not None
+                    if piece is None:
+                        piece = self.sampler._noise_buffer(first, batch.size, "stage")[:size]
+                    piece.normal_(0.0, self.sampler.sigma, generator=request.generator).add_(request.x)
+                    start = 0
+                    for segment, length in runs:
+                        batch.append(piece[start:start + length], offset + segment, copy=not in_place)
+                        start += length
+            batch.forward()
+        _raise_on_nan(batch.nan_rows)
+        return batch.votes.view(offsets[-1], self.sampler.num_classes)
 
 
-class Certificate(tuple):
-    """Result of CERTIFY. Unpacks as Cohen's pair: `prediction, radius = smooth.certify(...)`.
+class _PackedBatch:
+    """The forward batch `PackedSampler` is filling: noisy samples, and for each the counter it votes for."""
 
-    Extra detail is available as attributes: `p_lower` (the lower confidence bound on p_A),
-    `count` (votes for the predicted class among the estimation samples), `n` (estimation
-    samples used) and `n0` (selection samples used).
+    def __init__(self, sampler: NoisySampler, like: Tensor, size: int, counters: int) -> None:
+        self.sampler = sampler
+        self.size = size
+        self.classes = sampler.num_classes
+        self.noisy = sampler._noise_buffer(like, size)
+        # flat index, in `votes`, of the first class of each sample's counter: + the predicted class = its vote
+        self.owner = sampler._buffer("owner", like, size, torch.long, per_sample=False)
+        self.fill = 0  # samples now in the batch
+        self.votes = torch.zeros(counters * self.classes, dtype=torch.long, device=like.device)
+        self.nan_rows = torch.zeros((), dtype=torch.long, device=like.device)
+
+    def free_rows(self, count: int) -> Tensor | None:
+        """The next `count` free rows of the batch (to draw a piece in place), or None if they do not fit."""
+        return self.noisy[self.fill:self.fill + count] if self.fill + count <= self.size else None
+
+    def append(self, samples: Tensor, counter: int, *, copy: bool) -> None:
+        """Add noisy samples voting for `counter`, copied in unless they were drawn in place in `free_rows`;
+        run the model on the batch whenever it is full."""
+        done = 0
+        while done < len(samples):
+            take = min(len(samples) - done, self.size - self.fill)
+            if copy:
+                self.noisy[self.fill:self.fill + take].copy_(samples[done:done + take])
+            self.owner[self.fill:self.fill + take].fill_(counter * self.classes)
+            self.fill += take
+            done += take
+            if self.fill == self.size:
+                self.forward()
+
+    def forward(self) -> None:
+        """Classify the samples in the batch and count each one's vote into its counter."""
+        if self.fill == 0:
+            return
+        predictions = self.sampler._predict(self.noisy[:self.fill], self.nan_rows)
+        self.votes.add_(torch.bincount(self.owner[:self.fill] + predictions, minlength=len(self.votes)))
+        self.fill = 0
+
+
+# ------------------------------------------------------------------ CERTIFY's result
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Result of CERTIFY (Cohen et al. 2019, Algorithm CERTIFY), fixed-n or sequential.
+
+    Unpacks as Cohen's pair, `prediction, radius = smooth.certify(...)`, and indexes like it
+    (`cert[0]`, `cert[1]`, `len(cert) == 2`); the other fields are detail. Sequential
+    certification returns the subclass `smoothadv.sequential.SequentialCertificate`.
+
+    Guarantee: with probability at least 1 - alpha over the noise, the result abstains or
+    g(x) = prediction and g is constant on the L2 ball of radius `radius` around x (Theorem 1).
+
+    Attributes:
+        prediction: the certified class, or ABSTAIN (-1).
+        radius: the certified L2 radius sigma * Phi^-1(p_lower), in [0, 1]-pixel units; 0.0 when abstaining.
+        tested_class: the class whose vote probability p_A = P(f(x + delta) = tested_class) was bounded:
+            the argmax of the n0 selection votes (Cohen's c_hat), or the given label (sequential label
+            mode). `prediction` is this class unless the result abstains.
+        p_lower: the lower confidence bound on p_A (one-sided Clopper-Pearson at level alpha; sequential:
+            the largest bound over the looks made, each at its own level).
+        count: votes for `tested_class` among the `n` estimation samples.
+        n0: selection samples drawn to choose the class (0 when the class was given).
+        n: estimation samples drawn, those `count` and `p_lower` come from. `samples` = n0 + n is the
+            number of noisy forward passes used.
     """
 
     prediction: int
     radius: float
+    tested_class: int
+    p_lower: float
+    count: int
+    n0: int
+    n: int
 
-    def __new__(cls, prediction: int, radius: float, p_lower: float, count: int, n: int, n0: int) -> Certificate:
-        self = super().__new__(cls, (int(prediction), float(radius)))
-        self.p_lower = float(p_lower)
-        self.count = int(count)
-        self.n = int(n)
-        self.n0 = int(n0)
-        return self
+    def __iter__(self) -> Iterator[int | float]:
+        return iter((self.prediction, self.radius))
 
-    @property
-    def prediction(self) -> int:  # type: ignore[override]
-        return self[0]
+    def __len__(self) -> int:
+        return 2
 
-    @property
-    def radius(self) -> float:  # type: ignore[override]
-        return self[1]
+    def __getitem__(self, index: int) -> int | float:
+        return (self.prediction, self.radius)[index]
 
     @property
     def abstained(self) -> bool:
-        return self[0] == ABSTAIN
+        return self.prediction == ABSTAIN
 
-    def __repr__(self) -> str:
-        return (f"Certificate(prediction={self.prediction}, radius={self.radius:.4f}, p_lower={self.p_lower:.6f}, "
-                f"count={self.count}, n={self.n}, n0={self.n0})")
+    @property
+    def samples(self) -> int:
+        """Noisy forward passes used: n0 selection plus n estimation samples."""
+        return self.n0 + self.n
+
+
+def _checked_sigma(sigma: float) -> float:
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma}")
+    return float(sigma)
 
 
 class Smooth:
@@ -271,26 +381,47 @@ class Smooth:
         num_classes: number of classes.
         sigma: noise standard deviation, in [0, 1]-pixel units.
 
+    Attributes:
+        sampler: the `NoisySampler` that draws the noise and counts f's votes. `base_classifier`,
+            `num_classes` and `sigma` are read from it, and assigning `sigma` or `base_classifier`
+            writes to it (sigma is checked), so the noise and the radius always use one sigma.
+
     Paper: Cohen, Rosenfeld & Kolter, ICML 2019, https://arxiv.org/abs/1902.02918.
     """
 
     ABSTAIN = ABSTAIN
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float) -> None:
-        if not sigma > 0 or not math.isfinite(sigma):
-            raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma}")
+        sigma = _checked_sigma(sigma)
         if int(num_classes) != num_classes or num_classes < 2:
             raise SmoothAdvError(f"num_classes must be an integer >= 2, got {num_classes}")
-        self.base_classifier = base_classifier
-        self.num_classes = int(num_classes)
-        self.sigma = float(sigma)
-        self._sampler = NoisySampler(base_classifier, self.num_classes, self.sigma)
+        self.sampler = NoisySampler(base_classifier, int(num_classes), sigma)
+
+    @property
+    def base_classifier(self) -> nn.Module:
+        return self.sampler.base
+
+    @base_classifier.setter
+    def base_classifier(self, model: nn.Module) -> None:
+        self.sampler.base = model
+
+    @property
+    def num_classes(self) -> int:
+        return self.sampler.num_classes
+
+    @property
+    def sigma(self) -> float:
+        return self.sampler.sigma
+
+    @sigma.setter
+    def sigma(self, sigma: float) -> None:
+        self.sampler.sigma = _checked_sigma(sigma)
 
     def sample_counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Vote counts (num_classes,) of the base classifier on `num` noisy copies of x (on x's device)."""
         check_image(x)
         check_sample_args(num, 0.5, batch_size, "num")
-        return self._sampler.counts(x, num, batch_size, generator)
+        return self.sampler.counts(x, num, batch_size, generator)
 
     def predict(self, x: Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:
@@ -301,7 +432,7 @@ class Smooth:
         """
         check_image(x)
         check_sample_args(n, alpha, batch_size)
-        counts = self._sampler.counts(x, n, batch_size, generator).cpu()
+        counts = self.sampler.counts(x, n, batch_size, generator).cpu()
         top2 = torch.topk(counts, 2)
         count_a, count_b = int(top2.values[0]), int(top2.values[1])
         if binom_pvalue(count_a, count_a + count_b, 0.5) > alpha:
@@ -315,16 +446,21 @@ class Smooth:
         The class is chosen from `n0` selection samples; p_A is then bounded below with the
         one-sided (1 - alpha) Clopper-Pearson bound from `n` fresh estimation samples; the result
         abstains if that bound is below 1/2, and otherwise has radius sigma * Phi^-1(p_lower).
+        The n0 + n samples are one noise stream from `generator` (n0 first).
 
         Guarantee: with probability at least 1 - alpha over the noise, the result is ABSTAIN or
         g(x) = prediction and g is constant on the L2 ball of that radius around x.
         Unpacks as `(prediction, radius)`; see `Certificate` for the extra detail.
         """
-        return self.certify_many([x], n0, n, alpha, batch_size, [generator])[0]
+        check_sample_args(n0, alpha, batch_size, "n0")
+        check_sample_args(n, alpha, batch_size)
+        check_image(x)
+        selection, estimation = self.sampler.segment_counts(x, (int(n0), int(n)), batch_size, generator).cpu()
+        return self._certificate(selection, estimation, n0, n, alpha)
 
     def certify_many(self, xs: Sequence[Tensor], n0: int, n: int, alpha: float, batch_size: int,
                      generators: Sequence[torch.Generator | None] | None = None) -> list[Certificate]:
-        """CERTIFY for several inputs at once, their samples packed into shared forward passes.
+        """CERTIFY for several inputs at once, their samples packed into shared forward passes (`PackedSampler`).
 
         Each input's n0 selection and n estimation samples are one noise stream drawn from its own
         generator (n0 first), so `certify_many(xs, ..., gens)[i]` equals `certify(xs[i], ...,
@@ -341,17 +477,20 @@ class Smooth:
         if not xs:
             return []
         requests = [SampleRequest(x, (int(n0), int(n)), g) for x, g in zip(xs, generators)]
-        counts = self._sampler.counts_many(requests, batch_size).view(len(xs), 2, self.num_classes).cpu()
-        certificates = []
-        for selection, estimation in counts:
-            c_hat = int(selection.argmax())
-            count_a = int(estimation[c_hat])
-            p_lower = clopper_pearson_lower(count_a, n, alpha)
-            if p_lower < 0.5:
-                certificates.append(Certificate(ABSTAIN, 0.0, p_lower, count_a, n, n0))
-            else:
-                certificates.append(Certificate(c_hat, certified_radius(p_lower, self.sigma), p_lower, count_a, n, n0))
-        return certificates
+        counts = PackedSampler(self.sampler).counts(requests, batch_size).view(len(xs), 2, self.num_classes).cpu()
+        return [self._certificate(selection, estimation, n0, n, alpha) for selection, estimation in counts]
+
+    def _certificate(self, selection: Tensor, estimation: Tensor, n0: int, n: int, alpha: float) -> Certificate:
+        """CERTIFY's decision from the selection and estimation vote counts (Cohen et al., Algorithm CERTIFY)."""
+        c_hat = int(selection.argmax())
+        count = int(estimation[c_hat])
+        p_lower = clopper_pearson_lower(count, n, alpha)
+        if p_lower < 0.5:
+            prediction, radius = ABSTAIN, 0.0
+        else:
+            prediction, radius = c_hat, certified_radius(p_lower, self.sigma)
+        return Certificate(prediction=prediction, radius=float(radius), tested_class=c_hat, p_lower=float(p_lower),
+                           count=count, n0=int(n0), n=int(n))
 
 
 class SoftSmoothed(nn.Module):
