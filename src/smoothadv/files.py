@@ -91,6 +91,31 @@ def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False,
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_new_output(path: str | os.PathLike[str], *, force: bool = False,
+                     inputs: Iterable[str | os.PathLike[str]] = (), flag: str = "output") -> Path:
+    """Validate, before any work, a file that a command writes whole (a report, a plot, a converted checkpoint).
+
+    Guarantees, else SmoothAdvError (one line, naming `flag`): `path` is none of `inputs` (the
+    files the command reads; refused even with `force`, since writing would destroy the input),
+    it does not exist unless `force`, it is not a directory, and its directory can be written.
+    """
+    out = Path(path)
+    for source in inputs:
+        if _same_file(out, Path(source)) or out.resolve() == Path(source).resolve():
+            raise SmoothAdvError(f"{flag} {out} is also an input of this command; writing it would destroy that "
+                                 "input: choose another file")
+    if out.exists() and not out.is_dir() and not force:
+        raise SmoothAdvError(f"{flag} {out} already exists; pass --force to overwrite it")
+    return check_writable_output(out, force=True)
+
+
 class OutputLock:
     """An exclusive lock file `<path>.lock` for the lifetime of a run; a second run is refused.
 
