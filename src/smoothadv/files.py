@@ -204,7 +204,8 @@ class TsvLog:
 
     Open with `resume=True` to continue a file: its header must match, rows already written are
     kept, and a torn last line (a crash mid-write) is cut off. `done` holds the keys of the rows
-    present: `key(fields)`, by default the first column (the example index).
+    present: `key(fields)`, by default the first column (the example index). A file holding one key
+    twice is refused (SmoothAdvError), never resumed: each key has exactly one row.
     """
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], *, resume: bool = False,
@@ -231,11 +232,16 @@ class TsvLog:
                 "command or version, so it is not resumed (choose another --out)"
             )
         _, rows = read_tsv(self.path, what="refusing to resume it")
+        for line, row in enumerate(rows, start=2):
+            key = self.key(row)
+            if key in self.done:  # an uninterrupted run writes each key once: counting it twice would skew results
+                raise SmoothAdvError(f"{self.path} has a second row for idx {key} (line {line}); refusing to resume "
+                                     "it: remove the duplicate row, or start over with --force")
+            self.done.add(key)
         size = len("\n".join([header, *("\t".join(row) for row in rows)]).encode("utf-8")) + 1
         if self.path.stat().st_size != size:  # a torn last row (a crash mid-write): cut it off, it will be redone
             with open(self.path, "r+", encoding="utf-8") as handle:
                 handle.truncate(size)
-        self.done.update(self.key(row) for row in rows)
 
     def _sync(self) -> None:
         self._handle.flush()
