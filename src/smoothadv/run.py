@@ -293,8 +293,10 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     writes `OUT.shard-r-of-k` and the last rank to finish merges them into `OUT`. Returns what was
     written; `log` (default print) receives one line saying where.
     """
+    from .data import check_data_dir
     from .distributed import env_world
 
+    check_data_dir(run.data_dir)
     rank, world, _ = env_world()
     if world > 1 and run.shard is not None:
         raise SmoothAdvError("--shard is for separate jobs; under torchrun the ranks already split the examples")
