@@ -64,6 +64,8 @@ def test_certify_is_reproducible_and_resumes(trained, tmp_path, capsys) -> None:
     assert main(["certify", ckpt, "--out", str(a), *flags]) == 0
     partial = a.read_text().splitlines()[:4]
     b.write_text("\n".join(partial) + "\n" + "9\t1\t")  # three finished rows and a torn one
+    # ... of a run killed after writing its settings sidecar (an output without one is not resumed)
+    (tmp_path / "b.tsv.args.json").write_bytes((tmp_path / "a.tsv.args.json").read_bytes())
     assert main(["certify", ckpt, "--out", str(b), "--resume", *flags]) == 0
     strip = [line.rsplit("\t", 1)[0] for line in a.read_text().splitlines()]
     assert [line.rsplit("\t", 1)[0] for line in b.read_text().splitlines()] == strip

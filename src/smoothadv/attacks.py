@@ -14,7 +14,9 @@ cross-entropy from forward passes), used by `SteinPGDL2`. Nothing here imports `
 reads a model's attributes; `SoftSmoothed` implements both interfaces.
 
 Contract (every attack, tested in tests/test_attacks.py):
-- `x` is a batch (B, ...) with values in [0, 1]; so is the result.
+- `x` is a batch (B, ...) with finite values in [0, 1], and `y` holds B integer labels in
+  [0, K) for a model of K outputs; anything else is a SmoothAdvError (one line) before any
+  step. The result is a batch in [0, 1].
 - ||x_adv - x||_2 <= eps for every example (natural units: eps = 0.5 means 0.5 in [0, 1] pixels).
 - No side effects on the model: its train/eval mode and its parameters' `requires_grad` are left
   alone; gradients are taken with respect to the input only (`torch.autograd.grad`), so no
@@ -83,11 +85,45 @@ def project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
     return delta * _view(factor, delta)
 
 
-def _input_grad(model: Model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient of the summed cross-entropy with respect to the input only, and the logits."""
+def check_batch(x: Tensor, y: Tensor) -> int:
+    """Raise SmoothAdvError unless x is a floating-point batch (B, ...) with finite values in [0, 1]
+    and y is B integer labels >= 0; returns the largest label (checked against the model's
+    outputs at its first call, `check_labels`). One host synchronisation."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
+        shown = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {shown}")
+    if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
+            or tuple(y.shape) != (x.shape[0],):
+        shown = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+        raise SmoothAdvError(f"the attack needs y as {x.shape[0]} integer labels (a tensor of shape ({x.shape[0]},)), "
+                             f"got {shown}")
+    x_lo, x_hi, y_lo, y_hi = torch.stack([x.detach().min().double(), x.detach().max().double(),
+                                          y.min().double(), y.max().double()]).tolist()
+    if not (math.isfinite(x_lo) and math.isfinite(x_hi)):
+        raise SmoothAdvError("the attack input x contains NaN or Inf values")
+    if x_lo < 0 or x_hi > 1:
+        raise SmoothAdvError(f"the attack input x must have pixel values in [0, 1], got range [{x_lo:.4g}, {x_hi:.4g}]")
+    if y_lo < 0:
+        raise SmoothAdvError(f"labels must be >= 0, got {int(y_lo)}")
+    return int(y_hi)
+
+
+def check_labels(top_label: int, logits: Tensor) -> None:
+    """Raise SmoothAdvError if a label (the largest is `top_label`) is not one of the model's K outputs."""
+    if logits.dim() != 2 or top_label >= logits.shape[1]:
+        raise SmoothAdvError(f"labels must be in [0, {logits.shape[-1]}) for a model of {logits.shape[-1]} outputs, "
+                             f"got {top_label}" if logits.dim() == 2 else
+                             f"the model must return (B, K) scores, got shape {tuple(logits.shape)}")
+
+
+def _input_grad(model: Model, x_adv: Tensor, y: Tensor, top_label: int | None = None) -> tuple[Tensor, Tensor]:
+    """Gradient of the summed cross-entropy with respect to the input only, and the logits
+    (with `top_label`, the largest label, first checked against the model's outputs)."""
     with torch.enable_grad():
         point = x_adv.detach().requires_grad_(True)
         logits = model(point)
+        if top_label is not None:
+            check_labels(top_label, logits)
         loss = F.cross_entropy(logits, y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, point)
     return grad, logits.detach()
@@ -135,7 +171,7 @@ class _ProjectedL2Ascent:
         """The L2 length of each step: `step_size`, or 2 eps / steps (the SmoothAdv code's default) when None."""
         return self.step_size if self.step_size is not None else 2 * self.eps / self.steps
 
-    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor, top_label: int) -> Tensor:
         raise NotImplementedError
 
     def _accepts(self, model: Model) -> None:
@@ -143,6 +179,7 @@ class _ProjectedL2Ascent:
 
     def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self._accepts(model)
+        top_label = check_batch(x, y)
         if self.eps == 0:
             return x
         x = x.detach()
@@ -152,7 +189,7 @@ class _ProjectedL2Ascent:
             radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator) * self.eps
             delta = project(x, direction * _view(radius, x), self.eps)
         for _ in range(self.steps):
-            step = _normalize(self._direction(model, x + delta, y), generator)
+            step = _normalize(self._direction(model, x + delta, y, top_label), generator)
             delta = project(x, delta + self.step_length * step, self.eps)
         return (x + delta).detach()
 
@@ -168,8 +205,8 @@ class PGDL2(_ProjectedL2Ascent):
     random radius in [0, eps] in a random direction. Works on any differentiable `Model`.
     """
 
-    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
-        grad, _ = _input_grad(model, x_adv, y)
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor, top_label: int) -> Tensor:
+        grad, _ = _input_grad(model, x_adv, y, top_label)
         return grad
 
 
@@ -190,7 +227,7 @@ class SteinPGDL2(_ProjectedL2Ascent):
             raise SmoothAdvError("the gradient-free attack needs a model with ascent_direction(x, y), such as "
                                  "smoothing.SoftSmoothed (the smoothed classifier)")
 
-    def _direction(self, model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+    def _direction(self, model: Model, x_adv: Tensor, y: Tensor, top_label: int) -> Tensor:
         with torch.no_grad():
             return model.ascent_direction(x_adv, y)  # type: ignore[attr-defined]
 
@@ -231,6 +268,7 @@ class DDN:
         return ((x + delta) * scale).round() / scale - x
 
     def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        top_label = check_batch(x, y)
         if self.eps == 0:
             return x
         x = x.detach()
@@ -243,7 +281,7 @@ class DDN:
         for step in range(1, self.steps + 1):
             lr = 0.01 + (1 - 0.01) * (1 + math.cos(math.pi * step / self.steps)) / 2  # cosine, stepped first
             l2 = l2_norm(delta)
-            grad, logits = _input_grad(model, x + delta, y)
+            grad, logits = _input_grad(model, x + delta, y, top_label)
             is_adv = logits.argmax(1) != y
             better = is_adv & (l2 < best_l2)
             best_l2 = torch.where(better, l2, best_l2)

@@ -261,6 +261,7 @@ def add_convert(sub: Any) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--trust", action="store_true", help="confirm that you trust SRC (loading it can run its code)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(handler=run_convert)
 
 
@@ -269,7 +270,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
     if not args.trust:
         raise SmoothAdvError("converting unpickles the file, which can run code from it; pass --trust if you trust it")
-    convert_trusted_checkpoint(args.src, args.dst)
+    convert_trusted_checkpoint(args.src, args.dst, force=args.force)
     print(f"wrote {args.dst}")
 
 
@@ -299,12 +300,20 @@ def add_report(sub: Any) -> None:
     p.add_argument("--high-prob", action="store_true", help="add Cohen's high-probability corrected rows")
     p.add_argument("--alpha", type=probability, default=0.001, help="certification failure probability (high-prob)")
     p.add_argument("--rho", type=probability, default=0.001, help="high-prob: failure probability of the bound")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
     p.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from .files import atomic_write_text
+    from .files import atomic_write_text, check_new_output
     from .report import default_radii, format_table, load_results, merge, plot_accuracy, summarize
+
+    inputs = [path for _, path in [*args.results, *args.attack]]
+    for flag, target in (("--out", args.out), ("--plot", args.plot)):
+        if target:
+            check_new_output(target, force=args.force, inputs=inputs, flag=flag)
+    if args.out and args.plot and Path(args.out).resolve() == Path(args.plot).resolve():
+        raise SmoothAdvError(f"--out and --plot name the same file {args.out}; give two files")
 
     def grouped(pairs: list[tuple[str, str]]) -> dict[str, Any]:
         files: dict[str, list[Any]] = {}
@@ -344,13 +353,16 @@ def add_validity(sub: Any) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer inputs (the test-suite version)")
     p.add_argument("--json", default=None, help="also write all results as JSON to this file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(handler=run_validity)
 
 
 def run_validity(args: argparse.Namespace) -> None:
-    from .files import atomic_write_text
+    from .files import atomic_write_text, check_new_output
     from .validity import format_summary, format_table, results_json, run_suite
 
+    if args.json:
+        check_new_output(args.json, force=args.force, flag="--json")
     results = run_suite(trials=args.trials, alpha=args.alpha, n=args.n, n0=args.n0, seed=args.seed,
                         quick=args.quick, progress=lambda r: print(f"  {r.problem:<34} {r.mode:<34} "
                                                                    f"{r.checked}/{r.trials}", file=sys.stderr))

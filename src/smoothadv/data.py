@@ -116,6 +116,21 @@ def input_shape(name: str) -> tuple[int, int, int]:
     return dataset_info(name).input_shape
 
 
+def check_data_dir(data_dir: str | os.PathLike[str] | None) -> None:
+    """Raise SmoothAdvError unless `data_dir` is None (the default root) or an existing directory.
+
+    A data root given explicitly is never silently replaced by another copy of the data (such as
+    Debian's): a mistyped `--data-dir` is an error, not a fallback recorded under a bogus path.
+    """
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise SmoothAdvError(f"the data directory {path} (--data-dir) {what}; give the folder that holds the data "
+                             "(create it first to download into it)")
+
+
 def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The data root: `data_dir`, else `$SMOOTHADV_DATA`, else `./data` (the only default path)."""
     if data_dir is not None:
@@ -330,10 +345,12 @@ def get_dataset(name: str, split: Split, data_dir: str | os.PathLike[str] | None
                 augment: bool = False, download: bool = True) -> Dataset:
     """Load a dataset split by name with its registered loader.
 
-    Raises SmoothAdvError (one line) for an unknown name or split, for a dataset without a loader, and
-    (saying where it looked) when the data is missing.
+    Raises SmoothAdvError (one line) for an unknown name or split, for a dataset without a loader, for a
+    `data_dir` that is not an existing directory (`check_data_dir`), and (saying where it looked) when the
+    data is missing.
     """
     info = dataset_info(name)
+    check_data_dir(data_dir)
     if split not in ("train", "test"):
         raise SmoothAdvError(f"unknown split {split!r}; choose train or test")
     if info.loader is None:

@@ -82,6 +82,9 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise SmoothAdvError(message)
+        from .data import check_data_dir
+
+        check_data_dir(self.data_dir)
 
     @property
     def train_eps(self) -> float:

@@ -91,6 +91,31 @@ def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False,
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_new_output(path: str | os.PathLike[str], *, force: bool = False,
+                     inputs: Iterable[str | os.PathLike[str]] = (), flag: str = "output") -> Path:
+    """Validate, before any work, a file that a command writes whole (a report, a plot, a converted checkpoint).
+
+    Guarantees, else SmoothAdvError (one line, naming `flag`): `path` is none of `inputs` (the
+    files the command reads; refused even with `force`, since writing would destroy the input),
+    it does not exist unless `force`, it is not a directory, and its directory can be written.
+    """
+    out = Path(path)
+    for source in inputs:
+        if _same_file(out, Path(source)) or out.resolve() == Path(source).resolve():
+            raise SmoothAdvError(f"{flag} {out} is also an input of this command; writing it would destroy that "
+                                 "input: choose another file")
+    if out.exists() and not out.is_dir() and not force:
+        raise SmoothAdvError(f"{flag} {out} already exists; pass --force to overwrite it")
+    return check_writable_output(out, force=True)
+
+
 class OutputLock:
     """An exclusive lock file `<path>.lock` for the lifetime of a run; a second run is refused.
 
@@ -179,7 +204,8 @@ class TsvLog:
 
     Open with `resume=True` to continue a file: its header must match, rows already written are
     kept, and a torn last line (a crash mid-write) is cut off. `done` holds the keys of the rows
-    present: `key(fields)`, by default the first column (the example index).
+    present: `key(fields)`, by default the first column (the example index). A file holding one key
+    twice is refused (SmoothAdvError), never resumed: each key has exactly one row.
     """
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], *, resume: bool = False,
@@ -206,11 +232,16 @@ class TsvLog:
                 "command or version, so it is not resumed (choose another --out)"
             )
         _, rows = read_tsv(self.path, what="refusing to resume it")
+        for line, row in enumerate(rows, start=2):
+            key = self.key(row)
+            if key in self.done:  # an uninterrupted run writes each key once: counting it twice would skew results
+                raise SmoothAdvError(f"{self.path} has a second row for idx {key} (line {line}); refusing to resume "
+                                     "it: remove the duplicate row, or start over with --force")
+            self.done.add(key)
         size = len("\n".join([header, *("\t".join(row) for row in rows)]).encode("utf-8")) + 1
         if self.path.stat().st_size != size:  # a torn last row (a crash mid-write): cut it off, it will be redone
             with open(self.path, "r+", encoding="utf-8") as handle:
                 handle.truncate(size)
-        self.done.update(self.key(row) for row in rows)
 
     def _sync(self) -> None:
         self._handle.flush()

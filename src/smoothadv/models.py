@@ -14,6 +14,10 @@ dicts, so it loads with `weights_only=True`):
     sigma           training noise level (float, may be 0)
     epoch           completed epochs
     state_dict      state dict of Sequential(norm, net): keys "1.<param>" exactly as in Cohen's files
+    weights_sha256  `weights_digest(state_dict)`: verified on every load, so flipped or overwritten
+                    weight bytes are refused (torch does not check the zip's CRC). Files written
+                    before it existed have none and still load, unverified (`weights_verified`
+                    False in the metadata); Cohen's and Salman's files cannot carry one.
     optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
 
 `load_checkpoint` also reads Cohen et al.'s and Salman et al.'s released `checkpoint.pth.tar`
@@ -25,10 +29,11 @@ normalization, so the caller must choose it: "normalize" (x - mean) / std, or "c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +43,21 @@ from torch import Tensor, nn
 from .archs import ARCHITECTURES, arch_info, foreign_names
 from .data import dataset_stats, num_classes
 from .errors import SmoothAdvError
-from .files import atomic_torch_save
+from .files import atomic_torch_save, check_new_output
 
 FORMAT = "smoothadv-checkpoint"
 NORMALIZATIONS = ("normalize", "center", "none")
+DIGEST = "weights_sha256"
 
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel. mean and std are non-persistent buffers: they follow `.to()`
-    but stay out of the state dict, so Cohen's and Salman's state dicts load strictly."""
+    but stay out of the state dict, so Cohen's and Salman's state dicts load strictly.
+
+    An input whose channel count (dimension -3) is not the layer's is refused (SmoothAdvError),
+    where broadcasting would silently turn a 1-channel image into a 3-channel one. (Not checked
+    while torch.fx traces the layer, e.g. for `accel.fold_batchnorm`.)
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -58,6 +69,10 @@ class Normalize(nn.Module):
         self.centers_only = std is None
 
     def forward(self, x: Tensor) -> Tensor:
+        channels = self.mean.shape[1]
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() < 3 or x.shape[-3] != channels):
+            raise SmoothAdvError(f"the model takes {channels}-channel images (its input normalization has {channels} "
+                                 f"channel(s)), got an input of shape {tuple(x.shape)}")
         if self.centers_only:
             return x - self.mean
         return (x - self.mean) / self.std
@@ -116,9 +131,22 @@ def replace_head(model: nn.Sequential, arch: str, classes: int) -> None:
         setattr(parent, path[-1], new)
 
 
+def weights_digest(state: Mapping[str, Tensor]) -> str:
+    """Hex SHA-256 of a state dict: each entry's name, dtype, shape and bytes, in sorted name order.
+
+    Depends only on the tensors' values (not on their device or on how the file stores them)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, dataset: str,
                     normalization: dict[str, Any], sigma: float, **extra: Any) -> None:
-    """Write a checkpoint in the format above, atomically (temporary file, fsync, rename)."""
+    """Write a checkpoint in the format above, atomically (temporary file, fsync, rename), with the
+    digest of its weights (`weights_sha256`) that every load verifies."""
     from . import __version__
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -126,14 +154,17 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str
         "format": FORMAT, "version": 1, "arch": arch, "dataset": dataset,
         "num_classes": int(extra.pop("num_classes", num_classes(dataset))),
         "normalization": normalization, "sigma": float(sigma), "state_dict": state,
-        "smoothadv_version": __version__,
+        "smoothadv_version": __version__, DIGEST: weights_digest(state),
     }
     payload.update(extra)
     atomic_torch_save(payload, path)
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True, turning every failure into a one-line SmoothAdvError."""
+    """torch.load with weights_only=True, turning every failure into a one-line SmoothAdvError.
+
+    A file that records the digest of its weights (`weights_sha256`) is returned only if its
+    weights still match it (else SmoothAdvError: the file is corrupt)."""
     file = Path(path)
     if not file.is_file():
         raise SmoothAdvError(f"checkpoint {file} does not exist")
@@ -155,7 +186,22 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated ({type(exc).__name__}: {detail})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "arch" not in payload:
         raise SmoothAdvError(f"{file} is not a model checkpoint (expected a dict with 'arch' and 'state_dict')")
+    _verify_weights(payload, file)
     return payload
+
+
+def _verify_weights(payload: dict[str, Any], file: Path) -> None:
+    """Raise SmoothAdvError if `payload` records a weights digest that its state dict does not match."""
+    recorded = payload.get(DIGEST)
+    if recorded is None:
+        return  # written before digests existed, or by Cohen's or Salman's code: nothing to verify
+    state = payload["state_dict"]
+    if not isinstance(recorded, str) or not isinstance(state, dict) or \
+            not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise SmoothAdvError(f"{file} is malformed: {DIGEST} must be a string and state_dict a dict of named tensors")
+    if weights_digest(state) != recorded:
+        raise SmoothAdvError(f"checkpoint {file} is corrupt: its weights do not match the digest recorded when it was "
+                             "saved (flipped or overwritten bytes); restore it from a copy or retrain")
 
 
 def _foreign_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -228,7 +274,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             library's own files it overrides the recorded choice only if given.
 
     Returns: (model in eval mode, metadata dict without the state dict). The metadata always has
-    `arch`, `dataset`, `num_classes`, `normalization` and `sigma` (None when unknown).
+    `arch`, `dataset`, `num_classes`, `normalization`, `sigma` (None when unknown) and
+    `weights_verified` (whether the file carried a weights digest, which then matched: False for
+    Cohen/Salman files and smoothadv files older than the digest).
     """
     file = Path(path)
     payload = read_checkpoint(file, map_location)
@@ -264,16 +312,21 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     _load_state(model, dict(state), file, arch)
     model.to(map_location).eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
-    meta.update({"arch": arch, "dataset": dataset, "num_classes": classes, "normalization": spec, "sigma": sigma})
+    meta.update({"arch": arch, "dataset": dataset, "num_classes": classes, "normalization": spec, "sigma": sigma,
+                 "weights_verified": DIGEST in payload})
     return model, meta
 
 
-def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                               force: bool = False) -> None:
     """Re-save a *trusted* legacy checkpoint that needs full unpickling as a weights-only file.
 
     This runs `torch.load(weights_only=False)`, which can execute code from the file: only use it on
-    files whose origin you trust. Keeps `arch`, `epoch` and the tensors of `state_dict`.
+    files whose origin you trust. Keeps `arch`, `epoch` and the tensors of `state_dict`, and adds
+    their digest (`weights_sha256`, verified when the new file is loaded). An existing `dst` is
+    refused unless `force`, and `dst` may never be `src` (checked before `src` is read).
     """
+    check_new_output(dst, force=force, inputs=[src], flag="output")
     try:
         payload = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -284,4 +337,5 @@ def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLi
                              "state_dict": {str(k): v.detach().cpu() for k, v in payload["state_dict"].items()}}
     if "epoch" in payload:
         clean["epoch"] = int(payload["epoch"])
+    clean[DIGEST] = weights_digest(clean["state_dict"])
     atomic_torch_save(clean, dst)

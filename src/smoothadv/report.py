@@ -103,7 +103,8 @@ def load_results(path: str | Path) -> Results:
     """Parse one certify, predict or attack TSV (see the module docstring for the formats).
 
     Raises SmoothAdvError (one line, naming the file and the line) for a missing, empty, headerless
-    or malformed file.
+    or malformed file, and for a file with two rows of one example (same idx, and same eps in an
+    attack file), which would be counted twice.
     """
     file = Path(path)
     try:
@@ -159,6 +160,7 @@ def load_results(path: str | Path) -> Results:
     eps = None
     if radius is None:
         eps = numbers("eps", float) if "eps" in columns else np.zeros(rows)
+    _refuse_repeated_examples(file, idx, eps)
     seconds = None
     if "time" in columns:
         try:
@@ -167,6 +169,19 @@ def load_results(path: str | Path) -> Results:
             raise SmoothAdvError(f"{file}: column 'time': {exc}") from None
     return Results(file, "certify" if radius is not None else "attack", idx, label, predict, correct, radius, eps,
                    seconds)
+
+
+def _refuse_repeated_examples(file: Path, idx: np.ndarray, eps: np.ndarray | None) -> None:
+    """SmoothAdvError naming the first example (idx, and eps in an attack file) that has two rows:
+    counting it twice would skew every accuracy (a file of one run has each example once)."""
+    seen: dict[tuple[int, float], int] = {}
+    keys = zip(idx.tolist(), eps.tolist() if eps is not None else [0.0] * len(idx))
+    for line, key in enumerate(keys, start=2):
+        if key in seen:
+            where = f"idx {key[0]}" + (f" at eps {key[1]:g}" if eps is not None and np.any(eps) else "")
+            raise SmoothAdvError(f"{file}: {where} has two rows (lines {seen[key]} and {line}); each example must "
+                                 "count once: remove the duplicate row")
+        seen[key] = line
 
 
 def _parses(text: str, kind: type) -> bool:

@@ -163,20 +163,54 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
 
     With `resume`, rows already in `out` are kept and their jobs skipped, after checking that `out`
     was started with the same `recorded` settings (else SmoothAdvError; or, with
-    `restart_on_change`, the file is started over). `recorded` is written to `OUT.args.json`
-    together with `OUT.env.json` (versions, device, git revision).
+    `restart_on_change`, the file is started over). A file with rows but no `OUT.args.json` is
+    not resumed (its rows cannot be checked), nor one holding a job twice or a row that is not one
+    of `jobs`: SmoothAdvError, the file untouched. So the finished file holds each job's row exactly
+    once, in job order (rows resumed out of order are put back in order): the file an uninterrupted
+    run writes. `recorded` is written to `OUT.args.json` together with `OUT.env.json` (versions,
+    device, git revision).
     """
     with OutputLock(out):
         if resume and out.exists():
             previous = read_settings(out)
             differences = [] if previous is None else setting_differences(previous, recorded)
+            if previous is None and _has_rows(out):
+                differences = [f"{settings_path(out).name} (its recorded settings) is missing"]
             if differences and restart_on_change:
                 resume, force = False, True
+            elif previous is None and differences:
+                raise SmoothAdvError(f"cannot resume {out}: {settings_path(out)}, its recorded settings, is missing, "
+                                     "so its rows cannot be checked against these settings; restore that file, or "
+                                     "start over with --force or a new --out")
             elif differences:
                 raise SmoothAdvError(f"cannot resume {out}: it was started with other settings "
                                      f"({'; '.join(differences)}); use the same flags or a new --out")
         with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
-            return _append(out, log, recorded, columns, jobs, make_rows, progress, label)
+            stray = log.done - {job_key(job) for job in jobs}
+            if stray:
+                raise SmoothAdvError(f"cannot resume {out}: it has {len(stray)} row(s) that are not part of this run "
+                                     f"(e.g. idx {sorted(stray)[0]}); remove them, or start over with --force")
+            outcome = _append(out, log, recorded, columns, jobs, make_rows, progress, label)
+        _put_in_job_order(out, columns, jobs)
+        return outcome
+
+
+def _has_rows(out: Path) -> bool:
+    """Whether `out` holds at least one complete line after its header (read as bytes: any file)."""
+    try:
+        return out.read_bytes().count(b"\n") >= 2
+    except OSError:
+        return False
+
+
+def _put_in_job_order(out: Path, columns: Sequence[str], jobs: Sequence[Job]) -> None:
+    """Rewrite `out` (atomically) with its rows in job order, if a resumed run appended them out of order."""
+    header, rows = read_tsv(out)
+    position = {job_key(job): i for i, job in enumerate(jobs)}
+    order = [position[row_key(columns, row)] for row in rows]
+    if order != sorted(order):
+        rows = [row for _, row in sorted(zip(order, rows), key=lambda item: item[0])]
+        atomic_write_text(out, "\n".join([header, *("\t".join(row) for row in rows)]) + "\n")
 
 
 def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
@@ -259,8 +293,10 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     writes `OUT.shard-r-of-k` and the last rank to finish merges them into `OUT`. Returns what was
     written; `log` (default print) receives one line saying where.
     """
+    from .data import check_data_dir
     from .distributed import env_world
 
+    check_data_dir(run.data_dir)
     rank, world, _ = env_world()
     if world > 1 and run.shard is not None:
         raise SmoothAdvError("--shard is for separate jobs; under torchrun the ranks already split the examples")

@@ -13,7 +13,8 @@ meet the same checks:
 Every field is declared with `setting(...)`, which records its help text, its command-line spelling
 and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
 bars, resume/force) are the only ones a resumed run, or the shards of one run, may differ in; every
-other field is compared (`row_settings`). `convert` turns a value from a flag or a recipe into the
+other field is compared (`row_settings`). (A resumed training run may also raise `epochs`, which
+only says where it stops: `train.RESUMABLE_CHANGES`.) `convert` turns a value from a flag or a recipe into the
 field's declared type, strictly: `"false"` is not a bool, `1.5` is not an int, `true` is not a
 number. Field names are those of the flags (and of the `args.json` files earlier versions wrote),
 so recorded runs stay comparable.

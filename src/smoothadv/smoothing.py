@@ -458,17 +458,24 @@ class Smooth:
         selection, estimation = self.sampler.segment_counts(x, (int(n0), int(n)), batch_size, generator).cpu()
         return self._certificate(selection, estimation, n0, n, alpha)
 
-    def certify_many(self, xs: Sequence[Tensor], n0: int, n: int, alpha: float, batch_size: int,
+    def certify_many(self, xs: Sequence[Tensor] | Tensor, n0: int, n: int, alpha: float, batch_size: int,
                      generators: Sequence[torch.Generator | None] | None = None) -> list[Certificate]:
         """CERTIFY for several inputs at once, their samples packed into shared forward passes (`PackedSampler`).
 
-        Each input's n0 selection and n estimation samples are one noise stream drawn from its own
-        generator (n0 first), so `certify_many(xs, ..., gens)[i]` equals `certify(xs[i], ...,
-        gens[i])` whatever other inputs are packed with it. The guarantee of `certify` holds for
-        each input separately. Inputs must share one shape and device.
+        `xs` is a sequence of images (C, H, W) or one batch tensor (B, C, H, W), taken as its B
+        images; any other tensor is a SmoothAdvError. Each input's n0 selection and n estimation
+        samples are one noise stream drawn from its own generator (n0 first), so
+        `certify_many(xs, ..., gens)[i]` equals `certify(xs[i], ..., gens[i])` whatever other
+        inputs are packed with it. The guarantee of `certify` holds for each input separately.
+        Inputs must share one shape and device.
         """
         check_sample_args(n0, alpha, batch_size, "n0")
         check_sample_args(n, alpha, batch_size)
+        if isinstance(xs, Tensor):
+            if xs.dim() != 4:
+                raise SmoothAdvError(f"xs must be a sequence of images (C, H, W) or one batch (B, C, H, W), got a "
+                                     f"tensor of shape {tuple(xs.shape)}")
+            xs = list(xs.unbind(0))
         generators = list(generators) if generators is not None else [None] * len(xs)
         if len(generators) != len(xs):
             raise SmoothAdvError(f"got {len(xs)} inputs but {len(generators)} generators")
@@ -534,5 +541,7 @@ class SoftSmoothed(nn.Module):
         batch, m = self.noise.shape[:2]
         with torch.no_grad():
             probs = torch.softmax(self.base(self._noisy(x)), dim=1).view(batch, m, -1)
+            if tuple(y.shape) != (batch,) or int(y.min()) < 0 or int(y.max()) >= probs.shape[2]:
+                raise SmoothAdvError(f"y must hold {batch} labels in [0, {probs.shape[2]}), got {y.tolist()[:8]}")
             p_y = probs.gather(2, y.view(batch, 1, 1).expand(batch, m, 1)).squeeze(2)  # (B, m)
             return -(p_y.view(batch, m, *([1] * (self.noise.dim() - 2))) * self.noise).mean(1)

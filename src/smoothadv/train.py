@@ -26,6 +26,7 @@ schedule step, and on rank 0 evaluation, log row and checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .accel import autocast_dtype, resolve_device
-from .data import NpzDataset, TensorImageDataset, get_dataset, input_shape, num_classes
+from .data import NpzDataset, TensorImageDataset, check_data_dir, get_dataset, input_shape, num_classes
 from .distributed import (
     Dist,
     RankSlicedNoise,
@@ -63,11 +64,20 @@ from .models import (
 )
 from .objectives import LossOutput, NoiseSource, Objective
 from .seeds import derive_seed
-from .settings import TrainSettings
+from .settings import TrainSettings, bookkeeping_fields, flag_name, row_settings
 from .smoothing import eval_mode
 
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
+
+RESUMABLE_CHANGES = bookkeeping_fields(TrainSettings) | {"epochs"}
+"""The settings a resumed run may change: those that cannot change a result (declared rows=False:
+`out_dir`, `device`, `workers`, `data_dir`, `progress`, `resume`, `force`) and `epochs`, which only
+says where the run stops: nothing before the last epoch depends on it (the learning-rate schedule
+steps every `lr_step` epochs and the eps warm-up spans `warmup` epochs, whatever `epochs` is), so a
+run resumed with a larger `epochs` trains exactly what one run of that many epochs would. It may not
+fall below the epochs already trained. Every other setting, and the objective, must be the one the
+checkpoint recorded; each resumption is recorded in args.json's `history`."""
 
 
 TrainConfig = TrainSettings
@@ -201,13 +211,18 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
     identical; outside it nothing is synchronised. With `precision` (torch.bfloat16 or
     torch.float16) the objective, attack included, runs under autocast (noise is still drawn and
     added in float32); with `scaler` the loss is scaled for fp16. Returns the mean training loss and
-    accuracy per example over all ranks.
+    accuracy per example over all ranks. Outside torchrun the epoch stops early, at the first batch
+    whose loss is NaN or infinite (the returned loss is then non-finite: training diverged); under
+    torchrun every batch runs, so that the ranks keep meeting in the same all-reduces.
     """
     model.train()
     stepper = _Stepper(model, objective, optimizer, device, generator, precision, scaler)
     tally = _Tally()
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     for x, y in labelled:
         stepper.batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1.0, tally)
+        if alone and not math.isfinite(tally.loss_sum):
+            break
         extra_batch = next(extra, None) if extra is not None else None
         if extra_batch is not None:
             stepper.batch(extra_batch[0].to(device), extra_batch[1].to(device), extra_weight, tally)
@@ -248,6 +263,7 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     from .files import OutputLock
 
     cfg.validate()
+    check_data_dir(cfg.data_dir)
     warmup = getattr(objective, "warmup", 1)
     if warmup > cfg.epochs:
         raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
@@ -269,11 +285,12 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
     resume_from = _checkpoint_to_resume(cfg, ckpt_path)
     data = _load_data(cfg)
     ctx = _join_process_group(cfg, device)
-    state = _initial_state(cfg, ctx.device, data.classes, resume_from)
+    state = _initial_state(cfg, ctx.device, data.classes, resume_from, objective)
     broadcast_model(state.model)  # torchrun: every replica starts as rank 0's
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
     if ctx.main:
-        write_provenance(cfg.out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world})
+        write_provenance(cfg.out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world,
+                                       "history": _history(Path(cfg.out_dir), state, config)})
     log = _EpochLog(Path(cfg.out_dir) / "log.tsv", state.epoch)
 
     for epoch in range(state.epoch, cfg.epochs):
@@ -286,6 +303,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
                                 extra_weight=cfg.unlabelled_weight, generator=noise, progress=bar,
                                 precision=state.precision, scaler=state.scaler)
         state.scheduler.step()
+        _refuse_divergence(state.model, stats, epoch, ckpt_path)  # on every rank: same loss and weights
         if not ctx.main:  # rank 0 alone evaluates, logs and saves; the others go on to the next all-reduce
             continue
         test = evaluate_noisy(state.model, data.test, cfg.sigma, ctx.device,
@@ -355,11 +373,14 @@ class _TrainingState:
     noise_gen: torch.Generator
     shuffle_gen: torch.Generator
     epoch: int = 0
+    resumed_config: dict[str, Any] | None = None  # the settings `resume_from` recorded (None: a fresh start)
 
 
-def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_from: Path | None) -> _TrainingState:
+def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_from: Path | None,
+                   objective: Objective) -> _TrainingState:
     """The model (seeded with `cfg.seed`, or fine-tuned from `cfg.pretrained`), SGD with momentum and
-    weight decay, the step schedule and the generators; then `resume_from`'s state, if given."""
+    weight decay, the step schedule and the generators; then `resume_from`'s state, if given (after
+    checking that `cfg` and `objective` differ from its recorded ones only in `RESUMABLE_CHANGES`)."""
     torch.manual_seed(cfg.seed)
     norm = normalization_spec(cfg.dataset, cfg.normalization)
     model = build_model(cfg.arch, cfg.dataset, norm).to(device)
@@ -376,18 +397,21 @@ def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_
         shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
     )
     if resume_from is not None:  # multi-node: the run directory must be on a shared filesystem
-        _restore(state, resume_from, cfg, device)
+        _restore(state, resume_from, cfg, device, objective)
     return state
 
 
-def _restore(state: _TrainingState, path: Path, cfg: TrainConfig, device: torch.device) -> None:
-    """Load a checkpoint written by `_save` into `state`, refusing one of another architecture or dataset.
+def _restore(state: _TrainingState, path: Path, cfg: TrainConfig, device: torch.device, objective: Objective) -> None:
+    """Load a checkpoint written by `_save` into `state`, refusing one of another architecture or dataset,
+    or one trained with other settings (`_check_resumable`).
 
     The noise and global torch generators are not restored: they are reseeded every epoch."""
     saved = read_checkpoint(path, device)
     if saved.get("arch") != cfg.arch or saved.get("dataset") != cfg.dataset:
         raise SmoothAdvError(f"{path} was trained with {saved.get('arch')}/{saved.get('dataset')}, "
                              f"not {cfg.arch}/{cfg.dataset}; refusing to resume")
+    _check_resumable(saved, path, cfg, objective)
+    state.resumed_config = dict(saved["config"])
     state.model.load_state_dict(saved["state_dict"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -395,6 +419,63 @@ def _restore(state: _TrainingState, path: Path, cfg: TrainConfig, device: torch.
         state.scaler.load_state_dict(saved["scaler"])
     state.shuffle_gen.set_state(saved["rng"]["shuffle"].cpu())
     state.epoch = int(saved["epoch"])
+
+
+def _plain(value: Any) -> Any:
+    """A setting or objective description as JSON stores it (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_resumable(saved: dict[str, Any], path: Path, cfg: TrainConfig, objective: Objective) -> None:
+    """Refuse (SmoothAdvError, one line) to resume `saved` with settings that would change the run.
+
+    Compared field by field: every setting that can change a result (`settings.row_settings`) but
+    `epochs`, against the checkpoint's recorded `config` (a setting it does not record, being older
+    than that setting, counts as that setting's default), and the objective's `describe()` at the
+    last trained epoch against the checkpoint's `objective`. `epochs` may not be below the epochs
+    already trained. See `RESUMABLE_CHANGES`.
+    """
+    recorded, done = saved.get("config"), int(saved.get("epoch", 0))
+    if not isinstance(recorded, dict):
+        raise SmoothAdvError(f"{path} records no training settings, so resuming it cannot be checked; start over "
+                             "with --force or a new --out")
+    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    changed = []
+    for name, value in row_settings(cfg).items():
+        if name in RESUMABLE_CHANGES:
+            continue
+        before = recorded.get(name, fields[name].default)
+        if _plain(before) != _plain(value):
+            changed.append(f"{flag_name(fields[name])} {before!r} -> {value!r}")
+    now = _plain(objective.at_epoch(max(done - 1, 0)).describe())
+    then = _plain(saved.get("objective"))
+    if isinstance(then, dict) and now.get("name") != then.get("name"):
+        changed.append(f"--objective {then.get('name')} -> {now.get('name')}")
+    elif isinstance(then, dict):  # its sigma is --sigma, compared above
+        changed += [f"objective {key} {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(then))
+                    if key != "sigma" and now.get(key) != then.get(key)]
+    if changed:
+        raise SmoothAdvError(f"cannot resume {path}: that would change the run ({'; '.join(changed)}); on resume "
+                             "only --epochs (to extend it), --device, --workers, --data-dir and --progress may "
+                             "change: use the recorded settings, or start over with --force or a new --out")
+    if cfg.epochs < done:
+        raise SmoothAdvError(f"cannot resume {path} with --epochs {cfg.epochs}: it has already trained {done} epochs "
+                             f"(pass --epochs {done} or more)")
+
+
+def _history(out_dir: Path, state: _TrainingState, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """args.json's `history`: the earlier entries, plus one for this run if it resumes a checkpoint,
+    saying at which epoch and which `RESUMABLE_CHANGES` settings changed (e.g. a larger `epochs`)."""
+    if state.resumed_config is None:
+        return []
+    try:
+        earlier = json.loads((out_dir / "args.json").read_text()).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    changes = {name: [_plain(state.resumed_config.get(name)), _plain(config.get(name))]
+               for name in sorted(RESUMABLE_CHANGES - {"resume", "force"})
+               if _plain(state.resumed_config.get(name)) != _plain(config.get(name))}
+    return [*(earlier if isinstance(earlier, list) else []), {"resumed_at_epoch": state.epoch, "changed": changes}]
 
 
 # ------------------------------------------------------------------ one epoch
@@ -464,6 +545,22 @@ def _save(path: Path, cfg: TrainConfig, state: _TrainingState, classes: int, *, 
                     rng={"noise": state.noise_gen.get_state(), "shuffle": state.shuffle_gen.get_state(),
                          "torch": torch.get_rng_state()},
                     config=config, objective=objective.describe())
+
+
+def _refuse_divergence(model: nn.Module, stats: dict[str, float], epoch: int, ckpt_path: Path) -> None:
+    """Stop the run (SmoothAdvError, one line) if the epoch's loss or any weight is NaN or infinite.
+
+    Called before the epoch's checkpoint is written, so the last good checkpoint is never replaced
+    by non-finite weights. Its inputs are the same on every rank (an all-reduced loss, replicas kept
+    identical), so under torchrun every rank stops together."""
+    weights_ok = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    if math.isfinite(stats["loss"]) and weights_ok:
+        return
+    kept = (f"{ckpt_path} still holds epoch {epoch}, the last good one" if epoch > 0 else
+            "no checkpoint was written by this run")
+    raise SmoothAdvError(f"training diverged in epoch {epoch + 1} (loss {stats['loss']:.4g}"
+                         f"{'' if weights_ok else ', non-finite weights'}): {kept}; lower --lr (or --sigma) and "
+                         "start over with --force or a new --out")
 
 
 def _announce(epoch: int, epochs: int, stats: dict[str, float], test: dict[str, float], elapsed: float) -> None:
