@@ -183,10 +183,20 @@ def add_train(sub: Any) -> None:
     for name, (field, kind, owners) in hyperparameters().items():
         a.add_argument(flag_name(field), dest=name, default=argparse.SUPPRESS,
                        **({"action": "store_true"} if kind is bool else {"type": _field_type(field, kind)}),
-                       help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_shown(field.default)}")
+                       help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_owner_defaults(name)}")
     g = p.add_argument_group("attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)")
     add_settings(g, AttackSettings)
     p.set_defaults(handler=run_train)
+
+
+def _owner_defaults(key: str) -> str:
+    """' (default: X)' for an objective hyperparameter, or ' (default: a X, b Y)' when its objectives differ."""
+    from .objectives import hyperparameter_defaults
+
+    defaults = hyperparameter_defaults(key)
+    if len({repr(v) for v in defaults.values()}) <= 1:
+        return _shown(next(iter(defaults.values()), None))
+    return " (default: " + ", ".join(f"{name} {_shown(v)[11:-1] or v}" for name, v in defaults.items()) + ")"
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,17 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
   (Cohen et al. 2019, Section 4, "training").
 - `SmoothAdv`: cross-entropy on adversarial examples of the smoothed soft classifier, plus the same
   noise (Salman et al. 2019, Section 4; reference §3.5).
+- `StabilityTraining`: clean cross-entropy plus a soft cross-entropy between the clean and the noisy
+  prediction (Li et al., NeurIPS 2019).
+
+The methods after SmoothAdv follow the code their authors released, which the CAT-RS authors (Jeong,
+Kim & Shin, AAAI 2023) re-ran for every baseline; each class says where it differs from that code.
+Conventions shared by all of them: sigma and eps in [0, 1]-pixel L2 units; the m noisy copies of a
+batch are drawn as one (B, m, C, H, W) tensor (row i of the draw belongs to image i, so the noise of
+an image does not depend on the number of torchrun processes) and fed to the model image-major (the
+m copies of image 1, then of image 2, ...; the originals concatenate them noise-major, which only
+changes BatchNorm batch statistics in floating point and the order of random draws); losses are
+computed in float32 even under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from torch import Tensor, nn
 
 from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack
 from .errors import SmoothAdvError
-from .settings import AT_LEAST_ONE, AttackSettings, convert, fields_of, setting
+from .settings import AT_LEAST_ONE, NONNEGATIVE, AttackSettings, convert, fields_of, flag_name, setting
 from .smoothing import SoftSmoothed, eval_mode
 
 
@@ -98,6 +109,44 @@ def row_generator(generator: NoiseSource) -> torch.Generator | None:
 def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
     """N(0, sigma^2) noise shaped like x, drawn on x's device (from `generator` if given)."""
     return standard_normal(tuple(x.shape), x, generator) * sigma
+
+
+def noise_copies(x: Tensor, m: int, sigma: float, generator: NoiseSource = None) -> Tensor:
+    """m draws of N(0, sigma^2 I) per image of x (B, C, H, W): a (B, m, C, H, W) tensor, row i for image i."""
+    return standard_normal((x.shape[0], m, *x.shape[1:]), x, generator) * sigma
+
+
+def noisy_rows(x: Tensor, noise: Tensor) -> Tensor:
+    """The B*m noisy inputs x_i + delta_ij, image-major ((B, m, ...) noise flattened to (B*m, ...))."""
+    return (x.unsqueeze(1) + noise).flatten(0, 1)
+
+
+def scheduled(default: Any) -> Any:
+    """A dataclass field that `at_epoch` sets (e.g. a warm-up weight): recorded by `describe()`, but not a
+    hyperparameter (no command-line flag, no recipe key)."""
+    return dataclasses.field(default=default, metadata={"scheduled": True})
+
+
+def check_hyperparameters(objective: Objective) -> None:
+    """Check sigma and every hyperparameter field of a dataclass objective against its declared type and
+    limit (converting e.g. an int given for a float); SmoothAdvError (one line, naming the flag) if one fails."""
+    sigma = getattr(objective, "sigma", 0.0)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise SmoothAdvError(f"sigma must be >= 0, got {sigma}")
+    for name, (field, kind) in fields_of(type(objective)).items():
+        if name in ("sigma", "attack") or field.metadata.get("scheduled"):
+            continue
+        value = getattr(objective, name)
+        converted = convert(value, kind, flag_name(field))
+        if converted is not value and converted != value:
+            object.__setattr__(objective, name, converted)
+        limit = field.metadata.get("limit")
+        if converted is not None and limit is not None and not limit[0](converted):
+            raise SmoothAdvError(f"{flag_name(field)} must be {limit[1]}, got {value!r}")
+
+
+LAMBDA_HELP = ("lambda: weight of the method's regularizer (stability term; consistency KL; MACER robustness "
+               "term; CAT-RS L_high)")
 
 
 @dataclass(frozen=True)
@@ -176,7 +225,38 @@ class SmoothAdv(Objective):
         return LossOutput(F.cross_entropy(logits, targets), logits, targets)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv}
+@dataclass(frozen=True)
+class StabilityTraining(Objective):
+    """Stability training (Li, Chen, Wang & Carin, "Certified Adversarial Robustness with Additive Noise",
+    NeurIPS 2019), as the code of Jeong & Shin (2020) implements it (`train_stab.py`, re-run by the CAT-RS
+    authors; reference §2.2).
+
+    One draw delta_i ~ N(0, sigma^2 I) per image and two forward passes, clean and noisy:
+
+        L = (1/B) sum_i [ CE(f(x_i), y_i) + lbd * S_i ],   S_i = -sum_k q(x_i)_k log q(x_i + delta_i)_k,
+
+    q = softmax(f). S is a soft cross-entropy whose target q(x_i) is *not* detached, as in that code:
+    S = H(q(x)) + KL(q(x) || q(x + delta)), so the term also lowers the entropy of the clean prediction
+    (kept: the published numbers come from it). The classification term sees no noise. One SGD step
+    per loader batch; training accuracy is that of the noisy pass. Cost: 2 forward/backward per image.
+    """
+
+    sigma: float
+    lbd: float = setting(2.0, LAMBDA_HELP, limit=NONNEGATIVE)
+
+    def __post_init__(self) -> None:
+        check_hyperparameters(self)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        noise = gaussian_noise(x, self.sigma, generator)
+        clean = model(x).float()
+        noisy = model(x + noise).float()
+        stability = -(F.softmax(clean, dim=1) * F.log_softmax(noisy, dim=1)).sum(1).mean()
+        return LossOutput(F.cross_entropy(clean, y) + self.lbd * stability, noisy, y)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv,
+                                          "stability": StabilityTraining}
 """Objective name (the CLI's --objective) -> class. Each class is a frozen dataclass whose fields are its
 hyperparameters: `sigma` (the training noise level), `attack` (built by `build_attack`) and the others,
 declared with `settings.setting(...)` so that the command line, recipes and checks know them."""
@@ -207,11 +287,17 @@ def hyperparameters() -> dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]
     found: dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]] = {}
     for name, cls in OBJECTIVES.items():
         for key, (field, kind) in fields_of(cls).items():
-            if key in ("sigma", "attack"):
+            if key in ("sigma", "attack") or field.metadata.get("scheduled"):
                 continue
             owners = found[key][2] if key in found else ()
             found[key] = (found[key][0] if key in found else field, kind, (*owners, name))
     return found
+
+
+def hyperparameter_defaults(key: str) -> dict[str, Any]:
+    """The default of hyperparameter `key` in each registered objective that has it (objective name -> default)."""
+    return {name: field.default for name, cls in OBJECTIVES.items()
+            for field_name, (field, _) in fields_of(cls).items() if field_name == key}
 
 
 def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None = None,
@@ -232,7 +318,9 @@ def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None =
         raise SmoothAdvError(f"unknown objective setting(s) {', '.join(unknown)}")
     values = {key: convert(value, known[key][1], key) for key, value in options.items()}
     kwargs: dict[str, Any] = {}
-    for key in fields_of(OBJECTIVES[name]):
+    for key, (field, _) in fields_of(OBJECTIVES[name]).items():
+        if field.metadata.get("scheduled"):
+            continue
         if key == "sigma":
             kwargs[key] = sigma
         elif key == "attack":
