@@ -12,10 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
+from smoothadv.attacks import PGDL2
 from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
-from smoothadv.objectives import OBJECTIVES, StabilityTraining, build_objective
+from smoothadv.objectives import (
+    OBJECTIVES,
+    Consistency,
+    ConsistencyRegularizer,
+    SmoothAdv,
+    StabilityTraining,
+    build_objective,
+)
 from smoothadv.settings import train_recipe
 from smoothadv.train import batches, train_epoch
 
@@ -53,10 +61,58 @@ def test_stability_is_clean_cross_entropy_plus_lambda_soft_cross_entropy_to_the_
     assert torch.allclose(sigma_zero.loss, F.cross_entropy(clean_logits, y) + entropy, atol=1e-6)
 
 
+# ------------------------------------------------------------------ consistency regularization
+
+
+def test_consistency_kl_is_zero_when_all_noisy_copies_predict_the_same() -> None:
+    logits = torch.randn(5, 1, 4).repeat(1, 3, 1)  # 5 images, 3 identical copies each
+    assert float(ConsistencyRegularizer(lbd=7.0, eta=0.0)(logits)) == pytest.approx(0.0, abs=1e-7)
+    # the entropy term is then eta x H(p) of the common prediction
+    p = logits[:, 0].softmax(1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert torch.allclose(ConsistencyRegularizer(lbd=7.0, eta=0.5)(logits), 0.5 * entropy, atol=1e-6)
+    # a model that ignores its input predicts the same for every copy: the objective is CE + eta H exactly
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    with torch.no_grad():
+        constant[1].weight.zero_()
+        constant[1].bias.copy_(torch.tensor([0.3, -1.0, 2.0, 0.1]))
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 2, 2])
+    out = Consistency(0.5, m=4, lbd=10.0, eta=0.0)(constant, x, y, torch.Generator().manual_seed(0))
+    assert torch.allclose(out.loss, F.cross_entropy(constant(x), y), atol=1e-6)
+
+
+def test_consistency_kl_matches_its_definition_when_copies_differ() -> None:
+    logits = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1))
+    q = logits.softmax(2)
+    p = q.mean(1, keepdim=True)
+    kl = (p * (p.log() - q.log())).sum(2).mean(1)  # (1/m) sum_j KL(p || q_j)
+    entropy = -(p * p.log()).sum(2).squeeze(1)
+    assert float(kl.min()) > 0
+    assert torch.allclose(ConsistencyRegularizer(3.0, 0.25)(logits), (3.0 * kl + 0.25 * entropy).mean(), atol=1e-6)
+
+
+def test_consistency_composes_with_smoothadv() -> None:
+    # eps = 0 leaves x unattacked: SmoothAdv + consistency on m copies is then Consistency on the same draws
+    model = _toy()
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    alone = Consistency(0.25, m=3, lbd=4.0, eta=0.5)(model, x, y, torch.Generator().manual_seed(2))
+    composed = SmoothAdv(0.25, PGDL2(0.0), m=3, multi_noise=True, consistency=True, lbd=4.0, eta=0.5)
+    out = composed(model, x, y, torch.Generator().manual_seed(2))
+    assert torch.allclose(out.loss, alone.loss, atol=1e-6) and torch.equal(out.targets, alone.targets)
+    plain = SmoothAdv(0.25, PGDL2(0.0), m=3, multi_noise=True)(model, x, y, torch.Generator().manual_seed(2))
+    assert float((out.loss - plain.loss).detach()) > 0  # the regularizer is added, not substituted
+    assert composed.steps_per_batch == Consistency(0.25, m=3).steps_per_batch == 3
+    assert "lbd" not in SmoothAdv(0.25, PGDL2(0.5)).describe()  # plain SmoothAdv records what it always did
+    assert composed.describe()["consistency"] is True and composed.describe()["lbd"] == 4.0
+    with pytest.raises(SmoothAdvError, match="needs --multi-noise"):
+        SmoothAdv(0.25, PGDL2(0.5), m=2, consistency=True)
+
+
 # ------------------------------------------------------------------ every objective learns
 
 METHODS = {
     "stability": {"lbd": 2.0},
+    "consistency": {"m": 2, "lbd": 10.0, "eta": 0.5},
 }
 
 
