@@ -17,6 +17,7 @@ from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
 from smoothadv.objectives import (
+    MACER,
     OBJECTIVES,
     Consistency,
     ConsistencyRegularizer,
@@ -108,11 +109,58 @@ def test_consistency_composes_with_smoothadv() -> None:
         SmoothAdv(0.25, PGDL2(0.5), m=2, consistency=True)
 
 
+# ------------------------------------------------------------------ MACER
+
+
+def test_macer_hinge_on_a_linear_model_equals_its_closed_form() -> None:
+    # Two classes, f(x) = (w.x, -w.x): with d_ij = 2 w.(x_i + delta_ij) and a_i = mean_j sigmoid(beta d_ij),
+    # the beta-soft classifier's top two are max(a, 1 - a) and min(a, 1 - a), so xi_i = 2 Phi^-1(max(a_i, 1 - a_i))
+    # (Phi^-1(1 - p) = -Phi^-1(p)); the hinge is (sigma / 2) (gamma - xi_i) on the images whose soft prediction is
+    # right and whose xi is finite and at most gamma.
+    from scipy.stats import norm
+
+    sigma, m, beta, gamma, lbd = 0.5, 3, 2.0, 2.7, 4.0
+    w = torch.tensor([0.4, -0.3, 0.2, 0.1])
+    model = _linear(torch.stack([w, -w]), torch.zeros(2))
+    x = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.2, 0.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 1.0, 1.0],
+                      [0.9, 0.1, 0.8, 0.7]])
+    y = torch.tensor([0, 1, 1, 0, 0])  # image 2 is predicted as class 0: wrong, so not in the hinge
+    objective = MACER(sigma, m=m, lbd=lbd, beta=beta, gamma=gamma)
+    out = objective(model, x.view(5, 1, 2, 2), y, torch.Generator().manual_seed(0))
+    noise = torch.randn((5, m, 1, 2, 2), generator=torch.Generator().manual_seed(0)).double().view(5, m, 4) * sigma
+    d = 2 * ((x.double().unsqueeze(1) + noise) @ w.double())  # (5, m)
+    a = torch.sigmoid(beta * d).mean(1)
+    top = torch.maximum(a, 1 - a)
+    xi = 2 * torch.from_numpy(norm.ppf(top.numpy()))
+    correct = torch.where(a >= 0.5, 0, 1) == y
+    kept = correct & (xi <= gamma)
+    assert kept.tolist() == [True, True, False, False, True]  # image 3's margin exceeds gamma: no hinge either
+    hinge = (sigma / 2 * (gamma - xi)).clamp(min=0) * correct
+    p_true = torch.where(y == 0, torch.sigmoid(d).mean(1), 1 - torch.sigmoid(d).mean(1))
+    expected = (-torch.log(p_true + 1e-10).sum() + lbd * hinge.sum()) / 5
+    assert abs(float(out.loss.detach()) - float(expected)) < 1e-5
+    # deferred: no robustness term in the first `deferred` epochs, the classification term alone
+    deferred = MACER(sigma, m=m, lbd=lbd, beta=beta, gamma=gamma, deferred=2)
+    assert [deferred.at_epoch(e).lbd for e in range(4)] == [0.0, 0.0, lbd, lbd]
+    early = deferred.at_epoch(1)(model, x.view(5, 1, 2, 2), y, torch.Generator().manual_seed(0))
+    assert abs(float(early.loss.detach()) - float(-torch.log(p_true + 1e-10).sum() / 5)) < 1e-5
+
+
+def test_macer_drops_images_with_an_infinite_margin_without_nan_gradients() -> None:
+    # a confident model: p1 rounds to 1 in float32, Phi^-1(p1) = inf; the image is dropped and gradients stay finite
+    model = _linear(torch.tensor([[50.0, 0.0], [-50.0, 0.0]]), torch.zeros(2))
+    x, y = torch.tensor([[[[1.0, 0.0]]], [[[0.01, 0.0]]]]), torch.tensor([0, 0])
+    out = MACER(0.01, m=2, lbd=1.0, beta=16.0, gamma=8.0)(model, x, y, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ------------------------------------------------------------------ every objective learns
 
 METHODS = {
     "stability": {"lbd": 2.0},
     "consistency": {"m": 2, "lbd": 10.0, "eta": 0.5},
+    "macer": {"m": 8, "lbd": 12.0, "beta": 16.0, "gamma": 8.0},
 }
 
 

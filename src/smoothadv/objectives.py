@@ -12,6 +12,8 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
   prediction (Li et al., NeurIPS 2019).
 - `Consistency`: cross-entropy on m noisy copies plus `ConsistencyRegularizer` (Jeong & Shin, NeurIPS
   2020); the same regularizer composes with SmoothAdv (`SmoothAdv(consistency=True)`).
+- `MACER`: log-likelihood of the soft smoothed classifier plus a hinge on its certified radius (Zhai
+  et al., ICLR 2020), with the deferred start used at sigma = 1.0.
 
 The methods after SmoothAdv follow the code their authors released, which the CAT-RS authors (Jeong,
 Kim & Shin, AAAI 2023) re-ran for every baseline; each class says where it differs from that code.
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 
 from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack
 from .errors import SmoothAdvError
-from .settings import AT_LEAST_ONE, NONNEGATIVE, AttackSettings, convert, fields_of, flag_name, setting
+from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, AttackSettings, convert, fields_of, flag_name, setting
 from .smoothing import SoftSmoothed, eval_mode
 
 
@@ -350,8 +352,85 @@ class Consistency(Objective):
         return LossOutput(F.cross_entropy(logits, targets) + regularizer, logits, targets)
 
 
+def macer_margins(logits: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """MACER's robustness margins on logits (b, m, K): (p1, p2, correct).
+
+    p~_i = (1/m) sum_j softmax(beta f(x_i + delta_ij)); p1_i >= p2_i are its two largest entries and
+    `correct` says whether its arg-max is y_i (the beta-sharpened soft classifier, not hard votes, as in
+    the original). Gradients flow through p1 and p2; `correct` is a constant.
+    """
+    sharpened = F.softmax(beta * logits, dim=2).mean(1)
+    top = sharpened.topk(2, dim=1)
+    return top.values[:, 0], top.values[:, 1], top.indices[:, 0] == y
+
+
+@dataclass(frozen=True)
+class MACER(Objective):
+    """MACER: attack-free training by maximizing the certified radius (Zhai, Dan, He, Zhang, Gong, Ravikumar,
+    Hsieh & Wang, ICLR 2020), as in the authors' code (`macer.py`, also used unchanged by the CAT-RS authors;
+    reference §2.4).
+
+    Each of the B images of a loader batch gets m draws; one forward pass over the B*m copies gives
+    logits (B, m, K). With p_i the average softmax over image i's copies and p~, p1, p2, correct from
+    `macer_margins`, xi_i = Phi^-1(p1_i) - Phi^-1(p2_i) (Phi^-1 the standard normal quantile):
+
+        C = sum_i -log(p_i[y_i] + 1e-10)
+        R = (sigma / 2) sum_{i kept} (gamma - xi_i),   kept: correct_i, xi_i finite and |xi_i| <= gamma
+        L = (C + lbd R) / B
+
+    i.e. the hinge (sigma/2) max(0, gamma - xi_i) on the correct images, except that images whose xi is
+    not finite (p1 rounding to 1) are dropped, as in the original; both sums are divided by the full B.
+    One SGD step per loader batch (no chunking). With lbd = 0 the robustness term is not computed.
+
+    `deferred` (epochs, 0 = off): the robustness term is off (lbd = 0) in epochs 0 .. deferred - 1. The
+    re-run code's `--deferred` switches MACER on at the first epoch run at the dropped learning rate
+    (sigma = 1.0 on CIFAR-10, every sigma on (Fashion-)MNIST); this library drops the rate at epoch
+    `--lr-step` exactly (the re-run code one epoch later), so `deferred = lr_step` keeps that meaning.
+
+    Defaults are MACER's own: m = 16, beta = 16, gamma = 8, lbd = 12 (the CAT-RS re-runs: lbd 12 / 6 / 12,
+    deferred at sigma = 1.0, on CIFAR-10; lbd 16 / 16 / 6, deferred, on MNIST). Cost: m forward/backward
+    per image. The training accuracy logged is that of the B*m noisy copies (the original logs 0).
+    """
+
+    sigma: float
+    m: int = setting(16, M_HELP, limit=AT_LEAST_ONE)
+    lbd: float = setting(12.0, LAMBDA_HELP, limit=NONNEGATIVE)
+    beta: float = setting(16.0, "beta: inverse temperature of MACER's soft smoothed classifier", limit=NONNEGATIVE)
+    gamma: float = setting(8.0, "gamma: MACER's hinge margin on Phi^-1(p1) - Phi^-1(p2) (the code's --margin)",
+                           limit=NONNEGATIVE)
+    deferred: int = setting(0, "MACER: epochs trained with lambda = 0 before the robustness term starts (0: off; "
+                            "the re-run code's --deferred is --lr-step here)", limit=COUNT)
+
+    def __post_init__(self) -> None:
+        check_hyperparameters(self)
+
+    def at_epoch(self, epoch: int) -> MACER:
+        return dataclasses.replace(self, lbd=0.0) if epoch < self.deferred else self
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        batch = x.shape[0]
+        noise = noise_copies(x, self.m, self.sigma, generator)
+        flat = model(noisy_rows(x, noise)).float()
+        logits = flat.view(batch, self.m, -1)
+        average = F.softmax(logits, dim=2).mean(1)
+        classification = F.nll_loss(torch.log(average + 1e-10), y, reduction="sum")
+        loss = classification
+        if self.lbd > 0:
+            p1, p2, correct = macer_margins(logits, y, self.beta)
+            with torch.no_grad():
+                xi = torch.special.ndtri(p1) - torch.special.ndtri(p2)
+                kept = correct & torch.isfinite(xi) & (xi.abs() <= self.gamma)
+            # the quantiles are recomputed on the kept images only, so a dropped image's infinite
+            # derivative never meets a zero (0 x inf would be NaN)
+            xi_kept = torch.special.ndtri(p1[kept]) - torch.special.ndtri(p2[kept])
+            robustness = (self.gamma - xi_kept).sum() * self.sigma / 2
+            loss = loss + self.lbd * robustness
+        return LossOutput(loss / batch, flat, y.repeat_interleave(self.m))
+
+
 OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv,
-                                          "stability": StabilityTraining, "consistency": Consistency}
+                                          "stability": StabilityTraining, "consistency": Consistency,
+                                          "macer": MACER}
 """Objective name (the CLI's --objective) -> class. Each class is a frozen dataclass whose fields are its
 hyperparameters: `sigma` (the training noise level), `attack` (built by `build_attack`) and the others,
 declared with `settings.setting(...)` so that the command line, recipes and checks know them."""
