@@ -22,8 +22,10 @@ from smoothadv.objectives import (
     Consistency,
     ConsistencyRegularizer,
     SmoothAdv,
+    SmoothMix,
     StabilityTraining,
     build_objective,
+    smoothmix_attack,
 )
 from smoothadv.settings import train_recipe
 from smoothadv.train import batches, train_epoch
@@ -155,12 +157,60 @@ def test_macer_drops_images_with_an_infinite_margin_without_nan_gradients() -> N
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+# ------------------------------------------------------------------ SmoothMix
+
+
+def test_smoothmix_target_is_the_stated_convex_combination() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x_init, x_adv = torch.rand(4, 1, 2, 2, generator=gen), torch.rand(4, 1, 2, 2, generator=gen)
+    average = torch.rand(4, 5, generator=gen).softmax(1)
+    lam = torch.tensor([0.0, 0.1, 0.25, 0.5])
+    x_mix, target = SmoothMix(0.25).mixed(x_init, x_adv, average, lam)
+    for i, weight in enumerate(lam.tolist()):
+        assert torch.allclose(x_mix[i], (1 - weight) * x_init[i] + weight * x_adv[i])
+        assert torch.allclose(target[i], (1 - weight) * average[i] + weight * torch.full((5,), 0.2))
+    assert torch.allclose(target.sum(1), torch.ones(4)) and torch.equal(target[0], average[0])
+
+
+def test_smoothmix_loss_recomputed_from_its_definition() -> None:
+    # The whole loss by hand from the same draws: noise (b, m) first, then lambda ~ U[0, 1/2] per image.
+    model = _toy(3)
+    x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    objective = SmoothMix(0.25, m=2, steps=3, alpha=0.5, eta=5.0, mix_step=1, warmup=4).at_epoch(1)
+    assert objective.ramp == 0.5
+    out = objective(model, x, y, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    noise = torch.randn((6, 2, 3, 8, 8), generator=gen) * 0.25
+    lam = torch.rand(6, generator=gen) / 2
+    model.eval()
+    x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=0.5, steps=3, mix_step=1)
+    model.train()
+    step = x_init - x  # the one-step adversary, moved alpha = 0.5; its radius is capped at ramp x alpha x 1 = 0.25
+    assert 0.25 < float(step.flatten(1).norm(dim=1).max()) <= 0.5 + 1e-6
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T alpha
+    norms = step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x_init = x + step * torch.clamp(0.25 / norms, max=1.0)
+    logits = model((x.unsqueeze(1) + noise).flatten(0, 1))
+    average = logits.softmax(1).view(6, 2, 4).mean(1)
+    x_mix = (1 - lam.view(-1, 1, 1, 1)) * x_init + lam.view(-1, 1, 1, 1) * x_adv
+    target = (1 - lam.view(-1, 1)) * average + lam.view(-1, 1) / 4
+    log_q = model((x_mix.unsqueeze(1) + noise).flatten(0, 1)).log_softmax(1).view(6, 2, 4)
+    kl = (target.unsqueeze(1) * (target.unsqueeze(1).log() - log_q)).sum(2)  # (b, m)
+    correct = (average.argmax(1) == y).float().unsqueeze(1)
+    expected = F.cross_entropy(logits, y.repeat_interleave(2)) + 5.0 * 0.5 * (correct * kl).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    # mix_step = 0: the clean side of the mixup is x itself
+    start, _ = smoothmix_attack(model, x, y, noise, alpha=0.5, steps=2, mix_step=0)
+    assert torch.equal(start, x)
+
+
 # ------------------------------------------------------------------ every objective learns
 
 METHODS = {
     "stability": {"lbd": 2.0},
     "consistency": {"m": 2, "lbd": 10.0, "eta": 0.5},
     "macer": {"m": 8, "lbd": 12.0, "beta": 16.0, "gamma": 8.0},
+    "smoothmix": {"m": 2, "steps": 2, "alpha": 0.5, "eta": 5.0, "mix_step": 1, "warmup": 1},
 }
 
 

@@ -180,11 +180,18 @@ def add_train(sub: Any) -> None:
                    help="training method (default: gaussian)")
     add_settings(p, TrainSettings, defaults={"device": "auto", "arch": None})
     a = p.add_argument_group("objective hyperparameters (each applies to the objectives named in brackets)")
+    attack_flags = {f.name for f in dataclasses.fields(AttackSettings)}
     for name, (field, kind, owners) in hyperparameters().items():
+        if name in attack_flags:  # an objective's own eps/steps: set with the attack group's flag
+            continue
         a.add_argument(flag_name(field), dest=name, default=argparse.SUPPRESS,
                        **({"action": "store_true"} if kind is bool else {"type": _field_type(field, kind)}),
                        help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_owner_defaults(name)}")
-    g = p.add_argument_group("attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)")
+    g = p.add_argument_group(
+        "attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)",
+        "--eps and --steps also set the eps and T of the objectives with their own attack ("
+        + ", ".join(f"--{key}: {'/'.join(owners)}{_owner_defaults(key)}" for key, (_, _, owners)
+                    in hyperparameters().items() if key in attack_flags) + ")")
     add_settings(g, AttackSettings)
     p.set_defaults(handler=run_train)
 

@@ -14,6 +14,12 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
   2020); the same regularizer composes with SmoothAdv (`SmoothAdv(consistency=True)`).
 - `MACER`: log-likelihood of the soft smoothed classifier plus a hinge on its certified radius (Zhai
   et al., ICLR 2020), with the deferred start used at sigma = 1.0.
+- `SmoothMix`: cross-entropy on m copies plus a masked KL to a mixup target between a (one-step)
+  adversary and a multi-step adversary of the smoothed classifier (Jeong et al., NeurIPS 2021).
+
+Hyperparameters named like an attack setting (`eps`, `steps`) belong to the objective that declares
+them (SmoothMix's and CAT-RS's own attacks); `--eps`/`--steps` set them, with the objective's default
+when not given (`settings.train_recipe`).
 
 The methods after SmoothAdv follow the code their authors released, which the CAT-RS authors (Jeong,
 Kim & Shin, AAAI 2023) re-ran for every baseline; each class says where it differs from that code.
@@ -38,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack
+from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack, l2_norm, project
 from .errors import SmoothAdvError
-from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, AttackSettings, convert, fields_of, flag_name, setting
+from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, POSITIVE, AttackSettings, convert, fields_of, flag_name, setting
 from .smoothing import SoftSmoothed, eval_mode
 
 
@@ -151,6 +157,8 @@ def check_hyperparameters(objective: Objective) -> None:
 
 M_HELP = "m: noise draws per image (SmoothAdv: in the attack, and in training with --multi-noise)"
 ETA_HELP = "eta: weight of the entropy of the average prediction (consistency) or of the mixup term (SmoothMix)"
+WARMUP_HELP = ("warm-up epochs (SmoothAdv: eps ramps linearly to --eps; SmoothMix: the mixup weight and the mix "
+               "radius ramp linearly to full)")
 LAMBDA_HELP = ("lambda: weight of the method's regularizer (stability term; consistency KL; MACER robustness "
                "term; CAT-RS L_high)")
 
@@ -201,7 +209,7 @@ class SmoothAdv(Objective):
     attack: Attack
     m: int = setting(1, M_HELP, limit=AT_LEAST_ONE)
     multi_noise: bool = setting(False, "train on all m noisy copies (m SGD steps per batch)")
-    warmup: int = setting(1, "epochs over which eps ramps linearly to --eps", limit=AT_LEAST_ONE)
+    warmup: int = setting(1, WARMUP_HELP, limit=AT_LEAST_ONE)
     consistency: bool = setting(False, "add the consistency regularizer (Jeong & Shin 2020; --lbd, --eta) on the m "
                                 "noisy copies of each adversarial example (needs --multi-noise and --m >= 2)")
     lbd: float = setting(1.0, LAMBDA_HELP, limit=NONNEGATIVE)
@@ -428,9 +436,109 @@ class MACER(Objective):
         return LossOutput(loss / batch, flat, y.repeat_interleave(self.m))
 
 
+def _unit(g: Tensor) -> Tensor:
+    """g / (||g|| + 1e-8) per example, the normalization of the SmoothMix and CAT-RS attacks."""
+    return g / (l2_norm(g) + 1e-8).view(-1, *([1] * (g.dim() - 1)))
+
+
+def smoothmix_attack(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, alpha: float, steps: int,
+                     mix_step: int) -> tuple[Tensor, Tensor]:
+    """SmoothMix's adversary of the smoothed soft classifier (Jeong et al. 2021, `SmoothMix_PGD`): (x_mix_step, x_T).
+
+    Starting at x, `steps` ascent steps on sum_i -log p_i(x')[y_i], p_i the average softmax over image i's
+    fixed noise draws `noise` (B, m, ...): each step moves by `alpha` along the per-image normalized
+    gradient (g / (||g|| + 1e-8)) and clamps to [0, 1]; there is no eps-ball (the original's default,
+    `--maxnorm` unset), so x_T can be up to T alpha away. x_mix_step is the iterate before step
+    `mix_step` (x itself for mix_step = 0, and when mix_step >= steps). Gradients are taken with respect
+    to the input only; put the model in eval mode yourself.
+    """
+    smoothed = SoftSmoothed(model, noise)
+    adv = start = x.detach()
+    for step in range(steps):
+        if step == mix_step:
+            start = adv
+        with torch.enable_grad():
+            point = adv.requires_grad_(True)
+            loss = F.nll_loss(smoothed(point).float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, point)
+        adv = (adv.detach() + alpha * _unit(grad)).clamp(0.0, 1.0).detach()
+    return start.detach(), adv
+
+
+@dataclass(frozen=True)
+class SmoothMix(Objective):
+    """SmoothMix (Jeong, Park, Kim, Lee, Kim & Shin, NeurIPS 2021), as in the authors' code (`train.py` of
+    jh-jeong/smoothmix = `train_smoothmix.py` of the CAT-RS re-runs; reference §2.6).
+
+    Per chunk of b images with m draws delta_ij shared by every pass: `smoothmix_attack` (eval mode)
+    gives x_init (the iterate before step `mix_step`, then projected onto the ball of radius
+    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the clean pass
+    q_ij = softmax(f(x_i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2] per
+    image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
+    lambda_i u (u uniform over the K classes) and c_i = 1[argmax p_i = y_i]:
+
+        L = (1/(b m)) sum_ij CE(f(x_i + delta_ij), y_i) + eta w_e (1/(b m)) sum_ij c_i KL(t_i || q(x~_i + delta_ij)).
+
+    t_i is not detached (its gradient reaches the clean pass through p_i), as in the original; c and
+    lambda are constants; the masked mean divides by all b m rows. Warm-up: w_e = min(1, (e + 1) / warmup)
+    (`at_epoch`) scales both the mixup term and x_init's radius; x_adv is not warmed up. m SGD steps per
+    loader batch (`steps_per_batch`). Training accuracy is that of the clean copies (the original logs 0).
+
+    Defaults: the published CIFAR-10 settings that do not depend on sigma (m = 2, T = 4, eta = 5,
+    warm-up 10) and the code's alpha = 1 and mix_step = 0; CIFAR-10 used alpha / mix_step = 0.5 / 0,
+    1.0 / 1, 2.0 / 1 at sigma = 0.25 / 0.5 / 1.0; MNIST m = 4, alpha = 1, (T, eta) = (2, 5) / (4, 5) /
+    (8, 5) or eta = 1. The original's `--maxnorm` (an eps-ball for x_adv) is not offered: no published
+    run set it. Cost: m (T + 2) forward/backward per image.
+    """
+
+    sigma: float
+    m: int = setting(2, M_HELP, limit=AT_LEAST_ONE)
+    steps: int = setting(4, "attack steps T (SmoothMix's and CAT-RS's own attacks)", limit=AT_LEAST_ONE)
+    alpha: float = setting(1.0, "alpha: SmoothMix's attack step size (L2, [0, 1] pixels)", limit=POSITIVE)
+    eta: float = setting(5.0, ETA_HELP, limit=NONNEGATIVE)
+    mix_step: int = setting(0, "SmoothMix: the attack iterate mixed with x_adv (0: x itself, 1: the one-step "
+                            "adversary)", limit=COUNT)
+    warmup: int = setting(10, WARMUP_HELP, limit=AT_LEAST_ONE)
+    ramp: float = scheduled(1.0)  # w_e of the epoch (set by at_epoch)
+
+    def __post_init__(self) -> None:
+        check_hyperparameters(self)
+
+    @property
+    def steps_per_batch(self) -> int:  # type: ignore[override]
+        return self.m
+
+    def at_epoch(self, epoch: int) -> SmoothMix:
+        return dataclasses.replace(self, ramp=min(1.0, (epoch + 1) / self.warmup))
+
+    def mixed(self, x_init: Tensor, x_adv: Tensor, average: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """The mixup input (1 - lam) x_init + lam x_adv and its target (1 - lam) average + lam u, lam (b,)."""
+        weight = lam.view(-1, *([1] * (x_init.dim() - 1)))
+        uniform = torch.full_like(average, 1.0 / average.shape[1])
+        return (1 - weight) * x_init + weight * x_adv, (1 - lam.view(-1, 1)) * average + lam.view(-1, 1) * uniform
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        batch = x.shape[0]
+        noise = noise_copies(x, self.m, self.sigma, generator)
+        with eval_mode(model):
+            x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=self.alpha, steps=self.steps,
+                                             mix_step=self.mix_step)
+        x_init = (x + project(x, x_init - x, self.ramp * self.alpha * self.mix_step)).detach()
+        logits = model(noisy_rows(x, noise)).float()
+        targets = y.repeat_interleave(self.m)
+        average = F.softmax(logits, dim=1).view(batch, self.m, -1).mean(1)
+        lam = torch.rand(batch, device=x.device, generator=row_generator(generator)).to(x.dtype) / 2
+        x_mix, target = self.mixed(x_init, x_adv, average, lam)
+        log_q = F.log_softmax(model(noisy_rows(x_mix, noise)).float(), dim=1)
+        correct = (average.argmax(1) == y).to(log_q.dtype).repeat_interleave(self.m)
+        kl = F.kl_div(log_q, target.repeat_interleave(self.m, dim=0), reduction="none").sum(1)
+        loss = F.cross_entropy(logits, targets) + self.eta * self.ramp * (correct * kl).mean()
+        return LossOutput(loss, logits, targets)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv,
                                           "stability": StabilityTraining, "consistency": Consistency,
-                                          "macer": MACER}
+                                          "macer": MACER, "smoothmix": SmoothMix}
 """Objective name (the CLI's --objective) -> class. Each class is a frozen dataclass whose fields are its
 hyperparameters: `sigma` (the training noise level), `attack` (built by `build_attack`) and the others,
 declared with `settings.setting(...)` so that the command line, recipes and checks know them."""

@@ -514,12 +514,13 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
 
     Keys are the command line's flag names (`batch`, `lr_step`, `objective`, `attack`, `eps`, `m`,
     ...): training settings, attack settings, `objective` (default "gaussian") and the objective's
-    own hyperparameters. Every value is checked against its declared type; unknown keys, a missing
-    `out`, or a value of the wrong type are one-line errors prefixed with `source`. The architecture
-    defaults to the dataset's usual one.
+    own hyperparameters. An attack key (`eps`, `steps`) that the chosen objective declares as its own
+    field (SmoothMix's and CAT-RS's attacks) goes to the objective. Every value is checked against its
+    declared type; unknown keys, a missing `out`, or a value of the wrong type are one-line errors
+    prefixed with `source`. The architecture defaults to the dataset's usual one.
     """
     from .data import dataset_info
-    from .objectives import build_objective, hyperparameters
+    from .objectives import OBJECTIVES, build_objective, hyperparameters
 
     prefix = f"{source}: " if source else ""
     train_keys, attack_keys, options = flag_keys(TrainSettings), flag_keys(AttackSettings), hyperparameters()
@@ -529,13 +530,14 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
     name = values.get("objective", "gaussian")
     if not isinstance(name, str):
         raise SmoothAdvError(f"{prefix}objective must be a string, got {name!r}")
+    own = set(fields_of(OBJECTIVES[name])) - {"sigma", "attack"} if name in OBJECTIVES else set()  # CAT-RS's eps
     unknown = []
     for key, value in values.items():
         if key == "objective":
             continue
         if key in train_keys:
             train[train_keys[key]] = value
-        elif key in attack_keys:
+        elif key in attack_keys and key not in own:
             attack[attack_keys[key]] = value
         elif key in options:
             objective[key] = value
