@@ -6,6 +6,8 @@ Every test is seeded and runs in about a second on one CPU thread.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
 from smoothadv.objectives import (
+    CATRS,
     MACER,
     OBJECTIVES,
     Consistency,
@@ -25,6 +28,8 @@ from smoothadv.objectives import (
     SmoothMix,
     StabilityTraining,
     build_objective,
+    catrs_noise_attack,
+    catrs_selection,
     smoothmix_attack,
 )
 from smoothadv.settings import train_recipe
@@ -204,6 +209,114 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     assert torch.equal(start, x)
 
 
+# ------------------------------------------------------------------ CAT-RS
+
+
+def test_catrs_selection_follows_its_binomial_rule_with_a_seeded_count() -> None:
+    # K ~ Binomial(m, a), then max(K, 1): 20,000 draws per accuracy, every count within 4.5 standard deviations
+    from scipy.stats import binom
+
+    m, draws = 4, 20_000
+    levels = [0.0, 0.25, 0.5, 0.9, 1.0]
+    accuracy = torch.tensor(levels).repeat_interleave(draws)
+    kept = catrs_selection(accuracy, m, torch.Generator().manual_seed(0)).view(len(levels), draws)
+    assert int(kept.min()) >= 1 and int(kept.max()) <= m
+    for row, a in zip(kept, levels):
+        pmf = binom.pmf(range(m + 1), m, a)
+        expected = [pmf[0] + pmf[1], *pmf[2:]]  # K = 0 becomes 1
+        for k, p in zip(range(1, m + 1), expected):
+            count = int((row == k).sum())
+            assert abs(count - draws * p) <= 4.5 * math.sqrt(draws * p * (1 - p)) + 1e-9, (a, k, count, draws * p)
+    assert bool((kept[0] == 1).all()) and bool((kept[-1] == m).all())  # a = 0 keeps one copy, a = 1 all
+
+
+def test_catrs_noise_attack_keeps_each_draws_mean_and_scale_and_raises_the_kl() -> None:
+    model = _toy(4)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn((3, 2, 3, 8, 8), generator=torch.Generator().manual_seed(3)) * 0.25
+    target = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    attacked = catrs_noise_attack(model, x, noise, target, eps=1.0, steps=3)
+
+    def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = t.flatten(2)
+        return rows.mean(2), rows.pow(2).mean(2).sqrt()
+
+    (mean, rms), (mean0, rms0) = moments(attacked), moments(noise)
+    assert torch.allclose(mean, mean0, atol=1e-6)  # the mean is restored exactly
+    # the scale nearly: the original divides the centred noise by its uncentred RMS, so the result's
+    # mean square is rms0^2 (1 - mean^2 / rms^2) + mean0^2 with the attacked draw's mean and rms
+    assert torch.allclose(rms, rms0, rtol=0.02)
+    assert float((attacked - noise).flatten(2).norm(dim=2).max()) <= 1.1  # the projection, then re-standardization
+
+    def kl(n: torch.Tensor) -> float:
+        log_q = model((x.unsqueeze(1) + n).flatten(0, 1)).log_softmax(1)
+        return float(F.kl_div(log_q, target.repeat_interleave(2, 0), reduction="sum").detach())
+
+    assert kl(attacked) > kl(noise)
+
+
+def test_catrs_loss_recomputed_from_its_definition() -> None:
+    model = _toy(5)
+    x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    pi = torch.rand(10, 4, generator=torch.Generator().manual_seed(2)).softmax(1)
+    index = torch.tensor([9, 0, 3, 3, 5, 7])
+    objective = CATRS(0.25, m=3, eps=0.5, steps=2, lbd=2.0, pi=pi)
+    out = objective(model, x, y, torch.Generator().manual_seed(8), index=index)
+    gen = torch.Generator().manual_seed(8)
+    noise = torch.randn((6, 3, 3, 8, 8), generator=gen) * 0.25
+    logits0 = model((x.unsqueeze(1) + noise).flatten(0, 1)).view(6, 3, 4)
+    accuracy = (logits0.argmax(2) == y.view(-1, 1)).float().mean(1)
+    kept = catrs_selection(accuracy, 3, gen)
+    losses = F.cross_entropy(logits0.flatten(0, 1), y.repeat_interleave(3), reduction="none").view(6, 3)
+    low = torch.stack([losses[i].sort().values[:k].sum() / 3 for i, k in enumerate(kept.tolist())])
+    attacked = catrs_noise_attack(model, x, noise, pi[index], eps=0.5, steps=2)
+    log_q = model((x.unsqueeze(1) + attacked).flatten(0, 1)).log_softmax(1).view(6, 3, 4)
+    target = pi[index].unsqueeze(1)
+    high = (target * (target.log() - log_q)).sum(2).max(1).values
+    expected = (low + 2.0 * (kept == 3).float() * high).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    with pytest.raises(SmoothAdvError, match="training-set index"):
+        objective(model, x, y)
+    with pytest.raises(SmoothAdvError, match="--smoothed-prediction"):
+        CATRS(0.25)
+    assert "pi" not in objective.describe() and objective.describe()["lbd"] == 2.0
+
+
+def test_smooth_prediction_command_then_catrs_training(toy_checkpoint, tmp_path, monkeypatch) -> None:
+    # `smoothadv smooth-prediction` (a durable evaluation run like certify: sharding and resuming are tested for all of
+    # them in test_sharding); CAT-RS then trains from it through the command line (the loop passes each example's
+    # index) and records its settings in the checkpoint.
+    from smoothadv.cli import main
+    from smoothadv.evaluate import read_smooth_prediction
+    from smoothadv.models import read_checkpoint
+
+    monkeypatch.setattr("smoothadv.files.git_revision", lambda: None)  # slow git calls, not tested here
+    flags = ["--sigma", "0.25", "--n", "40", "--batch", "64", "--max", "24", "--no-progress", "--device", "cpu"]
+    whole = tmp_path / "pi.tsv"
+    assert main(["smooth-prediction", str(toy_checkpoint), "--out", str(whole), *flags]) == 0
+    assert len(whole.read_text().splitlines()) == 25
+    pi = read_smooth_prediction(whole)
+    assert pi.shape == (512, 4) and torch.allclose(pi.sum(1), torch.ones(512))
+    assert torch.equal(pi[24:], torch.full((488, 4), 0.25))  # not computed: uniform, as the original
+    counts = [int(v) for v in whole.read_text().splitlines()[1].split("\t")[4].split(",")]
+    assert sum(counts) == 40 and torch.allclose(pi[0], torch.tensor(counts) / 40)
+
+    out = tmp_path / "run"
+    assert main(["train", "--objective", "catrs", "--smoothed-prediction", str(whole), "--dataset", "synthetic",
+                 "--arch", "toy_cnn", "--epochs", "1", "--train-subset", "32", "--eval-subset", "8", "--batch", "16",
+                 "--m", "2", "--steps", "1", "--eps", "0.5", "--lbd", "0.5", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    described = read_checkpoint(out / "checkpoint.pth.tar")["objective"]
+    assert described == {"name": "CATRS", "sigma": 0.25, "smoothed_prediction": str(whole), "m": 2, "eps": 0.5,
+                         "steps": 1, "lbd": 0.5, "confidence_mask": False}
+    # a resumed run reads the same table and continues
+    assert main(["train", "--objective", "catrs", "--smoothed-prediction", str(whole), "--dataset", "synthetic",
+                 "--arch", "toy_cnn", "--epochs", "2", "--train-subset", "32", "--eval-subset", "8", "--batch", "16",
+                 "--m", "2", "--steps", "1", "--eps", "0.5", "--lbd", "0.5", "--out", str(out), "--no-progress",
+                 "--device", "cpu", "--resume"]) == 0
+    assert read_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 2
+
+
 # ------------------------------------------------------------------ every objective learns
 
 METHODS = {
@@ -211,19 +324,37 @@ METHODS = {
     "consistency": {"m": 2, "lbd": 10.0, "eta": 0.5},
     "macer": {"m": 8, "lbd": 12.0, "beta": 16.0, "gamma": 8.0},
     "smoothmix": {"m": 2, "steps": 2, "alpha": 0.5, "eta": 5.0, "mix_step": 1, "warmup": 1},
+    # CAT-RS's loss sums more terms as more copies become correct (K grows, then L_high switches on), so it can
+    # rise while the model improves; with the confidence mask the selection depends on pi only, and the loss
+    # before and after the epoch are comparable
+    "catrs": {"m": 2, "eps": 0.5, "steps": 2, "lbd": 1.0, "confidence_mask": True},
 }
+
+
+def _synthetic_pi(data) -> torch.Tensor:
+    """A stand-in smoothed prediction for the synthetic training set: 0.8 on the label, 0.2 spread evenly."""
+    labels = data.dataset.labels if isinstance(data, Subset) else data.labels
+    return F.one_hot(labels, 4).float() * 0.8 + 0.05
+
+
+def _build(name: str, data) -> object:
+    if name == "catrs":
+        return CATRS(0.25, pi=_synthetic_pi(data), **METHODS[name])
+    return build_objective(name, 0.25, METHODS[name])
 
 
 def _epoch_lowers_the_loss(objective, data, *, lr: float = 0.05, seed: int = 2, factor: float = 0.9) -> None:
     model = _toy(seed)
 
     def loss() -> float:
-        x, y = next(batches(data, len(data), shuffle=False))
-        return float(objective(model, x, y, torch.Generator().manual_seed(3)).loss.detach())
+        x, y, index = next(batches(data, len(data), shuffle=False, with_index=True))
+        extra = {"index": index} if objective.uses_index else {}
+        return float(objective(model, x, y, torch.Generator().manual_seed(3), **extra).loss.detach())
 
     before = loss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    shuffled = batches(data, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    shuffled = batches(data, 64, shuffle=True, generator=torch.Generator().manual_seed(0),
+                       with_index=objective.uses_index)
     train_epoch(model, objective, optimizer, shuffled, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
     after = loss()
     assert after < factor * before, (before, after)
@@ -232,16 +363,22 @@ def _epoch_lowers_the_loss(objective, data, *, lr: float = 0.05, seed: int = 2, 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_one_epoch_lowers_each_methods_own_loss(name: str) -> None:
     data = Subset(get_dataset("synthetic", "train"), range(256))
-    _epoch_lowers_the_loss(build_objective(name, 0.25, METHODS[name]), data)
+    _epoch_lowers_the_loss(_build(name, data), data)
 
 
-def test_every_new_method_is_registered_and_recorded_with_its_settings() -> None:
+def test_every_new_method_is_registered_and_recorded_with_its_settings(tmp_path) -> None:
+    from smoothadv.evaluate import SMOOTH_PREDICTION_COLUMNS
+
+    table = tmp_path / "pi.tsv"
+    table.write_text("\t".join(SMOOTH_PREDICTION_COLUMNS) + "\n0\t1\t1\t1\t1,7,2,0\t0:00:01\n")
     for name, options in METHODS.items():
         assert name in OBJECTIVES
-        settings, objective = train_recipe({"objective": name, "dataset": "synthetic", "out": "unused", **options})
+        extra = {"smoothed_prediction": str(table)} if name == "catrs" else {}
+        settings, objective = train_recipe({"objective": name, "dataset": "synthetic", "out": "unused", **options,
+                                            **extra})
         described = objective.describe()
         assert described["name"] == type(objective).__name__ and described["sigma"] == settings.sigma
-        assert all(described[key] == value for key, value in options.items())
+        assert all(described[key] == value for key, value in {**options, **extra}.items())
 
 
 @pytest.mark.parametrize("make, message", [

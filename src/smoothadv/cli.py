@@ -24,6 +24,7 @@ from .settings import (
     CertifySettings,
     PredictSettings,
     RunSettings,
+    SmoothPredictionSettings,
     TrainSettings,
     convert,
     fields_of,
@@ -228,7 +229,8 @@ def run_train(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ certify, predict, attack
 
 
-EVALUATIONS: dict[str, type] = {"certify": CertifySettings, "predict": PredictSettings, "attack": AttackRunSettings}
+EVALUATIONS: dict[str, type] = {"certify": CertifySettings, "predict": PredictSettings, "attack": AttackRunSettings,
+                                "smooth-prediction": SmoothPredictionSettings}
 
 
 def _add_evaluation(sub: Any, command: str, help: str) -> None:
@@ -248,6 +250,11 @@ def add_predict(sub: Any) -> None:
 
 def add_attack(sub: Any) -> None:
     _add_evaluation(sub, "attack", "empirical robustness: SmoothAdv attack on the smoothed classifier, then PREDICT")
+
+
+def add_smooth_prediction(sub: Any) -> None:
+    _add_evaluation(sub, "smooth-prediction", "CAT-RS's smoothed prediction: vote counts on n noisy copies of each "
+                    "training example (resumable, --shard), the target of `train --objective catrs`")
 
 
 def run_evaluation_command(args: argparse.Namespace) -> None:
@@ -439,7 +446,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report,
-                                         add_validity, add_attack, add_pseudo_label, add_demo]
+                                         add_validity, add_attack, add_pseudo_label, add_demo, add_smooth_prediction]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,9 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
   et al., ICLR 2020), with the deferred start used at sigma = 1.0.
 - `SmoothMix`: cross-entropy on m copies plus a masked KL to a mixup target between a (one-step)
   adversary and a multi-step adversary of the smoothed classifier (Jeong et al., NeurIPS 2021).
+- `CATRS`: cross-entropy on the K most confident of m copies, plus, for images whose copies are all
+  kept, the worst KL to a precomputed smoothed prediction under a noise-space attack (Jeong, Kim &
+  Shin, AAAI 2023). The smoothed prediction comes from `smoothadv smooth-prediction`.
 
 Hyperparameters named like an attack setting (`eps`, `steps`) belong to the objective that declares
 them (SmoothMix's and CAT-RS's own attacks); `--eps`/`--steps` set them, with the objective's default
@@ -34,7 +37,9 @@ computed in float32 even under bf16 autocast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +66,8 @@ class Objective(ABC):
 
     #: optimizer steps the loop takes per loader batch (the batch is split into this many chunks)
     steps_per_batch: int = 1
+    #: whether the loop passes `index=` (each example's position in the training set) to `__call__`
+    uses_index: bool = False
 
     @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
@@ -134,7 +141,7 @@ def noisy_rows(x: Tensor, noise: Tensor) -> Tensor:
 def scheduled(default: Any) -> Any:
     """A dataclass field that `at_epoch` sets (e.g. a warm-up weight): recorded by `describe()`, but not a
     hyperparameter (no command-line flag, no recipe key)."""
-    return dataclasses.field(default=default, metadata={"scheduled": True})
+    return dataclasses.field(default=default, metadata={"internal": True})
 
 
 def check_hyperparameters(objective: Objective) -> None:
@@ -144,7 +151,7 @@ def check_hyperparameters(objective: Objective) -> None:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
         raise SmoothAdvError(f"sigma must be >= 0, got {sigma}")
     for name, (field, kind) in fields_of(type(objective)).items():
-        if name in ("sigma", "attack") or field.metadata.get("scheduled"):
+        if name in ("sigma", "attack") or field.metadata.get("internal"):
             continue
         value = getattr(objective, name)
         converted = convert(value, kind, flag_name(field))
@@ -536,9 +543,159 @@ class SmoothMix(Objective):
         return LossOutput(loss, logits, targets)
 
 
+def catrs_selection(accuracy: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
+    """CAT-RS's number of kept copies per image: K_i ~ Binomial(m, a_i), then K_i <- max(K_i, 1).
+
+    Drawn as the number of m uniform draws below a_i (exactly Binomial(m, a_i)), from `generator`.
+    """
+    uniform = torch.rand((accuracy.shape[0], m), device=accuracy.device, generator=generator)
+    return (uniform < accuracy.unsqueeze(1)).sum(1).clamp(min=1)
+
+
+def catrs_noise_attack(model: nn.Module, x: Tensor, noise: Tensor, target: Tensor, *, eps: float, steps: int) -> Tensor:
+    """CAT-RS's attack on the noise (`KL_PGD`): the draws `noise` (B, m, ...) moved to raise KL(target_i || q).
+
+    Starting from each draw delta0: T = `steps` ascent steps of length 2 eps / T on
+    sum_i (1/m) sum_j KL(target_i || softmax(f(x_i + delta_ij))) along the per-copy normalized gradient
+    (g / (||g|| + 1e-8)); after each, delta - delta0 is projected onto the eps-ball per copy and then every
+    copy is re-standardized as in the original: its pixel mean removed, divided by its root mean square
+    (uncentred), multiplied by delta0's root mean square and delta0's mean added. So each copy keeps
+    delta0's mean exactly and its scale nearly (the mean square becomes rms0^2 (1 - mean^2 / rms^2) +
+    mean0^2, mean and rms those of the attacked copy), ||delta - delta0|| may slightly exceed eps, and
+    nothing is clamped to [0, 1]. Returns the attacked noise (B, m, ...), detached; input gradients only.
+    """
+    batch, m = noise.shape[:2]
+    start = noise.flatten(0, 1).detach()
+    dims = tuple(range(1, start.dim()))
+    mean0, rms0 = start.mean(dims, keepdim=True), start.pow(2).mean(dims, keepdim=True).sqrt()
+    inputs, targets = x.detach().repeat_interleave(m, 0), target.detach().repeat_interleave(m, 0)
+    delta = start
+    for _ in range(steps):
+        with torch.enable_grad():
+            point = delta.requires_grad_(True)
+            log_q = F.log_softmax(model(inputs + point).float(), dim=1)
+            loss = F.kl_div(log_q, targets, reduction="none").sum() / m
+            (grad,) = torch.autograd.grad(loss, point)
+        delta = delta.detach() + (2 * eps / steps) * _unit(grad)
+        moved = delta - start
+        norms = l2_norm(moved).view(-1, *([1] * len(dims)))
+        delta = start + moved * torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
+        mean, rms = delta.mean(dims, keepdim=True), delta.pow(2).mean(dims, keepdim=True).sqrt()
+        delta = (delta - mean) / rms * rms0 + mean0
+    return delta.detach().view_as(noise)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_prediction(path: str, stamp: tuple[int, int]) -> Tensor:
+    from .evaluate import read_smooth_prediction
+
+    return read_smooth_prediction(path)
+
+
+def load_smooth_prediction(path: str) -> Tensor:
+    """pi (N, K) from a `smoothadv smooth-prediction` TSV (`evaluate.read_smooth_prediction`), cached per version."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise SmoothAdvError(f"smoothed prediction {path} does not exist; compute it with `smoothadv "
+                             "smooth-prediction`") from None
+    return _cached_prediction(str(path), (info.st_mtime_ns, info.st_size))
+
+
+@dataclass(frozen=True)
+class CATRS(Objective):
+    """CAT-RS: confidence-aware training of randomized smoothing (Jeong, Kim & Shin, AAAI 2023), as in the
+    authors' `train_catrs.py` (reference §2.7).
+
+    It needs pi, the smoothed prediction of a Gaussian-trained model on every training image (vote
+    frequencies over n noisy copies; `smoothadv smooth-prediction`, whose TSV `smoothed_prediction`
+    names; the authors used one sigma = 0.25 model with n = 10,000 for every sigma). Per chunk of b
+    images with m draws delta_ij:
+
+    1. a clean noisy pass (train mode): CE_ij = CE(f(x_i + delta_ij), y_i), and the accuracy under noise
+       a_i = (1/m) sum_j 1[argmax f(x_i + delta_ij) = y_i] (or a_i = pi_i[y_i] with `confidence_mask`);
+    2. K_i ~ Binomial(m, a_i), K_i <- max(K_i, 1) (`catrs_selection`);
+    3. L_low,i = (1/m) (sum of the K_i smallest CE_ij) (divided by m, not K_i, as in the original);
+    4. the noise attacked toward pi (`catrs_noise_attack`, eps, T steps, eval mode) and a second pass
+       (train mode): L_high,i = max_j KL(pi_i || softmax(f(x_i + delta*_ij)));
+    5. L = (1/b) sum_i [ L_low,i + lbd 1[K_i = m] L_high,i ].
+
+    pi, a, K are constants; gradient flows through both passes. m SGD steps per loader batch
+    (`steps_per_batch`). The loop passes each example's training-set index (`uses_index`), so extra
+    (pseudo-labelled) data cannot be used. Training accuracy: the adversarial copies (as the original).
+    Defaults are the code's: m = 4, eps = 1, T = 4, lbd = 1 (CIFAR-10: lbd 0.5 / 1 / 2 at sigma 0.25 /
+    0.5 / 1.0). Not offered: the ImageNet-only `--warmup` (doubles eps from an epoch on) and `--lr_drop`.
+    Cost: m (T + 2) forward/backward per image, plus the smoothed prediction once (n forward passes
+    per training image).
+    """
+
+    sigma: float
+    smoothed_prediction: str | None = setting(None, "CAT-RS: the `smoothadv smooth-prediction` TSV of the training "
+                                              "set (pi)")
+    m: int = setting(4, M_HELP, limit=AT_LEAST_ONE)
+    eps: float = setting(1.0, "eps: L2 radius of CAT-RS's attack on the noise", limit=NONNEGATIVE)
+    steps: int = setting(4, "attack steps T (SmoothMix's and CAT-RS's own attacks)", limit=AT_LEAST_ONE)
+    lbd: float = setting(1.0, LAMBDA_HELP, limit=NONNEGATIVE)
+    confidence_mask: bool = setting(False, "CAT-RS: draw K from pi_i[y_i] instead of the accuracy under noise")
+    pi: Tensor | None = dataclasses.field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    uses_index = True
+
+    def __post_init__(self) -> None:
+        check_hyperparameters(self)
+        if self.pi is None:
+            if self.smoothed_prediction is None:
+                raise SmoothAdvError("catrs needs --smoothed-prediction: the TSV of `smoothadv smooth-prediction` "
+                                     "on the training set")
+            object.__setattr__(self, "pi", load_smooth_prediction(self.smoothed_prediction))
+
+    @property
+    def steps_per_batch(self) -> int:  # type: ignore[override]
+        return self.m
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described.pop("pi")
+        return described
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None,
+                 index: Tensor | None = None) -> LossOutput:
+        if index is None:
+            raise SmoothAdvError("CAT-RS needs each example's training-set index (train.fit passes it)")
+        assert self.pi is not None
+        if int(index.max()) >= self.pi.shape[0]:
+            raise SmoothAdvError(f"the smoothed prediction has {self.pi.shape[0]} rows, but training example "
+                                 f"{int(index.max())} was asked for: was it computed on this training set?")
+        batch, m = x.shape[0], self.m
+        pi = self.pi[index.cpu()].to(x.device)
+        noise = noise_copies(x, m, self.sigma, generator)
+        logits0 = model(noisy_rows(x, noise)).float().view(batch, m, -1)
+        if logits0.shape[2] != pi.shape[1]:
+            raise SmoothAdvError(f"the smoothed prediction has {pi.shape[1]} classes, the model {logits0.shape[2]}")
+        targets = y.repeat_interleave(m)
+        losses = F.cross_entropy(logits0.flatten(0, 1), targets, reduction="none").view(batch, m)
+        with torch.no_grad():
+            if self.confidence_mask:
+                accuracy = pi.gather(1, y.view(-1, 1)).squeeze(1)
+            else:
+                accuracy = (logits0.argmax(2) == y.view(-1, 1)).float().mean(1)
+            kept = catrs_selection(accuracy, m, row_generator(generator))
+        smallest = losses.sort(dim=1).values * (torch.arange(m, device=x.device) < kept.view(-1, 1))
+        low = smallest.sum(1) / m
+        adversarial = noise
+        if self.eps > 0 and self.sigma > 0:
+            with eval_mode(model):
+                adversarial = catrs_noise_attack(model, x, noise, pi, eps=self.eps, steps=self.steps)
+        logits = model(noisy_rows(x, adversarial)).float()
+        kl = F.kl_div(F.log_softmax(logits, dim=1), pi.repeat_interleave(m, 0), reduction="none").sum(1)
+        high = kl.view(batch, m).max(1).values
+        loss = (low + self.lbd * (kept == m).to(low.dtype) * high).mean()
+        return LossOutput(loss, logits, targets)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {"gaussian": GaussianAugmentation, "smoothadv": SmoothAdv,
                                           "stability": StabilityTraining, "consistency": Consistency,
-                                          "macer": MACER, "smoothmix": SmoothMix}
+                                          "macer": MACER, "smoothmix": SmoothMix, "catrs": CATRS}
 """Objective name (the CLI's --objective) -> class. Each class is a frozen dataclass whose fields are its
 hyperparameters: `sigma` (the training noise level), `attack` (built by `build_attack`) and the others,
 declared with `settings.setting(...)` so that the command line, recipes and checks know them."""
@@ -569,7 +726,7 @@ def hyperparameters() -> dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]
     found: dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]] = {}
     for name, cls in OBJECTIVES.items():
         for key, (field, kind) in fields_of(cls).items():
-            if key in ("sigma", "attack") or field.metadata.get("scheduled"):
+            if key in ("sigma", "attack") or field.metadata.get("internal"):
                 continue
             owners = found[key][2] if key in found else ()
             found[key] = (found[key][0] if key in found else field, kind, (*owners, name))
@@ -601,7 +758,7 @@ def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None =
     values = {key: convert(value, known[key][1], key) for key, value in options.items()}
     kwargs: dict[str, Any] = {}
     for key, (field, _) in fields_of(OBJECTIVES[name]).items():
-        if field.metadata.get("scheduled"):
+        if field.metadata.get("internal"):
             continue
         if key == "sigma":
             kwargs[key] = sigma

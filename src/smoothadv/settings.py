@@ -7,8 +7,8 @@ meet the same checks:
 - `TrainSettings`: a training run (`train.fit`); the objective is a separate typed object
   (`objectives.build_objective`), whose dataclass fields are its hyperparameters.
 - `AttackSettings`: an L2 attack (`attacks.build_attack`), for SmoothAdv training and `attack`.
-- `CertifySettings`, `PredictSettings`, `AttackRunSettings`: what a durable evaluation run
-  computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
+- `CertifySettings`, `PredictSettings`, `AttackRunSettings`, `SmoothPredictionSettings`: what a
+  durable evaluation run computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
 
 Every field is declared with `setting(...)`, which records its help text, its command-line spelling
 and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
@@ -460,6 +460,20 @@ class CertifySettings(EvaluationSettings):
             "forecast_alpha": None if self.forecast_alpha == "strict" else self.forecast_alpha}
         return SequentialConfig(self.sigma, self.alpha, None, self.resolved_policy, tuple(self.radii or ()),
                                 self.tolerance or 0.0, base=base, **forecast)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothPredictionSettings(EvaluationSettings):
+    """CAT-RS's precomputed smoothed prediction: the base classifier's vote counts on n noisy copies of each
+    training example (Jeong, Kim & Shin, AAAI 2023; `evaluate.smooth_prediction_dataset`). The
+    published run used n = 10,000 on the training split with a Gaussian-trained model at sigma = 0.25.
+    `alpha` is unused (no test is made)."""
+
+    n: int = setting(10_000, "noisy samples per example (CAT-RS: 10,000)", limit=AT_LEAST_ONE)
+    split: str = setting("train", "dataset split (CAT-RS trains on the train split's predictions)",
+                         choices=("test", "train"))
+
+    command = "smooth-prediction"
 
 
 @dataclass(frozen=True, kw_only=True)
