@@ -321,6 +321,9 @@ def add_report(sub: Any) -> None:
     p.add_argument("--max-radius", type=positive_float, default=None, help="x-axis limit of the plot")
     p.add_argument("--envelope", action="store_true", help="add the best-of-all-inputs row (and model used)")
     p.add_argument("--high-prob", action="store_true", help="add Cohen's high-probability corrected rows")
+    p.add_argument("--ci", action="store_true",
+                   help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
+                        "(and a band to the plot)")
     p.add_argument("--alpha", type=probability, default=0.001, help="certification failure probability (high-prob)")
     p.add_argument("--rho", type=probability, default=0.001, help="high-prob: failure probability of the bound")
     p.set_defaults(handler=run_report)
@@ -346,7 +349,7 @@ def run_report(args: argparse.Namespace) -> None:
         if res.kind != "attack":
             raise SmoothAdvError(f"{res.path} is a certify file (it has a radius column): pass it without --attack")
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
-                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho)
+                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci)
     text = format_table(table, args.format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -355,7 +358,7 @@ def run_report(args: argparse.Namespace) -> None:
         print(text, end="")
     if args.plot:
         plot = plot_accuracy(certify, args.plot, attack=attack, max_radius=args.max_radius,
-                             include_envelope=args.envelope)
+                             include_envelope=args.envelope, ci=args.ci)
         print(f"wrote {plot}")
 
 
