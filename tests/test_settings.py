@@ -150,7 +150,7 @@ def test_flags_override_the_recipe_and_the_dataset_gives_the_architecture(tmp_pa
 
 
 def test_one_factory_builds_every_objective_and_attack() -> None:
-    assert set(OBJECTIVES) == {"gaussian", "smoothadv"}
+    assert set(OBJECTIVES) >= {"gaussian", "smoothadv"}  # issue 14 adds the later methods (tests/test_methods.py)
     assert build_objective("gaussian", 0.25) == GaussianAugmentation(0.25)
     # options of other objectives are type-checked but do not apply
     assert build_objective("gaussian", 0.25, {"m": 4}) == GaussianAugmentation(0.25)

@@ -24,6 +24,7 @@ from .settings import (
     CertifySettings,
     PredictSettings,
     RunSettings,
+    SmoothPredictionSettings,
     TrainSettings,
     convert,
     fields_of,
@@ -180,13 +181,30 @@ def add_train(sub: Any) -> None:
                    help="training method (default: gaussian)")
     add_settings(p, TrainSettings, defaults={"device": "auto", "arch": None})
     a = p.add_argument_group("objective hyperparameters (each applies to the objectives named in brackets)")
+    attack_flags = {f.name for f in dataclasses.fields(AttackSettings)}
     for name, (field, kind, owners) in hyperparameters().items():
+        if name in attack_flags:  # an objective's own eps/steps: set with the attack group's flag
+            continue
         a.add_argument(flag_name(field), dest=name, default=argparse.SUPPRESS,
                        **({"action": "store_true"} if kind is bool else {"type": _field_type(field, kind)}),
-                       help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_shown(field.default)}")
-    g = p.add_argument_group("attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)")
+                       help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_owner_defaults(name)}")
+    g = p.add_argument_group(
+        "attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)",
+        "--eps and --steps also set the eps and T of the objectives with their own attack ("
+        + ", ".join(f"--{key}: {'/'.join(owners)}{_owner_defaults(key)}" for key, (_, _, owners)
+                    in hyperparameters().items() if key in attack_flags) + ")")
     add_settings(g, AttackSettings)
     p.set_defaults(handler=run_train)
+
+
+def _owner_defaults(key: str) -> str:
+    """' (default: X)' for an objective hyperparameter, or ' (default: a X, b Y)' when its objectives differ."""
+    from .objectives import hyperparameter_defaults
+
+    defaults = hyperparameter_defaults(key)
+    if len({repr(v) for v in defaults.values()}) <= 1:
+        return _shown(next(iter(defaults.values()), None))
+    return " (default: " + ", ".join(f"{name} {_shown(v)[11:-1] or v}" for name, v in defaults.items()) + ")"
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +229,8 @@ def run_train(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ certify, predict, attack
 
 
-EVALUATIONS: dict[str, type] = {"certify": CertifySettings, "predict": PredictSettings, "attack": AttackRunSettings}
+EVALUATIONS: dict[str, type] = {"certify": CertifySettings, "predict": PredictSettings, "attack": AttackRunSettings,
+                                "smooth-prediction": SmoothPredictionSettings}
 
 
 def _add_evaluation(sub: Any, command: str, help: str) -> None:
@@ -231,6 +250,11 @@ def add_predict(sub: Any) -> None:
 
 def add_attack(sub: Any) -> None:
     _add_evaluation(sub, "attack", "empirical robustness: SmoothAdv attack on the smoothed classifier, then PREDICT")
+
+
+def add_smooth_prediction(sub: Any) -> None:
+    _add_evaluation(sub, "smooth-prediction", "CAT-RS's smoothed prediction: vote counts on n noisy copies of each "
+                    "training example (resumable, --shard), the target of `train --objective catrs`")
 
 
 def run_evaluation_command(args: argparse.Namespace) -> None:
@@ -298,6 +322,9 @@ def add_report(sub: Any) -> None:
     p.add_argument("--max-radius", type=positive_float, default=None, help="x-axis limit of the plot")
     p.add_argument("--envelope", action="store_true", help="add the best-of-all-inputs row (and model used)")
     p.add_argument("--high-prob", action="store_true", help="add Cohen's high-probability corrected rows")
+    p.add_argument("--ci", action="store_true",
+                   help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
+                        "(and a band to the plot)")
     p.add_argument("--alpha", type=probability, default=0.001, help="certification failure probability (high-prob)")
     p.add_argument("--rho", type=probability, default=0.001, help="high-prob: failure probability of the bound")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
@@ -331,7 +358,7 @@ def run_report(args: argparse.Namespace) -> None:
         if res.kind != "attack":
             raise SmoothAdvError(f"{res.path} is a certify file (it has a radius column): pass it without --attack")
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
-                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho)
+                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci)
     text = format_table(table, args.format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -340,7 +367,7 @@ def run_report(args: argparse.Namespace) -> None:
         print(text, end="")
     if args.plot:
         plot = plot_accuracy(certify, args.plot, attack=attack, max_radius=args.max_radius,
-                             include_envelope=args.envelope)
+                             include_envelope=args.envelope, ci=args.ci)
         print(f"wrote {plot}")
 
 
@@ -434,7 +461,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report,
-                                         add_validity, add_attack, add_pseudo_label, add_demo]
+                                         add_validity, add_attack, add_pseudo_label, add_demo, add_smooth_prediction]
 
 
 def build_parser() -> argparse.ArgumentParser:

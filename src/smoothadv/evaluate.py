@@ -6,6 +6,7 @@ the same `report` code:
     certify:  idx  label  predict  radius  correct  time
     predict:  idx  label  predict  correct  time
     attack:   idx  label  predict  correct  eps  norm  time   (PREDICT after a SmoothAdv attack)
+    smooth-prediction:  idx  label  predict  correct  counts  time   (CAT-RS's smoothed prediction)
 
 `time` is a `datetime.timedelta` string as in Cohen's scripts; `radius` is rounded *down* to 6
 decimals so that rounding never enlarges a certificate.
@@ -22,6 +23,7 @@ import datetime
 import math
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 from .attacks import Attack
 from .errors import SmoothAdvError
 from .seeds import example_generator
-from .smoothing import ABSTAIN, Smooth, SoftSmoothed, eval_mode
+from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, SoftSmoothed, eval_mode
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -102,6 +104,87 @@ def predict_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *,
         elapsed = time.time() - started
         yield PredictRow(index, label, prediction, int(prediction == label and prediction != ABSTAIN),
                          format_time(elapsed))
+
+
+# ------------------------------------------------------------------ the smoothed prediction (CAT-RS)
+
+SMOOTH_PREDICTION_COLUMNS = ("idx", "label", "predict", "correct", "counts", "time")
+
+
+class SmoothPredictionRow(NamedTuple):
+    idx: int
+    label: int
+    predict: int   # the most frequent class among the n votes (no test, no abstention)
+    correct: int   # 1 iff predict == label
+    counts: str    # the n votes per class, comma-separated (K integers)
+    time: str
+
+
+def smooth_prediction_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *, n: int, batch_size: int,
+                              seed: int = 0, device: torch.device | str = "cpu") -> Iterator[SmoothPredictionRow]:
+    """The vote counts of the base classifier on n noisy copies of each example in `indices`.
+
+    This is CAT-RS's precomputed "smoothed prediction" (Jeong, Kim & Shin, AAAI 2023, `smooth_prediction.py`
+    with `Smooth.confidence_top2`): pi_i = counts_i / n, the hard-vote frequencies of f under N(0, sigma^2 I)
+    noise, later the target of CAT-RS's training (`read_smooth_prediction`, `objectives.CATRS`). The
+    original computes it on the training split with n = 10,000 from a Gaussian-trained model at sigma =
+    0.25. Each example's noise comes from its own generator seeded by (seed, index), so the rows do not
+    depend on sharding or resumption; several examples share forward passes when n is below the batch.
+    Cost: n forward passes per example (no backward).
+    """
+    device = torch.device(device)
+    group = max(1, min(64, -(-8 * batch_size // n)))
+    todo = list(indices)
+    sampler = PackedSampler(smooth.sampler)
+    for start in range(0, len(todo), group):
+        chunk = todo[start:start + group]
+        examples = [_load_example(dataset, index, device) for index in chunk]
+        started = time.time()
+        requests = [SampleRequest(x, (int(n),), example_generator(seed, index, device))
+                    for index, (x, _) in zip(chunk, examples)]
+        counts = sampler.counts(requests, batch_size).cpu()
+        elapsed = (time.time() - started) / len(chunk)
+        for index, (_, label), votes in zip(chunk, examples, counts):
+            top = int(votes.argmax())
+            yield SmoothPredictionRow(index, label, top, int(top == label), ",".join(str(int(v)) for v in votes),
+                                      format_time(elapsed))
+
+
+def read_smooth_prediction(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """pi (size, K) float32 from a `smooth-prediction` TSV: row i = counts / n of training example i.
+
+    Examples without a row stay uniform (1/K), as in the original. `size` defaults to the dataset size
+    recorded next to the file (`OUT.args.json`), else the largest index + 1. SmoothAdvError (one line)
+    for a missing or malformed file, or one computed on another split than train.
+    """
+    from .files import read_tsv
+    from .run import read_settings
+
+    path = Path(path)
+    if not path.exists():
+        raise SmoothAdvError(f"smoothed prediction {path} does not exist; compute it with smoothadv smooth-prediction")
+    recorded = read_settings(path) or {}
+    if recorded.get("split", "train") != "train":
+        raise SmoothAdvError(f"{path} was computed on the {recorded['split']} split; CAT-RS needs the train split")
+    head, rows = read_tsv(path)
+    columns = head.split("\t")
+    if "idx" not in columns or "counts" not in columns:
+        raise SmoothAdvError(f"{path} is not a smooth-prediction TSV (its header lacks idx or counts)")
+    try:
+        parsed = [(int(row[columns.index("idx")]), [int(v) for v in row[columns.index("counts")].split(",")])
+                  for row in rows]
+    except (ValueError, IndexError):
+        raise SmoothAdvError(f"{path} has a malformed row") from None
+    if not parsed:
+        raise SmoothAdvError(f"{path} has no rows")
+    classes = len(parsed[0][1])
+    total = size if size is not None else int(recorded.get("dataset_size") or max(i for i, _ in parsed) + 1)
+    pi = torch.full((total, classes), 1.0 / classes)
+    for index, counts in parsed:
+        if len(counts) != classes or not 0 <= index < total or sum(counts) <= 0 or min(counts) < 0:
+            raise SmoothAdvError(f"{path}: bad row for idx {index}")
+        pi[index] = torch.tensor(counts, dtype=torch.float64).div(sum(counts)).float()
+    return pi
 
 
 def row_fields(row: NamedTuple) -> list[str]:

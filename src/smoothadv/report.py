@@ -16,6 +16,10 @@ Metrics (Cohen et al. 2019, Section 4; Salman et al. 2019, Section 5):
   accuracy, i.e. certified accuracy at r = 0), which is how the papers' headline tables are built;
 - average certified radius (ACR, Zhai et al. 2020), abstention rate;
 - optionally Cohen's high-probability correction (`stats.high_prob_certified_accuracy`);
+- optionally a 95% Clopper-Pearson interval on each certified accuracy over the test images
+  (`stats.clopper_pearson_interval` on the count of certified images; `--ci`): the uncertainty that
+  comes from evaluating on a finite sample of test images (500 images: about +-4 pp at 80%), not
+  from the Monte Carlo certification (which alpha covers);
 - empirical accuracy of an attack TSV at each eps (an upper bound on robust accuracy, where the
   certified accuracy is a lower bound).
 
@@ -38,7 +42,14 @@ import numpy as np
 
 from .errors import SmoothAdvError
 from .files import atomic_write_bytes
-from .stats import ABSTAIN, average_certified_radius, certified_accuracy, high_prob_certified_accuracy, radius_grid
+from .stats import (
+    ABSTAIN,
+    average_certified_radius,
+    certified_accuracy,
+    clopper_pearson_interval,
+    high_prob_certified_accuracy,
+    radius_grid,
+)
 
 Format = Literal["markdown", "latex", "csv"]
 FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
@@ -242,6 +253,8 @@ class Row:
 
     kind: "certified", "high-prob" (Cohen's corrected lower bound), "empirical" (attack) or
     "envelope" (then `models` / `model_clean` name the chosen model and its clean accuracy per radius).
+    `intervals` (certified rows, with `ci`): the (low, high) confidence interval of each value over
+    the `count` test images.
     """
 
     name: str
@@ -252,6 +265,7 @@ class Row:
     abstain: float | None = None
     models: tuple[str, ...] | None = None
     model_clean: tuple[float, ...] | None = None
+    intervals: tuple[tuple[float, float], ...] | None = None  # 95% Clopper-Pearson per radius (--ci)
 
 
 @dataclass(frozen=True)
@@ -278,12 +292,23 @@ def envelope(curves: Mapping[str, np.ndarray], clean: Mapping[str, float]) -> tu
     return stacked.max(axis=0), best_names
 
 
+def certified_intervals(results: Results, radii: Sequence[float] | np.ndarray,
+                        level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson interval (low, high) at `level` of the certified accuracy at each radius, over the
+    test images: the count of certified-and-correct images is Binomial(N, p) for N images drawn from the
+    test distribution, p the smoothed classifier's true certified accuracy at r (given the certification's
+    outcomes)."""
+    counts = np.round(certified_curve(results, radii) * len(results)).astype(int)
+    return clopper_pearson_interval(counts, len(results), level)
+
+
 def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
               attack: Mapping[str, Results] | None = None, include_envelope: bool = False,
-              high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001) -> Table:
-    """Build the table: one certified row per certify input (with ACR and abstention rate), then
-    optionally Cohen's high-probability rows, the envelope row and one empirical row per attack
-    input (its accuracy at those radii that equal one of its eps values)."""
+              high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001, ci: bool = False) -> Table:
+    """Build the table: one certified row per certify input (with ACR and abstention rate, and with `ci`
+    the 95% Clopper-Pearson interval of each value over the test images), then optionally Cohen's
+    high-probability rows, the envelope row and one empirical row per attack input (its accuracy at
+    those radii that equal one of its eps values)."""
     radii_a = np.asarray(radii, dtype=float)
     if radii_a.size == 0 or np.any(radii_a < 0) or not np.all(np.isfinite(radii_a)):
         raise SmoothAdvError("radii must be a non-empty list of numbers >= 0")
@@ -291,8 +316,13 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
     curves: dict[str, np.ndarray] = {}
     for name, res in certify.items():
         curves[name] = certified_curve(res, radii_a)
+        intervals = None
+        if ci:
+            low, high = certified_intervals(res, radii_a)
+            intervals = tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
         rows.append(Row(name, "certified", tuple(float(v) for v in curves[name]), len(res),
-                        average_certified_radius(res.radius, res.correct), res.abstain_rate))  # type: ignore[arg-type]
+                        average_certified_radius(res.radius, res.correct), res.abstain_rate,  # type: ignore[arg-type]
+                        intervals=intervals))
     if high_prob:
         for name, res in certify.items():
             corrected = high_prob_certified_accuracy(res.radius, res.correct, radii_a, alpha, rho)  # type: ignore[arg-type]
@@ -339,6 +369,9 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
     body: list[list[str]] = []
     for row in table.rows:
         cells = [dash if v is None else _pct(v) for v in row.values]
+        if row.intervals is not None:
+            cells = [f"{c} {{\\scriptsize [{_pct(lo)}, {_pct(hi)}]}}" if latex else f"{c} [{_pct(lo)}, {_pct(hi)}]"
+                     for c, (lo, hi) in zip(cells, row.intervals)]
         if row.kind == "envelope" and latex and row.model_clean:
             cells = [f"{v}$^{{{_pct(c)}}}$" for v, c in zip(cells, row.model_clean)]
         acr = "" if row.acr is None else f"{row.acr:.3f}"
@@ -371,12 +404,16 @@ def _latex_escape(text: str) -> str:
 def _csv(table: Table) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["name", "kind", "count", *[_radius_label(r) for r in table.radii], "acr", "abstain_rate"])
+    with_ci = any(row.intervals is not None for row in table.rows)
+    bounds = [f"{_radius_label(r)} {end}" for r in table.radii for end in ("ci_low", "ci_high")] if with_ci else []
+    writer.writerow(["name", "kind", "count", *[_radius_label(r) for r in table.radii], "acr", "abstain_rate",
+                     *bounds])
     for row in table.rows:
         values = ["" if v is None else f"{v:.6f}" for v in row.values]
+        limits = [f"{v:.6f}" for pair in row.intervals for v in pair] if row.intervals else [""] * len(bounds)
         writer.writerow([row.name, row.kind, row.count, *values,
                          "" if row.acr is None else f"{row.acr:.6f}",
-                         "" if row.abstain is None else f"{row.abstain:.6f}"])
+                         "" if row.abstain is None else f"{row.abstain:.6f}", *limits])
         if row.kind == "envelope" and row.models:
             writer.writerow(["envelope model", "envelope-model", "", *row.models, "", ""])
             writer.writerow(["envelope model clean accuracy", "envelope-clean", "",
@@ -388,10 +425,12 @@ def _csv(table: Table) -> str:
 
 
 def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Mapping[str, Results] | None = None,
-                  max_radius: float | None = None, include_envelope: bool = False, title: str | None = None) -> Path:
+                  max_radius: float | None = None, include_envelope: bool = False, title: str | None = None,
+                  ci: bool = False) -> Path:
     """Write a PNG: certified accuracy vs radius (solid) per certify input and empirical accuracy vs
     eps (dashed, markers) per attack input, on the same axes as in Salman et al.'s figures; inputs
-    with the same name share a colour. Needs matplotlib (imported here, Agg canvas, no pyplot)."""
+    with the same name share a colour; with `ci`, a shaded 95% Clopper-Pearson band over the test
+    images around each certified curve. Needs matplotlib (imported here, Agg canvas, no pyplot)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -414,6 +453,9 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     for name, res in certify.items():
         curves[name] = certified_curve(res, grid)
         ax.plot(grid, curves[name], color=colour[name], linewidth=2, label=f"{name} (certified)")
+        if ci:
+            low, high = certified_intervals(res, grid)
+            ax.fill_between(grid, low, high, color=colour[name], alpha=0.15, linewidth=0)
     if include_envelope and len(certify) > 1:
         best, _ = envelope(curves, {n: r.clean_accuracy for n, r in certify.items()})
         ax.plot(grid, best, color="black", linewidth=1, linestyle=":", label="envelope (certified)")

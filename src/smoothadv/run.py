@@ -1,7 +1,7 @@
 """The durable evaluation run: select examples, shard, resume, lock, append flushed rows, record provenance.
 
-`run_evaluation(run, settings)` is what `smoothadv certify`, `predict` and `attack` (and torchrun
-ranks, and the demo) call. It
+`run_evaluation(run, settings)` is what `smoothadv certify`, `predict`, `attack` and
+`smooth-prediction` (and torchrun ranks, and the demo) call. It
 
 1. selects the dataset indices (`select_indices`: every `skip`-th, at most `max`);
 2. keeps this process's shard (`--shard i/k`, or rank r of k under torchrun: round-robin,
@@ -38,6 +38,7 @@ from .settings import (
     EvaluationSettings,
     PredictSettings,
     RunSettings,
+    SmoothPredictionSettings,
     bookkeeping_fields,
 )
 
@@ -269,6 +270,11 @@ def rows_maker(settings: EvaluationSettings, smooth: Any, dataset: Any,
     if isinstance(s, CertifySettings):
         return CERTIFY_COLUMNS, lambda todo: certify_dataset(smooth, dataset, todo, n0=s.n0, n=s.n, alpha=s.alpha,
                                                              batch_size=s.batch, seed=s.seed, device=device)
+    if isinstance(s, SmoothPredictionSettings):
+        from .evaluate import SMOOTH_PREDICTION_COLUMNS, smooth_prediction_dataset
+
+        return SMOOTH_PREDICTION_COLUMNS, lambda todo: smooth_prediction_dataset(
+            smooth, dataset, todo, n=s.n, batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, PredictSettings):
         return PREDICT_COLUMNS, lambda todo: predict_dataset(smooth, dataset, todo, n=s.n, alpha=s.alpha,
                                                              batch_size=s.batch, seed=s.seed, device=device)

@@ -7,8 +7,8 @@ meet the same checks:
 - `TrainSettings`: a training run (`train.fit`); the objective is a separate typed object
   (`objectives.build_objective`), whose dataclass fields are its hyperparameters.
 - `AttackSettings`: an L2 attack (`attacks.build_attack`), for SmoothAdv training and `attack`.
-- `CertifySettings`, `PredictSettings`, `AttackRunSettings`: what a durable evaluation run
-  computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
+- `CertifySettings`, `PredictSettings`, `AttackRunSettings`, `SmoothPredictionSettings`: what a
+  durable evaluation run computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
 
 Every field is declared with `setting(...)`, which records its help text, its command-line spelling
 and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
@@ -464,6 +464,20 @@ class CertifySettings(EvaluationSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SmoothPredictionSettings(EvaluationSettings):
+    """CAT-RS's precomputed smoothed prediction: the base classifier's vote counts on n noisy copies of each
+    training example (Jeong, Kim & Shin, AAAI 2023; `evaluate.smooth_prediction_dataset`). The
+    published run used n = 10,000 on the training split with a Gaussian-trained model at sigma = 0.25.
+    `alpha` is unused (no test is made)."""
+
+    n: int = setting(10_000, "noisy samples per example (CAT-RS: 10,000)", limit=AT_LEAST_ONE)
+    split: str = setting("train", "dataset split (CAT-RS trains on the train split's predictions)",
+                         choices=("test", "train"))
+
+    command = "smooth-prediction"
+
+
+@dataclass(frozen=True, kw_only=True)
 class AttackRunSettings(EvaluationSettings):
     """Empirical robustness: the SmoothAdv attack on the smoothed classifier, then PREDICT.
 
@@ -515,12 +529,13 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
 
     Keys are the command line's flag names (`batch`, `lr_step`, `objective`, `attack`, `eps`, `m`,
     ...): training settings, attack settings, `objective` (default "gaussian") and the objective's
-    own hyperparameters. Every value is checked against its declared type; unknown keys, a missing
-    `out`, or a value of the wrong type are one-line errors prefixed with `source`. The architecture
-    defaults to the dataset's usual one.
+    own hyperparameters. An attack key (`eps`, `steps`) that the chosen objective declares as its own
+    field (SmoothMix's and CAT-RS's attacks) goes to the objective. Every value is checked against its
+    declared type; unknown keys, a missing `out`, or a value of the wrong type are one-line errors
+    prefixed with `source`. The architecture defaults to the dataset's usual one.
     """
     from .data import dataset_info
-    from .objectives import build_objective, hyperparameters
+    from .objectives import OBJECTIVES, build_objective, hyperparameters
 
     prefix = f"{source}: " if source else ""
     train_keys, attack_keys, options = flag_keys(TrainSettings), flag_keys(AttackSettings), hyperparameters()
@@ -530,13 +545,14 @@ def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainS
     name = values.get("objective", "gaussian")
     if not isinstance(name, str):
         raise SmoothAdvError(f"{prefix}objective must be a string, got {name!r}")
+    own = set(fields_of(OBJECTIVES[name])) - {"sigma", "attack"} if name in OBJECTIVES else set()  # CAT-RS's eps
     unknown = []
     for key, value in values.items():
         if key == "objective":
             continue
         if key in train_keys:
             train[train_keys[key]] = value
-        elif key in attack_keys:
+        elif key in attack_keys and key not in own:
             attack[attack_keys[key]] = value
         elif key in options:
             objective[key] = value

@@ -70,6 +70,28 @@ def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     return 1.0 - clopper_pearson_lower(n - k, n, alpha)
 
 
+def clopper_pearson_interval(k: int | np.ndarray, n: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Clopper-Pearson (exact) confidence interval at `level` for a binomial proportion k / n.
+
+    Guarantee: if k ~ Binomial(n, p), then P(low <= p <= high) >= level. low is the (1 - level) / 2
+    quantile of Beta(k, n - k + 1) (0 when k = 0), high the (1 + level) / 2 quantile of Beta(k + 1,
+    n - k) (1 when k = n): the one-sided bounds above, each at (1 - level) / 2. `k` may be an array
+    (one interval per entry); returns (low, high) as float arrays of k's shape.
+    """
+    if n < 1:
+        raise ValueError(f"sample count n must be >= 1, got {n}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    counts = np.asarray(k)
+    if np.any(counts < 0) or np.any(counts > n) or np.any(counts != np.round(counts)):
+        raise ValueError(f"success counts must be integers in [0, n={n}]")
+    tail = (1.0 - level) / 2
+    with np.errstate(all="ignore"):
+        low = np.where(counts == 0, 0.0, beta.ppf(tail, np.maximum(counts, 1), n - counts + 1))
+        high = np.where(counts == n, 1.0, beta.ppf(1 - tail, counts + 1, np.maximum(n - counts, 1)))
+    return np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+
+
 def binom_pvalue(k: int, n: int, p: float = 0.5) -> float:
     """Exact two-sided binomial test p-value of k successes in n trials under success rate p.
 

@@ -95,11 +95,13 @@ def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, Tensor] | None
 
 
 def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            workers: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+            workers: int = 0, rank: int = 0, world: int = 1, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
     """Yield (images, labels) batches; in-memory datasets are sliced directly (no per-item Python).
 
     With `world` > 1 (torchrun), `batch_size` is the global batch and this yields rank `rank`'s
     disjoint share of each global batch of the same shuffled order (`distributed.shard_order`).
+    With `with_index`, (images, labels, indices) with each example's position in the dataset (in
+    the underlying dataset for a `Subset`), for objectives that look up per-example data (CAT-RS).
     """
     source = _tensor_source(dataset)
     if source is not None:
@@ -109,11 +111,16 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torc
         for chunk in shard_order(index, batch_size, rank, world):
             images = inner.images[chunk]
             images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-            yield images, inner.labels[chunk]
+            yield (images, inner.labels[chunk], chunk) if with_index else (images, inner.labels[chunk])
         return
     order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))  # type: ignore[arg-type]
     plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
-    yield from DataLoader(dataset, batch_sampler=plan, num_workers=workers)
+    positions = dataset.indices if isinstance(dataset, Subset) else None
+    for chunk, (images, labels) in zip(plan, DataLoader(dataset, batch_sampler=plan, num_workers=workers)):
+        if not with_index:
+            yield images, labels
+            continue
+        yield images, labels, torch.as_tensor([positions[i] for i in chunk] if positions is not None else chunk)
 
 
 def num_batches(dataset: Dataset, batch_size: int) -> int:
@@ -171,13 +178,14 @@ class _Stepper:
     precision: torch.dtype | None
     scaler: torch.amp.GradScaler | None
 
-    def batch(self, x: Tensor, y: Tensor, weight: float, tally: _Tally) -> None:
-        """Split (x, y) into `objective.steps_per_batch` chunks and take one step on each, in order."""
+    def batch(self, x: Tensor, y: Tensor, weight: float, tally: _Tally, index: Tensor | None = None) -> None:
+        """Split (x, y[, index]) into `objective.steps_per_batch` chunks and take one step on each, in order."""
         chunks = self.objective.steps_per_batch
-        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
-            tally.add(self.step(xc, yc, weight), len(yc))
+        indices = index.chunk(chunks) if index is not None else [None] * len(x.chunk(chunks))
+        for xc, yc, ic in zip(x.chunk(chunks), y.chunk(chunks), indices):
+            tally.add(self.step(xc, yc, weight, ic), len(yc))
 
-    def step(self, x: Tensor, y: Tensor, weight: float) -> LossOutput:
+    def step(self, x: Tensor, y: Tensor, weight: float, index: Tensor | None = None) -> LossOutput:
         """One optimizer step on `weight` x the objective's loss on (x, y); returns the objective's output.
 
         Under torchrun the ranks meet here once: `sync_replicas` averages the gradients (and copies
@@ -185,7 +193,10 @@ class _Stepper:
         """
         dtype = self.precision or torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision is not None):
-            out = self.objective(self.model, x, y, self.generator)
+            if self.objective.uses_index:
+                out = self.objective(self.model, x, y, self.generator, index=index)  # type: ignore[call-arg]
+            else:
+                out = self.objective(self.model, x, y, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss = out.loss * weight
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -199,12 +210,14 @@ class _Stepper:
 
 
 def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
-                labelled: Iterator[tuple[Tensor, Tensor]], device: torch.device, *,
+                labelled: Iterator[tuple[Tensor, ...]], device: torch.device, *,
                 extra: Iterator[tuple[Tensor, Tensor]] | None = None, extra_weight: float = 1.0,
                 generator: NoiseSource = None, progress: Any = None, precision: torch.dtype | None = None,
                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch: for each loader batch (and, with `extra`, one extra batch after it, its loss scaled
     by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each.
+    `labelled` may yield (x, y, indices) (`batches(..., with_index=True)`); the indices reach
+    objectives with `uses_index` (CAT-RS).
 
     `model` is the plain network, passed to the objective as is. Under torchrun each step's
     gradients are averaged over the ranks (`distributed.sync_replicas`), so the replicas stay
@@ -219,8 +232,9 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
     stepper = _Stepper(model, objective, optimizer, device, generator, precision, scaler)
     tally = _Tally()
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    for x, y in labelled:
-        stepper.batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1.0, tally)
+    for x, y, *index in labelled:
+        stepper.batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1.0, tally,
+                      index[0] if index else None)
         if alone and not math.isfinite(tally.loss_sum):
             break
         extra_batch = next(extra, None) if extra is not None else None
@@ -267,6 +281,9 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     warmup = getattr(objective, "warmup", 1)
     if warmup > cfg.epochs:
         raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
+    if objective.uses_index and cfg.unlabelled:
+        raise SmoothAdvError(f"{objective.describe()['name']} looks up per-example data of the training set; it "
+                             "cannot train on extra (--unlabelled) images")
     if env_world()[0] != 0:
         return _fit(cfg, objective)
     out_dir = Path(cfg.out_dir)
@@ -297,7 +314,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         epoch_objective = objective.at_epoch(epoch)
         started, lr = time.time(), state.optimizer.param_groups[0]["lr"]
         noise = _seed_epoch(cfg.seed, epoch, ctx, state.noise_gen)
-        labelled, extra = _epoch_batches(cfg, data, ctx, state.shuffle_gen)
+        labelled, extra = _epoch_batches(cfg, data, ctx, state.shuffle_gen, with_index=objective.uses_index)
         with _progress_bar(cfg, epoch, num_batches(data.train, cfg.batch_size), ctx.main) as bar:
             stats = train_epoch(state.model, epoch_objective, state.optimizer, labelled, ctx.device, extra=extra,
                                 extra_weight=cfg.unlabelled_weight, generator=noise, progress=bar,
@@ -494,12 +511,13 @@ def _seed_epoch(seed: int, epoch: int, ctx: Dist, noise_gen: torch.Generator) ->
     return RankSlicedNoise(noise_gen, ctx.rank, ctx.world, local)
 
 
-def _epoch_batches(cfg: TrainConfig, data: _Data, ctx: Dist, shuffle_gen: torch.Generator
-                   ) -> tuple[Iterator[tuple[Tensor, Tensor]], Iterator[tuple[Tensor, Tensor]] | None]:
-    """This rank's labelled batches and extra (pseudo-labelled) batches of the epoch, both shuffled
-    lazily by `shuffle_gen` (labelled first: its order is drawn at the first batch)."""
+def _epoch_batches(cfg: TrainConfig, data: _Data, ctx: Dist, shuffle_gen: torch.Generator, *, with_index: bool = False
+                   ) -> tuple[Iterator[tuple[Tensor, ...]], Iterator[tuple[Tensor, Tensor]] | None]:
+    """This rank's labelled batches (with their dataset indices if `with_index`) and extra (pseudo-labelled)
+    batches of the epoch, both shuffled lazily by `shuffle_gen` (labelled first: its order is drawn at the
+    first batch)."""
     labelled = batches(data.train, cfg.batch_size, shuffle=True, generator=shuffle_gen, workers=cfg.workers,
-                       rank=ctx.rank, world=ctx.world)
+                       rank=ctx.rank, world=ctx.world, with_index=with_index)
     extra = (batches(data.extra, cfg.batch_size, shuffle=True, generator=shuffle_gen, rank=ctx.rank, world=ctx.world)
              if data.extra is not None else None)
     return labelled, extra
