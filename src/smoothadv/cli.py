@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import SmoothAdvError
 from .settings import (
+    PROGRESS_HELP,
     AttackRunSettings,
     AttackSettings,
     CertifySettings,
@@ -154,10 +155,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for noise and data order")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for noise and data order (default: 0)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $SMOOTHADV_DATA or ./data)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=PROGRESS_HELP)
 
 
 def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -269,7 +270,7 @@ def add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="merge shard TSVs (--shard i/k jobs or torchrun ranks) into one TSV")
     p.add_argument("out", help="merged output TSV; its shards are OUT.shard-i-of-k unless listed")
     p.add_argument("shards", nargs="*", help="shard files (default: every OUT.shard-*-of-* next to OUT)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT (default: refuse)")
     p.set_defaults(handler=run_merge)
 
 
@@ -282,9 +283,10 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def add_convert(sub: Any) -> None:
     p = sub.add_parser("convert-checkpoint", help="re-save a TRUSTED legacy checkpoint as a weights-only file")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--trust", action="store_true", help="confirm that you trust SRC (loading it can run its code)")
+    p.add_argument("src", help="the legacy checkpoint (a full pickle)")
+    p.add_argument("dst", help="the weights-only checkpoint to write")
+    p.add_argument("--trust", action="store_true", help="confirm that you trust SRC (loading it can run its code; "
+                   "default: refuse)")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(handler=run_convert)
 
@@ -316,24 +318,32 @@ def add_report(sub: Any) -> None:
                    help="attack/predict TSV: empirical accuracy vs eps (dashed); repeat a NAME for several eps")
     p.add_argument("--radii", type=nonneg_float, nargs="+", default=None,
                    help="table columns (default: 0, 0.25, ... up to the largest certified radius)")
-    p.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    p.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown",
+                   help="table format (default: markdown)")
     p.add_argument("--out", default=None, help="write the table to this file (default: print it)")
-    p.add_argument("--plot", default=None, help="write a PNG of accuracy vs radius (needs matplotlib)")
-    p.add_argument("--max-radius", type=positive_float, default=None, help="x-axis limit of the plot")
+    p.add_argument("--plot", default=None, help="write a plot of accuracy vs radius; the extension names the format: "
+                   ".png, .pdf or .svg (needs matplotlib; default: no plot)")
+    p.add_argument("--max-radius", type=positive_float, default=None,
+                   help="x-axis limit of the plot (default: 1.1 x the largest radius, in steps of 0.25)")
     p.add_argument("--envelope", action="store_true", help="add the best-of-all-inputs row (and model used)")
-    p.add_argument("--high-prob", action="store_true", help="add Cohen's high-probability corrected rows")
+    p.add_argument("--high-prob", action="store_true",
+                   help="add Cohen's high-probability corrected rows, acc(r) - alpha - sqrt(alpha (1 - alpha) "
+                   "ln(1/rho) / N) - ln(1/rho) / (3 N), clipped at 0 (Cohen's analyze.py prints the raw value, which "
+                   "can be negative; a negative lower bound on an accuracy says nothing more than 0)")
     p.add_argument("--ci", action="store_true",
                    help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
                         "(and a band to the plot)")
-    p.add_argument("--alpha", type=probability, default=0.001, help="certification failure probability (high-prob)")
-    p.add_argument("--rho", type=probability, default=0.001, help="high-prob: failure probability of the bound")
+    p.add_argument("--alpha", type=probability, default=0.001,
+                   help="certification failure probability (high-prob; default: 0.001)")
+    p.add_argument("--rho", type=probability, default=0.001,
+                   help="high-prob: failure probability of the bound (default: 0.001)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
     p.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
-    from .report import default_radii, format_table, load_results, merge, plot_accuracy, summarize
+    from .report import default_radii, format_table, load_results, merge, plot_accuracy, plot_format, summarize
 
     inputs = [path for _, path in [*args.results, *args.attack]]
     for flag, target in (("--out", args.out), ("--plot", args.plot)):
@@ -348,6 +358,8 @@ def run_report(args: argparse.Namespace) -> None:
             files.setdefault(name, []).append(load_results(path))
         return {name: merge(parts) for name, parts in files.items()}
 
+    if args.plot:
+        plot_format(args.plot)  # an unknown extension is refused before anything is read, printed or written
     certify, attack = grouped(args.results), grouped(args.attack)
     if not certify and not attack:
         raise SmoothAdvError("give at least one certify TSV (NAME=path) or --attack NAME=path")
@@ -373,11 +385,14 @@ def run_report(args: argparse.Namespace) -> None:
 
 def add_validity(sub: Any) -> None:
     p = sub.add_parser("validity", help="measure the rate of invalid certificates on classifiers with exact answers")
-    p.add_argument("--trials", type=positive_int, default=2000, help="independent runs per (input, mode)")
-    p.add_argument("--alpha", type=probability, default=0.1, help="failure probability (large, so failures show)")
-    p.add_argument("--n", type=positive_int, default=100, help="estimation samples of fixed-n CERTIFY and PREDICT")
-    p.add_argument("--n0", type=positive_int, default=10, help="selection samples")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--trials", type=positive_int, default=2000, help="independent runs per (input, mode) "
+                   "(default: 2000)")
+    p.add_argument("--alpha", type=probability, default=0.1, help="failure probability (large, so failures show; "
+                   "default: 0.1)")
+    p.add_argument("--n", type=positive_int, default=100, help="estimation samples of fixed-n CERTIFY and PREDICT "
+                   "(default: 100)")
+    p.add_argument("--n0", type=positive_int, default=10, help="selection samples (default: 10)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the noise (default: 0)")
     p.add_argument("--quick", action="store_true", help="fewer inputs (the test-suite version)")
     p.add_argument("--json", default=None, help="also write all results as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
@@ -407,10 +422,12 @@ def add_pseudo_label(sub: Any) -> None:
     p.add_argument("checkpoint", help="the labelling model's checkpoint")
     p.add_argument("--images", required=True, help=".npz with an `images` array (labels, if any, are ignored)")
     p.add_argument("--out", required=True, help="output .npz: the same `images` plus predicted `labels`")
-    p.add_argument("--batch", type=positive_int, default=1000)
-    p.add_argument("--normalization", choices=("normalize", "center"), default=None)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--batch", type=positive_int, default=1000, help="images per forward pass (default: 1000)")
+    p.add_argument("--normalization", choices=("normalize", "center"), default=None,
+                   help="input layer of a Cohen/Salman checkpoint, which does not record it (default: the "
+                   "checkpoint's own)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (default: refuse)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto, cuda when available)")
     p.set_defaults(handler=run_pseudo_label)
 
 
@@ -423,24 +440,31 @@ def run_pseudo_label(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: Any) -> None:
-    from .demo import DemoConfig
+    from .demo import QUICK, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="Gaussian vs SmoothAdv end to end: train, certify, attack, report (CPU minutes)")
+    q = QUICK
     p.add_argument("--quick", action="store_true", help="a ~2-minute run (fewer epochs, images and samples)")
-    p.add_argument("--out", default=str(d.out), help="run folder (re-running reuses finished steps)")
+    p.add_argument("--out", default=str(d.out), help=f"run folder (re-running reuses finished steps; default: {d.out})")
     p.add_argument("--dataset", default=d.dataset, choices=("fashion_mnist", "synthetic", "cifar10"),
                    help="a dataset with a training split on this machine (default: fashion_mnist)")
-    p.add_argument("--sigma", type=positive_float, default=d.sigma, help="noise level of both models")
-    p.add_argument("--epochs", type=positive_int, default=None, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--train-subset", type=positive_int, default=None, help="train on the first N images only")
-    p.add_argument("--eps", type=nonneg_float, default=None, help="SmoothAdv training eps (default 2 sigma)")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="SmoothAdv training attack steps T")
-    p.add_argument("--m", type=positive_int, default=d.m, help="SmoothAdv training noise draws m")
-    p.add_argument("--certify", type=positive_int, default=None, help=f"test images to certify (default {d.certify})")
-    p.add_argument("--n", type=positive_int, default=None, help=f"CERTIFY samples (default {d.n})")
+    p.add_argument("--sigma", type=positive_float, default=d.sigma, help=f"noise level of both models (default: "
+                   f"{d.sigma:g})")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"training epochs (default: {d.epochs}; --quick: {q['epochs']})")
+    p.add_argument("--train-subset", type=positive_int, default=None,
+                   help=f"train on the first N images only (default: all; --quick: {q['train_subset']})")
+    p.add_argument("--eps", type=nonneg_float, default=None, help="SmoothAdv training eps (default: 2 sigma)")
+    p.add_argument("--steps", type=positive_int, default=d.steps,
+                   help=f"SmoothAdv training attack steps T (default: {d.steps})")
+    p.add_argument("--m", type=positive_int, default=d.m, help=f"SmoothAdv training noise draws m (default: {d.m})")
+    p.add_argument("--certify", type=positive_int, default=None,
+                   help=f"test images to certify (default: {d.certify}; --quick: {q['certify']})")
+    p.add_argument("--n", type=positive_int, default=None, help=f"CERTIFY samples (default: {d.n}; --quick: {q['n']})")
     p.add_argument("--attack-count", type=nonneg_int, default=None,
-                   help=f"test images to attack (default {d.attack_count}; 0: no attack)")
+                   help=f"test images to attack (default: {d.attack_count}; --quick: {q['attack_count']}; 0: no "
+                   "attack)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     _common(p)
     p.set_defaults(handler=run_demo)
@@ -491,8 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("smoothadv: interrupted (finished rows and checkpoints are kept; rerun with --resume)", file=sys.stderr)
         return 130
-    except OSError as exc:
-        print(f"smoothadv: error: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}", file=sys.stderr)
+    except OSError as exc:  # the library names its files in SmoothAdvErrors; this is the last resort
+        where = getattr(exc, "filename", None)
+        print(f"smoothadv: error: {exc.strerror or exc}" + (f": {where}" if where else ""), file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,12 @@ the same `report` code:
 `time` is a `datetime.timedelta` string as in Cohen's scripts; `radius` is rounded *down* to 6
 decimals so that rounding never enlarges a certificate.
 
+`time` of certify rows is a per-group average: when one example's n0 + n samples do not fill a
+`--batch`, consecutive examples are certified together in shared forward passes (up to 64 per group,
+about 8 full batches), and each row of the group gets the group's time divided by its size, so rows
+certified together show the same time. The column's sum over a run is the run's certification time;
+a single row's value is not that example's own cost. predict and attack rows are timed one by one.
+
 Randomness: each example's noise comes from its own generator seeded by (seed, dataset index),
 so a row does not depend on which other examples were run, in which order, or on how many
 workers shared the work (`--shard`, torchrun): a sharded, resumed or re-run evaluation gives the
@@ -236,6 +242,10 @@ def attack_dataset(smooth: Smooth, attack: Attack, dataset: Dataset, indices: It
                 noise = torch.randn((1, int(m), *x.shape), device=device, dtype=x.dtype, generator=generator)
                 model = SoftSmoothed(base, noise * smooth.sigma)
             x_adv = attack(model, batch, target, generator)[0].detach()
+        if not bool(torch.isfinite(x_adv).all()):  # else PREDICT would blame the input for the overflow
+            hint = f"; sigma = {smooth.sigma:g} is far outside [0, 1]-pixel units" if smooth.sigma > 1e3 else ""
+            raise SmoothAdvError(f"the attack on example {index} overflowed: the attacked image has NaN or Inf "
+                                 f"values because the base classifier's outputs or gradients were not finite{hint}")
         prediction = smooth.predict(x_adv, n, alpha, batch_size, generator=generator)
         elapsed = time.time() - started
         norm = float((x_adv - x).flatten().norm())

@@ -16,9 +16,11 @@ import io
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,24 +37,46 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace `path` with `data` atomically (temporary file, fsync, rename)."""
+    """Replace `path` with `data` atomically (temporary file, fsync, rename).
+
+    The file gets the permissions an ordinary write would give it: an existing file's mode is kept,
+    a new file gets 0o666 minus the umask (a temporary file alone would be 0o600). Any failure (a
+    directory in the way, a full disk, ...) is a SmoothAdvError naming `path`; the temporary file is
+    removed and an existing `path` is left as it was.
+    """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise SmoothAdvError(f"cannot write {target}: it is a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise SmoothAdvError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+        raise SmoothAdvError(f"cannot write {target}: {exc.strerror or exc}") from None
     try:
+        try:
+            mode = stat.S_IMODE(target.stat().st_mode)
+        except OSError:
+            mode = 0o666 & ~_umask()
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise SmoothAdvError(f"cannot write {target}: {exc.strerror or exc}") from None
         raise
     _fsync_dir(directory)
 
@@ -116,10 +140,18 @@ def check_new_output(path: str | os.PathLike[str], *, force: bool = False,
     return check_writable_output(out, force=True)
 
 
+#: seconds after which an empty lock file is taken to be left by a process that died before writing its id
+EMPTY_LOCK_GRACE = 10.0
+
+
 class OutputLock:
     """An exclusive lock file `<path>.lock` for the lifetime of a run; a second run is refused.
 
-    A lock left by a process that no longer exists (on this host) is taken over.
+    A lock left by a process that no longer exists (on this host) is taken over. So is an empty
+    lock file older than `EMPTY_LOCK_GRACE` seconds: a lock holder writes `host:pid` right after
+    creating the file, so an empty one that old was left by a process killed in between (a younger
+    one may be a holder about to write, and is respected). Any other content, or a process on
+    another host, is never taken over.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -128,7 +160,10 @@ class OutputLock:
 
     def _stale(self) -> bool:
         try:
-            host, pid = self.path.read_text().strip().split(":")
+            text = self.path.read_text()
+            if not text.strip():
+                return time.time() - self.path.stat().st_mtime > EMPTY_LOCK_GRACE
+            host, pid = text.strip().split(":")
             if host != platform.node():
                 return False
             os.kill(int(pid), 0)
@@ -216,16 +251,36 @@ class TsvLog:
         self.done: set[str] = set()
         header = "\t".join(self.columns)
         if resume and self.path.exists() and self.path.stat().st_size > 0 \
-                and not header.startswith(self.path.read_text(encoding="utf-8")):  # else: killed mid-header
+                and not header.startswith(self._text()):  # else: killed mid-header
             self._recover(header)
-            self._handle = open(self.path, "a", encoding="utf-8")
+            self._handle = self._open("a")
         else:
-            self._handle = open(self.path, "w", encoding="utf-8")
-            self._handle.write(header + "\n")
-            self._sync()
+            self._handle = self._open("w")
+            try:
+                self._handle.write(header + "\n")
+                self._sync()
+            except OSError as exc:
+                self._handle.close()
+                raise SmoothAdvError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _open(self, mode: str) -> Any:
+        try:
+            return open(self.path, mode, encoding="utf-8")
+        except OSError as exc:
+            raise SmoothAdvError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _text(self) -> str:
+        """The whole file as text; a file that is not UTF-8 text (binary, another format) is refused."""
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SmoothAdvError(f"{self.path} is not a text (UTF-8) TSV file, so it is not resumed (choose another "
+                                 "--out)") from None
+        except OSError as exc:
+            raise SmoothAdvError(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
     def _recover(self, header: str) -> None:
-        first = self.path.read_text(encoding="utf-8").split("\n", 1)[0]
+        first = self._text().split("\n", 1)[0]
         if first != header:
             raise SmoothAdvError(
                 f"{self.path} has header {first!r}, expected {header!r}; it was written by a different "
@@ -252,8 +307,11 @@ class TsvLog:
         fields = [str(v) for v in values]
         if len(fields) != len(self.columns):
             raise ValueError(f"row has {len(fields)} fields, header has {len(self.columns)}")
-        self._handle.write("\t".join(fields) + "\n")
-        self._sync()
+        try:
+            self._handle.write("\t".join(fields) + "\n")
+            self._sync()
+        except OSError as exc:  # e.g. a full disk: name the file (earlier rows are kept; --resume redoes this)
+            raise SmoothAdvError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.done.add(self.key(fields))
 
     def close(self) -> None:

@@ -32,7 +32,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .archs import ARCHITECTURES, arch_info, foreign_names
-from .data import dataset_stats, num_classes
+from .data import dataset_stats, input_shape, num_classes
 from .errors import SmoothAdvError
 from .files import atomic_torch_save, check_new_output
 
@@ -116,6 +119,30 @@ def build_model(arch: str, dataset: str, normalization: str | dict[str, Any] = "
     return nn.Sequential(_norm_layer(spec), net)
 
 
+def check_arch_fits(arch: str, dataset: str) -> None:
+    """Raise SmoothAdvError (one line) unless network `arch` takes `dataset`'s images.
+
+    An architecture built for images of the dataset's shape (`ArchInfo.dataset`'s `input_shape`) fits; any
+    other is tried on two blank images of that shape (e.g. torchvision's ResNet-50 pools adaptively and
+    takes CIFAR images), so training never starts with a network that fails at its first batch.
+    """
+    info = arch_info(arch)
+    shape = input_shape(dataset)
+    if input_shape(info.dataset) == shape:
+        return
+    try:
+        net = info.build(num_classes(dataset)).eval()
+        with torch.no_grad():
+            net(torch.zeros(2, *shape))
+    except RuntimeError:
+        fitting = [name for name, other in ARCHITECTURES.items() if input_shape(other.dataset) == shape]
+        size = "x".join(map(str, shape))
+        raise SmoothAdvError(
+            f"architecture {arch!r} does not take {dataset} images ({size}; it is built for {info.dataset}, "
+            f"{'x'.join(map(str, input_shape(info.dataset)))}): choose --arch {' or '.join(fitting) or 'another one'}"
+        ) from None
+
+
 def replace_head(model: nn.Sequential, arch: str, classes: int) -> None:
     """Replace the final Linear layer of `model` (built by build_model; at `ARCHITECTURES[arch].head`) with a
     fresh one of `classes` outputs, on the old layer's device."""
@@ -166,14 +193,25 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     A file that records the digest of its weights (`weights_sha256`) is returned only if its
     weights still match it (else SmoothAdvError: the file is corrupt)."""
     file = Path(path)
+    if file.is_dir():
+        raise SmoothAdvError(f"checkpoint {file} is a directory, not a checkpoint file")
     if not file.is_file():
         raise SmoothAdvError(f"checkpoint {file} does not exist")
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            payload = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc).strip()
         if "global" not in text.lower():  # "Unsupported operand", "pop from empty", ...: not a pickle we know
-            raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated (UnpicklingError: {text[:160]})") from None
+            caller = _bare_pickle_call(file)
+            if caller is not None:  # a plain pickle (not torch.save's format) that would call something
+                raise SmoothAdvError(
+                    f"refusing to load {file}: it is not a weights-only checkpoint but a bare Python pickle that "
+                    f"would call {caller[:120]} when unpickled (unsafe pickle: it could run code); nothing was run"
+                ) from None
+            detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]  # not torch's advice
+            raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated (UnpicklingError: {detail})") from None
         found = re.search(r"GLOBAL ([\w.]+)", text)  # name the offending object; never echo torch's allowlist advice
         unsupported = f"it would call {found.group(1)}" if found else "unsupported object"
         raise SmoothAdvError(
@@ -202,6 +240,28 @@ def _verify_weights(payload: dict[str, Any], file: Path) -> None:
     if weights_digest(state) != recorded:
         raise SmoothAdvError(f"checkpoint {file} is corrupt: its weights do not match the digest recorded when it was "
                              "saved (flipped or overwritten bytes); restore it from a copy or retrain")
+
+
+def _bare_pickle_call(file: Path) -> str | None:
+    """What a plain pickle file would import or call when unpickled ('module.name', or 'code'), read from its
+    opcodes without unpickling it; None if it is not such a pickle (a torch zip file, garbage, plain data)."""
+    if zipfile.is_zipfile(file):
+        return None
+    strings: list[str] = []
+    try:
+        with open(file, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if isinstance(arg, str):
+                    strings = [*strings[-1:], arg]
+                if opcode.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if opcode.name == "STACK_GLOBAL":
+                    return ".".join(strings) if len(strings) == 2 else "an imported object"
+                if opcode.name in ("REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"):
+                    return "code"
+    except Exception:  # not a (complete) pickle: let the caller call it corrupt
+        return None
+    return None
 
 
 def _foreign_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -706,7 +706,10 @@ declared with `settings.setting(...)` so that the command line, recipes and chec
 
 def build_attack(settings: AttackSettings) -> Attack:
     """The attack `settings` describe. DDN's gamma and initial norm, when None, follow Salman et al.'s
-    prediction script: the norm may shrink from eps to 3/510 in T steps, and starts at eps (>= 1e-3)."""
+    prediction script's rule: the norm may shrink from eps to 3/510 in T steps, gamma = 1 - (3/510/eps)^(1/T),
+    and starts at eps (>= 1e-3). A deliberate deviation: predict.py itself starts at its --init-norm-DDN
+    default, 256/256 = 1.0, whatever eps; we start where its gamma rule assumes (and where training's
+    warm-up starts DDN each epoch). Set `ddn_init_norm` (AttackSettings) to 1.0 for the script's behaviour."""
     eps, steps = settings.eps, settings.steps
     if settings.attack == "ddn":
         gamma = settings.ddn_gamma

@@ -35,7 +35,9 @@ def load_images(path: str | os.PathLike[str], shape: tuple[int, int, int]) -> tu
             raw = archive["images"]
     except (OSError, KeyError, ValueError) as exc:
         raise SmoothAdvError(f"cannot read {path} as an .npz with an 'images' array: {exc}") from None
-    tensor = torch.from_numpy(np.ascontiguousarray(raw))
+    if raw.dtype != np.uint8 and raw.dtype.kind != "f":  # strings, objects, bools, other integers, complex
+        raise SmoothAdvError(f"{path}: images must be uint8 (0..255) or float (in [0, 1]), got dtype {raw.dtype}")
+    tensor = torch.from_numpy(np.ascontiguousarray(raw, dtype=raw.dtype.newbyteorder("=")))
     if tensor.dim() == 3:
         tensor = tensor.unsqueeze(1)
     if tensor.dim() == 4 and tuple(tensor.shape[1:]) != shape and tensor.shape[-1] == shape[0]:
@@ -45,8 +47,6 @@ def load_images(path: str | os.PathLike[str], shape: tuple[int, int, int]) -> tu
                              f"{', ' + str(shape[0]) if shape[0] > 1 else ''}) or (N, {', '.join(map(str, shape))})")
     if tensor.dtype == torch.uint8:
         return raw, tensor.float() / 255.0
-    if not tensor.is_floating_point():
-        raise SmoothAdvError(f"{path}: images must be uint8 or float, got {raw.dtype}")
     tensor = tensor.float()
     if tensor.numel() and (not bool(torch.isfinite(tensor).all()) or float(tensor.min()) < 0
                            or float(tensor.max()) > 1):

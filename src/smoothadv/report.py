@@ -424,13 +424,29 @@ def _csv(table: Table) -> str:
 # ------------------------------------------------------------------ plots
 
 
+#: plot file formats, named by the file's extension
+PLOT_FORMATS = ("png", "pdf", "svg")
+#: metadata left out so that the same results give the same file bytes (pdf/svg record a creation date)
+_NO_DATE = {"png": {}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}
+
+
+def plot_format(path: str | Path) -> str:
+    """The format a plot file's extension names (png, pdf or svg); any other name is a SmoothAdvError."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise SmoothAdvError(f"cannot tell the plot format of {path}: name the file .png, .pdf or .svg")
+    return suffix
+
+
 def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Mapping[str, Results] | None = None,
                   max_radius: float | None = None, include_envelope: bool = False, title: str | None = None,
                   ci: bool = False) -> Path:
-    """Write a PNG: certified accuracy vs radius (solid) per certify input and empirical accuracy vs
+    """Write a plot: certified accuracy vs radius (solid) per certify input and empirical accuracy vs
     eps (dashed, markers) per attack input, on the same axes as in Salman et al.'s figures; inputs
     with the same name share a colour; with `ci`, a shaded 95% Clopper-Pearson band over the test
-    images around each certified curve. Needs matplotlib (imported here, Agg canvas, no pyplot)."""
+    images around each certified curve. The format is the one `out`'s extension names
+    (`plot_format`: PNG, PDF or SVG). Needs matplotlib (imported here, Agg canvas, no pyplot)."""
+    kind = plot_format(out)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -473,7 +489,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
         ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format=kind, metadata=_NO_DATE[kind])
     target = Path(out)
     atomic_write_bytes(target, buffer.getvalue())
     return target

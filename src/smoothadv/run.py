@@ -21,6 +21,7 @@ one uninterrupted run give the same rows (only the `time` column differs).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -43,7 +44,12 @@ from .settings import (
 )
 
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
-IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from"}
+IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from", "resumed_changes"}
+
+#: recorded settings of an evaluation that rows do not depend on (verified: the noise pieces of each example, and
+#: so its counts, are the same at any batch size), so a resumed run or a shard may differ in them
+BATCH_SETTINGS = frozenset({"batch"})
+EVALUATION_COMMANDS = ("certify", "predict", "attack")
 
 _SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
@@ -124,11 +130,45 @@ def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data
 
 
-def setting_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS) on which `a` and `b` disagree."""
+def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree."""
     a, b = (json.loads(json.dumps(d, default=str)) for d in (a, b))  # as stored: tuples -> lists, paths -> str
-    keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS)
+    keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS - ignore)
     return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
+
+
+def _evaluation(settings: dict[str, Any]) -> bool:
+    return settings.get("command") in EVALUATION_COMMANDS
+
+
+def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, accepted): the recorded settings of an output and those of the run resuming it, compared.
+
+    `refused` lists the differences that would change rows ('key: old != new'); `accepted` the changes
+    that cannot ('key: old -> new'): of an evaluation (certify, predict, attack), its `batch`, and a
+    larger `max` (or none), which extends the selection past the rows already written, in the order an
+    uninterrupted run writes them (also per shard: shard i of k takes every k-th job of the longer list).
+    Every other setting must agree, as in `setting_differences`; a smaller `max` is refused, and so is a
+    larger one for an attack at several radii (its rows are ordered radius first).
+    """
+    evaluation = _evaluation(previous) and _evaluation(current)
+    ignore = BATCH_SETTINGS | {"max"} if evaluation else frozenset()
+    refused = setting_differences(previous, current, ignore)
+    accepted: list[str] = []
+    if evaluation:
+        if previous.get("batch") != current.get("batch"):
+            accepted.append(f"batch: {previous.get('batch')!r} -> {current.get('batch')!r}")
+        old, new = previous.get("max"), current.get("max")
+        if old != new:
+            extends = old is not None and (new is None or (isinstance(new, int) and isinstance(old, int) and new > old))
+            if extends and isinstance(current.get("eps"), list):  # rows are ordered radius first: new ones would
+                refused.append(f"max: {old!r} != {new!r} (an attack at several --eps cannot be extended)")  # interleave
+            elif extends:
+                accepted.append(f"max: {old!r} -> {new!r}")
+            else:
+                refused.append(f"max: {old!r} != {new!r} (only a larger --max, which extends the selection, can "
+                               "resume)")
+    return refused, accepted
 
 
 def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict[str, Any]:
@@ -159,8 +199,11 @@ class RunOutcome(NamedTuple):
 
 def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
                make_rows: Callable[[list[Job]], Iterable[NamedTuple]], *, resume: bool, force: bool,
-               progress: bool = True, label: str = "", restart_on_change: bool = False) -> RunOutcome:
+               progress: bool = True, label: str = "", restart_on_change: bool = False,
+               show: bool = True) -> RunOutcome:
     """Append one row per job to the TSV `out` (resumable, locked, each row flushed and fsynced).
+
+    A run that fails before its first row leaves no new file behind (output and sidecars it created).
 
     With `resume`, rows already in `out` are kept and their jobs skipped, after checking that `out`
     was started with the same `recorded` settings (else SmoothAdvError; or, with
@@ -169,13 +212,15 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
     of `jobs`: SmoothAdvError, the file untouched. So the finished file holds each job's row exactly
     once, in job order (rows resumed out of order are put back in order): the file an uninterrupted
     run writes. `recorded` is written to `OUT.args.json` together with `OUT.env.json` (versions,
-    device, git revision).
+    device, git revision). Progress (`show`): a bar on a terminal with `progress`, else a plain line
+    every 30 s (`progress.progress`).
     """
     with OutputLock(out):
         if resume and out.exists():
             previous = read_settings(out)
-            differences = [] if previous is None else setting_differences(previous, recorded)
+            differences, accepted = ([], []) if previous is None else resume_differences(previous, recorded)
             if previous is None and _has_rows(out):
+                read_tsv(out, what="refusing to resume it")  # a file that is not a TSV at all is refused as such
                 differences = [f"{settings_path(out).name} (its recorded settings) is missing"]
             if differences and restart_on_change:
                 resume, force = False, True
@@ -186,14 +231,33 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
             elif differences:
                 raise SmoothAdvError(f"cannot resume {out}: it was started with other settings "
                                      f"({'; '.join(differences)}); use the same flags or a new --out")
-        with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
-            stray = log.done - {job_key(job) for job in jobs}
-            if stray:
-                raise SmoothAdvError(f"cannot resume {out}: it has {len(stray)} row(s) that are not part of this run "
-                                     f"(e.g. idx {sorted(stray)[0]}); remove them, or start over with --force")
-            outcome = _append(out, log, recorded, columns, jobs, make_rows, progress, label)
+            elif accepted and previous is not None:  # recorded in OUT.args.json: what changed, in order
+                recorded = {**recorded, "resumed_changes": [*previous.get("resumed_changes", []), *accepted]}
+        created = [path for path in (out, settings_path(out), out.parent / f"{out.name}.env.json") if not path.exists()]
+        try:
+            with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
+                stray = log.done - {job_key(job) for job in jobs}
+                if stray:
+                    raise SmoothAdvError(f"cannot resume {out}: it has {len(stray)} row(s) that are not part of this "
+                                         f"run (e.g. idx {sorted(stray)[0]}); remove them, or start over with --force")
+                outcome = _append(out, log, recorded, columns, jobs, make_rows, progress, label, show)
+        except BaseException:
+            if out in created:
+                _forget(out, created)
+            raise
         _put_in_job_order(out, columns, jobs)
         return outcome
+
+
+def _forget(out: Path, created: Sequence[Path]) -> None:
+    """After a failed run that created `out`: remove the files it created if `out` holds no row (nothing to
+    resume)."""
+    with contextlib.suppress(OSError):
+        if out.exists() and out.read_bytes().count(b"\n") > 1:
+            return
+    for path in created:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _has_rows(out: Path) -> bool:
@@ -215,15 +279,14 @@ def _put_in_job_order(out: Path, columns: Sequence[str], jobs: Sequence[Job]) ->
 
 
 def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
-            make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str) -> RunOutcome:
-    from tqdm.auto import tqdm
-
+            make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str,
+            show: bool = True) -> RunOutcome:
     from .evaluate import row_fields
+    from .progress import progress as reporter
 
     todo = [job for job in jobs if job_key(job) not in log.done]
     write_provenance(out.parent, recorded, prefix=f"{out.name}.")
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=label, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with reporter(len(jobs), initial=len(jobs) - len(todo), label=label, bars=progress, show=show) as bar:
         for row in make_rows(todo):
             log.write(row_fields(row))
             bar.update(1)
@@ -320,8 +383,8 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
         jobs = shard_indices(jobs, *shard)
     columns, make_rows = rows_maker(settings, smooth, dataset, device)
     outcome = write_rows(out, recorded, columns, jobs, make_rows, resume=run.resume or restart_on_change,
-                         force=run.force, progress=run.progress and rank == 0, label=settings.command,
-                         restart_on_change=restart_on_change)
+                         force=run.force, progress=run.progress, label=settings.command,
+                         restart_on_change=restart_on_change, show=rank == 0)
     say = log or (lambda _: None)
     if world > 1:  # the last rank to finish sees every shard complete and merges (merging twice is harmless)
         if shards_complete(final, world, recorded):
@@ -404,20 +467,21 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
         raise SmoothAdvError(f"{out} already exists; pass --force to overwrite it")
     parsed = _parse_shards(out, paths)
     reference = parsed[0]
-    for shard in parsed[1:]:
-        differences = setting_differences(reference.settings, shard.settings)
+    for shard in parsed[1:]:  # the batch size cannot change a row: a shard resumed at another batch merges
+        differences = setting_differences(reference.settings, shard.settings,
+                                          BATCH_SETTINGS if _evaluation(reference.settings) else frozenset())
         if differences:
             raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "
                                  f"({'; '.join(differences)}); rerun the odd shard")
     everything = expected_jobs(reference.settings)
     order = {job_key(job): position for position, job in enumerate(everything)}
-    header: str | None = None
+    tables = [read_tsv(shard.path) for shard in parsed]
+    header = _expected_header(reference.settings, [head for head, _ in tables])
     merged: list[tuple[int, list[str]]] = []
-    for i, shard in enumerate(parsed):
-        head, rows = read_tsv(shard.path)
-        if header is not None and head != header:
-            raise SmoothAdvError(f"{shard.path} has header {head!r}, other shards {header!r}")
-        header = head
+    for i, (shard, (head, rows)) in enumerate(zip(parsed, tables)):
+        if head != header:  # blame the odd shard, not whichever came first
+            raise SmoothAdvError(f"{shard.path} has header {head!r}, expected {header!r} (a "
+                                 f"{reference.settings.get('command')} output); rerun that shard")
         columns = head.split("\t")
         seen: set[str] = set()
         for row in rows:
@@ -437,11 +501,27 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
             raise SmoothAdvError(f"{shard.path} is incomplete: {len(wanted - seen)} of {len(wanted)} rows missing "
                                  f"(e.g. idx {min(wanted - seen)}); finish it with --resume")
     merged.sort(key=lambda item: item[0])
-    assert header is not None
     atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
     settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}
+    batches = list(dict.fromkeys(shard.settings.get("batch") for shard in parsed))
+    if len(batches) > 1:  # shards run at different batch sizes (the rows do not depend on it)
+        settings_out["batch"] = batches
     atomic_write_text(settings_path(out), json.dumps(settings_out, indent=2, sort_keys=True, default=str) + "\n")
     return len(merged)
+
+
+def _expected_header(settings: dict[str, Any], headers: Sequence[str]) -> str:
+    """The TSV header a run with these recorded settings writes; for settings of no known command, the header
+    most shards have (so a lone odd shard is the one blamed)."""
+    from .evaluate import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS
+    from .sequential import SEQUENTIAL_COLUMNS
+
+    command = settings.get("command")
+    columns = {"predict": PREDICT_COLUMNS, "attack": ATTACK_COLUMNS}.get(str(command)) if command != "certify" else (
+        SEQUENTIAL_COLUMNS if settings.get("mode") == "sequential" else CERTIFY_COLUMNS)
+    if columns is not None:
+        return "\t".join(columns)
+    return max(dict.fromkeys(headers), key=list(headers).count)
 
 
 def shards_complete(out: str | os.PathLike[str], num_shards: int, settings: dict[str, Any]) -> bool:

@@ -40,6 +40,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 Check = Callable[[Any], bool]
 
+#: help of every --progress/--no-progress flag (`progress.progress` does what it says)
+PROGRESS_HELP = ("progress bars on a terminal (default); with --no-progress, or output to a log file, a plain "
+                 "line every 30 s instead")
+
 #: largest seed accepted (torch generators take 64-bit seeds; ours are mixed modulo 2^63 - 1)
 MAX_SEED = 2**63 - 1
 
@@ -54,6 +58,12 @@ AT_LEAST_ONE = _limit(lambda v: v >= 1, "an integer >= 1")
 COUNT = _limit(lambda v: v >= 0, "an integer >= 0")
 PROBABILITY = _limit(lambda v: 0 < v < 1, "a number in (0, 1)")
 SEED = _limit(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+#: largest finite float32: optimizer hyperparameters are multiplied into float32 weights, and torch refuses
+#: (with a traceback) a Python float that overflows the parameter's type
+FLOAT32_MAX = 3.4028234663852886e38
+POSITIVE_FLOAT32 = _limit(lambda v: 0 < v <= FLOAT32_MAX, "a number in (0, 3.4e38] (it multiplies float32 weights)")
+NONNEGATIVE_FLOAT32 = _limit(lambda v: 0 <= v <= FLOAT32_MAX, "a number in [0, 3.4e38] (it multiplies float32 "
+                             "weights)")
 
 
 Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
@@ -284,11 +294,11 @@ class TrainSettings:
     sigma: float = setting(0.25, "training noise level (recorded in the checkpoint)", limit=NONNEGATIVE)
     epochs: int = setting(90, "training epochs", limit=AT_LEAST_ONE)
     batch_size: int = setting(256, "batch size (the global batch under torchrun)", flag="--batch", limit=AT_LEAST_ONE)
-    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE)
+    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE_FLOAT32)
     lr_step: int = setting(30, "decay lr every this many epochs", limit=AT_LEAST_ONE)
-    lr_gamma: float = setting(0.1, "lr decay factor", limit=POSITIVE)
-    momentum: float = setting(0.9, "SGD momentum", limit=NONNEGATIVE)
-    weight_decay: float = setting(1e-4, "SGD weight decay", limit=NONNEGATIVE)
+    lr_gamma: float = setting(0.1, "lr decay factor", limit=POSITIVE_FLOAT32)
+    momentum: float = setting(0.9, "SGD momentum", limit=NONNEGATIVE_FLOAT32)
+    weight_decay: float = setting(1e-4, "SGD weight decay", limit=NONNEGATIVE_FLOAT32)
     normalization: str = setting("normalize", "input layer: mean/std, mean only, or none (raw [0, 1] pixels)",
                                  choices=NORMALIZATIONS)
     seed: int = setting(0, "seed for noise, initialization and data order", limit=SEED)
@@ -304,7 +314,7 @@ class TrainSettings:
     unlabelled_weight: float = setting(1.0, "loss weight of the extra batches", limit=NONNEGATIVE)
     resume: bool = setting(False, "continue from the run directory's checkpoint", rows=False)
     force: bool = setting(False, "start over even if a checkpoint exists", rows=False)
-    progress: bool = setting(True, "progress bars", rows=False)
+    progress: bool = setting(True, PROGRESS_HELP, rows=False)
     precision: str = setting("fp32", "mixed precision: autocast forward passes and attacks (fp16: GPU, with loss "
                              "scaling)", choices=PRECISIONS)
 
@@ -314,8 +324,14 @@ class TrainSettings:
     def validate(self) -> None:
         """Checks that need more than one field (the single-field checks ran when it was made)."""
         from .accel import check_precision
+        from .models import check_arch_fits
 
         check_precision(self.precision)
+        check_arch_fits(self.arch, self.dataset)
+        steps = (self.epochs - 1) // self.lr_step  # decays before the last epoch
+        if self.lr_gamma > 1 and math.log(self.lr) + steps * math.log(self.lr_gamma) > math.log(FLOAT32_MAX):
+            raise SmoothAdvError(f"--lr {self.lr:g} grows by --lr-gamma {self.lr_gamma:g} every {self.lr_step} epochs "
+                                 f"beyond float32 range (3.4e38) within {self.epochs} epochs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,7 +340,8 @@ class AttackSettings:
 
     `attack` is "pgd" or "ddn"; `gradient_free` turns PGD into its Stein-estimate variant.
     `ddn_gamma` / `ddn_init_norm` None mean the rule of Salman et al.'s prediction script: the
-    norm can shrink from eps to 3/510 in `steps` steps, starting at eps (at least 1e-3).
+    norm can shrink from eps to 3/510 in `steps` steps, starting at eps (at least 1e-3); the script
+    itself starts at 1.0 whatever eps (see `objectives.build_attack`).
     """
 
     attack: str = setting("pgd", "attack on the smoothed soft classifier", choices=("pgd", "ddn"))
@@ -355,7 +372,7 @@ class RunSettings:
     force: bool = setting(False, "overwrite an existing output", rows=False)
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
     data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
-    progress: bool = setting(True, "progress bars", rows=False)
+    progress: bool = setting(True, PROGRESS_HELP, rows=False)
     channels_last: bool = setting(False, "channels_last memory format (GPU speed)", rows=False)
     compile: bool = setting(False, "torch.compile the base classifier", rows=False)
 
@@ -488,7 +505,9 @@ class AttackRunSettings(EvaluationSettings):
 
     eps: tuple[float, ...] = setting(help="attack L2 radius in [0, 1] pixels; several radii make one row per "
                                      "(radius, example)", limit=NONNEGATIVE)
-    attack: str = setting("pgd", "pgd or ddn", choices=("pgd", "ddn"))
+    attack: str = setting("pgd", "pgd or ddn. DDN uses the gamma rule of Salman et al.'s predict.py, 1 - (3/510/eps)"
+                          "^(1/steps), but starts at norm max(eps, 1e-3) where predict.py starts at 1.0 whatever eps "
+                          "(a deliberate deviation: its gamma rule assumes a start at eps)", choices=("pgd", "ddn"))
     steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
     m: int = setting(1, "noise draws estimating G in the attack (m_test)", limit=AT_LEAST_ONE)
     n: int = setting(1000, "PREDICT samples on the adversarial input", limit=AT_LEAST_ONE)

@@ -114,7 +114,7 @@ class NoisySampler:
     whatever x's dtype, so a low-precision input does not quantize the Gaussian. NaN logits are an
     error, not votes.
 
-    Speed: noise is drawn on x's device into one reused buffer of `batch_size` samples, votes
+    Speed: noise is drawn on x's device into one reused buffer of min(`batch_size`, samples drawn) rows, votes
     are counted on the device (one `bincount` per batch and segment), and the host sees nothing
     until the caller copies the counts. The base model runs in eval mode under
     `torch.inference_mode()`; its previous mode is restored afterwards.
@@ -138,7 +138,8 @@ class NoisySampler:
         counts the votes of the i-th segment. CERTIFY uses segments (n0, n): selection and
         estimation samples are disjoint, hence independent, draws.
         """
-        batch_size = int(batch_size)
+        # a batch larger than the stream draws it in one piece either way: size the buffer by what is drawn
+        batch_size = min(int(batch_size), max(1, sum(int(num) for num in segments)))
         votes = torch.zeros(len(segments), self.num_classes, dtype=torch.long, device=x.device)
         nan_rows = torch.zeros((), dtype=torch.long, device=x.device)
         noisy = self._noise_buffer(x, batch_size)
@@ -157,7 +158,9 @@ class NoisySampler:
         """f's argmax on a batch of noisy inputs (on the device); adds the number of NaN logit rows to `nan_rows`."""
         try:
             logits = self.base(batch)
-        except RuntimeError as exc:  # shape or channel mismatch with the model
+        except RuntimeError as exc:  # shape or channel mismatch with the model, or out of memory
+            if _out_of_memory(exc):
+                raise SmoothAdvError(_memory_message(len(batch), batch[0], exc)) from None
             raise SmoothAdvError(
                 f"the base classifier rejected an input of shape {tuple(batch.shape[1:])}: "
                 f"{str(exc).splitlines()[0]}"
@@ -183,9 +186,26 @@ class NoisySampler:
         buf = self._buffers.get(name)
         if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < batch or buf.device != like.device \
                 or buf.dtype != dtype:
-            buf = torch.empty(shape, device=like.device, dtype=dtype)
+            try:
+                buf = torch.empty(shape, device=like.device, dtype=dtype)
+            except RuntimeError as exc:  # includes torch.OutOfMemoryError
+                raise SmoothAdvError(_memory_message(batch, like, exc)) from None
             self._buffers[name] = buf
         return buf[:batch]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether a RuntimeError from torch is an allocation failure (CPU or GPU)."""
+    text = str(exc).lower()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
+    return isinstance(exc, oom) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _memory_message(batch: int, like: Tensor, exc: BaseException) -> str:
+    """One line for an allocation failure of `batch` noisy samples shaped like `like`."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"not enough memory for a batch of {batch} noisy samples of shape {tuple(like.shape)} on "
+            f"{like.device} ({detail[:120]}); use a smaller --batch (batch_size)")
 
 
 def _raise_on_nan(nan_rows: Tensor) -> None:
@@ -253,7 +273,10 @@ class PackedSampler:
             return self.sampler.segment_counts(first, requests[0].segments, batch_size, requests[0].generator)
         # the counter (row of the result) of segment i of request r is offsets[r] + i
         offsets = list(itertools.accumulate((len(request.segments) for request in requests), initial=0))
-        batch = _PackedBatch(self.sampler, first, int(batch_size), offsets[-1])
+        # a batch larger than all the samples makes one forward pass either way (and each request one piece):
+        # the buffers are sized by what is drawn, so an absurd --batch costs no memory
+        total = sum(int(num) for request in requests for num in request.segments)
+        batch = _PackedBatch(self.sampler, first, min(int(batch_size), max(1, total)), offsets[-1])
         with eval_mode(self.sampler.base), torch.inference_mode():
             for request, offset in zip(requests, offsets):
                 for size, runs in noise_pieces(request.segments, batch.size):

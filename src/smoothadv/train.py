@@ -329,8 +329,7 @@ def _fit(cfg: TrainConfig, objective: Objective) -> Path:
         log.append(epoch + 1, elapsed, lr, stats, test)
         _save(ckpt_path, cfg, state, data.classes, epochs_done=epoch + 1, config=config, objective=epoch_objective)
         log.write()  # after the checkpoint: a log row always has its checkpoint
-        if cfg.progress:
-            _announce(epoch, cfg.epochs, stats, test, elapsed)
+        _announce(epoch, cfg.epochs, stats, test, elapsed)  # with or without bars: logs see every epoch
     teardown(ctx)
     return ckpt_path
 
@@ -524,10 +523,11 @@ def _epoch_batches(cfg: TrainConfig, data: _Data, ctx: Dist, shuffle_gen: torch.
 
 
 def _progress_bar(cfg: TrainConfig, epoch: int, steps: int, main: bool) -> Any:
-    from tqdm.auto import tqdm
+    """The epoch's progress (rank 0): a bar on a terminal, else a plain line every 30 s (`progress.progress`)."""
+    from .progress import progress
 
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
-                leave=False, dynamic_ncols=True)
+    return progress(steps, label=f"epoch {epoch + 1}/{cfg.epochs}", unit="batches", bars=cfg.progress, show=main,
+                    leave=False)
 
 
 # ------------------------------------------------------------------ rank 0's end of an epoch
