@@ -195,7 +195,7 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T alpha
     norms = step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     x_init = x + step * torch.clamp(0.25 / norms, max=1.0)
-    logits = model((x.unsqueeze(1) + noise).flatten(0, 1))
+    logits = model((x_init.unsqueeze(1) + noise).flatten(0, 1))  # the clean side is x_init, as in the original
     average = logits.softmax(1).view(6, 2, 4).mean(1)
     x_mix = (1 - lam.view(-1, 1, 1, 1)) * x_init + lam.view(-1, 1, 1, 1) * x_adv
     target = (1 - lam.view(-1, 1)) * average + lam.view(-1, 1) / 4

@@ -479,17 +479,21 @@ class SmoothMix(Objective):
 
     Per chunk of b images with m draws delta_ij shared by every pass: `smoothmix_attack` (eval mode)
     gives x_init (the iterate before step `mix_step`, then projected onto the ball of radius
-    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the clean pass
-    q_ij = softmax(f(x_i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2] per
-    image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
+    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the "clean" pass
+    q_ij = softmax(f(x_init,i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2]
+    per image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
     lambda_i u (u uniform over the K classes) and c_i = 1[argmax p_i = y_i]:
 
-        L = (1/(b m)) sum_ij CE(f(x_i + delta_ij), y_i) + eta w_e (1/(b m)) sum_ij c_i KL(t_i || q(x~_i + delta_ij)).
+        L = (1/(b m)) sum_ij [ CE(f(x_init,i + delta_ij), y_i) + eta w_e c_i KL(t_i || q(x~_i + delta_ij)) ].
 
-    t_i is not detached (its gradient reaches the clean pass through p_i), as in the original; c and
-    lambda are constants; the masked mean divides by all b m rows. Warm-up: w_e = min(1, (e + 1) / warmup)
-    (`at_epoch`) scales both the mixup term and x_init's radius; x_adv is not warmed up. m SGD steps per
-    loader batch (`steps_per_batch`). Training accuracy is that of the clean copies (the original logs 0).
+    The clean side is x_init, as in the code (it reassigns the chunk's inputs to the attack's first
+    output): x itself for mix_step = 0, the warmed-up one-step adversary for mix_step = 1 (the "one-step
+    adversary" variant, published at sigma = 0.5 and 1.0 on CIFAR-10), so the cross-entropy, p_i and the
+    mask are then taken there too. t_i is not detached (its gradient reaches the clean pass through
+    p_i), as in the original; c and lambda are constants; the masked mean divides by all b m rows.
+    Warm-up: w_e = min(1, (e + 1) / warmup) (`at_epoch`) scales both the mixup term and x_init's radius;
+    x_adv is not warmed up. m SGD steps per loader batch (`steps_per_batch`). Training accuracy is that
+    of the clean-side copies (the original logs 0).
 
     Defaults: the published CIFAR-10 settings that do not depend on sigma (m = 2, T = 4, eta = 5,
     warm-up 10) and the code's alpha = 1 and mix_step = 0; CIFAR-10 used alpha / mix_step = 0.5 / 0,
@@ -531,7 +535,7 @@ class SmoothMix(Objective):
             x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=self.alpha, steps=self.steps,
                                              mix_step=self.mix_step)
         x_init = (x + project(x, x_init - x, self.ramp * self.alpha * self.mix_step)).detach()
-        logits = model(noisy_rows(x, noise)).float()
+        logits = model(noisy_rows(x_init, noise)).float()
         targets = y.repeat_interleave(self.m)
         average = F.softmax(logits, dim=1).view(batch, self.m, -1).mean(1)
         lam = torch.rand(batch, device=x.device, generator=row_generator(generator)).to(x.dtype) / 2
