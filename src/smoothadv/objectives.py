@@ -123,6 +123,12 @@ def row_generator(generator: NoiseSource) -> torch.Generator | None:
     return generator if generator is None or isinstance(generator, torch.Generator) else generator.local
 
 
+def uniform_draws(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
+    """U(0, 1) draws of `shape` (row i for batch example i), made as Phi(z) of N(0, 1) draws from `generator`,
+    so that a `RowNoise` gives every example the same draws whatever the number of torchrun processes."""
+    return torch.special.ndtr(standard_normal(shape, like, generator))
+
+
 def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
     """N(0, sigma^2) noise shaped like x, drawn on x's device (from `generator` if given)."""
     return standard_normal(tuple(x.shape), x, generator) * sigma
@@ -482,7 +488,8 @@ class SmoothMix(Objective):
     w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the "clean" pass
     q_ij = softmax(f(x_init,i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2]
     per image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
-    lambda_i u (u uniform over the K classes) and c_i = 1[argmax p_i = y_i]:
+    lambda_i u (u uniform over the K classes; lambda drawn after the noise, `uniform_draws`) and
+    c_i = 1[argmax p_i = y_i]:
 
         L = (1/(b m)) sum_ij [ CE(f(x_init,i + delta_ij), y_i) + eta w_e c_i KL(t_i || q(x~_i + delta_ij)) ].
 
@@ -538,7 +545,7 @@ class SmoothMix(Objective):
         logits = model(noisy_rows(x_init, noise)).float()
         targets = y.repeat_interleave(self.m)
         average = F.softmax(logits, dim=1).view(batch, self.m, -1).mean(1)
-        lam = torch.rand(batch, device=x.device, generator=row_generator(generator)).to(x.dtype) / 2
+        lam = uniform_draws((batch,), x, generator) / 2
         x_mix, target = self.mixed(x_init, x_adv, average, lam)
         log_q = F.log_softmax(model(noisy_rows(x_mix, noise)).float(), dim=1)
         correct = (average.argmax(1) == y).to(log_q.dtype).repeat_interleave(self.m)
@@ -547,12 +554,12 @@ class SmoothMix(Objective):
         return LossOutput(loss, logits, targets)
 
 
-def catrs_selection(accuracy: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
+def catrs_selection(accuracy: Tensor, uniform: Tensor) -> Tensor:
     """CAT-RS's number of kept copies per image: K_i ~ Binomial(m, a_i), then K_i <- max(K_i, 1).
 
-    Drawn as the number of m uniform draws below a_i (exactly Binomial(m, a_i)), from `generator`.
+    `uniform` (B, m) holds U(0, 1) draws; K_i is the number of them below a_i, which is exactly
+    Binomial(m, a_i) distributed.
     """
-    uniform = torch.rand((accuracy.shape[0], m), device=accuracy.device, generator=generator)
     return (uniform < accuracy.unsqueeze(1)).sum(1).clamp(min=1)
 
 
@@ -618,7 +625,8 @@ class CATRS(Objective):
 
     1. a clean noisy pass (train mode): CE_ij = CE(f(x_i + delta_ij), y_i), and the accuracy under noise
        a_i = (1/m) sum_j 1[argmax f(x_i + delta_ij) = y_i] (or a_i = pi_i[y_i] with `confidence_mask`);
-    2. K_i ~ Binomial(m, a_i), K_i <- max(K_i, 1) (`catrs_selection`);
+    2. K_i ~ Binomial(m, a_i), K_i <- max(K_i, 1) (`catrs_selection`, from m uniform draws per image made
+       after the noise, `uniform_draws`);
     3. L_low,i = (1/m) (sum of the K_i smallest CE_ij) (divided by m, not K_i, as in the original);
     4. the noise attacked toward pi (`catrs_noise_attack`, eps, T steps, eval mode) and a second pass
        (train mode): L_high,i = max_j KL(pi_i || softmax(f(x_i + delta*_ij)));
@@ -683,7 +691,7 @@ class CATRS(Objective):
                 accuracy = pi.gather(1, y.view(-1, 1)).squeeze(1)
             else:
                 accuracy = (logits0.argmax(2) == y.view(-1, 1)).float().mean(1)
-            kept = catrs_selection(accuracy, m, row_generator(generator))
+            kept = catrs_selection(accuracy, uniform_draws((batch, m), logits0, generator))
         smallest = losses.sort(dim=1).values * (torch.arange(m, device=x.device) < kept.view(-1, 1))
         low = smallest.sum(1) / m
         adversarial = noise
