@@ -31,6 +31,7 @@ from smoothadv.objectives import (
     catrs_noise_attack,
     catrs_selection,
     smoothmix_attack,
+    uniform_draws,
 )
 from smoothadv.settings import train_recipe
 from smoothadv.train import batches, train_epoch
@@ -178,7 +179,8 @@ def test_smoothmix_target_is_the_stated_convex_combination() -> None:
 
 
 def test_smoothmix_loss_recomputed_from_its_definition() -> None:
-    # The whole loss by hand from the same draws: noise (b, m) first, then lambda ~ U[0, 1/2] per image.
+    # The whole loss by hand from the same draws: noise (b, m) first, then lambda ~ U[0, 1/2] per image (U(0, 1)
+    # made as Phi(z) of a normal draw, so that torchrun ranks draw every example's lambda as one process would).
     model = _toy(3)
     x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
     objective = SmoothMix(0.25, m=2, steps=3, alpha=0.5, eta=5.0, mix_step=1, warmup=4).at_epoch(1)
@@ -186,7 +188,7 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     out = objective(model, x, y, torch.Generator().manual_seed(9))
     gen = torch.Generator().manual_seed(9)
     noise = torch.randn((6, 2, 3, 8, 8), generator=gen) * 0.25
-    lam = torch.rand(6, generator=gen) / 2
+    lam = torch.special.ndtr(torch.randn(6, generator=gen)) / 2  # U(0, 1) as Phi(z), half of it
     model.eval()
     x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=0.5, steps=3, mix_step=1)
     model.train()
@@ -195,7 +197,7 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T alpha
     norms = step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     x_init = x + step * torch.clamp(0.25 / norms, max=1.0)
-    logits = model((x.unsqueeze(1) + noise).flatten(0, 1))
+    logits = model((x_init.unsqueeze(1) + noise).flatten(0, 1))  # the clean side is x_init, as in the original
     average = logits.softmax(1).view(6, 2, 4).mean(1)
     x_mix = (1 - lam.view(-1, 1, 1, 1)) * x_init + lam.view(-1, 1, 1, 1) * x_adv
     target = (1 - lam.view(-1, 1)) * average + lam.view(-1, 1) / 4
@@ -219,7 +221,8 @@ def test_catrs_selection_follows_its_binomial_rule_with_a_seeded_count() -> None
     m, draws = 4, 20_000
     levels = [0.0, 0.25, 0.5, 0.9, 1.0]
     accuracy = torch.tensor(levels).repeat_interleave(draws)
-    kept = catrs_selection(accuracy, m, torch.Generator().manual_seed(0)).view(len(levels), draws)
+    uniform = uniform_draws((len(accuracy), m), accuracy, torch.Generator().manual_seed(0))
+    kept = catrs_selection(accuracy, uniform).view(len(levels), draws)
     assert int(kept.min()) >= 1 and int(kept.max()) <= m
     for row, a in zip(kept, levels):
         pmf = binom.pmf(range(m + 1), m, a)
@@ -266,7 +269,7 @@ def test_catrs_loss_recomputed_from_its_definition() -> None:
     noise = torch.randn((6, 3, 3, 8, 8), generator=gen) * 0.25
     logits0 = model((x.unsqueeze(1) + noise).flatten(0, 1)).view(6, 3, 4)
     accuracy = (logits0.argmax(2) == y.view(-1, 1)).float().mean(1)
-    kept = catrs_selection(accuracy, 3, gen)
+    kept = catrs_selection(accuracy, torch.special.ndtr(torch.randn((6, 3), generator=gen)))
     losses = F.cross_entropy(logits0.flatten(0, 1), y.repeat_interleave(3), reduction="none").view(6, 3)
     low = torch.stack([losses[i].sort().values[:k].sum() / 3 for i, k in enumerate(kept.tolist())])
     attacked = catrs_noise_attack(model, x, noise, pi[index], eps=0.5, steps=2)

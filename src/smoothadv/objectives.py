@@ -123,6 +123,12 @@ def row_generator(generator: NoiseSource) -> torch.Generator | None:
     return generator if generator is None or isinstance(generator, torch.Generator) else generator.local
 
 
+def uniform_draws(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
+    """U(0, 1) draws of `shape` (row i for batch example i), made as Phi(z) of N(0, 1) draws from `generator`,
+    so that a `RowNoise` gives every example the same draws whatever the number of torchrun processes."""
+    return torch.special.ndtr(standard_normal(shape, like, generator))
+
+
 def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
     """N(0, sigma^2) noise shaped like x, drawn on x's device (from `generator` if given)."""
     return standard_normal(tuple(x.shape), x, generator) * sigma
@@ -479,17 +485,22 @@ class SmoothMix(Objective):
 
     Per chunk of b images with m draws delta_ij shared by every pass: `smoothmix_attack` (eval mode)
     gives x_init (the iterate before step `mix_step`, then projected onto the ball of radius
-    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the clean pass
-    q_ij = softmax(f(x_i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2] per
-    image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
-    lambda_i u (u uniform over the K classes) and c_i = 1[argmax p_i = y_i]:
+    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the "clean" pass
+    q_ij = softmax(f(x_init,i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2]
+    per image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
+    lambda_i u (u uniform over the K classes; lambda drawn after the noise, `uniform_draws`) and
+    c_i = 1[argmax p_i = y_i]:
 
-        L = (1/(b m)) sum_ij CE(f(x_i + delta_ij), y_i) + eta w_e (1/(b m)) sum_ij c_i KL(t_i || q(x~_i + delta_ij)).
+        L = (1/(b m)) sum_ij [ CE(f(x_init,i + delta_ij), y_i) + eta w_e c_i KL(t_i || q(x~_i + delta_ij)) ].
 
-    t_i is not detached (its gradient reaches the clean pass through p_i), as in the original; c and
-    lambda are constants; the masked mean divides by all b m rows. Warm-up: w_e = min(1, (e + 1) / warmup)
-    (`at_epoch`) scales both the mixup term and x_init's radius; x_adv is not warmed up. m SGD steps per
-    loader batch (`steps_per_batch`). Training accuracy is that of the clean copies (the original logs 0).
+    The clean side is x_init, as in the code (it reassigns the chunk's inputs to the attack's first
+    output): x itself for mix_step = 0, the warmed-up one-step adversary for mix_step = 1 (the "one-step
+    adversary" variant, published at sigma = 0.5 and 1.0 on CIFAR-10), so the cross-entropy, p_i and the
+    mask are then taken there too. t_i is not detached (its gradient reaches the clean pass through
+    p_i), as in the original; c and lambda are constants; the masked mean divides by all b m rows.
+    Warm-up: w_e = min(1, (e + 1) / warmup) (`at_epoch`) scales both the mixup term and x_init's radius;
+    x_adv is not warmed up. m SGD steps per loader batch (`steps_per_batch`). Training accuracy is that
+    of the clean-side copies (the original logs 0).
 
     Defaults: the published CIFAR-10 settings that do not depend on sigma (m = 2, T = 4, eta = 5,
     warm-up 10) and the code's alpha = 1 and mix_step = 0; CIFAR-10 used alpha / mix_step = 0.5 / 0,
@@ -531,10 +542,10 @@ class SmoothMix(Objective):
             x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=self.alpha, steps=self.steps,
                                              mix_step=self.mix_step)
         x_init = (x + project(x, x_init - x, self.ramp * self.alpha * self.mix_step)).detach()
-        logits = model(noisy_rows(x, noise)).float()
+        logits = model(noisy_rows(x_init, noise)).float()
         targets = y.repeat_interleave(self.m)
         average = F.softmax(logits, dim=1).view(batch, self.m, -1).mean(1)
-        lam = torch.rand(batch, device=x.device, generator=row_generator(generator)).to(x.dtype) / 2
+        lam = uniform_draws((batch,), x, generator) / 2
         x_mix, target = self.mixed(x_init, x_adv, average, lam)
         log_q = F.log_softmax(model(noisy_rows(x_mix, noise)).float(), dim=1)
         correct = (average.argmax(1) == y).to(log_q.dtype).repeat_interleave(self.m)
@@ -543,12 +554,12 @@ class SmoothMix(Objective):
         return LossOutput(loss, logits, targets)
 
 
-def catrs_selection(accuracy: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
+def catrs_selection(accuracy: Tensor, uniform: Tensor) -> Tensor:
     """CAT-RS's number of kept copies per image: K_i ~ Binomial(m, a_i), then K_i <- max(K_i, 1).
 
-    Drawn as the number of m uniform draws below a_i (exactly Binomial(m, a_i)), from `generator`.
+    `uniform` (B, m) holds U(0, 1) draws; K_i is the number of them below a_i, which is exactly
+    Binomial(m, a_i) distributed.
     """
-    uniform = torch.rand((accuracy.shape[0], m), device=accuracy.device, generator=generator)
     return (uniform < accuracy.unsqueeze(1)).sum(1).clamp(min=1)
 
 
@@ -614,7 +625,8 @@ class CATRS(Objective):
 
     1. a clean noisy pass (train mode): CE_ij = CE(f(x_i + delta_ij), y_i), and the accuracy under noise
        a_i = (1/m) sum_j 1[argmax f(x_i + delta_ij) = y_i] (or a_i = pi_i[y_i] with `confidence_mask`);
-    2. K_i ~ Binomial(m, a_i), K_i <- max(K_i, 1) (`catrs_selection`);
+    2. K_i ~ Binomial(m, a_i), K_i <- max(K_i, 1) (`catrs_selection`, from m uniform draws per image made
+       after the noise, `uniform_draws`);
     3. L_low,i = (1/m) (sum of the K_i smallest CE_ij) (divided by m, not K_i, as in the original);
     4. the noise attacked toward pi (`catrs_noise_attack`, eps, T steps, eval mode) and a second pass
        (train mode): L_high,i = max_j KL(pi_i || softmax(f(x_i + delta*_ij)));
@@ -679,7 +691,7 @@ class CATRS(Objective):
                 accuracy = pi.gather(1, y.view(-1, 1)).squeeze(1)
             else:
                 accuracy = (logits0.argmax(2) == y.view(-1, 1)).float().mean(1)
-            kept = catrs_selection(accuracy, m, row_generator(generator))
+            kept = catrs_selection(accuracy, uniform_draws((batch, m), logits0, generator))
         smallest = losses.sort(dim=1).values * (torch.arange(m, device=x.device) < kept.view(-1, 1))
         low = smallest.sum(1) / m
         adversarial = noise
