@@ -77,7 +77,8 @@ class Objective(ABC):
         objective may run any forward and backward passes on it (an attack, several losses). Under
         torchrun the training loop alone keeps the ranks' replicas in step (`distributed.sync_replicas`
         after the backward of `loss`), and `generator` draws this rank's rows of the global batch's
-        noise; an objective needs no distributed code."""
+        noise; an objective needs no distributed code. An objective whose class sets `uses_index`
+        (CAT-RS) is also given `index=`: each example's position in the training set (a (B,) tensor)."""
 
     def at_epoch(self, epoch: int) -> Objective:
         """The objective to use in (0-indexed) `epoch`; schedules such as eps warm-up override this."""
