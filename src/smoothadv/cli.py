@@ -227,6 +227,37 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"checkpoint: {path}")
 
 
+# ------------------------------------------------------------------ train-denoiser
+
+
+def add_train_denoiser(sub: Any) -> None:
+    from .denoise import DenoiserTrainSettings
+
+    p = sub.add_parser("train-denoiser", help="train a denoiser D for a classifier you cannot retrain (denoised "
+                       "smoothing: certify f o D with certify --denoiser)")
+    add_settings(p, DenoiserTrainSettings, defaults={"device": "auto"})
+    p.set_defaults(handler=run_train_denoiser)
+
+
+def run_train_denoiser(args: argparse.Namespace) -> None:
+    from .data import dataset_info, input_shape
+    from .denoise import DenoiserTrainSettings, build_denoiser, cost_summary, train_denoiser
+    from .models import build_model, load_checkpoint
+
+    values = _given(args)
+    settings = make(DenoiserTrainSettings, {flag_keys(DenoiserTrainSettings)[k]: v for k, v in values.items()})
+    shape = input_shape(settings.dataset)
+    denoiser = build_denoiser(settings.arch, shape[0], settings.depth, settings.width)
+    if settings.classifier:
+        classifier, meta = load_checkpoint(settings.classifier[0], normalization=settings.normalization)
+        arch = meta["arch"]
+    else:
+        arch = dataset_info(settings.dataset).default_arch
+        classifier = build_model(arch, settings.dataset)
+    print(f"cost: {cost_summary(denoiser, classifier, shape)} ({settings.arch} in front of {arch})")
+    print(f"denoiser: {train_denoiser(settings)}")
+
+
 # ------------------------------------------------------------------ certify, predict, attack
 
 
@@ -484,8 +515,9 @@ def run_demo(args: argparse.Namespace) -> None:
                         progress=args.progress, **values))
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_train, add_certify, add_predict, add_merge, add_convert, add_report,
-                                         add_validity, add_attack, add_pseudo_label, add_demo, add_smooth_prediction]
+COMMANDS: list[Callable[[Any], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,
+                                         add_convert, add_report, add_validity, add_attack, add_pseudo_label, add_demo,
+                                         add_smooth_prediction]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -340,6 +340,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """
     file = Path(path)
     payload = read_checkpoint(file, map_location)
+    if payload.get("format") == "smoothadv-denoiser":
+        raise SmoothAdvError(f"{file} is a denoiser checkpoint, not a classifier; pass it as --denoiser next to the "
+                             "classifier's checkpoint")
     _check_fields(payload, file)
     arch = payload["arch"]
     if arch not in ARCHITECTURES:

@@ -295,7 +295,11 @@ def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[
 
 def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, Any, dict[str, Any], Any]:
     """(Smooth, dataset, checkpoint metadata, device) for a run: the checkpoint on this process's device
-    (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split."""
+    (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split.
+
+    With `run.denoiser` the base classifier is f o D (`denoise.attach_denoiser`: a denoiser trained
+    for another sigma, or one that does not fit f's images, is refused) and the metadata holds the
+    denoiser's under "denoiser"."""
     from .accel import prepare_base, resolve_device
     from .data import get_dataset
     from .distributed import env_world, local_device
@@ -305,6 +309,12 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     _, world, local_rank = env_world()
     device = local_device(resolve_device(run.device), local_rank, world)
     model, meta = load_checkpoint(run.checkpoint, device, normalization=settings.normalization)
+    if run.denoiser is not None:  # denoised smoothing: certify f o D (Salman et al. 2020)
+        from .data import input_shape
+        from .denoise import attach_denoiser
+
+        model, meta["denoiser"] = attach_denoiser(model, run.denoiser, sigma=settings.sigma,
+                                                  shape=input_shape(meta["dataset"]), device=device)
     model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, settings.fold_bn)
     dataset = get_dataset(meta["dataset"], settings.split, run.data_dir)
     return Smooth(model, meta["num_classes"], settings.sigma), dataset, meta, device
@@ -375,10 +385,14 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
         check_writable_output(final, resume=run.resume, force=run.force)
     out = check_writable_output(shard_path(final, *shard) if shard else final, resume=run.resume or restart_on_change,
                                 force=run.force)
-    smooth, dataset, _, device = load_smoothed(run, settings)
+    smooth, dataset, meta, device = load_smoothed(run, settings)
     jobs = run_jobs(settings, len(dataset))
+    denoiser = meta.get("denoiser")
+    facts = {} if denoiser is None else {
+        "denoiser_sha256": denoiser["sha256"], "denoiser_sigma": denoiser["sigma"],
+        "denoiser_arch": f"{denoiser['arch']} ({denoiser['depth']}x{denoiser['width']})"}
     recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
-                      shard=list(shard) if shard else None)
+                      shard=list(shard) if shard else None, **facts)
     if shard is not None:
         jobs = shard_indices(jobs, *shard)
     columns, make_rows = rows_maker(settings, smooth, dataset, device)

@@ -361,10 +361,15 @@ class AttackSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
-    """Where a durable evaluation run reads and writes. None of these fields changes a row."""
+    """Where a durable evaluation run reads and writes. None of these fields changes a row by itself:
+    files are compared by content (the SHA-256 digests of the checkpoint and of the denoiser are
+    recorded facts, compared on resume and merge), not by path."""
 
     checkpoint: str = setting(help="model checkpoint (smoothadv, Cohen or Salman format)", positional=True,
                               rows=False)
+    denoiser: str | None = setting(None, "denoiser checkpoint: certify f o D, the classifier behind this denoiser "
+                                   "(denoised smoothing; its SHA-256 is recorded and compared on resume and merge)",
+                                   rows=False)
     out: Path = setting(help="output TSV (one row per example)", rows=False)
     shard: tuple[int, int] | None = setting(None, "run only shard i of k (i/k), writing OUT.shard-i-of-k; then "
                                             "`smoothadv merge OUT`", rows=False, metavar="I/K")

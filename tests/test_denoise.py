@@ -1,0 +1,308 @@
+"""Denoised smoothing (Salman et al., NeurIPS 2020): the DnCNN, its objectives, checkpoints, and f o D
+certified through every evaluation path (fixed, sequential, predict, attack, shards, resume, report)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from smoothadv.cli import main
+from smoothadv.denoise import (
+    MSE,
+    Classification,
+    DenoisedClassifier,
+    DenoiserTrainSettings,
+    DnCNN,
+    Stability,
+    denoiser_epoch,
+    load_denoiser,
+    multiply_adds,
+    save_denoiser,
+    train_denoiser,
+)
+from smoothadv.errors import SmoothAdvError
+from smoothadv.models import Normalize, build_model
+
+EVAL = ["--sigma", "0.25", "--batch", "100", "--device", "cpu", "--no-progress", "--seed", "4"]
+
+
+def _rows(path: Path) -> list[list[str]]:
+    """Every line of a result TSV without its time column."""
+    return [[f for name, f in zip(lines[0].split("\t"), line.split("\t")) if name != "time"]
+            for lines in [path.read_text().splitlines()] for line in lines]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def identity_denoiser(tmp_path_factory) -> Path:
+    """A fresh 3-channel DnCNN (exactly the identity) saved for sigma 0.25."""
+    path = tmp_path_factory.mktemp("den") / "identity.pth.tar"
+    torch.manual_seed(1)
+    save_denoiser(path, DnCNN(3, depth=4, width=8), arch="dncnn_small", dataset="synthetic", sigma=0.25, epoch=0)
+    return path
+
+
+def _one_line_error(capsys, argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("smoothadv: error: ") and match in err, err
+
+
+# ------------------------------------------------------------------ the network
+
+
+def test_fresh_dncnn_is_exactly_the_identity_with_the_papers_layers() -> None:
+    torch.manual_seed(0)
+    net = DnCNN(3, depth=17, width=64)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 17 and len(norms) == 15
+    assert convs[0].bias is not None and all(c.bias is None for c in convs[1:])
+    assert all(b.eps == 1e-4 and b.momentum == 0.95 for b in norms)
+    w = convs[1].weight.flatten(1)  # orthogonal init: rows orthonormal (64 rows of 576)
+    assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
+    x = torch.rand(2, 3, 11, 13)  # any image size
+    for mode in (True, False):
+        net.train(mode)
+        assert torch.equal(net(x), x)
+    small = DnCNN(1, depth=5, width=16)
+    assert multiply_adds(small, (1, 28, 28)) == 784 * 9 * (16 + 3 * 16 * 16 + 16)
+    assert multiply_adds(build_model("fashion_cnn", "fashion_mnist"), (1, 28, 28)) == \
+        784 * 9 * 16 + 196 * 9 * 16 * 32 + 1568 * 64 + 64 * 10
+
+
+# ------------------------------------------------------------------ objectives
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread synchronisation would cost more than the arithmetic on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mse_objective_converges_to_the_wiener_shrinkage_of_a_gaussian(one_thread) -> None:
+    """x ~ N(mu, diag(s^2)), z = x + N(0, sigma^2 I): the best (linear, and Bayes) denoiser is
+    D(z) = mu + s^2 / (s^2 + sigma^2) (z - mu). A linear D trained with the MSE objective must approach it."""
+    torch.manual_seed(0)
+    mu = torch.tensor([0.5, 0.3, 0.6, 0.4])
+    s = torch.tensor([0.5, 0.2, 0.15, 0.3])
+    sigma = 0.25
+    shrink = s**2 / (s**2 + sigma**2)  # 0.80, 0.39, 0.26, 0.59
+    best_w, best_b = torch.diag(shrink), mu - shrink * mu
+    linear = nn.Linear(4, 4)
+    denoiser = nn.Sequential(nn.Flatten(), linear, nn.Unflatten(1, (1, 2, 2)))
+    data = torch.Generator().manual_seed(1)
+
+    def batches(count: int):
+        for _ in range(count):
+            x = (mu + s * torch.randn(1024, 4, generator=data)).view(1024, 1, 2, 2)
+            yield x, torch.zeros(1024, dtype=torch.long)
+
+    def distance() -> float:
+        with torch.no_grad():
+            return float((linear.weight - best_w).norm() + (linear.bias - best_b).norm())
+
+    start = distance()
+    noise = torch.Generator().manual_seed(2)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=0.05)
+    denoiser_epoch(denoiser, MSE(sigma), optimizer, batches(300), generator=noise)
+    middle = distance()
+    for group in optimizer.param_groups:
+        group["lr"] = 0.005
+    loss = denoiser_epoch(denoiser, MSE(sigma), optimizer, batches(200), generator=noise)
+    assert start > 2 and distance() < min(0.03, middle), (start, middle, distance())
+    assert torch.allclose(linear.weight.detach().diagonal(), shrink, atol=0.01)
+    bayes = float((shrink * sigma**2).mean())  # the Wiener filter's MSE per element
+    assert loss == pytest.approx(bayes, rel=0.02)
+
+
+class _BNClassifier(nn.Module):
+    """A small classifier with BatchNorm (whose running statistics would move if f were in train mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(Normalize((0.5,) * 3, (0.25,) * 3), nn.Conv2d(3, 4, 3, padding=1),
+                                  nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("objective", [Stability(0.25), Classification(0.25)], ids=["stability", "classification"])
+def test_training_through_f_never_changes_f(objective) -> None:
+    torch.manual_seed(0)
+    f1, f2 = _BNClassifier(), _BNClassifier()  # two: query access goes round-robin through surrogates
+    f1.train()
+    f2.eval()
+    before = [{k: v.clone() for k, v in f.state_dict().items()} for f in (f1, f2)]
+    calls: list[int] = []
+    f1.register_forward_hook(lambda *_: calls.append(1))
+    f2.register_forward_hook(lambda *_: calls.append(2))
+    denoiser = DnCNN(3, depth=3, width=4)
+    start = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-2)
+    x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 4
+    denoiser_epoch(denoiser, objective, optimizer, [(x, y)] * 4, classifiers=(f1, f2),
+                   generator=torch.Generator().manual_seed(0))
+    for f, saved in zip((f1, f2), before):
+        state = f.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)  # weights and BatchNorm statistics, bit for bit
+        assert all(p.grad is None and p.requires_grad for p in f.parameters())
+    assert f1.training and not f2.training  # each classifier's mode is restored
+    per_step = 2 if isinstance(objective, Stability) else 1  # stability also runs f on the clean x
+    assert calls == [c for c in (1, 2, 1, 2) for _ in range(per_step)]
+    assert any(not torch.equal(v, start[k]) for k, v in denoiser.state_dict().items() if k.endswith("weight"))
+
+
+def test_objectives_need_a_classifier_except_mse() -> None:
+    denoiser = DnCNN(3, depth=3, width=4)
+    optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.1)
+    batch = [(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    denoiser_epoch(denoiser, MSE(0.25), optimizer, batch)
+    with pytest.raises(SmoothAdvError, match="stability objective trains D through a classifier"):
+        denoiser_epoch(denoiser, Stability(0.25), optimizer, batch)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    torch.manual_seed(3)
+    net = DnCNN(1, depth=4, width=6)
+    net.train()
+    net(torch.rand(8, 1, 10, 10))  # move the BatchNorm statistics
+    with torch.no_grad():
+        net.net[-1].weight.normal_()
+    path = tmp_path / "d.pth.tar"
+    save_denoiser(path, net, arch="dncnn_small", dataset="fashion_mnist", sigma=0.5, epoch=7,
+                  history=[{"objective": {"name": "MSE", "sigma": 0.5}, "epochs": 7}])
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "smoothadv-denoiser" and raw["sigma"] == 0.5
+    loaded, meta = load_denoiser(path)
+    assert (meta["sigma"], meta["epoch"], meta["depth"], meta["width"], meta["channels"]) == (0.5, 7, 4, 6, 1)
+    assert meta["history"][0]["objective"]["name"] == "MSE"
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    x = torch.rand(3, 1, 10, 10)
+    assert not loaded.training and torch.equal(loaded(x), net.eval()(x))
+
+
+# ------------------------------------------------------------------ f o D through every evaluation path
+
+
+EVALUATIONS = {
+    "certify": ["certify", "--n0", "20", "--n", "300", "--max", "5"],
+    "sequential": ["certify", "--mode", "sequential", "--looks", "64:1024", "--max", "4"],
+    "predict": ["predict", "--n", "200", "--max", "4"],
+    "attack": ["attack", "--eps", "0.25", "--steps", "2", "--m", "2", "--n", "100", "--max", "3"],
+}
+
+
+@pytest.mark.parametrize("command", list(EVALUATIONS))
+def test_identity_denoiser_gives_exactly_the_classifiers_rows(command, toy_checkpoint, identity_denoiser,
+                                                              tmp_path) -> None:
+    argv = [EVALUATIONS[command][0], str(toy_checkpoint), *EVALUATIONS[command][1:], *EVAL]
+    assert main([*argv, "--out", str(tmp_path / "f.tsv")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "fd.tsv"), "--denoiser", str(identity_denoiser)]) == 0
+    assert _rows(tmp_path / "fd.tsv") == _rows(tmp_path / "f.tsv")
+    recorded = json.loads((tmp_path / "fd.tsv.args.json").read_text())
+    assert recorded["denoiser_sha256"] == _sha(identity_denoiser) and recorded["denoiser_sigma"] == 0.25
+    assert recorded["checkpoint_sha256"] == _sha(toy_checkpoint)
+    assert "denoiser_sha256" not in json.loads((tmp_path / "f.tsv.args.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_denoiser(toy_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mse")
+    assert main(["train-denoiser", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--batch", "64",
+                 "--train-subset", "128", "--eval-subset", "32", "--depth", "3", "--width", "8", "--no-progress",
+                 "--device", "cpu", "--classifier", str(toy_checkpoint)]) == 0
+    return out / "denoiser.pth.tar"
+
+
+def test_shards_resume_and_report_with_a_denoiser(toy_checkpoint, trained_denoiser, tmp_path, capsys) -> None:
+    flags = [str(toy_checkpoint), "--denoiser", str(trained_denoiser), "--n0", "20", "--n", "200", "--max", "6", *EVAL]
+    single, sharded = tmp_path / "one.tsv", tmp_path / "sharded.tsv"
+    assert main(["certify", *flags, "--out", str(single)]) == 0
+    for i in (1, 0):
+        assert main(["certify", *flags, "--out", str(sharded), "--shard", f"{i}/2"]) == 0
+    assert main(["merge", str(sharded)]) == 0
+    assert _rows(sharded) == _rows(single)
+    assert json.loads((tmp_path / "sharded.tsv.args.json").read_text())["denoiser_sha256"] == _sha(trained_denoiser)
+    # resuming must use the same denoiser: leaving it out changes every row, so it is refused
+    lines = single.read_text().splitlines()
+    single.write_text("\n".join(lines[:4]) + "\n")
+    _one_line_error(capsys, ["certify", *[f for f in flags if f != str(trained_denoiser) and f != "--denoiser"],
+                             "--out", str(single), "--resume"], "denoiser_sha256")
+    assert main(["certify", *flags, "--out", str(single), "--resume"]) == 0
+    assert _rows(single) == _rows(sharded)
+    capsys.readouterr()
+    assert main(["report", f"fD={single}", "--radii", "0", "0.25"]) == 0
+    assert "fD" in capsys.readouterr().out
+
+
+def test_bad_denoisers_are_one_line_errors(toy_checkpoint, identity_denoiser, trained_denoiser, tmp_path,
+                                           capsys) -> None:
+    base = ["certify", str(toy_checkpoint), "--n", "100", "--max", "2", *EVAL]
+    gray = tmp_path / "gray.pth.tar"
+    save_denoiser(gray, DnCNN(1, depth=3, width=4), arch="dncnn_small", dataset="fashion_mnist", sigma=0.25)
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "a.tsv"), "--denoiser", str(gray)],
+                    "takes 1-channel images, but the classifier's are 3x8x8")
+    _one_line_error(capsys, [*base[:-len(EVAL)], *EVAL[2:], "--sigma", "0.5", "--out", str(tmp_path / "b.tsv"),
+                             "--denoiser", str(identity_denoiser)], "trained for sigma 0.25, but --sigma is 0.5")
+    corrupt = tmp_path / "corrupt.pth.tar"
+    corrupt.write_bytes(trained_denoiser.read_bytes()[:900])
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "c.tsv"), "--denoiser", str(corrupt)],
+                    "is corrupt or truncated")
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "d.tsv"), "--denoiser", str(toy_checkpoint)],
+                    "is a classifier checkpoint")
+    _one_line_error(capsys, [*base[:1], str(identity_denoiser), *base[2:], "--out", str(tmp_path / "e.tsv")],
+                    "is a denoiser checkpoint, not a classifier")
+    assert not any((tmp_path / f"{name}.tsv").exists() for name in "abcde")
+    _one_line_error(capsys, ["train-denoiser", "--dataset", "synthetic", "--out", str(tmp_path / "t"),
+                             "--objective", "stability", "--no-progress", "--device", "cpu"], "give --classifier")
+
+
+def test_mse_then_stability_through_the_cli_resumes_exactly(toy_checkpoint, trained_denoiser, tmp_path) -> None:
+    common = ["train-denoiser", "--dataset", "synthetic", "--batch", "64", "--train-subset", "128", "--eval-subset",
+              "32", "--depth", "3", "--width", "8", "--objective", "stability", "--init", str(trained_denoiser),
+              "--classifier", str(toy_checkpoint), "--lr", "1e-3", "--no-progress", "--device", "cpu"]
+    digest = _sha(toy_checkpoint)
+    assert main([*common, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")]) == 0
+    assert main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert _sha(toy_checkpoint) == digest  # f's file untouched
+    straight, meta = load_denoiser(tmp_path / "straight" / "denoiser.pth.tar")
+    resumed, _ = load_denoiser(tmp_path / "resumed" / "denoiser.pth.tar")
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+    assert [stage["objective"]["name"] for stage in meta["history"]] == ["MSE", "Stability"]
+    assert meta["history"][1]["classifiers"][0]["sha256"] == digest and meta["sigma"] == 0.25
+    log = (tmp_path / "resumed" / "log.tsv").read_text().splitlines()
+    assert log[0].split("\t")[:5] == ["epoch", "time", "lr", "train_loss", "test_mse"] and len(log) == 3
+
+
+def test_any_module_with_its_normalization_can_be_the_classifier(tmp_path) -> None:
+    torch.manual_seed(0)
+    f = _BNClassifier()
+    saved = {k: v.clone() for k, v in f.state_dict().items()}
+    settings = DenoiserTrainSettings(dataset="synthetic", out_dir=tmp_path, objective="classification", epochs=1,
+                                     batch_size=64, train_subset=64, eval_subset=16, depth=3, width=4,
+                                     progress=False)
+    path = train_denoiser(settings, classifiers=[f])
+    assert all(torch.equal(v, saved[k]) for k, v in f.state_dict().items())
+    denoiser, meta = load_denoiser(path)
+    assert meta["classifiers"] == [{"module": "_BNClassifier"}]
+    composed = DenoisedClassifier(denoiser, f).eval()
+    assert composed.denoiser is denoiser and composed(torch.rand(2, 3, 8, 8)).shape == (2, 4)
+    with pytest.raises(SmoothAdvError, match="exists; pass --resume"):
+        train_denoiser(settings, classifiers=[f])
