@@ -105,10 +105,10 @@ def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
     assert all(r.passed for r in results), [(r.problem, r.mode, r.checked, r.allowed) for r in results
                                             if not r.passed]
     summary = summarize(results)
-    assert summary["controls"] == summary["controls_detected"] == 1
+    assert summary["controls"] == summary["controls_detected"] == 2  # point estimate; betting at 2 alpha
     certify = [r for r in results if r.kind == "certify" and not r.control]
     predict = [r for r in results if r.kind == "predict"]
-    assert len(certify) == 7 + 2 * 5 and len(predict) == 3  # fixed-n on 7 inputs; packed, 4 sequential on 2
+    assert len(certify) == 7 + 2 * 6 and len(predict) == 3  # fixed-n on 7 inputs; packed, 4 sequential, betting on 2
     pooled = sum(r.checked for r in certify) / sum(r.trials for r in certify)
     assert pooled <= alpha_quantile(sum(r.trials for r in certify), 0.1)
     modes = {r.mode for r in certify}
@@ -121,13 +121,27 @@ def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
         if r.mode.startswith("certify"):
             assert 0.09 < r.exact_rate <= 0.1  # hardest inputs for fixed n: failures really are observable
         elif r.exact_rate is not None:
-            assert 0.005 < r.exact_rate <= 0.1  # sequential, policy full: union bound over the looks
+            assert 0.005 < r.exact_rate <= 0.1  # sequential / betting, policy full: union bound, Ville
         assert 0.6 < r.tightness < 1.0
     assert binomial_tolerance(600, 0.1) == int(binom.ppf(0.999, 600, 0.1))
 
 
 def alpha_quantile(trials: int, alpha: float) -> float:
     return binom.ppf(0.999, trials, alpha) / trials
+
+
+def test_betting_at_doubled_alpha_is_detected_against_its_claimed_exact_rate() -> None:
+    # the betting test's factor-2 slip (wealth threshold 1 / (2 alpha)) fails about twice as often as the exact
+    # failure probability of the test it claims to be; the suite flags it (and the sound test passes)
+    from smoothadv.validity import betting_double_alpha_control, betting_modes
+
+    n, n0, alpha = 100, 10, 0.1
+    problem = standard_problems(n, alpha, n0, quick=True)[0]
+    slipped = run_problem(problem, betting_double_alpha_control(alpha, n0, n), 320, alpha, seed=4)
+    assert slipped.control and slipped.passed and slipped.consistency_pvalue < 1e-4
+    assert slipped.checked / slipped.trials > 1.8 * slipped.exact_rate
+    sound = run_problem(problem, betting_modes(alpha, n0, n, quick=True)[0], 320, alpha, seed=4)
+    assert sound.passed and sound.exact_rate <= alpha
 
 
 def test_a_certifier_with_doubled_alpha_is_detected() -> None:
@@ -185,7 +199,7 @@ def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None
     out = tmp_path / "validity.json"
     assert main(["validity", "--quick", "--trials", "60", "--n", "40", "--n0", "5", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| problem | mode |" in printed and "negative controls detected: 1/1" in printed
+    assert "| problem | mode |" in printed and "negative controls detected: 2/2" in printed  # point estimate, 2 alpha
     summary = json.loads(out.read_text())["summary"]
     assert summary["passed"] == summary["checks"] > 10 and summary["alpha"] == 0.1
 

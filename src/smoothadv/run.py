@@ -173,14 +173,19 @@ def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tup
 
 def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict[str, Any]:
     """The provenance of a run as written to `OUT.args.json`: every field of both settings, resolved
-    (sequential mode records its fitted looks, the alpha spent at each and the class source), plus
+    (sequential mode records its fitted looks, the alpha spent at each and the class source; betting
+    its first draw, last size, alpha's final share and mixture), plus
     `facts` such as the checkpoint's SHA-256 and the dataset size."""
     values: dict[str, Any] = {**asdict(run), **asdict(settings), "command": settings.command}
     if isinstance(settings, CertifySettings) and settings.mode == "sequential":
         config = settings.sequential_config()
         values.update(class_from=settings.class_from or "selection", policy=config.policy, radii=list(config.radii),
-                      looks=list(config.looks), levels=list(config.levels), n=None,
-                      forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha)
+                      n=None, forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha)
+        if settings.test == "betting":  # the first draw and the last size, alpha's final share, the mixture
+            values.update(looks=[config.first, config.last], levels=None, final_share=config.final_share,
+                          bets=[list(bet) for bet in config.bets])
+        else:
+            values.update(looks=list(config.looks), levels=list(config.levels))
     if isinstance(settings, AttackRunSettings):
         values["eps"] = settings.eps[0] if len(settings.eps) == 1 else list(settings.eps)
     values["shard"] = list(run.shard) if run.shard else None

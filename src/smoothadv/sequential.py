@@ -58,7 +58,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import torch
 from scipy.stats import norm
@@ -69,6 +69,9 @@ from .evaluate import CERTIFY_COLUMNS, format_time
 from .seeds import example_seed, stream_seed
 from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_image
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper, radius_grid
+
+if TYPE_CHECKING:
+    from .betting import BettingConfig
 
 DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
 """1024, 2048, ..., 131072: the default pre-declared look schedule (K = 8)."""
@@ -202,6 +205,9 @@ class SequentialConfig:
     levels: tuple[float, ...] | None = None
     base: tuple[int, ...] = DEFAULT_LOOKS
 
+    MODE = "sequential"
+    """The `mode` column's prefix of this test's rows (`betting.BettingConfig` writes "betting")."""
+
     def __post_init__(self) -> None:
         """Check the settings, then store the resolved schedule in `looks`, `levels` and `radii`."""
         if not self.sigma > 0 or not math.isfinite(self.sigma):
@@ -233,6 +239,10 @@ class SequentialConfig:
         """Largest radius the schedule can certify (all N_K samples vote for the class)."""
         last = self.looks[-1]
         return certified_radius(clopper_pearson_lower(last, last, self.levels[-1]), self.sigma)
+
+    def start(self) -> SequentialTest:
+        """A fresh test with this config."""
+        return SequentialTest(self)
 
 
 def _resolved_schedule(sigma: float, alpha: float, policy: str, looks: Sequence[int] | None,
@@ -270,6 +280,11 @@ def _resolved_schedule(sigma: float, alpha: float, policy: str, looks: Sequence[
     return resolved_looks, resolved_levels, resolved_radii
 
 
+AnyConfig: TypeAlias = "SequentialConfig | BettingConfig"
+"""What the drivers certify with: the group-sequential test or the betting test (`betting.BettingConfig`).
+Both make a test with `start()` whose `next_segments()` / `update_segments(counts)` the drivers call."""
+
+
 class SequentialResult(NamedTuple):
     """Outcome of one sequential test of the class's vote probability p."""
 
@@ -304,6 +319,17 @@ class SequentialTest:
     def next_draw(self) -> int:
         """New samples needed before the next look (0 once the test has stopped)."""
         return 0 if self.done else self.config.looks[self.look] - self.n
+
+    def next_segments(self) -> tuple[int, ...]:
+        """The next draw as the segments `update_segments` takes counts of: one, up to the next look."""
+        draw = self.next_draw()
+        return (draw,) if draw else ()
+
+    def update_segments(self, counts: Sequence[int]) -> None:
+        """`update` with the one count of `next_segments()`'s segment (the drivers' interface)."""
+        if len(counts) != 1:
+            raise SmoothAdvError(f"a group-sequential look takes one count, got {len(counts)}")
+        self.update(int(counts[0]))
 
     def update(self, successes: int) -> None:
         """Record the class's votes among the `next_draw()` new samples and make the look."""
@@ -386,7 +412,7 @@ def stream_generator(seed: int, index: int, stream: int, device: torch.device | 
     return torch.Generator(device=device).manual_seed(stream_seed(seed, index, stream))
 
 
-def check_same_sigma(smooth: Smooth, config: SequentialConfig) -> None:
+def check_same_sigma(smooth: Smooth, config: AnyConfig) -> None:
     """Raise SmoothAdvError unless the config's sigma is the smoothed classifier's (one source of sigma).
 
     The noise is drawn with `smooth.sigma` and the radius is computed with `config.sigma`; a
@@ -397,7 +423,7 @@ def check_same_sigma(smooth: Smooth, config: SequentialConfig) -> None:
                              f"sigma = {smooth.sigma!r}; use SequentialConfig.for_smooth(smooth, ...)")
 
 
-def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: SequentialConfig, *,
+def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: AnyConfig, *,
                             batch_size: int, labels: Sequence[int] | None = None, n0: int = 100,
                             selection_generators: Sequence[torch.Generator | None] | None = None,
                             estimation_generators: Sequence[torch.Generator | None] | None = None,
@@ -437,12 +463,15 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
         requests = [SampleRequest(x, (int(n0),), g) for x, g in zip(xs, selection_generators)]
         classes = [int(c) for c in sampler.counts(requests, batch_size).argmax(dim=1).cpu()]
         used_n0 = int(n0)
-    tests = [SequentialTest(config) for _ in xs]
+    tests = [config.start() for _ in xs]
     while active := [i for i, test in enumerate(tests) if not test.done]:
-        requests = [SampleRequest(xs[i], (tests[i].next_draw(),), estimation_generators[i]) for i in active]
+        segments = [tests[i].next_segments() for i in active]
+        requests = [SampleRequest(xs[i], segs, estimation_generators[i]) for i, segs in zip(active, segments)]
         counts = sampler.counts(requests, batch_size).cpu()
-        for row, i in enumerate(active):
-            tests[i].update(int(counts[row, classes[i]]))
+        row = 0
+        for i, segs in zip(active, segments):  # one row of counts per segment, in request order
+            tests[i].update_segments(counts[row:row + len(segs), classes[i]].tolist())
+            row += len(segs)
     certificates = []
     for c, test in zip(classes, tests):
         result = test.result()
@@ -453,7 +482,7 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     return certificates
 
 
-def certify_sequential(smooth: Smooth, x: torch.Tensor, config: SequentialConfig, *, batch_size: int,
+def certify_sequential(smooth: Smooth, x: torch.Tensor, config: AnyConfig, *, batch_size: int,
                        label: int | None = None, n0: int = 100, generator: torch.Generator | None = None,
                        ) -> SequentialCertificate:
     """Sequential CERTIFY of one input (Cohen's class selection unless `label` is given).
@@ -493,7 +522,7 @@ class SequentialRow(NamedTuple):
 
 
 def certify_sequential_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *,
-                               config: SequentialConfig, class_from: str = "selection", n0: int = 100,
+                               config: AnyConfig, class_from: str = "selection", n0: int = 100,
                                batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
                                group: int = 32) -> Iterator[SequentialRow]:
     """Sequential CERTIFY over dataset examples; yields one `SequentialRow` per example (in index order).
@@ -512,9 +541,9 @@ def certify_sequential_dataset(smooth: Smooth, dataset: Dataset, indices: Iterab
                             torch.device(device), max(1, group))
 
 
-def _sequential_rows(smooth: Smooth, dataset: Dataset, todo: list[int], config: SequentialConfig, class_from: str,
+def _sequential_rows(smooth: Smooth, dataset: Dataset, todo: list[int], config: AnyConfig, class_from: str,
                      n0: int, batch_size: int, seed: int, device: torch.device, group: int) -> Iterator[SequentialRow]:
-    mode = f"sequential/{class_from}"
+    mode = f"{config.MODE}/{class_from}"
     for start in range(0, len(todo), group):
         chunk = todo[start:start + group]
         examples = [dataset[i] for i in chunk]

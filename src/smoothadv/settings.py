@@ -423,8 +423,9 @@ class PredictSettings(EvaluationSettings):
 class CertifySettings(EvaluationSettings):
     """CERTIFY on each example: Cohen et al.'s fixed-n test, or the sequential test with looks.
 
-    In sequential mode `n` is unused (the looks set the sample sizes); `class_from`, `policy`,
-    `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling base) and `forecast_alpha` (a
+    In sequential mode `n` is unused (the looks set the sample sizes); `test` (spending, the default,
+    or betting), `class_from`, `policy`, `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling
+    base; for betting the first draw and the largest sample size) and `forecast_alpha` (a
     probability, or "strict") are its settings; `sequential_config()` resolves them.
     """
 
@@ -440,8 +441,13 @@ class CertifySettings(EvaluationSettings):
     radii: tuple[float, ...] | None = setting(None, "grid policy: radii to decide (one radius = single-radius "
                                               "mode; default 0, 0.25, ...)", limit=NONNEGATIVE)
     tolerance: float | None = setting(None, "tolerance policy: radius loss accepted", limit=NONNEGATIVE)
+    test: str | None = setting(None, "sequential test: spending (group-sequential Clopper-Pearson, alpha spending; "
+                               "default) or betting (anytime-valid betting confidence sequence)",
+                               choices=("spending", "betting"))
     looks: tuple[int, int] | None = setting(None, "sequential doubling looks FIRST:LAST (default 1024:131072); "
-                                            "the grid policy fits its schedule to them", metavar="FIRST:LAST")
+                                            "the grid policy fits its schedule to them. Betting: first draw and "
+                                            "largest number of samples (default 64 and 111,616 at alpha 0.001)",
+                                            metavar="FIRST:LAST")
     forecast_alpha: float | str | None = setting(None, "level of the upper bound that forecasts the reachable "
                                                  "radius (default 0.05; 'strict' = the look's own level)")
 
@@ -459,6 +465,7 @@ class CertifySettings(EvaluationSettings):
             given = [flag for flag, value in (("--class-from", self.class_from if self.class_from != "selection"
                                                else None), ("--policy", self.policy), ("--radii", self.radii),
                                               ("--tolerance", self.tolerance), ("--looks", self.looks),
+                                              ("--test", self.test),
                                               ("--forecast-alpha", self.forecast_alpha)) if value is not None]
             if given:
                 raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
@@ -475,12 +482,19 @@ class CertifySettings(EvaluationSettings):
         return self.policy or ("tolerance" if self.tolerance is not None else "grid")
 
     def sequential_config(self) -> Any:
-        """The `sequential.SequentialConfig` these settings describe (sequential mode)."""
+        """The test these settings describe (sequential mode): a `sequential.SequentialConfig`, or with
+        `test` "betting" a `betting.BettingConfig`."""
         from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
 
-        base = DEFAULT_LOOKS if self.looks is None else doubling_looks(*self.looks)
         forecast = {} if self.forecast_alpha is None else {
             "forecast_alpha": None if self.forecast_alpha == "strict" else self.forecast_alpha}
+        if self.test == "betting":
+            from .betting import BettingConfig
+
+            first, last = (64, None) if self.looks is None else self.looks
+            return BettingConfig(self.sigma, self.alpha, self.resolved_policy, tuple(self.radii or ()),
+                                 self.tolerance or 0.0, first=first, last=last, **forecast)
+        base = DEFAULT_LOOKS if self.looks is None else doubling_looks(*self.looks)
         return SequentialConfig(self.sigma, self.alpha, None, self.resolved_policy, tuple(self.radii or ()),
                                 self.tolerance or 0.0, base=base, **forecast)
 

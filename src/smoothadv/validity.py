@@ -67,6 +67,7 @@ from scipy.special import gammaln, ndtr
 from scipy.stats import beta, binom, binomtest, norm
 from torch import Tensor, nn
 
+from .betting import BettingConfig
 from .errors import SmoothAdvError
 from .sequential import SequentialConfig, certify_sequential_many
 from .smoothing import ABSTAIN, Smooth
@@ -320,6 +321,76 @@ def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[i
     return fail
 
 
+def betting_checks(config: BettingConfig) -> tuple[int, ...]:
+    """Every sample size at which a betting test with `config` checks its wealth, up to its last size."""
+    out: list[int] = []
+    start = 0
+    for end in config.draws:
+        out += config.checks(start, end)
+        start = end
+    return tuple(out)
+
+
+def _first_rejecting(n: int, z: float, config: BettingConfig) -> int:
+    """Smallest count S of n votes at which the betting sequence rejects q = Phi(z) (n + 1 if none):
+    ln M_n(q) increases with S, so a binary search finds it."""
+    from .betting import _log_wealth
+
+    def rejects(k: int) -> bool:
+        return bool(_log_wealth(np.array([k]), np.array([n - k]), np.array([z]), config)[0] >= config.threshold)
+
+    lo, hi = 0, n + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid <= n and rejects(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def exact_betting_failure(problem: Problem, n0: int | None, config: BettingConfig, against: str = "bound") -> float:
+    """Exact probability that the betting test with policy "full" (every check up to `config.last`, then the
+    final Clopper-Pearson look) returns an invalid certificate; `n0=None` tests the class g itself (label mode).
+
+    Invalid: a class other than g(x) certified (its bound above 1/2 at some check), or g(x) with a radius above
+    `against`'s (bound: sigma * Phi^-1(p_A); true: g's robust radius). The confidence sequence is monotone in
+    the threshold (module `betting`), so the returned bound exceeds q* iff the wealth at q* reached the
+    threshold at some check, or the final bound exceeds q*: a first-passage probability, computed by
+    propagating the distribution of the vote count between checks and removing the mass past each check's
+    rejection count. Policies that stop earlier make a subset of the same checks, so they fail at most this
+    often.
+    """
+    p = problem.probabilities()
+    g = problem.g
+    limit = problem.bound_radius if against == "bound" else problem.true_radius
+    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
+    checks = betting_checks(config)
+    last = config.last
+    final = clopper_pearson_lower_all(last, config.final_share * config.alpha) if config.final_share else None
+    fail = 0.0
+    for c, pc in enumerate(p):
+        if select[c] == 0.0 or (c == g and limit == math.inf):
+            continue
+        z_star = 0.0 if c != g else (limit * (1 + 1e-9)) / problem.sigma
+        alive = np.zeros(last + 1)
+        alive[0] = 1.0
+        failed, previous = 0.0, 0
+        for look in checks:
+            step = binom.pmf(np.arange(look - previous + 1), look - previous, pc)
+            alive = _convolve(alive, step)[: last + 1]
+            first = _first_rejecting(look, z_star, config)
+            failed += float(alive[first:look + 1].sum())
+            alive[first:] = 0.0
+            previous = look
+        if final is not None:
+            bad = np.flatnonzero(final > float(norm.cdf(z_star)))
+            if len(bad):
+                failed += float(alive[bad[0]:].sum())
+        fail += select[c] * failed
+    return fail
+
+
 @lru_cache(maxsize=256)
 def _predict_critical(n: int, alpha: float) -> tuple[int, ...]:
     """For each total t = a + b of the top two counts, the smallest top count a with p-value <= alpha."""
@@ -480,6 +551,55 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
     if not quick:
         modes.append(make("tolerance", False))
     return modes
+
+
+def suite_betting_config(sigma: float, alpha: float, n: int, policy: str = "full") -> BettingConfig:
+    """The betting test at the suite's scale: last size n, first draw about n / 6 (a multiple of 4: checks every
+    quarter of it), half of alpha on the final look, as the default; tolerance 0.05 sigma."""
+    first = max(4, (n // 6) // 4 * 4)
+    return BettingConfig(sigma, alpha, policy=policy, tolerance=0.05 * sigma, first=first, last=max(n, first))
+
+
+def betting_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list[Mode]:
+    """The betting test (`smoothadv.betting`, `certify --test betting`) at last size n: policy full with Cohen's
+    class selection, checked against its exact failure probability; with quick only that, else also grid,
+    full in label mode and tolerance."""
+    def make(policy: str, label_mode: bool, pack: int = 16) -> Mode:
+        def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+            config = suite_betting_config(smooth.sigma, alpha, n, policy)
+            gens = _seeded(gen, 2 * pack)
+            certs = certify_sequential_many(
+                smooth, [x] * pack, config, batch_size=1000, n0=n0, labels=[label] * pack if label_mode else None,
+                selection_generators=gens[:pack], estimation_generators=gens[pack:])
+            return [(c.prediction, c.radius) for c in certs]
+
+        def exact(problem: Problem, against: str) -> float:
+            return exact_betting_failure(problem, None if label_mode else n0,
+                                         suite_betting_config(problem.sigma, alpha, n), against)
+
+        name = f"betting {policy}{' label' if label_mode else ''} last={n}"
+        return Mode(name, "certify", run, exact if policy == "full" else None)
+
+    if quick:
+        return [make("full", False)]
+    return [make("full", False), make("grid", False), make("full", True), make("tolerance", False)]
+
+
+def betting_double_alpha_control(alpha: float, n0: int, n: int, pack: int = 16) -> Mode:
+    """UNSOUND on purpose: the betting test run at 2 alpha (a factor-2 slip in the wealth threshold, 1 / (2 alpha)
+    instead of 1 / alpha) while claiming alpha. Checked against the exact failure probability of the test it
+    claims to be (at alpha), and against alpha; the suite must flag it."""
+    def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+        config = suite_betting_config(smooth.sigma, min(2 * alpha, 0.999), n)
+        gens = _seeded(gen, 2 * pack)
+        certs = certify_sequential_many(smooth, [x] * pack, config, batch_size=1000, n0=n0,
+                                        selection_generators=gens[:pack], estimation_generators=gens[pack:])
+        return [(c.prediction, c.radius) for c in certs]
+
+    return Mode(f"control: betting at 2 alpha last={n}", "certify", run,
+                lambda problem, against: exact_betting_failure(problem, n0, suite_betting_config(problem.sigma,
+                                                                                                  alpha, n), against),
+                control=True)
 
 
 # ------------------------------------------------------------------ the suite's inputs
@@ -659,7 +779,7 @@ def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: i
 def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10, seed: int = 0,
               quick: bool = False, include_control: bool = True, progress: Callable[[Result], None] | None = None,
               family_delta: float = 0.01) -> list[Result]:
-    """Run every certification mode (fixed-n, packed, sequential), PREDICT and the negative control over
+    """Run every certification mode (fixed-n, packed, sequential, betting), PREDICT and the negative controls over
     `standard_problems` / `predict_problems`, `trials` times each.
 
     Each of the 2 m tests of the m checks uses the level family_delta / (2 m) (Bonferroni), so a correct implementation
@@ -671,9 +791,10 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
         raise SmoothAdvError("n and n0 must be >= 1")
     if trials < 1:
         raise SmoothAdvError(f"trials must be >= 1, got {trials}")
-    modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n, quick)]
+    modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n, quick),
+             *betting_modes(alpha, n0, n, quick)]
     if include_control:
-        modes.append(point_estimate_control(n0, n, alpha))
+        modes += [point_estimate_control(n0, n, alpha), betting_double_alpha_control(alpha, n0, n)]
     problems = standard_problems(n, alpha, n0, quick)
     plan: list[tuple[Problem, Mode, int]] = []
     for i, problem in enumerate(problems):
@@ -763,9 +884,10 @@ def results_json(results: Sequence[Result]) -> str:
 
 
 __all__ = [
-    "IntervalClassifier", "Mode", "Outcome", "Problem", "Result", "binomial_tolerance", "clopper_pearson_lower_all",
+    "IntervalClassifier", "Mode", "Outcome", "Problem", "Result", "betting_checks", "betting_double_alpha_control",
+    "betting_modes", "binomial_tolerance", "clopper_pearson_lower_all", "exact_betting_failure",
     "exact_certify_failure", "exact_predict_failure", "exact_sequential_failure", "fixed_n_mode", "format_summary",
     "format_table", "packed_mode", "point_estimate_control", "predict_mode", "predict_problems", "results_json",
-    "run_problem", "run_suite", "selection_probabilities", "sequential_modes", "standard_problems", "summarize",
-    "worst_case_p",
+    "run_problem", "run_suite", "selection_probabilities", "sequential_modes", "standard_problems",
+    "suite_betting_config", "summarize", "worst_case_p",
 ]
