@@ -587,7 +587,7 @@ def run_check(args: argparse.Namespace) -> None:
     for row in rows:
         try:
             idx, n, predict, radius = int(row["idx"]), int(row["n"]), int(row["predict"]), float(row["radius"])
-            label_mode = row["mode"] == "sequential/label"
+            label_mode = row["mode"].endswith("/label")
         except (KeyError, TypeError, ValueError):
             raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV") from None
         record = records.get(idx)
