@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--n0", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=None, help="only the modes whose name contains this (e.g. betting)")
     parser.add_argument("--out", default="results/reliability", help="directory for validity_*.md/json")
     parser.add_argument("--papers-scale", action="store_true",
                         help="instead: exact failure probabilities at alpha = 0.001 of fixed n = 100,000 CERTIFY, "
@@ -78,12 +79,14 @@ def main() -> None:
         return
     started = time.time()
     results = run_suite(trials=args.trials, alpha=args.alpha, n=args.n, n0=args.n0, seed=args.seed, quick=args.quick,
+                        only=args.only,
                         progress=lambda r: print(f"  {r.problem:<34} {r.mode:<40} {r.checked:>5}/{r.trials}",
                                                  file=sys.stderr, flush=True))
     text = format_table(results) + "\n\n" + format_summary(results) + f"\n\n({time.time() - started:.0f} s)\n"
     print(text)
     out = Path(args.out)
-    stem = f"validity_alpha{args.alpha:g}_n{args.n}_n0{args.n0}_trials{args.trials}_seed{args.seed}"
+    stem = f"validity_alpha{args.alpha:g}_n{args.n}_n0{args.n0}_trials{args.trials}_seed{args.seed}" + (
+        f"_{args.only}" if args.only else "")
     atomic_write_text(out / f"{stem}.md", text)
     atomic_write_text(out / f"{stem}.json", results_json(results) + "\n")
     print(f"wrote {out / stem}.md and .json")
