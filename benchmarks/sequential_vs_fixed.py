@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smoothadv.betting import BettingConfig, BettingTest, betting_last
 from smoothadv.errors import SmoothAdvError
 from smoothadv.files import atomic_write_text
 from smoothadv.run import select_indices
@@ -53,46 +54,68 @@ from smoothadv.sequential import (
 from smoothadv.smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth
 from smoothadv.stats import certified_accuracy, certified_radius, clopper_pearson_lower
 
+Config = SequentialConfig | BettingConfig
 
-def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, SequentialConfig]:
+
+def betting(sigma: float, alpha: float, looks: Sequence[int], radii: Sequence[float] = (), **options: object
+            ) -> BettingConfig:
+    """The betting test replayed on trajectories with looks `looks`: its checks are every looks[0] / 64 samples
+    below looks[0] (the `fine` counts) and every looks[0] samples from there (first draw looks[0] / 16); its last
+    size keeps the cap of `looks` (at alpha / K), as `certify --test betting` does for the default looks."""
+    last = betting_last(alpha, 0.5, looks[0], looks)
+    return BettingConfig(sigma, alpha, radii=tuple(radii), first=looks[0] // 16, last=last,
+                         **options)  # type: ignore[arg-type]
+
+
+def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, Config]:
     """The replayed policies: `smoothadv certify --mode sequential`'s default ("grid": the standard radii,
     the schedule and alpha spending fitted to them, forecast level 0.05), the same with the strict forecast
     (each look's own level), with forecast level 0.2, and on the plain doubling looks with alpha / K at every
-    look; and single radii (default and strict)."""
+    look; the betting test (`--test betting`) with the same radii; and single radii (default, strict, betting)."""
     base = tuple(looks)
 
     def grid(radii: Sequence[float] = (), forecast: float | None = 0.05) -> SequentialConfig:
         return SequentialConfig(sigma, alpha, radii=tuple(radii), forecast_alpha=forecast, base=base)
 
-    out = {"grid": grid(), "grid, strict forecast": grid(forecast=None), "grid, forecast 0.2": grid(forecast=0.2),
-           "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base)}
+    out: dict[str, Config] = {
+        "grid": grid(), "grid, strict forecast": grid(forecast=None), "grid, forecast 0.2": grid(forecast=0.2),
+        "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base),
+        "betting grid": betting(sigma, alpha, base, grid().radii)}
     for r in single:
         out[f"radius {r:g}"] = grid((r,))
         out[f"radius {r:g}, strict"] = grid((r,), forecast=None)
+        out[f"betting radius {r:g}"] = betting(sigma, alpha, base, (r,))
     return out
 
 
-def last_look(configs: Sequence[SequentialConfig], step: int) -> int:
-    """The largest look of the replayed policies (every look must be a multiple of `step`)."""
-    if any(look % step for cfg in configs for look in cfg.looks):
+def last_look(configs: Sequence[Config], step: int) -> int:
+    """The largest sample size the replayed policies may need (every look must be a multiple of `step`)."""
+    if any(look % step for cfg in configs if isinstance(cfg, SequentialConfig) for look in cfg.looks):
         raise SmoothAdvError("every look must be a multiple of the first")
-    return max(cfg.looks[-1] for cfg in configs)
+    if any(cfg.coarse != step or cfg.last % step for cfg in configs if isinstance(cfg, BettingConfig)):
+        raise SmoothAdvError("a betting test must check every first look and end at a multiple of it")
+    return max(cfg.looks[-1] if isinstance(cfg, SequentialConfig) else cfg.last for cfg in configs)
 
 
-def replay(config: SequentialConfig, at: dict[int, int]) -> SequentialTest | None:
-    """Feed a SequentialTest the cumulative counts `at[size]`; None if it needs a size not recorded."""
-    test = SequentialTest(config)
-    while (draw := test.next_draw()) > 0:
-        target = test.n + draw
-        if target not in at:
+def replay(config: Config, at: dict[int, int]) -> SequentialTest | BettingTest | None:
+    """Feed a test the cumulative counts `at[size]`; None if it needs a size not recorded."""
+    test = config.start()
+    while segments := test.next_segments():
+        ends = np.cumsum((test.n, *segments)).tolist()
+        if any(end not in at for end in ends[1:]):
             return None
-        test.update(at[target] - at[test.n] if test.n else at[target])
+        test.update_segments([at[b] - (at[a] if a else 0) for a, b in zip(ends, ends[1:])])
     return test
 
 
-def needs_more(record: dict, configs: Sequence[SequentialConfig]) -> bool:
+def needs_more(record: dict, configs: Sequence[Config]) -> bool:
     at = dict(zip(record["sizes"], record["counts"]))
     return any(replay(cfg, at) is None for cfg in configs)
+
+
+def fine_step(looks: Sequence[int]) -> int:
+    """The spacing of the counts recorded below the first look (the betting test's checks there)."""
+    return max(1, looks[0] // 64)
 
 
 def extend(sampler: PackedSampler, records: list[dict], xs: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
@@ -131,7 +154,7 @@ def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Seq
     if not 0 < n <= top:
         raise SmoothAdvError(f"fixed n must be in [1, {top}] (the last look), got {n}")
     first_cut = -(-n // step) * step
-    head = sorted(set(range(step, first_cut + 1, step)) | {n})
+    head = sorted(set(range(fine_step(looks), step, fine_step(looks))) | set(range(step, first_cut + 1, step)) | {n})
     sampler = PackedSampler(smooth.sampler)
     for start in range(0, len(indices), group):
         chunk = list(indices[start:start + group])
@@ -180,10 +203,36 @@ def _requests_of(record: dict, step: int) -> list[int]:
     """Request totals of a record written before they were stored: the head up to the first multiple of
     `step` at or after n (the first size that is not a multiple of step, or the first multiple after it),
     then one extension request to the last size if there is one."""
-    sizes = record["sizes"]
+    sizes = [s for s in record["sizes"] if s >= step]  # the fine counts below the first look are no request
     odd = next((s for s in sizes if s % step), None)
     head = -(-odd // step) * step if odd is not None else sizes[-1]
     return [head] if sizes[-1] == head else [head, sizes[-1] - head]
+
+
+def refine(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, looks: Sequence[int],
+           batch_size: int, seed: int, device: torch.device, group: int) -> int:
+    """Add, in place, the cumulative counts (tested class and label) after every `fine_step(looks)` samples below
+    the first look to the records without them (trajectories recorded before the betting test), from the same
+    estimation stream; the count at the first look must equal the recorded one (else SmoothAdvError: not the
+    same noise). Returns how many records were refined."""
+    step, fine = looks[0], fine_step(looks)
+    todo = [r for r in records if fine < step and fine not in r["sizes"]]
+    sampler = PackedSampler(smooth.sampler)
+    segments = (fine,) * (step // fine)
+    for k in range(0, len(todo), group):
+        batch = todo[k:k + group]
+        requests = [SampleRequest(dataset[r["idx"]][0].to(device), segments,
+                                  stream_generator(seed, r["idx"], 1, device)) for r in batch]
+        counts = sampler.counts(requests, batch_size).cpu().view(len(batch), len(segments), -1).cumsum(1)
+        for r, c in zip(batch, counts):
+            at = dict(zip(r["sizes"], zip(r["counts"], r["label_counts"])))
+            if (int(c[-1, r["class"]]), int(c[-1, r["label"]])) != tuple(at[step]):
+                raise SmoothAdvError(f"image {r['idx']}: the first {step} samples do not give the recorded counts")
+            r.setdefault("requests", _requests_of(r, step))
+            r["sizes"] = list(range(fine, step, fine)) + r["sizes"]
+            r["counts"] = c[:-1, r["class"]].tolist() + r["counts"]
+            r["label_counts"] = c[:-1, r["label"]].tolist() + r["label_counts"]
+    return len(todo)
 
 
 def dump(record: dict) -> str:
@@ -208,11 +257,13 @@ def run_sample(args: argparse.Namespace) -> None:
     if out.exists():
         records = load(str(out))
         done = {r["idx"] for r in records}
+        refined = refine(smooth, dataset, records, looks=looks, batch_size=args.batch, seed=args.seed, device=device,
+                         group=args.group)
         extended = top_up(smooth, dataset, records, looks=looks, configs=configs, batch_size=args.batch,
                           seed=args.seed, device=device, group=args.group)
-        if extended or not out.read_text().endswith("\n"):  # rewrite atomically (an interruption keeps the old)
-            atomic_write_text(out, "".join(dump(r) for r in records))
-            print(f"extended {extended} earlier trajectories", file=sys.stderr)
+        if refined or extended or not out.read_text().endswith("\n"):  # rewrite atomically (an interruption keeps
+            atomic_write_text(out, "".join(dump(r) for r in records))  # the old file)
+            print(f"refined {refined} and extended {extended} earlier trajectories", file=sys.stderr)
     todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
     header = {"checkpoint": os.path.basename(args.checkpoint), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
               "n": args.n, "looks": list(looks), "seed": args.seed, "batch": args.batch, "torch": torch.__version__}
@@ -278,7 +329,7 @@ def run_table(args: argparse.Namespace) -> None:
           + " |")
     rows = [(name, config, "counts", n0) for name, config in configs.items()]
     rows += [(f"{name}, label mode", configs[name], "label_counts", 0) for name in configs
-             if name == "grid" or (name.startswith("radius") and not name.endswith("strict"))]
+             if name in ("grid", "betting grid") or ("radius" in name and not name.endswith("strict"))]
     for name, config, key, used_n0 in rows:
         ev = evaluate_policy(records, config, key, used_n0, radii, n)
         if ev is None:
@@ -315,11 +366,14 @@ def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, use
 
 
 def run_summary(args: argparse.Namespace) -> None:
-    """One row per model and a total over all of them, for the default grid and single-radius policies."""
+    """One row per model and a total over all of them, for the default grid and single-radius policies, the
+    alpha-spending schedule's and the betting test's: mean forward passes, the saving against fixed n in the same
+    mode, the largest table difference, the decisions that differ, and the share reached of two bounds on the
+    saving of any level-alpha test (`clairvoyant_cost`, `wald_cost`)."""
     looks = doubling_looks(*args.looks)
     print(f"| model | images | policy | forward passes / image | fewer than fixed n = {args.n:,} (same mode) | "
-          "max table difference (pp) | decisions differing |")
-    print("|---|---|---|---|---|---|---|")
+          "max table difference (pp) | decisions differing | share of clairvoyant bound | share of Wald bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
     bounds = []
     totals: dict[str, list[float]] = {}
     for spec in args.runs:
@@ -327,31 +381,131 @@ def run_summary(args: argparse.Namespace) -> None:
         sigma = float(sigma_text)
         records = load(path)
         configs = policies(sigma, args.alpha, looks, args.single)
-        fixed = [fixed_row(r, args.n, args.alpha, sigma) for r in records]
         n0 = sum(records[0]["selection"])
-        bounds.append((Path(path).stem, (n0 + args.n) / (n0 + clairvoyant_cost(records, fixed, configs["grid"].radii,
-                                                                                 args.alpha, sigma))))
+        grid_radii = configs["grid"].radii
+        model_bounds = {}
         for name in args.policies:
             label = name.endswith(", label mode")
             config = configs.get(name.removesuffix(", label mode"))
             if config is None:
                 raise SmoothAdvError(f"unknown policy {name!r}")
-            ev = evaluate_policy(records, config, "label_counts" if label else "counts", 0 if label else n0,
-                                 configs["grid"].radii, args.n)
+            key, used_n0 = ("label_counts", 0) if label else ("counts", n0)
+            ev = evaluate_policy(records, config, key, used_n0, grid_radii, args.n)
             if ev is None:
-                print(f"| {Path(path).stem} | {len(records)} | {name} | too short to replay | | | |")
+                print(f"| {Path(path).stem} | {len(records)} | {name} | too short to replay | | | | | |")
                 continue
-            total = totals.setdefault(name, [0.0, 0.0, 0.0])
+            asked = tuple(ev["asked"])
+            if (asked, key) not in model_bounds:
+                fixed = [fixed_row(r, args.n, args.alpha, sigma, key) for r in records]
+                model_bounds[asked, key] = (
+                    ev["fixed_cost"] / (used_n0 + clairvoyant_cost(records, fixed, asked, args.alpha, sigma)),
+                    ev["fixed_cost"] / (used_n0 + wald_cost(records, asked, args.alpha, sigma, args.n, key)))
+            clair, wald = model_bounds[asked, key]
+            saving = ev["fixed_cost"] / ev["used"]
+            total = totals.setdefault(name, [0.0, 0.0, 0.0, 0.0, 0.0])
             total[0] += ev["used"] * len(records)
             total[1] += ev["fixed_cost"] * len(records)
             total[2] += len(records)
+            total[3] += ev["fixed_cost"] / clair * len(records)
+            total[4] += ev["fixed_cost"] / wald * len(records)
             print(f"| {Path(path).stem} (sigma {sigma:g}) | {len(records)} | {name} | {ev['used']:,.0f} | "
-                  f"{ev['fixed_cost'] / ev['used']:.2f}x | {ev['max_diff']:.2f} | {ev['differ']} |")
-    for name, (used, fixed_cost, count) in totals.items():
-        print(f"| all | {int(count)} | {name} | {used / count:,.0f} | {fixed_cost / used:.2f}x | | |")
-    print("\nlargest saving any level-alpha test could have for the grid table (a clairvoyant single test, at the"
-          " full alpha, of the largest grid radius fixed n certifies, seeing only agreeing votes): "
-          + ", ".join(f"{name} {bound:.1f}x" for name, bound in bounds))
+                  f"{saving:.2f}x | {ev['max_diff']:.2f} | {ev['differ']} | {saving / clair:.0%} of {clair:.1f}x | "
+                  f"{saving / wald:.0%} of {wald:.1f}x |")
+        bounds.append((Path(path).stem, model_bounds))
+    for name, (used, fixed_cost, count, clair_cost, wald_total) in totals.items():
+        clair, wald = fixed_cost / clair_cost, fixed_cost / wald_total
+        print(f"| all | {int(count)} | {name} | {used / count:,.0f} | {fixed_cost / used:.2f}x | | | "
+              f"{fixed_cost / used / clair:.0%} of {clair:.1f}x | {fixed_cost / used / wald:.0%} of {wald:.1f}x |")
+    print("\nclairvoyant bound: a single test, at the full alpha, of the largest asked radius fixed n certifies, seeing"
+          " only agreeing votes (ln(1/alpha) / -ln Phi(r / sigma) samples). Wald bound: for each image, any level-alpha"
+          " test that certifies radius r as often as fixed n does (probability pi at the image's vote rate p) needs on"
+          " average at least kl(pi || alpha) / KL(p || Phi(r / sigma)) samples (Wald's inequality; the oracle knows p,"
+          " pays nothing to rule out the next radius and is not attainable)")
+
+
+def run_where(args: argparse.Namespace) -> None:
+    """Where the samples go: images by kind, with the share of each method's samples they take and their mean
+    samples per image against the Wald bound (`wald_cost`) for the same images."""
+    looks = doubling_looks(*args.looks)
+    records = load(args.trajectories)
+    configs = policies(args.sigma, args.alpha, looks, args.single)
+    n0 = sum(records[0]["selection"])
+    names = args.policies
+    radii = configs["grid"].radii
+    fixed = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
+    used = {}
+    for name in names:
+        tests = [replay(configs[name], dict(zip(r["sizes"], r["counts"]))) for r in records]
+        if any(t is None for t in tests):
+            raise SmoothAdvError(f"trajectories too short to replay {name!r}")
+        used[name] = np.array([n0 + t.n for t in tests])
+    asked = {name: radii if len(configs[name].radii) > 1 else configs[name].radii for name in names}
+    kinds: dict[str, list[int]] = {}
+    from scipy.stats import norm
+
+    for i, (record, (prediction, _)) in enumerate(zip(records, fixed)):
+        p = record["counts"][-1] / record["sizes"][-1]
+        qs = [float(norm.cdf(r / args.sigma)) for r in asked[names[0]]]
+        z = min(abs(p - q) / math.sqrt(q * (1 - q) / args.n) for q in qs)
+        if prediction == ABSTAIN:
+            kind = "fixed n abstains"
+        elif prediction != record["label"]:
+            kind = "fixed n certifies a wrong class (not in the table)"
+        elif record["counts"][-1] == record["sizes"][-1]:
+            kind = f"every vote agrees (all {record['sizes'][-1]:,})"
+        elif z < 10:
+            kind = "vote rate within 10 standard errors (at n) of a radius's threshold"
+        else:
+            kind = "other certified"
+        kinds.setdefault(kind, []).append(i)
+    print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, radii {list(asked[names[0]])}; "
+          f"selection mode (n0 = {n0} per image)")
+    print("\n| images | share | " + " | ".join(f"{name}: share of samples, mean / image" for name in names)
+          + " | Wald bound, mean / image |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for kind, members in sorted(kinds.items(), key=lambda item: -len(item[1])):
+        sub = [records[i] for i in members]
+        wald = n0 + wald_cost(sub, asked[names[0]], args.alpha, args.sigma, args.n)
+        cells = " | ".join(f"{used[name][members].sum() / used[name].sum():.0%}, {used[name][members].mean():,.0f}"
+                           for name in names)
+        print(f"| {kind} | {len(members) / len(records):.0%} ({len(members)}) | {cells} | {wald:,.0f} |")
+    wald = n0 + wald_cost(records, asked[names[0]], args.alpha, args.sigma, args.n)
+    print(f"| all | 100% ({len(records)}) | " + " | ".join(f"100%, {used[name].mean():,.0f}" for name in names)
+          + f" | {wald:,.0f} |")
+
+
+def wald_cost(records: list[dict], radii: Sequence[float], alpha: float, sigma: float, n: int,
+              key: str = "counts") -> float:
+    """Mean estimation samples that any level-alpha sequential test needs to certify what fixed n certifies, by
+    Wald's inequality: a test that rejects H0: p <= q (q = Phi(r / sigma)) with probability at most alpha at
+    p = q and with probability pi at the true p takes on average at least kl(pi || alpha) / KL(p || q)
+    samples (data processing: E_p[N] KL(p || q) = E_p[log LR_N] >= kl(pi || alpha)). For each image, p is its
+    trajectory's vote rate, pi fixed n's probability of certifying r with the right class; the bound is the
+    largest over the radii (0 for a radius fixed n certifies with probability <= alpha)."""
+    from scipy.stats import binom, norm
+
+    from smoothadv.validity import clopper_pearson_lower_all
+
+    lower = clopper_pearson_lower_all(n, alpha)
+    needs = []
+    for r in radii:
+        q = float(norm.cdf(r / sigma))
+        needs.append((q, int(np.searchsorted(lower, q, side="right" if r == 0 else "left"))))
+
+    def kl(a: float, b: float) -> float:
+        return sum(x * math.log(x / y) for x, y in ((a, b), (1 - a, 1 - b)) if x > 0)
+
+    costs = []
+    for record in records:
+        p = record[key][-1] / record["sizes"][-1]
+        right = key == "label_counts" or record["class"] == record["label"]
+        best = 0.0
+        for q, k in needs:
+            pi = float(binom.sf(k - 1, n, p)) if right and k <= n else 0.0
+            if pi > alpha and p > q:
+                best = max(best, kl(min(pi, 1 - 1e-15), alpha) / kl(p, q))
+        costs.append(best)
+    return float(np.mean(costs))
 
 
 def clairvoyant_cost(records: list[dict], fixed: list[tuple[int, float]], radii: Sequence[float], alpha: float,
@@ -433,7 +587,7 @@ def run_check(args: argparse.Namespace) -> None:
     for row in rows:
         try:
             idx, n, predict, radius = int(row["idx"]), int(row["n"]), int(row["predict"]), float(row["radius"])
-            label_mode = row["mode"] == "sequential/label"
+            label_mode = row["mode"].endswith("/label")
         except (KeyError, TypeError, ValueError):
             raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV") from None
         record = records.get(idx)
@@ -460,11 +614,13 @@ def run_check(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table", "summary", "check", "bias"):
+    for name in ("sample", "table", "summary", "check", "bias", "where"):
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
-            p.add_argument("--policies", nargs="+", default=["grid", "grid, label mode", "radius 0.5"],
+            p.add_argument("--policies", nargs="+", default=[
+                "grid", "betting grid", "grid, label mode", "betting grid, label mode", "radius 0.5",
+                "betting radius 0.5", "radius 0.5, label mode", "betting radius 0.5, label mode"],
                            help="replayed policies; \", label mode\" tests the label (no selection samples)")
         elif name == "sample":
             p.add_argument("checkpoint")
@@ -482,6 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("trajectories")
             p.add_argument("--tsv", required=True, help="a `smoothadv certify --mode sequential` TSV of the same model")
             p.add_argument("--policy", default="grid", help="the replayed policy the TSV ran (default: grid)")
+        elif name == "where":
+            p.add_argument("trajectories")
+            p.add_argument("--policies", nargs="+", default=["grid", "betting grid"], help="replayed policies")
         elif name == "bias":
             p.add_argument("trajectories")
             p.add_argument("--reps", type=int, default=200, help="simulated sequential runs per image")
@@ -501,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--sigma must be > 0")
     try:
         {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check,
-         "bias": run_bias}[args.command](args)
+         "bias": run_bias, "where": run_where}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import torch
 from scipy.stats import norm
 
 from smoothadv import SmoothAdvError
-from smoothadv.betting import DEFAULT_BETS, BettingConfig, _bound_z, _log_wealth, run_betting
+from smoothadv.betting import DEFAULT_BETS, BettingConfig, _bound_z, log_wealth, run_betting
 from smoothadv.cli import main
 from smoothadv.sequential import SequentialConfig, certify_sequential_many
 from smoothadv.settings import CertifySettings
@@ -53,11 +53,11 @@ def test_wealth_decreases_in_the_threshold_and_the_bound_is_a_rejected_threshold
     successes, failures = np.array([950, 300, 64]), np.array([50, 2, 0])
     zs = np.linspace(-2, 4, 200)
     for s, f in zip(successes, failures):
-        w = _log_wealth(np.full(200, s), np.full(200, f), zs, config)
+        w = [log_wealth([s], [f], z, config)[0] for z in zs]
         assert np.all(np.diff(w) < 0)
     z = _bound_z(successes, failures, config)
-    at = _log_wealth(successes, failures, np.full(3, z), config)
-    above = _log_wealth(successes, failures, np.full(3, z + 1e-9), config)
+    at = log_wealth(successes, failures, z, config)
+    above = log_wealth(successes, failures, z + 1e-9, config)
     assert at.max() >= config.threshold > above.max()  # the largest rejected threshold, over every check
     assert _bound_z(np.array([0]), np.array([100]), config) == -math.inf
 
@@ -93,7 +93,7 @@ def test_exact_failure_probability_matches_simulation_and_the_test_object(share)
     trials = 20_000
     votes = np.cumsum(rng.binomial(np.diff(checks, prepend=0), 0.8, (trials, len(checks))), axis=1)
     z_star = problem.bound_radius * (1 + 1e-9)
-    wealth = _log_wealth(votes, checks - votes, np.full(votes.shape, z_star), config)
+    wealth = log_wealth(votes, checks - votes, z_star, config)
     final = clopper_pearson_lower_all(100, 0.1 * share)[votes[:, -1]] > norm.cdf(z_star) if share else False
     fails = (wealth >= config.threshold).any(axis=1) | final
     assert 0.01 < exact <= 0.1

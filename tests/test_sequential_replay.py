@@ -50,10 +50,14 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
 
     looks = doubling_looks(64, 512)
     configs = bench.policies(0.25, 0.001, looks, [0.3])
-    for name, radii in (("grid", []), ("radius 0.3", ["--radii", "0.3"])):
+    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].last}"]  # the benchmark's betting test
+    grid_radii = ["--radii", *map(str, configs["grid"].radii)]
+    runs = (("grid", ["--looks", "64:512"]), ("radius 0.3", ["--looks", "64:512", "--radii", "0.3"]),
+            ("betting grid", [*betting, *grid_radii]), ("betting radius 0.3", [*betting, "--radii", "0.3"]))
+    for name, options in runs:
         out = tmp_path / f"{name}.tsv"
-        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--looks", "64:512",
-                     "--skip", "3", "--max", "8", "--no-progress", "--device", "cpu", *radii, *COMMON]) == 0
+        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
+                     "--max", "8", "--no-progress", "--device", "cpu", *options, *COMMON]) == 0
         with out.open() as handle:
             cli = list(csv.DictReader(handle, delimiter="\t"))
         for row, record in zip(cli, records, strict=True):

@@ -64,6 +64,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
@@ -71,6 +72,7 @@ from scipy.special import ndtr, ndtri
 
 from .errors import SmoothAdvError
 from .sequential import DEFAULT_LOOKS, POLICIES, SequentialResult, _unanimous_look, standard_radii
+from .smoothing import Smooth
 from .stats import clopper_pearson_lower, clopper_pearson_upper
 
 DEFAULT_BETS: tuple[tuple[float, float], ...] = (
@@ -85,7 +87,6 @@ near the threshold. Fixed before sampling, the same for every threshold (which k
 
 Z_RANGE = (-8.0, 8.5)
 """Range of Phi^-1(q) searched for the confidence bound (Phi(8.5) = 1 - 1e-17: no test reaches it)."""
-
 
 
 def betting_last(alpha: float, final_share: float, step: int, reference: Sequence[int] = DEFAULT_LOOKS) -> int:
@@ -107,8 +108,8 @@ class BettingConfig:
         sigma: noise level; must be the `Smooth`'s (the drivers refuse a mismatch).
         alpha: total failure probability.
         policy, radii, tolerance, forecast_alpha: as `sequential.SequentialConfig` (None forecast: at alpha).
-        first: votes per draw at first (and the first forecast); checks every first / 4 votes up to
-            coarse = 16 first, then every coarse votes.
+        first: votes per draw at first (the first forecast is at 4 first); checks every first / 4 votes up
+            to coarse = 16 first, then every coarse votes.
         last: largest number of estimation votes (default `betting_last`: 111,616 at alpha = 0.001).
         final_share: share eta of alpha spent on one Clopper-Pearson bound at `last` (0: pure betting).
         bets: the mixture, (u, weight) pairs with u in (0, 1] and weights summing to 1.
@@ -162,11 +163,11 @@ class BettingConfig:
         object.__setattr__(self, "radii", radii)
 
     @classmethod
-    def for_smooth(cls, smooth: object, **settings: object) -> BettingConfig:
+    def for_smooth(cls, smooth: Smooth, **settings: Any) -> BettingConfig:
         """The config for certifying with `smooth`: its sigma, and `settings` for the other fields."""
         if "sigma" in settings:
             raise SmoothAdvError("BettingConfig.for_smooth takes sigma from the smoothed classifier; do not pass it")
-        return cls(smooth.sigma, **settings)  # type: ignore[attr-defined, arg-type]
+        return cls(smooth.sigma, **settings)
 
     @property
     def step(self) -> int:
@@ -239,18 +240,11 @@ def _mixture_of(bets: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.n
         return u, np.log(np.array([w for _, w in bets])), np.log1p(-u)
 
 
-def _log_wealth(successes: np.ndarray, failures: np.ndarray, z: np.ndarray, config: BettingConfig) -> np.ndarray:
-    """ln M_t(q) at q = Phi(z), for arrays of (S, F, z) of one shape."""
-    u, log_w, fail = _mixture(config)
-    ratio = ndtr(-z) / ndtr(z)  # (1 - q) / q, accurate near q = 1
-    s, f = np.asarray(successes, float)[..., None], np.asarray(failures, float)[..., None]
-    with np.errstate(invalid="ignore"):
-        lose = np.where(f > 0, f * fail, 0.0)  # u = 1 with no failure: (1 - u)^0 = 1
-    terms = log_w + s * np.log1p(u * ratio[..., None]) + lose
-    top = terms.max(axis=-1)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return safe + np.log(np.exp(terms - safe[..., None]).sum(axis=-1))
+def log_wealth(successes: np.ndarray | Sequence[int], failures: np.ndarray | Sequence[int], z: float,
+               config: BettingConfig) -> np.ndarray:
+    """ln M_t(q) at q = Phi(z) for each count (S, F) of the arrays (any shape): the test's own arithmetic."""
+    s = np.asarray(successes)
+    return _Wealth(s.ravel(), np.asarray(failures).ravel(), config).logs(z).reshape(s.shape)
 
 
 class _Wealth:
@@ -262,14 +256,18 @@ class _Wealth:
         self.s = np.asarray(successes, float)[:, None]
         f = np.asarray(failures, float)[:, None]
         with np.errstate(invalid="ignore"):
-            self.base = log_w + np.where(f > 0, f * fail, 0.0)
+            self.base = log_w + np.where(f > 0, f * fail, 0.0)  # u = 1 with no failure: (1 - u)^0 = 1
 
-    def max_log(self, z: float) -> float:
-        """max over the counts of ln M at q = Phi(z)."""
+    def logs(self, z: float) -> np.ndarray:
+        """ln M at q = Phi(z), one value per count."""
         ratio = math.erfc(z / _SQRT2) / math.erfc(-z / _SQRT2)  # (1 - q) / q, accurate near q = 1
         terms = self.base + self.s * np.log1p(self.u * ratio)
         top = terms.max(axis=1)
-        return float((top + np.log(np.exp(terms - top[:, None]).sum(axis=1))).max())
+        return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
+
+    def max_log(self, z: float) -> float:
+        """max over the counts of ln M at q = Phi(z)."""
+        return float(self.logs(z).max())
 
 
 _SQRT2 = math.sqrt(2.0)
@@ -438,4 +436,4 @@ def run_betting(config: BettingConfig, sample: Callable[[tuple[int, ...]], Seque
     return test.result()
 
 
-__all__ = ["BettingConfig", "BettingTest", "DEFAULT_BETS", "betting_last", "run_betting"]
+__all__ = ["BettingConfig", "BettingTest", "DEFAULT_BETS", "betting_last", "log_wealth", "run_betting"]

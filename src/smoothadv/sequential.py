@@ -44,6 +44,9 @@ The counts-level logic (`SequentialConfig`, `SequentialTest`, `run_sequential`) 
 so it is tested against Bernoulli samplers with known p; `certify_sequential` and
 `certify_sequential_dataset` drive it with a base classifier through `PackedSampler` and return a
 `SequentialCertificate`, a `smoothing.Certificate` (same fields, same `n0`/`n`/`samples` meaning).
+The drivers take any config whose `start()` makes a test with `next_segments()` / `update_segments()`:
+this module's, or the anytime-valid betting test of `smoothadv.betting` (`certify --test betting`),
+which checks its wealth inside each draw and so asks for the counts of several segments per draw.
 
 Sigma has one source: the radius sigma * Phi^-1(.) must use the sigma of the noise, so the drivers
 refuse a config whose sigma is not the smoothed classifier's (`SequentialConfig.for_smooth`
@@ -434,8 +437,10 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     samples); without, the class is the argmax of `n0` selection samples drawn from the
     selection generator (Cohen's mode). Estimation samples come from the estimation generators,
     in pieces that depend only on the input's own schedule, so each result is the same whichever
-    inputs are certified together. The looks of all inputs advance in waves: one forward-pass
-    stream and one host synchronisation per look. `config.sigma` must be `smooth.sigma`.
+    inputs are certified together. The looks (draws, for the betting test) of all inputs advance
+    in waves: one forward-pass stream and one host synchronisation per wave; a test's draw may be
+    split into segments, whose counts it receives one by one. `config` is a `SequentialConfig` or a
+    `betting.BettingConfig`; `config.sigma` must be `smooth.sigma`.
     """
     check_same_sigma(smooth, config)
     count = len(xs)

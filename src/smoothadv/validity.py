@@ -334,10 +334,10 @@ def betting_checks(config: BettingConfig) -> tuple[int, ...]:
 def _first_rejecting(n: int, z: float, config: BettingConfig) -> int:
     """Smallest count S of n votes at which the betting sequence rejects q = Phi(z) (n + 1 if none):
     ln M_n(q) increases with S, so a binary search finds it."""
-    from .betting import _log_wealth
+    from .betting import log_wealth
 
     def rejects(k: int) -> bool:
-        return bool(_log_wealth(np.array([k]), np.array([n - k]), np.array([z]), config)[0] >= config.threshold)
+        return bool(log_wealth([k], [n - k], z, config)[0] >= config.threshold)
 
     lo, hi = 0, n + 1
     while lo < hi:
@@ -778,9 +778,10 @@ def run_problem(problem: Problem, mode: Mode, trials: int, alpha: float, seed: i
 
 def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10, seed: int = 0,
               quick: bool = False, include_control: bool = True, progress: Callable[[Result], None] | None = None,
-              family_delta: float = 0.01) -> list[Result]:
+              family_delta: float = 0.01, only: str | None = None) -> list[Result]:
     """Run every certification mode (fixed-n, packed, sequential, betting), PREDICT and the negative controls over
-    `standard_problems` / `predict_problems`, `trials` times each.
+    `standard_problems` / `predict_problems`, `trials` times each; with `only`, just the modes whose name contains
+    it (with the seeds they get in the whole suite).
 
     Each of the 2 m tests of the m checks uses the level family_delta / (2 m) (Bonferroni), so a correct implementation
     fails any check of the whole suite with probability at most `family_delta`.
@@ -803,10 +804,12 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
                 continue
             if mode.control and i > (0 if quick else 2):  # the control only needs to be caught a few times
                 continue
-            plan.append((problem, mode, seed * 1_000_003 + 1000 * i + j))
+            if only is None or only in mode.name:
+                plan.append((problem, mode, seed * 1_000_003 + 1000 * i + j))
     pmode = predict_mode(n, alpha)
     for i, problem in enumerate(predict_problems(n, alpha, quick)):
-        plan.append((problem, pmode, seed * 1_000_003 + 500_000 + i))
+        if only is None or only in pmode.name:
+            plan.append((problem, pmode, seed * 1_000_003 + 500_000 + i))
     delta = family_delta / (2 * sum(not mode.control for _, mode, _ in plan))  # two tests per check
     results = []
     for problem, mode, run_seed in plan:
