@@ -19,6 +19,7 @@ from smoothadv.denoise import (
     DenoiserTrainSettings,
     DnCNN,
     Stability,
+    check_fits,
     denoiser_epoch,
     load_denoiser,
     multiply_adds,
@@ -306,3 +307,14 @@ def test_any_module_with_its_normalization_can_be_the_classifier(tmp_path) -> No
     assert composed.denoiser is denoiser and composed(torch.rand(2, 3, 8, 8)).shape == (2, 4)
     with pytest.raises(SmoothAdvError, match="exists; pass --resume"):
         train_denoiser(settings, classifiers=[f])
+
+
+def test_a_module_that_changes_the_image_shape_does_not_fit() -> None:
+    f = _BNClassifier()
+    check_fits(DnCNN(3, depth=3, width=4), f, (3, 8, 8), 3)
+    with pytest.raises(SmoothAdvError, match=r"turns \(3, 8, 8\) images into \(3, 4, 4\)"):
+        check_fits(nn.AvgPool2d(2), f, (3, 8, 8))
+    with pytest.raises(SmoothAdvError, match="does not fit the classifier's"):
+        check_fits(nn.Conv2d(1, 1, 1), f, (3, 8, 8))  # a gray-image module fed the classifier's color images
+    with pytest.raises(SmoothAdvError, match="turns .* into \\(1, 8, 8\\)"):
+        check_fits(nn.Conv2d(3, 1, 1), f, (3, 8, 8))

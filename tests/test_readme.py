@@ -29,6 +29,9 @@ README = ROOT / "README.md"
 SHRINK = {
     "100_000": "200",
     "n=1000, alpha": "n=200, alpha",
+    "n=10_000, alpha": "n=200, alpha",
+    "sigma=0.25, epochs=4))": "sigma=0.25, epochs=1, train_subset=256, eval_subset=64))",
+    "lr=1e-4, epochs=2)": "lr=1e-4, epochs=1, train_subset=256, eval_subset=64)",
     "SequentialConfig(sigma=0.25, radii=(0.25, 0.5))":
         "SequentialConfig(sigma=0.25, radii=(0.25, 0.5), base=doubling_looks(64, 256))",
 }

@@ -21,7 +21,13 @@ from smoothadv.denoise import load_denoiser, multiply_adds
 from smoothadv.files import atomic_write_bytes, atomic_write_text
 from smoothadv.models import load_checkpoint
 from smoothadv.report import load_results
-from smoothadv.stats import average_certified_radius, certified_accuracy, clopper_pearson_lower, clopper_pearson_upper
+from smoothadv.stats import (
+    average_certified_radius,
+    binom_pvalue,
+    certified_accuracy,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+)
 
 HERE = Path(__file__).resolve().parent
 SIGMA = 0.25
@@ -35,6 +41,7 @@ MODELS = {  # tsv stem -> (table name, what it is, denoiser key or None)
     "stability": ("f o D_stab", "same f, MSE denoiser fine-tuned with stability through f", "stability"),
     "gaussian": ("Gaussian-trained f", "white-box reference: retrained with noise", None),
 }
+CLASSIFIER_MINUTES = 7.9 * 10 * 6 / 60  # see the note under the training table
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
@@ -121,17 +128,44 @@ def main() -> None:
     for step, key in (("classifier_clean", None), ("denoiser_mse", "mse"), ("denoiser_stability", "stability")):
         minutes = f"{cpu[step] / 60:.1f}" if step in cpu else "n/a"
         if key is None:
-            lines.append(f"| {step} | {minutes} | | |")
+            lines.append(f"| {step} | {minutes} (resume checks) + about {CLASSIFIER_MINUTES:.1f} (training, estimated) "
+                         "| | |")
         elif DENOISERS[key].exists():
             q = quality_of(classifier, DENOISERS[key])
             lines.append(f"| {step} | {minutes} | {q['psnr']:.2f} | {q['acc']:.3f} |")
     total = sum(cpu.values()) / 60
-    lines += ["", f"CPU time of every step in logs/cpu.tsv: {total:.1f} minutes. Cost per noise sample: fashion_cnn "
+    lines += ["", f"CPU time of every step in logs/cpu.tsv: {total:.1f} minutes. The classifier's training ran before "
+              "run.sh timed its steps, so its row holds only the resume checks; a timed epoch on 6,000 images took "
+              f"7.9 CPU-s after start-up, so its 6 epochs on 60,000 cost about {CLASSIFIER_MINUTES:.0f} CPU-minutes "
+              f"(about {total + CLASSIFIER_MINUTES:.0f} minutes in all). Cost per noise sample: fashion_cnn "
               f"{f_cost / 1e6:.2f} M multiply-adds; the denoiser adds {max(d_costs.values(), default=0) / 1e6:.2f} M."]
+    lines += paired(results)
     atomic_write_text(HERE / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results)
     examples(classifier)
+
+
+def paired(results: dict) -> list[str]:
+    """Paired comparisons on the same images (and the same noise): at each radius, how many images one model
+    certifies and the other does not, with the exact two-sided sign-test (McNemar) p-value."""
+    pairs = [(a, b) for a, b in (("stability", "mse"), ("gaussian", "stability"), ("mse", "clean"))
+             if a in results and b in results]
+    if not pairs:
+        return []
+    out = ["", "Paired on the same images: images certified at radius r by the first model only / by the second "
+           "only (exact sign-test p-value).", "",
+           "| first vs second | " + " | ".join(f"r = {r:g}" for r in RADII) + " |", "|---|" + "---:|" * len(RADII)]
+    for a, b in pairs:
+        cells = []
+        for r in RADII:
+            ok_a = (results[a].radius >= r) & (results[a].correct == 1)
+            ok_b = (results[b].radius >= r) & (results[b].correct == 1)
+            only_a, only_b = int((ok_a & ~ok_b).sum()), int((ok_b & ~ok_a).sum())
+            p = binom_pvalue(min(only_a, only_b), only_a + only_b) if only_a + only_b else 1.0
+            cells.append(f"{only_a} / {only_b} (p {p:.2g})")
+        out.append(f"| {MODELS[a][0]} vs {MODELS[b][0]} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(results: dict) -> None:

@@ -675,9 +675,3 @@ def cost_summary(denoiser: nn.Module, classifier: nn.Module, shape: Sequence[int
     return (f"denoiser {d / 1e6:.2f} M multiply-adds per image, classifier {f / 1e6:.2f} M: f o D costs "
             f"{(d + f) / max(f, 1):.1f}x f per noise sample")
 
-
-def example_batches(dataset: Any, count: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The first `count` examples of `dataset` as one batch (for pictures and quick checks)."""
-    from .train import _subset, batches
-
-    yield from batches(_subset(dataset, count), count, shuffle=False)
