@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import beta
 
 from smoothadv.cli import main
-from smoothadv.report import format_table, load_results, summarize
+from smoothadv.report import OUTSIDE_NOTE, format_table, load_published, load_results, summarize
 from smoothadv.stats import clopper_pearson_interval, clopper_pearson_lower, clopper_pearson_upper
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
@@ -54,3 +54,38 @@ def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> Non
     assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "1", "--ci", "--out", str(out),
                  "--plot", str(tmp_path / "plot.png")]) == 0
     assert "60.0 [14.7, 94.7]" in out.read_text() and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(tmp_path: Path, capsys) -> None:
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text(HEADER + "".join(r + "\n" for r in ROWS))
+    recipe = tmp_path / "recipe.toml"
+    # measured: 3/5 [14.7, 94.7] at 0, 1/5 [0.5, 71.6] at 0.5, 0/5 [0, 52.2] at 1; published 0.9, 0.8 (outside), 0.0
+    recipe.write_text('sigma = 0.25\n[paper]\nsource = "a paper"\nradii = [0.0, 0.5, 1.0, 2.0]\n'
+                      'certified = [0.9, 0.8, 0.0, 0.0]\nacr = 0.5\n')
+    published = {"A": load_published(recipe)}
+    assert published["A"].at(0.5) == 0.8 and published["A"].at(0.25) is None
+    table = summarize({"A": load_results(tsv)}, [0.0, 0.25, 0.5, 1.0], ci=True, published=published)
+    measured, paper = table.rows
+    assert paper.name == "A (published)" and paper.kind == "published"
+    assert paper.values == (0.9, None, 0.8, 0.0) and paper.acr == 0.5
+    assert paper.outside == (False, False, True, False)
+    markdown = format_table(table, "markdown")
+    assert "| A (published) | 90.0 | – | 80.0 † | 0.0 | 0.500 |  |" in markdown
+    assert markdown.rstrip().endswith(OUTSIDE_NOTE)
+    assert r"80.0$^\dagger$" in format_table(table, "latex")
+    # without --ci nothing is marked; a published row without a measured one is listed after the measured rows
+    plain = summarize({"A": load_results(tsv)}, [0.0], published={"A": published["A"], "B": published["A"]})
+    assert [(r.name, r.outside) for r in plain.rows] == [("A", None), ("A (published)", None), ("B (published)", None)]
+    out = tmp_path / "table.md"
+    assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "--ci", "--published", f"A={recipe}", "--out", str(out),
+                 "--plot", str(tmp_path / "plot.png")]) == 0
+    assert "| A (published) | 90.0 | 80.0 † |" in out.read_text()
+    # a recipe without published numbers, or with malformed ones: one line, exit 2
+    for text, message in (("sigma = 0.25\n", "has no [paper] section"),
+                          ("[paper]\nradii = [0.0, 0.5]\ncertified = [0.9]\n", "two equally long"),
+                          ("[paper]\nradii = [0.0]\ncertified = [90]\n", "fractions in [0, 1]")):
+        recipe.write_text(text)
+        assert main(["report", f"A={tsv}", "--published", f"A={recipe}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

@@ -368,15 +368,27 @@ def add_report(sub: Any) -> None:
                    help="certification failure probability (high-prob; default: 0.001)")
     p.add_argument("--rho", type=probability, default=0.001,
                    help="high-prob: failure probability of the bound (default: 0.001)")
+    p.add_argument("--published", action="append", type=_named_path, default=[], metavar="NAME=recipe.toml",
+                   help="add the published row of a recipe's [paper] section under the certify row NAME (with --ci, "
+                        "a dagger marks published values outside the measured interval; crosses in the plot)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
     p.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
-    from .report import default_radii, format_table, load_results, merge, plot_accuracy, plot_format, summarize
+    from .report import (
+        default_radii,
+        format_table,
+        load_published,
+        load_results,
+        merge,
+        plot_accuracy,
+        plot_format,
+        summarize,
+    )
 
-    inputs = [path for _, path in [*args.results, *args.attack]]
+    inputs = [path for _, path in [*args.results, *args.attack, *args.published]]
     for flag, target in (("--out", args.out), ("--plot", args.plot)):
         if target:
             check_new_output(target, force=args.force, inputs=inputs, flag=flag)
@@ -400,8 +412,13 @@ def run_report(args: argparse.Namespace) -> None:
     for res in attack.values():
         if res.kind != "attack":
             raise SmoothAdvError(f"{res.path} is a certify file (it has a radius column): pass it without --attack")
+    published = {}
+    for name, path in args.published:
+        if name in published:
+            raise SmoothAdvError(f"--published {name}= is given twice")
+        published[name] = load_published(path)
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
-                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci)
+                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci, published=published)
     text = format_table(table, args.format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -410,7 +427,7 @@ def run_report(args: argparse.Namespace) -> None:
         print(text, end="")
     if args.plot:
         plot = plot_accuracy(certify, args.plot, attack=attack, max_radius=args.max_radius,
-                             include_envelope=args.envelope, ci=args.ci)
+                             include_envelope=args.envelope, ci=args.ci, published=published)
         print(f"wrote {plot}")
 
 

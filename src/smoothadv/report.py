@@ -266,6 +266,46 @@ class Row:
     models: tuple[str, ...] | None = None
     model_clean: tuple[float, ...] | None = None
     intervals: tuple[tuple[float, float], ...] | None = None  # 95% Clopper-Pearson per radius (--ci)
+    outside: tuple[bool, ...] | None = None  # published rows: value outside the measured row's interval
+
+
+@dataclass(frozen=True)
+class Published:
+    """Published certified accuracy (fractions) at some radii, and the published ACR: the `[paper]` section of
+    a recipe (`configs/**/*.toml`), as compared with a measured certify file by `report --published`."""
+
+    radii: tuple[float, ...]
+    certified: tuple[float, ...]
+    acr: float | None
+    source: str
+
+    def at(self, radius: float) -> float | None:
+        """The published value at `radius` (None when the paper has no column there)."""
+        for r, value in zip(self.radii, self.certified):
+            if abs(r - radius) <= 1e-9:
+                return value
+        return None
+
+
+def load_published(path: str | Path) -> Published:
+    """The `[paper]` section of a recipe: `radii`, `certified` (fractions), optional `acr` and `source`.
+    A file without published numbers, or with malformed ones, is a one-line SmoothAdvError."""
+    from .settings import read_toml
+
+    paper = read_toml(path).get("paper")
+    if not isinstance(paper, dict):
+        raise SmoothAdvError(f"{path} has no [paper] section with published numbers")
+    radii, certified = paper.get("radii"), paper.get("certified")
+    if (not isinstance(radii, list) or not isinstance(certified, list) or not radii or len(radii) != len(certified)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*radii, *certified])):
+        raise SmoothAdvError(f"{path}: [paper] needs radii and certified, two equally long non-empty lists of numbers")
+    if not all(0 <= v <= 1 for v in certified) or not all(r >= 0 for r in radii):
+        raise SmoothAdvError(f"{path}: [paper] certified must be fractions in [0, 1] and radii >= 0")
+    acr = paper.get("acr")
+    if acr is not None and (isinstance(acr, bool) or not isinstance(acr, (int, float))):
+        raise SmoothAdvError(f"{path}: [paper] acr must be a number")
+    return Published(tuple(float(r) for r in radii), tuple(float(v) for v in certified),
+                     None if acr is None else float(acr), str(paper.get("source", path)))
 
 
 @dataclass(frozen=True)
@@ -304,11 +344,15 @@ def certified_intervals(results: Results, radii: Sequence[float] | np.ndarray,
 
 def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
               attack: Mapping[str, Results] | None = None, include_envelope: bool = False,
-              high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001, ci: bool = False) -> Table:
+              high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001, ci: bool = False,
+              published: Mapping[str, Published] | None = None) -> Table:
     """Build the table: one certified row per certify input (with ACR and abstention rate, and with `ci`
-    the 95% Clopper-Pearson interval of each value over the test images), then optionally Cohen's
+    the 95% Clopper-Pearson interval of each value over the test images), each followed by its published
+    row when `published` has one under the same name (the paper's value at those radii it reports; with
+    `ci`, `Row.outside` marks values outside the measured row's interval), then optionally Cohen's
     high-probability rows, the envelope row and one empirical row per attack input (its accuracy at
-    those radii that equal one of its eps values)."""
+    those radii that equal one of its eps values). A published row without a certify input of its name
+    is listed after the certified rows."""
     radii_a = np.asarray(radii, dtype=float)
     if radii_a.size == 0 or np.any(radii_a < 0) or not np.all(np.isfinite(radii_a)):
         raise SmoothAdvError("radii must be a non-empty list of numbers >= 0")
@@ -323,6 +367,11 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
         rows.append(Row(name, "certified", tuple(float(v) for v in curves[name]), len(res),
                         average_certified_radius(res.radius, res.correct), res.abstain_rate,  # type: ignore[arg-type]
                         intervals=intervals))
+        if published and name in published:
+            rows.append(_published_row(name, published[name], radii_a, intervals))
+    for name, paper in (published or {}).items():
+        if name not in certify:
+            rows.append(_published_row(name, paper, radii_a, None))
     if high_prob:
         for name, res in certify.items():
             corrected = high_prob_certified_accuracy(res.radius, res.correct, radii_a, alpha, rho)  # type: ignore[arg-type]
@@ -341,6 +390,15 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
             values.append(float(accuracy[hit[0]]) if hit.size else None)
         rows.append(Row(f"{name} (attack)", "empirical", tuple(values), len(res)))
     return Table(tuple(float(r) for r in radii_a), tuple(rows))
+
+
+def _published_row(name: str, paper: Published, radii: np.ndarray,
+                   intervals: tuple[tuple[float, float], ...] | None) -> Row:
+    values = tuple(paper.at(float(r)) for r in radii)
+    outside = None
+    if intervals is not None:
+        outside = tuple(v is not None and not lo - 1e-12 <= v <= hi + 1e-12 for v, (lo, hi) in zip(values, intervals))
+    return Row(f"{name} (published)", "published", values, 0, paper.acr, outside=outside)
 
 
 def _pct(value: float) -> str:
@@ -372,6 +430,9 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
         if row.intervals is not None:
             cells = [f"{c} {{\\scriptsize [{_pct(lo)}, {_pct(hi)}]}}" if latex else f"{c} [{_pct(lo)}, {_pct(hi)}]"
                      for c, (lo, hi) in zip(cells, row.intervals)]
+        if row.outside is not None:
+            mark = r"$^\dagger$" if latex else " †"
+            cells = [f"{c}{mark}" if out else c for c, out in zip(cells, row.outside)]
         if row.kind == "envelope" and latex and row.model_clean:
             cells = [f"{v}$^{{{_pct(c)}}}$" for v, c in zip(cells, row.model_clean)]
         acr = "" if row.acr is None else f"{row.acr:.3f}"
@@ -383,10 +444,18 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
     if latex:
         lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
                  r"\midrule", *[" & ".join(cells) + r" \\" for cells in body], r"\bottomrule", r"\end{tabular}"]
+        if any(row.outside and any(row.outside) for row in table.rows):
+            lines.append("% " + OUTSIDE_NOTE.replace("†", "$^\\dagger$"))
         return "\n".join(lines) + "\n"
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if any(row.outside and any(row.outside) for row in table.rows):
+        lines += ["", OUTSIDE_NOTE]
     return "\n".join(lines) + "\n"
+
+
+#: the footnote of a table with published rows outside the measured rows' intervals
+OUTSIDE_NOTE = "† published value outside the 95% Clopper-Pearson interval of the measured row of the same name"
 
 
 def _markdown_escape(text: str) -> str:
@@ -440,11 +509,11 @@ def plot_format(path: str | Path) -> str:
 
 def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Mapping[str, Results] | None = None,
                   max_radius: float | None = None, include_envelope: bool = False, title: str | None = None,
-                  ci: bool = False) -> Path:
-    """Write a plot: certified accuracy vs radius (solid) per certify input and empirical accuracy vs
-    eps (dashed, markers) per attack input, on the same axes as in Salman et al.'s figures; inputs
-    with the same name share a colour; with `ci`, a shaded 95% Clopper-Pearson band over the test
-    images around each certified curve. The format is the one `out`'s extension names
+                  ci: bool = False, published: Mapping[str, Published] | None = None) -> Path:
+    """Write a plot: certified accuracy vs radius (solid) per certify input, published values (crosses,
+    `published`) and empirical accuracy vs eps (dashed, markers) per attack input, on the same axes as in
+    Salman et al.'s figures; inputs with the same name share a colour; with `ci`, a shaded 95%
+    Clopper-Pearson band over the test images around each certified curve. The format is the one `out`'s extension names
     (`plot_format`: PNG, PDF or SVG). Needs matplotlib (imported here, Agg canvas, no pyplot)."""
     kind = plot_format(out)
     try:
@@ -463,7 +532,8 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    names = list(dict.fromkeys([*certify, *attack]))
+    published = published or {}
+    names = list(dict.fromkeys([*certify, *published, *attack]))
     colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     curves = {}
     for name, res in certify.items():
@@ -475,6 +545,9 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     if include_envelope and len(certify) > 1:
         best, _ = envelope(curves, {n: r.clean_accuracy for n, r in certify.items()})
         ax.plot(grid, best, color="black", linewidth=1, linestyle=":", label="envelope (certified)")
+    for name, paper in published.items():
+        ax.plot(paper.radii, paper.certified, color=colour[name], linestyle="none", marker="x", markersize=7,
+                label=f"{name} (published)")
     for name, res in attack.items():
         eps_values, accuracy = empirical_curve(res)
         ax.plot(eps_values, accuracy, color=colour[name], linewidth=1.5, linestyle="--", marker="o", markersize=4,
