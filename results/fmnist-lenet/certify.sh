@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Certify one trained model of the LeNet Fashion-MNIST table (issue 14): every 20th test image (500), n0 = 100,
+# n = 100,000, alpha = 0.001, with the sequential test (--mode sequential: the default alpha-spending schedule
+# and the standard-radii grid policy, measured within 0.4 pp of fixed n in results/sequential/). Re-running resumes.
+#   bash results/fmnist-lenet/certify.sh METHOD SIGMA     # after train.sh METHOD SIGMA has finished its 90 epochs
+set -euo pipefail
+cd "$(dirname "$0")"
+method=$1 sigma=$2
+run="runs/${method}_s${sigma}"
+out="certify/${method}_s${sigma}.tsv"
+epochs=$(($(wc -l < "$run/log.tsv") - 1))
+[ "$epochs" -ge 90 ] || { echo "certify.sh: $run has $epochs of 90 epochs; finish it with train.sh first" >&2; exit 2; }
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p certify logs
+resume=(); [ -e "$out" ] && resume=(--resume)
+${SMOOTHADV:-smoothadv} certify "$run/checkpoint.pth.tar" --sigma "$sigma" --out "$out" --skip 20 --n0 100 --n 100000 \
+    --alpha 0.001 --mode sequential --batch 1000 --seed 0 --device cpu --no-progress "${resume[@]}" \
+    >> "logs/certify_${method}_s${sigma}.log" 2>&1

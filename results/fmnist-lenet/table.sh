@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rebuild the comparison with the published LeNet Fashion-MNIST rows (issue 14) from the certify TSVs present:
+# table_s<sigma>.md and certified_s<sigma>.png, certified accuracy per radius with 95% Clopper-Pearson intervals
+# over the 500 images, each measured row followed by the published one (a dagger marks published values outside
+# the measured interval).   bash results/fmnist-lenet/table.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+recipes=../../configs/fashion_mnist
+for sigma in 0.25 0.5; do
+  args=()
+  for pair in "Gaussian:gaussian:cohen_gaussian" "Stability:stability:stability" "Consistency:consistency:consistency" \
+              "SmoothAdv T2 m1:smoothadv_pgd_t2_m1_e1.0:smoothadv_pgd_t2_m1_e1.0"; do
+    IFS=: read -r name method recipe <<< "$pair"
+    tsv="certify/${method}_s${sigma}.tsv"
+    [ -e "$tsv" ] || continue
+    args+=("$name=$tsv" --published "$name=$recipes/${recipe}_s${sigma}.toml")
+  done
+  [ ${#args[@]} -gt 0 ] || continue
+  ${SMOOTHADV:-smoothadv} report "${args[@]}" --ci --radii 0 0.25 0.5 0.75 1 1.25 1.5 2 --out "table_s${sigma}.md" \
+      --plot "certified_s${sigma}.png" --force
+done
