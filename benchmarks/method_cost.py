@@ -1,0 +1,194 @@
+"""Training cost of every objective, each with its recipe, against Gaussian augmentation (issue 14).
+
+For each recipe (default: the eight methods of the Fashion-MNIST LeNet comparison, sigma = 0.25), the
+objective is built from the recipe exactly as `smoothadv train --config` builds it (`settings.train_recipe`),
+then `train.train_epoch` (the loop `smoothadv train` runs, chunking included) trains the recipe's model
+(architecture, normalization, batch size, SGD with its lr, momentum and weight decay) for `--batches` loader
+batches. The measured CPU time per batch, times the batches of one epoch of the training set (235 for
+Fashion-MNIST at batch 256), is the CPU-seconds per epoch; the test pass of `smoothadv train` (1,000 noisy
+test images, under 1% of a Gaussian epoch) is not counted. Methods run interleaved, the order rotating every
+repetition; medians are reported.
+
+Schedules are set to their full strength: MACER's deferred robustness term is on (`at_epoch` past the
+deferral), SmoothAdv's eps and SmoothMix's weight are past their warm-ups. CAT-RS is given a uniform pi
+(its cost does not depend on pi). Random images of the dataset's shape and random labels: the passes do
+not depend on the pixel values, except that MACER computes its hinge on the images it classifies correctly.
+
+Two cost models, both in units of a Gaussian epoch:
+
+  U model (reference training-methods.md section 3.3; one forward+backward = 1 U, an attack step ~ 1 U):
+    gaussian 1, stability 2, smoothadv m (T + 1), consistency m, smoothadv + consistency m (T + 1),
+    macer m, smoothmix m (T + 2), catrs m (T + 2)
+  pass model (benchmarks/training_cost.py; a forward 1, an input-gradient backward 1, a training
+  backward 2, so a training pass is 3 and an attack step 2):
+    gaussian 1, stability 2, smoothadv m (2T + 3) / 3, consistency m, smoothadv + consistency
+    m (2T + 3) / 3, macer m, smoothmix m (2T + 6) / 3, catrs m (2T + 6) / 3
+
+The table gives the measured ratio to Gaussian and measured / model for both. With `--forward-n` it also
+measures CAT-RS's one-off precomputation (`smoothadv smooth-prediction`: forward passes of noisy copies in
+batches of 1000, `Smooth.sample_counts`, the same code path) on the Gaussian recipe's model: CPU-seconds per
+training image at N noisy copies, extrapolated linearly from `--forward-n` copies.
+
+    OMP_NUM_THREADS=1 python benchmarks/method_cost.py
+    OMP_NUM_THREADS=1 python benchmarks/method_cost.py --batches 2 --reps 2 --forward-n 2000 --n 10000 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from smoothadv.data import dataset_info
+from smoothadv.models import build_model
+from smoothadv.objectives import CATRS, MACER, Objective, SmoothAdv, SmoothMix, StabilityTraining
+from smoothadv.settings import fields_of, read_toml, train_recipe
+from smoothadv.smoothing import Smooth
+from smoothadv.train import train_epoch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPARISON = [f"configs/fashion_mnist/{name}_s0.25.toml" for name in (
+    "cohen_gaussian", "stability", "smoothadv_pgd_t2_m1_e1.0", "consistency", "macer", "smoothmix", "catrs",
+    "consistency_adv")]
+TRAIN_SIZES = {"fashion_mnist": 60000, "cifar10": 50000}
+
+
+def label(objective: Objective) -> str:
+    """A short name with the settings that set the cost."""
+    if isinstance(objective, SmoothAdv):
+        attack = objective.attack
+        name = "smoothadv + consistency" if objective.consistency else "smoothadv"
+        return f"{name} (T={attack.steps}, m={objective.m})"
+    if isinstance(objective, (SmoothMix, CATRS)):
+        return f"{type(objective).__name__.lower()} (T={objective.steps}, m={objective.m})"
+    if isinstance(objective, StabilityTraining):
+        return "stability"
+    m = getattr(objective, "m", None)
+    name = {"GaussianAugmentation": "gaussian"}.get(type(objective).__name__, type(objective).__name__.lower())
+    return f"{name} (m={m})" if m is not None else name
+
+
+def cost_models(objective: Objective) -> tuple[float, float]:
+    """(U model, pass model) cost per epoch in Gaussian epochs; see the module docstring."""
+    if isinstance(objective, SmoothAdv):
+        steps, m = objective.attack.steps, objective.m
+        return m * (steps + 1), m * (2 * steps + 3) / 3
+    if isinstance(objective, (SmoothMix, CATRS)):
+        steps, m = objective.steps, objective.m
+        return m * (steps + 2), m * (2 * steps + 6) / 3
+    if isinstance(objective, StabilityTraining):
+        return 2.0, 2.0
+    m = float(getattr(objective, "m", 1))
+    return m, m
+
+
+def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:
+    """The objective a recipe trains with (at full strength) and its training settings."""
+    values = {k: v for k, v in read_toml(recipe).items() if k not in ("paper", "certify")}
+    values["out"] = "unused"
+    catrs = values.get("objective") == "catrs"
+    if catrs:
+        values.pop("smoothed_prediction", None)
+        values["objective"] = "gaussian"  # settings only; the objective is built below
+    settings, objective = train_recipe(values, source=str(recipe))
+    if catrs:
+        own = {k: v for k, v in values.items() if k in fields_of(CATRS) and k != "sigma"}
+        objective = CATRS(settings.sigma, **own, pi=torch.full((train_size, 10), 0.1))
+    if isinstance(objective, MACER):
+        objective = objective.at_epoch(objective.deferred)
+    warmup = getattr(objective, "warmup", 1)
+    objective = objective.at_epoch(max(warmup, 1))
+    return objective, {"arch": settings.arch, "dataset": settings.dataset, "batch": settings.batch_size,
+                       "lr": settings.lr, "momentum": settings.momentum, "weight_decay": settings.weight_decay,
+                       "normalization": settings.normalization, "sigma": settings.sigma}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", default=COMPARISON,
+                        help="recipe TOMLs (default: the issue-14 comparison at sigma 0.25); the first is the "
+                             "baseline the ratios divide by")
+    parser.add_argument("--batches", type=int, default=3, help="loader batches per measurement")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training images per epoch (default: the dataset's training split)")
+    parser.add_argument("--forward-n", type=int, default=0,
+                        help="noisy copies to time for CAT-RS's precomputation (0: skip)")
+    parser.add_argument("--n", type=int, nargs="+", default=[10000, 1000],
+                        help="N of the precomputation to extrapolate to (default: 10000 1000)")
+    args = parser.parse_args()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    recipes = [Path(r) if Path(r).is_absolute() or Path(r).exists() else ROOT / r for r in args.recipes]
+    built = []
+    for recipe in recipes:
+        dataset = read_toml(recipe).get("dataset", "fashion_mnist")
+        size = args.train_size or TRAIN_SIZES.get(dataset, 60000)
+        built.append((recipe, *build(recipe, size), size))
+    gen = torch.Generator().manual_seed(0)
+    jobs = {}
+    for recipe, objective, cfg, size in built:
+        shape, batch = dataset_info(cfg["dataset"]).input_shape, cfg["batch"]
+        data = [(torch.rand(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen),
+                 torch.randint(0, size, (batch,), generator=gen)) for _ in range(args.batches)]
+        torch.manual_seed(0)
+        model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"])
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                    weight_decay=cfg["weight_decay"])
+
+        def once(model=model, objective=objective, optimizer=optimizer, data=data) -> float:
+            start = time.process_time()
+            train_epoch(model, objective, optimizer, iter(data), device, generator=torch.Generator().manual_seed(1))
+            return time.process_time() - start
+        batches_per_epoch = -(-size // batch)
+        jobs[recipe] = (once, objective, batches_per_epoch)
+    for once, _, _ in jobs.values():  # warm-up
+        once()
+    times: dict[Path, list[float]] = {recipe: [] for recipe in jobs}
+    names = list(jobs)
+    for rep in range(args.reps):
+        for recipe in names[rep % len(names):] + names[:rep % len(names)]:
+            times[recipe].append(jobs[recipe][0]())
+    per_epoch = {r: statistics.median(times[r]) / args.batches * jobs[r][2] for r in names}
+    base = per_epoch[names[0]]
+    cpu = platform.processor() or platform.machine()
+    print(f"# {args.batches} loader batches per measurement, {args.reps} reps (medians), process CPU time, "
+          f"{threads} thread(s), {cpu} CPU, torch {torch.__version__}")
+    print("| recipe | objective | CPU-s / epoch | ratio to gaussian | U model | measured / U model "
+          "| pass model | measured / pass model |")
+    print("|---|---|---|---|---|---|---|---|")
+    for recipe in names:
+        _, objective, _ = jobs[recipe]
+        u_model, pass_model = cost_models(objective)
+        ratio = per_epoch[recipe] / base
+        print(f"| {recipe.name} | {label(objective)} | {per_epoch[recipe]:.0f} | {ratio:.2f} | {u_model:g} | "
+              f"{ratio / u_model:.2f} | {pass_model:.3g} | {ratio / pass_model:.2f} |", flush=True)
+    if args.forward_n:
+        _, _, cfg, _ = built[0]
+        torch.manual_seed(0)
+        model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"]).eval()
+        smooth = Smooth(model, 10, cfg["sigma"])
+        x = torch.rand(*dataset_info(cfg["dataset"]).input_shape, generator=gen)
+        samples = []
+        for _ in range(args.reps + 1):
+            start = time.process_time()
+            smooth.sample_counts(x, args.forward_n, 1000, generator=torch.Generator().manual_seed(2))
+            samples.append(time.process_time() - start)
+        per_copy = statistics.median(samples[1:]) / args.forward_n
+        size = built[0][3]
+        print()
+        print(f"CAT-RS precomputation (smooth-prediction, batch 1000, {cfg['arch']}): "
+              f"{per_copy * 1e6:.1f} CPU-us per noisy copy, measured on {args.forward_n} copies")
+        for n in args.n:
+            print(f"  N = {n}: {per_copy * n:.2f} CPU-s per training image, {per_copy * n * size / 3600:.2f} "
+                  f"CPU-h for {size} images = {per_copy * n * size / base:.1f} Gaussian epochs")
+
+
+if __name__ == "__main__":
+    main()
