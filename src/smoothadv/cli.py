@@ -371,6 +371,11 @@ def add_report(sub: Any) -> None:
     p.add_argument("--published", action="append", type=_named_path, default=[], metavar="NAME=recipe.toml",
                    help="add the published row of a recipe's [paper] section under the certify row NAME (with --ci, "
                         "a dagger marks published values outside the measured interval; crosses in the plot)")
+    p.add_argument("--cost", default=None, metavar="TSV",
+                   help="add training-cost columns to the certified rows named in this TSV (columns name, "
+                        "cpu_s_per_epoch, optional model = the cost model's prediction in units of the first row's "
+                        "epoch; benchmarks/method_cost.py --tsv writes one): CPU-s per epoch, the ratio to the first "
+                        "row, and that ratio divided by the cost model")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
     p.set_defaults(handler=run_report)
 
@@ -380,6 +385,7 @@ def run_report(args: argparse.Namespace) -> None:
     from .report import (
         default_radii,
         format_table,
+        load_costs,
         load_published,
         load_results,
         merge,
@@ -388,7 +394,7 @@ def run_report(args: argparse.Namespace) -> None:
         summarize,
     )
 
-    inputs = [path for _, path in [*args.results, *args.attack, *args.published]]
+    inputs = [path for _, path in [*args.results, *args.attack, *args.published]] + ([args.cost] if args.cost else [])
     for flag, target in (("--out", args.out), ("--plot", args.plot)):
         if target:
             check_new_output(target, force=args.force, inputs=inputs, flag=flag)
@@ -417,8 +423,10 @@ def run_report(args: argparse.Namespace) -> None:
         if name in published:
             raise SmoothAdvError(f"--published {name}= is given twice")
         published[name] = load_published(path)
+    costs = load_costs(args.cost) if args.cost else None
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
-                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci, published=published)
+                      high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci, published=published,
+                      costs=costs)
     text = format_table(table, args.format)
     if args.out:
         atomic_write_text(args.out, text)

@@ -267,6 +267,69 @@ class Row:
     model_clean: tuple[float, ...] | None = None
     intervals: tuple[tuple[float, float], ...] | None = None  # 95% Clopper-Pearson per radius (--ci)
     outside: tuple[bool, ...] | None = None  # published rows: value outside the measured row's interval
+    cost: RowCost | None = None  # certified rows with a training cost (--cost)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A method's measured training cost, CPU-seconds per epoch, and optionally its cost model: the cost per
+    epoch that model predicts, in units of the baseline's epoch (one row of a `report --cost` TSV)."""
+
+    seconds: float
+    model: float | None = None
+    formula: str = ""
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """The cost columns of a certified row: CPU-s per epoch, the ratio to the baseline (the cost file's first
+    method), and that ratio divided by the method's cost model (None without a model)."""
+
+    seconds: float
+    ratio: float
+    vs_model: float | None
+
+
+def load_costs(path: str | Path) -> dict[str, Cost]:
+    """The training costs of a TSV with a header naming the columns `name` and `cpu_s_per_epoch`, optionally
+    `model` (the cost model's prediction, in baseline epochs) and `formula` (its text); other columns are
+    ignored. The first row is the baseline that `summarize` divides by. A missing file or column, a repeated
+    name, or a value that is not a positive number is a one-line SmoothAdvError."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot read the cost file {path}: {exc.strerror or exc}") from None
+    if not lines:
+        raise SmoothAdvError(f"the cost file {path} is empty")
+    header = lines[0].split("\t")
+    for column in ("name", "cpu_s_per_epoch"):
+        if column not in header:
+            raise SmoothAdvError(f"the cost file {path} has no {column!r} column (header: {' '.join(header)})")
+    costs: dict[str, Cost] = {}
+
+    def positive(text: str, what: str, line: int) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise SmoothAdvError(f"{path} line {line}: {what} must be a positive number, got {text!r}")
+        return value
+
+    for number, line in enumerate(lines[1:], start=2):
+        cells = dict(zip(header, line.split("\t")))
+        name = cells.get("name", "")
+        if not name:
+            raise SmoothAdvError(f"{path} line {number}: no name")
+        if name in costs:
+            raise SmoothAdvError(f"{path} line {number}: {name!r} is listed twice")
+        model = cells.get("model", "")
+        costs[name] = Cost(positive(cells.get("cpu_s_per_epoch", ""), "cpu_s_per_epoch", number),
+                           positive(model, "model", number) if model else None, cells.get("formula", ""))
+    if not costs:
+        raise SmoothAdvError(f"the cost file {path} has a header but no rows")
+    return costs
 
 
 @dataclass(frozen=True)
@@ -345,14 +408,16 @@ def certified_intervals(results: Results, radii: Sequence[float] | np.ndarray,
 def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
               attack: Mapping[str, Results] | None = None, include_envelope: bool = False,
               high_prob: bool = False, alpha: float = 0.001, rho: float = 0.001, ci: bool = False,
-              published: Mapping[str, Published] | None = None) -> Table:
+              published: Mapping[str, Published] | None = None, costs: Mapping[str, Cost] | None = None) -> Table:
     """Build the table: one certified row per certify input (with ACR and abstention rate, and with `ci`
     the 95% Clopper-Pearson interval of each value over the test images), each followed by its published
     row when `published` has one under the same name (the paper's value at those radii it reports; with
     `ci`, `Row.outside` marks values outside the measured row's interval), then optionally Cohen's
     high-probability rows, the envelope row and one empirical row per attack input (its accuracy at
     those radii that equal one of its eps values). A published row without a certify input of its name
-    is listed after the certified rows."""
+    is listed after the certified rows. With `costs` (`load_costs`), each certified row whose name has a cost
+    gets its CPU-seconds per epoch, the ratio to the first cost listed (the baseline) and that ratio divided
+    by its cost model."""
     radii_a = np.asarray(radii, dtype=float)
     if radii_a.size == 0 or np.any(radii_a < 0) or not np.all(np.isfinite(radii_a)):
         raise SmoothAdvError("radii must be a non-empty list of numbers >= 0")
@@ -366,7 +431,7 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
             intervals = tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
         rows.append(Row(name, "certified", tuple(float(v) for v in curves[name]), len(res),
                         average_certified_radius(res.radius, res.correct), res.abstain_rate,  # type: ignore[arg-type]
-                        intervals=intervals))
+                        intervals=intervals, cost=_row_cost(costs, name)))
         if published and name in published:
             rows.append(_published_row(name, published[name], radii_a, intervals))
     for name, paper in (published or {}).items():
@@ -390,6 +455,14 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
             values.append(float(accuracy[hit[0]]) if hit.size else None)
         rows.append(Row(f"{name} (attack)", "empirical", tuple(values), len(res)))
     return Table(tuple(float(r) for r in radii_a), tuple(rows))
+
+
+def _row_cost(costs: Mapping[str, Cost] | None, name: str) -> RowCost | None:
+    if not costs or name not in costs:
+        return None
+    cost, baseline = costs[name], next(iter(costs.values()))
+    ratio = cost.seconds / baseline.seconds
+    return RowCost(cost.seconds, ratio, None if cost.model is None else ratio / cost.model)
 
 
 def _published_row(name: str, paper: Published, radii: np.ndarray,
@@ -424,6 +497,9 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
     dash = "--" if latex else "–"
     head = ["", *[f"$r = {_radius_label(r)}$" if latex else f"r = {_radius_label(r)}" for r in table.radii],
             "ACR", r"abstain (\%)" if latex else "abstain (%)"]
+    with_cost = any(row.cost is not None for row in table.rows)
+    if with_cost:
+        head += ["CPU-s / epoch", "cost ratio", "ratio / cost model"]
     body: list[list[str]] = []
     for row in table.rows:
         cells = [dash if v is None else _pct(v) for v in row.values]
@@ -437,22 +513,36 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
             cells = [f"{v}$^{{{_pct(c)}}}$" for v, c in zip(cells, row.model_clean)]
         acr = "" if row.acr is None else f"{row.acr:.3f}"
         abstain = "" if row.abstain is None else _pct(row.abstain)
-        body.append([text(row.name), *cells, acr, abstain])
+        extra = []
+        if with_cost:
+            cost = row.cost
+            extra = ["", "", ""] if cost is None else [
+                f"{cost.seconds:.0f}", f"{cost.ratio:.2f}", dash if cost.vs_model is None else f"{cost.vs_model:.2f}"]
+        body.append([text(row.name), *cells, acr, abstain, *extra])
         if row.kind == "envelope" and row.models:
             body.append([text("envelope model (clean %)"),
-                         *[text(f"{m} ({_pct(c)})") for m, c in zip(row.models, row.model_clean or ())], "", ""])
+                         *[text(f"{m} ({_pct(c)})") for m, c in zip(row.models, row.model_clean or ())], "", "",
+                         *([""] * (3 if with_cost else 0))])
     if latex:
         lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
                  r"\midrule", *[" & ".join(cells) + r" \\" for cells in body], r"\bottomrule", r"\end{tabular}"]
         if any(row.outside and any(row.outside) for row in table.rows):
             lines.append("% " + OUTSIDE_NOTE.replace("†", "$^\\dagger$"))
+        if with_cost:
+            lines.append("% " + COST_NOTE)
         return "\n".join(lines) + "\n"
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     if any(row.outside and any(row.outside) for row in table.rows):
         lines += ["", OUTSIDE_NOTE]
+    if with_cost:
+        lines += ["", COST_NOTE]
     return "\n".join(lines) + "\n"
 
+
+#: the footnote of a table with cost columns (`report --cost`)
+COST_NOTE = ("cost ratio: CPU-seconds per training epoch divided by the first method's of the cost file; "
+             "ratio / cost model: that ratio divided by the method's cost model (1 = as predicted)")
 
 #: the footnote of a table with published rows outside the measured rows' intervals
 OUTSIDE_NOTE = "† published value outside the 95% Clopper-Pearson interval of the measured row of the same name"
@@ -475,14 +565,19 @@ def _csv(table: Table) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     with_ci = any(row.intervals is not None for row in table.rows)
     bounds = [f"{_radius_label(r)} {end}" for r in table.radii for end in ("ci_low", "ci_high")] if with_ci else []
+    with_cost = any(row.cost is not None for row in table.rows)
+    cost_columns = ["cpu_s_per_epoch", "cost_ratio", "cost_ratio_vs_model"] if with_cost else []
     writer.writerow(["name", "kind", "count", *[_radius_label(r) for r in table.radii], "acr", "abstain_rate",
-                     *bounds])
+                     *bounds, *cost_columns])
     for row in table.rows:
         values = ["" if v is None else f"{v:.6f}" for v in row.values]
         limits = [f"{v:.6f}" for pair in row.intervals for v in pair] if row.intervals else [""] * len(bounds)
+        cost = [] if not with_cost else ["", "", ""] if row.cost is None else [
+            f"{row.cost.seconds:.6g}", f"{row.cost.ratio:.6f}",
+            "" if row.cost.vs_model is None else f"{row.cost.vs_model:.6f}"]
         writer.writerow([row.name, row.kind, row.count, *values,
                          "" if row.acr is None else f"{row.acr:.6f}",
-                         "" if row.abstain is None else f"{row.abstain:.6f}", *limits])
+                         "" if row.abstain is None else f"{row.abstain:.6f}", *limits, *cost])
         if row.kind == "envelope" and row.models:
             writer.writerow(["envelope model", "envelope-model", "", *row.models, "", ""])
             writer.writerow(["envelope model clean accuracy", "envelope-clean", "",

@@ -1,0 +1,78 @@
+"""`smoothadv report --cost`: training-cost columns (CPU-s per epoch, ratio to the baseline and to the cost model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.errors import SmoothAdvError
+from smoothadv.report import COST_NOTE, format_table, load_costs, load_results, summarize
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+ROWS = "0\t1\t1\t0.5\t1\t0:00:01\n1\t2\t2\t0.1\t1\t0:00:01\n"
+# gaussian is the baseline (30 s); macer 600 s = 20 x, against its model m = 16: 1.25; stability has no model;
+# smoothmix has a cost but no certify file
+COSTS = ("# measured with benchmarks/method_cost.py\n"
+         "name\trecipe\tcpu_s_per_epoch\tmodel\tformula\n"
+         "gaussian\tg.toml\t30\t1\t1\n"
+         "macer\tm.toml\t600\t16\tm\n"
+         "stability\ts.toml\t66\t\t\n"
+         "smoothmix\tx.toml\t700\t20\tm (T + 2)\n")
+
+
+def _inputs(tmp_path: Path) -> tuple[dict, Path]:
+    paths = {}
+    for name in ("gaussian", "macer", "stability", "other"):
+        paths[name] = tmp_path / f"{name}.tsv"
+        paths[name].write_text(HEADER + ROWS)
+    cost = tmp_path / "cost.tsv"
+    cost.write_text(COSTS)
+    return paths, cost
+
+
+def test_cost_columns_divide_by_the_first_row_and_by_the_cost_model(tmp_path: Path) -> None:
+    paths, cost = _inputs(tmp_path)
+    costs = load_costs(cost)
+    assert list(costs) == ["gaussian", "macer", "stability", "smoothmix"]
+    assert costs["macer"].seconds == 600 and costs["macer"].model == 16 and costs["macer"].formula == "m"
+    assert costs["stability"].model is None
+    table = summarize({name: load_results(p) for name, p in paths.items()}, [0.0, 0.5], costs=costs)
+    by_name = {row.name: row.cost for row in table.rows}
+    assert (by_name["gaussian"].seconds, by_name["gaussian"].ratio, by_name["gaussian"].vs_model) == (30, 1.0, 1.0)
+    assert by_name["macer"].ratio == pytest.approx(20.0) and by_name["macer"].vs_model == pytest.approx(1.25)
+    assert by_name["stability"].ratio == pytest.approx(2.2) and by_name["stability"].vs_model is None
+    assert by_name["other"] is None  # no cost listed
+    markdown = format_table(table, "markdown")
+    assert markdown.splitlines()[0].endswith("| ACR | abstain (%) | CPU-s / epoch | cost ratio | ratio / cost model |")
+    assert "| macer | 100.0 | 50.0 | 0.300 | 0.0 | 600 | 20.00 | 1.25 |" in markdown
+    assert "| stability | 100.0 | 50.0 | 0.300 | 0.0 | 66 | 2.20 | – |" in markdown
+    assert "| other | 100.0 | 50.0 | 0.300 | 0.0 |  |  |  |" in markdown
+    assert markdown.rstrip().endswith(COST_NOTE)
+    assert "600 & 20.00 & 1.25" in format_table(table, "latex")
+    csv = format_table(table, "csv").splitlines()
+    assert csv[0].endswith("acr,abstain_rate,cpu_s_per_epoch,cost_ratio,cost_ratio_vs_model")
+    assert csv[2].endswith(",600,20.000000,1.250000")
+    # without costs the table is unchanged
+    plain = format_table(summarize({"gaussian": load_results(paths["gaussian"])}, [0.0]), "markdown")
+    assert "CPU-s" not in plain
+
+
+def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path, capsys) -> None:
+    paths, cost = _inputs(tmp_path)
+    out = tmp_path / "table.md"
+    assert main(["report", f"gaussian={paths['gaussian']}", f"macer={paths['macer']}", "--radii", "0", "--ci",
+                 "--cost", str(cost), "--out", str(out)]) == 0
+    assert "| macer | 100.0 [15.8, 100.0] | 0.300 | 0.0 | 600 | 20.00 | 1.25 |" in out.read_text()
+    for text, message in (("name\tseconds\ngaussian\t3\n", "no 'cpu_s_per_epoch' column"),
+                          ("name\tcpu_s_per_epoch\ngaussian\t0\n", "must be a positive number"),
+                          ("name\tcpu_s_per_epoch\tmodel\ngaussian\t3\tx\n", "model must be a positive number"),
+                          ("name\tcpu_s_per_epoch\ngaussian\t3\ngaussian\t4\n", "listed twice"),
+                          ("name\tcpu_s_per_epoch\n", "no rows")):
+        cost.write_text(text)
+        assert main(["report", f"gaussian={paths['gaussian']}", "--cost", str(cost)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    with pytest.raises(SmoothAdvError, match="cannot read the cost file"):
+        load_costs(tmp_path / "missing.tsv")
