@@ -52,9 +52,10 @@ from smoothadv.smoothing import Smooth
 from smoothadv.train import train_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPARISON = [f"configs/fashion_mnist/{name}_s0.25.toml" for name in (
-    "cohen_gaussian", "stability", "smoothadv_pgd_t2_m1_e1.0", "consistency", "macer", "smoothmix", "catrs",
-    "consistency_adv")]
+COMPARISON = [f"{name}=configs/fashion_mnist/{recipe}_s0.25.toml" for name, recipe in (
+    ("gaussian", "cohen_gaussian"), ("stability", "stability"), ("consistency", "consistency"),
+    ("smoothadv", "smoothadv_pgd_t2_m1_e1.0"), ("smoothmix", "smoothmix"), ("catrs", "catrs"), ("macer", "macer"),
+    ("consistency_adv", "consistency_adv"))]
 TRAIN_SIZES = {"fashion_mnist": 60000, "cifar10": 50000}
 
 
@@ -73,18 +74,18 @@ def label(objective: Objective) -> str:
     return f"{name} (m={m})" if m is not None else name
 
 
-def cost_models(objective: Objective) -> tuple[float, float]:
-    """(U model, pass model) cost per epoch in Gaussian epochs; see the module docstring."""
+def cost_models(objective: Objective) -> tuple[float, float, str]:
+    """(U model, pass model, the U model's formula): cost per epoch in Gaussian epochs; see the module docstring."""
     if isinstance(objective, SmoothAdv):
         steps, m = objective.attack.steps, objective.m
-        return m * (steps + 1), m * (2 * steps + 3) / 3
+        return m * (steps + 1), m * (2 * steps + 3) / 3, "m (T + 1)"
     if isinstance(objective, (SmoothMix, CATRS)):
         steps, m = objective.steps, objective.m
-        return m * (steps + 2), m * (2 * steps + 6) / 3
+        return m * (steps + 2), m * (2 * steps + 6) / 3, "m (T + 2)"
     if isinstance(objective, StabilityTraining):
-        return 2.0, 2.0
-    m = float(getattr(objective, "m", 1))
-    return m, m
+        return 2.0, 2.0, "2"
+    m = getattr(objective, "m", None)
+    return (float(m), float(m), "m") if m is not None else (1.0, 1.0, "1")
 
 
 def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:
@@ -110,9 +111,13 @@ def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="*", default=COMPARISON,
-                        help="recipe TOMLs (default: the issue-14 comparison at sigma 0.25); the first is the "
-                             "baseline the ratios divide by")
+    parser.add_argument("recipes", nargs="*", default=COMPARISON, metavar="[NAME=]RECIPE",
+                        help="recipe TOMLs, optionally named (default: the issue-14 comparison at sigma 0.25, "
+                             "named as results/fmnist-compare names its runs); the first is the baseline the "
+                             "ratios divide by")
+    parser.add_argument("--tsv", default=None,
+                        help="also write the costs as a TSV for `smoothadv report --cost` (name, recipe, objective, "
+                             "cpu_s_per_epoch, model = the U model, formula, pass_model)")
     parser.add_argument("--batches", type=int, default=3, help="loader batches per measurement")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=None,
@@ -125,7 +130,9 @@ def main() -> None:
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    recipes = [Path(r) if Path(r).is_absolute() or Path(r).exists() else ROOT / r for r in args.recipes]
+    named = [item.split("=", 1) if "=" in item else [Path(item).stem, item] for item in args.recipes]
+    recipes = [Path(r) if Path(r).is_absolute() or Path(r).exists() else ROOT / r for _, r in named]
+    run_names = {recipe: name for recipe, (name, _) in zip(recipes, named)}
     built = []
     for recipe in recipes:
         dataset = read_toml(recipe).get("dataset", "fashion_mnist")
@@ -160,15 +167,21 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"# {args.batches} loader batches per measurement, {args.reps} reps (medians), process CPU time, "
           f"{threads} thread(s), {cpu} CPU, torch {torch.__version__}")
-    print("| recipe | objective | CPU-s / epoch | ratio to gaussian | U model | measured / U model "
+    print(f"| recipe | objective | CPU-s / epoch | ratio to {run_names[names[0]]} | U model | measured / U model "
           "| pass model | measured / pass model |")
     print("|---|---|---|---|---|---|---|---|")
+    tsv = ["name\trecipe\tobjective\tcpu_s_per_epoch\tmodel\tformula\tpass_model"]
     for recipe in names:
         _, objective, _ = jobs[recipe]
-        u_model, pass_model = cost_models(objective)
+        u_model, pass_model, formula = cost_models(objective)
         ratio = per_epoch[recipe] / base
-        print(f"| {recipe.name} | {label(objective)} | {per_epoch[recipe]:.0f} | {ratio:.2f} | {u_model:g} | "
-              f"{ratio / u_model:.2f} | {pass_model:.3g} | {ratio / pass_model:.2f} |", flush=True)
+        print(f"| {recipe.name} | {label(objective)} | {per_epoch[recipe]:.0f} | {ratio:.2f} | "
+              f"{formula} = {u_model:g} | {ratio / u_model:.2f} | {pass_model:.3g} | {ratio / pass_model:.2f} |",
+              flush=True)
+        tsv.append(f"{run_names[recipe]}\t{recipe.name}\t{label(objective)}\t{per_epoch[recipe]:.1f}\t{u_model:g}\t"
+                   f"{formula}\t{pass_model:.4g}")
+    if args.tsv:
+        Path(args.tsv).write_text("\n".join(tsv) + "\n")
     if args.forward_n:
         _, _, cfg, _ = built[0]
         torch.manual_seed(0)
