@@ -364,6 +364,10 @@ def add_report(sub: Any) -> None:
     p.add_argument("--ci", action="store_true",
                    help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
                         "(and a band to the plot)")
+    p.add_argument("--paired", action="store_true",
+                   help="compare the two certify inputs on their common test images, after the table: at each radius "
+                        "an exact McNemar test on the images only one model certifies (Holm-adjusted over the radii), "
+                        "and the ACR difference with its 95%% interval")
     p.add_argument("--alpha", type=probability, default=0.001,
                    help="certification failure probability (high-prob; default: 0.001)")
     p.add_argument("--rho", type=probability, default=0.001,
@@ -374,7 +378,18 @@ def add_report(sub: Any) -> None:
 
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
-    from .report import default_radii, format_table, load_results, merge, plot_accuracy, plot_format, summarize
+    from .report import (
+        compare,
+        default_radii,
+        describe_comparison,
+        format_comparison,
+        format_table,
+        load_results,
+        merge,
+        plot_accuracy,
+        plot_format,
+        summarize,
+    )
 
     inputs = [path for _, path in [*args.results, *args.attack]]
     for flag, target in (("--out", args.out), ("--plot", args.plot)):
@@ -403,6 +418,14 @@ def run_report(args: argparse.Namespace) -> None:
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
                       high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci)
     text = format_table(table, args.format)
+    if args.paired:
+        if len(certify) != 2:
+            raise SmoothAdvError(f"--paired compares two certify inputs, got {len(certify)}")
+        (first, a), (second, b) = certify.items()
+        comparison = compare(a, b, table.radii, (first, second))
+        text += "\n" + format_comparison(comparison, args.format)
+        if args.format == "markdown":
+            text += "\n" + describe_comparison(comparison)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")
@@ -497,6 +520,8 @@ def add_demo(sub: Any) -> None:
                    help=f"test images to attack (default: {d.attack_count}; --quick: {q['attack_count']}; 0: no "
                    "attack)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    p.add_argument("--report-only", action="store_true", help="rebuild table.md, accuracy.png and report.md from "
+                   "the TSVs of a finished run in --out (give the run's flags; nothing is trained or certified)")
     _common(p)
     p.set_defaults(handler=run_demo)
 
@@ -512,7 +537,7 @@ def run_demo(args: argparse.Namespace) -> None:
             values[name] = getattr(args, name)
     run_demo(DemoConfig(out=Path(args.out), dataset=args.dataset, sigma=args.sigma, steps=args.steps, m=args.m,
                         device=args.device, seed=args.seed, data_dir=args.data_dir, fresh=args.fresh,
-                        progress=args.progress, **values))
+                        report_only=args.report_only, progress=args.progress, **values))
 
 
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,
