@@ -112,3 +112,25 @@ def test_demo_report_only_rebuilds_the_report_from_the_tsvs(first_run: Path,
     assert main(["demo", "--quick", "--dataset", "synthetic", "--out", str(first_run), "--report-only", "--n", "300",
                  "--epochs", "2"]) == 2
     assert "gaussian was trained with other settings (epochs: 1 != 2" in capsys.readouterr().err
+
+
+def test_demo_settings_are_typed_and_the_flags_come_from_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smoothadv import demo
+    from smoothadv.errors import SmoothAdvError
+
+    with pytest.raises(SmoothAdvError, match="--n must be an integer, got 1.5"):
+        demo.DemoConfig(n=1.5)
+    with pytest.raises(SmoothAdvError, match="--sigma must be a number > 0"):
+        demo.DemoConfig(sigma=0)
+    with pytest.raises(SmoothAdvError, match="--dataset must be one of"):
+        demo.DemoConfig(dataset="mnist")
+    seen: list[demo.DemoConfig] = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--n", "300", "--no-progress", "--report-only"]) == 0
+    (cfg,) = seen
+    # --quick's values, the synthetic set in full, the flags given, the settings' defaults otherwise
+    assert (cfg.epochs, cfg.certify, cfg.n, cfg.attack_count, cfg.attack_steps, cfg.train_subset) == (1, 100, 300, 20,
+                                                                                                     10, None)
+    assert (cfg.out, cfg.sigma, cfg.progress, cfg.report_only, cfg.fresh) == (Path("runs/demo"), 0.25, False, True,
+                                                                             False)
+    assert main(["demo", "--certify", "0"]) == 2

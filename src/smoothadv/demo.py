@@ -36,61 +36,82 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SmoothAdvError
 from .files import atomic_write_text
+from .settings import (
+    AT_LEAST_ONE,
+    COUNT,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_FLOAT32,
+    PROBABILITY,
+    PROGRESS_HELP,
+    SEED,
+    check_fields,
+    setting,
+)
 
 QUICK = {"epochs": 1, "train_subset": 6000, "certify": 100, "n": 500, "attack_count": 20, "attack_steps": 10,
          "attack_m": 8, "attack_n": 500}
 """Overrides of `--quick` (about 2 minutes on a 2-core CPU on Fashion-MNIST)."""
 
 
-@dataclass
-class DemoConfig:
-    """Settings of a demo run. Units: sigma and eps in [0, 1] pixels (L2)."""
+#: the datasets the demo can train on (each has a training split and a small default architecture)
+DEMO_DATASETS = ("fashion_mnist", "synthetic", "cifar10")
+#: the settings `smoothadv demo` has flags for (the others keep their defaults on the command line)
+DEMO_FLAGS = ("out", "dataset", "sigma", "epochs", "train_subset", "eps", "steps", "m", "certify", "n",
+              "attack_count", "fresh", "report_only", "device", "seed", "data_dir", "progress")
 
-    out: Path = Path("runs/demo")
-    dataset: str = "fashion_mnist"
-    sigma: float = 0.25               # noise level of both models and of certification
-    epochs: int = 4                   # training epochs (both models)
-    train_subset: int | None = None   # train on the first N images only
-    batch_size: int = 128
-    lr: float = 0.1
-    eps: float | None = None          # SmoothAdv training attack: PGD radius (default 2 sigma) ...
-    steps: int = 2                    # ... steps T ...
-    m: int = 1                        # ... and noise draws m_train
-    warmup: int = 1                   # epochs over which the training eps ramps up
-    certify: int = 300                # test images certified (evenly spaced over the test set)
-    n0: int = 100
-    n: int = 2000
-    alpha: float = 0.001
-    batch: int = 1000                 # noisy samples per forward pass
-    attack_count: int = 50            # test images attacked (the first of the certified ones)
-    attack_eps: tuple[float, ...] = ()  # default: (0, sigma, 2 sigma); eps = 0 is plain PREDICT
-    attack_steps: int = 20
-    attack_m: int = 16
-    attack_n: int = 1000              # PREDICT samples on each adversarial input
-    device: str = "auto"
-    seed: int = 0
-    data_dir: str | None = None
-    fresh: bool = False
-    report_only: bool = False         # rebuild table, plot and report from the TSVs of a finished run
-    progress: bool = True
-    log: Callable[[str], None] = field(default=print, repr=False, compare=False)
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Settings of a demo run (typed settings, checked when made; `smoothadv demo`'s flags are generated from
+    the fields in DEMO_FLAGS). Units: sigma and eps in [0, 1] pixels (L2)."""
+
+    out: Path = setting(Path("runs/demo"), "run folder (re-running reuses finished steps)", rows=False)
+    dataset: str = setting("fashion_mnist", "a dataset with a training split on this machine",
+                           choices=DEMO_DATASETS)
+    sigma: float = setting(0.25, "noise level of both models and of certification", limit=POSITIVE)
+    epochs: int = setting(4, "training epochs (both models)", limit=AT_LEAST_ONE)
+    train_subset: int | None = setting(None, "train on the first N images only; all when not given",
+                                       limit=AT_LEAST_ONE)
+    batch_size: int = setting(128, "training batch size", limit=AT_LEAST_ONE)
+    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE_FLOAT32)
+    eps: float | None = setting(None, "SmoothAdv training eps (default: 2 sigma)", limit=NONNEGATIVE)
+    steps: int = setting(2, "SmoothAdv training attack steps T", limit=AT_LEAST_ONE)
+    m: int = setting(1, "SmoothAdv training noise draws m", limit=AT_LEAST_ONE)
+    warmup: int = setting(1, "epochs over which the SmoothAdv training eps ramps up", limit=AT_LEAST_ONE)
+    certify: int = setting(300, "test images to certify, evenly spaced over the test set",
+                           limit=AT_LEAST_ONE)
+    n0: int = setting(100, "CERTIFY selection samples", limit=AT_LEAST_ONE)
+    n: int = setting(2000, "CERTIFY samples", limit=AT_LEAST_ONE)
+    alpha: float = setting(0.001, "failure probability of CERTIFY and PREDICT", limit=PROBABILITY)
+    batch: int = setting(1000, "noisy samples per forward pass", limit=AT_LEAST_ONE, rows=False)
+    attack_count: int = setting(50, "test images to attack, the first of the certified ones"
+                                "; 0: no attack", limit=COUNT)
+    attack_eps: tuple[float, ...] = setting((), "attack radii (default: 0, sigma, 2 sigma; eps = 0 is plain "
+                                            "PREDICT)", limit=NONNEGATIVE)
+    attack_steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
+    attack_m: int = setting(16, "attack noise draws m", limit=AT_LEAST_ONE)
+    attack_n: int = setting(1000, "PREDICT samples on each adversarial input",
+                            limit=AT_LEAST_ONE)
+    device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
+    seed: int = setting(0, "seed for noise and data order", limit=SEED)
+    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
+    fresh: bool = setting(False, "redo every step instead of reusing finished ones", rows=False)
+    report_only: bool = setting(False, "rebuild table.md, accuracy.png and report.md from the TSVs of a finished "
+                                "run in --out (give the run's flags; nothing is trained or certified)", rows=False)
+    progress: bool = setting(True, PROGRESS_HELP, rows=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def validate(self) -> None:
-        checks = [(self.sigma > 0, "sigma must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
-                  (self.certify >= 1, "certify count must be >= 1"),
-                  (self.n >= 1 and self.n0 >= 1, "n, n0 must be >= 1"),
-                  (0 < self.alpha < 1, "alpha must be in (0, 1)"),
-                  (self.attack_count >= 0, "attack count must be >= 0"), (self.train_eps >= 0, "eps must be >= 0"),
-                  (all(e >= 0 for e in self.attack_eps), "attack eps must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise SmoothAdvError(message)
+        """Checks that look outside the settings (the data directory exists)."""
         from .data import check_data_dir
 
         check_data_dir(self.data_dir)
@@ -144,11 +165,12 @@ def _key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_demo(cfg: DemoConfig) -> DemoResult:
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     """Run (or resume) the demo described in the module docstring; returns where the report went.
 
     With `cfg.report_only`, nothing is trained, certified or attacked: the table, the plot and the report
-    are rebuilt from the TSVs a finished run left in `cfg.out` (checked against these settings).
+    are rebuilt from the TSVs a finished run left in `cfg.out` (checked against these settings). Progress
+    lines, the table and the timings go to `log`.
     """
     from . import report
     from .accel import resolve_device
@@ -164,12 +186,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     started_all = time.time()
     plan = _plan(cfg, out, arch, device)
     if cfg.report_only:
-        cfg.log(f"demo: rebuilding the report of {out} from its TSVs (nothing is trained or certified)")
+        log(f"demo: rebuilding the report of {out} from its TSVs (nothing is trained or certified)")
         timings = _recorded_steps(cfg, steps, plan)
     else:
-        cfg.log(f"demo: {cfg.dataset} ({arch}), sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; "
+        log(f"demo: {cfg.dataset} ({arch}), sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; "
                 f"run folder {out}")
-        timings = _run_steps(cfg, steps, plan)
+        timings = _run_steps(cfg, steps, plan, log)
 
     certify = {name: report.load_results(path) for name, path in plan.certify_files.items()}
     attack = {name: report.load_results(path) for name, path in plan.attack_files.items()}
@@ -179,21 +201,21 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     radii = radius_grid(top, cfg.sigma / 2)
     table = demo_table(certify, attack, radii)
     atomic_write_text(out / "table.md", table)
-    plot = _plot(report, certify, attack, out / "accuracy.png", top, cfg)
+    plot = _plot(report, certify, attack, out / "accuracy.png", top, cfg, log)
     total = time.time() - started_all
     report_path = out / "report.md"
     atomic_write_text(report_path, _report_text(cfg, arch, device, plan.objectives, indices, attack_indices, radii,
                                                 top, table, plot, timings, total, plan.certify_files,
                                                 plan.attack_files))
-    cfg.log("")
-    cfg.log(table.rstrip())
-    cfg.log("")
-    cfg.log("step                  status   time (when it ran)")
+    log("")
+    log(table.rstrip())
+    log("")
+    log("step                  status   time (when it ran)")
     for step, (status, seconds) in timings.items():
-        cfg.log(f"  {step:<20} {status:<8} {_duration(seconds)}")
+        log(f"  {step:<20} {status:<8} {_duration(seconds)}")
     compute = sum(seconds for _, seconds in timings.values())
-    cfg.log(f"demo finished in {_duration(total)} (all steps together took {_duration(compute)} when they ran)")
-    cfg.log(f"report: {report_path}" + (f"   plot: {plot}" if plot else ""))
+    log(f"demo finished in {_duration(total)} (all steps together took {_duration(compute)} when they ran)")
+    log(f"report: {report_path}" + (f"   plot: {plot}" if plot else ""))
     return DemoResult(out, report_path, table, timings)
 
 
@@ -255,14 +277,15 @@ def _plan(cfg: DemoConfig, out: Path, arch: str, device: Any) -> _Plan:
     return _Plan(objectives, training, certify_files, attack_files, evaluations)
 
 
-def _run_steps(cfg: DemoConfig, steps: _Steps, plan: _Plan) -> dict[str, tuple[str, float]]:
+def _run_steps(cfg: DemoConfig, steps: _Steps, plan: _Plan, log: Callable[[str], None]
+               ) -> dict[str, tuple[str, float]]:
     """Train both models, then certify and attack with each (the evaluations are durable runs: they resume,
     and start over when their settings, or model, changed)."""
     timings: dict[str, tuple[str, float]] = {}
     for name, objective in plan.objectives.items():
-        timings[f"train {name}"] = _train_step(cfg, steps, name, plan.training[name], objective)
+        timings[f"train {name}"] = _train_step(steps, name, plan.training[name], objective, log)
     for step, (run, settings) in plan.evaluations.items():
-        timings[step.replace("_", " ", 1)] = _evaluation_step(cfg, steps, step, run, settings)
+        timings[step.replace("_", " ", 1)] = _evaluation_step(steps, step, run, settings, log)
     return timings
 
 
@@ -309,7 +332,8 @@ def _recorded_steps(cfg: DemoConfig, steps: _Steps, plan: _Plan) -> dict[str, tu
     return timings
 
 
-def _train_step(cfg: DemoConfig, steps: _Steps, name: str, settings: Any, objective: Any) -> tuple[str, float]:
+def _train_step(steps: _Steps, name: str, settings: Any, objective: Any, log: Callable[[str], None]
+                ) -> tuple[str, float]:
     """Train one model, or reuse it when an earlier run trained it with the same settings and the
     checkpoint is still the file that run wrote (its SHA-256 is compared)."""
     from .files import file_sha256
@@ -321,12 +345,12 @@ def _train_step(cfg: DemoConfig, steps: _Steps, name: str, settings: Any, object
     checkpoint = Path(settings.out_dir) / "checkpoint.pth.tar"
     status = steps.status(step, key, [checkpoint])
     if status == "done" and steps.state[step].get("checkpoint") != file_sha256(checkpoint):
-        cfg.log(f"[train {name}] {checkpoint} was replaced since it was trained: training again")
+        log(f"[train {name}] {checkpoint} was replaced since it was trained: training again")
         status = "new"
     if status == "done":
-        cfg.log(f"[train {name}] reusing {checkpoint}")
+        log(f"[train {name}] reusing {checkpoint}")
         return _label(status), steps.seconds(step)
-    cfg.log(f"[train {name}] {objective.describe()}")
+    log(f"[train {name}] {objective.describe()}")
     previous = steps.seconds(step) if status == "partial" else 0.0
     steps.mark(step, key, False, seconds=previous)
     started = time.time()
@@ -335,14 +359,15 @@ def _train_step(cfg: DemoConfig, steps: _Steps, name: str, settings: Any, object
     return _label(status), steps.seconds(step)
 
 
-def _evaluation_step(cfg: DemoConfig, steps: _Steps, step: str, run: Any, settings: Any) -> tuple[str, float]:
+def _evaluation_step(steps: _Steps, step: str, run: Any, settings: Any, log: Callable[[str], None]
+                     ) -> tuple[str, float]:
     """One durable evaluation run (`run.run_evaluation`), resumed or started over as its settings say."""
     from .run import run_evaluation
 
     previous = steps.seconds(step)
     steps.mark(step, "", False, seconds=previous)
     started = time.time()
-    outcome = run_evaluation(run, settings, restart_on_change=True, log=lambda text: cfg.log(f"[{step}] {text}"))
+    outcome = run_evaluation(run, settings, restart_on_change=True, log=lambda text: log(f"[{step}] {text}"))
     status = "done" if outcome.resumed == outcome.rows else "partial" if outcome.resumed else "new"
     seconds = previous + time.time() - started if status == "partial" else \
         previous if status == "done" else time.time() - started
@@ -388,11 +413,12 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def _plot(report: Any, certify: dict, attack: dict, path: Path, top: float, cfg: DemoConfig) -> Path | None:
+def _plot(report: Any, certify: dict, attack: dict, path: Path, top: float, cfg: DemoConfig,
+          log: Callable[[str], None]) -> Path | None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        cfg.log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
+        log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
         return None
     return report.plot_accuracy(certify, path, attack=attack, max_radius=max(top, *cfg.eps_values) * 1.05,
                                 title=f"{cfg.dataset}, sigma = {cfg.sigma}", ci=True)
