@@ -19,7 +19,6 @@ from typing import Any
 
 from .errors import SmoothAdvError
 from .settings import (
-    PROGRESS_HELP,
     AttackRunSettings,
     AttackSettings,
     CertifySettings,
@@ -155,13 +154,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for noise and data order (default: 0)")
-    parser.add_argument("--data-dir", default=None, help="data root (default: $SMOOTHADV_DATA or ./data)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=PROGRESS_HELP)
 
 
 def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
