@@ -278,6 +278,44 @@ def run_sample(args: argparse.Namespace) -> None:
                 print(f"{len(done) + count} images", file=sys.stderr, flush=True)
 
 
+def selection_steps(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, chunk: int,
+                    batch_size: int, seed: int, device: torch.device, group: int) -> Iterator[dict]:
+    """For each record, the cumulative selection votes (every class) after every `chunk` samples of its n0,
+    from the same selection stream (one request of n0 samples split into segments, so the noise is the recorded
+    one); the votes at n0 must equal the recorded "selection" (else SmoothAdvError: not the same noise)."""
+    sampler = PackedSampler(smooth.sampler)
+    for k in range(0, len(records), group):
+        batch = records[k:k + group]
+        n0 = sum(batch[0]["selection"])
+        sizes = [*range(chunk, n0, chunk), n0]
+        segments = tuple(np.diff([0, *sizes]).tolist())
+        requests = [SampleRequest(dataset[r["idx"]][0].to(device), segments,
+                                  stream_generator(seed, r["idx"], 0, device)) for r in batch]
+        votes = sampler.counts(requests, batch_size).cpu().view(len(batch), len(sizes), -1).cumsum(1)
+        for r, v in zip(batch, votes):
+            if v[-1].tolist() != r["selection"]:
+                raise SmoothAdvError(f"image {r['idx']}: the {n0} selection samples do not give the recorded votes")
+            yield {"idx": r["idx"], "sizes": sizes, "votes": v.tolist()}
+
+
+def run_selection(args: argparse.Namespace) -> None:
+    from smoothadv.accel import prepare_base
+    from smoothadv.data import get_dataset
+    from smoothadv.models import load_checkpoint
+
+    device = torch.device(args.device)
+    model, meta = load_checkpoint(args.checkpoint, device)
+    model = prepare_base(model, device, "fp32", args.channels_last)
+    dataset = get_dataset(meta["dataset"], "test", args.data_dir)
+    smooth = Smooth(model, meta["num_classes"], args.sigma)
+    records = load(args.trajectories)
+    rows = list(selection_steps(smooth, dataset, records, chunk=args.chunk, batch_size=args.batch, seed=args.seed,
+                                device=device, group=args.group))
+    atomic_write_text(Path(args.out), "".join(dump(r) for r in rows))
+    print(f"{len(rows)} images: selection votes every {args.chunk} samples, equal to the recorded ones at "
+          f"{rows[0]['sizes'][-1]}", file=sys.stderr)
+
+
 def fixed_row(record: dict, n: int, alpha: float, sigma: float, key: str = "counts") -> tuple[int, float]:
     """(prediction, radius) of fixed-n CERTIFY from the first n estimation samples of the record: Cohen's, of the
     selected class (key "counts"), or in label mode, of the label ("label_counts")."""
@@ -614,7 +652,7 @@ def run_check(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table", "summary", "check", "bias", "where"):
+    for name in ("sample", "selection", "table", "summary", "check", "bias", "where"):
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
@@ -631,6 +669,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--group", type=int, default=8, help="images sampled together")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--n0", type=int, default=100)
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--data-dir", default=None)
+            p.add_argument("--channels-last", action="store_true")
+        elif name == "selection":
+            p.add_argument("trajectories")
+            p.add_argument("checkpoint")
+            p.add_argument("--out", required=True, help="JSON lines: selection votes every --chunk samples")
+            p.add_argument("--chunk", type=int, default=16)
+            p.add_argument("--batch", type=int, default=256)
+            p.add_argument("--group", type=int, default=8, help="images sampled together")
+            p.add_argument("--seed", type=int, default=0)
             p.add_argument("--device", default="cpu")
             p.add_argument("--data-dir", default=None)
             p.add_argument("--channels-last", action="store_true")
@@ -659,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
-        {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check,
-         "bias": run_bias, "where": run_where}[args.command](args)
+        {"sample": run_sample, "selection": run_selection, "table": run_table, "summary": run_summary,
+         "check": run_check, "bias": run_bias, "where": run_where}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
