@@ -357,7 +357,7 @@ def tested(record: dict, config: Config, key: str) -> tuple[str, int, int]:
     n0 = sum(record["selection"])
     if config.selection == "fixed":
         return key, record["class"], n0
-    votes = {n0: record["selection"], **{size: v for size, v in record.get("selection_votes", {}).items()}}
+    votes = {**record.get("selection_votes", {}), n0: record["selection"]}
     current = [0] * len(record["selection"])
     while (step := selection_step(current, n0, config.selection)) < 0:
         size = sum(current) - step

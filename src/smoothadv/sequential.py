@@ -30,10 +30,14 @@ Stopping policies (all stop at the last look):
 - `full`: every look (Cohen-equivalent radius; costs N_K samples).
 - futility (all but `full`): stop when U_j <= 1/2 (no certificate is reachable).
 
-Class: "selection" is Cohen's (the argmax of n0 separate selection samples, discarded, from a
-separate noise stream) and is what a deployed classifier must use; "label" tests the known
-label directly (evaluation only, no selection samples): a certificate then says the label is
-g(x) and robust, and ABSTAIN means "not certified" (g(x) may or may not be the label).
+Class: "selection" chooses it from at most n0 separate selection samples, discarded, from a
+separate noise stream, and is what a deployed classifier must use: by default adaptively (16 at a
+time, stopping as soon as they are unanimous, else Cohen's argmax of all n0; `selection_step`),
+or with `selection="fixed"` as Cohen's argmax of n0. Any rule that reads only the selection votes
+keeps the level: the estimation samples are independent of them, so the test's guarantee holds
+for whichever class is tested. "label" tests the known label directly (evaluation only, no
+selection samples): a certificate then says the label is g(x) and robust, and ABSTAIN means "not
+certified" (g(x) may or may not be the label).
 
 References: Cohen et al. 2019 (arXiv:1902.02918); the look schedule with a Bonferroni split is
 the classical group-sequential design (Pocock 1977), and spending more of alpha on chosen looks is
