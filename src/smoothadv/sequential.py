@@ -439,8 +439,9 @@ class SequentialCertificate(Certificate):
     """Result of sequential CERTIFY: a `Certificate` (same fields and meaning) plus how the test ran.
 
     Unpacks as Cohen's `(prediction, radius)` pair. As for every `Certificate`: `tested_class` is the
-    class whose vote probability was bounded (argmax of the n0 selection samples, or the given
-    label with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
+    class whose vote probability was bounded (chosen from the selection samples by the config's rule,
+    `n0` being how many were drawn: 16 or the n0 asked for with adaptive selection; or the given label
+    with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
     estimation samples drawn (the look at which the test stopped) and `samples` = n0 + n.
 
     Attributes:
