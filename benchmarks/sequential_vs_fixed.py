@@ -247,7 +247,9 @@ def dump(record: dict) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 
-def run_sample(args: argparse.Namespace) -> None:
+def smoothed_model(args: argparse.Namespace) -> tuple[Smooth, torch.utils.data.Dataset, torch.device]:
+    """The smoothed classifier of `args.checkpoint` at `args.sigma` (as `certify` prepares it), its test set
+    and the device."""
     from smoothadv.accel import prepare_base
     from smoothadv.data import get_dataset
     from smoothadv.models import load_checkpoint
@@ -256,7 +258,11 @@ def run_sample(args: argparse.Namespace) -> None:
     model, meta = load_checkpoint(args.checkpoint, device)
     model = prepare_base(model, device, "fp32", args.channels_last)
     dataset = get_dataset(meta["dataset"], "test", args.data_dir)
-    smooth = Smooth(model, meta["num_classes"], args.sigma)
+    return Smooth(model, meta["num_classes"], args.sigma), dataset, device
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    smooth, dataset, device = smoothed_model(args)
     looks = doubling_looks(*args.looks)
     configs = list(policies(args.sigma, args.alpha, looks, args.single).values())
     out = Path(args.out)
@@ -306,15 +312,7 @@ def selection_steps(smooth: Smooth, dataset: torch.utils.data.Dataset, records: 
 
 
 def run_selection(args: argparse.Namespace) -> None:
-    from smoothadv.accel import prepare_base
-    from smoothadv.data import get_dataset
-    from smoothadv.models import load_checkpoint
-
-    device = torch.device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device)
-    model = prepare_base(model, device, "fp32", args.channels_last)
-    dataset = get_dataset(meta["dataset"], "test", args.data_dir)
-    smooth = Smooth(model, meta["num_classes"], args.sigma)
+    smooth, dataset, device = smoothed_model(args)
     records = load(args.trajectories)
     rows = list(selection_steps(smooth, dataset, records, chunk=args.chunk, batch_size=args.batch, seed=args.seed,
                                 device=device, group=args.group))

@@ -37,6 +37,14 @@ def bench():
 COMMON = ["--sigma", "0.25", "--seed", "3", "--n0", "16", "--batch", "32"]
 
 
+def certify_rows(checkpoint: Path, out: Path, count: int, options: list[str]) -> list[dict[str, str]]:
+    """The rows `smoothadv certify --mode sequential` writes for every third image, `count` of them."""
+    assert main(["certify", str(checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
+                 "--max", str(count), "--no-progress", "--device", "cpu", *options]) == 0
+    with out.open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
 def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tmp_path, capsys) -> None:
     traj = tmp_path / "t.jsonl"
     assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "8", "--group", "3",
@@ -56,10 +64,7 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
             ("betting grid", [*betting, *grid_radii]), ("betting radius 0.3", [*betting, "--radii", "0.3"]))
     for name, options in runs:
         out = tmp_path / f"{name}.tsv"
-        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
-                     "--max", "8", "--no-progress", "--device", "cpu", *options, *COMMON]) == 0
-        with out.open() as handle:
-            cli = list(csv.DictReader(handle, delimiter="\t"))
+        cli = certify_rows(toy_checkpoint, out, 8, [*options, *COMMON])
         for row, record in zip(cli, records, strict=True):
             test = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"])))
             result = test.result()
@@ -199,10 +204,7 @@ def test_adaptive_selection_replay_gives_the_cli_rows(bench, toy_checkpoint, tmp
     for name, options in (("grid, adaptive selection", ["--looks", "64:512"]),
                           ("betting radius 0.1, adaptive selection", betting)):
         out = tmp_path / f"{name}.tsv"
-        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
-                     "--max", "6", "--no-progress", "--device", "cpu", *options, *common]) == 0
-        with out.open() as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
+        rows = certify_rows(toy_checkpoint, out, 6, [*options, *common])
         for row, record in zip(rows, records, strict=True):
             _, chosen, selection = bench.tested(record, configs[name], "counts")
             result = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"]))).result()
