@@ -715,24 +715,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "grid", "betting grid", "grid, label mode", "betting grid, label mode", "radius 0.5",
                 "betting radius 0.5", "radius 0.5, label mode", "betting radius 0.5, label mode"],
                            help="replayed policies; \", label mode\" tests the label (no selection samples)")
-        elif name == "sample":
-            p.add_argument("checkpoint")
-            p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
-            p.add_argument("--skip", type=int, default=20)
-            p.add_argument("--max", type=int, default=500)
+        elif name in ("sample", "selection"):
+            if name == "sample":
+                p.add_argument("checkpoint")
+                p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
+                p.add_argument("--skip", type=int, default=20)
+                p.add_argument("--max", type=int, default=500)
+                p.add_argument("--n0", type=int, default=100)
+            else:
+                p.add_argument("trajectories")
+                p.add_argument("checkpoint")
+                p.add_argument("--out", required=True, help="JSON lines: selection votes every --chunk samples")
+                p.add_argument("--chunk", type=int, default=16)
             p.add_argument("--batch", type=int, default=256, help="a divisor of the first look keeps the CLI's noise")
-            p.add_argument("--group", type=int, default=8, help="images sampled together")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--n0", type=int, default=100)
-            p.add_argument("--device", default="cpu")
-            p.add_argument("--data-dir", default=None)
-            p.add_argument("--channels-last", action="store_true")
-        elif name == "selection":
-            p.add_argument("trajectories")
-            p.add_argument("checkpoint")
-            p.add_argument("--out", required=True, help="JSON lines: selection votes every --chunk samples")
-            p.add_argument("--chunk", type=int, default=16)
-            p.add_argument("--batch", type=int, default=256)
             p.add_argument("--group", type=int, default=8, help="images sampled together")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--device", default="cpu")
