@@ -194,3 +194,21 @@ def test_the_split_vote_problem_has_both_kinds_of_first_chunk() -> None:
     p = Problem("3-class", (1, 4, 4), 0.25, (-0.45, 0.5), 0.0, seed=7).probabilities()
     assert p[1] == pytest.approx(norm.cdf(0.5 / 0.25) - norm.cdf(-0.45 / 0.25))
     assert 0.3 < float((p ** 16).sum()) < 0.45
+
+
+def test_adaptive_rows_do_not_depend_on_sharding_or_grouping(toy_checkpoint, tmp_path) -> None:
+    # each image's selection votes come from its own stream, drawn 16 then n0 - 16: the rows of two shards merged
+    # are those of one run (sigma 0.05: some images stop after 16 selection votes, others take all 48)
+    flags = [str(toy_checkpoint), "--mode", "sequential", "--sigma", "0.05", "--n0", "48", "--looks", "64:512",
+             "--max", "6", "--skip", "3", "--seed", "3", "--no-progress", "--device", "cpu"]
+    single, sharded = tmp_path / "one.tsv", tmp_path / "sharded.tsv"
+    assert main(["certify", *flags, "--out", str(single)]) == 0
+    for i in (1, 0):
+        assert main(["certify", *flags, "--out", str(sharded), "--shard", f"{i}/2", "--batch", "7"]) == 0
+    assert main(["merge", str(sharded)]) == 0
+
+    def rows(path):
+        return [line.split("\t")[:5] + line.split("\t")[6:] for line in path.read_text().splitlines()]  # not time
+
+    assert rows(sharded) == rows(single)
+    assert {int(r[5]) - int(r[5]) // 64 * 64 for r in rows(single)[1:]} == {16, 48}  # n = selection + 64 k
