@@ -23,7 +23,8 @@ sigma * Phi^-1(p_A) (Theorem 1 with p_B = 1 - p_A), which is <= the true radius;
 is the event whose probability Clopper-Pearson bounds by alpha, so it is the sharpest check.
 
 For fixed-n CERTIFY, sequential CERTIFY with policy full, and PREDICT (K <= 3) the exact
-probability of an invalid result is computed too (selection by multinomial argmax, then binomial
+probability of an invalid result is computed too (selection by multinomial argmax, or by the
+adaptive rule of `sequential.selection_step` via `chosen_class_probabilities`, then binomial
 tails), so the observed count is also tested for agreement with the exact rate, not only for
 being below alpha.
 
