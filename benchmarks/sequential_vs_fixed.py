@@ -29,6 +29,7 @@ the same noise stream. `summary` prints one row per model and a total.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from smoothadv.sequential import (
     SequentialConfig,
     SequentialTest,
     doubling_looks,
+    selection_step,
     stream_generator,
 )
 from smoothadv.smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth
@@ -68,23 +70,28 @@ def betting(sigma: float, alpha: float, looks: Sequence[int], radii: Sequence[fl
 
 
 def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[float]) -> dict[str, Config]:
-    """The replayed policies: `smoothadv certify --mode sequential`'s default ("grid": the standard radii,
-    the schedule and alpha spending fitted to them, forecast level 0.05), the same with the strict forecast
-    (each look's own level), with forecast level 0.2, and on the plain doubling looks with alpha / K at every
-    look; the betting test (`--test betting`) with the same radii; and single radii (default, strict, betting)."""
+    """The replayed policies, all with Cohen's class selection (all n0 selection samples): the alpha-spending
+    grid ("grid": the standard radii, the schedule and alpha spending fitted to them, forecast level 0.05), the
+    same with the strict forecast (each look's own level), with forecast level 0.2, and on the plain doubling
+    looks with alpha / K at every look; the betting test (`--test betting`) with the same radii; and single
+    radii (default, strict, betting). Then the grid, betting grid and single radii with adaptive selection
+    (", adaptive selection": `smoothadv certify --mode sequential`'s default, `sequential.selection_step`)."""
     base = tuple(looks)
 
     def grid(radii: Sequence[float] = (), forecast: float | None = 0.05) -> SequentialConfig:
-        return SequentialConfig(sigma, alpha, radii=tuple(radii), forecast_alpha=forecast, base=base)
+        return SequentialConfig(sigma, alpha, radii=tuple(radii), forecast_alpha=forecast, base=base,
+                                selection="fixed")
 
     out: dict[str, Config] = {
         "grid": grid(), "grid, strict forecast": grid(forecast=None), "grid, forecast 0.2": grid(forecast=0.2),
-        "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base),
-        "betting grid": betting(sigma, alpha, base, grid().radii)}
+        "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base, selection="fixed"),
+        "betting grid": betting(sigma, alpha, base, grid().radii, selection="fixed")}
     for r in single:
         out[f"radius {r:g}"] = grid((r,))
         out[f"radius {r:g}, strict"] = grid((r,), forecast=None)
-        out[f"betting radius {r:g}"] = betting(sigma, alpha, base, (r,))
+        out[f"betting radius {r:g}"] = betting(sigma, alpha, base, (r,), selection="fixed")
+    for name in ["grid", "betting grid", *(f"{kind}radius {r:g}" for r in single for kind in ("", "betting "))]:
+        out[f"{name}, adaptive selection"] = dataclasses.replace(out[name], selection="adaptive")
     return out
 
 
@@ -240,7 +247,9 @@ def dump(record: dict) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 
-def run_sample(args: argparse.Namespace) -> None:
+def smoothed_model(args: argparse.Namespace) -> tuple[Smooth, torch.utils.data.Dataset, torch.device]:
+    """The smoothed classifier of `args.checkpoint` at `args.sigma` (as `certify` prepares it), its test set
+    and the device."""
     from smoothadv.accel import prepare_base
     from smoothadv.data import get_dataset
     from smoothadv.models import load_checkpoint
@@ -249,7 +258,11 @@ def run_sample(args: argparse.Namespace) -> None:
     model, meta = load_checkpoint(args.checkpoint, device)
     model = prepare_base(model, device, "fp32", args.channels_last)
     dataset = get_dataset(meta["dataset"], "test", args.data_dir)
-    smooth = Smooth(model, meta["num_classes"], args.sigma)
+    return Smooth(model, meta["num_classes"], args.sigma), dataset, device
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    smooth, dataset, device = smoothed_model(args)
     looks = doubling_looks(*args.looks)
     configs = list(policies(args.sigma, args.alpha, looks, args.single).values())
     out = Path(args.out)
@@ -278,6 +291,36 @@ def run_sample(args: argparse.Namespace) -> None:
                 print(f"{len(done) + count} images", file=sys.stderr, flush=True)
 
 
+def selection_steps(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, chunk: int,
+                    batch_size: int, seed: int, device: torch.device, group: int) -> Iterator[dict]:
+    """For each record, the cumulative selection votes (every class) after every `chunk` samples of its n0,
+    from the same selection stream (one request of n0 samples split into segments, so the noise is the recorded
+    one); the votes at n0 must equal the recorded "selection" (else SmoothAdvError: not the same noise)."""
+    sampler = PackedSampler(smooth.sampler)
+    for k in range(0, len(records), group):
+        batch = records[k:k + group]
+        n0 = sum(batch[0]["selection"])
+        sizes = [*range(chunk, n0, chunk), n0]
+        segments = tuple(np.diff([0, *sizes]).tolist())
+        requests = [SampleRequest(dataset[r["idx"]][0].to(device), segments,
+                                  stream_generator(seed, r["idx"], 0, device)) for r in batch]
+        votes = sampler.counts(requests, batch_size).cpu().view(len(batch), len(sizes), -1).cumsum(1)
+        for r, v in zip(batch, votes):
+            if v[-1].tolist() != r["selection"]:
+                raise SmoothAdvError(f"image {r['idx']}: the {n0} selection samples do not give the recorded votes")
+            yield {"idx": r["idx"], "sizes": sizes, "votes": v.tolist()}
+
+
+def run_selection(args: argparse.Namespace) -> None:
+    smooth, dataset, device = smoothed_model(args)
+    records = load(args.trajectories)
+    rows = list(selection_steps(smooth, dataset, records, chunk=args.chunk, batch_size=args.batch, seed=args.seed,
+                                device=device, group=args.group))
+    atomic_write_text(Path(args.out), "".join(dump(r) for r in rows))
+    print(f"{len(rows)} images: selection votes every {args.chunk} samples, equal to the recorded ones at "
+          f"{rows[0]['sizes'][-1]}", file=sys.stderr)
+
+
 def fixed_row(record: dict, n: int, alpha: float, sigma: float, key: str = "counts") -> tuple[int, float]:
     """(prediction, radius) of fixed-n CERTIFY from the first n estimation samples of the record: Cohen's, of the
     selected class (key "counts"), or in label mode, of the label ("label_counts")."""
@@ -293,8 +336,56 @@ def fixed_accuracy(records: list[dict], fixed: list[tuple[int, float]], radii: S
                               [int(p == r["label"]) for (p, _), r in zip(fixed, records)], radii)
 
 
-def load(path: str) -> list[dict]:
-    """The records of a trajectory file; a torn last line (a run killed mid-write) is dropped."""
+def selection_path(path: str) -> Path:
+    """Where `selection` writes the chunked selection votes of a trajectory file: selection_X.jsonl beside
+    vs_fixed_X.jsonl (selection_votes_of_NAME.jsonl for another NAME.jsonl)."""
+    p = Path(path)
+    stem = p.stem.removeprefix("vs_fixed_") if p.stem.startswith("vs_fixed_") else f"votes_of_{p.stem}"
+    return p.with_name(f"selection_{stem}.jsonl")
+
+
+def tested(record: dict, config: Config, key: str) -> tuple[str, int, int]:
+    """(counts key, tested class, selection samples used) of a record under the config's selection rule: label
+    mode (key "label_counts") tests the label with no selection samples; Cohen's rule the recorded class with
+    all n0; the adaptive rule replays `selection_step` on the votes recorded every chunk ("selection_votes",
+    from `selection`; without them only the votes at n0 are known). A class other than the recorded one is
+    replayable only if it is the label (its counts are recorded too)."""
+    if key == "label_counts":
+        return key, record["label"], 0
+    n0 = sum(record["selection"])
+    if config.selection == "fixed":
+        return key, record["class"], n0
+    votes = {**record.get("selection_votes", {}), n0: record["selection"]}
+    current = [0] * len(record["selection"])
+    while (step := selection_step(current, n0, config.selection)) < 0:
+        size = sum(current) - step
+        if size not in votes:
+            raise SmoothAdvError(f"image {record['idx']}: no selection votes recorded at {size} (run `selection`)")
+        current = votes[size]
+    if step == record["class"]:
+        return key, step, sum(current)
+    if step == record["label"]:
+        return "label_counts", step, sum(current)
+    raise SmoothAdvError(f"image {record['idx']}: adaptive selection chose class {step}, whose counts are not "
+                         "recorded")
+
+
+def load(path: str, selection: str | None = None) -> list[dict]:
+    """The records of a trajectory file, with the chunked selection votes of `selection` (default:
+    `selection_path(path)` if it exists) as "selection_votes" {size: votes}; a torn last line (a run killed
+    mid-write) is dropped."""
+    records = _load_lines(path)
+    votes_file = Path(selection) if selection else selection_path(path)
+    if selection or votes_file.exists():
+        steps = {r["idx"]: r for r in _load_lines(str(votes_file))}
+        for r in records:
+            if r["idx"] in steps:
+                r["selection_votes"] = dict(zip(steps[r["idx"]]["sizes"], steps[r["idx"]]["votes"]))
+    return records
+
+
+def _load_lines(path: str) -> list[dict]:
+    """The JSON records of a file, one a line; a torn last line (a run killed mid-write) is dropped."""
     with open(path) as handle:
         lines = [line for line in handle if line.strip()]
     records = []
@@ -342,17 +433,18 @@ def run_table(args: argparse.Namespace) -> None:
 
 def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, used_n0: int, radii: Sequence[float],
                     n: int) -> dict | None:
-    """Replay one policy on every record: mean forward passes, its certified accuracy at `radii`, and its
-    differences from fixed-n CERTIFY in the same mode (Cohen's selection with key "counts", the label with
-    "label_counts") on the radii it decides (None if a trajectory is too short)."""
+    """Replay one policy on every record: mean forward passes (its selection samples, by its selection rule,
+    and estimation samples), its certified accuracy at `radii`, and its differences from fixed-n CERTIFY in the
+    same mode (Cohen's selection of n0 = `used_n0` samples with key "counts", the label with "label_counts") on
+    the radii it decides (None if a trajectory is too short)."""
     fixed = [fixed_row(r, n, config.alpha, config.sigma, key) for r in records]
-    tests = [replay(config, dict(zip(r["sizes"], r[key]))) for r in records]
+    chosen = [tested(r, config, key) for r in records]
+    tests = [replay(config, dict(zip(r["sizes"], r[k]))) for r, (k, _, _) in zip(records, chosen)]
     if any(t is None for t in tests):
         return None
     results = [t.result() for t in tests]
-    # selection mode: correct when the selected class is the label; label mode: the label is what was tested
-    ok = [int(res.certified and (key == "label_counts" or r["class"] == r["label"]))
-          for res, r in zip(results, records)]
+    # correct when the tested class is the label (in label mode it is)
+    ok = [int(res.certified and c == r["label"]) for res, r, (_, c, _) in zip(results, records, chosen)]
     rad = [res.radius if res.certified else 0.0 for res in results]
     fixed_ok = [int(p == r["label"]) for (p, _), r in zip(fixed, records)]
     asked = list(radii) if len(config.radii) > 1 else list(config.radii)
@@ -360,9 +452,10 @@ def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, use
     b = fixed_accuracy(records, fixed, asked)
     differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
                  for q in asked)
-    return {"used": float(np.mean([used_n0 + res.n for res in results])), "acc": certified_accuracy(rad, ok, radii),
+    selection = float(np.mean([used for _, _, used in chosen]))
+    return {"used": selection + float(np.mean([res.n for res in results])), "acc": certified_accuracy(rad, ok, radii),
             "asked": asked, "max_diff": 100 * float(np.max(np.abs(a - b))), "signed": 100 * (a - b), "differ": differ,
-            "fixed_cost": used_n0 + n}
+            "fixed_cost": used_n0 + n, "selection": selection}
 
 
 def run_summary(args: argparse.Namespace) -> None:
@@ -395,12 +488,12 @@ def run_summary(args: argparse.Namespace) -> None:
                 print(f"| {Path(path).stem} | {len(records)} | {name} | too short to replay | | | | | |")
                 continue
             asked = tuple(ev["asked"])
-            if (asked, key) not in model_bounds:
+            if (asked, key, ev["selection"]) not in model_bounds:  # the bounds pay the policy's selection samples
                 fixed = [fixed_row(r, args.n, args.alpha, sigma, key) for r in records]
-                model_bounds[asked, key] = (
-                    ev["fixed_cost"] / (used_n0 + clairvoyant_cost(records, fixed, asked, args.alpha, sigma)),
-                    ev["fixed_cost"] / (used_n0 + wald_cost(records, asked, args.alpha, sigma, args.n, key)))
-            clair, wald = model_bounds[asked, key]
+                model_bounds[asked, key, ev["selection"]] = (
+                    ev["fixed_cost"] / (ev["selection"] + clairvoyant_cost(records, fixed, asked, args.alpha, sigma)),
+                    ev["fixed_cost"] / (ev["selection"] + wald_cost(records, asked, args.alpha, sigma, args.n, key)))
+            clair, wald = model_bounds[asked, key, ev["selection"]]
             saving = ev["fixed_cost"] / ev["used"]
             total = totals.setdefault(name, [0.0, 0.0, 0.0, 0.0, 0.0])
             total[0] += ev["used"] * len(records)
@@ -577,7 +670,7 @@ def run_check(args: argparse.Namespace) -> None:
     config = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single).get(args.policy)
     if config is None:
         raise SmoothAdvError(f"unknown policy {args.policy!r}")
-    records = {r["idx"]: r for r in load(args.trajectories)}
+    records = {r["idx"]: r for r in load(args.trajectories, args.selection)}
     try:
         with open(args.tsv, newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
@@ -593,13 +686,13 @@ def run_check(args: argparse.Namespace) -> None:
         record = records.get(idx)
         if record is None:
             continue
-        test = replay(config, dict(zip(record["sizes"], record["label_counts" if label_mode else "counts"])))
+        key, chosen, selection = tested(record, config, "label_counts" if label_mode else "counts")
+        test = replay(config, dict(zip(record["sizes"], record[key])))
         if test is None:
             raise SmoothAdvError(f"trajectory of image {idx} is too short for policy {args.policy!r}")
         result = test.result()
-        tested = record["label"] if label_mode else record["class"]
-        used = (0 if label_mode else sum(record["selection"])) + result.n
-        certified = tested if result.certified else ABSTAIN
+        used = selection + result.n
+        certified = chosen if result.certified else ABSTAIN
         checked += 1
         if (n, predict) != (used, certified) or abs(radius - result.radius) > 2e-6:
             bad.append(f"image {idx}: TSV (n {n}, predict {predict}, radius {radius:.4f}), replay (n {used}, "
@@ -614,7 +707,7 @@ def run_check(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "table", "summary", "check", "bias", "where"):
+    for name in ("sample", "selection", "table", "summary", "check", "bias", "where"):
         p = sub.add_parser(name)
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
@@ -622,15 +715,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "grid", "betting grid", "grid, label mode", "betting grid, label mode", "radius 0.5",
                 "betting radius 0.5", "radius 0.5, label mode", "betting radius 0.5, label mode"],
                            help="replayed policies; \", label mode\" tests the label (no selection samples)")
-        elif name == "sample":
-            p.add_argument("checkpoint")
-            p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
-            p.add_argument("--skip", type=int, default=20)
-            p.add_argument("--max", type=int, default=500)
+        elif name in ("sample", "selection"):
+            if name == "sample":
+                p.add_argument("checkpoint")
+                p.add_argument("--out", required=True, help="JSON-lines output (appended; resumes)")
+                p.add_argument("--skip", type=int, default=20)
+                p.add_argument("--max", type=int, default=500)
+                p.add_argument("--n0", type=int, default=100)
+            else:
+                p.add_argument("trajectories")
+                p.add_argument("checkpoint")
+                p.add_argument("--out", required=True, help="JSON lines: selection votes every --chunk samples")
+                p.add_argument("--chunk", type=int, default=16)
             p.add_argument("--batch", type=int, default=256, help="a divisor of the first look keeps the CLI's noise")
             p.add_argument("--group", type=int, default=8, help="images sampled together")
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--n0", type=int, default=100)
             p.add_argument("--device", default="cpu")
             p.add_argument("--data-dir", default=None)
             p.add_argument("--channels-last", action="store_true")
@@ -638,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("trajectories")
             p.add_argument("--tsv", required=True, help="a `smoothadv certify --mode sequential` TSV of the same model")
             p.add_argument("--policy", default="grid", help="the replayed policy the TSV ran (default: grid)")
+            p.add_argument("--selection", default=None, help="selection votes of `selection` (default: "
+                           "selection_X.jsonl beside vs_fixed_X.jsonl, if there)")
         elif name == "where":
             p.add_argument("trajectories")
             p.add_argument("--policies", nargs="+", default=["grid", "betting grid"], help="replayed policies")
@@ -659,8 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
-        {"sample": run_sample, "table": run_table, "summary": run_summary, "check": run_check,
-         "bias": run_bias, "where": run_where}[args.command](args)
+        {"sample": run_sample, "selection": run_selection, "table": run_table, "summary": run_summary,
+         "check": run_check, "bias": run_bias, "where": run_where}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from smoothadv.cli import main
+from smoothadv.demo import demo_table
 from smoothadv.evaluate import ATTACK_COLUMNS, CERTIFY_COLUMNS
 from smoothadv.report import format_table, load_results, summarize
+from smoothadv.stats import clopper_pearson_interval
 
 STEPS = ["train gaussian", "train smoothadv", "certify gaussian", "attack gaussian", "certify smoothadv",
          "attack smoothadv"]
@@ -47,12 +49,18 @@ def test_demo_quick_synthetic_end_to_end(first_run: Path, capsys: pytest.Capture
     certify = {n: load_results(first_run / f"certify_{n}.tsv") for n in ("gaussian", "smoothadv")}
     attack = {n: load_results(first_run / f"attack_{n}.tsv") for n in ("gaussian", "smoothadv")}
     radii = [0.0, 0.125, 0.25, 0.375, 0.5]  # sigma/2 steps up to the largest radius n = 500 can certify (0.551)
-    table = format_table(summarize(certify, radii, attack=attack), "markdown")
+    table = demo_table(certify, attack, radii)
+    assert table.startswith(format_table(summarize(certify, radii, attack=attack, ci=True), "markdown"))
     assert (first_run / "table.md").read_text() == table
+    # each certified cell carries the 95% Clopper-Pearson interval of its count over the 100 images
+    count = int(sum(certify["gaussian"].correct))
+    low, high = clopper_pearson_interval(count, 100)
+    assert f"| gaussian | {count:.1f} [{100 * float(low):.1f}, {100 * float(high):.1f}] |" in table
+    assert "Paired over the same 100 test images" in table
     assert table.strip() in text
     report = (first_run / "report.md").read_text()
     assert table.strip() in report and "![certified and empirical accuracy](accuracy.png)" in report
-    assert "smoothadv report gaussian=" in report
+    assert "smoothadv report gaussian=" in report and "--ci --paired" in report
     assert (first_run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"report: {first_run / 'report.md'}" in text
     assert all(entry["done"] for entry in json.loads((first_run / "steps.json").read_text()).values())
@@ -83,3 +91,46 @@ def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
     _, status = run(first_run, capsys, "--n", "300")
     assert status == {"train gaussian": "reused", "train smoothadv": "reused", "certify gaussian": "ran",
                       "attack gaussian": "reused", "certify smoothadv": "ran", "attack smoothadv": "reused"}
+
+
+def test_demo_report_only_rebuilds_the_report_from_the_tsvs(first_run: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    table, state = (first_run / "table.md").read_text(), (first_run / "steps.json").read_text()
+    for name in ("table.md", "report.md", "accuracy.png"):
+        (first_run / name).unlink()
+    for name in ("gaussian", "smoothadv"):  # no model is needed (the committed run has none)
+        (first_run / name / "checkpoint.pth.tar").unlink()
+    _, status = run(first_run, capsys, "--n", "300", "--report-only")  # the flags of the last run
+    assert set(status.values()) == {"reused"}
+    assert (first_run / "table.md").read_text() == table and (first_run / "steps.json").read_text() == state
+    assert "`smoothadv demo --report-only` from the TSVs" in (first_run / "report.md").read_text()
+    assert (first_run / "accuracy.png").is_file()
+    # the flags of another run are refused, naming what differs
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--out", str(first_run), "--report-only"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot rebuild the report" in error and "n: 300 != 500" in error
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--out", str(first_run), "--report-only", "--n", "300",
+                 "--epochs", "2"]) == 2
+    assert "gaussian was trained with other settings (epochs: 1 != 2" in capsys.readouterr().err
+
+
+def test_demo_settings_are_typed_and_the_flags_come_from_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smoothadv import demo
+    from smoothadv.errors import SmoothAdvError
+
+    with pytest.raises(SmoothAdvError, match="--n must be an integer, got 1.5"):
+        demo.DemoConfig(n=1.5)
+    with pytest.raises(SmoothAdvError, match="--sigma must be a number > 0"):
+        demo.DemoConfig(sigma=0)
+    with pytest.raises(SmoothAdvError, match="--dataset must be one of"):
+        demo.DemoConfig(dataset="mnist")
+    seen: list[demo.DemoConfig] = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--n", "300", "--no-progress", "--report-only"]) == 0
+    (cfg,) = seen
+    # --quick's values, the synthetic set in full, the flags given, the settings' defaults otherwise
+    assert (cfg.epochs, cfg.certify, cfg.n, cfg.attack_count, cfg.attack_steps, cfg.train_subset) == (1, 100, 300, 20,
+                                                                                                     10, None)
+    assert (cfg.out, cfg.sigma, cfg.progress, cfg.report_only, cfg.fresh) == (Path("runs/demo"), 0.25, False, True,
+                                                                             False)
+    assert main(["demo", "--certify", "0"]) == 2

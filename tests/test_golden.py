@@ -39,7 +39,9 @@ RUNS = {
 EVAL = ["--sigma", "0.25", "--device", "cpu", "--no-progress", "--seed", "5", "--batch", "64"]
 EVALUATIONS = {
     "certify_fixed": ["certify", "--n0", "20", "--n", "300", "--max", "8"],
-    "certify_sequential": ["certify", "--mode", "sequential", "--looks", "64:2048", "--max", "6"],
+    # recorded before adaptive selection became the default: these rows choose the class from all n0 samples
+    "certify_sequential": ["certify", "--mode", "sequential", "--selection", "fixed", "--looks", "64:2048",
+                           "--max", "6"],
     "certify_tolerance": ["certify", "--mode", "sequential", "--policy", "tolerance", "--tolerance", "0.1",
                           "--class-from", "label", "--looks", "64:1024", "--max", "4", "--skip", "3"],
     "predict": ["predict", "--n", "200", "--max", "8"],

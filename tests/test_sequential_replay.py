@@ -37,6 +37,14 @@ def bench():
 COMMON = ["--sigma", "0.25", "--seed", "3", "--n0", "16", "--batch", "32"]
 
 
+def certify_rows(checkpoint: Path, out: Path, count: int, options: list[str]) -> list[dict[str, str]]:
+    """The rows `smoothadv certify --mode sequential` writes for every third image, `count` of them."""
+    assert main(["certify", str(checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
+                 "--max", str(count), "--no-progress", "--device", "cpu", *options]) == 0
+    with out.open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
 def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tmp_path, capsys) -> None:
     traj = tmp_path / "t.jsonl"
     assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "8", "--group", "3",
@@ -56,10 +64,7 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
             ("betting grid", [*betting, *grid_radii]), ("betting radius 0.3", [*betting, "--radii", "0.3"]))
     for name, options in runs:
         out = tmp_path / f"{name}.tsv"
-        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--skip", "3",
-                     "--max", "8", "--no-progress", "--device", "cpu", *options, *COMMON]) == 0
-        with out.open() as handle:
-            cli = list(csv.DictReader(handle, delimiter="\t"))
+        cli = certify_rows(toy_checkpoint, out, 8, [*options, *COMMON])
         for row, record in zip(cli, records, strict=True):
             test = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"])))
             result = test.result()
@@ -179,3 +184,35 @@ def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule
     assert np.all(np.abs(fixed - direct[0]) <= 4.5 * sd)
     assert np.all(np.abs(sequential - direct[1]) <= 4.5 * (sd + 3 * 0.5 / np.sqrt(2000) / 4))
     assert fixed[0] == pytest.approx(0.75)  # the three right images always certify r = 0; the wrong one never
+
+
+def test_adaptive_selection_replay_gives_the_cli_rows(bench, toy_checkpoint, tmp_path, capsys) -> None:
+    # n0 = 48: the CLI's default adaptive selection draws 16 votes, then the other 32 unless the 16 agree; the
+    # replay applies the same rule to the votes `selection` records every 16 samples of the same selection stream
+    # (sigma 0.05: the toy model's first 16 votes agree on some images, not on others)
+    common = ["--sigma", "0.05", "--seed", "3", "--n0", "48", "--batch", "32"]
+    traj, votes = tmp_path / "t.jsonl", tmp_path / "votes.jsonl"
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "6",
+                       "--looks", "64", "512", "--n", "400", "--single", "0.1", *common]) == 0
+    assert bench.main(["selection", str(traj), str(toy_checkpoint), "--out", str(votes), "--sigma", "0.05",
+                       "--seed", "3", "--batch", "32"]) == 0  # refuses unless the votes at 48 are the recorded ones
+    records = bench.load(str(traj), str(votes))
+    assert all(sorted(r["selection_votes"]) == [16, 32, 48] for r in records)
+    configs = bench.policies(0.05, 0.001, doubling_looks(64, 512), [0.1])
+    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].last}", "--radii", "0.1"]
+    used = set()
+    for name, options in (("grid, adaptive selection", ["--looks", "64:512"]),
+                          ("betting radius 0.1, adaptive selection", betting)):
+        out = tmp_path / f"{name}.tsv"
+        rows = certify_rows(toy_checkpoint, out, 6, [*options, *common])
+        for row, record in zip(rows, records, strict=True):
+            _, chosen, selection = bench.tested(record, configs[name], "counts")
+            result = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"]))).result()
+            assert int(row["n"]) == selection + result.n
+            assert int(row["predict"]) == (chosen if result.certified else -1)
+            assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
+            used.add(selection)
+        assert bench.main(["check", str(traj), "--tsv", str(out), "--sigma", "0.05", "--looks", "64", "512",
+                           "--single", "0.1", "--policy", name, "--selection", str(votes)]) == 0
+        assert f"6 rows of {out} equal the replay" in capsys.readouterr().out
+    assert used == {16, 48}  # both branches of the rule happened, and the replay agreed on their cost

@@ -132,3 +132,35 @@ def test_abstain_has_one_home() -> None:
     assert stats.ABSTAIN == ABSTAIN == smoothing.ABSTAIN == report.ABSTAIN == smoothing.Smooth.ABSTAIN == -1
     for module in (report, smoothing):  # imported from stats, not defined again
         assert "\nABSTAIN" not in inspect.getsource(module)
+
+
+def test_mcnemar_exact_is_the_sign_test_on_the_discordant_examples() -> None:
+    assert stats.mcnemar_exact(0, 0) == 1.0 and stats.mcnemar_exact(3, 3) == 1.0
+    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32) and stats.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+    # 18 against 10: 2 sum_{i <= 10} C(28, i) / 2^28, exactly
+    exact = 2 * sum(math.comb(28, i) for i in range(11)) / 2**28
+    assert stats.mcnemar_exact(18, 10) == pytest.approx(exact, rel=1e-12)
+    assert exact == pytest.approx(0.184933, abs=1e-6)
+    assert stats.mcnemar_exact(10, 18) == stats.mcnemar_exact(18, 10)
+    assert stats.mcnemar_exact(18, 10) == pytest.approx(binomtest(10, 28, 0.5).pvalue)
+    with pytest.raises(ValueError):
+        stats.mcnemar_exact(-1, 3)
+
+
+def test_holm_adjust_steps_down_and_keeps_the_order() -> None:
+    adjusted = stats.holm_adjust([0.01, 0.04, 0.03, 0.5])
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 4 x 0.01, 3 x 0.03, max(0.09, 2 x 0.04), max(0.09, 0.5)
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert stats.holm_adjust([0.3, 0.6]) == pytest.approx([0.6, 0.6])
+    assert stats.holm_adjust([0.2]) == pytest.approx([0.2])
+    with pytest.raises(ValueError):
+        stats.holm_adjust([0.1, 1.5])
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    mean, low, high = stats.mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t(0.975, 3) s / sqrt(4), s^2 = 5/3
+    assert mean == 2.5 and (low, high) == pytest.approx((2.5 - half, 2.5 + half), abs=1e-12)
+    assert (low, high) == pytest.approx((0.445739, 4.554261), abs=1e-6)
+    with pytest.raises(ValueError):
+        stats.mean_interval([1.0])

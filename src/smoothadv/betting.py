@@ -71,7 +71,7 @@ from scipy.optimize import brentq
 from scipy.special import ndtr, ndtri
 
 from .errors import SmoothAdvError
-from .sequential import DEFAULT_LOOKS, POLICIES, SequentialResult, _unanimous_look, standard_radii
+from .sequential import DEFAULT_LOOKS, SequentialResult, _unanimous_look, check_test_settings, standard_radii
 from .smoothing import Smooth
 from .stats import clopper_pearson_lower, clopper_pearson_upper
 
@@ -113,6 +113,8 @@ class BettingConfig:
         last: largest number of estimation votes (default `betting_last`: 111,616 at alpha = 0.001).
         final_share: share eta of alpha spent on one Clopper-Pearson bound at `last` (0: pure betting).
         bets: the mixture, (u, weight) pairs with u in (0, 1] and weights summing to 1.
+        selection: how the tested class is chosen from the selection samples, as `SequentialConfig`'s
+            ("adaptive", the default, or "fixed": Cohen's n0).
 
     Construction resolves `last` and the grid's `radii` (the standard radii up to the cap), so a
     config always says what the test does.
@@ -128,20 +130,12 @@ class BettingConfig:
     last: int | None = None
     final_share: float = 0.5
     bets: tuple[tuple[float, float], ...] = DEFAULT_BETS
+    selection: str = "adaptive"
 
     MODE = "betting"
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0 or not math.isfinite(self.sigma):
-            raise SmoothAdvError(f"sigma must be a finite number > 0, got {self.sigma}")
-        if not 0.0 < self.alpha < 1.0:
-            raise SmoothAdvError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.policy not in POLICIES:
-            raise SmoothAdvError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
-            raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.forecast_alpha is not None and not 0.0 < self.forecast_alpha < 1.0:
-            raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {self.forecast_alpha}")
+        check_test_settings(self)
         if int(self.first) != self.first or self.first < 4 or self.first % 4:
             raise SmoothAdvError(f"first must be a multiple of 4, got {self.first}")
         if not 0.0 <= self.final_share < 1.0:

@@ -19,7 +19,6 @@ from typing import Any
 
 from .errors import SmoothAdvError
 from .settings import (
-    PROGRESS_HELP,
     AttackRunSettings,
     AttackSettings,
     CertifySettings,
@@ -103,19 +102,22 @@ def _field_type(field: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
 
 
 def add_settings(parser: Any, cls: type, *, skip: Sequence[str] = (), defaults: dict[str, Any] | None = None,
-                 only: Sequence[str] | None = None) -> None:
+                 only: Sequence[str] | None = None, notes: dict[str, str] | None = None) -> None:
     """Add one flag per field of the settings dataclass `cls` (its spelling, type, limit, choices, help).
 
     Flags default to argparse.SUPPRESS: only the flags given reach the settings, whose own defaults
-    (or `defaults`, this command's) apply otherwise and are shown in --help.
+    (or `defaults`, this command's) apply otherwise and are shown in --help, followed by the field's
+    entry in `notes` if any (`(default: 4; --quick: 1)`).
     """
-    defaults = defaults or {}
+    defaults, notes = defaults or {}, notes or {}
     for name, (field, kind) in fields_of(cls).items():
         if name in skip or (only is not None and name not in only):
             continue
         default = defaults.get(name, field.default)
         meta = field.metadata
         shown = _shown(default)
+        if name in notes:
+            shown = f"{shown[:-1]}; {notes[name]})" if shown else f" ({notes[name]})"
         choices = meta.get("choices")
         choices = choices() if callable(choices) else choices
         if meta.get("positional"):
@@ -152,13 +154,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for noise and data order (default: 0)")
-    parser.add_argument("--data-dir", default=None, help="data root (default: $SMOOTHADV_DATA or ./data)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=PROGRESS_HELP)
 
 
 def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -364,6 +359,10 @@ def add_report(sub: Any) -> None:
     p.add_argument("--ci", action="store_true",
                    help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
                         "(and a band to the plot)")
+    p.add_argument("--paired", action="store_true",
+                   help="compare the two certify inputs on their common test images, after the table: at each radius "
+                        "an exact McNemar test on the images only one model certifies (Holm-adjusted over the radii), "
+                        "and the ACR difference with its 95%% interval")
     p.add_argument("--alpha", type=probability, default=0.001,
                    help="certification failure probability (high-prob; default: 0.001)")
     p.add_argument("--rho", type=probability, default=0.001,
@@ -383,7 +382,10 @@ def add_report(sub: Any) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
     from .report import (
+        compare,
         default_radii,
+        describe_comparison,
+        format_comparison,
         format_table,
         load_costs,
         load_published,
@@ -428,6 +430,14 @@ def run_report(args: argparse.Namespace) -> None:
                       high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci, published=published,
                       costs=costs)
     text = format_table(table, args.format)
+    if args.paired:
+        if len(certify) != 2:
+            raise SmoothAdvError(f"--paired compares two certify inputs, got {len(certify)}")
+        (first, a), (second, b) = certify.items()
+        comparison = compare(a, b, table.radii, (first, second))
+        text += "\n" + format_comparison(comparison, args.format)
+        if args.format == "markdown":
+            text += "\n" + describe_comparison(comparison)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")
@@ -496,48 +506,22 @@ def run_pseudo_label(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: Any) -> None:
-    from .demo import QUICK, DemoConfig
+    from .demo import DEMO_FLAGS, QUICK, DemoConfig
 
-    d = DemoConfig()
     p = sub.add_parser("demo", help="Gaussian vs SmoothAdv end to end: train, certify, attack, report (CPU minutes)")
-    q = QUICK
     p.add_argument("--quick", action="store_true", help="a ~2-minute run (fewer epochs, images and samples)")
-    p.add_argument("--out", default=str(d.out), help=f"run folder (re-running reuses finished steps; default: {d.out})")
-    p.add_argument("--dataset", default=d.dataset, choices=("fashion_mnist", "synthetic", "cifar10"),
-                   help="a dataset with a training split on this machine (default: fashion_mnist)")
-    p.add_argument("--sigma", type=positive_float, default=d.sigma, help=f"noise level of both models (default: "
-                   f"{d.sigma:g})")
-    p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"training epochs (default: {d.epochs}; --quick: {q['epochs']})")
-    p.add_argument("--train-subset", type=positive_int, default=None,
-                   help=f"train on the first N images only (default: all; --quick: {q['train_subset']})")
-    p.add_argument("--eps", type=nonneg_float, default=None, help="SmoothAdv training eps (default: 2 sigma)")
-    p.add_argument("--steps", type=positive_int, default=d.steps,
-                   help=f"SmoothAdv training attack steps T (default: {d.steps})")
-    p.add_argument("--m", type=positive_int, default=d.m, help=f"SmoothAdv training noise draws m (default: {d.m})")
-    p.add_argument("--certify", type=positive_int, default=None,
-                   help=f"test images to certify (default: {d.certify}; --quick: {q['certify']})")
-    p.add_argument("--n", type=positive_int, default=None, help=f"CERTIFY samples (default: {d.n}; --quick: {q['n']})")
-    p.add_argument("--attack-count", type=nonneg_int, default=None,
-                   help=f"test images to attack (default: {d.attack_count}; --quick: {q['attack_count']}; 0: no "
-                   "attack)")
-    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
-    _common(p)
+    add_settings(p, DemoConfig, only=DEMO_FLAGS, notes={name: f"--quick: {value}" for name, value in QUICK.items()})
     p.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from .demo import QUICK, DemoConfig, run_demo
 
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.dataset == "synthetic":
-        values["train_subset"] = None
-    for name in ("epochs", "train_subset", "eps", "certify", "n", "attack_count"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    run_demo(DemoConfig(out=Path(args.out), dataset=args.dataset, sigma=args.sigma, steps=args.steps, m=args.m,
-                        device=args.device, seed=args.seed, data_dir=args.data_dir, fresh=args.fresh,
-                        progress=args.progress, **values))
+    values = _given(args)
+    preset: dict[str, Any] = dict(QUICK) if values.pop("quick") else {}
+    if values.get("dataset") == "synthetic":
+        preset["train_subset"] = None  # the synthetic set is small
+    run_demo(make(DemoConfig, {**preset, **values}))
 
 
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,

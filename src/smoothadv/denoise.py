@@ -546,16 +546,11 @@ def train_denoiser(cfg: DenoiserTrainSettings, classifiers: Sequence[nn.Module] 
     seeded from (seed, epoch)) and `log.tsv`; `args.json` and `env.json` at the start. A second run
     on the same directory is refused (lock file).
     """
-    from .files import OutputLock
+    from .files import locked_run_directory
 
     if classifiers is not None and cfg.classifier:
         raise SmoothAdvError("give the classifiers as files (settings.classifier) or as modules, not both")
-    out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SmoothAdvError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from None
-    with OutputLock(out_dir / CHECKPOINT):
+    with locked_run_directory(cfg.out_dir, CHECKPOINT):
         return _train(cfg, list(classifiers) if classifiers is not None else None, eval_classifier)
 
 

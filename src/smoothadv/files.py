@@ -94,6 +94,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def make_directory(path: str | os.PathLike[str]) -> Path:
+    """Create the directory `path` and its parents (nothing if it exists); a one-line SmoothAdvError naming it
+    when that fails."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmoothAdvError(f"cannot create output directory {directory}: {exc.strerror or exc}") from None
+    return directory
+
+
+def locked_run_directory(path: str | os.PathLike[str], checkpoint: str) -> OutputLock:
+    """The output directory of a training run: created (`make_directory`), and the lock of its checkpoint file
+    `checkpoint` returned, to be held with `with` for the whole run (a second run on it is refused)."""
+    return OutputLock(make_directory(path) / checkpoint)
+
+
 def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False, force: bool = False) -> Path:
     """Validate an output file path before any work starts.
 
@@ -105,11 +122,7 @@ def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False,
         raise SmoothAdvError(f"output {out} is a directory, expected a file path")
     if out.exists() and not (resume or force):
         raise SmoothAdvError(f"output {out} already exists; pass --resume to continue it or --force to overwrite it")
-    directory = out.parent if str(out.parent) else Path(".")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SmoothAdvError(f"cannot create output directory {directory}: {exc.strerror or exc}") from None
+    directory = make_directory(out.parent if str(out.parent) else Path("."))
     if not os.access(directory, os.W_OK):
         raise SmoothAdvError(f"output directory {directory} is not writable")
     return out

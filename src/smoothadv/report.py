@@ -48,6 +48,9 @@ from .stats import (
     certified_accuracy,
     clopper_pearson_interval,
     high_prob_certified_accuracy,
+    holm_adjust,
+    mcnemar_exact,
+    mean_interval,
     radius_grid,
 )
 
@@ -523,20 +526,25 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
             body.append([text("envelope model (clean %)"),
                          *[text(f"{m} ({_pct(c)})") for m, c in zip(row.models, row.model_clean or ())], "", "",
                          *([""] * (3 if with_cost else 0))])
+    notes = [OUTSIDE_NOTE] if any(row.outside and any(row.outside) for row in table.rows) else []
+    if with_cost:
+        notes.append(COST_NOTE)
+    return _render(head, body, latex, "\n\n".join(notes) or None)
+
+
+def _render(head: list[str], body: list[list[str]], latex: bool, note: str | None = None) -> str:
+    """A table of text cells (first column left-aligned, the others right-aligned) in markdown or LaTeX,
+    with an optional footnote (paragraphs separated by blank lines; comment lines in LaTeX)."""
     if latex:
         lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
                  r"\midrule", *[" & ".join(cells) + r" \\" for cells in body], r"\bottomrule", r"\end{tabular}"]
-        if any(row.outside and any(row.outside) for row in table.rows):
-            lines.append("% " + OUTSIDE_NOTE.replace("†", "$^\\dagger$"))
-        if with_cost:
-            lines.append("% " + COST_NOTE)
+        if note:
+            lines += ["% " + line.replace("†", "$^\\dagger$") for line in note.split("\n") if line]
         return "\n".join(lines) + "\n"
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    if any(row.outside and any(row.outside) for row in table.rows):
-        lines += ["", OUTSIDE_NOTE]
-    if with_cost:
-        lines += ["", COST_NOTE]
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -583,6 +591,136 @@ def _csv(table: Table) -> str:
             writer.writerow(["envelope model clean accuracy", "envelope-clean", "",
                              *[f"{c:.6f}" for c in row.model_clean or ()], "", ""])
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ paired comparison
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models certified on the same test images, compared image by image (`compare`).
+
+    Per radius: each model's certified accuracy, the discordant counts `only` (images certified at r by
+    the first model only, by the second only), the exact McNemar p-value of each radius and the same
+    p-values Holm-adjusted over the radii (one family: a difference is `supported` at any radius whose
+    adjusted p-value is <= 1 - level). ACR: each model's and the `acr_difference` (second minus first)
+    with its Student t interval at `level` over the images' paired radius differences.
+    """
+
+    names: tuple[str, str]
+    count: int
+    radii: tuple[float, ...]
+    accuracy: tuple[tuple[float, float], ...]
+    only: tuple[tuple[int, int], ...]
+    pvalues: tuple[float, ...]
+    adjusted: tuple[float, ...]
+    acr: tuple[float, float]
+    acr_difference: tuple[float, float, float]  # (mean, low, high)
+    level: float = 0.95
+
+    def better(self, j: int) -> str | None:
+        """The model that certifies more at radius j when the paired test supports a difference, else None."""
+        if self.adjusted[j] > 1 - self.level:
+            return None
+        first, second = self.only[j]
+        return self.names[0] if first > second else self.names[1]
+
+    def better_acr(self) -> str | None:
+        """The model with the higher ACR when the interval of the difference excludes 0, else None."""
+        _, low, high = self.acr_difference
+        return self.names[1] if low > 0 else self.names[0] if high < 0 else None
+
+
+def compare(first: Results, second: Results, radii: Sequence[float], names: tuple[str, str] = ("A", "B"),
+            level: float = 0.95) -> Comparison:
+    """Compare two certify results on the same test images (`Comparison`).
+
+    The images are matched by idx; SmoothAdvError unless both files hold the same images. Paired tests
+    see what the per-model intervals cannot: most images are certified by both models or by neither,
+    and only the images one model certifies and the other does not tell them apart.
+    """
+    for res in (first, second):
+        if res.radius is None:
+            raise SmoothAdvError(f"{res.path} has no radius column: only certify results can be compared")
+    if sorted(first.idx.tolist()) != sorted(second.idx.tolist()):
+        raise SmoothAdvError(f"{first.path} and {second.path} hold different test images: a paired comparison "
+                             "needs the same images in both")
+    radii_a = np.asarray(radii, dtype=float)
+    a_order, b_order = np.argsort(first.idx, kind="stable"), np.argsort(second.idx, kind="stable")
+    a_radius, a_correct = first.radius[a_order], first.correct[a_order].astype(bool)  # type: ignore[index]
+    b_radius, b_correct = second.radius[b_order], second.correct[b_order].astype(bool)  # type: ignore[index]
+    accuracy, only, pvalues = [], [], []
+    for r in radii_a:
+        a_ok, b_ok = a_correct & (a_radius >= r), b_correct & (b_radius >= r)
+        counts = (int(np.sum(a_ok & ~b_ok)), int(np.sum(b_ok & ~a_ok)))
+        accuracy.append((float(a_ok.mean()), float(b_ok.mean())))
+        only.append(counts)
+        pvalues.append(mcnemar_exact(*counts))
+    a_certified, b_certified = a_radius * a_correct, b_radius * b_correct
+    return Comparison(names, len(first), tuple(float(r) for r in radii_a), tuple(accuracy), tuple(only),
+                      tuple(pvalues), tuple(float(p) for p in holm_adjust(pvalues)),
+                      (float(a_certified.mean()), float(b_certified.mean())),
+                      mean_interval(b_certified - a_certified, level), level)
+
+
+def format_comparison(comparison: Comparison, fmt: Format = "markdown") -> str:
+    """The comparison as a table (markdown, LaTeX or CSV): one row per radius, then ACR."""
+    a, b = comparison.names
+    mean, low, high = comparison.acr_difference
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["radius", a, b, "difference", "difference_low", "difference_high", f"only {a}", f"only {b}",
+                         "p", "p_holm", "higher"])
+        for j, r in enumerate(comparison.radii):
+            first, second = comparison.accuracy[j]
+            writer.writerow([_radius_label(r), f"{first:.6f}", f"{second:.6f}", f"{second - first:.6f}", "", "",
+                             *comparison.only[j], f"{comparison.pvalues[j]:.6g}", f"{comparison.adjusted[j]:.6g}",
+                             comparison.better(j) or ""])
+        writer.writerow(["acr", *[f"{v:.6f}" for v in comparison.acr], f"{mean:.6f}", f"{low:.6f}", f"{high:.6f}",
+                         "", "", "", "", comparison.better_acr() or ""])
+        return buffer.getvalue()
+    if fmt not in FORMATS:
+        raise SmoothAdvError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    latex = fmt == "latex"
+    text = _latex_escape if latex else _markdown_escape
+    dash = "--" if latex else "–"
+
+    def pvalue(value: float) -> str:
+        return ("$<$ 0.0001" if latex else "< 0.0001") if value < 1e-4 else f"{value:.4f}"
+
+    head = ["", text(f"{a} (%)"), text(f"{b} (%)"), text(f"{b} - {a} (pp)"), text(f"only {a}"), text(f"only {b}"),
+            "p", "p (Holm)", "higher (supported)"]
+    body = []
+    for j, r in enumerate(comparison.radii):
+        first, second = comparison.accuracy[j]
+        body.append([f"$r = {_radius_label(r)}$" if latex else f"r = {_radius_label(r)}", _pct(first), _pct(second),
+                     f"{100 * (second - first):+.1f}", *[str(c) for c in comparison.only[j]],
+                     pvalue(comparison.pvalues[j]), pvalue(comparison.adjusted[j]), text(comparison.better(j) or dash)])
+    body.append(["ACR", *[f"{v:.3f}" for v in comparison.acr], f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", "", "",
+                 "", "", text(comparison.better_acr() or dash)])
+    return _render(head, body, latex)
+
+
+def describe_comparison(comparison: Comparison) -> str:
+    """One paragraph saying which differences the paired tests support, and which they do not."""
+    a, b = comparison.names
+    level = f"{100 * (1 - comparison.level):g}%"
+    radii = {name: [_radius_label(r) for j, r in enumerate(comparison.radii) if comparison.better(j) == name]
+             for name in (a, b)}
+    unsupported = [_radius_label(r) for j, r in enumerate(comparison.radii) if comparison.better(j) is None]
+    parts = [f"{name} certifies more than {other} at r = {', '.join(radii[name])}"
+             for name, other in ((b, a), (a, b)) if radii[name]]
+    mean, low, high = comparison.acr_difference
+    interval = f"{b} - {a} = {mean:+.3f}, {100 * comparison.level:g}% interval [{low:+.3f}, {high:+.3f}]"
+    acr = (f"the higher ACR is {comparison.better_acr()}'s ({interval})" if comparison.better_acr()
+           else f"the ACRs do not differ beyond their uncertainty ({interval})")
+    text = (f"Paired over the same {comparison.count} test images (exact McNemar test on the images one model "
+            f"certifies at r and the other does not, Holm-adjusted over the {len(comparison.radii)} radii, at the "
+            f"{level} level): " + ("; ".join(parts) if parts else "no radius shows a supported difference"))
+    if parts and unsupported:
+        text += f"; at r = {', '.join(unsupported)} the difference is within what these images can tell apart"
+    return text + f". {acr[0].upper()}{acr[1:]}.\n"
 
 
 # ------------------------------------------------------------------ plots

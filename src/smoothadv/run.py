@@ -151,6 +151,8 @@ def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tup
     Every other setting must agree, as in `setting_differences`; a smaller `max` is refused, and so is a
     larger one for an attack at several radii (its rows are ordered radius first).
     """
+    if previous.get("mode") == "sequential" and "selection" not in previous:  # written before adaptive selection:
+        previous = {**previous, "selection": "fixed"}  # those runs chose the class from all n0 samples
     evaluation = _evaluation(previous) and _evaluation(current)
     ignore = BATCH_SETTINGS | {"max"} if evaluation else frozenset()
     refused = setting_differences(previous, current, ignore)
@@ -180,7 +182,8 @@ def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict
     if isinstance(settings, CertifySettings) and settings.mode == "sequential":
         config = settings.sequential_config()
         values.update(class_from=settings.class_from or "selection", policy=config.policy, radii=list(config.radii),
-                      n=None, forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha)
+                      n=None, forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha,
+                      selection=config.selection)
         if settings.test == "betting":  # the first draw and the last size, alpha's final share, the mixture
             values.update(looks=[config.first, config.last], levels=None, final_share=config.final_share,
                           bets=[list(bet) for bet in config.bets])

@@ -30,10 +30,14 @@ Stopping policies (all stop at the last look):
 - `full`: every look (Cohen-equivalent radius; costs N_K samples).
 - futility (all but `full`): stop when U_j <= 1/2 (no certificate is reachable).
 
-Class: "selection" is Cohen's (the argmax of n0 separate selection samples, discarded, from a
-separate noise stream) and is what a deployed classifier must use; "label" tests the known
-label directly (evaluation only, no selection samples): a certificate then says the label is
-g(x) and robust, and ABSTAIN means "not certified" (g(x) may or may not be the label).
+Class: "selection" chooses it from at most n0 separate selection samples, discarded, from a
+separate noise stream, and is what a deployed classifier must use: by default adaptively (16 at a
+time, stopping as soon as they are unanimous, else Cohen's argmax of all n0; `selection_step`),
+or with `selection="fixed"` as Cohen's argmax of n0. Any rule that reads only the selection votes
+keeps the level: the estimation samples are independent of them, so the test's guarantee holds
+for whichever class is tested. "label" tests the known label directly (evaluation only, no
+selection samples): a certificate then says the label is g(x) and robust, and ABSTAIN means "not
+certified" (g(x) may or may not be the label).
 
 References: Cohen et al. 2019 (arXiv:1902.02918); the look schedule with a Bonferroni split is
 the classical group-sequential design (Pocock 1977), and spending more of alpha on chosen looks is
@@ -81,6 +85,10 @@ DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
 
 POLICIES = ("grid", "tolerance", "full")
 CLASS_FROM = ("selection", "label")
+SELECTIONS = ("adaptive", "fixed")
+"""How the tested class is chosen from the selection samples (`selection_step`; the default is adaptive)."""
+SELECTION_CHUNK = 16
+"""Adaptive selection draws its votes this many at a time (up to n0) and stops once they are unanimous."""
 SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
 """Cohen's six columns, then `n` (noisy forward passes used for the row: n0 selection plus n estimation
 samples, i.e. `SequentialRow.samples` and `Certificate.samples`; the column keeps its historical name)
@@ -161,6 +169,46 @@ def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DE
     return tuple(radius_grid(cap, step))
 
 
+def check_test_settings(config: SequentialConfig | BettingConfig) -> None:
+    """The checks both tests' configs make on the settings they share (sigma, alpha, policy, tolerance,
+    forecast_alpha, selection); raises SmoothAdvError naming the first bad one."""
+    if not config.sigma > 0 or not math.isfinite(config.sigma):
+        raise SmoothAdvError(f"sigma must be a finite number > 0, got {config.sigma}")
+    if not 0.0 < config.alpha < 1.0:
+        raise SmoothAdvError(f"alpha must be in (0, 1), got {config.alpha}")
+    if config.policy not in POLICIES:
+        raise SmoothAdvError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
+    if not config.tolerance >= 0 or not math.isfinite(config.tolerance):
+        raise SmoothAdvError(f"tolerance must be >= 0, got {config.tolerance}")
+    if config.forecast_alpha is not None and not 0.0 < config.forecast_alpha < 1.0:
+        raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {config.forecast_alpha}")
+    if config.selection not in SELECTIONS:
+        raise SmoothAdvError(f"unknown selection {config.selection!r}; choose one of {', '.join(SELECTIONS)}")
+
+
+def selection_step(votes: Sequence[int], n0: int, selection: str) -> int:
+    """The class-selection rule: from the cumulative selection votes `votes` (one count per class) of the
+    n0 allowed, the class chosen (>= 0), or minus the number of votes to draw next (< 0).
+
+    - "fixed" (Cohen's): draw all n0, then the argmax (ties to the lowest index, as torch.argmax).
+    - "adaptive": draw `SELECTION_CHUNK` (16) votes at a time up to n0; stop after a chunk when every vote
+      so far is for one class, and choose it; otherwise, after all n0, the argmax as Cohen's. Votes that
+      are split after the first chunk stay split, so the rule draws the rest in one go then: it uses
+      min(16, n0) selection samples when they agree, n0 otherwise.
+
+    Either rule sees only the selection votes, drawn from a noise stream independent of the estimation
+    samples, so the test of the chosen class keeps its level alpha (its guarantee holds given the class).
+    """
+    drawn = int(sum(votes))
+    if drawn >= n0:
+        return max(range(len(votes)), key=lambda c: (votes[c], -c))
+    if selection == "fixed" or drawn == 0:
+        return -(n0 - drawn if selection == "fixed" else min(SELECTION_CHUNK, n0))
+    if max(votes) == drawn:
+        return max(range(len(votes)), key=lambda c: votes[c])
+    return -(n0 - drawn)
+
+
 @dataclass(frozen=True)
 class SequentialConfig:
     """A pre-declared sequential test: noise level, failure probability, look schedule and stopping policy.
@@ -187,6 +235,9 @@ class SequentialConfig:
             look, 1/4 at the look fitted to the largest radius), otherwise alpha / K at every look.
         base: the doubling looks used when `looks` is None (default 1024, ..., 131072): the grid
             policy's schedule is fitted on them, the other policies make exactly these looks.
+        selection: how the drivers choose the tested class from the n0 selection samples (Cohen's mode):
+            "adaptive" (default: 16 samples when they all agree, else all n0) or "fixed" (all n0, Cohen's);
+            see `selection_step`. Unused with the label given; it never changes the test's level.
 
     What you pass and what you read: `looks`, `levels` and `radii` may be left to their defaults
     (None, None, ()); construction resolves them (`_resolved_schedule`) and stores the result in
@@ -207,22 +258,14 @@ class SequentialConfig:
     forecast_alpha: float | None = 0.05
     levels: tuple[float, ...] | None = None
     base: tuple[int, ...] = DEFAULT_LOOKS
+    selection: str = "adaptive"
 
     MODE = "sequential"
     """The `mode` column's prefix of this test's rows (`betting.BettingConfig` writes "betting")."""
 
     def __post_init__(self) -> None:
         """Check the settings, then store the resolved schedule in `looks`, `levels` and `radii`."""
-        if not self.sigma > 0 or not math.isfinite(self.sigma):
-            raise SmoothAdvError(f"sigma must be a finite number > 0, got {self.sigma}")
-        if not 0.0 < self.alpha < 1.0:
-            raise SmoothAdvError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.policy not in POLICIES:
-            raise SmoothAdvError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
-            raise SmoothAdvError(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.forecast_alpha is not None and not 0.0 < self.forecast_alpha < 1.0:
-            raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {self.forecast_alpha}")
+        check_test_settings(self)
         looks, levels, radii = _resolved_schedule(self.sigma, self.alpha, self.policy, self.looks, self.levels,
                                                   self.radii, self.base)
         object.__setattr__(self, "looks", looks)
@@ -396,8 +439,9 @@ class SequentialCertificate(Certificate):
     """Result of sequential CERTIFY: a `Certificate` (same fields and meaning) plus how the test ran.
 
     Unpacks as Cohen's `(prediction, radius)` pair. As for every `Certificate`: `tested_class` is the
-    class whose vote probability was bounded (argmax of the n0 selection samples, or the given
-    label with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
+    class whose vote probability was bounded (chosen from the selection samples by the config's rule,
+    `n0` being how many were drawn: 16 or the n0 asked for with adaptive selection; or the given label
+    with n0 = 0), `p_lower` = max_j L_j over the looks made, `count` its votes among the `n`
     estimation samples drawn (the look at which the test stopped) and `samples` = n0 + n.
 
     Attributes:
@@ -426,6 +470,29 @@ def check_same_sigma(smooth: Smooth, config: AnyConfig) -> None:
                              f"sigma = {smooth.sigma!r}; use SequentialConfig.for_smooth(smooth, ...)")
 
 
+def select_classes(sampler: PackedSampler, xs: Sequence[torch.Tensor],
+                   generators: Sequence[torch.Generator | None], n0: int, selection: str, batch_size: int,
+                   ) -> tuple[list[int], list[int]]:
+    """Each input's class by the rule `selection_step` (at most n0 selection samples, drawn from its generator),
+    and the selection samples it used. Inputs still drawing advance together: one sampler call per round."""
+    votes = [[0] * sampler.sampler.num_classes for _ in xs]
+    chosen: list[int | None] = [None] * len(xs)
+    while True:
+        draws = []
+        for i, v in enumerate(votes):
+            if chosen[i] is None:
+                step = selection_step(v, n0, selection)
+                if step >= 0:
+                    chosen[i] = step
+                else:
+                    draws.append((i, -step))
+        if not draws:
+            return [int(c) for c in chosen if c is not None], [sum(v) for v in votes]
+        counts = sampler.counts([SampleRequest(xs[i], (k,), generators[i]) for i, k in draws], batch_size)
+        for (i, _), row in zip(draws, counts.cpu().tolist()):
+            votes[i] = [a + b for a, b in zip(votes[i], row)]
+
+
 def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: AnyConfig, *,
                             batch_size: int, labels: Sequence[int] | None = None, n0: int = 100,
                             selection_generators: Sequence[torch.Generator | None] | None = None,
@@ -434,8 +501,9 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     """Sequential CERTIFY of several inputs, their samples packed into shared forward passes.
 
     With `labels` the given class of each input is tested (evaluation mode, no selection
-    samples); without, the class is the argmax of `n0` selection samples drawn from the
-    selection generator (Cohen's mode). Estimation samples come from the estimation generators,
+    samples); without, the class is chosen from at most `n0` selection samples drawn from the
+    selection generator by `config.selection`'s rule (`select_classes`; "fixed": Cohen's argmax of
+    n0). Estimation samples come from the estimation generators,
     in pieces that depend only on the input's own schedule, so each result is the same whichever
     inputs are certified together. The looks (draws, for the betting test) of all inputs advance
     in waves: one forward-pass stream and one host synchronisation per wave; a test's draw may be
@@ -461,13 +529,11 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
         classes = [int(c) for c in labels]
         if any(not 0 <= c < smooth.num_classes for c in classes):
             raise SmoothAdvError(f"labels must be in [0, {smooth.num_classes})")
-        used_n0 = 0
+        used_n0 = [0] * count
     else:
         if int(n0) != n0 or n0 < 1:
             raise SmoothAdvError(f"n0 must be a positive integer, got {n0}")
-        requests = [SampleRequest(x, (int(n0),), g) for x, g in zip(xs, selection_generators)]
-        classes = [int(c) for c in sampler.counts(requests, batch_size).argmax(dim=1).cpu()]
-        used_n0 = int(n0)
+        classes, used_n0 = select_classes(sampler, xs, selection_generators, int(n0), config.selection, batch_size)
     tests = [config.start() for _ in xs]
     while active := [i for i, test in enumerate(tests) if not test.done]:
         segments = [tests[i].next_segments() for i in active]
@@ -478,11 +544,11 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
             tests[i].update_segments(counts[row:row + len(segs), classes[i]].tolist())
             row += len(segs)
     certificates = []
-    for c, test in zip(classes, tests):
+    for c, used, test in zip(classes, used_n0, tests):
         result = test.result()
         certificates.append(SequentialCertificate(
             prediction=c if result.certified else ABSTAIN, radius=result.radius, tested_class=c,
-            p_lower=result.p_lower, count=result.successes, n0=used_n0, n=result.n, looks=result.looks,
+            p_lower=result.p_lower, count=result.successes, n0=used, n=result.n, looks=result.looks,
             stop=result.stop))
     return certificates
 

@@ -425,8 +425,9 @@ class CertifySettings(EvaluationSettings):
 
     In sequential mode `n` is unused (the looks set the sample sizes); `test` (spending, the default,
     or betting), `class_from`, `policy`, `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling
-    base; for betting the first draw and the largest sample size) and `forecast_alpha` (a
-    probability, or "strict") are its settings; `sequential_config()` resolves them.
+    base; for betting the first draw and the largest sample size), `forecast_alpha` (a
+    probability, or "strict") and `selection` (adaptive, the default, or fixed) are its settings;
+    `sequential_config()` resolves them.
     """
 
     n: int | None = setting(100_000, "Monte Carlo samples", limit=AT_LEAST_ONE)
@@ -450,6 +451,9 @@ class CertifySettings(EvaluationSettings):
                                             metavar="FIRST:LAST")
     forecast_alpha: float | str | None = setting(None, "level of the upper bound that forecasts the reachable "
                                                  "radius (default 0.05; 'strict' = the look's own level)")
+    selection: str | None = setting(None, "sequential: how the class is chosen from the selection samples: "
+                                    "adaptive (default: 16 at a time up to n0, stop when all agree) or fixed "
+                                    "(all n0, Cohen's; the only rule of --mode fixed)", choices=("adaptive", "fixed"))
 
     command = "certify"
 
@@ -466,7 +470,9 @@ class CertifySettings(EvaluationSettings):
                                                else None), ("--policy", self.policy), ("--radii", self.radii),
                                               ("--tolerance", self.tolerance), ("--looks", self.looks),
                                               ("--test", self.test),
-                                              ("--forecast-alpha", self.forecast_alpha)) if value is not None]
+                                              ("--forecast-alpha", self.forecast_alpha),
+                                              ("--selection", self.selection if self.selection != "fixed" else None))
+                     if value is not None]
             if given:
                 raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
             if self.n is None:
@@ -488,15 +494,16 @@ class CertifySettings(EvaluationSettings):
 
         forecast = {} if self.forecast_alpha is None else {
             "forecast_alpha": None if self.forecast_alpha == "strict" else self.forecast_alpha}
+        selection = {} if self.selection is None else {"selection": self.selection}
         if self.test == "betting":
             from .betting import BettingConfig
 
             first, last = (64, None) if self.looks is None else self.looks
             return BettingConfig(self.sigma, self.alpha, self.resolved_policy, tuple(self.radii or ()),
-                                 self.tolerance or 0.0, first=first, last=last, **forecast)
+                                 self.tolerance or 0.0, first=first, last=last, **forecast, **selection)
         base = DEFAULT_LOOKS if self.looks is None else doubling_looks(*self.looks)
         return SequentialConfig(self.sigma, self.alpha, None, self.resolved_policy, tuple(self.radii or ()),
-                                self.tolerance or 0.0, base=base, **forecast)
+                                self.tolerance or 0.0, base=base, **forecast, **selection)
 
 
 @dataclass(frozen=True, kw_only=True)

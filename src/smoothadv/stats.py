@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import gammaln
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, binom, binomtest, norm, t
 
 ABSTAIN: int = -1
 """The prediction of a smoothed classifier that abstains (its test did not reject; Cohen et al.'s ABSTAIN).
@@ -103,6 +103,56 @@ def binom_pvalue(k: int, n: int, p: float = 0.5) -> float:
         return 1.0
     _check_counts(k, n)
     return float(binomtest(k, n, p).pvalue)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test of two classifiers evaluated on the same examples (the sign test on the
+    discordant examples).
+
+    `only_a` examples are right under A and wrong under B, `only_b` the reverse; the examples both get right
+    or both get wrong say nothing about which is better and do not enter. Under the null hypothesis that A
+    and B are equally accurate on the population the examples come from, each discordant example is A's
+    with probability 1/2, so only_a ~ Binomial(only_a + only_b, 1/2) and the p-value is
+    min(1, 2 P(Binomial(only_a + only_b, 1/2) <= min(only_a, only_b))). No discordant example: 1.
+    """
+    if only_a < 0 or only_b < 0 or only_a != int(only_a) or only_b != int(only_b):
+        raise ValueError(f"discordant counts must be integers >= 0, got {only_a} and {only_b}")
+    total = int(only_a) + int(only_b)
+    if total == 0:
+        return 1.0
+    return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), total, 0.5)))
+
+
+def holm_adjust(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of several p-values (one family): rejecting each hypothesis whose adjusted
+    p-value is <= a level keeps the probability of any false rejection <= that level, whatever the
+    dependence between the tests. With the p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted
+    value of p_(i) is max over j <= i of min(1, (m - j + 1) p_(j)); returned in the input's order."""
+    values = np.asarray(pvalues, dtype=float)
+    if values.ndim != 1 or np.any(~np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+        raise ValueError("p-values must be a list of numbers in [0, 1]")
+    order = np.argsort(values, kind="stable")
+    count = len(values)
+    stepped = np.minimum(1.0, (count - np.arange(count)) * values[order])
+    adjusted = np.empty(count)
+    adjusted[order] = np.maximum.accumulate(stepped) if count else stepped
+    return adjusted
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student t interval at `level` of the mean of independent values, mean +- t
+    s / sqrt(N) with s the sample standard deviation and t the (1 + level) / 2 quantile of t with N - 1
+    degrees of freedom. Approximate (the values' mean is about normal for large N); for the paired
+    difference of two models' certified radii over the same test images, bounded numbers, with N in the
+    hundreds. ValueError for fewer than 2 values."""
+    data = np.asarray(values, dtype=float)
+    if data.ndim != 1 or data.size < 2 or not np.all(np.isfinite(data)):
+        raise ValueError("the interval of a mean needs at least 2 finite values")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean = float(data.mean())
+    half = float(t.ppf((1 + level) / 2, data.size - 1) * data.std(ddof=1) / math.sqrt(data.size))
+    return mean, mean - half, mean + half
 
 
 def certified_radius(p_lower: float, sigma: float) -> float:

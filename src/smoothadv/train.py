@@ -274,7 +274,7 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
     `checkpoint.pth.tar.lock`, held by rank 0; a lock left by a dead process is taken over).
     """
     from .distributed import env_world
-    from .files import OutputLock
+    from .files import locked_run_directory
 
     cfg.validate()
     check_data_dir(cfg.data_dir)
@@ -286,12 +286,7 @@ def fit(cfg: TrainConfig, objective: Objective) -> Path:
                              "cannot train on extra (--unlabelled) images")
     if env_world()[0] != 0:
         return _fit(cfg, objective)
-    out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SmoothAdvError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from None
-    with OutputLock(out_dir / CHECKPOINT):
+    with locked_run_directory(cfg.out_dir, CHECKPOINT):
         return _fit(cfg, objective)
 
 

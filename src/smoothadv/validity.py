@@ -23,7 +23,8 @@ sigma * Phi^-1(p_A) (Theorem 1 with p_B = 1 - p_A), which is <= the true radius;
 is the event whose probability Clopper-Pearson bounds by alpha, so it is the sharpest check.
 
 For fixed-n CERTIFY, sequential CERTIFY with policy full, and PREDICT (K <= 3) the exact
-probability of an invalid result is computed too (selection by multinomial argmax, then binomial
+probability of an invalid result is computed too (selection by multinomial argmax, or by the
+adaptive rule of `sequential.selection_step` via `chosen_class_probabilities`, then binomial
 tails), so the observed count is also tested for agreement with the exact rate, not only for
 being below alpha.
 
@@ -52,6 +53,7 @@ certification modes; the suite's inputs; running the suite; reporting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -69,7 +71,7 @@ from torch import Tensor, nn
 
 from .betting import BettingConfig
 from .errors import SmoothAdvError
-from .sequential import SequentialConfig, certify_sequential_many
+from .sequential import SELECTION_CHUNK, SequentialConfig, certify_sequential_many
 from .smoothing import ABSTAIN, Smooth
 from .stats import certified_radius, clopper_pearson_lower
 
@@ -181,14 +183,16 @@ def _true_radius(sigma: float, thresholds: tuple[float, ...], s: float) -> float
 # ------------------------------------------------------------------ exact failure probabilities
 
 
-def selection_probabilities(p: np.ndarray, n0: int) -> np.ndarray:
-    """P(argmax of Multinomial(n0, p) counts = j), ties going to the lowest index (torch.argmax).
+def selection_probabilities(p: np.ndarray, n0: int, offset: Sequence[int] | None = None) -> np.ndarray:
+    """P(argmax of Multinomial(n0, p) counts = j), ties going to the lowest index (torch.argmax); with `offset`,
+    of the counts plus `offset` (votes already drawn).
 
     Exact: for each count m of class j, a dynamic programme over the other classes (each placed
     with its conditional binomial law) gives the probability that all stay below their caps.
     """
     p = np.asarray(p, dtype=float)
     k = len(p)
+    extra = np.zeros(k, dtype=int) if offset is None else np.asarray(offset, dtype=int)
     out = np.zeros(k)
     r = np.arange(n0 + 1)
     have, left = np.meshgrid(r, r, indexing="ij")
@@ -210,7 +214,7 @@ def selection_probabilities(p: np.ndarray, n0: int) -> np.ndarray:
             state = np.zeros(n0 + 1)
             state[n0 - mj] = 1.0
             for pos, i in enumerate(rest):
-                cap = mj - 1 if i < j else mj
+                cap = mj + extra[j] - extra[i] - (1 if i < j else 0)
                 if cap < 0:
                     state[:] = 0.0
                     break
@@ -220,6 +224,25 @@ def selection_probabilities(p: np.ndarray, n0: int) -> np.ndarray:
                 state = state @ np.where(take <= cap, grids[pos], 0.0)
             total += pm[mj] * state.sum()
         out[j] = total
+    return out
+
+
+def chosen_class_probabilities(p: np.ndarray, n0: int, selection: str = "fixed") -> np.ndarray:
+    """P(the class chosen from at most n0 selection votes is j) under `sequential.selection_step`'s rule: Cohen's
+    argmax of n0 ("fixed", `selection_probabilities`), or "adaptive": the first c = min(16, n0) votes if they are
+    unanimous (probability p_k^c for class k), else the argmax of all n0. The events "the first c votes are all
+    k" are disjoint, so P(j) = p_j^c + P(argmax of n0 = j) - sum_k p_k^c P(argmax of c e_k + Multinomial(n0 - c,
+    p) = j)."""
+    p = np.asarray(p, dtype=float)
+    out = selection_probabilities(p, n0)
+    c = min(SELECTION_CHUNK, n0)
+    if selection == "fixed" or c == n0:
+        return out
+    for k, pk in enumerate(p):
+        first = pk ** c
+        if first > 0.0:
+            out = out - first * selection_probabilities(p, n0 - c, offset=[c if i == k else 0 for i in range(len(p))])
+            out[k] += first
     return out
 
 
@@ -288,10 +311,11 @@ def _convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[int], alpha: float,
-                             against: str = "bound", levels: Sequence[float] | None = None) -> float:
+                             against: str = "bound", levels: Sequence[float] | None = None,
+                             selection: str = "fixed") -> float:
     """Exact probability that group-sequential CP with policy "full" (every look, radius from the largest
     lower bound, at level `levels[j]` at look j; default alpha / K) is invalid; `n0=None` tests the class g
-    itself (label mode).
+    itself (label mode), else the class is chosen from at most n0 votes by `selection`'s rule.
 
     Policies that stop earlier take the maximum over a subset of the same looks, so their failure
     probability is at most this number (same sample path, fewer bounds).
@@ -300,7 +324,7 @@ def exact_sequential_failure(problem: Problem, n0: int | None, looks: Sequence[i
     g = problem.g
     limit = problem.bound_radius if against == "bound" else problem.true_radius
     levels = [alpha / len(looks)] * len(looks) if levels is None else list(levels)
-    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
+    select = np.eye(len(p))[g] if n0 is None else chosen_class_probabilities(p, n0, selection)
     fail = 0.0
     for c, pc in enumerate(p):
         if select[c] == 0.0:
@@ -351,7 +375,8 @@ def _first_rejecting(n: int, z: float, config: BettingConfig) -> int:
 
 def exact_betting_failure(problem: Problem, n0: int | None, config: BettingConfig, against: str = "bound") -> float:
     """Exact probability that the betting test with policy "full" (every check up to `config.last`, then the
-    final Clopper-Pearson look) returns an invalid certificate; `n0=None` tests the class g itself (label mode).
+    final Clopper-Pearson look) returns an invalid certificate; `n0=None` tests the class g itself (label mode),
+    else the class is chosen from at most n0 votes by `config.selection`'s rule.
 
     Invalid: a class other than g(x) certified (its bound above 1/2 at some check), or g(x) with a radius above
     `against`'s (bound: sigma * Phi^-1(p_A); true: g's robust radius). The confidence sequence is monotone in
@@ -364,7 +389,7 @@ def exact_betting_failure(problem: Problem, n0: int | None, config: BettingConfi
     p = problem.probabilities()
     g = problem.g
     limit = problem.bound_radius if against == "bound" else problem.true_radius
-    select = np.eye(len(p))[g] if n0 is None else selection_probabilities(p, n0)
+    select = np.eye(len(p))[g] if n0 is None else chosen_class_probabilities(p, n0, config.selection)
     checks = betting_checks(config)
     last = config.last
     final = clopper_pearson_lower_all(last, config.final_share * config.alpha) if config.final_share else None
@@ -540,7 +565,9 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
 
         def exact(problem: Problem, against: str) -> float:
             looks, levels = schedule(problem.sigma, spent)
-            return exact_sequential_failure(problem, None if label_mode else n0, looks, alpha, against, levels)
+            selection = SequentialConfig(problem.sigma, alpha, looks, levels=levels).selection  # the runs' rule
+            return exact_sequential_failure(problem, None if label_mode else n0, looks, alpha, against, levels,
+                                            selection)
 
         looks_text = "fitted (alpha spending)" if spent else ",".join(map(str, equal))
         name = f"sequential {policy}{' label' if label_mode else ''} looks={looks_text}"
@@ -583,6 +610,42 @@ def betting_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list[Mo
     if quick:
         return [make("full", False)]
     return [make("full", False), make("grid", False), make("full", True), make("tolerance", False)]
+
+
+ADAPTIVE_N0 = 100
+"""The adaptive-selection modes' n0 (Cohen's): the rule draws it 16 at a time, so a smaller n0 would hide it."""
+
+
+def adaptive_selection_modes(alpha: float, n: int) -> list[Mode]:
+    """Cohen's mode with adaptive class selection (`sequential.selection_step`: 16 votes at a time up to n0 =
+    `ADAPTIVE_N0`, stop when unanimous), for group-sequential CP (looks n/4, n/2, n, alpha / 3 each) and the
+    betting test at last size n, policy full; each checked against its exact failure probability with the
+    adaptive rule's class probabilities (`chosen_class_probabilities`)."""
+    looks = sequential_looks(n)
+
+    def config(sigma: float, betting: bool) -> SequentialConfig | BettingConfig:
+        if betting:
+            return dataclasses.replace(suite_betting_config(sigma, alpha, n), selection="adaptive")
+        return SequentialConfig(sigma, alpha, looks, policy="full", selection="adaptive")
+
+    def make(betting: bool, pack: int = 16) -> Mode:
+        def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
+            gens = _seeded(gen, 2 * pack)
+            certs = certify_sequential_many(smooth, [x] * pack, config(smooth.sigma, betting), batch_size=1000,
+                                            n0=ADAPTIVE_N0, selection_generators=gens[:pack],
+                                            estimation_generators=gens[pack:])
+            return [(c.prediction, c.radius) for c in certs]
+
+        def exact(problem: Problem, against: str) -> float:
+            cfg = config(problem.sigma, betting)
+            if isinstance(cfg, BettingConfig):
+                return exact_betting_failure(problem, ADAPTIVE_N0, cfg, against)
+            return exact_sequential_failure(problem, ADAPTIVE_N0, looks, alpha, against, cfg.levels, cfg.selection)
+
+        test = f"betting full last={n}" if betting else f"sequential full looks={','.join(map(str, looks))}"
+        return Mode(f"{test} adaptive selection n0={ADAPTIVE_N0}", "certify", run, exact)
+
+    return [make(False), make(True)]
 
 
 def betting_double_alpha_control(alpha: float, n0: int, n: int, pack: int = 16) -> Mode:
@@ -794,6 +857,8 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
         raise SmoothAdvError(f"trials must be >= 1, got {trials}")
     modes = [fixed_n_mode(n0, n, alpha), packed_mode(n0, n, alpha), *sequential_modes(alpha, n0, n, quick),
              *betting_modes(alpha, n0, n, quick)]
+    if not quick:
+        modes += adaptive_selection_modes(alpha, n)
     if include_control:
         modes += [point_estimate_control(n0, n, alpha), betting_double_alpha_control(alpha, n0, n)]
     problems = standard_problems(n, alpha, n0, quick)

@@ -1,0 +1,87 @@
+"""Paired comparison of two models certified on the same test images (`report.compare`, `report --paired`,
+the demo's table): counts, p-values and intervals on a hand-made pair of files where they are known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.demo import demo_table
+from smoothadv.errors import SmoothAdvError
+from smoothadv.report import compare, describe_comparison, format_comparison, load_results
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+# A: correct at radius 0.5, 0.1, 0.3 (idx 0, 1, 4), abstains on 2, wrong on 3 -> 3 of 5 at r = 0, 1 of 5 at 0.5
+A = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
+     "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
+# B: correct at radius 0.6 on idx 0-3, wrong on 4 -> 4 of 5 at r = 0 and at 0.5 (rows in another order)
+B = ["3\t4\t4\t0.6\t1\t0:00:01", "0\t1\t1\t0.6\t1\t0:00:01", "1\t2\t2\t0.6\t1\t0:00:01",
+     "2\t3\t3\t0.6\t1\t0:00:01", "4\t0\t7\t0.6\t0\t0:00:01"]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    a.write_text(HEADER + "".join(r + "\n" for r in A))
+    b.write_text(HEADER + "".join(r + "\n" for r in B))
+    return a, b
+
+
+def test_compare_counts_the_discordant_images_and_tests_them(files: tuple[Path, Path]) -> None:
+    comparison = compare(load_results(files[0]), load_results(files[1]), [0.0, 0.5], ("A", "B"))
+    assert comparison.count == 5
+    assert [v for pair in comparison.accuracy for v in pair] == pytest.approx([0.6, 0.8, 0.2, 0.8])
+    # r = 0: only A certifies idx 4, only B idx 2 and 3; r = 0.5: only B certifies idx 1, 2, 3
+    assert comparison.only == ((1, 2), (0, 3))
+    assert comparison.pvalues == pytest.approx((1.0, 0.25))  # 2 P(Bin(3, 1/2) <= 1) (capped), 2 / 8
+    assert comparison.adjusted == pytest.approx((1.0, 0.5))  # Holm: 2 x 0.25, then max(0.5, 1.0)
+    assert comparison.better(0) is None and comparison.better(1) is None
+    # ACR: A 0.18, B 0.48; paired differences 0.1, 0.5, 0.6, 0.6, -0.3: mean 0.3 +- t(0.975, 4) s / sqrt(5)
+    assert comparison.acr == pytest.approx((0.18, 0.48))
+    assert comparison.acr_difference == pytest.approx((0.3, -0.188844, 0.788844), abs=1e-6)
+    assert comparison.better_acr() is None
+    markdown = format_comparison(comparison)
+    assert "| r = 0.5 | 20.0 | 80.0 | +60.0 | 0 | 3 | 0.2500 | 0.5000 | – |" in markdown
+    assert "| ACR | 0.180 | 0.480 | +0.300 [-0.189, +0.789] |  |  |  |  | – |" in markdown
+    assert "no radius shows a supported difference" in describe_comparison(comparison)
+    assert format_comparison(comparison, "csv").splitlines()[2] == "0.5,0.200000,0.800000,0.600000,,,0,3,0.25,0.5,"
+
+
+def test_a_supported_difference_is_named(tmp_path: Path) -> None:
+    rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    # 12 images: B certifies all at 0.5, A none; at r = 0 both are right on all
+    a.write_text("\n".join(rows + [f"{i}\t0\t0\t0.1\t1\t0:00:01" for i in range(12)]) + "\n")
+    b.write_text("\n".join(rows + [f"{i}\t0\t0\t0.6\t1\t0:00:01" for i in range(12)]) + "\n")
+    comparison = compare(load_results(a), load_results(b), [0.0, 0.5], ("A", "B"))
+    assert comparison.only == ((0, 0), (0, 12)) and comparison.pvalues == pytest.approx((1.0, 2 / 2**12))
+    assert comparison.better(1) == "B" and comparison.better(0) is None and comparison.better_acr() == "B"
+    assert describe_comparison(comparison).startswith("Paired over the same 12 test images")
+    assert "B certifies more than A at r = 0.5; at r = 0 the difference is within" in describe_comparison(comparison)
+
+
+def test_compare_refuses_files_of_different_images(files: tuple[Path, Path], tmp_path: Path) -> None:
+    other = tmp_path / "c.tsv"
+    other.write_text(HEADER + "".join(r + "\n" for r in A[:4]))
+    with pytest.raises(SmoothAdvError, match="different test images"):
+        compare(load_results(files[0]), load_results(other), [0.0])
+
+
+def test_demo_table_has_the_intervals_and_the_paired_comparison(files: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    certify = {"gaussian": load_results(files[0]), "smoothadv": load_results(files[1])}
+    table = demo_table(certify, {}, [0.0, 0.5])
+    # 3 of 5 and 1 of 5 (A), 4 of 5 (B): the exact 95% Clopper-Pearson intervals
+    assert "| gaussian | 60.0 [14.7, 94.7] | 20.0 [0.5, 71.6] | 0.180 | 20.0 |" in table
+    assert "| smoothadv | 80.0 [28.4, 99.5] | 80.0 [28.4, 99.5] | 0.480 | 0.0 |" in table
+    assert "| r = 0 | 60.0 | 80.0 | +20.0 | 1 | 2 | 1.0000 | 1.0000 | – |" in table
+    assert table.endswith(describe_comparison(
+        compare(certify["gaussian"], certify["smoothadv"], [0.0, 0.5], ("gaussian", "smoothadv"))))
+    # ... which is what `smoothadv report --ci --paired` prints
+    assert main(["report", f"gaussian={files[0]}", f"smoothadv={files[1]}", "--radii", "0", "0.5", "--ci",
+                 "--paired"]) == 0
+    assert capsys.readouterr().out == table
+    assert main(["report", f"A={files[0]}", "--paired"]) == 2
+    assert "--paired compares two certify inputs, got 1" in capsys.readouterr().err
