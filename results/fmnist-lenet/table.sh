@@ -16,6 +16,7 @@ for sigma in 0.25 0.5; do
     args+=("$name=$tsv" --published "$name=$recipes/${recipe}_s${sigma}.toml")
   done
   [ ${#args[@]} -gt 0 ] || continue
-  ${SMOOTHADV:-smoothadv} report "${args[@]}" --ci --radii 0 0.25 0.5 0.75 1 1.25 1.5 2 --out "table_s${sigma}.md" \
+  radii=(0 0.25 0.5 0.75 1); [ "$sigma" = 0.5 ] && radii=(0 0.25 0.5 0.75 1 1.25 1.5 2)  # to the first radius past the cap 3.81 sigma
+  ${SMOOTHADV:-smoothadv} report "${args[@]}" --ci --radii "${radii[@]}" --out "table_s${sigma}.md" \
       --plot "certified_s${sigma}.png" --force
 done
