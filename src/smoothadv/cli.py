@@ -360,9 +360,10 @@ def add_report(sub: Any) -> None:
                    help="add a 95%% Clopper-Pearson interval over the test images to each certified accuracy "
                         "(and a band to the plot)")
     p.add_argument("--paired", action="store_true",
-                   help="compare the two certify inputs on their common test images, after the table: at each radius "
-                        "an exact McNemar test on the images only one model certifies (Holm-adjusted over the radii), "
-                        "and the ACR difference with its 95%% interval")
+                   help="compare every certify input with the first one on their common test images, after the "
+                        "table: at each radius an exact McNemar test on the images only one model certifies "
+                        "(Holm-adjusted over all radii and comparisons), and the ACR difference with its 95%% "
+                        "interval")
     p.add_argument("--alpha", type=probability, default=0.001,
                    help="certification failure probability (high-prob; default: 0.001)")
     p.add_argument("--rho", type=probability, default=0.001,
@@ -382,7 +383,7 @@ def add_report(sub: Any) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
     from .report import (
-        compare,
+        compare_to_first,
         default_radii,
         describe_comparison,
         format_comparison,
@@ -431,13 +432,12 @@ def run_report(args: argparse.Namespace) -> None:
                       costs=costs)
     text = format_table(table, args.format)
     if args.paired:
-        if len(certify) != 2:
-            raise SmoothAdvError(f"--paired compares two certify inputs, got {len(certify)}")
-        (first, a), (second, b) = certify.items()
-        comparison = compare(a, b, table.radii, (first, second))
-        text += "\n" + format_comparison(comparison, args.format)
-        if args.format == "markdown":
-            text += "\n" + describe_comparison(comparison)
+        if len(certify) < 2:
+            raise SmoothAdvError(f"--paired compares certify inputs with the first one, got {len(certify)} input")
+        for comparison in compare_to_first(certify, table.radii):
+            text += "\n" + format_comparison(comparison, args.format)
+            if args.format == "markdown":
+                text += "\n" + describe_comparison(comparison)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")

@@ -34,7 +34,7 @@ import io
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -603,8 +603,10 @@ class Comparison:
     Per radius: each model's certified accuracy, the discordant counts `only` (images certified at r by
     the first model only, by the second only), the exact McNemar p-value of each radius and the same
     p-values Holm-adjusted over the radii (one family: a difference is `supported` at any radius whose
-    adjusted p-value is <= 1 - level). ACR: each model's and the `acr_difference` (second minus first)
-    with its Student t interval at `level` over the images' paired radius differences.
+    adjusted p-value is <= 1 - level; `compare_to_first` widens the family to every model against the
+    first, and `family` counts its tests). ACR: each model's and the `acr_difference` (second minus
+    first) with its Student t interval at `level` over the images' paired radius differences (not
+    adjusted for multiplicity: ACR is the secondary measure).
     """
 
     names: tuple[str, str]
@@ -617,6 +619,12 @@ class Comparison:
     acr: tuple[float, float]
     acr_difference: tuple[float, float, float]  # (mean, low, high)
     level: float = 0.95
+    family: int = 0  # tests in the Holm family of `adjusted` (0: this comparison's radii)
+
+    @property
+    def family_size(self) -> int:
+        """How many tests `adjusted` was Holm-adjusted over."""
+        return self.family or len(self.radii)
 
     def better(self, j: int) -> str | None:
         """The model that certifies more at radius j when the paired test supports a difference, else None."""
@@ -661,6 +669,27 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
                       tuple(pvalues), tuple(float(p) for p in holm_adjust(pvalues)),
                       (float(a_certified.mean()), float(b_certified.mean())),
                       mean_interval(b_certified - a_certified, level), level)
+
+
+def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], level: float = 0.95
+                     ) -> list[Comparison]:
+    """Every model against the first one (the baseline), on the same test images.
+
+    One `compare` per other model, with the Holm adjustment taken over all (models - 1) x radii
+    tests at once, so that the family-wise error of every "certifies more" it supports is at most
+    1 - level however many models are compared. With two models this is `compare`.
+    """
+    names = list(results)
+    if len(names) < 2:
+        raise SmoothAdvError(f"a paired comparison needs at least two certify inputs, got {len(names)}")
+    base = names[0]
+    comparisons = [compare(results[base], results[name], radii, (base, name), level) for name in names[1:]]
+    if len(comparisons) == 1:
+        return comparisons
+    adjusted = holm_adjust([p for c in comparisons for p in c.pvalues])
+    k = len(comparisons[0].radii)
+    return [replace(c, adjusted=tuple(float(p) for p in adjusted[i * k:(i + 1) * k]),
+                                family=len(adjusted)) for i, c in enumerate(comparisons)]
 
 
 def format_comparison(comparison: Comparison, fmt: Format = "markdown") -> str:
@@ -712,11 +741,14 @@ def describe_comparison(comparison: Comparison) -> str:
     parts = [f"{name} certifies more than {other} at r = {', '.join(radii[name])}"
              for name, other in ((b, a), (a, b)) if radii[name]]
     mean, low, high = comparison.acr_difference
-    interval = f"{b} - {a} = {mean:+.3f}, {100 * comparison.level:g}% interval [{low:+.3f}, {high:+.3f}]"
+    unadjusted = "" if comparison.family_size == len(comparison.radii) else ", not adjusted for multiplicity"
+    interval = f"{b} - {a} = {mean:+.3f}, {100 * comparison.level:g}% interval [{low:+.3f}, {high:+.3f}]{unadjusted}"
     acr = (f"the higher ACR is {comparison.better_acr()}'s ({interval})" if comparison.better_acr()
            else f"the ACRs do not differ beyond their uncertainty ({interval})")
+    family = (f"the {len(comparison.radii)} radii" if comparison.family_size == len(comparison.radii) else
+              f"all {comparison.family_size} tests of the models against {a}")
     text = (f"Paired over the same {comparison.count} test images (exact McNemar test on the images one model "
-            f"certifies at r and the other does not, Holm-adjusted over the {len(comparison.radii)} radii, at the "
+            f"certifies at r and the other does not, Holm-adjusted over {family}, at the "
             f"{level} level): " + ("; ".join(parts) if parts else "no radius shows a supported difference"))
     if parts and unsupported:
         text += f"; at r = {', '.join(unsupported)} the difference is within what these images can tell apart"
