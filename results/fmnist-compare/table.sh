@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The table and the plot of the comparison (run.sh's last step; runs on whatever certify TSVs are complete):
 # certified accuracy per radius with 95% Clopper-Pearson intervals over the 500 test images, ACR, abstentions
-# (smoothadv report --ci), and the training cost per method (cost.tsv: CPU-seconds per epoch measured by
+# (smoothadv report --ci), each method against Gaussian image by image (--paired: exact McNemar tests, Holm-adjusted
+# over all radii and methods), and the training cost per method (cost.tsv: CPU-seconds per epoch measured by
 # benchmarks/method_cost.py, and each method's cost model).
 #   bash results/fmnist-compare/table.sh
 set -euo pipefail
@@ -16,8 +17,10 @@ for name in gaussian stability consistency smoothadv smoothmix catrs macer consi
     fi
 done
 [ ${#inputs[@]} -gt 0 ] || { echo "no complete certify TSV yet"; exit 0; }
+paired=()
+[ ${#inputs[@]} -gt 1 ] && paired=(--paired)
 cost=()
 [ -f "$here/cost.tsv" ] && cost=(--cost "$here/cost.tsv")
-"$SMOOTHADV" report "${inputs[@]}" --ci --radii 0 0.25 0.5 0.75 "${cost[@]}" --out table.md \
+"$SMOOTHADV" report "${inputs[@]}" --ci "${paired[@]}" --radii 0 0.25 0.5 0.75 "${cost[@]}" --out table.md \
     --plot certified.png --force
 cat table.md
