@@ -23,7 +23,8 @@
 #
 # Variables (for a quick check of the script, not for the published run): OUT (output folder, default this
 # script's folder), EPOCHS, TRAIN_SUBSET (train on the first N images), CERTIFY_MAX (certify at most this
-# many of the 500 images), N_PI, N (certification samples).
+# many of the 500 images), N_PI, N (certification samples). ONLY="macer catrs ..." runs only the named methods
+# (catrs with its prior and pi), for example to split the comparison over two cores or machines sharing this folder.
 set -euo pipefail
 
 main() {
@@ -56,8 +57,8 @@ main() {
     method consistency consistency
     method smoothadv smoothadv_pgd_t2_m1_e1.0 --warmup 1
     method smoothmix smoothmix --warmup 1
-    train catrs_prior catrs_prior_gaussian
-    if ! complete "$pi" 60000 "${TRAIN_SUBSET:-}"; then
+    wanted catrs && train catrs_prior catrs_prior_gaussian
+    if wanted catrs && ! complete "$pi" 60000 "${TRAIN_SUBSET:-}"; then
         run smooth_prediction "$SMOOTHADV" smooth-prediction runs/catrs_prior/checkpoint.pth.tar --sigma 0.25 \
             --n "$N_PI" --split train --batch 1000 --seed 0 --device cpu --no-progress --resume \
             ${TRAIN_SUBSET:+--max "$TRAIN_SUBSET"} --out "$pi"
@@ -65,7 +66,7 @@ main() {
     method catrs catrs --smoothed-prediction "$pi"
     method macer macer --deferred "$step"
     method consistency_adv consistency_adv --warmup 1
-    run table bash "$here/table.sh"
+    [ -n "${ONLY:-}" ] || run table bash "$here/table.sh"
     echo "$(date -u +%T) all done"
 }
 
@@ -82,6 +83,10 @@ complete() {  # complete FILE ROWS [SUBSET]: the TSV exists with ROWS data rows 
     [ -f "$1" ] && [ "$(($(wc -l < "$1") - 1))" -ge "$rows" ]
 }
 
+wanted() {  # wanted NAME: NAME is among ONLY, or ONLY is unset
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
+}
+
 train() {  # train NAME RECIPE [FLAGS...]: train runs/NAME with configs/fashion_mnist/RECIPE_s0.25.toml
     local name=$1 recipe=$2
     shift 2
@@ -93,6 +98,7 @@ train() {  # train NAME RECIPE [FLAGS...]: train runs/NAME with configs/fashion_
 
 method() {  # method NAME RECIPE [FLAGS...]: train, then certify NAME.tsv
     local name=$1
+    wanted "$name" || return 0
     train "$@"
     local images=$((10000 / 20))
     [ -n "${CERTIFY_MAX:-}" ] && images=$CERTIFY_MAX
