@@ -24,3 +24,13 @@ cost=()
 "$SMOOTHADV" report "${inputs[@]}" --ci "${paired[@]}" --radii 0 0.25 0.5 0.75 "${cost[@]}" --out table.md \
     --plot certified.png --force
 cat table.md
+# Exploratory, chosen after seeing the comparisons with Gaussian: the other methods against Consistency, the cheapest
+# method with supported gains at three radii (its own Holm family; vs_consistency.md)
+others=()
+for input in "${inputs[@]}"; do
+    case $input in gaussian=*|consistency=*) ;; *) others+=("$input") ;; esac
+done
+if [[ " ${inputs[*]} " == *" consistency=consistency.tsv "* ]] && [ ${#others[@]} -gt 0 ]; then
+    "$SMOOTHADV" report consistency=consistency.tsv "${others[@]}" --paired --radii 0 0.25 0.5 0.75 \
+        --out vs_consistency.md --force
+fi
