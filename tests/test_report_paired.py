@@ -96,11 +96,11 @@ def test_several_models_are_compared_with_the_first_under_one_holm_family(files:
     results = {"A": load_results(files[0]), "B": load_results(files[1]), "C": load_results(c)}
     comparisons = compare_to_first(results, [0.0, 0.5])
     assert [x.names for x in comparisons] == [("A", "B"), ("A", "C")]
-    assert all(x.family_size == 4 and x.pvalues == pytest.approx((1.0, 0.25)) for x in comparisons)
+    assert all(x.family == 4 and x.pvalues == pytest.approx((1.0, 0.25)) for x in comparisons)
     assert all(x.adjusted == pytest.approx((1.0, 1.0)) for x in comparisons)
     # two models: the same as compare (Holm over the radii only)
     single = compare_to_first({"A": results["A"], "B": results["B"]}, [0.0, 0.5])
-    assert single == [compare(results["A"], results["B"], [0.0, 0.5], ("A", "B"))] and single[0].family_size == 2
+    assert single == [compare(results["A"], results["B"], [0.0, 0.5], ("A", "B"))] and single[0].family == 2
     # a supported difference survives the wider family: 12 images, B certifies all at 0.5 and A none
     rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
     paths = {}

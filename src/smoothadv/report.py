@@ -619,12 +619,7 @@ class Comparison:
     acr: tuple[float, float]
     acr_difference: tuple[float, float, float]  # (mean, low, high)
     level: float = 0.95
-    family: int = 0  # tests in the Holm family of `adjusted` (0: this comparison's radii)
-
-    @property
-    def family_size(self) -> int:
-        """How many tests `adjusted` was Holm-adjusted over."""
-        return self.family or len(self.radii)
+    family: int = 0  # how many tests `adjusted` was Holm-adjusted over (`compare`: the radii)
 
     def better(self, j: int) -> str | None:
         """The model that certifies more at radius j when the paired test supports a difference, else None."""
@@ -668,7 +663,7 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
     return Comparison(names, len(first), tuple(float(r) for r in radii_a), tuple(accuracy), tuple(only),
                       tuple(pvalues), tuple(float(p) for p in holm_adjust(pvalues)),
                       (float(a_certified.mean()), float(b_certified.mean())),
-                      mean_interval(b_certified - a_certified, level), level)
+                      mean_interval(b_certified - a_certified, level), level, len(radii_a))
 
 
 def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], level: float = 0.95
@@ -688,8 +683,8 @@ def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], lev
         return comparisons
     adjusted = holm_adjust([p for c in comparisons for p in c.pvalues])
     k = len(comparisons[0].radii)
-    return [replace(c, adjusted=tuple(float(p) for p in adjusted[i * k:(i + 1) * k]),
-                                family=len(adjusted)) for i, c in enumerate(comparisons)]
+    return [replace(c, adjusted=tuple(float(p) for p in adjusted[i * k:(i + 1) * k]), family=len(adjusted))
+            for i, c in enumerate(comparisons)]
 
 
 def format_comparison(comparison: Comparison, fmt: Format = "markdown") -> str:
@@ -741,12 +736,12 @@ def describe_comparison(comparison: Comparison) -> str:
     parts = [f"{name} certifies more than {other} at r = {', '.join(radii[name])}"
              for name, other in ((b, a), (a, b)) if radii[name]]
     mean, low, high = comparison.acr_difference
-    unadjusted = "" if comparison.family_size == len(comparison.radii) else ", not adjusted for multiplicity"
+    unadjusted = "" if comparison.family == len(comparison.radii) else ", not adjusted for multiplicity"
     interval = f"{b} - {a} = {mean:+.3f}, {100 * comparison.level:g}% interval [{low:+.3f}, {high:+.3f}]{unadjusted}"
     acr = (f"the higher ACR is {comparison.better_acr()}'s ({interval})" if comparison.better_acr()
            else f"the ACRs do not differ beyond their uncertainty ({interval})")
-    family = (f"the {len(comparison.radii)} radii" if comparison.family_size == len(comparison.radii) else
-              f"all {comparison.family_size} tests of the models against {a}")
+    family = (f"the {len(comparison.radii)} radii" if comparison.family == len(comparison.radii) else
+              f"all {comparison.family} tests of the models against {a}")
     text = (f"Paired over the same {comparison.count} test images (exact McNemar test on the images one model "
             f"certifies at r and the other does not, Holm-adjusted over {family}, at the "
             f"{level} level): " + ("; ".join(parts) if parts else "no radius shows a supported difference"))
