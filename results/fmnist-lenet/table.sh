@@ -7,16 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 recipes=../../configs/fashion_mnist
 for sigma in 0.25 0.5; do
-  args=()
+  args=() published=()
   for pair in "Gaussian:gaussian:cohen_gaussian" "Stability:stability:stability" "Consistency:consistency:consistency" \
               "SmoothAdv T2 m1:smoothadv_pgd_t2_m1_e1.0:smoothadv_pgd_t2_m1_e1.0"; do
     IFS=: read -r name method recipe <<< "$pair"
     tsv="certify/${method}_s${sigma}.tsv"
     [ -e "$tsv" ] || continue
-    args+=("$name=$tsv" --published "$name=$recipes/${recipe}_s${sigma}.toml")
+    args+=("$name=$tsv")  # the inputs first, then the flags: argparse takes the inputs as one list
+    published+=(--published "$name=$recipes/${recipe}_s${sigma}.toml")
   done
   [ ${#args[@]} -gt 0 ] || continue
   radii=(0 0.25 0.5 0.75 1); [ "$sigma" = 0.5 ] && radii=(0 0.25 0.5 0.75 1 1.25 1.5 2)  # to the first radius past the cap 3.81 sigma
-  ${SMOOTHADV:-smoothadv} report "${args[@]}" --ci --radii "${radii[@]}" --out "table_s${sigma}.md" \
+  ${SMOOTHADV:-smoothadv} report "${args[@]}" "${published[@]}" --ci --radii "${radii[@]}" --out "table_s${sigma}.md" \
       --plot "certified_s${sigma}.png" --force
 done
