@@ -679,8 +679,6 @@ def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], lev
         raise SmoothAdvError(f"a paired comparison needs at least two certify inputs, got {len(names)}")
     base = names[0]
     comparisons = [compare(results[base], results[name], radii, (base, name), level) for name in names[1:]]
-    if len(comparisons) == 1:
-        return comparisons
     adjusted = holm_adjust([p for c in comparisons for p in c.pvalues])
     k = len(comparisons[0].radii)
     return [replace(c, adjusted=tuple(float(p) for p in adjusted[i * k:(i + 1) * k]), family=len(adjusted))
