@@ -27,10 +27,15 @@ Two cost models, both in units of a Gaussian epoch:
 The table gives the measured ratio to Gaussian and measured / model for both. With `--forward-n` it also
 measures CAT-RS's one-off precomputation (`smoothadv smooth-prediction`: forward passes of noisy copies in
 batches of 1000, `Smooth.sample_counts`, the same code path) on the Gaussian recipe's model: CPU-seconds per
-training image at N noisy copies, extrapolated linearly from `--forward-n` copies.
+training image at N noisy copies, extrapolated linearly from `--forward-n` copies. With `--rows` it also
+times the first recipe's objective (Gaussian by default) on loader batches of each given size: CPU time per
+image, and its ratio to the first size. A method that passes m copies of each of B images through the model
+at once (MACER: 16 x 256 = 4,096 rows) pays this per-row price on top of its cost model.
 
     OMP_NUM_THREADS=1 python benchmarks/method_cost.py
     OMP_NUM_THREADS=1 python benchmarks/method_cost.py --batches 2 --reps 2 --forward-n 2000 --n 10000 1000
+    OMP_NUM_THREADS=1 python benchmarks/method_cost.py gaussian=configs/fashion_mnist/cohen_gaussian_s0.25.toml \
+        macer=configs/fashion_mnist/macer_s0.25.toml --batches 1 --reps 3 --rows 256 1024 4096
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ def main() -> None:
                         help="training images per epoch (default: the dataset's training split)")
     parser.add_argument("--forward-n", type=int, default=0,
                         help="noisy copies to time for CAT-RS's precomputation (0: skip)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[],
+                        help="also time the first recipe's objective per image on loader batches of these sizes")
     parser.add_argument("--n", type=int, nargs="+", default=[10000, 1000],
                         help="N of the precomputation to extrapolate to (default: 10000 1000)")
     args = parser.parse_args()
@@ -182,6 +189,8 @@ def main() -> None:
                    f"{formula}\t{pass_model:.4g}")
     if args.tsv:
         Path(args.tsv).write_text("\n".join(tsv) + "\n")
+    if args.rows:
+        row_scaling(built[0], args.rows, args.reps, gen)
     if args.forward_n:
         _, _, cfg, _ = built[0]
         torch.manual_seed(0)
@@ -201,6 +210,36 @@ def main() -> None:
         for n in args.n:
             print(f"  N = {n}: {per_copy * n:.2f} CPU-s per training image, {per_copy * n * size / 3600:.2f} "
                   f"CPU-h for {size} images = {per_copy * n * size / base:.1f} Gaussian epochs")
+
+
+def row_scaling(baseline: tuple[Path, Objective, dict, int], rows: list[int], reps: int,
+                gen: torch.Generator) -> None:
+    """Print the CPU time per image of one training step of the baseline recipe's objective on a loader
+    batch of each size in `rows`, interleaved and repeated `reps` times (medians), as a ratio to the first."""
+    recipe, objective, cfg, size = baseline
+    shape = dataset_info(cfg["dataset"]).input_shape
+    torch.manual_seed(0)
+    model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+    data = {n: [(torch.rand(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen),
+                 torch.randint(0, size, (n,), generator=gen))] for n in rows}
+    times: dict[int, list[float]] = {n: [] for n in rows}
+    for rep in range(reps + 1):  # the first round warms up
+        for n in rows[rep % len(rows):] + rows[:rep % len(rows)]:
+            start = time.process_time()
+            train_epoch(model, objective, optimizer, iter(data[n]), torch.device("cpu"),
+                        generator=torch.Generator().manual_seed(1))
+            if rep:
+                times[n].append((time.process_time() - start) / n)
+    base = statistics.median(times[rows[0]])
+    print()
+    print(f"Per-image cost of {recipe.name} ({label(objective)}) by loader batch size, {reps} reps (medians):")
+    print(f"| rows per pass | CPU-us per image | ratio to {rows[0]} rows |")
+    print("|---:|---:|---:|")
+    for n in rows:
+        per_image = statistics.median(times[n])
+        print(f"| {n} | {per_image * 1e6:.0f} | {per_image / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
