@@ -25,14 +25,25 @@
 # script's folder), EPOCHS, TRAIN_SUBSET (train on the first N images), CERTIFY_MAX (certify at most this
 # many of the 500 images), N_PI, N (certification samples). ONLY="macer catrs ..." runs only the named methods
 # (catrs with its prior and pi), for example to split the comparison over two cores or machines sharing this folder.
+#
+# SIGMA=0.5 runs the same comparison at sigma = 0.5 (the <method>_s0.5.toml recipes, certified at sigma 0.5, the
+# table at r = 0 ... 1.5) into s0.5/ (or OUT). CAT-RS's pi comes from the sigma = 0.25 Gaussian prior at every
+# sigma, as published (catrs_s0.5.toml), so it reuses this folder's runs/catrs_prior when OUT is not given.
 set -euo pipefail
 
 main() {
     local here
     here=$(cd "$(dirname "$0")" && pwd)
     local repo=$here/../..
-    OUT=${OUT:-$here}
     SMOOTHADV=${SMOOTHADV:-smoothadv}
+    SIGMA=${SIGMA:-0.25}
+    local prior=runs/catrs_prior
+    if [ "$SIGMA" != 0.25 ] && [ -z "${OUT:-}" ]; then
+        OUT=$here/s$SIGMA
+        prior=$here/runs/catrs_prior
+    fi
+    OUT=${OUT:-$here}
+    export OUT SIGMA  # table.sh reads both
     EPOCHS=${EPOCHS:-3}
     local step=$((EPOCHS / 3 > 0 ? EPOCHS / 3 : 1))
     N_PI=${N_PI:-100}
@@ -48,18 +59,18 @@ main() {
     TRAIN=(--epochs "$EPOCHS" --lr-step "$step" --seed 0 --device cpu --no-progress "${subset[@]}")
     # --selection fixed: the class from all n0 = 100 selection samples (Cohen's rule, the one every method of the
     # comparison was certified with; the sequential test's default became the adaptive rule meanwhile)
-    CERTIFY=(--sigma 0.25 --n0 100 --n "$N" --alpha 0.001 --batch 1000 --skip 20 --mode sequential --selection fixed
+    CERTIFY=(--sigma "$SIGMA" --n0 100 --n "$N" --alpha 0.001 --batch 1000 --skip 20 --mode sequential --selection fixed
              --seed 0 --device cpu --no-progress "${certify_max[@]}")
-    local pi=runs/catrs_prior/smooth_prediction_train.tsv
+    local pi=$prior/smooth_prediction_train.tsv
 
     method gaussian cohen_gaussian
     method stability stability
     method consistency consistency
     method smoothadv smoothadv_pgd_t2_m1_e1.0 --warmup 1
     method smoothmix smoothmix --warmup 1
-    wanted catrs && train catrs_prior catrs_prior_gaussian
+    wanted catrs && SIGMA=0.25 train "$prior" catrs_prior_gaussian
     if wanted catrs && ! complete "$pi" 60000 "${TRAIN_SUBSET:-}"; then
-        run smooth_prediction "$SMOOTHADV" smooth-prediction runs/catrs_prior/checkpoint.pth.tar --sigma 0.25 \
+        run smooth_prediction "$SMOOTHADV" smooth-prediction "$prior/checkpoint.pth.tar" --sigma 0.25 \
             --n "$N_PI" --split train --batch 1000 --seed 0 --device cpu --no-progress --resume \
             ${TRAIN_SUBSET:+--max "$TRAIN_SUBSET"} --out "$pi"
     fi
@@ -87,12 +98,13 @@ wanted() {  # wanted NAME: NAME is among ONLY, or ONLY is unset
     [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
 }
 
-train() {  # train NAME RECIPE [FLAGS...]: train runs/NAME with configs/fashion_mnist/RECIPE_s0.25.toml
-    local name=$1 recipe=$2
+train() {  # train NAME|DIR RECIPE [FLAGS...]: train runs/NAME (or DIR) with configs/fashion_mnist/RECIPE_s<SIGMA>.toml
+    local name=$1 recipe=$2 dir=runs/$1
     shift 2
-    if ! complete "runs/$name/log.tsv" "$EPOCHS"; then
-        run "train_$name" "$SMOOTHADV" train --config "$repo/configs/fashion_mnist/${recipe}_s0.25.toml" \
-            "${TRAIN[@]}" "$@" --resume --out "runs/$name"
+    [[ $name == */* ]] && { dir=$name; name=$(basename "$name"); }
+    if ! complete "$dir/log.tsv" "$EPOCHS"; then
+        run "train_$name" "$SMOOTHADV" train --config "$repo/configs/fashion_mnist/${recipe}_s${SIGMA}.toml" \
+            "${TRAIN[@]}" "$@" --resume --out "$dir"
     fi
 }
 

@@ -4,10 +4,18 @@
 # (smoothadv report --ci), each method against Gaussian image by image (--paired: exact McNemar tests, Holm-adjusted
 # over all radii and methods), and the training cost per method (cost.tsv: CPU-seconds per epoch measured by
 # benchmarks/method_cost.py, and each method's cost model).
+# The cost columns come from cost.tsv, measured at sigma = 0.25 (an epoch's cost does not depend on sigma).
 #   bash results/fmnist-compare/table.sh
+#   SIGMA=0.5 bash results/fmnist-compare/table.sh     # the sigma = 0.5 comparison in s0.5/ (r = 0 ... 1.5)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "${OUT:-$here}"
+SIGMA=${SIGMA:-0.25}
+out=${OUT:-$here}
+[ "$SIGMA" != 0.25 ] && [ -z "${OUT:-}" ] && out=$here/s$SIGMA
+cd "$out"
+radii=(0 0.25 0.5 0.75)
+[ "$SIGMA" = 0.5 ] && radii=(0 0.25 0.5 0.75 1.0 1.25 1.5)
+[ "$SIGMA" = 1.0 ] && radii=(0 0.5 1.0 1.5 2.0 2.5 3.0)
 SMOOTHADV=${SMOOTHADV:-smoothadv}
 images=${CERTIFY_MAX:-500}
 inputs=()
@@ -21,7 +29,7 @@ paired=()
 [ ${#inputs[@]} -gt 1 ] && paired=(--paired)
 cost=()
 [ -f "$here/cost.tsv" ] && cost=(--cost "$here/cost.tsv")
-"$SMOOTHADV" report "${inputs[@]}" --ci "${paired[@]}" --radii 0 0.25 0.5 0.75 "${cost[@]}" --out table.md \
+"$SMOOTHADV" report "${inputs[@]}" --ci "${paired[@]}" --radii "${radii[@]}" "${cost[@]}" --out table.md \
     --plot certified.png --force
 cat table.md
 # Exploratory, chosen after seeing the comparisons with Gaussian: the other methods against Consistency, the cheapest
@@ -31,6 +39,6 @@ for input in "${inputs[@]}"; do
     case $input in gaussian=*|consistency=*) ;; *) others+=("$input") ;; esac
 done
 if [[ " ${inputs[*]} " == *" consistency=consistency.tsv "* ]] && [ ${#others[@]} -gt 0 ]; then
-    "$SMOOTHADV" report consistency=consistency.tsv "${others[@]}" --paired --radii 0 0.25 0.5 0.75 \
+    "$SMOOTHADV" report consistency=consistency.tsv "${others[@]}" --paired --radii "${radii[@]}" \
         --out vs_consistency.md --force
 fi
