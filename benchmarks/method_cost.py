@@ -114,6 +114,14 @@ def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:
                        "normalization": settings.normalization, "sigma": settings.sigma}
 
 
+def model_and_optimizer(cfg: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The recipe's model (seed 0) and its SGD optimizer."""
+    torch.manual_seed(0)
+    model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"])
+    return model, torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                  weight_decay=cfg["weight_decay"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", default=COMPARISON, metavar="[NAME=]RECIPE",
@@ -151,10 +159,7 @@ def main() -> None:
         shape, batch = dataset_info(cfg["dataset"]).input_shape, cfg["batch"]
         data = [(torch.rand(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen),
                  torch.randint(0, size, (batch,), generator=gen)) for _ in range(args.batches)]
-        torch.manual_seed(0)
-        model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"])
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                    weight_decay=cfg["weight_decay"])
+        model, optimizer = model_and_optimizer(cfg)
 
         def once(model=model, objective=objective, optimizer=optimizer, data=data) -> float:
             start = time.process_time()
@@ -218,10 +223,7 @@ def row_scaling(baseline: tuple[Path, Objective, dict, int], rows: list[int], re
     batch of each size in `rows`, interleaved and repeated `reps` times (medians), as a ratio to the first."""
     recipe, objective, cfg, size = baseline
     shape = dataset_info(cfg["dataset"]).input_shape
-    torch.manual_seed(0)
-    model = build_model(cfg["arch"], cfg["dataset"], cfg["normalization"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
+    model, optimizer = model_and_optimizer(cfg)
     data = {n: [(torch.rand(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen),
                  torch.randint(0, size, (n,), generator=gen))] for n in rows}
     times: dict[int, list[float]] = {n: [] for n in rows}
