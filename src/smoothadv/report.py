@@ -618,8 +618,8 @@ class Comparison:
     adjusted: tuple[float, ...]
     acr: tuple[float, float]
     acr_difference: tuple[float, float, float]  # (mean, low, high)
+    family: int  # how many tests `adjusted` was Holm-adjusted over (`compare`: the radii)
     level: float = 0.95
-    family: int = 0  # how many tests `adjusted` was Holm-adjusted over (`compare`: the radii)
 
     def better(self, j: int) -> str | None:
         """The model that certifies more at radius j when the paired test supports a difference, else None."""
@@ -663,7 +663,7 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
     return Comparison(names, len(first), tuple(float(r) for r in radii_a), tuple(accuracy), tuple(only),
                       tuple(pvalues), tuple(float(p) for p in holm_adjust(pvalues)),
                       (float(a_certified.mean()), float(b_certified.mean())),
-                      mean_interval(b_certified - a_certified, level), level, len(radii_a))
+                      mean_interval(b_certified - a_certified, level), len(radii_a), level)
 
 
 def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], level: float = 0.95
