@@ -2,8 +2,9 @@
 # What the cheaper SmoothAdv attack plausibly costs (issue 14). Our SmoothAdv row trains with PGD T = 2, m = 1; the
 # published Fashion-MNIST row used T = 10, m = 4. Salman et al. ran both on CIFAR-10 (ResNet-110, eps = 255/256,
 # sigma = 0.25 and 0.5, 150 epochs) and released per-image certification logs on the same 500 test images (every
-# 20th), so the paired test separates the two knobs there: T (2 against 10 at m = 4, and at m = 1) and m (1 against 4
-# at T = 10). Their logs are not part of this repository: pass a checkout of
+# 20th), so paired tests against T10 m4 separate the two knobs there: T (T2 m4) and m (T10 m1), and both (T2 m1).
+# T at m = 1 (T2 m1 against T10 m1) is read from the rows only, not tested. Their logs are not part of this
+# repository: pass a checkout of
 # https://github.com/Hadisalman/smoothing-adversarial (its data/certify/cifar10/ folders).
 #   bash results/fmnist-lenet/attack_cost.sh PATH/TO/smoothing-adversarial    # writes attack_cost.md
 set -euo pipefail
