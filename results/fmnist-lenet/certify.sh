@@ -4,6 +4,9 @@
 # and the standard-radii grid policy, measured within 0.4 pp of fixed n in results/sequential/; adaptive class
 # selection, pinned so that every method of the table is certified alike). Re-running resumes.
 #   bash results/fmnist-lenet/certify.sh METHOD SIGMA     # after train.sh METHOD SIGMA has finished its 90 epochs
+# To use k cores, run k jobs SHARD=0/k ... SHARD=k-1/k (each writes certify/M_sS.tsv.shard-i-of-k and resumes
+# alike), then `smoothadv merge results/fmnist-lenet/certify/M_sS.tsv`. Rows do not depend on sharding: each
+# image draws its noise from its own seeded generator, so the merged file is the one a single job writes.
 set -euo pipefail
 cd "$(dirname "$0")"
 method=$1 sigma=$2
@@ -13,7 +16,11 @@ epochs=$(($(wc -l < "$run/log.tsv") - 1))
 [ "$epochs" -ge 90 ] || { echo "certify.sh: $run has $epochs of 90 epochs; finish it with train.sh first" >&2; exit 2; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p certify logs
-resume=(); [ -e "$out" ] && resume=(--resume)
+shard=() written=$out log="logs/certify_${method}_s${sigma}.log"
+if [ -n "${SHARD:-}" ]; then
+    shard=(--shard "$SHARD") written="$out.shard-${SHARD%/*}-of-${SHARD#*/}" log="${log%.log}.shard-${SHARD%/*}-of-${SHARD#*/}.log"
+fi
+resume=(); [ -e "$written" ] && resume=(--resume)
 ${SMOOTHADV:-smoothadv} certify "$run/checkpoint.pth.tar" --sigma "$sigma" --out "$out" --skip 20 --n0 100 --n 100000 \
-    --alpha 0.001 --mode sequential --selection adaptive --batch 1000 --seed 0 --device cpu --no-progress "${resume[@]}" \
-    >> "logs/certify_${method}_s${sigma}.log" 2>&1
+    --alpha 0.001 --mode sequential --selection adaptive --batch 1000 --seed 0 --device cpu --no-progress \
+    "${shard[@]}" "${resume[@]}" >> "$log" 2>&1
