@@ -81,10 +81,18 @@ def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(t
     assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "--ci", "--published", f"A={recipe}", "--out", str(out),
                  "--plot", str(tmp_path / "plot.png")]) == 0
     assert "| A (published) | 90.0 | 80.0 † |" in out.read_text()
+    # a [paper] label names a published model that is not the recipe's own; the row keeps its place under A
+    recipe.write_text(recipe.read_text().replace("[paper]\n", '[paper]\nlabel = "A stronger"\n'))
+    assert load_published(recipe).label == "A stronger"
+    assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "--ci", "--published", f"A={recipe}", "--out", str(out),
+                 "--force"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[2].startswith("| A |") and lines[3].startswith("| A stronger (published) | 90.0 | 80.0 † |")
     # a recipe without published numbers, or with malformed ones: one line, exit 2
     for text, message in (("sigma = 0.25\n", "has no [paper] section"),
                           ("[paper]\nradii = [0.0, 0.5]\ncertified = [0.9]\n", "two equally long"),
-                          ("[paper]\nradii = [0.0]\ncertified = [90]\n", "fractions in [0, 1]")):
+                          ("[paper]\nradii = [0.0]\ncertified = [90]\n", "fractions in [0, 1]"),
+                          ('[paper]\nlabel = ""\nradii = [0.0]\ncertified = [0.9]\n', "label must be a non-empty")):
         recipe.write_text(text)
         assert main(["report", f"A={tsv}", "--published", f"A={recipe}"]) == 2
         err = capsys.readouterr().err.strip()

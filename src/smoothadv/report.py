@@ -344,6 +344,9 @@ class Published:
     certified: tuple[float, ...]
     acr: float | None
     source: str
+    #: the published model's name when it is not the recipe's own (e.g. "SmoothAdv T10 m4" published beside a
+    #: T2 m1 recipe); the row is then "<label> (published)" instead of "<NAME> (published)"
+    label: str | None = None
 
     def at(self, radius: float) -> float | None:
         """The published value at `radius` (None when the paper has no column there)."""
@@ -354,7 +357,7 @@ class Published:
 
 
 def load_published(path: str | Path) -> Published:
-    """The `[paper]` section of a recipe: `radii`, `certified` (fractions), optional `acr` and `source`.
+    """The `[paper]` section of a recipe: `radii`, `certified` (fractions), optional `acr`, `source` and `label`.
     A file without published numbers, or with malformed ones, is a one-line SmoothAdvError."""
     from .settings import read_toml
 
@@ -370,8 +373,11 @@ def load_published(path: str | Path) -> Published:
     acr = paper.get("acr")
     if acr is not None and (isinstance(acr, bool) or not isinstance(acr, (int, float))):
         raise SmoothAdvError(f"{path}: [paper] acr must be a number")
+    label = paper.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise SmoothAdvError(f"{path}: [paper] label must be a non-empty string")
     return Published(tuple(float(r) for r in radii), tuple(float(v) for v in certified),
-                     None if acr is None else float(acr), str(paper.get("source", path)))
+                     None if acr is None else float(acr), str(paper.get("source", path)), label)
 
 
 @dataclass(frozen=True)
@@ -474,7 +480,7 @@ def _published_row(name: str, paper: Published, radii: np.ndarray,
     outside = None
     if intervals is not None:
         outside = tuple(v is not None and not lo - 1e-12 <= v <= hi + 1e-12 for v, (lo, hi) in zip(values, intervals))
-    return Row(f"{name} (published)", "published", values, 0, paper.acr, outside=outside)
+    return Row(f"{paper.label or name} (published)", "published", values, 0, paper.acr, outside=outside)
 
 
 def _pct(value: float) -> str:
@@ -553,7 +559,7 @@ COST_NOTE = ("cost ratio: CPU-seconds per training epoch divided by the first me
              "ratio / cost model: that ratio divided by the method's cost model (1 = as predicted)")
 
 #: the footnote of a table with published rows outside the measured rows' intervals
-OUTSIDE_NOTE = "† published value outside the 95% Clopper-Pearson interval of the measured row of the same name"
+OUTSIDE_NOTE = "† published value outside the 95% Clopper-Pearson interval of the measured row it follows"
 
 
 def _markdown_escape(text: str) -> str:
@@ -805,7 +811,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
         ax.plot(grid, best, color="black", linewidth=1, linestyle=":", label="envelope (certified)")
     for name, paper in published.items():
         ax.plot(paper.radii, paper.certified, color=colour[name], linestyle="none", marker="x", markersize=7,
-                label=f"{name} (published)")
+                label=f"{paper.label or name} (published)")
     for name, res in attack.items():
         eps_values, accuracy = empirical_curve(res)
         ax.plot(eps_values, accuracy, color=colour[name], linewidth=1.5, linestyle="--", marker="o", markersize=4,
