@@ -16,10 +16,9 @@ epochs=$(($(wc -l < "$run/log.tsv") - 1))
 [ "$epochs" -ge 90 ] || { echo "certify.sh: $run has $epochs of 90 epochs; finish it with train.sh first" >&2; exit 2; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p certify logs
-shard=() written=$out log="logs/certify_${method}_s${sigma}.log"
-if [ -n "${SHARD:-}" ]; then
-    shard=(--shard "$SHARD") written="$out.shard-${SHARD%/*}-of-${SHARD#*/}" log="${log%.log}.shard-${SHARD%/*}-of-${SHARD#*/}.log"
-fi
+shard=() suffix=
+if [ -n "${SHARD:-}" ]; then shard=(--shard "$SHARD") suffix=".shard-${SHARD%/*}-of-${SHARD#*/}"; fi
+written="$out$suffix" log="logs/certify_${method}_s${sigma}$suffix.log"
 resume=(); [ -e "$written" ] && resume=(--resume)
 ${SMOOTHADV:-smoothadv} certify "$run/checkpoint.pth.tar" --sigma "$sigma" --out "$out" --skip 20 --n0 100 --n 100000 \
     --alpha 0.001 --mode sequential --selection adaptive --batch 1000 --seed 0 --device cpu --no-progress \

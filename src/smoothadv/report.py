@@ -348,6 +348,10 @@ class Published:
     #: T2 m1 recipe); the row is then "<label> (published)" instead of "<NAME> (published)"
     label: str | None = None
 
+    def row_name(self, name: str) -> str:
+        """The name of this published row, in the table and the plot, when compared with the certify row `name`."""
+        return f"{self.label or name} (published)"
+
     def at(self, radius: float) -> float | None:
         """The published value at `radius` (None when the paper has no column there)."""
         for r, value in zip(self.radii, self.certified):
@@ -480,7 +484,7 @@ def _published_row(name: str, paper: Published, radii: np.ndarray,
     outside = None
     if intervals is not None:
         outside = tuple(v is not None and not lo - 1e-12 <= v <= hi + 1e-12 for v, (lo, hi) in zip(values, intervals))
-    return Row(f"{paper.label or name} (published)", "published", values, 0, paper.acr, outside=outside)
+    return Row(paper.row_name(name), "published", values, 0, paper.acr, outside=outside)
 
 
 def _pct(value: float) -> str:
@@ -811,7 +815,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
         ax.plot(grid, best, color="black", linewidth=1, linestyle=":", label="envelope (certified)")
     for name, paper in published.items():
         ax.plot(paper.radii, paper.certified, color=colour[name], linestyle="none", marker="x", markersize=7,
-                label=f"{paper.label or name} (published)")
+                label=paper.row_name(name))
     for name, res in attack.items():
         eps_values, accuracy = empirical_curve(res)
         ax.plot(eps_values, accuracy, color=colour[name], linewidth=1.5, linestyle="--", marker="o", markersize=4,
