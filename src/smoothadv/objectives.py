@@ -43,7 +43,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,16 @@ from torch import Tensor, nn
 
 from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack, l2_norm, project
 from .errors import SmoothAdvError
+from .noise import (  # noqa: F401  (re-exported: objectives are written against these names)
+    NoiseSource,
+    RowNoise,
+    gaussian_noise,
+    noise_copies,
+    noisy_rows,
+    row_generator,
+    standard_normal,
+    uniform_draws,
+)
 from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, POSITIVE, AttackSettings, convert, fields_of, flag_name, setting
 from .smoothing import SoftSmoothed, eval_mode
 
@@ -92,57 +102,6 @@ class Objective(ABC):
         return {"name": type(self).__name__, **{k: (v.describe() if hasattr(v, "describe") else
                                                     repr(v) if dataclasses.is_dataclass(v) else v)
                                                  for k, v in fields.items()}}
-
-
-class RowNoise(Protocol):
-    """A noise source that draws one row per batch example, plus a generator for all other draws.
-
-    `distributed.RankSlicedNoise` is one: under torchrun it draws this rank's rows of the whole
-    global batch's noise, so each example's noise does not depend on the number of processes.
-    """
-
-    local: torch.Generator  # for draws that are not one row per example (an attack's random start)
-
-    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """N(0, 1) draws of `shape`, row i belonging to batch example i."""
-        ...
-
-
-NoiseSource = torch.Generator | RowNoise | None
-"""What objectives draw their noise from: a torch generator, a `RowNoise`, or None (the global RNG)."""
-
-
-def standard_normal(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
-    """N(0, 1) draws of `shape` on like's device and dtype, from a generator or a `RowNoise`."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
-    return generator.randn(shape, like.device, like.dtype)
-
-
-def row_generator(generator: NoiseSource) -> torch.Generator | None:
-    """The plain generator for draws that are not one row per batch example."""
-    return generator if generator is None or isinstance(generator, torch.Generator) else generator.local
-
-
-def uniform_draws(shape: tuple[int, ...], like: Tensor, generator: NoiseSource = None) -> Tensor:
-    """U(0, 1) draws of `shape` (row i for batch example i), made as Phi(z) of N(0, 1) draws from `generator`,
-    so that a `RowNoise` gives every example the same draws whatever the number of torchrun processes."""
-    return torch.special.ndtr(standard_normal(shape, like, generator))
-
-
-def gaussian_noise(x: Tensor, sigma: float, generator: NoiseSource = None) -> Tensor:
-    """N(0, sigma^2) noise shaped like x, drawn on x's device (from `generator` if given)."""
-    return standard_normal(tuple(x.shape), x, generator) * sigma
-
-
-def noise_copies(x: Tensor, m: int, sigma: float, generator: NoiseSource = None) -> Tensor:
-    """m draws of N(0, sigma^2 I) per image of x (B, C, H, W): a (B, m, C, H, W) tensor, row i for image i."""
-    return standard_normal((x.shape[0], m, *x.shape[1:]), x, generator) * sigma
-
-
-def noisy_rows(x: Tensor, noise: Tensor) -> Tensor:
-    """The B*m noisy inputs x_i + delta_ij, image-major ((B, m, ...) noise flattened to (B*m, ...))."""
-    return (x.unsqueeze(1) + noise).flatten(0, 1)
 
 
 def scheduled(default: Any) -> Any:
