@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Denoised smoothing on Fashion-MNIST (issue 15; Salman et al., NeurIPS 2020): certify a classifier trained
+# Denoised smoothing on Fashion-MNIST (Salman et al., NeurIPS 2020): certify a classifier trained
 # WITHOUT noise, bare and behind a denoiser, against a Gaussian-trained classifier (white-box reference).
 #
-#   bash results/denoised/run.sh        # from the repository root, smoothadv installed; re-running resumes
+#   bash experiments/denoised/run.sh        # from the repository root, smoothadv installed; re-running resumes
 #
 # 1. the "off-the-shelf" classifier: fashion_cnn trained on clean images (sigma 0), the recipe of the committed
 #    Gaussian model (6 epochs, lr 0.1 stepped x0.1 every 2 epochs, batch 256, seed 0);
@@ -17,7 +17,7 @@
 # files' SHA-256), logs/*.log, logs/cpu.tsv (user and system CPU seconds and wall seconds of each step), table.md,
 # certified.png, examples.png.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/denoised"  # the outputs go to results/denoised/
 SMOOTHADV=${SMOOTHADV:-smoothadv}
 PYTHON=${PYTHON:-python}
 SIGMA=0.25

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Rebuild the comparison with the published LeNet Fashion-MNIST rows (issue 14) from the finished certify TSVs (all 500 images):
+# Rebuild the comparison with the published LeNet Fashion-MNIST rows from the finished certify TSVs (all 500 images):
 # table_s<sigma>.md and certified_s<sigma>.png, certified accuracy per radius with 95% Clopper-Pearson intervals
 # over the 500 images, each measured row followed by the published one (a dagger marks published values outside
-# the measured interval).   bash results/fmnist-lenet/table.sh
+# the measured interval).   bash experiments/fmnist-lenet/table.sh
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/fmnist-lenet"  # the outputs go to results/fmnist-lenet/
 recipes=../../configs/fashion_mnist
 for sigma in 0.25 0.5; do
   args=() published=()

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# All methods on equal terms (issue 14): Fashion-MNIST, LeNet, sigma = 0.25, the same epochs and learning-rate
+# All methods on equal terms: Fashion-MNIST, LeNet, sigma = 0.25, the same epochs and learning-rate
 # schedule for every method, each method's published hyperparameters otherwise (its recipe
 # configs/fashion_mnist/<method>_s0.25.toml), seed 0, certified on the same 500 test images.
 #
-#   bash results/fmnist-compare/run.sh     # smoothadv installed; re-running continues where it stopped
+#   bash experiments/fmnist-compare/run.sh     # smoothadv installed; re-running continues where it stopped
 #
-# The budget (README, "Which method buys the most certified accuracy for its compute?"): EPOCHS = 3 epochs
+# The budget (docs/compute.md): EPOCHS = 3 epochs
 # (the published 90 with drops every 30, scaled by 1/30: --lr-step 1, so lr 0.01, 0.001, 0.0001), the warm-ups
 # of SmoothAdv and SmoothMix scaled from 10 of 90 epochs to 1 (full strength from the first epoch), MACER's
 # deferred start scaled from epoch 30 to epoch 1 (the first epoch at the dropped rate, as in the recipe).
@@ -21,8 +21,8 @@
 # logs/<step>.log holds each step's output; logs/cpu.tsv one line per step run: name, user and system
 # CPU-seconds, wall seconds.
 #
-# Variables (for a quick check of the script, not for the published run): OUT (output folder, default this
-# script's folder), EPOCHS, TRAIN_SUBSET (train on the first N images), CERTIFY_MAX (certify at most this
+# Variables (for a quick check of the script, not for the published run): OUT (output folder, default
+# results/fmnist-compare/), EPOCHS, TRAIN_SUBSET (train on the first N images), CERTIFY_MAX (certify at most this
 # many of the 500 images), N_PI, N (certification samples). ONLY="macer catrs ..." runs only the named methods
 # (catrs with its prior and pi), for example to split the comparison over two cores or machines sharing this folder.
 #
@@ -32,9 +32,10 @@
 set -euo pipefail
 
 main() {
-    local here
-    here=$(cd "$(dirname "$0")" && pwd)
-    local repo=$here/../..
+    local scripts here
+    scripts=$(cd "$(dirname "$0")" && pwd)
+    local repo=$scripts/../..
+    here=$(cd "$repo/results/fmnist-compare" && pwd)  # the outputs go to results/fmnist-compare/
     SMOOTHADV=${SMOOTHADV:-smoothadv}
     SIGMA=${SIGMA:-0.25}
     local prior=runs/catrs_prior
@@ -77,7 +78,7 @@ main() {
     method catrs catrs --smoothed-prediction "$pi"
     method macer macer --deferred "$step"
     method consistency_adv consistency_adv --warmup 1
-    [ -n "${ONLY:-}" ] || run table bash "$here/table.sh"
+    [ -n "${ONLY:-}" ] || run table bash "$scripts/table.sh"
     echo "$(date -u +%T) all done"
 }
 

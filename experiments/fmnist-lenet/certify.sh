@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Certify one trained model of the LeNet Fashion-MNIST table (issue 14): every 20th test image (500), n0 = 100,
+# Certify one trained model of the LeNet Fashion-MNIST table: every 20th test image (500), n0 = 100,
 # n = 100,000, alpha = 0.001, with the sequential test (--mode sequential: the default alpha-spending schedule
 # and the standard-radii grid policy, measured within 0.4 pp of fixed n in results/sequential/; adaptive class
 # selection, pinned so that every method of the table is certified alike). Re-running resumes.
-#   bash results/fmnist-lenet/certify.sh METHOD SIGMA     # after train.sh METHOD SIGMA has finished its 90 epochs
+#   bash experiments/fmnist-lenet/certify.sh METHOD SIGMA     # after train.sh METHOD SIGMA has finished its 90 epochs
 # To use k cores, run k jobs SHARD=0/k ... SHARD=k-1/k (each writes certify/M_sS.tsv.shard-i-of-k and resumes
 # alike), then `smoothadv merge results/fmnist-lenet/certify/M_sS.tsv`. Rows do not depend on sharding: each
 # image draws its noise from its own seeded generator, so the merged file is the one a single job writes.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/fmnist-lenet"  # the outputs go to results/fmnist-lenet/
 method=$1 sigma=$2
 run="runs/${method}_s${sigma}"
 out="certify/${method}_s${sigma}.tsv"

@@ -5,10 +5,10 @@
 # over all radii and methods), and the training cost per method (cost.tsv: CPU-seconds per epoch measured by
 # benchmarks/method_cost.py, and each method's cost model).
 # The cost columns come from cost.tsv, measured at sigma = 0.25 (an epoch's cost does not depend on sigma).
-#   bash results/fmnist-compare/table.sh
-#   SIGMA=0.5 bash results/fmnist-compare/table.sh     # the sigma = 0.5 comparison in s0.5/ (r = 0 ... 1.5)
+#   bash experiments/fmnist-compare/table.sh
+#   SIGMA=0.5 bash experiments/fmnist-compare/table.sh     # the sigma = 0.5 comparison in s0.5/ (r = 0 ... 1.5)
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$0")/../../results/fmnist-compare" && pwd)  # the outputs go to results/fmnist-compare/
 SIGMA=${SIGMA:-0.25}
 out=${OUT:-$here}
 [ "$SIGMA" != 0.25 ] && [ -z "${OUT:-}" ] && out=$here/s$SIGMA

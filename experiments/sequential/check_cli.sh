@@ -6,7 +6,7 @@
 # (adaptive_selection.md); SELECTION=fixed checks Cohen's n0 = 100 rule instead.
 # Usage: ./check_cli.sh (after run_vs_fixed.sh); ./check_cli.sh betting runs only the betting test.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/sequential"  # the outputs go to results/sequential/
 export OMP_NUM_THREADS=1
 runs=../fashion-mnist/runs
 mkdir -p cli_check

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The published rows on the same 500 test images as ours (issue 14). The CAT-RS authors' per-image certification logs
+# The published rows on the same 500 test images as ours. The CAT-RS authors' per-image certification logs
 # cover all 10,000 test images; restricted to every 20th image (idx % 20 == 0, our --skip 20) they tell how much of a
 # difference from the published 10,000-image row comes from which images were drawn, and the paired test (same
 # images, their model against ours) tells whether the models differ. Their logs are not part of this repository:
 # pass a checkout of https://github.com/alinlab/smoothing-catrs (its data/fmnist/noise_<sigma>/<method>/ folders).
-#   bash results/fmnist-lenet/same_images.sh PATH/TO/smoothing-catrs    # writes same_images_s<sigma>.md
+#   bash experiments/fmnist-lenet/same_images.sh PATH/TO/smoothing-catrs    # writes same_images_s<sigma>.md
 set -euo pipefail
 [ $# -eq 1 ] && [ -d "$1/data/fmnist" ] || {
   echo "same_images.sh: give one argument, a checkout of alinlab/smoothing-catrs (with data/fmnist/)" >&2; exit 2; }
 catrs=$(cd "$1" && pwd)
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/fmnist-lenet"  # the outputs go to results/fmnist-lenet/
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for sigma in 0.25 0.5; do

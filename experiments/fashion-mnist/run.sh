@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Gaussian augmentation (Cohen et al. 2019) vs SmoothAdv (Salman et al. 2019) on Fashion-MNIST, issue 3.
+# Gaussian augmentation (Cohen et al. 2019) vs SmoothAdv (Salman et al. 2019) on Fashion-MNIST.
 #
 # For each sigma in {0.25, 0.5}: train fashion_cnn with each objective (same epochs, lr schedule, seed,
 # sigma, architecture), then CERTIFY both on the same 500 test images (every 20th) with the same
 # n0 = 100, n = N, alpha = 0.001. The two sigmas run as two single-threaded pipelines in parallel
 # (2 cores in total). Re-running continues where it stopped (train --resume, certify --resume).
 #
-#   bash results/fashion-mnist/run.sh            # from the repository root, smoothadv installed
+#   bash experiments/fashion-mnist/run.sh            # from the repository root, smoothadv installed
 #
 # Outputs: results/fashion-mnist/{gaussian,smoothadv}_sigma{0.25,0.5}.tsv (Cohen's certify columns),
 # runs/<method>_sigma<s>/{checkpoint.pth.tar,log.tsv,args.json,env.json}, logs/*.log.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/fashion-mnist"  # the outputs go to results/fashion-mnist/
 SMOOTHADV=${SMOOTHADV:-smoothadv}
 EPOCHS=${EPOCHS:-6}           # both objectives (the CPU budget: ~1 h for everything on 2 shared cores)
 LR_STEP=${LR_STEP:-2}         # lr 0.1, 0.01, 0.001 for two epochs each

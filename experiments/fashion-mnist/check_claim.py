@@ -1,11 +1,11 @@
-"""Check the issue-3 claim on the certify TSVs next to this file and print the table.
+"""Check the paper's claim on the certify TSVs of results/fashion-mnist/ and print the table.
 
 Claim, per sigma: SmoothAdv has a higher average certified radius (ACR) than Gaussian augmentation,
 and a higher certified accuracy at every radius r in [1.5 sigma, R_max], where R_max =
 sigma * Phi^-1(alpha^(1/n)) is the largest radius the chosen n can certify (checked on a grid of
 step 0.001 and at every certified radius value occurring in either file).
 
-    python results/fashion-mnist/check_claim.py [--n 1000] [--alpha 0.001]
+    python experiments/fashion-mnist/check_claim.py [--n 1000] [--alpha 0.001]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from smoothadv.stats import average_certified_radius, certified_accuracy, max_certifiable_radius
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[2] / "results" / "fashion-mnist"  # what run.sh wrote
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Table, plot and example images of the denoised-smoothing experiment (run.sh writes what this reads).
 
-    python results/denoised/summarize.py      # writes table.md, certified.png, examples.png next to this file
+    python experiments/denoised/summarize.py      # writes table.md, certified.png, examples.png in results/denoised/
 
 Certified accuracy at each radius is k / N over the same N test images, with a two-sided 95% Clopper-Pearson
 interval (each end at level 0.025, `smoothadv.stats`). Costs: multiply-adds per noise sample (`denoise.multiply_adds`)
@@ -29,7 +29,7 @@ from smoothadv.stats import (
     clopper_pearson_upper,
 )
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "results" / "denoised"  # what run.sh wrote
 SIGMA = 0.25
 RADII = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 CLASSIFIER = HERE / "runs/classifier_clean/checkpoint.pth.tar"

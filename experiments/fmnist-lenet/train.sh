@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Train one method of the LeNet Fashion-MNIST table (issue 14) with its recipe configs/fashion_mnist/<method>_s<sigma>.toml
+# Train one method of the LeNet Fashion-MNIST table with its recipe configs/fashion_mnist/<method>_s<sigma>.toml
 # (90 epochs, SGD lr 0.01 x0.1 every 30 epochs, batch 256, no normalization layer, no augmentation, seed 0; the
 # method's published hyperparameters). Re-running resumes. One CPU thread per job.
-#   bash results/fmnist-lenet/train.sh METHOD SIGMA      # METHOD: gaussian, stability, consistency, smoothadv_pgd_t2_m1_e1.0, ...
+#   bash experiments/fmnist-lenet/train.sh METHOD SIGMA      # METHOD: gaussian, stability, consistency, smoothadv_pgd_t2_m1_e1.0, ...
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../results/fmnist-lenet"  # the outputs go to results/fmnist-lenet/
 method=$1 sigma=$2
 shift 2
 recipe=../../configs/fashion_mnist/${method}_s${sigma}.toml
