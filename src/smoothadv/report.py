@@ -844,3 +844,106 @@ def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_column
         step *= 2
         radii = radius_grid(top, step)
     return radii
+
+
+def certified_radii(results: Results) -> np.ndarray:
+    """Each example's certified radius: its radius when the prediction is correct, -inf when it is wrong or the
+    certifier abstained (certified at no radius). Certified accuracy at r is the share of these values >= r."""
+    if results.radius is None:
+        raise SmoothAdvError(f"{results.path}: not a certify file (no radius column)")
+    certified = (results.correct == 1) & (results.predict != ABSTAIN)
+    return np.where(certified, results.radius, -np.inf)
+
+
+def dkw_halfwidth(count: int, level: float = 0.95) -> float:
+    """Half-width of the Dvoretzky-Kiefer-Wolfowitz-Massart band: with probability >= `level` the whole empirical
+    CDF of `count` independent draws lies within this distance of the true CDF, at every point at once."""
+    if count <= 0:
+        raise SmoothAdvError("an empirical CDF needs at least one example")
+    return math.sqrt(math.log(2.0 / (1.0 - level)) / (2.0 * count))
+
+
+def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
+                    quantity: Literal["radius", "p_lower"] = "radius", sigma: float | Mapping[str, float] | None = None,
+                    max_radius: float | None = None,
+                    title: str | None = None) -> Path:
+    """Write a two-panel figure per set of certify files: left, certified accuracy against the radius with its 95%
+    Clopper-Pearson band over the test images (as `plot_accuracy(ci=True)`); right, the empirical CDF of each
+    model's certified radius over the test images (examples certified at no radius, wrong or abstained, sit at the
+    left edge), with a 95% Dvoretzky-Kiefer-Wolfowitz-Massart band. The CDF shows the whole distribution that the
+    average certified radius (ACR) summarizes in one number, so two models with the same ACR but different shapes
+    are told apart; the legend gives the ACR only as a secondary figure (Sun et al., ICML 2025, show that ACR can be
+    raised by trading accuracy on hard inputs for radius on easy ones).
+
+    `quantity="p_lower"` draws the CDF of the lower confidence bound p_A = Phi(R / sigma) instead (examples not
+    certified at 1/2), which shows how many inputs sit at the sample size's cap; it needs `sigma`, one value or one
+    per name. The format is the one `out`'s extension names (PNG, PDF or SVG). Needs matplotlib."""
+    from scipy.stats import norm
+
+    kind = plot_format(out)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SmoothAdvError("plotting needs matplotlib: pip install 'smoothadv[plot]'") from None
+    if not certify:
+        raise SmoothAdvError("nothing to plot")
+    if quantity not in ("radius", "p_lower"):
+        raise SmoothAdvError(f"quantity must be 'radius' or 'p_lower', not {quantity!r}")
+    sigmas: dict[str, float] = {}
+    if quantity == "p_lower":
+        for name in certify:
+            value = sigma.get(name) if isinstance(sigma, Mapping) else sigma
+            if value is None or not value > 0:
+                raise SmoothAdvError(f"the CDF of p_A needs sigma > 0 for {name!r}")
+            sigmas[name] = float(value)
+    radii = {name: certified_radii(res) for name, res in certify.items()}
+    finite = [float(r[np.isfinite(r)].max()) for r in radii.values() if np.isfinite(r).any()]
+    limit = max_radius if max_radius is not None else max(0.25, math.ceil(max(finite + [0.0]) * 1.1 / 0.25) * 0.25)
+    grid = np.linspace(0.0, limit, 401)
+    fig = Figure(figsize=(11.0, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for i, (name, res) in enumerate(certify.items()):
+        colour = palette[i % len(palette)]
+        acr = average_certified_radius(res.radius, res.correct)
+        left.plot(grid, certified_curve(res, grid), color=colour, linewidth=2, label=f"{name} (ACR {acr:.3f})")
+        low, high = certified_intervals(res, grid)
+        left.fill_between(grid, low, high, color=colour, alpha=0.15, linewidth=0)
+        values = radii[name]
+        if quantity == "p_lower":
+            values = np.where(np.isfinite(values), norm.cdf(np.maximum(values, 0.0) / sigmas[name]), 0.5)
+            xs = np.linspace(0.5, 1.0, 401)
+        else:
+            values = np.where(np.isfinite(values), values, 0.0)
+            xs = grid
+        ecdf = np.searchsorted(np.sort(values), xs, side="right") / len(values)
+        band = dkw_halfwidth(len(values))
+        right.step(xs, ecdf, where="post", color=colour, linewidth=2, label=f"{name} ({len(values)} images)")
+        right.fill_between(xs, np.clip(ecdf - band, 0, 1), np.clip(ecdf + band, 0, 1), step="post", color=colour,
+                           alpha=0.12, linewidth=0)
+    left.set_xlim(0, limit)
+    left.set_ylim(0, 1)
+    left.set_xlabel(r"$\ell_2$ radius $r$")
+    left.set_ylabel("certified accuracy at $r$ (95% interval)")
+    left.legend(loc="lower left", fontsize=8)
+    right.set_ylim(0, 1)
+    if quantity == "p_lower":
+        right.set_xlim(0.5, 1.0)
+        right.set_xlabel(r"lower confidence bound $\underline{p_A}$ (not certified: 1/2)")
+    else:
+        right.set_xlim(0, limit)
+        right.set_xlabel("certified radius (wrong or abstained: 0)")
+    right.set_ylabel("share of test images at or below (95% band)")
+    right.legend(loc="lower right", fontsize=8)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=kind, metadata=_NO_DATE[kind])
+    target = Path(out)
+    atomic_write_bytes(target, buffer.getvalue())
+    return target
