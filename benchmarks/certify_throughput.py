@@ -1,4 +1,4 @@
-"""Certification throughput against the model's own forward throughput (issue 5, part 1).
+"""Certification throughput against the model's own forward throughput.
 
 In one process, interleaved (the order rotates every repetition; medians are reported):
 

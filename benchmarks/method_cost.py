@@ -1,4 +1,4 @@
-"""Training cost of every objective, each with its recipe, against Gaussian augmentation (issue 14).
+"""Training cost of every objective, each with its recipe, against Gaussian augmentation.
 
 For each recipe (default: the eight methods of the Fashion-MNIST LeNet comparison, sigma = 0.25), the
 objective is built from the recipe exactly as `smoothadv train --config` builds it (`settings.train_recipe`),
@@ -16,7 +16,7 @@ not depend on the pixel values, except that MACER computes its hinge on the imag
 
 Two cost models, both in units of a Gaussian epoch:
 
-  U model (reference training-methods.md section 3.3; one forward+backward = 1 U, an attack step ~ 1 U):
+  U model (one forward+backward = 1 U, an attack step ~ 1 U):
     gaussian 1, stability 2, smoothadv m (T + 1), consistency m, smoothadv + consistency m (T + 1),
     macer m, smoothmix m (T + 2), catrs m (T + 2)
   pass model (benchmarks/training_cost.py; a forward 1, an input-gradient backward 1, a training

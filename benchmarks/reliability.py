@@ -1,4 +1,4 @@
-"""Reliability figures for the README (issue 7): guarantee measured, crash drills, hostile input.
+"""Reliability figures for the README: guarantee measured, crash drills, hostile input.
 
     OMP_NUM_THREADS=1 python benchmarks/reliability.py                 # about 10 minutes on 1 CPU core
     OMP_NUM_THREADS=1 python benchmarks/reliability.py --quick         # about 2 minutes

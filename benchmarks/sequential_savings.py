@@ -1,4 +1,4 @@
-"""Forward passes saved by sequential certification, and its table against fixed-n CERTIFY (issue 5, part 2).
+"""Forward passes saved by sequential certification, and its table against fixed-n CERTIFY.
 
 Reads certify TSVs written by `smoothadv certify` (fixed mode: Cohen's six columns; sequential
 mode: also `n`, the forward passes used per row) and prints, per sequential file:

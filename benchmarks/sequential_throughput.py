@@ -1,4 +1,4 @@
-"""Certify throughput of fixed n, the alpha-spending schedule and the betting test (issue 16, item 5).
+"""Certify throughput of fixed n, the alpha-spending schedule and the betting test.
 
 Samples saved only matter if a sequential step does not stall the device. On one real model and the same test
 images, at the same batch size, interleaved (the order rotates every repetition; medians are reported):

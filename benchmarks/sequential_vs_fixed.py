@@ -1,4 +1,4 @@
-"""Sequential against fixed-n CERTIFY on the same noise, on real models (issue 5, part 2).
+"""Sequential against fixed-n CERTIFY on the same noise, on real models.
 
 `sample` runs the model once per image and records the *count trajectory* of its estimation
 noise stream: the cumulative votes for the tested class (and for the label) after every

@@ -1,4 +1,4 @@
-"""SmoothAdv training cost against Gaussian-augmentation training and the cost model m(2T+3)/3 (issue 5, part 3).
+"""SmoothAdv training cost against Gaussian-augmentation training and the cost model m(2T+3)/3.
 
 In one process, interleaved (the order rotates every repetition; medians are reported), the same
 model, data batches and optimizer settings are trained for `--batches` loader batches with

@@ -1,4 +1,4 @@
-"""The statistical validity suite at full size (issue 7): invalid-certificate rates versus alpha.
+"""The statistical validity suite at full size: invalid-certificate rates versus alpha.
 
 Runs `smoothadv.validity.run_suite` (every certification mode: fixed-n CERTIFY, packed
 certify_many, group-sequential CP with policies full/grid/tolerance and label mode, PREDICT, and
