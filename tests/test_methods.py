@@ -33,7 +33,7 @@ from smoothadv.objectives import (
     smoothmix_attack,
     uniform_draws,
 )
-from smoothadv.settings import train_recipe
+from smoothadv.train import recipe as train_recipe
 from smoothadv.train import batches, train_epoch
 
 

@@ -12,7 +12,7 @@ from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
 from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv
-from smoothadv.settings import train_recipe
+from smoothadv.train import recipe as train_recipe
 from smoothadv.train import batches, train_epoch
 
 
@@ -109,7 +109,7 @@ def test_one_epoch_of_smoothadv_training_lowers_the_loss() -> None:
 
 def _recipe(**overrides) -> dict:
     values = dict(sigma=0.25, attack="pgd", eps=0.5, steps=2, m=2, multi_noise=False, warmup=1, random_start=False,
-                  gradient_free=False, ddn_gamma=0.05, ddn_init_norm=1.0, epochs=5, objective="smoothadv",
+                  gradient_free=False, epochs=5, objective="smoothadv",
                   dataset="synthetic", out="unused")
     values.update(overrides)
     return values
@@ -124,7 +124,8 @@ def test_factory_and_registry() -> None:
 
 @pytest.mark.parametrize("make, message", [
     (lambda: SmoothAdv(0.25, PGDL2(0.5), m=0), "m "),
-    (lambda: SmoothAdv(0.25, PGDL2(0.5), warmup=0), "warm-up"),
+    (lambda: SmoothAdv(0.25, PGDL2(0.5), warmup=0), "SmoothAdv warmup must be an integer >= 1"),
+    (lambda: SmoothAdv(0.25, object()), "SmoothAdv's attack must be a dataclass"),
     (lambda: SmoothAdv(-0.1, PGDL2(0.5)), "sigma"),
     (lambda: train_recipe(_recipe(warmup=6, epochs=5)), "longer than training"),
     (lambda: train_recipe(_recipe(attack="cw")), "attack must be one of pgd, ddn"),

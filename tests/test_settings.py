@@ -10,13 +10,12 @@ import pytest
 
 import smoothadv
 from smoothadv import SmoothAdvError
-from smoothadv.attacks import DDN, PGDL2
+from smoothadv.attacks import DDN, PGDL2, build_attack
 from smoothadv.cli import main
-from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv, build_attack, build_objective
+from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv, build_objective
 from smoothadv.run import IGNORED_SETTINGS, read_settings, run_evaluation
 from smoothadv.settings import (
     AttackRunSettings,
-    AttackSettings,
     CertifySettings,
     PredictSettings,
     RunSettings,
@@ -24,8 +23,9 @@ from smoothadv.settings import (
     convert,
     read_toml,
     row_settings,
-    train_recipe,
+
 )
+from smoothadv.train import recipe as train_recipe
 
 PACKAGE = Path(smoothadv.__file__).parent
 
@@ -82,7 +82,9 @@ def test_settings_are_frozen_and_checked_when_made(tmp_path) -> None:
     with pytest.raises(SmoothAdvError, match="--shard must be i/k"):
         RunSettings(checkpoint="c", out=Path("o"), shard=(3, 2))
     with pytest.raises(SmoothAdvError, match="gradient_free is a variant of PGD"):
-        AttackSettings(attack="ddn", gradient_free=True)
+        build_attack("ddn", gradient_free=True)
+    with pytest.raises(SmoothAdvError, match="--gradient-free is a variant of PGD"):
+        AttackRunSettings(sigma=0.25, eps=0.5, attack="ddn", gradient_free=True)
     assert AttackRunSettings(sigma=0.25, eps=0.5).eps == (0.5,)  # one radius given as a number
 
 
@@ -110,8 +112,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ('dataset = "mnist"', "dataset must be one of"),
     ("seed = 99999999999999999999", "seed must be an integer in [0, 9223372036854775807]"),
     ("seed = 9223372036854775807", None),
-    ("lr_stepp = 3", "unknown setting(s) lr_stepp"),
-    ('objective = "nope"', "unknown objective 'nope'"),
+    ("lr_stepp = 3", "lr_stepp: not a setting of training or of the smoothadv objective"),
+    ('objective = "nope"', "objective must be one of gaussian, smoothadv"),
     ('attack = "cw"', "attack must be one of pgd, ddn"),
 ])
 def test_recipe_values_are_type_checked(tmp_path, line, message) -> None:
@@ -150,18 +152,21 @@ def test_flags_override_the_recipe_and_the_dataset_gives_the_architecture(tmp_pa
 
 
 def test_one_factory_builds_every_objective_and_attack() -> None:
-    assert set(OBJECTIVES) >= {"gaussian", "smoothadv"}  # issue 14 adds the later methods (tests/test_methods.py)
+    assert set(OBJECTIVES) >= {"gaussian", "smoothadv"}  # the later methods: tests/test_methods.py
     assert build_objective("gaussian", 0.25) == GaussianAugmentation(0.25)
-    # options of other objectives are type-checked but do not apply
-    assert build_objective("gaussian", 0.25, {"m": 4}) == GaussianAugmentation(0.25)
+    # every key means one thing: a hyperparameter of another objective is refused
+    with pytest.raises(SmoothAdvError, match="m is not a setting of the gaussian objective"):
+        build_objective("gaussian", 0.25, {"m": 4})
     with pytest.raises(SmoothAdvError, match="m must be an integer"):
-        build_objective("gaussian", 0.25, {"m": "4"})
+        build_objective("smoothadv", 0.25, {"m": "4"}, PGDL2(0.5, 2))
+    with pytest.raises(SmoothAdvError, match="needs an attack"):
+        build_objective("smoothadv", 0.25)
     smoothadv_objective = build_objective("smoothadv", 0.5, {"m": 4, "multi_noise": True, "warmup": 10},
-                                          AttackSettings(attack="ddn", eps=1.0, steps=4))
+                                          build_attack("ddn", 1.0, 4, ddn_gamma=0.05, ddn_init_norm=1.0))
     assert smoothadv_objective == SmoothAdv(0.5, DDN(1.0, 4, gamma=0.05, init_norm=1.0), m=4, multi_noise=True,
                                             warmup=10)
     # DDN for evaluation: Salman et al.'s prediction script shrinks the norm from eps to 3/510 in T steps
-    ddn = build_attack(AttackSettings(attack="ddn", eps=0.5, steps=20, ddn_gamma=None, ddn_init_norm=None))
+    ddn = build_attack("ddn", eps=0.5, steps=20)
     assert ddn.init_norm == 0.5 and ddn.gamma == pytest.approx(1 - (3 / 510 / 0.5) ** (1 / 20), rel=1e-15)
     assert 0.5 * (1 - ddn.gamma) ** 20 == pytest.approx(3 / 510)
 

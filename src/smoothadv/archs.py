@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SmoothAdvError
+from .settings import register_names
 
 
 class FashionCNN(nn.Module):
@@ -188,6 +189,9 @@ def arch_info(name: str) -> ArchInfo:
 def architecture_names() -> tuple[str, ...]:
     """Names of every registered architecture, in registry order (the CLI's `--arch` choices)."""
     return tuple(ARCHITECTURES)
+
+
+register_names("arch", architecture_names)
 
 
 def foreign_names() -> tuple[str, ...]:

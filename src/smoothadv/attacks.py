@@ -31,13 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SmoothAdvError
+from .settings import AT_LEAST_ONE, NONNEGATIVE, POSITIVE, PROBABILITY, convert, fields_of, recipe_key, setting
 
 Model = Callable[[Tensor], Tensor]
 """What PGDL2 and DDN attack: x (B, ...) -> logits or log-probabilities (B, K), differentiable in x."""
@@ -59,9 +60,17 @@ class GradientFreeModel(Protocol):
 
 
 class Attack(Protocol):
-    """What training and evaluation call: an L2 budget `eps` and `attack(model, x, y, generator)`."""
+    """What training and evaluation call: an L2 budget `eps` and `attack(model, x, y, generator)`.
 
-    eps: float
+    The library's attacks are frozen dataclasses with an `eps` field. An attack plugged into
+    `objectives.SmoothAdv` must be a dataclass too: the eps warm-up makes each epoch's attack with
+    `dataclasses.replace(attack, eps=...)` (`SmoothAdv` refuses anything else when it is built).
+    """
+
+    @property
+    def eps(self) -> float:
+        """The L2 budget in [0, 1]-pixel units."""
+        ...
 
     def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         ...
@@ -77,8 +86,8 @@ def _view(v: Tensor, like: Tensor) -> Tensor:
 
 
 def project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
-    """Clamp x + delta to the box [0, 1], then scale delta into the L2 ball of radius eps (as §3.2 of the
-    reference). Scaling towards x keeps x + delta in the box because x is in it."""
+    """Clamp x + delta to the box [0, 1], then scale delta into the L2 ball of radius eps (the order of
+    Salman et al.'s SmoothAdv_PGD). Scaling towards x keeps x + delta in the box because x is in it."""
     delta = (x + delta).clamp(0.0, 1.0) - x
     norms = l2_norm(delta)
     factor = torch.where(norms > eps, eps / norms.clamp_min(1e-12), torch.ones_like(norms))
@@ -156,10 +165,11 @@ class _ProjectedL2Ascent:
     random direction.
     """
 
-    eps: float
-    steps: int = 10
-    step_size: float | None = None
-    random_start: bool = False
+    eps: float = setting(help="attack L2 radius in [0, 1] pixels", limit=NONNEGATIVE)
+    steps: int = setting(10, "attack steps T", limit=AT_LEAST_ONE)
+    step_size: float | None = setting(None, "PGD step length (default 2 eps / T, the SmoothAdv code's)",
+                                      limit=POSITIVE)
+    random_start: bool = setting(False, "PGD: start at a random point of the eps-ball")
 
     def __post_init__(self) -> None:
         _check(self.eps, self.steps)
@@ -218,8 +228,8 @@ class SteinPGDL2(_ProjectedL2Ascent):
     Gaussian-smoothing identity grad G_y(x) = E[delta F_y(x + delta)] / sigma^2 over its fixed noise
     draws; Salman et al. 2019, Section 3 and Appendix); any other model is a SmoothAdvError before
     the first step, even at eps = 0. No backpropagation through the network. Same steps, step
-    length, projection and random start as `PGDL2`; much weaker (reference §6.2), offered for
-    comparison only.
+    length, projection and random start as `PGDL2`; much weaker than backpropagation (Salman et al.
+    2019, Appendix), offered for comparison only.
     """
 
     def _accepts(self, model: Model) -> None:
@@ -234,7 +244,7 @@ class SteinPGDL2(_ProjectedL2Ascent):
 
 @dataclass(frozen=True)
 class DDN:
-    """Decoupled Direction and Norm (Rony et al., CVPR 2019), as SmoothAdv adapted it (reference §3.3).
+    """Decoupled Direction and Norm (Rony et al., CVPR 2019), as SmoothAdv adapted it (Salman et al. 2019, Section 3).
 
     Keeps a norm budget rho (starting at `init_norm`) that shrinks by (1 - gamma) while the point is
     adversarial and grows by (1 + gamma) otherwise (capped at the largest possible perturbation);
@@ -247,12 +257,13 @@ class DDN:
     hard vote over the m noisy copies).
     """
 
-    eps: float
-    steps: int = 10
-    gamma: float = 0.05
-    init_norm: float = 1.0
-    quantize: bool = True
-    levels: int = 256
+    eps: float = setting(help="attack L2 radius in [0, 1] pixels", limit=NONNEGATIVE)
+    steps: int = setting(10, "attack steps T", limit=AT_LEAST_ONE)
+    gamma: float = setting(0.05, "DDN norm update factor", flag="--ddn-gamma", limit=PROBABILITY)
+    init_norm: float = setting(1.0, "DDN initial norm (training replaces it by the warm-up eps each epoch, as the "
+                               "original)", flag="--ddn-init-norm", limit=POSITIVE)
+    quantize: bool = setting(True, "DDN: quantize to `levels` grey levels after each step", flag="--ddn-quantize")
+    levels: int = setting(256, "DDN: grey levels of the quantization", flag="--ddn-levels", limit=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         _check(self.eps, self.steps)
@@ -304,4 +315,60 @@ def get_attack(name: str) -> type:
     try:
         return ATTACKS[name.lower()]
     except (KeyError, AttributeError):
-        raise SmoothAdvError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}") from None
+        raise SmoothAdvError(f"attack must be one of {', '.join(ATTACKS)}, got {name!r}") from None
+
+
+ATTACK_NAME = setting("pgd", "attack on the smoothed soft classifier", choices=tuple(ATTACKS), flag="--attack")
+GRADIENT_FREE = setting(False, "PGD: Stein gradient estimate from forward passes only (no backpropagation; much "
+                        "weaker, for comparison)", flag="--gradient-free")
+
+
+def attack_settings() -> dict[str, tuple[Any, Any, tuple[str, ...]]]:
+    """Every attack's settings by recipe key: key -> (field, type, names of the attacks that have it).
+
+    The keys are the command line's flags without dashes (`eps`, `steps`, `random_start`, `ddn_gamma`, ...)
+    plus `attack` (the name) and `gradient_free` (PGD's Stein variant). `build_attack` takes them."""
+    found: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
+        "attack": (ATTACK_NAME, str, tuple(ATTACKS)), "gradient_free": (GRADIENT_FREE, bool, ("pgd",))}
+    for name, cls in ATTACKS.items():
+        for _, (field, kind) in fields_of(cls).items():
+            key = recipe_key(field)
+            owners = found[key][2] if key in found else ()
+            found[key] = (found[key][0] if key in found else field, kind, (*owners, name))
+    return found
+
+
+def build_attack(attack: str = "pgd", eps: float = 0.5, steps: int = 10, *, gradient_free: bool = False,
+                 **values: Any) -> Attack:
+    """The attack called `attack` ("pgd" or "ddn") with settings given by recipe key (`attack_settings`).
+
+    `gradient_free` makes PGD's Stein variant (`SteinPGDL2`). A setting of another attack (e.g.
+    `ddn_gamma` for PGD) is refused, one line, unless it is None or False (off). DDN's `ddn_gamma` and `ddn_init_norm`, when not given or
+    None, follow Salman et al.'s prediction script's rule: the norm may shrink from eps to 3/510 in T
+    steps, gamma = 1 - (3/510/eps)^(1/T), and it starts at eps (at least 1e-3). A deliberate deviation:
+    predict.py itself starts at its --init-norm-DDN default, 256/256 = 1.0, whatever eps; we start where
+    its gamma rule assumes (and where training's warm-up starts DDN each epoch). Pass `ddn_init_norm=1.0`
+    for the script's behaviour."""
+    cls = get_attack(attack)
+    if gradient_free and cls is not PGDL2:
+        raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")
+    known = {recipe_key(field): name for name, (field, _) in fields_of(cls).items()}
+    others = sorted(key for key, value in values.items() if key not in known and value not in (None, False))
+    if others:
+        raise SmoothAdvError(f"{', '.join(others)} {'is not a setting' if len(others) == 1 else 'are not settings'} "
+                             f"of the {attack} attack")
+    kinds = fields_of(cls)
+    kwargs = {known[key]: convert(value, kinds[known[key]][1], key) for key, value in values.items()
+              if key in known and value is not None}
+    for name, value in kwargs.items():
+        limit = kinds[name][0].metadata.get("limit")
+        if limit is not None and not limit[0](value):
+            raise SmoothAdvError(f"{recipe_key(kinds[name][0])} must be {limit[1]}, got {value!r}")
+    eps, steps = convert(eps, float, "eps"), convert(steps, int, "steps")
+    if cls is DDN:
+        kwargs.setdefault("gamma", 1 - (3 / 510 / eps) ** (1 / steps) if eps > 3 / 510 else 0.05)
+        kwargs.setdefault("init_norm", max(eps, 1e-3))
+    if gradient_free:
+        cls = SteinPGDL2
+    built: Attack = cls(eps, steps, **kwargs)
+    return built

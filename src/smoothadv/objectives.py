@@ -7,7 +7,7 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
 - `GaussianAugmentation`: cross-entropy of f on x + delta, delta ~ N(0, sigma^2 I)
   (Cohen et al. 2019, Section 4, "training").
 - `SmoothAdv`: cross-entropy on adversarial examples of the smoothed soft classifier, plus the same
-  noise (Salman et al. 2019, Section 4; reference §3.5).
+  noise (Salman et al. 2019, Section 4).
 - `StabilityTraining`: clean cross-entropy plus a soft cross-entropy between the clean and the noisy
   prediction (Li et al., NeurIPS 2019).
 - `Consistency`: cross-entropy on m noisy copies plus `ConsistencyRegularizer` (Jeong & Shin, NeurIPS
@@ -22,7 +22,7 @@ Adding a method (consistency regularization, MACER, ...) is one small class and 
 
 Hyperparameters named like an attack setting (`eps`, `steps`) belong to the objective that declares
 them (SmoothMix's and CAT-RS's own attacks); `--eps`/`--steps` set them, with the objective's default
-when not given (`settings.train_recipe`).
+when not given (`train.recipe`).
 
 The methods after SmoothAdv follow the code their authors released, which the CAT-RS authors (Jeong,
 Kim & Shin, AAAI 2023) re-ran for every baseline; each class says where it differs from that code.
@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import DDN, PGDL2, Attack, SteinPGDL2, get_attack, l2_norm, project
+from .attacks import DDN, Attack, l2_norm, project
 from .errors import SmoothAdvError
+from .evaluate import read_smooth_prediction
 from .noise import (  # noqa: F401  (re-exported: objectives are written against these names)
     NoiseSource,
     RowNoise,
@@ -61,7 +62,7 @@ from .noise import (  # noqa: F401  (re-exported: objectives are written against
     standard_normal,
     uniform_draws,
 )
-from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, POSITIVE, AttackSettings, convert, fields_of, flag_name, setting
+from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, POSITIVE, check_fields, convert, fields_of, recipe_key, setting
 from .smoothing import SoftSmoothed, eval_mode
 
 
@@ -99,9 +100,7 @@ class Objective(ABC):
         if not dataclasses.is_dataclass(self):
             return {"name": type(self).__name__}
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {"name": type(self).__name__, **{k: (v.describe() if hasattr(v, "describe") else
-                                                    repr(v) if dataclasses.is_dataclass(v) else v)
-                                                 for k, v in fields.items()}}
+        return {"name": type(self).__name__, **{k: describe_value(v) for k, v in fields.items()}}
 
 
 def scheduled(default: Any) -> Any:
@@ -112,28 +111,35 @@ def scheduled(default: Any) -> Any:
 
 def check_hyperparameters(objective: Objective) -> None:
     """Check sigma and every hyperparameter field of a dataclass objective against its declared type and
-    limit (converting e.g. an int given for a float); SmoothAdvError (one line, naming the flag) if one fails."""
+    limit (converting e.g. an int given for a float); SmoothAdvError (one line, naming the class and field, e.g.
+    "MACER m must be an integer, got 8.0") if one fails."""
+    name = type(objective).__name__
     sigma = getattr(objective, "sigma", 0.0)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise SmoothAdvError(f"sigma must be >= 0, got {sigma}")
-    for name, (field, kind) in fields_of(type(objective)).items():
-        if name in ("sigma", "attack") or field.metadata.get("internal"):
-            continue
-        value = getattr(objective, name)
-        converted = convert(value, kind, flag_name(field))
-        if converted is not value and converted != value:
-            object.__setattr__(objective, name, converted)
-        limit = field.metadata.get("limit")
-        if converted is not None and limit is not None and not limit[0](converted):
-            raise SmoothAdvError(f"{flag_name(field)} must be {limit[1]}, got {value!r}")
+        raise SmoothAdvError(f"{name} sigma must be a finite number >= 0, got {sigma!r}")
+    check_fields(objective, lambda field: f"{name} {field.name}",
+                 skip=lambda field: field.name in ("sigma", "attack") or bool(field.metadata.get("internal")))
 
 
-M_HELP = "m: noise draws per image (SmoothAdv: in the attack, and in training with --multi-noise)"
-ETA_HELP = "eta: weight of the entropy of the average prediction (consistency) or of the mixup term (SmoothMix)"
-WARMUP_HELP = ("warm-up epochs (SmoothAdv: eps ramps linearly to --eps; SmoothMix: the mixup weight and the mix "
-               "radius ramp linearly to full)")
-LAMBDA_HELP = ("lambda: weight of the method's regularizer (stability term; consistency KL; MACER robustness "
-               "term; CAT-RS L_high)")
+def describe_value(value: Any) -> Any:
+    """A hyperparameter as plain data for checkpoints and `args.json`: a nested dataclass (an attack) as
+    {"name": its class, **its fields}, anything else as is. (Files written before 0.2 hold a nested
+    dataclass as its `repr()` string; `same_description` compares the two forms.)"""
+    if hasattr(value, "describe"):
+        return value.describe()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"name": type(value).__name__, **{f.name: describe_value(getattr(value, f.name))
+                                                  for f in dataclasses.fields(value)}}
+    return value
+
+
+def same_description(recorded: Any, current: Any) -> bool:
+    """Whether a recorded hyperparameter (from a checkpoint or `args.json`) equals the current one (as
+    `describe_value` gives it), accepting the `repr()` string that files before 0.2 recorded for an attack."""
+    if isinstance(recorded, str) and isinstance(current, dict) and "name" in current:
+        fields = ", ".join(f"{k}={v!r}" for k, v in current.items() if k != "name")
+        return recorded == f"{current['name']}({fields})"
+    return bool(recorded == current)
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,7 @@ class GaussianAugmentation(Objective):
     sigma: float
 
     def __post_init__(self) -> None:
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        check_hyperparameters(self)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         logits = model(x + gaussian_noise(x, self.sigma, generator))
@@ -180,22 +185,21 @@ class SmoothAdv(Objective):
 
     sigma: float
     attack: Attack
-    m: int = setting(1, M_HELP, limit=AT_LEAST_ONE)
+    m: int = setting(1, "noise draws per image in the attack (and in training with --multi-noise)", limit=AT_LEAST_ONE)
     multi_noise: bool = setting(False, "train on all m noisy copies (m SGD steps per batch)")
-    warmup: int = setting(1, WARMUP_HELP, limit=AT_LEAST_ONE)
+    warmup: int = setting(1, "warm-up epochs: eps ramps linearly from eps/warmup to eps", limit=AT_LEAST_ONE)
     consistency: bool = setting(False, "add the consistency regularizer (Jeong & Shin 2020; --lbd, --eta) on the m "
                                 "noisy copies of each adversarial example (needs --multi-noise and --m >= 2)")
-    lbd: float = setting(1.0, LAMBDA_HELP, limit=NONNEGATIVE)
-    eta: float = setting(0.5, ETA_HELP, limit=NONNEGATIVE)
+    lbd: float = setting(1.0, "with --consistency: weight of its KL term", limit=NONNEGATIVE)
+    eta: float = setting(0.5, "with --consistency: weight of the entropy of the average prediction", limit=NONNEGATIVE)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.sigma) or self.sigma < 0:
-            raise SmoothAdvError(f"sigma must be >= 0, got {self.sigma}")
-        if int(self.m) != self.m or self.m < 1:
-            raise SmoothAdvError(f"m (noise draws per input) must be an integer >= 1, got {self.m}")
-        if int(self.warmup) != self.warmup or self.warmup < 1:
-            raise SmoothAdvError(f"warm-up must be an integer >= 1 epochs, got {self.warmup}")
         check_hyperparameters(self)
+        if not (dataclasses.is_dataclass(self.attack) and not isinstance(self.attack, type)) \
+                or not hasattr(self.attack, "eps"):
+            raise SmoothAdvError(f"SmoothAdv's attack must be a dataclass with an eps field (as attacks.PGDL2 and "
+                                 f"attacks.DDN are; the warm-up replaces its eps each epoch), got "
+                                 f"{type(self.attack).__name__}")
         if self.consistency and not (self.multi_noise and self.m >= 2):
             raise SmoothAdvError("SmoothAdv with consistency regularization trains on the m noisy copies: "
                                  "it needs --multi-noise and --m >= 2")
@@ -242,7 +246,7 @@ class SmoothAdv(Objective):
 class StabilityTraining(Objective):
     """Stability training (Li, Chen, Wang & Carin, "Certified Adversarial Robustness with Additive Noise",
     NeurIPS 2019), as the code of Jeong & Shin (2020) implements it (`train_stab.py`, re-run by the CAT-RS
-    authors; reference §2.2).
+    authors).
 
     One draw delta_i ~ N(0, sigma^2 I) per image and two forward passes, clean and noisy:
 
@@ -255,7 +259,7 @@ class StabilityTraining(Objective):
     """
 
     sigma: float
-    lbd: float = setting(2.0, LAMBDA_HELP, limit=NONNEGATIVE)
+    lbd: float = setting(2.0, "weight of the stability term", limit=NONNEGATIVE)
 
     def __post_init__(self) -> None:
         check_hyperparameters(self)
@@ -272,7 +276,7 @@ class StabilityTraining(Objective):
 class ConsistencyRegularizer:
     """The consistency regularizer of Jeong & Shin, "Consistency Regularization for Certified Robustness of
     Smoothed Classifiers", NeurIPS 2020, as their code computes it (`consistency.py`, the mode all
-    published runs use; reference §2.5). Not an objective: a term that objectives add to their loss.
+    published runs use). Not an objective: a term that objectives add to their loss.
 
     On logits of shape (b, m, K) (m noisy copies of each of b images), with q_ij = softmax of copy j
     and p_i = (1/m) sum_j q_ij:
@@ -300,7 +304,7 @@ class ConsistencyRegularizer:
 @dataclass(frozen=True)
 class Consistency(Objective):
     """Gaussian augmentation with m copies plus consistency regularization (Jeong & Shin, NeurIPS 2020;
-    their `train_consistency.py` without `--adv-training`, reference §2.5).
+    their `train_consistency.py` without `--adv-training`).
 
     Per chunk of b images: m draws per image, one forward pass over the b*m noisy copies, and
 
@@ -314,9 +318,9 @@ class Consistency(Objective):
     """
 
     sigma: float
-    m: int = setting(2, M_HELP, limit=AT_LEAST_ONE)
-    lbd: float = setting(10.0, LAMBDA_HELP, limit=NONNEGATIVE)
-    eta: float = setting(0.5, ETA_HELP, limit=NONNEGATIVE)
+    m: int = setting(2, "noise draws per image (m SGD steps per batch)", limit=AT_LEAST_ONE)
+    lbd: float = setting(10.0, "weight of the consistency KL term", limit=NONNEGATIVE)
+    eta: float = setting(0.5, "weight of the entropy of the average prediction", limit=NONNEGATIVE)
 
     def __post_init__(self) -> None:
         check_hyperparameters(self)
@@ -349,7 +353,7 @@ def macer_margins(logits: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tenso
 class MACER(Objective):
     """MACER: attack-free training by maximizing the certified radius (Zhai, Dan, He, Zhang, Gong, Ravikumar,
     Hsieh & Wang, ICLR 2020), as in the authors' code (`macer.py`, also used unchanged by the CAT-RS authors;
-    reference §2.4).
+    ).
 
     Each of the B images of a loader batch gets m draws; one forward pass over the B*m copies gives
     logits (B, m, K). With p_i the average softmax over image i's copies and p~, p1, p2, correct from
@@ -374,8 +378,8 @@ class MACER(Objective):
     """
 
     sigma: float
-    m: int = setting(16, M_HELP, limit=AT_LEAST_ONE)
-    lbd: float = setting(12.0, LAMBDA_HELP, limit=NONNEGATIVE)
+    m: int = setting(16, "noise draws per image", limit=AT_LEAST_ONE)
+    lbd: float = setting(12.0, "weight of the robustness (hinge) term", limit=NONNEGATIVE)
     beta: float = setting(16.0, "beta: inverse temperature of MACER's soft smoothed classifier", limit=NONNEGATIVE)
     gamma: float = setting(8.0, "gamma: MACER's hinge margin on Phi^-1(p1) - Phi^-1(p2) (the code's --margin)",
                            limit=NONNEGATIVE)
@@ -414,14 +418,14 @@ def _unit(g: Tensor) -> Tensor:
     return g / (l2_norm(g) + 1e-8).view(-1, *([1] * (g.dim() - 1)))
 
 
-def smoothmix_attack(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, alpha: float, steps: int,
+def smoothmix_attack(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, step_size: float, steps: int,
                      mix_step: int) -> tuple[Tensor, Tensor]:
     """SmoothMix's adversary of the smoothed soft classifier (Jeong et al. 2021, `SmoothMix_PGD`): (x_mix_step, x_T).
 
     Starting at x, `steps` ascent steps on sum_i -log p_i(x')[y_i], p_i the average softmax over image i's
-    fixed noise draws `noise` (B, m, ...): each step moves by `alpha` along the per-image normalized
+    fixed noise draws `noise` (B, m, ...): each step moves by `step_size` along the per-image normalized
     gradient (g / (||g|| + 1e-8)) and clamps to [0, 1]; there is no eps-ball (the original's default,
-    `--maxnorm` unset), so x_T can be up to T alpha away. x_mix_step is the iterate before step
+    `--maxnorm` unset), so x_T can be up to T step_size away. x_mix_step is the iterate before step
     `mix_step` (x itself for mix_step = 0, and when mix_step >= steps). Gradients are taken with respect
     to the input only; put the model in eval mode yourself.
     """
@@ -434,18 +438,18 @@ def smoothmix_attack(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, a
             point = adv.requires_grad_(True)
             loss = F.nll_loss(smoothed(point).float(), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, point)
-        adv = (adv.detach() + alpha * _unit(grad)).clamp(0.0, 1.0).detach()
+        adv = (adv.detach() + step_size * _unit(grad)).clamp(0.0, 1.0).detach()
     return start.detach(), adv
 
 
 @dataclass(frozen=True)
 class SmoothMix(Objective):
     """SmoothMix (Jeong, Park, Kim, Lee, Kim & Shin, NeurIPS 2021), as in the authors' code (`train.py` of
-    jh-jeong/smoothmix = `train_smoothmix.py` of the CAT-RS re-runs; reference §2.6).
+    jh-jeong/smoothmix = `train_smoothmix.py` of the CAT-RS re-runs).
 
     Per chunk of b images with m draws delta_ij shared by every pass: `smoothmix_attack` (eval mode)
     gives x_init (the iterate before step `mix_step`, then projected onto the ball of radius
-    w_e alpha mix_step around x) and x_adv (after T = `steps` steps). With the "clean" pass
+    w_e step_size mix_step around x) and x_adv (after T = `steps` steps). With the "clean" pass
     q_ij = softmax(f(x_init,i + delta_ij)) (train mode), p_i = (1/m) sum_j q_ij, lambda_i ~ U[0, 1/2]
     per image, x~_i = (1 - lambda_i) x_init,i + lambda_i x_adv,i, the target t_i = (1 - lambda_i) p_i +
     lambda_i u (u uniform over the K classes; lambda drawn after the noise, `uniform_draws`) and
@@ -463,20 +467,22 @@ class SmoothMix(Objective):
     of the clean-side copies (the original logs 0).
 
     Defaults: the published CIFAR-10 settings that do not depend on sigma (m = 2, T = 4, eta = 5,
-    warm-up 10) and the code's alpha = 1 and mix_step = 0; CIFAR-10 used alpha / mix_step = 0.5 / 0,
-    1.0 / 1, 2.0 / 1 at sigma = 0.25 / 0.5 / 1.0; MNIST m = 4, alpha = 1, (T, eta) = (2, 5) / (4, 5) /
+    warm-up 10) and the code's step size (its `alpha`) 1 and mix_step = 0; CIFAR-10 used step size / mix_step = 0.5 / 0,
+    1.0 / 1, 2.0 / 1 at sigma = 0.25 / 0.5 / 1.0; MNIST m = 4, step size 1, (T, eta) = (2, 5) / (4, 5) /
     (8, 5) or eta = 1. The original's `--maxnorm` (an eps-ball for x_adv) is not offered: no published
     run set it. Cost: m (T + 2) forward/backward per image.
     """
 
     sigma: float
-    m: int = setting(2, M_HELP, limit=AT_LEAST_ONE)
-    steps: int = setting(4, "attack steps T (SmoothMix's and CAT-RS's own attacks)", limit=AT_LEAST_ONE)
-    alpha: float = setting(1.0, "alpha: SmoothMix's attack step size (L2, [0, 1] pixels)", limit=POSITIVE)
-    eta: float = setting(5.0, ETA_HELP, limit=NONNEGATIVE)
+    m: int = setting(2, "noise draws per image (m SGD steps per batch)", limit=AT_LEAST_ONE)
+    steps: int = setting(4, "steps T of SmoothMix's attack", limit=AT_LEAST_ONE)
+    step_size: float = setting(1.0, "step size of SmoothMix's attack (L2, [0, 1] pixels; the code's alpha)",
+                                limit=POSITIVE)
+    eta: float = setting(5.0, "weight of the mixup term", limit=NONNEGATIVE)
     mix_step: int = setting(0, "SmoothMix: the attack iterate mixed with x_adv (0: x itself, 1: the one-step "
                             "adversary)", limit=COUNT)
-    warmup: int = setting(10, WARMUP_HELP, limit=AT_LEAST_ONE)
+    warmup: int = setting(10, "warm-up epochs: the mixup weight and the mix radius ramp linearly to full",
+                         limit=AT_LEAST_ONE)
     ramp: float = scheduled(1.0)  # w_e of the epoch (set by at_epoch)
 
     def __post_init__(self) -> None:
@@ -499,9 +505,9 @@ class SmoothMix(Objective):
         batch = x.shape[0]
         noise = noise_copies(x, self.m, self.sigma, generator)
         with eval_mode(model):
-            x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=self.alpha, steps=self.steps,
+            x_init, x_adv = smoothmix_attack(model, x, y, noise, step_size=self.step_size, steps=self.steps,
                                              mix_step=self.mix_step)
-        x_init = (x + project(x, x_init - x, self.ramp * self.alpha * self.mix_step)).detach()
+        x_init = (x + project(x, x_init - x, self.ramp * self.step_size * self.mix_step)).detach()
         logits = model(noisy_rows(x_init, noise)).float()
         targets = y.repeat_interleave(self.m)
         average = F.softmax(logits, dim=1).view(batch, self.m, -1).mean(1)
@@ -558,8 +564,6 @@ def catrs_noise_attack(model: nn.Module, x: Tensor, noise: Tensor, target: Tenso
 
 @functools.lru_cache(maxsize=4)
 def _cached_prediction(path: str, stamp: tuple[int, int]) -> Tensor:
-    from .evaluate import read_smooth_prediction
-
     return read_smooth_prediction(path)
 
 
@@ -576,7 +580,7 @@ def load_smooth_prediction(path: str) -> Tensor:
 @dataclass(frozen=True)
 class CATRS(Objective):
     """CAT-RS: confidence-aware training of randomized smoothing (Jeong, Kim & Shin, AAAI 2023), as in the
-    authors' `train_catrs.py` (reference §2.7).
+    authors' `train_catrs.py`.
 
     It needs pi, the smoothed prediction of a Gaussian-trained model on every training image (vote
     frequencies over n noisy copies; `smoothadv smooth-prediction`, whose TSV `smoothed_prediction`
@@ -604,10 +608,10 @@ class CATRS(Objective):
     sigma: float
     smoothed_prediction: str | None = setting(None, "CAT-RS: the `smoothadv smooth-prediction` TSV of the training "
                                               "set (pi)")
-    m: int = setting(4, M_HELP, limit=AT_LEAST_ONE)
+    m: int = setting(4, "noise draws per image (m SGD steps per batch)", limit=AT_LEAST_ONE)
     eps: float = setting(1.0, "eps: L2 radius of CAT-RS's attack on the noise", limit=NONNEGATIVE)
-    steps: int = setting(4, "attack steps T (SmoothMix's and CAT-RS's own attacks)", limit=AT_LEAST_ONE)
-    lbd: float = setting(1.0, LAMBDA_HELP, limit=NONNEGATIVE)
+    steps: int = setting(4, "steps T of CAT-RS's attack on the noise", limit=AT_LEAST_ONE)
+    lbd: float = setting(1.0, "weight of L_high", limit=NONNEGATIVE)
     confidence_mask: bool = setting(False, "CAT-RS: draw K from pi_i[y_i] instead of the accuracy under noise")
     pi: Tensor | None = dataclasses.field(default=None, repr=False, compare=False, metadata={"internal": True})
 
@@ -676,69 +680,41 @@ declared with `settings.setting(...)` so that the command line, recipes and chec
 # ------------------------------------------------------------------ the factory
 
 
-def build_attack(settings: AttackSettings) -> Attack:
-    """The attack `settings` describe. DDN's gamma and initial norm, when None, follow Salman et al.'s
-    prediction script's rule: the norm may shrink from eps to 3/510 in T steps, gamma = 1 - (3/510/eps)^(1/T),
-    and starts at eps (>= 1e-3). A deliberate deviation: predict.py itself starts at its --init-norm-DDN
-    default, 256/256 = 1.0, whatever eps; we start where its gamma rule assumes (and where training's
-    warm-up starts DDN each epoch). Set `ddn_init_norm` (AttackSettings) to 1.0 for the script's behaviour."""
-    eps, steps = settings.eps, settings.steps
-    if settings.attack == "ddn":
-        gamma = settings.ddn_gamma
-        if gamma is None:
-            gamma = 1 - (3 / 510 / eps) ** (1 / steps) if eps > 3 / 510 else 0.05
-        init_norm = settings.ddn_init_norm if settings.ddn_init_norm is not None else max(eps, 1e-3)
-        return DDN(eps, steps, gamma=gamma, init_norm=init_norm)
-    get_attack(settings.attack)  # a one-line error for an unknown name
-    if settings.gradient_free:
-        return SteinPGDL2(eps, steps, random_start=settings.random_start)
-    return PGDL2(eps, steps, random_start=settings.random_start)
+def hyperparameters(name: str) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """The own settings of the objective registered as `name`, by recipe key: key -> (field, type).
+
+    `sigma` (the training settings' noise level) and `attack` (built by `attacks.build_attack` from
+    the attack's own settings) are not among them, nor fields set by `at_epoch` (`scheduled`)."""
+    if name not in OBJECTIVES:
+        raise SmoothAdvError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return {recipe_key(field): (field, kind) for key, (field, kind) in fields_of(OBJECTIVES[name]).items()
+            if key not in ("sigma", "attack") and not field.metadata.get("internal")}
 
 
-def hyperparameters() -> dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]]:
-    """Every registered objective's own settings: name -> (field, type, objectives that have it).
-    `sigma` and `attack` are excluded: they come from the training and attack settings."""
-    found: dict[str, tuple[dataclasses.Field, Any, tuple[str, ...]]] = {}
-    for name, cls in OBJECTIVES.items():
-        for key, (field, kind) in fields_of(cls).items():
-            if key in ("sigma", "attack") or field.metadata.get("internal"):
-                continue
-            owners = found[key][2] if key in found else ()
-            found[key] = (found[key][0] if key in found else field, kind, (*owners, name))
-    return found
-
-
-def hyperparameter_defaults(key: str) -> dict[str, Any]:
-    """The default of hyperparameter `key` in each registered objective that has it (objective name -> default)."""
-    return {name: field.default for name, cls in OBJECTIVES.items()
-            for field_name, (field, _) in fields_of(cls).items() if field_name == key}
+def has_attack(name: str) -> bool:
+    """Whether the objective registered as `name` trains against an `attacks.Attack` (its `attack` field)."""
+    return "attack" in fields_of(OBJECTIVES[name]) if name in OBJECTIVES else False
 
 
 def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None = None,
-                    attack: AttackSettings | None = None) -> Objective:
+                    attack: Attack | None = None) -> Objective:
     """The objective registered as `name` at noise level `sigma`.
 
-    `options` holds hyperparameters by field name (the command line's flags, a recipe's keys);
-    each is converted strictly to its declared type, including those of other objectives, which
-    are then ignored (so one recipe format serves them all). `attack` (default `AttackSettings()`)
-    is used when the objective has an `attack` field.
+    `options` holds the objective's own hyperparameters by recipe key (`hyperparameters(name)`), each
+    converted strictly to its declared type; a key the objective does not have is refused (one line).
+    `attack` is required by the objectives that have an `attack` field (SmoothAdv) and refused by the others.
     """
-    if name not in OBJECTIVES:
-        raise SmoothAdvError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    known = hyperparameters()
+    known = hyperparameters(name)
     options = dict(options or {})
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise SmoothAdvError(f"unknown objective setting(s) {', '.join(unknown)}")
-    values = {key: convert(value, known[key][1], key) for key, value in options.items()}
-    kwargs: dict[str, Any] = {}
-    for key, (field, _) in fields_of(OBJECTIVES[name]).items():
-        if field.metadata.get("internal"):
-            continue
-        if key == "sigma":
-            kwargs[key] = sigma
-        elif key == "attack":
-            kwargs[key] = build_attack(attack or AttackSettings())
-        elif key in values:
-            kwargs[key] = values[key]
-    return OBJECTIVES[name](**kwargs)
+        raise SmoothAdvError(f"{', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                             f"of the {name} objective")
+    kwargs: dict[str, Any] = {known[key][0].name: convert(value, known[key][1], key) for key, value in options.items()}
+    if has_attack(name):
+        if attack is None:
+            raise SmoothAdvError(f"the {name} objective needs an attack (attacks.build_attack)")
+        kwargs["attack"] = attack
+    elif attack is not None:
+        raise SmoothAdvError(f"the {name} objective has no attack of the smoothed classifier to set")
+    return OBJECTIVES[name](sigma=sigma, **kwargs)

@@ -5,8 +5,8 @@ Each run is described by frozen dataclasses, validated when they are made (a one
 meet the same checks:
 
 - `TrainSettings`: a training run (`train.fit`); the objective is a separate typed object
-  (`objectives.build_objective`), whose dataclass fields are its hyperparameters.
-- `AttackSettings`: an L2 attack (`attacks.build_attack`), for SmoothAdv training and `attack`.
+  (`objectives.build_objective`), whose dataclass fields are its hyperparameters, and so is an
+  attack (`attacks.build_attack`): both declare their fields with `setting(...)` too.
 - `CertifySettings`, `PredictSettings`, `AttackRunSettings`, `SmoothPredictionSettings`: what a
   durable evaluation run computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
 
@@ -18,6 +18,11 @@ only says where it stops: `train.RESUMABLE_CHANGES`.) `convert` turns a value fr
 field's declared type, strictly: `"false"` is not a bool, `1.5` is not an int, `true` is not a
 number. Field names are those of the flags (and of the `args.json` files earlier versions wrote),
 so recorded runs stay comparable.
+
+This module is the ground floor of the package: it imports only the standard library and `errors`.
+The factories that build objects from settings live beside what they build (`train.recipe`,
+`attacks.build_attack`, `objectives.build_objective`, `run.sequential_test`), and the registries whose
+names are choices here (datasets, architectures, denoisers) register them (`register_names`).
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ def flag_name(field: dataclasses.Field) -> str:
 
 
 def recipe_key(field: dataclasses.Field) -> str:
-    """The key of a settings field in recipes and `train_recipe` (the flag without dashes: `batch`)."""
+    """The key of a settings field in recipes and `train.recipe` (the flag without dashes: `batch`)."""
     return flag_name(field)[2:].replace("-", "_")
 
 
@@ -190,9 +195,14 @@ def convert(value: Any, kind: Any, name: str, *, from_text: bool = False) -> Any
     raise TypeError(f"unsupported settings type {kind!r} for {name}")
 
 
-def check_fields(settings: Any, label: Callable[[dataclasses.Field], str] = flag_name) -> None:
-    """Check every field's type, limit and choices; SmoothAdvError (one line) on the first bad one."""
+def check_fields(settings: Any, label: Callable[[dataclasses.Field], str] = flag_name,
+                 skip: Callable[[dataclasses.Field], bool] | None = None) -> None:
+    """Check every field's type, limit and choices (but those `skip` says to leave), converting a value
+    given as another type that converts strictly (an int for a float, a list for a tuple) in place;
+    SmoothAdvError (one line, the field shown as `label` gives it) on the first bad one."""
     for name, (field, kind) in fields_of(type(settings)).items():
+        if skip is not None and skip(field):
+            continue
         value = getattr(settings, name)
         shown = label(field)
         converted = convert(value, kind, shown)
@@ -264,16 +274,33 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ the settings
 
 
-def _dataset_names() -> tuple[str, ...]:
-    from .data import dataset_names
-
-    return dataset_names()
+_NAME_REGISTRIES: dict[str, Callable[[], tuple[str, ...]]] = {}
 
 
-def _arch_names() -> tuple[str, ...]:
-    from .archs import architecture_names
+def register_names(kind: str, names: Callable[[], tuple[str, ...]]) -> None:
+    """Make `names()` the allowed values of settings declared with `choices=registered(kind)`.
 
-    return architecture_names()
+    The registries that know the names (`data` for "dataset", `archs` for "arch", `denoise` for
+    "denoiser") register themselves when they are imported, so this module, the ground floor, imports
+    none of them."""
+    _NAME_REGISTRIES[kind] = names
+
+
+def registered(kind: str) -> Callable[[], tuple[str, ...]]:
+    """The lazy choices of a setting whose values are the names registered as `kind` (`register_names`)."""
+
+    def names() -> tuple[str, ...]:
+        source = _NAME_REGISTRIES.get(kind)
+        if source is None:
+            raise SmoothAdvError(f"no {kind} registry is loaded (import smoothadv first)")
+        return source()
+
+    names.__name__ = f"{kind}_names"
+    return names
+
+
+_dataset_names = registered("dataset")
+_arch_names = registered("arch")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -294,11 +321,13 @@ class TrainSettings:
     sigma: float = setting(0.25, "training noise level (recorded in the checkpoint)", limit=NONNEGATIVE)
     epochs: int = setting(90, "training epochs", limit=AT_LEAST_ONE)
     batch_size: int = setting(256, "batch size (the global batch under torchrun)", flag="--batch", limit=AT_LEAST_ONE)
-    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE_FLOAT32)
+    lr: float = setting(0.1, "learning rate", limit=POSITIVE_FLOAT32)
     lr_step: int = setting(30, "decay lr every this many epochs", limit=AT_LEAST_ONE)
     lr_gamma: float = setting(0.1, "lr decay factor", limit=POSITIVE_FLOAT32)
+    optimizer: str = setting("sgd", "optimizer of the loop: SGD with momentum (Cohen et al.), or Adam (the denoisers "
+                             "of Salman et al. 2020)", choices=("sgd", "adam"))
     momentum: float = setting(0.9, "SGD momentum", limit=NONNEGATIVE_FLOAT32)
-    weight_decay: float = setting(1e-4, "SGD weight decay", limit=NONNEGATIVE_FLOAT32)
+    weight_decay: float = setting(1e-4, "weight decay", limit=NONNEGATIVE_FLOAT32)
     normalization: str = setting("normalize", "input layer: mean/std, mean only, or none (raw [0, 1] pixels)",
                                  choices=NORMALIZATIONS)
     seed: int = setting(0, "seed for noise, initialization and data order", limit=SEED)
@@ -322,41 +351,12 @@ class TrainSettings:
         check_fields(self, recipe_key)
 
     def validate(self) -> None:
-        """Checks that need more than one field (the single-field checks ran when it was made)."""
-        from .accel import check_precision
-        from .models import check_arch_fits
-
-        check_precision(self.precision)
-        check_arch_fits(self.arch, self.dataset)
+        """Checks that need more than one field (the single-field checks ran when it was made; that the
+        architecture takes the dataset's images is `train.check_settings`'s, which calls this)."""
         steps = (self.epochs - 1) // self.lr_step  # decays before the last epoch
         if self.lr_gamma > 1 and math.log(self.lr) + steps * math.log(self.lr_gamma) > math.log(FLOAT32_MAX):
             raise SmoothAdvError(f"--lr {self.lr:g} grows by --lr-gamma {self.lr_gamma:g} every {self.lr_step} epochs "
                                  f"beyond float32 range (3.4e38) within {self.epochs} epochs")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttackSettings:
-    """An L2 attack, as `attacks.build_attack` makes it (Salman et al. 2019, Section 3).
-
-    `attack` is "pgd" or "ddn"; `gradient_free` turns PGD into its Stein-estimate variant.
-    `ddn_gamma` / `ddn_init_norm` None mean the rule of Salman et al.'s prediction script: the
-    norm can shrink from eps to 3/510 in `steps` steps, starting at eps (at least 1e-3); the script
-    itself starts at 1.0 whatever eps (see `objectives.build_attack`).
-    """
-
-    attack: str = setting("pgd", "attack on the smoothed soft classifier", choices=("pgd", "ddn"))
-    eps: float = setting(0.5, "attack L2 radius in [0, 1] pixels", limit=NONNEGATIVE)
-    steps: int = setting(2, "attack steps T", limit=AT_LEAST_ONE)
-    random_start: bool = setting(False, "PGD: start at a random point of the eps-ball")
-    gradient_free: bool = setting(False, "PGD: Stein gradient estimate (no backpropagation; weaker)")
-    ddn_gamma: float | None = setting(0.05, "DDN norm update factor", limit=PROBABILITY)
-    ddn_init_norm: float | None = setting(1.0, "DDN initial norm (replaced by the warm-up eps each epoch, as the "
-                                          "original)", limit=POSITIVE)
-
-    def __post_init__(self) -> None:
-        check_fields(self, recipe_key)
-        if self.gradient_free and self.attack != "pgd":
-            raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -427,7 +427,7 @@ class CertifySettings(EvaluationSettings):
     or betting), `class_from`, `policy`, `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling
     base; for betting the first draw and the largest sample size), `forecast_alpha` (a
     probability, or "strict") and `selection` (adaptive, the default, or fixed) are its settings;
-    `sequential_config()` resolves them.
+    `run.sequential_test(settings)` builds the test they describe.
     """
 
     n: int | None = setting(100_000, "Monte Carlo samples", limit=AT_LEAST_ONE)
@@ -487,24 +487,6 @@ class CertifySettings(EvaluationSettings):
     def resolved_policy(self) -> str:
         return self.policy or ("tolerance" if self.tolerance is not None else "grid")
 
-    def sequential_config(self) -> Any:
-        """The test these settings describe (sequential mode): a `sequential.SequentialConfig`, or with
-        `test` "betting" a `betting.BettingConfig`."""
-        from .sequential import DEFAULT_LOOKS, SequentialConfig, doubling_looks
-
-        forecast = {} if self.forecast_alpha is None else {
-            "forecast_alpha": None if self.forecast_alpha == "strict" else self.forecast_alpha}
-        selection = {} if self.selection is None else {"selection": self.selection}
-        if self.test == "betting":
-            from .betting import BettingConfig
-
-            first, last = (64, None) if self.looks is None else self.looks
-            return BettingConfig(self.sigma, self.alpha, self.resolved_policy, tuple(self.radii or ()),
-                                 self.tolerance or 0.0, first=first, last=last, **forecast, **selection)
-        base = DEFAULT_LOOKS if self.looks is None else doubling_looks(*self.looks)
-        return SequentialConfig(self.sigma, self.alpha, None, self.resolved_policy, tuple(self.radii or ()),
-                                self.tolerance or 0.0, base=base, **forecast, **selection)
-
 
 @dataclass(frozen=True, kw_only=True)
 class SmoothPredictionSettings(EvaluationSettings):
@@ -525,8 +507,9 @@ class AttackRunSettings(EvaluationSettings):
     """Empirical robustness: the SmoothAdv attack on the smoothed classifier, then PREDICT.
 
     The attack's own settings (`attack`, `eps`, `steps`, `random_start`, `gradient_free`) are
-    fields here too, so that a run's recorded settings stay one flat record; `attack_settings()`
-    gives them as `AttackSettings` (DDN with the prediction script's gamma and initial norm).
+    fields here too, so that a run's recorded settings stay one flat record; `run.rows_maker` builds
+    the attack of each radius with `attacks.build_attack` (DDN with the prediction script's gamma and
+    initial norm).
     """
 
     eps: tuple[float, ...] = setting(help="attack L2 radius in [0, 1] pixels; several radii make one row per "
@@ -553,12 +536,8 @@ class AttackRunSettings(EvaluationSettings):
             raise SmoothAdvError(f"--eps lists a radius twice: {self.eps}")
         if self.gradient_free and self.base_attack:
             raise SmoothAdvError("--gradient-free estimates the smoothed classifier's gradient; drop --base-attack")
-        self.attack_settings(self.eps[0])  # refuses combinations such as DDN with --gradient-free
-
-    def attack_settings(self, eps: float) -> AttackSettings:
-        """The attack at radius `eps` (DDN: gamma and initial norm by the prediction script's rule)."""
-        return AttackSettings(attack=self.attack, eps=eps, steps=self.steps, random_start=self.random_start,
-                              gradient_free=self.gradient_free, ddn_gamma=None, ddn_init_norm=None)
+        if self.gradient_free and self.attack != "pgd":
+            raise SmoothAdvError("--gradient-free is a variant of PGD; drop it or use --attack pgd")
 
 
 # ------------------------------------------------------------------ a training recipe
@@ -567,57 +546,3 @@ class AttackRunSettings(EvaluationSettings):
 def flag_keys(cls: type) -> dict[str, str]:
     """Recipe/flag key -> field name of a settings class (`batch` -> `batch_size`, `out` -> `out_dir`)."""
     return {recipe_key(f): f.name for f in dataclasses.fields(cls)}
-
-
-def train_recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainSettings, Any]:
-    """The training settings and objective that flat `values` describe (a TOML recipe's keys, flags).
-
-    Keys are the command line's flag names (`batch`, `lr_step`, `objective`, `attack`, `eps`, `m`,
-    ...): training settings, attack settings, `objective` (default "gaussian") and the objective's
-    own hyperparameters. An attack key (`eps`, `steps`) that the chosen objective declares as its own
-    field (SmoothMix's and CAT-RS's attacks) goes to the objective. Every value is checked against its
-    declared type; unknown keys, a missing `out`, or a value of the wrong type are one-line errors
-    prefixed with `source`. The architecture defaults to the dataset's usual one.
-    """
-    from .data import dataset_info
-    from .objectives import OBJECTIVES, build_objective, hyperparameters
-
-    prefix = f"{source}: " if source else ""
-    train_keys, attack_keys, options = flag_keys(TrainSettings), flag_keys(AttackSettings), hyperparameters()
-    train: dict[str, Any] = {}
-    attack: dict[str, Any] = {}
-    objective: dict[str, Any] = {}
-    name = values.get("objective", "gaussian")
-    if not isinstance(name, str):
-        raise SmoothAdvError(f"{prefix}objective must be a string, got {name!r}")
-    own = set(fields_of(OBJECTIVES[name])) - {"sigma", "attack"} if name in OBJECTIVES else set()  # CAT-RS's eps
-    unknown = []
-    for key, value in values.items():
-        if key == "objective":
-            continue
-        if key in train_keys:
-            train[train_keys[key]] = value
-        elif key in attack_keys and key not in own:
-            attack[attack_keys[key]] = value
-        elif key in options:
-            objective[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise SmoothAdvError(f"{prefix}unknown setting(s) {', '.join(sorted(unknown))}")
-    if "out_dir" not in train:
-        raise SmoothAdvError(f"{prefix}the run directory (--out) is required")
-    if train.get("arch") is None:
-        dataset = train.get("dataset", TrainSettings.__dataclass_fields__["dataset"].default)
-        if dataset not in _dataset_names():
-            raise SmoothAdvError(f"{prefix}dataset must be one of {', '.join(_dataset_names())}, got {dataset!r}")
-        train["arch"] = dataset_info(dataset).default_arch
-    settings = make(TrainSettings, train, source=source)
-    try:
-        built = build_objective(name, settings.sigma, objective, make(AttackSettings, attack))
-    except SmoothAdvError as exc:
-        raise SmoothAdvError(f"{prefix}{exc}") from None
-    warmup = getattr(built, "warmup", 1)
-    if warmup > settings.epochs:
-        raise SmoothAdvError(f"{prefix}warm-up ({warmup} epochs) is longer than training ({settings.epochs} epochs)")
-    return settings, built

@@ -69,7 +69,7 @@ from scipy.special import gammaln, ndtr
 from scipy.stats import beta, binom, binomtest, norm
 from torch import Tensor, nn
 
-from .betting import BettingConfig
+from .betting import BettingConfig, log_wealth
 from .errors import SmoothAdvError
 from .sequential import SELECTION_CHUNK, SequentialConfig, certify_sequential_many
 from .smoothing import ABSTAIN, Smooth
@@ -358,7 +358,6 @@ def betting_checks(config: BettingConfig) -> tuple[int, ...]:
 def _first_rejecting(n: int, z: float, config: BettingConfig) -> int:
     """Smallest count S of n votes at which the betting sequence rejects q = Phi(z) (n + 1 if none):
     ln M_n(q) increases with S, so a binary search finds it."""
-    from .betting import log_wealth
 
     def rejects(k: int) -> bool:
         return bool(log_wealth([k], [n - k], z, config)[0] >= config.threshold)
