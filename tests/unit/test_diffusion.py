@@ -1,0 +1,330 @@
+"""smoothadv.diffusion: loading a diffusers DDPM, the diffusion denoiser (Carlini et al. 2023), the DDPM trainer.
+
+Everything runs on tiny randomly initialised UNets (1x8x8 or 3x8x8 images) saved with diffusers'
+save_pretrained into tmp directories; skipped when the optional dependency diffusers is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+
+from smoothadv.diffusion import (  # noqa: E402
+    DiffusionDenoiser,
+    DiffusionModel,
+    DiffusionTrainSettings,
+    ddim_timesteps,
+    diffusion_timestep,
+    load_diffusion,
+    main,
+    train_ddpm,
+)
+from smoothadv.errors import SmoothAdvError  # noqa: E402
+
+
+def _tiny_unet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    with torch.no_grad():  # larger random weights than the initialization, so that the predicted noise is not ~0
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+def _scheduler(**extra) -> object:
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                   **extra)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    """A DDPMPipeline directory (unet/, scheduler/, model_index.json) holding the tiny UNet; read-only."""
+    path = tmp_path_factory.mktemp("ddpm") / "pipeline"
+    diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=_scheduler()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(pipeline_dir) -> DiffusionModel:
+    return load_diffusion(pipeline_dir)
+
+
+def _one_line_error(call, *match: str) -> str:
+    with pytest.raises(SmoothAdvError) as info:
+        call()
+    text = str(info.value)
+    assert "\n" not in text
+    for part in match:
+        assert part in text, text
+    return text
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_load_round_trip(pipeline_dir, model):
+    original = _tiny_unet()
+    assert model.shape == (1, 8, 8)
+    assert model.prediction_type == "epsilon" and not model.learned_variance
+    assert model.num_train_timesteps == 1000
+    loaded = model.unet.state_dict()
+    assert set(loaded) == set(original.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in original.state_dict().items())
+    assert torch.equal(model.alphas_cumprod, _scheduler().alphas_cumprod.double())
+
+
+def test_bare_unet_layout(tmp_path):
+    """A UNet directory (config.json + weights) with scheduler_config.json beside it loads too."""
+    _tiny_unet(1).save_pretrained(tmp_path)
+    _scheduler().save_pretrained(tmp_path)
+    loaded = load_diffusion(tmp_path)
+    assert loaded.shape == (1, 8, 8)
+    assert loaded.provenance()["unet"] == "."
+    assert loaded.provenance()["scheduler_config"] == "scheduler_config.json"
+
+
+def test_provenance_digests(pipeline_dir, model):
+    record = model.provenance()
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    weights = pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert record["weights_sha256"] == {"unet/diffusion_pytorch_model.safetensors": sha(weights)}
+    assert record["scheduler_config_sha256"] == sha(pipeline_dir / "scheduler" / "scheduler_config.json")
+    assert record["unet_config_sha256"] == sha(pipeline_dir / "unet" / "config.json")
+    assert record["diffusers"] == diffusers.__version__
+    assert record["parameters"] == sum(p.numel() for p in model.unet.parameters())
+    assert record["shape"] == [1, 8, 8] and record["prediction_type"] == "epsilon"
+    json.dumps(record)  # a JSON record
+
+
+def test_load_errors(tmp_path, pipeline_dir):
+    _one_line_error(lambda: load_diffusion(tmp_path / "missing"), "missing", "no such directory")
+    _one_line_error(lambda: load_diffusion(tmp_path), str(tmp_path), "no UNet config")
+    bad = tmp_path / "vae"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    _one_line_error(lambda: load_diffusion(bad), str(bad), "AutoencoderKL", "not a UNet2DModel")
+    (bad / "config.json").write_text("{not json")
+    _one_line_error(lambda: load_diffusion(bad), "not a JSON file")
+    copy = tmp_path / "copy"
+    shutil.copytree(pipeline_dir, copy)
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    _one_line_error(lambda: load_diffusion(copy), str(copy), "no UNet weights")
+    shutil.rmtree(copy)
+    shutil.copytree(pipeline_dir, copy)
+    shutil.rmtree(copy / "scheduler")
+    _one_line_error(lambda: load_diffusion(copy), "no scheduler config")
+    shutil.rmtree(copy)
+    shutil.copytree(pipeline_dir, copy)  # weights that do not fit the config
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32]}))
+    _one_line_error(lambda: load_diffusion(copy), "cannot load the UNet")
+    shutil.rmtree(copy)
+    shutil.copytree(pipeline_dir, copy)
+    config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "magic"}))
+    _one_line_error(lambda: load_diffusion(copy), "prediction_type 'magic'")
+
+
+def test_diffusers_missing(monkeypatch, pipeline_dir):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    _one_line_error(lambda: load_diffusion(pipeline_dir), "needs the optional dependency diffusers",
+                    "pip install 'smoothadv[diffusion]'")
+
+
+# ------------------------------------------------------------------ the denoiser
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
+def test_timestep_closed_form(model, sigma):
+    abar = [float(a) for a in _scheduler().alphas_cumprod.double()]
+    gaps = [abs((1 - a) / a - 4 * sigma**2) for a in abar]
+    expected = gaps.index(min(gaps))
+    assert model.timestep(sigma) == expected == DiffusionDenoiser(model, sigma).t_star
+    # the matched noise level on the [-1, 1] scale is 2 sigma (to the schedule's resolution)
+    assert math.sqrt((1 - abar[expected]) / abar[expected]) == pytest.approx(2 * sigma, rel=0.02)
+
+
+def test_sigma_errors(model):
+    _one_line_error(lambda: DiffusionDenoiser(model, 1000.0), "sigma 1000", "beyond the noise schedule")
+    _one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, 0.0), "sigma must be")
+    _one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, float("nan")), "sigma must be")
+    _one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=0), "steps must be")
+    t = model.timestep(0.25)
+    _one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=t + 2), f"exceeds the {t + 1} timesteps")
+
+
+def _independent_x0(unet: nn.Module, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    abar = float(_scheduler().alphas_cumprod.double()[t])
+    eps = unet(x_t, torch.tensor([t] * len(x_t))).sample
+    return ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+
+
+def test_one_shot_matches_independent_computation(model):
+    torch.manual_seed(1)
+    sigma = 0.25
+    x = torch.rand(3, 1, 8, 8)
+    noisy = x + sigma * torch.randn_like(x)
+    with torch.no_grad():
+        out = DiffusionDenoiser(model, sigma)(noisy)
+        t = model.timestep(sigma)
+        abar = float(_scheduler().alphas_cumprod.double()[t])
+        x_t = math.sqrt(abar) * (2 * noisy - 1)
+        expected = (_independent_x0(_tiny_unet(), x_t, t) + 1) / 2
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_multi_step_is_deterministic_ddim(model):
+    torch.manual_seed(2)
+    sigma = 0.5
+    noisy = torch.rand(2, 1, 8, 8) + sigma * torch.randn(2, 1, 8, 8)
+    t_star = model.timestep(sigma)
+    assert ddim_timesteps(t_star, 1) == [t_star]
+    assert ddim_timesteps(t_star, 3) == [t_star, round(t_star / 2), 0]
+    with torch.no_grad():
+        one = DiffusionDenoiser(model, sigma, steps=1)(noisy)
+        torch.testing.assert_close(one, DiffusionDenoiser(model, sigma)(noisy))
+        out = DiffusionDenoiser(model, sigma, steps=3)(noisy)
+        again = DiffusionDenoiser(model, sigma, steps=3)(noisy)
+        abar = _scheduler().alphas_cumprod.double()
+        unet = _tiny_unet()
+        x_t = math.sqrt(float(abar[t_star])) * (2 * noisy - 1)
+        times = [t_star, round(t_star / 2), 0]
+        for i, t in enumerate(times):
+            x0 = _independent_x0(unet, x_t, t)
+            eps = (x_t - math.sqrt(float(abar[t])) * x0) / math.sqrt(1 - float(abar[t]))
+            if i + 1 < len(times):
+                nxt = float(abar[times[i + 1]])
+                x_t = math.sqrt(nxt) * x0 + math.sqrt(1 - nxt) * eps
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out, (x0 + 1) / 2, atol=1e-5, rtol=1e-5)
+
+
+class _Config(dict):
+    __getattr__ = dict.__getitem__
+
+
+class _ConstantUNet(nn.Module):
+    """A stand-in UNet predicting the same value everywhere."""
+
+    def __init__(self, value: float, channels: int = 1, size: int = 8) -> None:
+        super().__init__()
+        self.value = value
+        self.config = _Config(sample_size=size, in_channels=channels, out_channels=channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=torch.full_like(x, self.value))
+
+
+def test_clipping():
+    noisy = torch.linspace(-0.5, 1.5, 64).reshape(1, 1, 8, 8)
+    scheduler = _scheduler()
+    # eps = 0: x0^ = x_t / sqrt(abar) = 2 y - 1, so the output is y clipped to [0, 1]
+    out = DiffusionDenoiser(DiffusionModel(_ConstantUNet(0.0), scheduler), 0.25)(noisy)
+    assert torch.allclose(out, noisy.clamp(0, 1), atol=1e-6)
+    assert out.min() == 0 and out.max() == 1
+    high = DiffusionDenoiser(DiffusionModel(_ConstantUNet(-100.0), scheduler), 0.25)(noisy)
+    low = DiffusionDenoiser(DiffusionModel(_ConstantUNet(100.0), scheduler), 0.25)(noisy)
+    assert torch.equal(high, torch.ones_like(noisy)) and torch.equal(low, torch.zeros_like(noisy))
+
+
+def test_v_and_sample_prediction():
+    noisy = torch.rand(1, 1, 8, 8)
+    for kind, value in (("v_prediction", 0.3), ("sample", 0.3)):
+        scheduler = _scheduler(prediction_type=kind)
+        denoiser = DiffusionDenoiser(DiffusionModel(_ConstantUNet(value), scheduler), 0.25)
+        abar = float(scheduler.alphas_cumprod.double()[denoiser.t_star])
+        x_t = math.sqrt(abar) * (2 * noisy - 1)
+        if kind == "v_prediction":
+            x0 = math.sqrt(abar) * x_t - math.sqrt(1 - abar) * value
+        else:
+            x0 = torch.full_like(x_t, value)
+        torch.testing.assert_close(denoiser(noisy), (x0.clamp(-1, 1) + 1) / 2)
+
+
+def test_shape_mismatch(model):
+    denoiser = DiffusionDenoiser(model, 0.25)
+    _one_line_error(lambda: denoiser(torch.rand(2, 3, 8, 8)), "takes batches of 1x8x8 images, got 3x8x8")
+    _one_line_error(lambda: denoiser(torch.rand(2, 1, 28, 28)), "got 1x28x28")
+    _one_line_error(lambda: denoiser(torch.rand(1, 8, 8)), "a 3-d tensor")
+
+
+def test_class_conditional_refused():
+    unet = _ConstantUNet(0.0)
+    unet.config["class_embed_type"] = "timestep"
+    _one_line_error(lambda: DiffusionModel(unet, _scheduler()), "class-conditional")
+
+
+# ------------------------------------------------------------------ training
+
+
+def _settings(out: Path, **extra) -> DiffusionTrainSettings:
+    values = dict(dataset="synthetic", channels=(8, 16), attention_levels=(1,), norm_groups=8, epochs=2,
+                  batch_size=8, train_subset=24, warmup_steps=2, log_every=2, save_every=2, seed=3)
+    return DiffusionTrainSettings(out_dir=out, **{**values, **extra})
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path / "checkpoint.pt", weights_only=True)
+
+
+def test_train_resume_is_exact(tmp_path):
+    whole = tmp_path / "whole"
+    train_ddpm(_settings(whole))
+    parts = tmp_path / "parts"
+    train_ddpm(_settings(parts, max_steps=4))  # killed mid-epoch 2 (3 steps per epoch)
+    assert _state(parts)["step"] == 4 and _state(parts)["batch_in_epoch"] == 1
+    _one_line_error(lambda: train_ddpm(_settings(parts)), "already holds a training run", "--resume")
+    _one_line_error(lambda: train_ddpm(_settings(parts, resume=True, lr=1e-3)), "cannot resume", "--lr")
+    train_ddpm(_settings(parts, resume=True))
+    a, b = _state(whole), _state(parts)
+    assert a["step"] == b["step"] == 6
+    for key in ("unet", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    assert (whole / weights).read_bytes() == (parts / weights).read_bytes()
+
+    def rows(path: Path) -> list[list[str]]:  # all but the clock columns
+        return [line.split("\t")[:5] for line in (path / "log.tsv").read_text().splitlines()]
+
+    assert rows(whole) == rows(parts)
+    assert [r[0] for r in rows(whole)[1:]] == ["step", "epoch", "step", "step", "epoch"]
+    # the EMA model of the last epoch loads and denoises
+    trained = load_diffusion(whole / "model")
+    assert trained.shape == (3, 8, 8)
+    assert json.loads((whole / "model" / "training.json").read_text())["epoch"] == 2
+    with torch.no_grad():
+        out = DiffusionDenoiser(trained, 0.25)(torch.rand(2, 3, 8, 8))
+    assert out.shape == (2, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
+
+
+def test_settings_and_cli_errors(tmp_path, capsys):
+    _one_line_error(lambda: _settings(tmp_path, norm_groups=3), "--norm-groups 3")
+    _one_line_error(lambda: _settings(tmp_path, attention_levels=(2,)), "--attention-levels")
+    _one_line_error(lambda: _settings(tmp_path, ema_decay=1.0), "--ema-decay")
+    (tmp_path / "log.tsv").write_text("")
+    assert main(["train", "--out", str(tmp_path), "--dataset", "synthetic", "--channels", "8", "16",
+                 "--attention-levels", "1"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
