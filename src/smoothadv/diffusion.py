@@ -137,7 +137,7 @@ class DiffusionModel:
         self.scheduler = scheduler
         self.source = source or "(in memory)"
         self._digests = dict(digests or {})
-        config = unet.config
+        config: Any = unet.config
         size = config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.shape: tuple[int, int, int] = (int(config.in_channels), int(height), int(width))
@@ -540,8 +540,8 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1.0 - decay)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
+        for kept, buffer in zip(ema.buffers(), model.buffers()):
+            kept.copy_(buffer)
 
 
 def _training_images(cfg: DiffusionTrainSettings) -> Tensor:
@@ -553,7 +553,7 @@ def _training_images(cfg: DiffusionTrainSettings) -> Tensor:
     dataset = get_dataset(cfg.dataset, "train", cfg.data_dir)
     count = len(dataset) if cfg.train_subset is None else min(cfg.train_subset, len(dataset))  # type: ignore[arg-type]
     if isinstance(dataset, TensorImageDataset):
-        images = dataset.images[:count]
+        images: Tensor = dataset.images[:count]
         images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
     else:
         images = torch.cat([x for x, _ in DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=1024)])
@@ -586,6 +586,14 @@ def _tidy_model_dir(out: Path) -> None:
     if old.exists() and not final.exists():
         os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _model_step(out: Path) -> int | None:
+    """The step of the EMA model in `out/model` (its training.json), None if there is none."""
+    try:
+        return int(json.loads((out / MODEL_DIR / "training.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _open_log(path: Path, step: int) -> Any:
@@ -660,7 +668,7 @@ def _train(cfg: DiffusionTrainSettings, out: Path, path: Path) -> Path:
                            "steps_per_epoch": steps_per_epoch, "resumed_at_step": state.step})
     log = _open_log(out / "log.tsv", state.step)
     info = {"settings": _config(cfg), "steps_per_epoch": steps_per_epoch}
-    if state.step > 0 and state.step % steps_per_epoch == 0 and not (out / MODEL_DIR).exists():
+    if state.step > 0 and state.step % steps_per_epoch == 0 and _model_step(out) != state.step:  # killed before it
         _write_model(out, ema, scheduler, {**info, "epoch": state.step // steps_per_epoch, "step": state.step})
     unet.train()
     cpu0, wall0 = time.process_time() - state.cpu_seconds, time.monotonic() - state.wall_seconds
@@ -759,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(load_diffusion(args["path"]).provenance(), indent=2, sort_keys=True))
             return 0
         fields = fields_of(DiffusionTrainSettings)
-        values = {name: value if isinstance(value, bool) else
+        values: dict[str, Any] = {name: value if isinstance(value, bool) else
                   convert(value, fields[name][1], flag_name(fields[name][0]), from_text=True)
                   for name, value in args.items()}
         model = train_ddpm(DiffusionTrainSettings(**values))

@@ -318,6 +318,18 @@ def test_train_resume_is_exact(tmp_path):
     assert out.shape == (2, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
 
 
+def test_model_written_on_resume_after_a_kill_at_epoch_end(tmp_path):
+    """Killed between an epoch's checkpoint and its model directory: the resumed run writes that epoch's model."""
+    train_ddpm(_settings(tmp_path, epochs=1, max_steps=2))  # a checkpoint at step 2 and no model yet
+    assert not (tmp_path / "model").exists()
+    train_ddpm(_settings(tmp_path, epochs=1, resume=True))
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert (record["epoch"], record["step"]) == (1, 3)
+    (tmp_path / "model" / "training.json").write_text(json.dumps({**record, "step": 0}))  # an older epoch's model
+    train_ddpm(_settings(tmp_path, epochs=1, resume=True))  # nothing left to train: only the model is rewritten
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == 3
+
+
 def test_settings_and_cli_errors(tmp_path, capsys):
     _one_line_error(lambda: _settings(tmp_path, norm_groups=3), "--norm-groups 3")
     _one_line_error(lambda: _settings(tmp_path, attention_levels=(2,)), "--attention-levels")
