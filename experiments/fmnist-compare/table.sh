@@ -2,13 +2,14 @@
 # The table and the plot of the comparison (run.sh's last step; runs on whatever certify TSVs are complete):
 # certified accuracy per radius with 95% Clopper-Pearson intervals over the 500 test images, ACR, abstentions
 # (smoothadv report --ci), each method against Gaussian image by image (--paired: exact McNemar tests, Holm-adjusted
-# over all radii and methods), and the training cost per method (cost.tsv: CPU-seconds per epoch measured by
+# over all radii and methods), the training cost per method (cost.tsv: CPU-seconds per epoch measured by
 # benchmarks/method_cost.py, and each method's cost model).
 # The cost columns come from cost.tsv, measured at sigma = 0.25 (an epoch's cost does not depend on sigma).
 #   bash experiments/fmnist-compare/table.sh
 #   SIGMA=0.5 bash experiments/fmnist-compare/table.sh     # the sigma = 0.5 comparison in s0.5/ (r = 0 ... 1.5)
 set -euo pipefail
-here=$(cd "$(dirname "$0")/../../results/fmnist-compare" && pwd)  # the outputs go to results/fmnist-compare/
+scripts=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$scripts/../../results/fmnist-compare" && pwd)  # the outputs go to results/fmnist-compare/
 SIGMA=${SIGMA:-0.25}
 out=${OUT:-$here}
 [ "$SIGMA" != 0.25 ] && [ -z "${OUT:-}" ] && out=$here/s$SIGMA
@@ -42,3 +43,5 @@ if [[ " ${inputs[*]} " == *" consistency=consistency.tsv "* ]] && [ ${#others[@]
     "$SMOOTHADV" report consistency=consistency.tsv "${others[@]}" --paired --radii "${radii[@]}" \
         --out vs_consistency.md --force
 fi
+# The distribution of the certified radius per method (radius_cdf.png), beside certified accuracy
+if [ "$SIGMA" = 0.25 ] && [ -z "${OUT:-}" ]; then ${PYTHON:-python} "$scripts/radius_cdf.py"; fi
