@@ -728,48 +728,82 @@ def _train(cfg: DiffusionTrainSettings, out: Path, path: Path) -> Path:
 # ------------------------------------------------------------------ python -m smoothadv.diffusion
 
 
-def _parser() -> Any:
-    """The command line: one flag per `DiffusionTrainSettings` field (its spelling, help, default)."""
-    import argparse
+USAGE = """usage: python -m smoothadv.diffusion train --out DIR [--flag VALUE ...] [--resume]
+       python -m smoothadv.diffusion info DIR
 
+train  train a DDPM (resumable; the EMA model of the last finished epoch is in DIR/model)
+info   load a diffusion model directory (save_pretrained layout) and print its provenance as JSON
+"""
+
+
+def _usage() -> str:
+    """USAGE and one line per training flag (its help and default)."""
     from .settings import fields_of
 
-    parser = argparse.ArgumentParser(prog="python -m smoothadv.diffusion", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a DDPM (resumable); the EMA model goes to OUT/model")
-    for name, (field, kind) in fields_of(DiffusionTrainSettings).items():
+    lines = [USAGE, "train flags:"]
+    for field, kind in fields_of(DiffusionTrainSettings).values():
         default = field.default
         shown = "" if default in (dataclasses.MISSING, None) or isinstance(default, bool) else f" (default: {default})"
-        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.metadata["help"] + shown}
+        value = "" if kind is bool else " " + flag_name(field)[2:].upper().replace("-", "_") + \
+            (" ..." if typing.get_origin(kind) is tuple else "")
+        lines.append(f"  {flag_name(field)}{value}: {field.metadata['help']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_command(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """("train", settings values by field name) or ("info", {"path": DIR}) from the command-line words `argv`.
+
+    Flags are those of `DiffusionTrainSettings` (`flag_name`); a tuple flag takes one or more values, a
+    bool flag none. Values are converted strictly (`settings.convert`); anything else is a one-line
+    SmoothAdvError. (The `smoothadv` command line will take this over; this small parser keeps the
+    library free of argparse.)
+    """
+    from .settings import convert, fields_of
+
+    words = list(argv)
+    if not words or words[0] not in ("train", "info"):
+        raise SmoothAdvError("give a command: train or info (see --help)")
+    command, words = words[0], words[1:]
+    if command == "info":
+        if len(words) != 1 or words[0].startswith("--"):
+            raise SmoothAdvError("info takes one argument, the model directory")
+        return command, {"path": words[0]}
+    flags = {flag_name(field): (name, field, kind) for name, (field, kind) in fields_of(DiffusionTrainSettings).items()}
+    values: dict[str, Any] = {}
+    while words:
+        flag = words.pop(0)
+        if flag not in flags:
+            raise SmoothAdvError(f"unknown option {flag!r} for train (see --help)")
+        name, field, kind = flags[flag]
+        given = list(itertools.takewhile(lambda word: not word.startswith("--"), words))
+        del words[: len(given)]
         if kind is bool:
-            options["action"] = "store_true"
-        else:
-            options["metavar"] = flag_name(field)[2:].upper().replace("-", "_")
-            options["required"] = default is dataclasses.MISSING
-            if typing.get_origin(kind) is tuple:
-                options["nargs"] = "+"
-        train.add_argument(flag_name(field), **options)
-    info = commands.add_parser("info", help="load a diffusion model directory and print its provenance (JSON)")
-    info.add_argument("path")
-    return parser
+            if given:
+                raise SmoothAdvError(f"{flag} takes no value, got {given[0]!r}")
+            values[name] = True
+            continue
+        many = typing.get_origin(kind) is tuple
+        if not given or (len(given) > 1 and not many):
+            raise SmoothAdvError(f"{flag} takes {'one or more values' if many else 'one value'}, got {len(given)}")
+        values[name] = convert(given if many else given[0], kind, flag, from_text=True)
+    if "out_dir" not in values:
+        raise SmoothAdvError("train needs --out DIR (the run directory)")
+    return command, values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m smoothadv.diffusion train --out DIR ...` (train_ddpm) and `info DIR` (load_diffusion's provenance).
 
     Errors are one line on stderr and exit status 2."""
-    from .settings import convert, fields_of
-
-    args = vars(_parser().parse_args(argv))
-    command = args.pop("command")
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or any(word in ("-h", "--help") for word in words):
+        print(_usage())
+        return 0 if words else 2
     try:
+        command, values = parse_command(words)
         if command == "info":
-            print(json.dumps(load_diffusion(args["path"]).provenance(), indent=2, sort_keys=True))
+            print(json.dumps(load_diffusion(values["path"]).provenance(), indent=2, sort_keys=True))
             return 0
-        fields = fields_of(DiffusionTrainSettings)
-        values: dict[str, Any] = {name: value if isinstance(value, bool) else
-                  convert(value, fields[name][1], flag_name(fields[name][0]), from_text=True)
-                  for name, value in args.items()}
         model = train_ddpm(DiffusionTrainSettings(**values))
         print(f"model: {model}")
     except SmoothAdvError as exc:

@@ -33,6 +33,15 @@ from smoothadv.diffusion import (  # noqa: E402
 from smoothadv.errors import SmoothAdvError  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread costs the least CPU time (restored for the rest of the suite)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_unet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -340,3 +349,11 @@ def test_settings_and_cli_errors(tmp_path, capsys):
     assert "already holds a training run" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nothing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    for words, message in ((["train", "--out", "x", "--bogus"], "unknown option '--bogus'"),
+                           (["train", "--out", "x", "--epochs", "1.5"], "--epochs must be an integer"),
+                           (["train", "--out", "x", "--resume", "yes"], "--resume takes no value"),
+                           (["train", "--epochs", "2"], "needs --out"), (["fit"], "give a command")):
+        assert main(words) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["--help"]) == 0 and "--attention-levels" in capsys.readouterr().out
