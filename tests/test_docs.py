@@ -220,3 +220,13 @@ def test_no_unfollowable_citations() -> None:
 
 def test_readme_stays_short() -> None:
     assert len(README.read_text(encoding="utf-8").splitlines()) < 400, "move the detail into a guide in docs/"
+
+
+def test_relative_links_outside_the_site_point_to_existing_files() -> None:
+    """The README, EXPERIMENTS.md and CONTRIBUTING.md are read on GitHub, outside the site that mkdocs checks."""
+    broken = []
+    for path in (README, ROOT / "EXPERIMENTS.md", ROOT / "CONTRIBUTING.md"):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
+            if not re.match(r"^[a-z]+://", target) and not (path.parent / target).exists():
+                broken.append(f"{path.name}: {target}")
+    assert not broken, f"broken links: {broken}"
