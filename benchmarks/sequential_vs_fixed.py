@@ -84,8 +84,8 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
 
     out: dict[str, Config] = {
         "grid": grid(), "grid, strict forecast": grid(forecast=None), "grid, forecast 0.2": grid(forecast=0.2),
-        "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, base, selection="fixed"),
-        "betting grid": betting(sigma, alpha, base, grid().radii, selection="fixed")}
+        "grid, doubling looks, equal split": SequentialConfig(sigma, alpha, looks=base, selection="fixed"),
+        "betting grid": betting(sigma, alpha, base, grid().schedule.radii, selection="fixed")}
     for r in single:
         out[f"radius {r:g}"] = grid((r,))
         out[f"radius {r:g}, strict"] = grid((r,), forecast=None)
@@ -97,11 +97,11 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
 
 def last_look(configs: Sequence[Config], step: int) -> int:
     """The largest sample size the replayed policies may need (every look must be a multiple of `step`)."""
-    if any(look % step for cfg in configs if isinstance(cfg, SequentialConfig) for look in cfg.looks):
+    if any(look % step for cfg in configs if isinstance(cfg, SequentialConfig) for look in cfg.schedule.looks):
         raise SmoothAdvError("every look must be a multiple of the first")
-    if any(cfg.coarse != step or cfg.last % step for cfg in configs if isinstance(cfg, BettingConfig)):
+    if any(cfg.coarse != step or cfg.schedule.last % step for cfg in configs if isinstance(cfg, BettingConfig)):
         raise SmoothAdvError("a betting test must check every first look and end at a multiple of it")
-    return max(cfg.looks[-1] if isinstance(cfg, SequentialConfig) else cfg.last for cfg in configs)
+    return max(cfg.schedule.looks[-1] if isinstance(cfg, SequentialConfig) else cfg.schedule.last for cfg in configs)
 
 
 def replay(config: Config, at: dict[int, int]) -> SequentialTest | BettingTest | None:
@@ -401,8 +401,8 @@ def _load_lines(path: str) -> list[dict]:
 def run_table(args: argparse.Namespace) -> None:
     looks = doubling_looks(*args.looks)
     configs = policies(args.sigma, args.alpha, looks, args.single)
-    radii = list(args.radii or configs["grid"].radii)
-    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in configs["grid"].looks))
+    radii = list(args.radii or configs["grid"].schedule.radii)
+    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in configs["grid"].schedule.looks))
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
@@ -447,7 +447,7 @@ def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, use
     ok = [int(res.certified and c == r["label"]) for res, r, (_, c, _) in zip(results, records, chosen)]
     rad = [res.radius if res.certified else 0.0 for res in results]
     fixed_ok = [int(p == r["label"]) for (p, _), r in zip(fixed, records)]
-    asked = list(radii) if len(config.radii) > 1 else list(config.radii)
+    asked = list(radii) if len(config.schedule.radii) > 1 else list(config.schedule.radii)
     a = certified_accuracy(rad, ok, asked)
     b = fixed_accuracy(records, fixed, asked)
     differ = sum((o and x >= q) != (fo and fx >= q) for o, x, fo, (_, fx) in zip(ok, rad, fixed_ok, fixed)
@@ -475,7 +475,7 @@ def run_summary(args: argparse.Namespace) -> None:
         records = load(path)
         configs = policies(sigma, args.alpha, looks, args.single)
         n0 = sum(records[0]["selection"])
-        grid_radii = configs["grid"].radii
+        grid_radii = configs["grid"].schedule.radii
         model_bounds = {}
         for name in args.policies:
             label = name.endswith(", label mode")
@@ -524,7 +524,7 @@ def run_where(args: argparse.Namespace) -> None:
     configs = policies(args.sigma, args.alpha, looks, args.single)
     n0 = sum(records[0]["selection"])
     names = args.policies
-    radii = configs["grid"].radii
+    radii = configs["grid"].schedule.radii
     fixed = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
     used = {}
     for name in names:
@@ -532,7 +532,7 @@ def run_where(args: argparse.Namespace) -> None:
         if any(t is None for t in tests):
             raise SmoothAdvError(f"trajectories too short to replay {name!r}")
         used[name] = np.array([n0 + t.n for t in tests])
-    asked = {name: radii if len(configs[name].radii) > 1 else configs[name].radii for name in names}
+    asked = {name: radii if len(configs[name].schedule.radii) > 1 else configs[name].schedule.radii for name in names}
     kinds: dict[str, list[int]] = {}
     from scipy.stats import norm
 
@@ -628,7 +628,7 @@ def expected_accuracy(records: list[dict], config: SequentialConfig, radii: Sequ
     need = [int(np.searchsorted(lower, max(0.5 + 1e-12, float(norm.cdf(r / config.sigma))))) for r in radii]
     rng = np.random.default_rng(seed)
     fixed, sequential = np.zeros(len(radii)), np.zeros(len(radii))
-    steps = np.diff((0, *config.looks))
+    steps = np.diff((0, *config.schedule.looks))
     for record in records:
         if record["class"] != record["label"]:
             continue  # both procedures certify the selected class: wrong for either
@@ -650,14 +650,14 @@ def run_bias(args: argparse.Namespace) -> None:
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
-    realized = evaluate_policy(records, config, "counts", sum(records[0]["selection"]), config.radii, args.n)
+    realized = evaluate_policy(records, config, "counts", sum(records[0]["selection"]), config.schedule.radii, args.n)
     if realized is None:
         raise SmoothAdvError("trajectories too short to replay the grid policy")
-    fixed, sequential = expected_accuracy(records, config, config.radii, args.n, args.alpha, args.reps, args.seed)
+    fixed, sequential = expected_accuracy(records, config, config.schedule.radii, args.n, args.alpha, args.reps, args.seed)
     print(f"{args.trajectories}: {len(records)} images, grid policy, {args.reps} simulated runs per image")
     print("\n| radius | expected fixed n (%) | expected sequential (%) | expected difference (pp) | realized (pp) |")
     print("|---|---|---|---|---|")
-    for r, a, b, d in zip(config.radii, fixed, sequential, realized["signed"]):
+    for r, a, b, d in zip(config.schedule.radii, fixed, sequential, realized["signed"]):
         print(f"| {r:g} | {100 * a:.2f} | {100 * b:.2f} | {100 * (b - a):+.2f} | {d:+.2f} |")
 
 

@@ -40,7 +40,7 @@ def papers_scale(out: str) -> None:
     config = SequentialConfig(0.5)
     betting = BettingConfig(0.5, policy="full", selection="fixed")
     adaptive = BettingConfig(0.5, policy="full", selection="adaptive")
-    slipped = BettingConfig(0.5, 0.002, policy="full", last=betting.last, selection="fixed")
+    slipped = BettingConfig(0.5, 0.002, policy="full", last=betting.schedule.last, selection="fixed")
     lines = ["| p_A | fixed n = 100,000 | sequential, default schedule (alpha spending) | the same, adaptive selection "
              "| betting, default | the same, adaptive selection | betting at 2 alpha (unsound) | alpha |",
              "|---|---|---|---|---|---|---|---|"]
@@ -48,16 +48,16 @@ def papers_scale(out: str) -> None:
     for tail in (0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5):
         problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(1 - tail)))
         rates = [exact_certify_failure(problem, 100, 100_000, 0.001),
-                 *(exact_sequential_failure(problem, 100, config.looks, 0.001, levels=config.levels,
+                 *(exact_sequential_failure(problem, 100, config.schedule.looks, 0.001, levels=config.schedule.levels,
                                             selection=selection) for selection in ("fixed", "adaptive")),
                  exact_betting_failure(problem, 100, betting), exact_betting_failure(problem, 100, adaptive),
                  exact_betting_failure(problem, 100, slipped)]
         worst = [max(w, r) for w, r in zip(worst, rates)]
         lines.append(f"| {1 - tail:.5g} | " + " | ".join(f"{r:.2e}" for r in rates) + " | 0.001 |")
         print(lines[-1], file=sys.stderr, flush=True)
-    text = ("looks " + ", ".join(f"{n:,}" for n in config.looks) + "; levels (x alpha) "
-            + ", ".join(f"{v / 0.001:.4g}" for v in config.levels)
-            + f"\nbetting: first draw {betting.first}, last {betting.last:,}, half of alpha on the final look\n"
+    text = ("looks " + ", ".join(f"{n:,}" for n in config.schedule.looks) + "; levels (x alpha) "
+            + ", ".join(f"{v / 0.001:.4g}" for v in config.schedule.levels)
+            + f"\nbetting: first draw {betting.first}, last {betting.schedule.last:,}, half of alpha on the final look\n"
             + "selection: Cohen's (all n0 = 100 votes) unless marked; adaptive: 16 votes when unanimous, else 100\n\n"
             + "\n".join(lines)
             + f"\n\nlargest: fixed n {worst[0]:.2e}, sequential {worst[1]:.2e} (adaptive selection {worst[2]:.2e}), "

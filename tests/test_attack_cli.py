@@ -36,7 +36,7 @@ def test_smoothadv_training_records_objective_and_schedule(smoothadv_run) -> Non
     _, meta = load_checkpoint(smoothadv_run / "checkpoint.pth.tar")
     objective = meta["objective"]
     assert objective["name"] == "SmoothAdv" and objective["m"] == 2 and objective["multi_noise"] is True
-    assert "eps=0.5" in objective["attack"]  # last epoch of a 2-epoch warm-up: the full eps
+    assert objective["attack"]["eps"] == 0.5  # last epoch of a 2-epoch warm-up: the full eps
     log = (smoothadv_run / "log.tsv").read_text().splitlines()
     assert len(log) == 3
 

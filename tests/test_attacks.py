@@ -234,7 +234,7 @@ def test_attacks_know_nothing_about_smoothing() -> None:
 @pytest.mark.parametrize("make, message", [
     (lambda: PGDL2(-0.1), "eps"), (lambda: PGDL2(0.5, steps=0), "steps"), (lambda: DDN(-1.0), "eps"),
     (lambda: DDN(0.5, steps=0), "steps"), (lambda: DDN(0.5, gamma=1.5), "gamma"),
-    (lambda: PGDL2(float("nan")), "eps"), (lambda: get_attack("fgsm"), "unknown attack"),
+    (lambda: PGDL2(float("nan")), "eps"), (lambda: get_attack("fgsm"), "attack must be one of pgd, ddn"),
     (lambda: SteinPGDL2(0.5, step_size=0.0), "step size"), (lambda: SteinPGDL2(0.5, steps=0), "steps"),
 ])
 def test_bad_hyperparameters_are_one_line_errors(make, message) -> None:

@@ -17,8 +17,9 @@ from scipy.stats import norm
 from smoothadv import SmoothAdvError
 from smoothadv.betting import DEFAULT_BETS, BettingConfig, _bound_z, log_wealth, run_betting
 from smoothadv.cli import main
+from smoothadv.run import sequential_test
 from smoothadv.sequential import SequentialConfig, certify_sequential_many
-from smoothadv.settings import CertifySettings
+from smoothadv.settings import BettingSettings, CertifySettings
 from smoothadv.smoothing import Smooth
 from smoothadv.stats import clopper_pearson_lower
 from smoothadv.validity import Problem, betting_checks, clopper_pearson_lower_all, exact_betting_failure
@@ -31,16 +32,16 @@ def bernoulli(p: float, seed: int):
 
 def test_default_schedule_keeps_the_cap_and_spends_alpha_once() -> None:
     config = BettingConfig(0.5)
-    assert config.last == 111616 == SequentialConfig(0.5).looks[-1]  # the grid's fitted last look
+    assert config.schedule.last == 111616 == SequentialConfig(0.5).schedule.looks[-1]  # the grid's fitted last look
     assert config.threshold == pytest.approx(math.log(1 / 0.0005))  # (1 - eta) alpha + eta alpha = alpha
-    assert config.radii == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    assert config.schedule.radii == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     assert config.max_radius == pytest.approx(0.5 * norm.ppf(clopper_pearson_lower(111616, 111616, 0.0005)))
     assert config.draws[:5] == (64, 128, 192, 256, 320) and config.draws[-1] == 111616
     assert all(d % 1024 == 0 for d in config.draws if d > 1024)
-    assert sorted(config.forecasts)[:3] == [256, 512, 1024] and config.last in config.forecasts
+    assert sorted(config.forecasts)[:3] == [256, 512, 1024] and config.schedule.last in config.forecasts
     assert config.checks(0, 64) == (16, 32, 48, 64) and config.checks(8192, 10240) == (9216, 10240)
     assert sum(w for _, w in DEFAULT_BETS) == pytest.approx(1.0)
-    assert BettingConfig(0.5, final_share=0).last == 131072 and BettingConfig(0.5, final_share=0).threshold == \
+    assert BettingConfig(0.5, final_share=0).schedule.last == 131072 and BettingConfig(0.5, final_share=0).threshold == \
         pytest.approx(math.log(1000))
     for bad in ({"first": 6}, {"final_share": 1.0}, {"bets": ((1.0, 0.5),)}, {"bets": ((0.0, 1.0),)},
                 {"policy": "nope"}, {"last": 8}):
@@ -140,13 +141,14 @@ def test_packing_does_not_change_results_and_sigma_must_match(linear_model) -> N
 
 
 def test_settings_build_the_betting_config() -> None:
-    settings = CertifySettings(sigma=0.5, mode="sequential", test="betting", radii=(0.5,), looks=(32, 4096))
-    config = settings.sequential_config()
-    assert isinstance(config, BettingConfig) and config.first == 32 and config.last == 4096
-    assert config.radii == (0.5,) and config.policy == "grid"
-    assert isinstance(CertifySettings(sigma=0.5, mode="sequential").sequential_config(), SequentialConfig)
-    with pytest.raises(SmoothAdvError, match="--test"):
-        CertifySettings(sigma=0.5, test="betting")
+    settings = CertifySettings(sigma=0.5, mode="sequential",
+                               sequential=BettingSettings(radii=(0.5,), first=32, last=4096))
+    config = sequential_test(settings)
+    assert isinstance(config, BettingConfig) and config.first == 32 and config.schedule.last == 4096
+    assert config.schedule.radii == (0.5,) and config.policy == "grid" and (config.sigma, config.alpha) == (0.5, 0.001)
+    assert isinstance(sequential_test(CertifySettings(sigma=0.5, mode="sequential")), SequentialConfig)
+    with pytest.raises(SmoothAdvError, match="needs mode sequential"):
+        CertifySettings(sigma=0.5, sequential=BettingSettings())
 
 
 def test_cli_betting_rows_resume_and_shards(toy_checkpoint, tmp_path) -> None:

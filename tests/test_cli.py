@@ -98,7 +98,7 @@ def test_predict_writes_cohen_tsv(trained, tmp_path, capsys) -> None:
         (["train", "--dataset", "nope", "--out", "{tmp}/r"], "--dataset"),
         (["train", "--dataset", "synthetic", "--arch", "nope", "--out", "{tmp}/r"], "--arch: invalid choice: 'nope'"),
         (["train", "--dataset", "synthetic", "--objective", "nope", "--out", "{tmp}/r"],
-         "--objective: invalid choice: 'nope'"),
+         "argument OBJECTIVE: invalid choice: 'nope'"),
     ],
 )
 def test_bad_input_is_one_line_error(trained, tmp_path, capsys, argv, message) -> None:

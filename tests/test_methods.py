@@ -183,18 +183,18 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     # made as Phi(z) of a normal draw, so that torchrun ranks draw every example's lambda as one process would).
     model = _toy(3)
     x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
-    objective = SmoothMix(0.25, m=2, steps=3, alpha=0.5, eta=5.0, mix_step=1, warmup=4).at_epoch(1)
+    objective = SmoothMix(0.25, m=2, steps=3, step_size=0.5, eta=5.0, mix_step=1, warmup=4).at_epoch(1)
     assert objective.ramp == 0.5
     out = objective(model, x, y, torch.Generator().manual_seed(9))
     gen = torch.Generator().manual_seed(9)
     noise = torch.randn((6, 2, 3, 8, 8), generator=gen) * 0.25
     lam = torch.special.ndtr(torch.randn(6, generator=gen)) / 2  # U(0, 1) as Phi(z), half of it
     model.eval()
-    x_init, x_adv = smoothmix_attack(model, x, y, noise, alpha=0.5, steps=3, mix_step=1)
+    x_init, x_adv = smoothmix_attack(model, x, y, noise, step_size=0.5, steps=3, mix_step=1)
     model.train()
-    step = x_init - x  # the one-step adversary, moved alpha = 0.5; its radius is capped at ramp x alpha x 1 = 0.25
+    step = x_init - x  # the one-step adversary, moved step_size = 0.5; its radius is capped at ramp x step_size x 1 = 0.25
     assert 0.25 < float(step.flatten(1).norm(dim=1).max()) <= 0.5 + 1e-6
-    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T alpha
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T step_size
     norms = step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     x_init = x + step * torch.clamp(0.25 / norms, max=1.0)
     logits = model((x_init.unsqueeze(1) + noise).flatten(0, 1))  # the clean side is x_init, as in the original
@@ -207,7 +207,7 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     expected = F.cross_entropy(logits, y.repeat_interleave(2)) + 5.0 * 0.5 * (correct * kl).mean()
     assert torch.allclose(out.loss, expected, atol=1e-5)
     # mix_step = 0: the clean side of the mixup is x itself
-    start, _ = smoothmix_attack(model, x, y, noise, alpha=0.5, steps=2, mix_step=0)
+    start, _ = smoothmix_attack(model, x, y, noise, step_size=0.5, steps=2, mix_step=0)
     assert torch.equal(start, x)
 
 
@@ -326,7 +326,7 @@ METHODS = {
     "stability": {"lbd": 2.0},
     "consistency": {"m": 2, "lbd": 10.0, "eta": 0.5},
     "macer": {"m": 8, "lbd": 12.0, "beta": 16.0, "gamma": 8.0},
-    "smoothmix": {"m": 2, "steps": 2, "alpha": 0.5, "eta": 5.0, "mix_step": 1, "warmup": 1},
+    "smoothmix": {"m": 2, "steps": 2, "step_size": 0.5, "eta": 5.0, "mix_step": 1, "warmup": 1},
     # CAT-RS's loss sums more terms as more copies become correct (K grows, then L_high switches on), so it can
     # rise while the model improves; with the confidence mask the selection depends on pi only, and the loss
     # before and after the epoch are comparable
@@ -385,7 +385,7 @@ def test_every_new_method_is_registered_and_recorded_with_its_settings(tmp_path)
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: StabilityTraining(0.25, lbd=-1.0), "--lbd must be a number >= 0"),
+    (lambda: StabilityTraining(0.25, lbd=-1.0), "StabilityTraining lbd must be a number >= 0"),
     (lambda: StabilityTraining(-0.25), "sigma"),
     (lambda: build_objective("stability", 0.25, {"lbd": "2"}), "lbd must be a number"),
 ])

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from smoothadv.attacks import attack_settings
 from smoothadv.cli import build_parser, main
 from smoothadv.evaluate import SMOOTH_PREDICTION_COLUMNS
 from smoothadv.models import read_checkpoint
-from smoothadv.objectives import OBJECTIVES
+from smoothadv.objectives import OBJECTIVES, has_attack, hyperparameters
 from smoothadv.settings import read_toml
 from smoothadv.train import recipe as train_recipe
 
@@ -159,11 +160,13 @@ def test_later_method_recipe(recipe: Path, tmp_path: Path, monkeypatch) -> None:
     assert described["name"] == OBJECTIVES[data["objective"]].__name__
     own = {k: v for k, v in data.items() if k in described and k not in ("sigma", "attack", "paper", "certify")}
     assert own and all(described[k] == (extra.get(k, v)) for k, v in own.items()), (own, described)
-    if "attack" in described:  # SmoothAdv + consistency: the attack's repr, e.g. "PGDL2(eps=1.0, steps=10, ...)"
-        assert f"eps={data['eps']!r}," in described["attack"] and f"steps={data['steps']}," in described["attack"]
+    if "attack" in described:  # SmoothAdv + consistency: the attack's fields
+        assert (described["attack"]["eps"], described["attack"]["steps"]) == (data["eps"], data["steps"])
     if recipe not in TRAINED_LATER:
         return
-    argv = ["train", "--config", str(recipe), "--out", str(tmp_path / "run"), *OVERRIDES, "--steps", "1",
+    own_flags = {*hyperparameters(data["objective"]), *(attack_settings() if has_attack(data["objective"]) else ())}
+    short = [flag for key, flag in (("steps", ["--steps", "1"]), ("warmup", ["--warmup", "1"])) if key in own_flags]
+    argv = ["train", "--config", str(recipe), "--out", str(tmp_path / "run"), *OVERRIDES, *sum(short, []),
             *(["--smoothed-prediction", str(table)] if extra else [])]
     assert main(argv) == 0
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")

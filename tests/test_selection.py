@@ -68,9 +68,9 @@ def test_selection_step_values() -> None:
     assert selection_step([0, 0, 0], 100, "fixed") == -100
     assert selection_step([0, 0, 0], 10, "adaptive") == -10        # n0 below a chunk: all of it
     assert selection_step([0, 0, 10], 10, "adaptive") == 2
-    with pytest.raises(SmoothAdvError, match="unknown selection"):
+    with pytest.raises(SmoothAdvError, match="selection must be one of adaptive, fixed"):
         SequentialConfig(0.25, selection="greedy")
-    with pytest.raises(SmoothAdvError, match="unknown selection"):
+    with pytest.raises(SmoothAdvError, match="selection must be one of adaptive, fixed"):
         BettingConfig(0.25, selection="greedy")
     assert SequentialConfig(0.25).selection == BettingConfig(0.25).selection == "adaptive"
 
@@ -145,8 +145,8 @@ def test_adaptive_selection_keeps_alpha_exactly_on_the_oracles(alpha) -> None:
     # adaptive rule's class probabilities, on the suite's problems: at most alpha, as with Cohen's selection
     n = 100
     for problem in standard_problems(n, alpha, ADAPTIVE_N0, quick=True):
-        spending = SequentialConfig(problem.sigma, alpha, (25, 50, 100), policy="full")
-        fail = exact_sequential_failure(problem, ADAPTIVE_N0, spending.looks, alpha, levels=spending.levels,
+        spending = SequentialConfig(problem.sigma, alpha, looks=(25, 50, 100), policy="full")
+        fail = exact_sequential_failure(problem, ADAPTIVE_N0, spending.schedule.looks, alpha, levels=spending.schedule.levels,
                                         selection="adaptive")
         betting = exact_betting_failure(problem, ADAPTIVE_N0, suite_betting_config(problem.sigma, alpha, n))
         assert 0 <= fail <= alpha and 0 <= betting <= alpha, problem.name

@@ -16,6 +16,7 @@ from conftest import image_with_margin
 from scipy.stats import binom, norm
 
 from smoothadv import Certificate, Smooth, SmoothAdvError
+from smoothadv.betting import BettingConfig
 from smoothadv.cli import main
 from smoothadv.models import build_model, normalization_spec, save_checkpoint
 from smoothadv.sequential import (
@@ -45,13 +46,13 @@ def bernoulli(p: float, seed: int):
 def test_max_radius_matches_fixed_n_100k_within_half_percent(sigma) -> None:
     assert DEFAULT_LOOKS == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
     config = SequentialConfig(sigma)  # the grid's default: the fitted schedule, half of alpha at its last look
-    assert config.looks[-1] == 111616 and config.levels[-1] == pytest.approx(0.0005)
-    assert sum(config.levels) == pytest.approx(0.001, rel=1e-12)
+    assert config.schedule.looks[-1] == 111616 and config.schedule.levels[-1] == pytest.approx(0.0005)
+    assert sum(config.schedule.levels) == pytest.approx(0.001, rel=1e-12)
     assert config.max_radius == pytest.approx(sigma * norm.ppf(0.0005 ** (1 / 111616)), rel=1e-12)
     fixed = max_certifiable_radius(100_000, 0.001, sigma)  # 3.8115 sigma
     assert abs(config.max_radius / fixed - 1) <= 0.005
     full = SequentialConfig(sigma, policy="full")  # K = 8 doubling looks at alpha / 8: every look, every sample agrees
-    assert full.levels == (0.001 / 8,) * 8
+    assert full.schedule.levels == (0.001 / 8,) * 8
     result = run_sequential(full, lambda k: k)
     assert result.n == 131072 and result.radius == pytest.approx(full.max_radius)
     assert config.max_radius >= full.max_radius  # the fitted schedule never lowers the cap
@@ -71,7 +72,7 @@ def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
     need = math.log(0.001 / 4) / math.log(norm.cdf(3.5))
     assert 34 * 1024 < need <= 35840
     config = SequentialConfig(0.5, radii=(0.0, 1.0, 1.75))
-    assert (config.looks, config.levels) == (looks, levels)
+    assert (config.schedule.looks, config.schedule.levels) == (looks, levels)
     result = run_sequential(config, lambda m: m)  # unanimous votes stop at the fitted look
     assert (result.n, result.stop) == (35840, "settled") and result.radius >= 1.75
     # sigma = 0.25, r = 0.75 = 3 sigma: ln(4000) / -ln Phi(3) = 6,140 -> 6,144, between the doublings
@@ -86,23 +87,30 @@ def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
     # `base` replaces the doubling looks the grid schedule is fitted on; other policies make exactly those looks
     short = doubling_looks(64, 512)
     on_short = SequentialConfig(0.25, base=short)
-    assert (on_short.looks, on_short.levels) == fitted_schedule(0.25, 0.001, standard_radii(0.25, 0.001, short), short)
-    assert SequentialConfig(0.25, policy="full", base=short).looks == short
+    assert (on_short.schedule.looks, on_short.schedule.levels) == fitted_schedule(0.25, 0.001, standard_radii(0.25, 0.001, short), short)
+    assert SequentialConfig(0.25, policy="full", base=short).schedule.looks == short
     # explicit looks keep the equal split alpha / K
-    assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).levels == (0.001 / 8,) * 8
-    assert SequentialConfig(0.5, policy="full").looks == DEFAULT_LOOKS
+    assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).schedule.levels == (0.001 / 8,) * 8
+    assert SequentialConfig(0.5, policy="full").schedule.looks == DEFAULT_LOOKS
 
 
-def test_a_resolved_config_passed_back_is_the_same_config() -> None:
-    # construction stores the resolved schedule in looks, levels and radii; giving them back changes nothing
+def test_the_fields_you_pass_are_the_fields_you_read() -> None:
+    # the fields keep what was given; the schedule the test uses is `schedule`, and a config rebuilt from its
+    # fields is the same config with the same schedule
     import dataclasses
 
     for config in (SequentialConfig(0.5), SequentialConfig(0.25, base=doubling_looks(64, 512), radii=(0.5, 0.25)),
                    SequentialConfig(0.5, policy="full"),
                    SequentialConfig(1.0, 0.01, policy="tolerance", tolerance=0.1)):
-        assert config.looks is not None and config.levels is not None
-        assert SequentialConfig(**dataclasses.asdict(config)) == config
-    assert SequentialConfig(0.25, radii=(0.5, 0.25)).radii == (0.25, 0.5)
+        assert config.looks is None and config.levels is None
+        assert config.schedule.looks and len(config.schedule.levels) == len(config.schedule.looks)
+        again = SequentialConfig(**dataclasses.asdict(config))
+        assert again == config and again.schedule == config.schedule
+    given = SequentialConfig(0.25, radii=(0.5, 0.25))
+    assert given.radii == (0.5, 0.25) and given.schedule.radii == (0.25, 0.5)
+    assert SequentialConfig(0.5).radii == () and SequentialConfig(0.5).schedule.radii[-1] == 1.75
+    betting = BettingConfig(0.5)
+    assert betting.last is None and betting.radii == () and betting.schedule.last == 111616
 
 
 @pytest.mark.parametrize("levels", [(0.0005, 0.0005, 0.0001), (0.001, 0.0), (0.0005,)])
@@ -134,7 +142,7 @@ def test_bound_fails_at_most_alpha_whatever_the_stopping_rule(policy, p, forecas
     assert looks == ((8, 16, 32, 48, 64, 128, 256, 336) if fitted else (8, 16, 32, 64, 128, 256, 512))
     config = SequentialConfig(1.0, alpha=0.2, looks=looks, policy=policy, radii=radii, tolerance=0.05,
                               forecast_alpha=forecast, levels=levels)
-    assert sum(config.levels) == pytest.approx(0.2)
+    assert sum(config.schedule.levels) == pytest.approx(0.2)
     trials = 400
     sample = bernoulli(p, 11)
     invalid = sum(run_sequential(config, sample).p_lower > p for _ in range(trials))
@@ -155,14 +163,14 @@ def test_unsplit_alpha_would_be_invalid() -> None:
 def test_unanimous_votes_stop_at_the_first_look_that_certifies_the_top_radius() -> None:
     sigma, alpha = 0.25, 0.001
     config = SequentialConfig(sigma)  # grid 0, 0.25, 0.5, 0.75
-    assert config.radii == (0.0, 0.25, 0.5, 0.75) == standard_radii(sigma)
+    assert config.schedule.radii == (0.0, 0.25, 0.5, 0.75) == standard_radii(sigma)
     # all N agree: radius sigma * Phi^-1(alpha_j^(1/N)); the fitted look 6,144 spends alpha / 4 and is the first
     # with radius >= 0.75 = 3 sigma (with alpha / 8 at the doubling looks it would be 8,192)
-    radius = {n: sigma * norm.ppf(level ** (1 / n)) for n, level in zip(config.looks, config.levels)}
-    expected = next(n for n in config.looks if radius[n] >= 0.75)
+    radius = {n: sigma * norm.ppf(level ** (1 / n)) for n, level in zip(config.schedule.looks, config.schedule.levels)}
+    expected = next(n for n in config.schedule.looks if radius[n] >= 0.75)
     result = run_sequential(config, lambda m: m)
     assert expected == 6144 and result.n == expected and result.stop == "settled"
-    assert result.radius == pytest.approx(radius[6144]) and config.levels[3] == pytest.approx(alpha / 4)
+    assert result.radius == pytest.approx(radius[6144]) and config.schedule.levels[3] == pytest.approx(alpha / 4)
     assert next(n for n in DEFAULT_LOOKS if sigma * norm.ppf((alpha / 8) ** (1 / n)) >= 0.75) == 8192
 
 

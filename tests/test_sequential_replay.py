@@ -58,8 +58,8 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
 
     looks = doubling_looks(64, 512)
     configs = bench.policies(0.25, 0.001, looks, [0.3])
-    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].last}"]  # the benchmark's betting test
-    grid_radii = ["--radii", *map(str, configs["grid"].radii)]
+    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].schedule.last}"]  # the benchmark's betting test
+    grid_radii = ["--radii", *map(str, configs["grid"].schedule.radii)]
     runs = (("grid", ["--looks", "64:512"]), ("radius 0.3", ["--looks", "64:512", "--radii", "0.3"]),
             ("betting grid", [*betting, *grid_radii]), ("betting radius 0.3", [*betting, "--radii", "0.3"]))
     for name, options in runs:
@@ -167,7 +167,7 @@ def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule
 
     records = [record(0, 0, 1.0), record(1, 1, 0.96875), record(2, 2, 0.90625), record(3, 4, 0.9)]
     radii = (0.0, 0.25, 0.5)
-    full = SequentialConfig(0.25, 0.001, doubling_looks(64, 512), "full")
+    full = SequentialConfig(0.25, 0.001, looks=doubling_looks(64, 512), policy="full")
     fixed, sequential = bench.expected_accuracy(records, full, radii, 400, 0.001, reps=2000, seed=1)
     rng = np.random.default_rng(2)
     direct = np.zeros((2, len(radii)))
@@ -199,7 +199,7 @@ def test_adaptive_selection_replay_gives_the_cli_rows(bench, toy_checkpoint, tmp
     records = bench.load(str(traj), str(votes))
     assert all(sorted(r["selection_votes"]) == [16, 32, 48] for r in records)
     configs = bench.policies(0.05, 0.001, doubling_looks(64, 512), [0.1])
-    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].last}", "--radii", "0.1"]
+    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].schedule.last}", "--radii", "0.1"]
     used = set()
     for name, options in (("grid, adaptive selection", ["--looks", "64:512"]),
                           ("betting radius 0.1, adaptive selection", betting)):

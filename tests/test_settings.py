@@ -19,6 +19,7 @@ from smoothadv.settings import (
     CertifySettings,
     PredictSettings,
     RunSettings,
+    SpendingSettings,
     TrainSettings,
     convert,
     read_toml,
@@ -73,10 +74,10 @@ def test_settings_are_frozen_and_checked_when_made(tmp_path) -> None:
         with pytest.raises(SmoothAdvError, match=message):
             TrainSettings(**{"dataset": "synthetic", "arch": "toy_cnn", "out_dir": tmp_path, **bad})
     assert CertifySettings(sigma=0.5).n == 100_000
-    with pytest.raises(SmoothAdvError, match="--policy need --mode sequential"):
-        CertifySettings(sigma=0.5, policy="grid")
-    with pytest.raises(SmoothAdvError, match="--policy tolerance needs --tolerance"):
-        CertifySettings(sigma=0.5, mode="sequential", policy="tolerance")
+    with pytest.raises(SmoothAdvError, match="needs mode sequential"):
+        CertifySettings(sigma=0.5, sequential=SpendingSettings(policy="grid"))
+    with pytest.raises(SmoothAdvError, match="the tolerance policy needs a tolerance > 0"):
+        SpendingSettings(policy="tolerance")
     with pytest.raises(SmoothAdvError, match="--sigma must be a number > 0"):
         PredictSettings(sigma=0)
     with pytest.raises(SmoothAdvError, match="--shard must be i/k"):

@@ -212,14 +212,14 @@ def test_default_sequential_schedule_at_the_papers_scale_fails_at_most_alpha_exa
     from smoothadv.validity import exact_sequential_failure
 
     config = SequentialConfig(0.5)
-    assert config.looks[-1] == 111616 and len(config.looks) == 9
+    assert config.schedule.looks[-1] == 111616 and len(config.schedule.looks) == 9
     for p in (0.99, 0.9999):
         problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(p)))
         assert problem.p_a == pytest.approx(p)
-        fail = exact_sequential_failure(problem, None, config.looks, 0.001, levels=config.levels)
+        fail = exact_sequential_failure(problem, None, config.schedule.looks, 0.001, levels=config.schedule.levels)
         assert 1e-4 < fail <= 0.001
     problem = Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(0.99)))
-    unsplit = exact_sequential_failure(problem, None, config.looks, 0.009, levels=(0.001,) * 9)
+    unsplit = exact_sequential_failure(problem, None, config.schedule.looks, 0.009, levels=(0.001,) * 9)
     assert unsplit > 0.004
 
 

@@ -62,28 +62,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import ndtr, ndtri
 
 from .errors import SmoothAdvError
-from .sequential import DEFAULT_LOOKS, SequentialResult, _unanimous_look, check_test_settings, standard_radii
+from .sequential import SequentialResult, _unanimous_look, check_test_settings, standard_radii
+from .settings import DEFAULT_BETS, DEFAULT_LOOKS, BettingSettings
 from .smoothing import Smooth
 from .stats import clopper_pearson_lower, clopper_pearson_upper
 
-DEFAULT_BETS: tuple[tuple[float, float], ...] = (
-    (1.0, 0.5),
-    (63 / 64, 0.2 / 3), (15 / 16, 0.2 / 3), (3 / 4, 0.2 / 3),
-    *((2.0 ** -k, 0.03) for k in range(1, 11)),
-)
-"""(u, weight) of the mixed gamblers: half the weight goes all in (u = 1: the wealth grows by 1 / q per
-agreeing vote and dies at the first other vote: the fastest test of a unanimous input, which pays only
-ln 2 for the mixture), a fifth to near-unanimous bets, the rest to ten bets u = 1/2 ... 1/1024 for rates
-near the threshold. Fixed before sampling, the same for every threshold (which keeps M_t(q) monotone in q)."""
+# The mixture `settings.DEFAULT_BETS`, (u, weight) of the gamblers: half the weight goes all in (u = 1: the wealth
+# grows by 1 / q per agreeing vote and dies at the first other vote: the fastest test of a unanimous input, which pays
+# only ln 2 for the mixture), a fifth to near-unanimous bets, the rest to ten bets u = 1/2 ... 1/1024 for rates near
+# the threshold. Fixed before sampling, the same for every threshold (which keeps M_t(q) monotone in q).
 
 Z_RANGE = (-8.0, 8.5)
 """Range of Phi^-1(q) searched for the confidence bound (Phi(8.5) = 1 - 1e-17: no test reaches it)."""
@@ -100,8 +96,15 @@ def betting_last(alpha: float, final_share: float, step: int, reference: Sequenc
     return _unanimous_look(cap, alpha * final_share, step)
 
 
+class BettingSchedule(NamedTuple):
+    """What a betting test does beyond its fields: its largest number of votes and the radii its grid settles."""
+
+    last: int
+    radii: tuple[float, ...]
+
+
 @dataclass(frozen=True)
-class BettingConfig:
+class BettingConfig(BettingSettings):
     """An anytime-valid betting test (see the module docstring for the guarantee).
 
     Args:
@@ -110,51 +113,41 @@ class BettingConfig:
         policy, radii, tolerance, forecast_alpha: as `sequential.SequentialConfig` (None forecast: at alpha).
         first: votes per draw at first (the first forecast is at 4 first); checks every first / 4 votes up
             to coarse = 16 first, then every coarse votes.
-        last: largest number of estimation votes (default `betting_last`: 111,616 at alpha = 0.001).
+        last: largest number of estimation votes (None: `betting_last`, 111,616 at alpha = 0.001).
         final_share: share eta of alpha spent on one Clopper-Pearson bound at `last` (0: pure betting).
         bets: the mixture, (u, weight) pairs with u in (0, 1] and weights summing to 1.
         selection: how the tested class is chosen from the selection samples, as `SequentialConfig`'s
             ("adaptive", the default, or "fixed": Cohen's n0).
 
-    Construction resolves `last` and the grid's `radii` (the standard radii up to the cap), so a
-    config always says what the test does.
+    The fields keep what was passed; `schedule` is what the test does (`last` resolved, and the grid's
+    radii: the standard radii up to the cap when none are given), checked at construction.
     """
 
     sigma: float
     alpha: float = 0.001
-    policy: str = "grid"
-    radii: tuple[float, ...] = field(default=())
-    tolerance: float = 0.0
-    forecast_alpha: float | None = 0.05
-    first: int = 64
-    last: int | None = None
-    final_share: float = 0.5
-    bets: tuple[tuple[float, float], ...] = DEFAULT_BETS
-    selection: str = "adaptive"
 
     MODE = "betting"
 
     def __post_init__(self) -> None:
         check_test_settings(self)
-        if int(self.first) != self.first or self.first < 4 or self.first % 4:
+        super().__post_init__()
+        if self.first < 4 or self.first % 4:
             raise SmoothAdvError(f"first must be a multiple of 4, got {self.first}")
-        if not 0.0 <= self.final_share < 1.0:
-            raise SmoothAdvError(f"final_share must be in [0, 1), got {self.final_share}")
-        bets = tuple((float(u), float(w)) for u, w in self.bets)
-        if not bets or any(not 0.0 < u <= 1.0 or not w >= 0.0 for u, w in bets) \
-                or abs(sum(w for _, w in bets) - 1.0) > 1e-9:
+        if not self.bets or any(not 0.0 < u <= 1.0 or not w >= 0.0 for u, w in self.bets) \
+                or abs(sum(w for _, w in self.bets) - 1.0) > 1e-9:
             raise SmoothAdvError("bets must be (u, weight) pairs with u in (0, 1], weights >= 0 summing to 1")
+        if self.schedule.last < self.first:
+            raise SmoothAdvError(f"last must be >= first = {self.first}, got {self.schedule.last}")
+
+    @cached_property
+    def schedule(self) -> BettingSchedule:
+        """The largest number of votes (`last`, or `betting_last`) and the radii the grid policy settles (sorted)."""
         last = betting_last(self.alpha, self.final_share, self.coarse) if self.last is None else int(self.last)
-        if last < self.first:
-            raise SmoothAdvError(f"last must be >= first = {self.first}, got {last}")
-        radii = tuple(sorted(float(r) for r in self.radii))
-        if any(not math.isfinite(r) or r < 0 for r in radii):
-            raise SmoothAdvError(f"radii must be finite and >= 0, got {self.radii}")
-        object.__setattr__(self, "bets", bets)
-        object.__setattr__(self, "last", last)
+        radii = tuple(sorted(self.radii))
         if self.policy == "grid" and not radii:
-            radii = tuple(r for r in standard_radii(self.sigma, self.alpha) if r <= self.max_radius + 1e-12)
-        object.__setattr__(self, "radii", radii)
+            cap = self._max_radius(last)
+            radii = tuple(r for r in standard_radii(self.sigma, self.alpha) if r <= cap + 1e-12)
+        return BettingSchedule(last, radii)
 
     @classmethod
     def for_smooth(cls, smooth: Smooth, **settings: Any) -> BettingConfig:
@@ -182,14 +175,15 @@ class BettingConfig:
     def draws(self) -> tuple[int, ...]:
         """Cumulative votes at the end of each draw (the sizes at which the test may stop)."""
         ends, n = [], 0
-        while n < self.last:
+        last = self.schedule.last
+        while n < last:
             if n < self.coarse:
                 n += self.first
             elif n < 8 * self.coarse:
                 n += self.coarse
             else:
                 n += self.coarse * 2 ** int(math.log2(n / (8 * self.coarse)))
-            n = min(n, self.last)
+            n = min(n, last)
             ends.append(n)
         return tuple(ends)
 
@@ -197,8 +191,9 @@ class BettingConfig:
     def forecasts(self) -> frozenset[int]:
         """Sizes at which the reachable radius is forecast: 4 first * 2^j and the last (none earlier: a forecast
         from a few dozen votes stops too many inputs that fixed n would certify)."""
-        out, n = {self.last}, 4 * self.first
-        while n < self.last:
+        last = self.schedule.last
+        out, n = {last}, 4 * self.first
+        while n < last:
             out.add(n)
             n *= 2
         return frozenset(out)
@@ -214,7 +209,10 @@ class BettingConfig:
     @property
     def max_radius(self) -> float:
         """Largest certifiable radius: all `last` votes agree (betting sequence or the final look)."""
-        z = max(_bound_z(np.array([self.last]), np.array([0]), self), _final_z(self.last, self.last, self))
+        return self._max_radius(self.schedule.last)
+
+    def _max_radius(self, last: int) -> float:
+        z = max(_bound_z(np.array([last]), np.array([0]), self), _final_z(last, last, self, last))
         return float(self.sigma * z)
 
     def start(self) -> BettingTest:
@@ -296,9 +294,10 @@ def _bound_z(successes: np.ndarray, failures: np.ndarray, config: BettingConfig,
     return root
 
 
-def _final_z(successes: int, n: int, config: BettingConfig) -> float:
-    """Phi^-1 of the final Clopper-Pearson bound at level final_share * alpha (-inf if there is none)."""
-    if config.final_share == 0 or n != config.last or successes == 0:
+def _final_z(successes: int, n: int, config: BettingConfig, last: int | None = None) -> float:
+    """Phi^-1 of the final Clopper-Pearson bound at level final_share * alpha, made at the last size (`last`,
+    default the config's); -inf if there is none."""
+    if config.final_share == 0 or n != (config.schedule.last if last is None else last) or successes == 0:
         return -math.inf
     return float(ndtri(clopper_pearson_lower(successes, n, config.final_share * config.alpha)))
 
@@ -354,7 +353,7 @@ class BettingTest:
         self._pending.append((successes, failures))
         wealth = _Wealth(successes, failures, config)
         self.certified = self.certified or wealth.max_log(0.0) >= config.threshold
-        for r in config.radii:  # thresholds decreasing in the wealth: stop at the first one not rejected
+        for r in config.schedule.radii:  # thresholds decreasing in the wealth: stop at the first one not rejected
             if r <= self.grid_radius or r == 0:
                 continue
             if not self.certified or wealth.max_log(r / config.sigma) < config.threshold:
@@ -363,12 +362,12 @@ class BettingTest:
         self.successes = int(successes[-1])
         self.n = int(self._checks[-1])
         self.draws += 1
-        if self.n == config.last and config.final_share:
+        if self.n == config.schedule.last and config.final_share:
             final = _final_z(self.successes, self.n, config)
             self._z = max(self._z, final)
             self.certified = self.certified or final > 0
-            self.grid_radius = max([self.grid_radius, *(r for r in config.radii if r <= config.sigma * final)])
-        if self.n >= config.last:
+            self.grid_radius = max([self.grid_radius, *(r for r in config.schedule.radii if r <= config.sigma * final)])
+        if self.n >= config.schedule.last:
             self.stop = "last look"
         elif config.policy == "full":
             return
@@ -394,7 +393,7 @@ class BettingTest:
 
     def reachable_z(self, upper: float) -> float:
         """Phi^-1 of the bound the last size would give if its vote fraction were `upper`."""
-        last = self.config.last
+        last = self.config.schedule.last
         k = min(last, math.ceil(upper * last))
         if k == 0:
             return -math.inf
@@ -413,7 +412,7 @@ class BettingTest:
         reachable = max(self.config.sigma * self.reach if self.reach > 0 else -1.0, radius)
         if tolerance:
             return reachable - max(radius, 0.0) <= self.config.tolerance
-        return all((self.certified and radius >= r) or reachable < r for r in self.config.radii)
+        return all((self.certified and radius >= r) or reachable < r for r in self.config.schedule.radii)
 
     def result(self) -> SequentialResult:
         z = self.z

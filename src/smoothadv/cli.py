@@ -18,19 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SmoothAdvError
+from .sequential import doubling_looks
 from .settings import (
+    TESTS,
     AttackRunSettings,
-    AttackSettings,
+    BettingSettings,
     CertifySettings,
     PredictSettings,
     RunSettings,
+    SequentialSettings,
     SmoothPredictionSettings,
+    SpendingSettings,
     TrainSettings,
     convert,
     fields_of,
     flag_keys,
     flag_name,
     make,
+    recipe_key,
 )
 
 # ------------------------------------------------------------------ argument types
@@ -111,35 +116,39 @@ def add_settings(parser: Any, cls: type, *, skip: Sequence[str] = (), defaults: 
     """
     defaults, notes = defaults or {}, notes or {}
     for name, (field, kind) in fields_of(cls).items():
-        if name in skip or (only is not None and name not in only):
+        if name in skip or (only is not None and name not in only) or field.metadata.get("nested"):
             continue
-        default = defaults.get(name, field.default)
-        meta = field.metadata
-        shown = _shown(default)
-        if name in notes:
-            shown = f"{shown[:-1]}; {notes[name]})" if shown else f" ({notes[name]})"
-        choices = meta.get("choices")
-        choices = choices() if callable(choices) else choices
-        if meta.get("positional"):
-            parser.add_argument(name, help=meta.get("help"))
-            continue
-        options: dict[str, Any] = {"dest": flag_name(field)[2:].replace("-", "_"), "default": argparse.SUPPRESS,
-                                   "help": meta.get("help", "") + shown}
-        if kind is bool and default is True:
-            options["action"] = argparse.BooleanOptionalAction
-        elif kind is bool:
-            options["action"] = "store_true"
-        else:
-            options["type"] = PAIRS.get(name) or _field_type(field, kind)
-            inner = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
-            if getattr(inner[0] if len(inner) == 1 else kind, "__args__", (None, None))[-1] is Ellipsis:
-                options["nargs"] = "+"
-            if choices is not None:
-                options["choices"] = choices
-            if choices is None:
-                options["metavar"] = meta.get("metavar") or flag_name(field)[2:].upper().replace("-", "_")
-            options["required"] = default is dataclasses.MISSING
-        parser.add_argument(flag_name(field), **options)
+        add_field(parser, field, kind, defaults.get(name, field.default), notes.get(name))
+
+
+def add_field(parser: Any, field: dataclasses.Field, kind: Any, default: Any, note: str | None = None) -> None:
+    """Add the flag of one settings field (see `add_settings`); its value reaches `args` under its recipe key."""
+    meta = field.metadata
+    shown = _shown(default)
+    if note:
+        shown = f"{shown[:-1]}; {note})" if shown else f" ({note})"
+    choices = meta.get("choices")
+    choices = choices() if callable(choices) else choices
+    if meta.get("positional"):
+        parser.add_argument(field.name, help=meta.get("help"))
+        return
+    options: dict[str, Any] = {"dest": recipe_key(field), "default": argparse.SUPPRESS,
+                               "help": meta.get("help", "") + shown}
+    if kind is bool and default is True:
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind is bool:
+        options["action"] = "store_true"
+    else:
+        options["type"] = PAIRS.get(field.name) or _field_type(field, kind)
+        inner = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
+        if getattr(inner[0] if len(inner) == 1 else kind, "__args__", (None, None))[-1] is Ellipsis:
+            options["nargs"] = "+"
+        if choices is not None:
+            options["choices"] = choices
+        if choices is None:
+            options["metavar"] = meta.get("metavar") or flag_name(field)[2:].upper().replace("-", "_")
+        options["required"] = default is dataclasses.MISSING
+    parser.add_argument(flag_name(field), **options)
 
 
 def _shown(default: Any) -> str:
@@ -168,39 +177,67 @@ def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ train
 
 
-def add_train(sub: Any) -> None:
-    from .objectives import OBJECTIVES, hyperparameters
+def _train_flags(parser: Any) -> None:
+    """The flags every `train` command has: --config and the training settings."""
+    parser.add_argument("--config", help="TOML recipe whose keys set these flags (flags given here win)")
+    add_settings(parser, TrainSettings, defaults={"device": "auto", "arch": None, "out_dir": None})
 
-    p = sub.add_parser("train", help="train a base classifier (Gaussian augmentation, SmoothAdv, ...)")
-    p.add_argument("--config", help="TOML recipe whose keys set these flags (flags given here win)")
-    p.add_argument("--objective", choices=tuple(OBJECTIVES), default=argparse.SUPPRESS,
-                   help="training method (default: gaussian)")
-    add_settings(p, TrainSettings, defaults={"device": "auto", "arch": None})
-    a = p.add_argument_group("objective hyperparameters (each applies to the objectives named in brackets)")
-    attack_flags = {f.name for f in dataclasses.fields(AttackSettings)}
-    for name, (field, kind, owners) in hyperparameters().items():
-        if name in attack_flags:  # an objective's own eps/steps: set with the attack group's flag
-            continue
-        a.add_argument(flag_name(field), dest=name, default=argparse.SUPPRESS,
-                       **({"action": "store_true"} if kind is bool else {"type": _field_type(field, kind)}),
-                       help=f"[{', '.join(owners)}] {field.metadata.get('help', '')}{_owner_defaults(name)}")
-    g = p.add_argument_group(
-        "attack on the smoothed soft classifier (objectives with an attack; Salman et al. 2019)",
-        "--eps and --steps also set the eps and T of the objectives with their own attack ("
-        + ", ".join(f"--{key}: {'/'.join(owners)}{_owner_defaults(key)}" for key, (_, _, owners)
-                    in hyperparameters().items() if key in attack_flags) + ")")
-    add_settings(g, AttackSettings)
+
+def add_train(sub: Any) -> None:
+    from .attacks import attack_settings
+    from .objectives import OBJECTIVES, has_attack, hyperparameters
+    from .train import TRAINING_ATTACK_DEFAULTS
+
+    p = sub.add_parser("train", help="train a base classifier: smoothadv train [OBJECTIVE] [flags] (default "
+                       "objective: gaussian; `smoothadv train OBJECTIVE --help` lists its own flags)")
+    _train_flags(p)
+    objectives = p.add_subparsers(dest="objective", metavar="OBJECTIVE", parser_class=Parser,
+                                  help=f"training method, one of {', '.join(OBJECTIVES)} (default: gaussian)")
+    for name, cls in OBJECTIVES.items():
+        summary = (cls.__doc__ or name).strip().splitlines()[0]
+        q = objectives.add_parser(name, help=summary, description=summary)
+        _train_flags(q)
+        own = q.add_argument_group(f"{name} hyperparameters")
+        for field, kind in hyperparameters(name).values():
+            add_field(own, field, kind, field.default)
+        if has_attack(name):
+            group = q.add_argument_group("attack on the smoothed soft classifier (Salman et al. 2019, Section 3)")
+            for key, (field, kind, owners) in attack_settings().items():
+                default = TRAINING_ATTACK_DEFAULTS.get(key, field.default)
+                note = f"{'/'.join(owners)} only" if len(owners) < 2 and key != "attack" else None
+                add_field(group, field, kind, default, note)
+        q.set_defaults(handler=run_train)
     p.set_defaults(handler=run_train)
 
 
-def _owner_defaults(key: str) -> str:
-    """' (default: X)' for an objective hyperparameter, or ' (default: a X, b Y)' when its objectives differ."""
-    from .objectives import hyperparameter_defaults
+def train_argv(argv: list[str]) -> list[str]:
+    """`smoothadv train` arguments with the objective as the subcommand after `train`: `--objective NAME` (the
+    older spelling) becomes `train NAME ...`, and without either, a `--config` recipe's objective is used, so that
+    its own flags (`--m`, `--eps`, ...) can be given on the command line."""
+    from .objectives import OBJECTIVES
 
-    defaults = hyperparameter_defaults(key)
-    if len({repr(v) for v in defaults.values()}) <= 1:
-        return _shown(next(iter(defaults.values()), None))
-    return " (default: " + ", ".join(f"{name} {_shown(v)[11:-1] or v}" for name, v in defaults.items()) + ")"
+    if not argv or argv[0] != "train":
+        return argv
+    rest = argv[1:]
+    named = [i for i, a in enumerate(rest) if a == "--objective" or a.startswith("--objective=")]
+    if named:
+        i = named[0]
+        name = rest[i].split("=", 1)[1] if "=" in rest[i] else (rest[i + 1] if i + 1 < len(rest) else "")
+        del rest[i:i + (1 if "=" in rest[i] else 2)]
+        if rest and rest[0] in OBJECTIVES and rest[0] != name:
+            raise SmoothAdvError(f"--objective {name} and the objective {rest[0]} disagree; give one")
+        return ["train", *([] if rest and rest[0] == name else [name]), *rest]
+    if rest and rest[0] in OBJECTIVES:
+        return argv
+    config = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"] + \
+        [a.split("=", 1)[1] for a in rest if a.startswith("--config=")]
+    if config and "-h" not in rest and "--help" not in rest:
+        from .settings import read_toml
+
+        name = read_toml(config[0]).get("objective", "gaussian")
+        if isinstance(name, str) and name in OBJECTIVES:
+            return ["train", name, *rest]
+    return argv
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,13 +247,17 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> None:
     from .distributed import env_world
-    from .settings import read_toml, train_recipe
-    from .train import fit
+    from .settings import read_toml
+    from .train import fit, recipe
 
     values = _given(args)
     config = values.pop("config", None)
-    recipe = {k: v for k, v in read_toml(config).items() if k not in ("paper", "certify")} if config else {}
-    settings, objective = train_recipe({"device": "auto", **recipe, **values}, source=config or "")
+    named = values.pop("objective", None)
+    file = {k: v for k, v in read_toml(config).items() if k not in ("paper", "certify")} if config else {}
+    if named is not None and file.get("objective", named) != named:
+        raise SmoothAdvError(f"{config} trains the {file['objective']} objective, not {named}")
+    settings, objective = recipe({"device": "auto", **file, **({"objective": named} if named else {}), **values},
+                                 source=config or "")
     path = fit(settings, objective)
     if env_world()[0] == 0:
         print(f"checkpoint: {path}")
@@ -267,8 +308,59 @@ def _add_evaluation(sub: Any, command: str, help: str) -> None:
     p.set_defaults(handler=run_evaluation_command)
 
 
+def _forecast(text: str) -> float | None:
+    """--forecast-alpha: a probability, or 'strict' (None: the look's own level)."""
+    if text == "strict":
+        return None
+    return probability(text)
+
+
 def add_certify(sub: Any) -> None:
     _add_evaluation(sub, "certify", "CERTIFY each test example: prediction and certified L2 radius")
+    p = sub.choices["certify"]
+    g = p.add_argument_group("sequential test (--mode sequential; settings.SpendingSettings / BettingSettings)")
+    g.add_argument("--test", choices=tuple(TESTS), default=argparse.SUPPRESS,
+                   help="spending: group-sequential Clopper-Pearson with alpha spending (default); betting: "
+                   "anytime-valid betting confidence sequence")
+    g.add_argument("--looks", type=PAIRS["looks"], metavar="FIRST:LAST", default=argparse.SUPPRESS,
+                   help="spending: the doubling looks FIRST, 2 FIRST, ... LAST the grid schedule is fitted on (default "
+                   "1024:131072); betting: the first draw and the largest number of samples (default 64 and 111,616 "
+                   "at alpha 0.001)")
+    for name in ("policy", "radii", "tolerance", "selection"):
+        field, kind = fields_of(SequentialSettings)[name]
+        add_field(g, field, kind, field.default)
+    g.add_argument("--forecast-alpha", type=_forecast, default=argparse.SUPPRESS, metavar="ALPHA|strict",
+                   help="level of the upper bound that forecasts the reachable radius (default 0.05; 'strict' = "
+                   "the look's own level)")
+
+
+SEQUENTIAL_FLAGS = ("test", "looks", "policy", "radii", "tolerance", "selection", "forecast_alpha")
+
+
+def _sequential_settings(values: dict[str, Any]) -> SpendingSettings | BettingSettings | None:
+    """The sequential test the certify flags describe (popped from `values`), or None when none is given; a
+    tolerance alone means the tolerance policy (as it always did on the command line)."""
+    given = {key: values.pop(key) for key in SEQUENTIAL_FLAGS if key in values}
+    mode = values.get("mode", "fixed")
+    if mode != "sequential":
+        flags = [f"--{key.replace('_', '-')}" for key in given]
+        if values.get("class_from", "selection") != "selection":
+            flags.insert(0, "--class-from")
+        if flags:
+            raise SmoothAdvError(f"{', '.join(flags)} need --mode sequential")
+        return None
+    test = TESTS[given.pop("test", "spending")]
+    looks = given.pop("looks", None)
+    if looks is not None:
+        given.update(first=looks[0], last=looks[1]) if test is BettingSettings else given.update(
+            base=doubling_looks(*looks))
+    if "tolerance" in given and "policy" not in given:
+        given["policy"] = "tolerance"
+    if given.get("policy") == "tolerance" and "tolerance" not in given:
+        raise SmoothAdvError("--policy tolerance needs --tolerance")
+    if "radii" in given and given.get("policy", "grid") != "grid":
+        raise SmoothAdvError(f"--radii applies to the grid policy, not {given['policy']}")
+    return make(test, given)
 
 
 def add_predict(sub: Any) -> None:
@@ -288,7 +380,11 @@ def run_evaluation_command(args: argparse.Namespace) -> None:
     from .run import run_evaluation
 
     command = args.command
-    run_values, values = _split(_given(args), RunSettings, EVALUATIONS[command])
+    given = _given(args)
+    sequential = _sequential_settings(given) if command == "certify" else None
+    run_values, values = _split(given, RunSettings, EVALUATIONS[command])
+    if sequential is not None:
+        values["sequential"] = sequential
     run_evaluation(make(RunSettings, run_values), make(EVALUATIONS[command], values))
 
 
@@ -544,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `smoothadv` console script and `python -m smoothadv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = train_argv(argv)
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

@@ -64,7 +64,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import torch
@@ -74,19 +75,14 @@ from torch.utils.data import Dataset
 from .errors import SmoothAdvError
 from .evaluate import CERTIFY_COLUMNS, format_time
 from .seeds import example_seed, stream_seed
+from .settings import DEFAULT_LOOKS, SpendingSettings
 from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_image
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper, radius_grid
 
 if TYPE_CHECKING:
     from .betting import BettingConfig
 
-DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
-"""1024, 2048, ..., 131072: the default pre-declared look schedule (K = 8)."""
-
-POLICIES = ("grid", "tolerance", "full")
 CLASS_FROM = ("selection", "label")
-SELECTIONS = ("adaptive", "fixed")
-"""How the tested class is chosen from the selection samples (`selection_step`; the default is adaptive)."""
 SELECTION_CHUNK = 16
 """Adaptive selection draws its votes this many at a time (up to n0) and stops once they are unanimous."""
 SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
@@ -170,20 +166,13 @@ def standard_radii(sigma: float, alpha: float = 0.001, looks: Sequence[int] = DE
 
 
 def check_test_settings(config: SequentialConfig | BettingConfig) -> None:
-    """The checks both tests' configs make on the settings they share (sigma, alpha, policy, tolerance,
-    forecast_alpha, selection); raises SmoothAdvError naming the first bad one."""
-    if not config.sigma > 0 or not math.isfinite(config.sigma):
+    """The checks both tests' configs make on sigma and alpha (their other shared settings are checked by
+    `settings.SequentialSettings`); raises SmoothAdvError naming the first bad one."""
+    if isinstance(config.sigma, bool) or not isinstance(config.sigma, (int, float)) or not config.sigma > 0 \
+            or not math.isfinite(config.sigma):
         raise SmoothAdvError(f"sigma must be a finite number > 0, got {config.sigma}")
-    if not 0.0 < config.alpha < 1.0:
+    if isinstance(config.alpha, bool) or not isinstance(config.alpha, (int, float)) or not 0.0 < config.alpha < 1.0:
         raise SmoothAdvError(f"alpha must be in (0, 1), got {config.alpha}")
-    if config.policy not in POLICIES:
-        raise SmoothAdvError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
-    if not config.tolerance >= 0 or not math.isfinite(config.tolerance):
-        raise SmoothAdvError(f"tolerance must be >= 0, got {config.tolerance}")
-    if config.forecast_alpha is not None and not 0.0 < config.forecast_alpha < 1.0:
-        raise SmoothAdvError(f"forecast_alpha must be in (0, 1), got {config.forecast_alpha}")
-    if config.selection not in SELECTIONS:
-        raise SmoothAdvError(f"unknown selection {config.selection!r}; choose one of {', '.join(SELECTIONS)}")
 
 
 def selection_step(votes: Sequence[int], n0: int, selection: str) -> int:
@@ -209,8 +198,17 @@ def selection_step(votes: Sequence[int], n0: int, selection: str) -> int:
     return -(n0 - drawn)
 
 
+class Schedule(NamedTuple):
+    """What an alpha-spending test does: its looks (cumulative sample sizes), the failure probability spent at
+    each, and the radii the grid policy settles (sorted; empty for the other policies)."""
+
+    looks: tuple[int, ...]
+    levels: tuple[float, ...]
+    radii: tuple[float, ...]
+
+
 @dataclass(frozen=True)
-class SequentialConfig:
+class SequentialConfig(SpendingSettings):
     """A pre-declared sequential test: noise level, failure probability, look schedule and stopping policy.
 
     Args:
@@ -218,18 +216,17 @@ class SequentialConfig:
             refuse a mismatch: the radius sigma * Phi^-1(p_lower) is only valid for the noise's sigma).
             `SequentialConfig.for_smooth(smooth, ...)` takes it from the smoothed classifier.
         alpha: total failure probability (split over the looks by `levels`).
-        looks: strictly increasing cumulative sample sizes, fixed before sampling. Default: `base`
-            (1024, 2048, ..., 131072, K = 8); for the grid policy `fitted_schedule` on `base` for its
-            radii (sigma = 0.5 with the standard radii: 1024, ..., 32768, 35840, 65536, 111616).
+        looks: strictly increasing cumulative sample sizes, fixed before sampling. Default (None):
+            `base` (1024, 2048, ..., 131072, K = 8); for the grid policy `fitted_schedule` on `base` for
+            its radii (sigma = 0.5 with the standard radii: 1024, ..., 32768, 35840, 65536, 111616).
         policy: "grid", "tolerance" or "full" (see the module docstring).
         radii: the radii whose decision `grid` settles (default: `standard_radii`).
         tolerance: for `tolerance`, the radius loss accepted against the best reachable radius.
         forecast_alpha: level of the Clopper-Pearson upper bound U_j used to forecast the reachable
             radius. Default 0.05: stop when even a 95% upper bound on the vote rate could not change
             the answer at the last look. None is the strict forecast at the look's level alpha_j
-            (stop only when more samples can change the answer with probability at most alpha_j; on
-            the Fashion-MNIST models its tables were within 0.2 pp of the default's at 1.2-1.4x the
-            cost; see the README). It changes when the test stops, never the validity.
+            (stop only when more samples can change the answer with probability at most alpha_j).
+            It changes when the test stops, never the validity.
         levels: the failure probability spent at each look (summing to at most alpha). Default: the
             fitted schedule's levels for the grid policy with default looks (1/2 of alpha at the last
             look, 1/4 at the look fitted to the largest radius), otherwise alpha / K at every look.
@@ -239,38 +236,28 @@ class SequentialConfig:
             "adaptive" (default: 16 samples when they all agree, else all n0) or "fixed" (all n0, Cohen's);
             see `selection_step`. Unused with the label given; it never changes the test's level.
 
-    What you pass and what you read: `looks`, `levels` and `radii` may be left to their defaults
-    (None, None, ()); construction resolves them (`_resolved_schedule`) and stores the result in
-    those fields, so on a config they always say what the test does: the looks it makes, the alpha
-    it spends at each and the radii the grid policy settles (sorted). A resolved config passed
-    back is the same config: `SequentialConfig(**dataclasses.asdict(c)) == c`. Because the
-    resolved schedule is stored, `dataclasses.replace(c, sigma=...)` keeps the schedule and radii
-    fitted for the old sigma (still a valid test, any schedule fixed before sampling is, but not
-    the default one): build a new config instead, e.g. with `for_smooth`.
+    The fields keep what was passed (`looks` None stays None); `schedule` is what the test does: the
+    looks it makes, the alpha it spends at each and the radii the grid policy settles. It is computed
+    from the fields alone, before any sample, and checked at construction.
     """
 
     sigma: float
     alpha: float = 0.001
-    looks: tuple[int, ...] | None = None
-    policy: str = "grid"
-    radii: tuple[float, ...] = field(default=())
-    tolerance: float = 0.0
-    forecast_alpha: float | None = 0.05
-    levels: tuple[float, ...] | None = None
-    base: tuple[int, ...] = DEFAULT_LOOKS
-    selection: str = "adaptive"
 
     MODE = "sequential"
     """The `mode` column's prefix of this test's rows (`betting.BettingConfig` writes "betting")."""
 
     def __post_init__(self) -> None:
-        """Check the settings, then store the resolved schedule in `looks`, `levels` and `radii`."""
+        """Check the settings and the schedule they resolve to."""
         check_test_settings(self)
-        looks, levels, radii = _resolved_schedule(self.sigma, self.alpha, self.policy, self.looks, self.levels,
-                                                  self.radii, self.base)
-        object.__setattr__(self, "looks", looks)
-        object.__setattr__(self, "levels", levels)
-        object.__setattr__(self, "radii", radii)
+        super().__post_init__()
+        _ = self.schedule
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        """The looks, per-look levels and grid radii this test uses (`_resolved_schedule`)."""
+        return Schedule(*_resolved_schedule(self.sigma, self.alpha, self.policy, self.looks, self.levels,
+                                            self.radii, self.base))
 
     @classmethod
     def for_smooth(cls, smooth: Smooth, **settings: Any) -> SequentialConfig:
@@ -283,8 +270,8 @@ class SequentialConfig:
     @property
     def max_radius(self) -> float:
         """Largest radius the schedule can certify (all N_K samples vote for the class)."""
-        last = self.looks[-1]
-        return certified_radius(clopper_pearson_lower(last, last, self.levels[-1]), self.sigma)
+        last = self.schedule.looks[-1]
+        return certified_radius(clopper_pearson_lower(last, last, self.schedule.levels[-1]), self.sigma)
 
     def start(self) -> SequentialTest:
         """A fresh test with this config."""
@@ -364,7 +351,7 @@ class SequentialTest:
 
     def next_draw(self) -> int:
         """New samples needed before the next look (0 once the test has stopped)."""
-        return 0 if self.done else self.config.looks[self.look] - self.n
+        return 0 if self.done else self.config.schedule.looks[self.look] - self.n
 
     def next_segments(self) -> tuple[int, ...]:
         """The next draw as the segments `update_segments` takes counts of: one, up to the next look."""
@@ -385,12 +372,12 @@ class SequentialTest:
         if not 0 <= successes <= draw:
             raise SmoothAdvError(f"successes must be in [0, {draw}], got {successes}")
         config = self.config
-        level = config.levels[self.look]
+        level = config.schedule.levels[self.look]
         self.successes += int(successes)
         self.n += draw
         self.look += 1
         self.p_lower = max(self.p_lower, clopper_pearson_lower(self.successes, self.n, level))
-        if self.look == len(config.looks):
+        if self.look == len(config.schedule.looks):
             self.stop = "last look"
         elif config.policy == "full":
             return
@@ -403,9 +390,9 @@ class SequentialTest:
 
     def reachable_radius(self, upper: float) -> float:
         """Optimistic forecast: the last look's radius if its vote fraction were `upper` (0 if none)."""
-        last = self.config.looks[-1]
+        last = self.config.schedule.looks[-1]
         k = min(last, math.ceil(upper * last))
-        p = clopper_pearson_lower(k, last, self.config.levels[-1]) if k > 0 else 0.0
+        p = clopper_pearson_lower(k, last, self.config.schedule.levels[-1]) if k > 0 else 0.0
         return certified_radius(p, self.config.sigma) if p > 0.5 else -1.0
 
     def _settled(self, upper: float) -> bool:
@@ -414,7 +401,7 @@ class SequentialTest:
         reachable = max(self.reachable_radius(upper), radius)
         if self.config.policy == "tolerance":
             return reachable - max(radius, 0.0) <= self.config.tolerance
-        return all((certified and radius >= r) or reachable < r for r in self.config.radii)
+        return all((certified and radius >= r) or reachable < r for r in self.config.schedule.radii)
 
     def result(self) -> SequentialResult:
         certified = self.p_lower > 0.5

@@ -201,8 +201,8 @@ def check_fields(settings: Any, label: Callable[[dataclasses.Field], str] = flag
     given as another type that converts strictly (an int for a float, a list for a tuple) in place;
     SmoothAdvError (one line, the field shown as `label` gives it) on the first bad one."""
     for name, (field, kind) in fields_of(type(settings)).items():
-        if skip is not None and skip(field):
-            continue
+        if field.metadata.get("nested") or (skip is not None and skip(field)):
+            continue  # a nested settings object checks itself
         value = getattr(settings, name)
         shown = label(field)
         converted = convert(value, kind, shown)
@@ -240,7 +240,8 @@ def make(cls: type, values: Mapping[str, Any], *, source: str = "") -> Any:
     if unknown:
         raise SmoothAdvError(f"{prefix}unknown setting(s) {', '.join(unknown)}")
     try:
-        converted = {k: convert(v, known[k][1], k) for k, v in values.items()}
+        converted = {k: v if known[k][0].metadata.get("nested") else convert(v, known[k][1], k)
+                     for k, v in values.items()}
         return cls(**converted)
     except SmoothAdvError as exc:
         raise SmoothAdvError(f"{prefix}{exc}") from None
@@ -387,6 +388,79 @@ class RunSettings:
             raise SmoothAdvError(f"--shard must be i/k with 0 <= i < k, got {self.shard[0]}/{self.shard[1]}")
 
 
+DEFAULT_LOOKS: tuple[int, ...] = tuple(1024 * 2**j for j in range(8))
+"""1024, 2048, ..., 131072: the default doubling looks of the alpha-spending test (K = 8)."""
+
+DEFAULT_BETS: tuple[tuple[float, float], ...] = (
+    (1.0, 0.5),
+    (63 / 64, 0.2 / 3), (15 / 16, 0.2 / 3), (3 / 4, 0.2 / 3),
+    *((2.0 ** -k, 0.03) for k in range(1, 11)),
+)
+"""(u, weight) of the betting test's mixed gamblers (`betting` explains the choice)."""
+
+POLICIES = ("grid", "tolerance", "full")
+SELECTIONS = ("adaptive", "fixed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequentialSettings:
+    """What both sequential tests take besides sigma and alpha: when to stop and how to choose the class.
+
+    `sequential.SequentialConfig` (alpha spending) and `betting.BettingConfig` (betting) extend it with
+    their own fields and with sigma and alpha; `CertifySettings.sequential` holds one of the two settings
+    classes below. Fields are kept as given (the tests resolve defaults such as the grid's radii in their
+    `schedule`)."""
+
+    policy: str = setting("grid", "stopping rule: settle certified/not at --radii (grid), stop within "
+                          "--tolerance of the best reachable radius (tolerance), or make every look (full)",
+                          choices=POLICIES)
+    radii: tuple[float, ...] = setting((), "grid policy: the radii to decide (one radius = single-radius mode; "
+                                       "default: 0, 0.25, ... up to what the test can certify)", limit=NONNEGATIVE)
+    tolerance: float = setting(0.0, "tolerance policy: radius loss accepted", limit=NONNEGATIVE)
+    forecast_alpha: float | None = setting(0.05, "level of the upper bound that forecasts the reachable radius "
+                                           "(None, 'strict' on the command line: the look's own level)",
+                                           limit=PROBABILITY)
+    selection: str = setting("adaptive", "how the class is chosen from the selection samples: adaptive (16 at a "
+                             "time up to n0, stop when all agree) or fixed (all n0, Cohen's)", choices=SELECTIONS)
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda field: field.name)
+        if self.policy == "tolerance" and self.tolerance <= 0:
+            raise SmoothAdvError("the tolerance policy needs a tolerance > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpendingSettings(SequentialSettings):
+    """The group-sequential Clopper-Pearson test with alpha spending (`sequential.SequentialConfig`).
+
+    `looks` None: `base` for the tolerance and full policies, and for the grid policy the schedule fitted on
+    `base` for its radii; `levels` None: the fitted levels, or alpha / K at each of the K looks."""
+
+    looks: tuple[int, ...] | None = setting(None, "cumulative sample sizes of the looks, fixed before sampling",
+                                            limit=AT_LEAST_ONE)
+    levels: tuple[float, ...] | None = setting(None, "failure probability spent at each look", limit=PROBABILITY)
+    base: tuple[int, ...] = setting(DEFAULT_LOOKS, "doubling looks the grid schedule is fitted on (--looks "
+                                    "FIRST:LAST on the command line)", limit=AT_LEAST_ONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BettingSettings(SequentialSettings):
+    """The anytime-valid betting test (`betting.BettingConfig`): votes per draw at first, the largest number of
+    votes (None: `betting.betting_last`), the share of alpha spent on one final Clopper-Pearson bound, and the
+    mixture of bets."""
+
+    first: int = setting(64, "votes per draw at first (a multiple of 4)", limit=AT_LEAST_ONE)
+    last: int | None = setting(None, "largest number of estimation votes (default: 111,616 at alpha 0.001)",
+                               limit=AT_LEAST_ONE)
+    final_share: float = setting(0.5, "share of alpha spent on one Clopper-Pearson bound at `last`",
+                                 limit=_limit(lambda v: 0 <= v < 1, "a number in [0, 1)"))
+    bets: tuple[tuple[float, float], ...] = setting(DEFAULT_BETS, "the mixture: (u, weight) pairs")
+
+
+TESTS: dict[str, type[SequentialSettings]] = {"spending": SpendingSettings, "betting": BettingSettings}
+"""The sequential tests by their `--test` name."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvaluationSettings:
     """What every evaluation run shares: the smoothed classifier, the examples and the noise seed."""
@@ -421,71 +495,36 @@ class PredictSettings(EvaluationSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class CertifySettings(EvaluationSettings):
-    """CERTIFY on each example: Cohen et al.'s fixed-n test, or the sequential test with looks.
+    """CERTIFY on each example: Cohen et al.'s fixed-n test, or a sequential test with looks.
 
-    In sequential mode `n` is unused (the looks set the sample sizes); `test` (spending, the default,
-    or betting), `class_from`, `policy`, `radii`, `tolerance`, `looks` (FIRST, LAST of the doubling
-    base; for betting the first draw and the largest sample size), `forecast_alpha` (a
-    probability, or "strict") and `selection` (adaptive, the default, or fixed) are its settings;
-    `run.sequential_test(settings)` builds the test they describe.
+    `mode` "fixed" uses `n0` and `n`; "sequential" uses `n0` (selection samples), `class_from` and the
+    test in `sequential`: `SpendingSettings` (alpha spending, the default when None) or `BettingSettings`.
+    `run.sequential_test(settings)` builds the test; `n` is unused in sequential mode.
     """
 
-    n: int | None = setting(100_000, "Monte Carlo samples", limit=AT_LEAST_ONE)
+    n: int = setting(100_000, "Monte Carlo samples", limit=AT_LEAST_ONE)
     n0: int = setting(100, "selection samples", limit=AT_LEAST_ONE)
     mode: str = setting("fixed", "fixed: Cohen's CERTIFY with n samples; sequential: looks at 1024, 2048, ... "
                         "samples", choices=("fixed", "sequential"))
-    class_from: str | None = setting(None, "sequential: class from n0 selection samples (Cohen; deployment, "
-                                     "default) or the known label (evaluation only)", choices=("selection", "label"))
-    policy: str | None = setting(None, "sequential stopping rule: settle certified/not at --radii (default), stop "
-                                 "within --tolerance of the best reachable radius, or make every look",
-                                 choices=("grid", "tolerance", "full"))
-    radii: tuple[float, ...] | None = setting(None, "grid policy: radii to decide (one radius = single-radius "
-                                              "mode; default 0, 0.25, ...)", limit=NONNEGATIVE)
-    tolerance: float | None = setting(None, "tolerance policy: radius loss accepted", limit=NONNEGATIVE)
-    test: str | None = setting(None, "sequential test: spending (group-sequential Clopper-Pearson, alpha spending; "
-                               "default) or betting (anytime-valid betting confidence sequence)",
-                               choices=("spending", "betting"))
-    looks: tuple[int, int] | None = setting(None, "sequential doubling looks FIRST:LAST (default 1024:131072); "
-                                            "the grid policy fits its schedule to them. Betting: first draw and "
-                                            "largest number of samples (default 64 and 111,616 at alpha 0.001)",
-                                            metavar="FIRST:LAST")
-    forecast_alpha: float | str | None = setting(None, "level of the upper bound that forecasts the reachable "
-                                                 "radius (default 0.05; 'strict' = the look's own level)")
-    selection: str | None = setting(None, "sequential: how the class is chosen from the selection samples: "
-                                    "adaptive (default: 16 at a time up to n0, stop when all agree) or fixed "
-                                    "(all n0, Cohen's; the only rule of --mode fixed)", choices=("adaptive", "fixed"))
+    class_from: str = setting("selection", "sequential: class from n0 selection samples (Cohen; deployment, "
+                              "default) or the known label (evaluation only)", choices=("selection", "label"))
+    sequential: SpendingSettings | BettingSettings | None = dataclasses.field(
+        default=None, metadata={"help": "the sequential test and its settings", "rows": True, "nested": True})
 
     command = "certify"
 
     def __post_init__(self) -> None:
-        forecast = self.forecast_alpha
-        if isinstance(forecast, str) and forecast != "strict":
-            raise SmoothAdvError(f"--forecast-alpha must be a number in (0, 1) or 'strict', got {forecast!r}")
-        if forecast is not None and not isinstance(forecast, str):
-            if isinstance(forecast, bool) or not isinstance(forecast, (int, float)) or not 0 < forecast < 1:
-                raise SmoothAdvError(f"--forecast-alpha must be a number in (0, 1) or 'strict', got {forecast!r}")
         super().__post_init__()
-        if self.mode == "fixed":
-            given = [flag for flag, value in (("--class-from", self.class_from if self.class_from != "selection"
-                                               else None), ("--policy", self.policy), ("--radii", self.radii),
-                                              ("--tolerance", self.tolerance), ("--looks", self.looks),
-                                              ("--test", self.test),
-                                              ("--forecast-alpha", self.forecast_alpha),
-                                              ("--selection", self.selection if self.selection != "fixed" else None))
-                     if value is not None]
-            if given:
-                raise SmoothAdvError(f"{', '.join(given)} need --mode sequential")
-            if self.n is None:
-                raise SmoothAdvError("--n needs a value in fixed mode")
-            return
-        if self.resolved_policy == "tolerance" and self.tolerance is None:
-            raise SmoothAdvError("--policy tolerance needs --tolerance")
-        if self.radii is not None and self.resolved_policy != "grid":
-            raise SmoothAdvError(f"--radii applies to the grid policy, not {self.resolved_policy}")
+        if self.sequential is not None and not isinstance(self.sequential, (SpendingSettings, BettingSettings)):
+            raise SmoothAdvError(f"sequential must be SpendingSettings or BettingSettings, got "
+                                 f"{type(self.sequential).__name__}")
+        if self.mode == "fixed" and (self.sequential is not None or self.class_from != "selection"):
+            raise SmoothAdvError("a sequential test (or class_from label) needs mode sequential")
 
     @property
-    def resolved_policy(self) -> str:
-        return self.policy or ("tolerance" if self.tolerance is not None else "grid")
+    def test(self) -> SpendingSettings | BettingSettings:
+        """The sequential test's settings: `sequential`, or the alpha-spending test's defaults."""
+        return self.sequential if self.sequential is not None else SpendingSettings()
 
 
 @dataclass(frozen=True, kw_only=True)

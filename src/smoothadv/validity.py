@@ -373,7 +373,7 @@ def _first_rejecting(n: int, z: float, config: BettingConfig) -> int:
 
 
 def exact_betting_failure(problem: Problem, n0: int | None, config: BettingConfig, against: str = "bound") -> float:
-    """Exact probability that the betting test with policy "full" (every check up to `config.last`, then the
+    """Exact probability that the betting test with policy "full" (every check up to `config.schedule.last`, then the
     final Clopper-Pearson look) returns an invalid certificate; `n0=None` tests the class g itself (label mode),
     else the class is chosen from at most n0 votes by `config.selection`'s rule.
 
@@ -390,7 +390,7 @@ def exact_betting_failure(problem: Problem, n0: int | None, config: BettingConfi
     limit = problem.bound_radius if against == "bound" else problem.true_radius
     select = np.eye(len(p))[g] if n0 is None else chosen_class_probabilities(p, n0, config.selection)
     checks = betting_checks(config)
-    last = config.last
+    last = config.schedule.last
     final = clopper_pearson_lower_all(last, config.final_share * config.alpha) if config.final_share else None
     fail = 0.0
     for c, pc in enumerate(p):
@@ -548,7 +548,7 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
     def schedule(sigma: float, spent: bool) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
         if spent:  # the grid policy's default schedule on these looks (None: alpha / K at each look)
             fitted = SequentialConfig(sigma, alpha, base=equal)
-            return fitted.looks, fitted.levels
+            return fitted.schedule.looks, fitted.schedule.levels
         return equal, None
 
     def make(policy: str, label_mode: bool, spent: bool = False, pack: int = 16) -> Mode:
@@ -564,7 +564,7 @@ def sequential_modes(alpha: float, n0: int, n: int, quick: bool = False) -> list
 
         def exact(problem: Problem, against: str) -> float:
             looks, levels = schedule(problem.sigma, spent)
-            selection = SequentialConfig(problem.sigma, alpha, looks, levels=levels).selection  # the runs' rule
+            selection = SequentialConfig(problem.sigma, alpha, looks=looks, levels=levels).selection  # the runs' rule
             return exact_sequential_failure(problem, None if label_mode else n0, looks, alpha, against, levels,
                                             selection)
 
@@ -625,7 +625,7 @@ def adaptive_selection_modes(alpha: float, n: int) -> list[Mode]:
     def config(sigma: float, betting: bool) -> SequentialConfig | BettingConfig:
         if betting:
             return dataclasses.replace(suite_betting_config(sigma, alpha, n), selection="adaptive")
-        return SequentialConfig(sigma, alpha, looks, policy="full", selection="adaptive")
+        return SequentialConfig(sigma, alpha, looks=looks, policy="full", selection="adaptive")
 
     def make(betting: bool, pack: int = 16) -> Mode:
         def run(smooth: Smooth, x: Tensor, label: int, gen: torch.Generator) -> list[Outcome]:
@@ -639,7 +639,7 @@ def adaptive_selection_modes(alpha: float, n: int) -> list[Mode]:
             cfg = config(problem.sigma, betting)
             if isinstance(cfg, BettingConfig):
                 return exact_betting_failure(problem, ADAPTIVE_N0, cfg, against)
-            return exact_sequential_failure(problem, ADAPTIVE_N0, looks, alpha, against, cfg.levels, cfg.selection)
+            return exact_sequential_failure(problem, ADAPTIVE_N0, looks, alpha, against, cfg.schedule.levels, cfg.selection)
 
         test = f"betting full last={n}" if betting else f"sequential full looks={','.join(map(str, looks))}"
         return Mode(f"{test} adaptive selection n0={ADAPTIVE_N0}", "certify", run, exact)
