@@ -217,7 +217,7 @@ def test_diverging_training_stops_and_never_saves_non_finite_weights(tmp_path, c
 
 
 @pytest.mark.parametrize("content, message", [
-    (b'multi_noise = "false"\n', "multi_noise must be true or false"),
+    (b'objective = "smoothadv"\nmulti_noise = "false"\n', "multi_noise must be true or false"),
     (b"epochs = true\n", "epochs must be an integer"), (b"epochs = 1.5\n", "epochs must be an integer"),
     (b"epochs = [1, 2]\n", "epochs must be an integer"), (b"sigma = -1\n", "sigma must be a number >= 0"),
     (b'dataset = "mnist"\n', "dataset must be one of"), (b'dataset = "caf\xe9"\n', "not valid UTF-8 TOML"),

@@ -1,8 +1,8 @@
-"""`smoothadv demo --quick --dataset synthetic` end to end: the run folder, its numbers, and step reuse."""
+"""`smoothadv demo --quick --dataset synthetic` end to end: the run folder, its numbers, and step reuse (by `fit`'s
+and `run_evaluation`'s own resumption: the demo keeps no cache)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -63,7 +63,7 @@ def test_demo_quick_synthetic_end_to_end(first_run: Path, capsys: pytest.Capture
     assert "smoothadv report gaussian=" in report and "--ci --paired" in report
     assert (first_run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"report: {first_run / 'report.md'}" in text
-    assert all(entry["done"] for entry in json.loads((first_run / "steps.json").read_text()).values())
+    assert not (first_run / "steps.json").exists()  # no cache of its own
 
 
 def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
@@ -75,10 +75,7 @@ def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
     assert {p.name: p.read_bytes() for p in first_run.glob("*.tsv")} == before
     assert (first_run / "gaussian" / "checkpoint.pth.tar").read_bytes() == checkpoint
 
-    # an interrupted certification (steps.json not done, TSV cut after 10 rows) is resumed, with the same rows
-    state = json.loads((first_run / "steps.json").read_text())
-    state["certify_gaussian"]["done"] = False
-    (first_run / "steps.json").write_text(json.dumps(state))
+    # an interrupted certification (TSV cut after 10 rows) is resumed, with the same rows
     tsv = first_run / "certify_gaussian.tsv"
     tsv.write_text("\n".join(tsv.read_text().splitlines()[:11]) + "\n")
     _, status = run(first_run, capsys)
@@ -95,14 +92,14 @@ def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
 
 def test_demo_report_only_rebuilds_the_report_from_the_tsvs(first_run: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    table, state = (first_run / "table.md").read_text(), (first_run / "steps.json").read_text()
+    table = (first_run / "table.md").read_text()
     for name in ("table.md", "report.md", "accuracy.png"):
         (first_run / name).unlink()
     for name in ("gaussian", "smoothadv"):  # no model is needed (the committed run has none)
         (first_run / name / "checkpoint.pth.tar").unlink()
     _, status = run(first_run, capsys, "--n", "300", "--report-only")  # the flags of the last run
     assert set(status.values()) == {"reused"}
-    assert (first_run / "table.md").read_text() == table and (first_run / "steps.json").read_text() == state
+    assert (first_run / "table.md").read_text() == table
     assert "`smoothadv demo --report-only` from the TSVs" in (first_run / "report.md").read_text()
     assert (first_run / "accuracy.png").is_file()
     # the flags of another run are refused, naming what differs
@@ -134,3 +131,21 @@ def test_demo_settings_are_typed_and_the_flags_come_from_them(monkeypatch: pytes
     assert (cfg.out, cfg.sigma, cfg.progress, cfg.report_only, cfg.fresh) == (Path("runs/demo"), 0.25, False, True,
                                                                              False)
     assert main(["demo", "--certify", "0"]) == 2
+
+
+def test_demo_never_overwrites_files_it_did_not_write(first_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("# my own notes\n")
+    argv = ["demo", "--quick", "--dataset", "synthetic", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "report.md was not written by the demo; pass --force" in err, err
+    assert (out / "report.md").read_text() == "# my own notes\n" and sorted(p.name for p in out.iterdir()) == [
+        "report.md"]
+    (out / "report.md").unlink()
+    (out / "certify_gaussian.tsv").write_text("idx\tlabel\n0\t1\n")  # a TSV without its settings sidecar
+    assert main(argv) == 2
+    assert "certify_gaussian.tsv was not written by the demo" in capsys.readouterr().err
+    assert (out / "certify_gaussian.tsv").read_text() == "idx\tlabel\n0\t1\n"

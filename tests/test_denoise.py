@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,12 @@ from smoothadv.denoise import (
     MSE,
     Classification,
     DenoisedClassifier,
+    DenoiserTrainee,
     DenoiserTrainSettings,
     DnCNN,
     Stability,
     check_fits,
-    denoiser_epoch,
+    evaluate_denoiser,
     load_denoiser,
     multiply_adds,
     save_denoiser,
@@ -28,6 +30,9 @@ from smoothadv.denoise import (
 )
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import Normalize, build_model
+from smoothadv.train import run_loop, train_epoch
+
+CPU = torch.device("cpu")
 
 EVAL = ["--sigma", "0.25", "--batch", "100", "--device", "cpu", "--no-progress", "--seed", "4"]
 
@@ -117,11 +122,11 @@ def test_mse_objective_converges_to_the_wiener_shrinkage_of_a_gaussian(one_threa
     start = distance()
     noise = torch.Generator().manual_seed(2)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=0.05)
-    denoiser_epoch(denoiser, MSE(sigma), optimizer, batches(300), generator=noise)
+    train_epoch(denoiser, MSE(sigma), optimizer, batches(300), CPU, generator=noise)
     middle = distance()
     for group in optimizer.param_groups:
         group["lr"] = 0.005
-    loss = denoiser_epoch(denoiser, MSE(sigma), optimizer, batches(200), generator=noise)
+    loss = train_epoch(denoiser, MSE(sigma), optimizer, batches(200), CPU, generator=noise)["loss"]
     assert start > 2 and distance() < min(0.03, middle), (start, middle, distance())
     assert torch.allclose(linear.weight.detach().diagonal(), shrink, atol=0.01)
     bayes = float((shrink * sigma**2).mean())  # the Wiener filter's MSE per element
@@ -140,8 +145,10 @@ class _BNClassifier(nn.Module):
         return self.body(x)
 
 
-@pytest.mark.parametrize("objective", [Stability(0.25), Classification(0.25)], ids=["stability", "classification"])
-def test_training_through_f_never_changes_f(objective) -> None:
+@pytest.mark.parametrize("kind", [Stability, Classification], ids=["stability", "classification"])
+def test_training_through_f_never_changes_f(kind) -> None:
+    """The loss is an objective of the one loop (`train.train_epoch`) holding f: f stays frozen, and several
+    classifiers are used round-robin, one per step."""
     torch.manual_seed(0)
     f1, f2 = _BNClassifier(), _BNClassifier()  # two: query access goes round-robin through surrogates
     f1.train()
@@ -154,8 +161,8 @@ def test_training_through_f_never_changes_f(objective) -> None:
     start = {k: v.clone() for k, v in denoiser.state_dict().items()}
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-2)
     x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 4
-    denoiser_epoch(denoiser, objective, optimizer, [(x, y)] * 4, classifiers=(f1, f2),
-                   generator=torch.Generator().manual_seed(0))
+    objective = kind(0.25, (f1, f2))
+    train_epoch(denoiser, objective, optimizer, iter([(x, y)] * 4), CPU, generator=torch.Generator().manual_seed(0))
     for f, saved in zip((f1, f2), before):
         state = f.state_dict()
         assert all(torch.equal(state[k], saved[k]) for k in saved)  # weights and BatchNorm statistics, bit for bit
@@ -170,9 +177,9 @@ def test_objectives_need_a_classifier_except_mse() -> None:
     denoiser = DnCNN(3, depth=3, width=4)
     optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.1)
     batch = [(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
-    denoiser_epoch(denoiser, MSE(0.25), optimizer, batch)
+    assert train_epoch(denoiser, MSE(0.25), optimizer, iter(batch), CPU)["acc"] != 0.0  # NaN: nothing to score
     with pytest.raises(SmoothAdvError, match="stability objective trains D through a classifier"):
-        denoiser_epoch(denoiser, Stability(0.25), optimizer, batch)
+        Stability(0.25)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -188,9 +195,11 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     path = tmp_path / "d.pth.tar"
     save_denoiser(path, net, arch="dncnn_small", dataset="fashion_mnist", sigma=0.5, epoch=7,
                   history=[{"objective": {"name": "MSE", "sigma": 0.5}, "epochs": 7}])
-    raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "smoothadv-denoiser" and raw["sigma"] == 0.5
+    raw = torch.load(path, weights_only=True)  # the one checkpoint format of models.py, with a weights digest
+    assert (raw["format"], raw["kind"], raw["sigma"]) == ("smoothadv-checkpoint", "denoiser", 0.5)
+    assert "weights_sha256" in raw and "num_classes" not in raw
     loaded, meta = load_denoiser(path)
+    assert meta["weights_verified"] is True
     assert (meta["sigma"], meta["epoch"], meta["depth"], meta["width"], meta["channels"]) == (0.5, 7, 4, 6, 1)
     assert meta["history"][0]["objective"]["name"] == "MSE"
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
@@ -318,3 +327,89 @@ def test_a_module_that_changes_the_image_shape_does_not_fit() -> None:
         check_fits(nn.Conv2d(1, 1, 1), f, (3, 8, 8))  # a gray-image module fed the classifier's color images
     with pytest.raises(SmoothAdvError, match="turns .* into \\(1, 8, 8\\)"):
         check_fits(nn.Conv2d(3, 1, 1), f, (3, 8, 8))
+
+
+# ------------------------------------------------------------------ the one checkpoint format, the one loop
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+COMMITTED = REPOSITORY / "results" / "denoised" / "runs"
+
+
+def _flip_a_weight_byte(path: Path) -> None:
+    """Flip one byte inside the first tensor record of a torch zip file (torch does not check the CRC)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 16)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_denoisers_of_the_earlier_format_still_load_unverified() -> None:
+    for name in ("denoiser_mse", "denoiser_stability"):
+        path = COMMITTED / name / "denoiser.pth.tar"
+        assert torch.load(path, weights_only=True)["format"] == "smoothadv-denoiser"
+        denoiser, meta = load_denoiser(path)
+        assert meta["weights_verified"] is False and meta["sigma"] == 0.25 and isinstance(denoiser, DnCNN)
+        assert [stage["objective"]["name"] for stage in meta["history"]][0] == "MSE"
+        composed = DenoisedClassifier(denoiser, build_model("fashion_cnn", "fashion_mnist")).eval()
+        assert composed(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_denoiser_with_flipped_weight_bytes_is_refused(toy_checkpoint, trained_denoiser, tmp_path, capsys) -> None:
+    assert load_denoiser(trained_denoiser)[1]["weights_verified"] is True
+    corrupt = tmp_path / "flipped.pth.tar"
+    corrupt.write_bytes(trained_denoiser.read_bytes())
+    _flip_a_weight_byte(corrupt)
+    torch.load(corrupt, weights_only=True)  # torch itself loads it without complaint
+    _one_line_error(capsys, ["certify", str(toy_checkpoint), "--n", "100", "--max", "2", *EVAL, "--out",
+                             str(tmp_path / "c.tsv"), "--denoiser", str(corrupt)],
+                    "its weights do not match the digest")
+    assert not (tmp_path / "c.tsv").exists()
+
+
+def test_psnr_of_a_nan_mse_is_nan() -> None:
+    class Broken(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z * math.nan
+
+    result = evaluate_denoiser(Broken(), [(torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long))], 0.25)
+    assert math.isnan(result["mse"]) and math.isnan(result["psnr"])
+
+
+DENOISER_RUN = ["train-denoiser", "--dataset", "synthetic", "--epochs", "1", "--batch", "32", "--train-subset", "64",
+                "--eval-subset", "16", "--depth", "3", "--width", "4", "--no-progress", "--device", "cpu"]
+
+
+def test_a_diverging_denoiser_stops_with_one_line_and_no_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    _one_line_error(capsys, [*DENOISER_RUN, "--lr", "1e6", "--optimizer", "sgd", "--out", str(out)],
+                    "training diverged in epoch 1")
+    assert not (out / "denoiser.pth.tar").exists() and not (out / "log.tsv").exists()
+
+
+def test_denoiser_resume_follows_the_one_rule(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([*DENOISER_RUN, "--out", str(out)]) == 0
+    before = (out / "denoiser.pth.tar").read_bytes()
+    _one_line_error(capsys, [*DENOISER_RUN, "--out", str(out), "--resume", "--lr", "0.5"], "--lr 0.001 -> 0.5")
+    _one_line_error(capsys, [*DENOISER_RUN, "--out", str(out)], "exists; pass --resume")
+    assert (out / "denoiser.pth.tar").read_bytes() == before
+    assert main([*DENOISER_RUN[:4], "2", *DENOISER_RUN[5:], "--out", str(out), "--resume"]) == 0
+    args = json.loads((out / "args.json").read_text())
+    assert args["history"] == [{"resumed_at_epoch": 1, "changed": {"epochs": [1, 2]}}]
+    assert args["stage"]["objective"] == {"name": "MSE", "sigma": 0.25}
+    assert (out / "log.tsv").read_text().count("\n") == 3
+
+
+def test_the_loop_refuses_an_objective_of_another_sigma_before_writing(tmp_path) -> None:
+    settings = DenoiserTrainSettings(dataset="synthetic", out_dir=tmp_path / "run", epochs=1, progress=False)
+    objective = MSE(1.0)
+    trainee = DenoiserTrainee(settings, [], None, [], objective)
+    with pytest.raises(SmoothAdvError, match="sigma 1 but the settings say --sigma 0.25"):
+        run_loop(settings, objective, trainee)
+    assert not (tmp_path / "run").exists()

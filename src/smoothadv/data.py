@@ -16,15 +16,19 @@ Where data is looked for, in order:
 Every fact about a dataset (classes, normalization statistics, image shape, default architecture,
 loader) sits in its `DatasetInfo` entry of the registry `DATASETS`; `num_classes`, `dataset_stats`,
 `input_shape` and `get_dataset` read it, and `dataset_names()` lists the loadable ones.
+
+Batching (`batches`, `num_batches`, `subset`) is here too: in-memory sets are sliced directly, and under
+torchrun each rank takes its disjoint share of every global batch (`distributed.shard_order`).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,9 +36,11 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .distributed import shard_order
 from .errors import SmoothAdvError
+from .settings import register_names
 
 Split = Literal["train", "test"]
 
@@ -98,6 +104,9 @@ def dataset_info(name: str) -> DatasetInfo:
 def dataset_names() -> tuple[str, ...]:
     """Names of the datasets `get_dataset` can load, in registry order (the CLI's `--dataset` choices)."""
     return tuple(name for name, info in DATASETS.items() if info.loadable)
+
+
+register_names("dataset", dataset_names)
 
 
 def num_classes(name: str) -> int:
@@ -404,3 +413,60 @@ class NpzDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.inner[index]
+
+
+# ------------------------------------------------------------------ batches
+
+
+def subset(dataset: Dataset, count: int | None) -> Dataset:
+    """The first `count` examples of `dataset` (all of it when `count` is None or not smaller than it)."""
+    if count is None or count >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    if count < 1:
+        raise SmoothAdvError(f"subset size must be >= 1, got {count}")
+    return Subset(dataset, list(range(count)))
+
+
+def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, Tensor] | None:
+    if isinstance(dataset, TensorImageDataset):
+        return dataset, torch.arange(len(dataset))
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorImageDataset):
+        return dataset.dataset, torch.as_tensor(dataset.indices)
+    if isinstance(dataset, NpzDataset):
+        return dataset.inner, torch.arange(len(dataset))
+    return None
+
+
+def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            workers: int = 0, rank: int = 0, world: int = 1, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+    """Yield (images, labels) batches; in-memory datasets are sliced directly (no per-item Python).
+
+    With `world` > 1 (torchrun), `batch_size` is the global batch and this yields rank `rank`'s
+    disjoint share of each global batch of the same shuffled order (`distributed.shard_order`).
+    With `with_index`, (images, labels, indices) with each example's position in the dataset (in
+    the underlying dataset for a `Subset`), for objectives that look up per-example data (CAT-RS).
+    """
+    source = _tensor_source(dataset)
+    if source is not None:
+        inner, index = source
+        if shuffle:
+            index = index[torch.randperm(len(index), generator=generator)]
+        for chunk in shard_order(index, batch_size, rank, world):
+            images = inner.images[chunk]
+            images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            yield (images, inner.labels[chunk], chunk) if with_index else (images, inner.labels[chunk])
+        return
+    size = len(dataset)  # type: ignore[arg-type]
+    order = torch.randperm(size, generator=generator) if shuffle else torch.arange(size)
+    plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
+    positions = dataset.indices if isinstance(dataset, Subset) else None
+    for rows, (images, labels) in zip(plan, DataLoader(dataset, batch_sampler=plan, num_workers=workers)):
+        if not with_index:
+            yield images, labels
+            continue
+        yield images, labels, torch.as_tensor([positions[i] for i in rows] if positions is not None else rows)
+
+
+def num_batches(dataset: Dataset, batch_size: int) -> int:
+    """Batches of `batch_size` in one pass over `dataset` (the last one may be smaller)."""
+    return math.ceil(len(dataset) / batch_size)  # type: ignore[arg-type]

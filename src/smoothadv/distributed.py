@@ -232,7 +232,7 @@ class RankSlicedNoise:
     `shard_order`). So K processes draw the same noise per example as one process, and training
     gives the same result whatever K, up to floating point (and batch-norm batch statistics, which
     are per process). `local` is a per-rank generator for draws that do not follow batch rows (an
-    attack's random start or zero-gradient fallback). It satisfies `objectives.RowNoise`.
+    attack's random start or zero-gradient fallback). It satisfies `noise.RowNoise`.
     """
 
     def __init__(self, shared: torch.Generator, rank: int = 0, world: int = 1,

@@ -19,6 +19,12 @@ dicts, so it loads with `weights_only=True`):
                     before it existed have none and still load, unverified (`weights_verified`
                     False in the metadata); Cohen's and Salman's files cannot carry one.
     optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
+    kind            absent for a classifier; "denoiser" for a denoised-smoothing denoiser (Salman et al.
+                    2020, arXiv:2003.01908; `denoise.py`: channels, depth, width, classifiers,
+                    history; no num_classes), which `load_checkpoint` refuses as a classifier
+
+Denoisers written before they shared this format (format "smoothadv-denoiser", no digest) still load
+through `denoise.load_denoiser`, unverified.
 
 `load_checkpoint` also reads Cohen et al.'s and Salman et al.'s released `checkpoint.pth.tar`
 files (keys `arch`, `state_dict` with `1.` or `1.module.` prefixes) of the architectures their code
@@ -49,6 +55,8 @@ from .errors import SmoothAdvError
 from .files import atomic_torch_save, check_new_output
 
 FORMAT = "smoothadv-checkpoint"
+DENOISER = "denoiser"
+LEGACY_DENOISER_FORMAT = "smoothadv-denoiser"
 NORMALIZATIONS = ("normalize", "center", "none")
 DIGEST = "weights_sha256"
 
@@ -170,19 +178,24 @@ def weights_digest(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def is_denoiser(payload: Mapping[str, Any]) -> bool:
+    """Whether a read checkpoint holds a denoiser (this format's `kind`, or the earlier denoiser format)."""
+    return payload.get("kind") == DENOISER or payload.get("format") == LEGACY_DENOISER_FORMAT
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, dataset: str,
                     normalization: dict[str, Any], sigma: float, **extra: Any) -> None:
     """Write a checkpoint in the format above, atomically (temporary file, fsync, rename), with the
-    digest of its weights (`weights_sha256`) that every load verifies."""
+    digest of its weights (`weights_sha256`) that every load verifies. `kind="denoiser"` in `extra`
+    writes a denoiser (no `num_classes`)."""
     from . import __version__
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload: dict[str, Any] = {
-        "format": FORMAT, "version": 1, "arch": arch, "dataset": dataset,
-        "num_classes": int(extra.pop("num_classes", num_classes(dataset))),
-        "normalization": normalization, "sigma": float(sigma), "state_dict": state,
-        "smoothadv_version": __version__, DIGEST: weights_digest(state),
-    }
+    payload: dict[str, Any] = {"format": FORMAT, "version": 1, "arch": arch, "dataset": dataset}
+    if extra.get("kind") != DENOISER:
+        payload["num_classes"] = int(extra.pop("num_classes", num_classes(dataset)))
+    payload.update({"normalization": normalization, "sigma": float(sigma), "state_dict": state,
+                    "smoothadv_version": __version__, DIGEST: weights_digest(state)})
     payload.update(extra)
     atomic_torch_save(payload, path)
 
@@ -340,7 +353,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """
     file = Path(path)
     payload = read_checkpoint(file, map_location)
-    if payload.get("format") == "smoothadv-denoiser":
+    if is_denoiser(payload):
         raise SmoothAdvError(f"{file} is a denoiser checkpoint, not a classifier; pass it as --denoiser next to the "
                              "classifier's checkpoint")
     _check_fields(payload, file)

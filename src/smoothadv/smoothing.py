@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SmoothAdvError
+from .noise import noisy_rows
 from .stats import ABSTAIN, binom_pvalue, certified_radius, clopper_pearson_lower
 
 
@@ -546,7 +547,7 @@ class SoftSmoothed(nn.Module):
         """The B*m noisy copies x_b + delta_{b,i}, (B*m, C, H, W), after checking x against the noise."""
         if x.shape[0] != self.noise.shape[0] or x.shape[1:] != self.noise.shape[2:]:
             raise ValueError(f"input shape {tuple(x.shape)} does not match noise shape {tuple(self.noise.shape)}")
-        return (x.unsqueeze(1) + self.noise).flatten(0, 1)
+        return noisy_rows(x, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, m = self.noise.shape[:2]

@@ -1,130 +1,146 @@
-"""One training loop for every objective (Gaussian augmentation, SmoothAdv, ...).
+"""One training loop for every objective and every trained network (classifiers, and denoisers).
 
-`fit(cfg, objective)` trains `Sequential(normalization, network)` with SGD (momentum 0.9, weight
-decay 1e-4) and a step learning-rate schedule, Cohen et al.'s recipe, and writes into
-`cfg.out_dir`: `checkpoint.pth.tar` (atomically, every epoch, with optimizer, scheduler, epoch
-and RNG states so `resume=True` continues exactly), `log.tsv` (one row per epoch), `args.json`
-and `env.json`. Optional: fine-tuning from a pretrained checkpoint (head replaced when the class
-count differs) and self-training on an extra pseudo-labelled .npz set mixed in batch by batch
-with a loss weight (Salman et al. 2019, Section 4.2 and Appendix; Carmon et al. 2019).
+`fit(cfg, objective)` trains a base classifier `Sequential(normalization, network)` with Cohen et
+al.'s recipe (SGD, momentum 0.9, weight decay 1e-4, a step learning-rate schedule; `cfg.optimizer`
+"adam" for Adam) on `objective`'s loss (Gaussian augmentation, Cohen et al. 2019; SmoothAdv, Salman
+et al. 2019; ...). Denoised smoothing's denoisers (Salman et al. 2020, arXiv:2003.01908) are trained
+by the same loop (`run_loop` with `denoise.DenoiserTrainee`): what differs is a `Trainee` (the
+network built, how it is evaluated each epoch, what its checkpoint records), never the loop.
+
+The run directory's life is `rundir.RunDirectory`'s: a lock, `args.json`/`env.json`, then per epoch
+the checkpoint (atomically, with optimizer, scheduler, epoch and RNG states, so `resume=True`
+continues exactly) before its `log.tsv` row; a resumed run may change only the settings declared
+rows=False and a larger `epochs` (`rundir.compare`, the one rule). One sigma: an objective whose
+`sigma` is not `cfg.sigma` is refused before anything is written (`check_sigma`). Optional:
+fine-tuning from a pretrained checkpoint (head replaced when the class count differs) and
+self-training on an extra pseudo-labelled .npz set mixed in batch by batch with a loss weight
+(Salman et al. 2019, Section 4.2 and Appendix; Carmon et al. 2019).
 
 Under torchrun (`torchrun --nproc-per-node K -m smoothadv train ...`) the same loop runs data
 parallel: `cfg.batch_size` is the global batch (B / K per process), each rank takes a disjoint share
 of every global batch, noise streams are seeded per (epoch, rank), rank 0 alone evaluates, logs and
 writes checkpoints, and a restarted worker group resumes from the last checkpoint. There is no
-DistributedDataParallel wrapper: every rank trains a plain replica of the model, objectives and
-attacks receive it as is, and the loop keeps the replicas identical in two places only, a
-broadcast of rank 0's model before the first epoch and an average of the gradients after every
-backward (`distributed.broadcast_model`, `distributed.sync_replicas`). See `distributed.py` for
-the exact conventions and why.
-
-`_fit` reads top to bottom: setup (output checks, data, process group, model/optimizer/resume
-state), then per epoch: the epoch's objective, its seeded random streams, one `train_epoch`, the
-schedule step, and on rank 0 evaluation, log row and checkpoint.
+DistributedDataParallel wrapper: every rank trains a plain replica, objectives and attacks receive it
+as is, and the loop keeps the replicas identical in two places only, a broadcast of rank 0's model
+before the first epoch and an average of the gradients after every backward
+(`distributed.broadcast_model`, `distributed.sync_replicas`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import math
 import time
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from .accel import autocast_dtype, resolve_device
-from .data import NpzDataset, TensorImageDataset, check_data_dir, get_dataset, input_shape, num_classes
+from .accel import autocast_dtype, check_precision, resolve_device
+from .attacks import attack_settings, build_attack
+from .data import (
+    NpzDataset,
+    batches,
+    check_data_dir,
+    dataset_info,
+    dataset_names,
+    get_dataset,
+    input_shape,
+    num_batches,
+    num_classes,
+    subset,
+)
 from .distributed import (
     Dist,
     RankSlicedNoise,
     all_reduce_sum,
     broadcast_model,
+    env_world,
     restarted,
     setup,
-    shard_order,
     sync_replicas,
     teardown,
 )
 from .errors import SmoothAdvError
-from .files import atomic_write_text, write_provenance
 from .models import (
     build_model,
+    check_arch_fits,
     load_checkpoint,
     normalization_spec,
     read_checkpoint,
     replace_head,
     save_checkpoint,
 )
-from .objectives import LossOutput, NoiseSource, Objective
+from .noise import NoiseSource
+from .objectives import OBJECTIVES, LossOutput, Objective, build_objective, has_attack, hyperparameters
+from .progress import progress as progress_reporter
+from .rundir import RunDirectory, settings_record
 from .seeds import derive_seed
-from .settings import TrainSettings, bookkeeping_fields, flag_name, row_settings
+from .settings import TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
+
+__all__ = ["batches", "num_batches", "fit", "run_loop", "train_epoch", "Trainee", "Classifier", "TrainSettings"]
 
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
 
 RESUMABLE_CHANGES = bookkeeping_fields(TrainSettings) | {"epochs"}
-"""The settings a resumed run may change: those that cannot change a result (declared rows=False:
-`out_dir`, `device`, `workers`, `data_dir`, `progress`, `resume`, `force`) and `epochs`, which only
-says where the run stops: nothing before the last epoch depends on it (the learning-rate schedule
-steps every `lr_step` epochs and the eps warm-up spans `warmup` epochs, whatever `epochs` is), so a
-run resumed with a larger `epochs` trains exactly what one run of that many epochs would. It may not
-fall below the epochs already trained. Every other setting, and the objective, must be the one the
-checkpoint recorded; each resumption is recorded in args.json's `history`."""
-
+"""The settings a resumed run may change (`rundir.RunDirectory.check_resumable`): those that cannot change a
+result (declared rows=False: `out_dir`, `device`, `workers`, `data_dir`, `progress`, `resume`, `force`) and
+`epochs`, which only says where the run stops (not below the epochs already trained). Every other setting,
+and the objective, must be the one the checkpoint recorded; each resumption is recorded in args.json's
+`history`."""
 
 TrainConfig = TrainSettings
 """The training settings (`settings.TrainSettings`; this name is kept for existing code)."""
 
 
-def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, Tensor] | None:
-    if isinstance(dataset, TensorImageDataset):
-        return dataset, torch.arange(len(dataset))
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorImageDataset):
-        return dataset.dataset, torch.as_tensor(dataset.indices)
-    if isinstance(dataset, NpzDataset):
-        return dataset.inner, torch.arange(len(dataset))
-    return None
+class LoopSettings(Protocol):
+    """The settings the loop reads (`TrainSettings`, `denoise.DenoiserTrainSettings`); a settings class
+    without `workers`, `precision` or `unlabelled` runs with 0 workers, fp32 and no extra data."""
 
-
-def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            workers: int = 0, rank: int = 0, world: int = 1, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
-    """Yield (images, labels) batches; in-memory datasets are sliced directly (no per-item Python).
-
-    With `world` > 1 (torchrun), `batch_size` is the global batch and this yields rank `rank`'s
-    disjoint share of each global batch of the same shuffled order (`distributed.shard_order`).
-    With `with_index`, (images, labels, indices) with each example's position in the dataset (in
-    the underlying dataset for a `Subset`), for objectives that look up per-example data (CAT-RS).
-    """
-    source = _tensor_source(dataset)
-    if source is not None:
-        inner, index = source
-        if shuffle:
-            index = index[torch.randperm(len(index), generator=generator)]
-        for chunk in shard_order(index, batch_size, rank, world):
-            images = inner.images[chunk]
-            images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-            yield (images, inner.labels[chunk], chunk) if with_index else (images, inner.labels[chunk])
-        return
-    order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))  # type: ignore[arg-type]
-    plan = [chunk.tolist() for chunk in shard_order(order, batch_size, rank, world)]
-    positions = dataset.indices if isinstance(dataset, Subset) else None
-    for chunk, (images, labels) in zip(plan, DataLoader(dataset, batch_sampler=plan, num_workers=workers)):
-        if not with_index:
-            yield images, labels
-            continue
-        yield images, labels, torch.as_tensor([positions[i] for i in chunk] if positions is not None else chunk)
-
-
-def num_batches(dataset: Dataset, batch_size: int) -> int:
-    return math.ceil(len(dataset) / batch_size)
+    @property
+    def out_dir(self) -> Path: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def sigma(self) -> float: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def lr_step(self) -> int: ...
+    @property
+    def lr_gamma(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def data_dir(self) -> str | None: ...
+    @property
+    def train_subset(self) -> int | None: ...
+    @property
+    def eval_subset(self) -> int | None: ...
+    @property
+    def resume(self) -> bool: ...
+    @property
+    def force(self) -> bool: ...
+    @property
+    def progress(self) -> bool: ...
 
 
 def evaluate_noisy(model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch_size: int = 512,
@@ -146,29 +162,35 @@ class _Tally:
     """This rank's running training loss and accuracy, summed over the examples trained on so far."""
 
     def __init__(self) -> None:
-        self.seen, self.correct, self.loss_sum = 0, 0, 0.0
+        self.seen, self.correct, self.scored, self.loss_sum = 0, 0, 0, 0.0
 
     def add(self, out: LossOutput, count: int) -> None:
-        """Count one SGD step on `count` examples; `out.targets` may hold each label several times
-        (multi-noise), so correct predictions are rescaled to `count` examples (integer division)."""
+        """Count one step on `count` examples; `out.targets` may hold each label several times (multi-noise),
+        so correct predictions are rescaled to `count` examples (integer division). An output with no
+        targets (a loss that is not a classification, e.g. a denoiser's MSE) counts towards the loss only."""
         with torch.no_grad():
             self.loss_sum += float(out.loss) * count
-            self.correct += int((out.logits.argmax(1) == out.targets).sum()) * count // len(out.targets)
             self.seen += count
+            if len(out.targets):
+                self.correct += int((out.logits.argmax(1) == out.targets).sum()) * count // len(out.targets)
+                self.scored += count
 
     def postfix(self) -> dict[str, str]:
         """This rank's means so far, formatted for the progress bar."""
-        return {"loss": f"{self.loss_sum / max(self.seen, 1):.3f}", "acc": f"{self.correct / max(self.seen, 1):.3f}"}
+        loss = {"loss": f"{self.loss_sum / max(self.seen, 1):.3f}"}
+        return {**loss, "acc": f"{self.correct / self.scored:.3f}"} if self.scored else loss
 
     def over_all_ranks(self, device: torch.device) -> dict[str, float]:
-        """Mean loss and accuracy per example over every rank's examples (this rank's alone outside torchrun)."""
-        loss_sum, correct, seen = all_reduce_sum([self.loss_sum, self.correct, self.seen], device)
-        return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+        """Mean loss and accuracy per example over every rank's examples (this rank's alone outside torchrun);
+        the accuracy is NaN when no step scored a prediction."""
+        loss_sum, correct, seen, scored = all_reduce_sum([self.loss_sum, self.correct, self.seen, self.scored],
+                                                         device)
+        return {"loss": loss_sum / max(seen, 1), "acc": correct / scored if scored else math.nan}
 
 
 @dataclass(frozen=True)
 class _Stepper:
-    """Takes SGD steps of one objective on one model: the inside of `train_epoch`."""
+    """Takes optimizer steps of one objective on one model: the inside of `train_epoch`."""
 
     model: nn.Module
     objective: Objective
@@ -215,7 +237,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
                 generator: NoiseSource = None, progress: Any = None, precision: torch.dtype | None = None,
                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch: for each loader batch (and, with `extra`, one extra batch after it, its loss scaled
-    by `extra_weight`), split into `objective.steps_per_batch` chunks with one SGD step each.
+    by `extra_weight`), split into `objective.steps_per_batch` chunks with one optimizer step each.
     `labelled` may yield (x, y, indices) (`batches(..., with_index=True)`); the indices reach
     objectives with `uses_index` (CAT-RS).
 
@@ -246,15 +268,137 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
     return tally.over_all_ranks(device)
 
 
-def _subset(dataset: Dataset, count: int | None) -> Dataset:
-    if count is None or count >= len(dataset):
-        return dataset
-    if count < 1:
-        raise SmoothAdvError(f"subset size must be >= 1, got {count}")
-    return Subset(dataset, list(range(count)))
+def make_optimizer(cfg: LoopSettings, parameters: Any) -> torch.optim.Optimizer:
+    """The loop's optimizer, `cfg.optimizer`: "sgd" (with `momentum`; Cohen et al.'s recipe, the default) or
+    "adam" (the denoisers of Salman et al. 2020); both with `weight_decay`."""
+    name = getattr(cfg, "optimizer", "sgd")
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name != "sgd":
+        raise SmoothAdvError(f"--optimizer must be sgd or adam, got {name!r}")
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _load_pretrained(model: nn.Sequential, cfg: TrainConfig, classes: int) -> None:
+def check_sigma(cfg: LoopSettings, objective: Objective) -> None:
+    """One sigma: refuse (SmoothAdvError, one line) an objective that adds noise of another level than the
+    settings' `sigma`, which the checkpoint records and certification trusts."""
+    own = getattr(objective, "sigma", None)
+    if own is not None and not math.isclose(float(own), float(cfg.sigma), rel_tol=1e-9, abs_tol=1e-12):
+        raise SmoothAdvError(f"the objective trains at sigma {own:g} but the settings say --sigma {cfg.sigma:g}; the "
+                             "checkpoint would record the wrong noise level: build both with the same sigma")
+
+
+# ------------------------------------------------------------------ what is trained
+
+
+@dataclass(frozen=True)
+class Data:
+    """A run's datasets: training (subset applied), evaluation (subset applied), optional pseudo-labelled set."""
+
+    train: Dataset
+    test: Dataset
+    extra: NpzDataset | None = None
+
+
+class Trainee(ABC):
+    """What the loop trains, and how it is judged: `Classifier` (a base classifier) or `denoise.DenoiserTrainee`
+    (a denoiser). A trainee builds the network (seeded, or from a pretrained file on a fresh start), names
+    the checkpoint file and the fields it records, evaluates the network on the test set after each epoch
+    and turns that into the epoch's `log.tsv` row."""
+
+    checkpoint: str = CHECKPOINT
+    log_columns: tuple[str, ...] = LOG_COLUMNS
+    finite_metrics: tuple[str, ...] = ("loss",)  # test metrics that are NaN or infinite only after divergence
+
+    def check(self) -> None:
+        """Checks before anything is written (the settings against each other and the registries)."""
+        return None
+
+    @abstractmethod
+    def data(self) -> Data:
+        """The training and evaluation sets (subsets applied)."""
+
+    @abstractmethod
+    def build(self, device: torch.device, fresh: bool) -> nn.Module:
+        """The network, seeded (and, on a `fresh` start, initialized from a pretrained file if asked)."""
+
+    @abstractmethod
+    def check_checkpoint(self, saved: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume a checkpoint of another kind of network (SmoothAdvError, one line)."""
+
+    @abstractmethod
+    def checkpoint_fields(self, epochs_done: int) -> dict[str, Any]:
+        """What the checkpoint records besides the weights and the training state (`models.save_checkpoint`)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Entries of `args.json` besides the settings, the objective and the history."""
+        return {}
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, test: Dataset, device: torch.device) -> dict[str, float]:
+        """The test metrics after an epoch (eval mode)."""
+
+    @abstractmethod
+    def log_row(self, epoch: int, elapsed: float, lr: float, stats: dict[str, float],
+                test: dict[str, float]) -> list[str]:
+        """The epoch's `log.tsv` row (`log_columns`)."""
+
+    @abstractmethod
+    def summary(self, stats: dict[str, float], test: dict[str, float]) -> str:
+        """The epoch's line on the terminal."""
+
+
+class Classifier(Trainee):
+    """A base classifier `Sequential(normalization, cfg.arch)`, evaluated on noisy test images."""
+
+    def __init__(self, cfg: TrainSettings) -> None:
+        self.cfg = cfg
+        self.classes = num_classes(cfg.dataset)
+        self.normalization = normalization_spec(cfg.dataset, cfg.normalization)
+
+    def check(self) -> None:
+        check_settings(self.cfg)
+        check_precision(self.cfg.precision)
+
+    def data(self) -> Data:
+        cfg = self.cfg
+        train_set = subset(get_dataset(cfg.dataset, "train", cfg.data_dir, augment=True), cfg.train_subset)
+        test_set = subset(get_dataset(cfg.dataset, "test", cfg.data_dir), cfg.eval_subset)
+        if len(train_set) == 0:  # type: ignore[arg-type]
+            raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
+        extra = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset), self.classes) if cfg.unlabelled else None
+        return Data(train_set, test_set, extra)
+
+    def build(self, device: torch.device, fresh: bool) -> nn.Module:
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(self.cfg.arch, self.cfg.dataset, self.normalization).to(device)
+        if self.cfg.pretrained and fresh:
+            _load_pretrained(model, self.cfg, self.classes)
+        return model
+
+    def check_checkpoint(self, saved: Mapping[str, Any], path: Path) -> None:
+        if saved.get("arch") != self.cfg.arch or saved.get("dataset") != self.cfg.dataset:
+            raise SmoothAdvError(f"{path} was trained with {saved.get('arch')}/{saved.get('dataset')}, "
+                                 f"not {self.cfg.arch}/{self.cfg.dataset}; refusing to resume")
+
+    def checkpoint_fields(self, epochs_done: int) -> dict[str, Any]:
+        return {"arch": self.cfg.arch, "dataset": self.cfg.dataset, "normalization": self.normalization,
+                "sigma": self.cfg.sigma, "num_classes": self.classes}
+
+    def evaluate(self, model: nn.Module, test: Dataset, device: torch.device) -> dict[str, float]:
+        return evaluate_noisy(model, test, self.cfg.sigma, device,
+                              generator=torch.Generator(device=device).manual_seed(self.cfg.seed + 7))
+
+    def log_row(self, epoch: int, elapsed: float, lr: float, stats: dict[str, float],
+                test: dict[str, float]) -> list[str]:
+        return [str(epoch), f"{elapsed:.1f}", f"{lr:.6g}", f"{stats['loss']:.4f}", f"{stats['acc']:.4f}",
+                f"{test['loss']:.4f}", f"{test['acc']:.4f}"]
+
+    def summary(self, stats: dict[str, float], test: dict[str, float]) -> str:
+        return f"loss {stats['loss']:.4f}  train acc {stats['acc']:.3f}  noisy test acc {test['acc']:.3f}"
+
+
+def _load_pretrained(model: nn.Sequential, cfg: TrainSettings, classes: int) -> None:
     pre, meta = load_checkpoint(cfg.pretrained, normalization=cfg.pretrained_normalization)  # type: ignore[arg-type]
     base_arch = "cifar_resnet110" if meta["arch"] == "imagenet32_resnet110" else meta["arch"]
     if base_arch != cfg.arch:
@@ -267,101 +411,106 @@ def _load_pretrained(model: nn.Sequential, cfg: TrainConfig, classes: int) -> No
         raise SmoothAdvError(f"pretrained weights do not fit {cfg.arch!r}: {str(exc).splitlines()[0]}") from None
 
 
-def fit(cfg: TrainConfig, objective: Objective) -> Path:
+# ------------------------------------------------------------------ the run
+
+
+def fit(cfg: TrainSettings, objective: Objective) -> Path:
     """Train a base classifier with `objective`; returns the checkpoint path. See the module docstring.
 
     A second run writing the same `out_dir` at the same time is refused (lock file
-    `checkpoint.pth.tar.lock`, held by rank 0; a lock left by a dead process is taken over).
+    `checkpoint.pth.tar.lock`, held by rank 0; a lock left by a dead process is taken over). An
+    objective of another sigma than `cfg.sigma` is refused before anything is written.
     """
-    from .distributed import env_world
-    from .files import locked_run_directory
-
-    cfg.validate()
-    check_data_dir(cfg.data_dir)
-    warmup = getattr(objective, "warmup", 1)
-    if warmup > cfg.epochs:
-        raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
     if objective.uses_index and cfg.unlabelled:
         raise SmoothAdvError(f"{objective.describe()['name']} looks up per-example data of the training set; it "
                              "cannot train on extra (--unlabelled) images")
+    return run_loop(cfg, objective, Classifier(cfg))
+
+
+def run_loop(cfg: LoopSettings, objective: Objective, trainee: Trainee) -> Path:
+    """Train `trainee`'s network with `objective` under `cfg`, in the run directory `cfg.out_dir`; returns
+    the checkpoint path. Every check that needs no data (settings, sigma, warm-up, data directory) runs
+    before the directory is touched."""
+    trainee.check()
+    check_sigma(cfg, objective)
+    warmup = getattr(objective, "warmup", 1)
+    if warmup > cfg.epochs:
+        raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
+    check_data_dir(cfg.data_dir)
+    directory = RunDirectory(cfg.out_dir, trainee.checkpoint)
     if env_world()[0] != 0:
-        return _fit(cfg, objective)
-    with locked_run_directory(cfg.out_dir, CHECKPOINT):
-        return _fit(cfg, objective)
+        return _run(cfg, objective, trainee, directory)
+    with directory.lock():
+        return _run(cfg, objective, trainee, directory)
 
 
-def _fit(cfg: TrainConfig, objective: Objective) -> Path:
-    """The training run: setup, then one pass of the loop per epoch. See the module docstring."""
+@dataclass
+class _TrainingState:
+    """Everything a checkpoint carries over: model, optimizer, schedule, fp16 loss scaler, generators,
+    and `epoch`, the number of epochs already trained (the next epoch to train, counted from 0)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    precision: torch.dtype | None
+    noise_gen: torch.Generator
+    shuffle_gen: torch.Generator
+    epoch: int = 0
+    resumed_config: dict[str, Any] | None = None  # the settings the resumed checkpoint recorded (None: fresh)
+
+
+def _run(cfg: LoopSettings, objective: Objective, trainee: Trainee, directory: RunDirectory) -> Path:
+    """The training run: setup, then one pass of the loop per epoch.
+
+    Setup: the checkpoint to resume (if any), the data, the process group, the model/optimizer/resume
+    state, the provenance; then per epoch: the epoch's objective, its seeded random streams, one
+    `train_epoch`, the schedule step, the divergence check, and on rank 0 evaluation, checkpoint and
+    log row (in that order)."""
     device = resolve_device(cfg.device)
-    ckpt_path = Path(cfg.out_dir) / CHECKPOINT
-    resume_from = _checkpoint_to_resume(cfg, ckpt_path)
-    data = _load_data(cfg)
+    resume_from = directory.checkpoint_to_resume(resume=cfg.resume, force=cfg.force, restarted=restarted())
+    data = trainee.data()
     ctx = _join_process_group(cfg, device)
-    state = _initial_state(cfg, ctx.device, data.classes, resume_from, objective)
+    state = _initial_state(cfg, ctx.device, trainee, resume_from, objective, directory)
     broadcast_model(state.model)  # torchrun: every replica starts as rank 0's
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    if ctx.main:
-        write_provenance(cfg.out_dir, {**config, "objective": objective.describe(), "world_size": ctx.world,
-                                       "history": _history(Path(cfg.out_dir), state, config)})
-    log = _EpochLog(Path(cfg.out_dir) / "log.tsv", state.epoch)
+    config = settings_record(cfg)
+    if ctx.main and state.epoch < cfg.epochs:  # a finished run resumed has nothing to train, and writes nothing
+        history = directory.history(state.resumed_config, config, state.epoch, bookkeeping_fields(type(cfg)))
+        directory.write_provenance({**config, "objective": objective.describe(), **trainee.provenance(),
+                                    "world_size": ctx.world, "history": history})
+    log = directory.log(trainee.log_columns, state.epoch)
 
     for epoch in range(state.epoch, cfg.epochs):
         epoch_objective = objective.at_epoch(epoch)
         started, lr = time.time(), state.optimizer.param_groups[0]["lr"]
         noise = _seed_epoch(cfg.seed, epoch, ctx, state.noise_gen)
         labelled, extra = _epoch_batches(cfg, data, ctx, state.shuffle_gen, with_index=objective.uses_index)
-        with _progress_bar(cfg, epoch, num_batches(data.train, cfg.batch_size), ctx.main) as bar:
+        with progress_reporter(num_batches(data.train, cfg.batch_size), label=f"epoch {epoch + 1}/{cfg.epochs}",
+                               unit="batches", bars=cfg.progress, show=ctx.main, leave=False) as bar:
             stats = train_epoch(state.model, epoch_objective, state.optimizer, labelled, ctx.device, extra=extra,
-                                extra_weight=cfg.unlabelled_weight, generator=noise, progress=bar,
+                                extra_weight=getattr(cfg, "unlabelled_weight", 1.0), generator=noise, progress=bar,
                                 precision=state.precision, scaler=state.scaler)
         state.scheduler.step()
-        _refuse_divergence(state.model, stats, epoch, ckpt_path)  # on every rank: same loss and weights
+        _refuse_divergence(state.model, stats, epoch, directory.checkpoint)  # every rank: same loss and weights
         if not ctx.main:  # rank 0 alone evaluates, logs and saves; the others go on to the next all-reduce
             continue
-        test = evaluate_noisy(state.model, data.test, cfg.sigma, ctx.device,
-                              generator=torch.Generator(device=ctx.device).manual_seed(cfg.seed + 7))
+        test = trainee.evaluate(state.model, data.test, ctx.device)
+        broken = [name for name in trainee.finite_metrics if not math.isfinite(test[name])]
+        _refuse_divergence(state.model, stats, epoch, directory.checkpoint,
+                           "".join(f", test {name} {test[name]:.4g}" for name in broken))
         elapsed = time.time() - started
-        log.append(epoch + 1, elapsed, lr, stats, test)
-        _save(ckpt_path, cfg, state, data.classes, epochs_done=epoch + 1, config=config, objective=epoch_objective)
-        log.write()  # after the checkpoint: a log row always has its checkpoint
-        _announce(epoch, cfg.epochs, stats, test, elapsed)  # with or without bars: logs see every epoch
+        log.commit(functools.partial(_save, directory.checkpoint, trainee, state, epochs_done=epoch + 1,
+                                     config=config, objective=epoch_objective),
+                   trainee.log_row(epoch + 1, elapsed, lr, stats, test))  # the checkpoint, then its log row
+        _announce(f"epoch {epoch + 1}/{cfg.epochs}  {trainee.summary(stats, test)}  ({elapsed:.0f}s)")
     teardown(ctx)
-    return ckpt_path
+    return directory.checkpoint
 
 
 # ------------------------------------------------------------------ setup
 
 
-def _checkpoint_to_resume(cfg: TrainConfig, ckpt_path: Path) -> Path | None:
-    """The checkpoint to continue from (`cfg.resume`, or torchrun restarted us after a failure), or
-    None to start afresh; an existing checkpoint is never overwritten without `cfg.force`."""
-    resume = cfg.resume or (restarted() and ckpt_path.exists())
-    if ckpt_path.exists() and not (resume or cfg.force):
-        raise SmoothAdvError(f"{ckpt_path} exists; pass --resume to continue training or --force to start over")
-    return ckpt_path if resume and ckpt_path.exists() else None
-
-
-@dataclass(frozen=True)
-class _Data:
-    """A run's datasets: training (subset applied), noisy evaluation, optional pseudo-labelled extra set."""
-
-    train: Dataset
-    test: Dataset
-    extra: NpzDataset | None
-    classes: int
-
-
-def _load_data(cfg: TrainConfig) -> _Data:
-    classes = num_classes(cfg.dataset)
-    train_set = _subset(get_dataset(cfg.dataset, "train", cfg.data_dir, augment=True), cfg.train_subset)
-    test_set = _subset(get_dataset(cfg.dataset, "test", cfg.data_dir), cfg.eval_subset)
-    if len(train_set) == 0:
-        raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
-    extra_set = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset), classes) if cfg.unlabelled else None
-    return _Data(train_set, test_set, extra_set, classes)
-
-
-def _join_process_group(cfg: TrainConfig, device: torch.device) -> Dist:
+def _join_process_group(cfg: LoopSettings, device: torch.device) -> Dist:
     """Under torchrun: join the process group and use this process's GPU; else a one-process `Dist`."""
     ctx = setup(device)
     if cfg.batch_size % ctx.world:
@@ -370,37 +519,16 @@ def _join_process_group(cfg: TrainConfig, device: torch.device) -> Dist:
     return ctx
 
 
-@dataclass
-class _TrainingState:
-    """Everything a checkpoint carries over: model, optimizer, schedule, fp16 loss scaler, generators,
-    and `epoch`, the number of epochs already trained (the next epoch to train, counted from 0)."""
-
-    model: nn.Sequential
-    normalization: dict[str, Any]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    precision: torch.dtype | None
-    noise_gen: torch.Generator
-    shuffle_gen: torch.Generator
-    epoch: int = 0
-    resumed_config: dict[str, Any] | None = None  # the settings `resume_from` recorded (None: a fresh start)
-
-
-def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_from: Path | None,
-                   objective: Objective) -> _TrainingState:
-    """The model (seeded with `cfg.seed`, or fine-tuned from `cfg.pretrained`), SGD with momentum and
-    weight decay, the step schedule and the generators; then `resume_from`'s state, if given (after
-    checking that `cfg` and `objective` differ from its recorded ones only in `RESUMABLE_CHANGES`)."""
-    torch.manual_seed(cfg.seed)
-    norm = normalization_spec(cfg.dataset, cfg.normalization)
-    model = build_model(cfg.arch, cfg.dataset, norm).to(device)
-    if cfg.pretrained and resume_from is None:
-        _load_pretrained(model, cfg, classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    precision = autocast_dtype(cfg.precision, device)
+def _initial_state(cfg: LoopSettings, device: torch.device, trainee: Trainee, resume_from: Path | None,
+                   objective: Objective, directory: RunDirectory) -> _TrainingState:
+    """The model (`trainee.build`), the optimizer (`make_optimizer`), the step schedule and the generators;
+    then `resume_from`'s state, if given (after checking that `cfg` and `objective` may resume it:
+    `rundir.RunDirectory.check_resumable`)."""
+    model = trainee.build(device, fresh=resume_from is None)
+    optimizer = make_optimizer(cfg, model.parameters())
+    precision = autocast_dtype(getattr(cfg, "precision", "fp32"), device)
     state = _TrainingState(
-        model, norm, optimizer,
+        model, optimizer,
         scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
         scaler=torch.amp.GradScaler(device.type) if precision is torch.float16 else None,
         precision=precision,
@@ -408,85 +536,29 @@ def _initial_state(cfg: TrainConfig, device: torch.device, classes: int, resume_
         shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
     )
     if resume_from is not None:  # multi-node: the run directory must be on a shared filesystem
-        _restore(state, resume_from, cfg, device, objective)
+        _restore(state, resume_from, cfg, device, objective, trainee, directory)
     return state
 
 
-def _restore(state: _TrainingState, path: Path, cfg: TrainConfig, device: torch.device, objective: Objective) -> None:
-    """Load a checkpoint written by `_save` into `state`, refusing one of another architecture or dataset,
-    or one trained with other settings (`_check_resumable`).
+def _restore(state: _TrainingState, path: Path, cfg: LoopSettings, device: torch.device, objective: Objective,
+             trainee: Trainee, directory: RunDirectory) -> None:
+    """Load a checkpoint written by `_save` into `state`, refusing one of another network or dataset
+    (`trainee.check_checkpoint`), or one trained with other settings (the one rule).
 
-    The noise and global torch generators are not restored: they are reseeded every epoch."""
+    The noise and global torch generators are not restored: they are reseeded every epoch. A checkpoint
+    without a shuffle state (a denoiser of an earlier version) keeps the seeded one."""
     saved = read_checkpoint(path, device)
-    if saved.get("arch") != cfg.arch or saved.get("dataset") != cfg.dataset:
-        raise SmoothAdvError(f"{path} was trained with {saved.get('arch')}/{saved.get('dataset')}, "
-                             f"not {cfg.arch}/{cfg.dataset}; refusing to resume")
-    _check_resumable(saved, path, cfg, objective)
+    trainee.check_checkpoint(saved, path)
+    directory.check_resumable(saved, cfg, objective)
     state.resumed_config = dict(saved["config"])
     state.model.load_state_dict(saved["state_dict"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
-    state.shuffle_gen.set_state(saved["rng"]["shuffle"].cpu())
+    if isinstance(saved.get("rng"), dict) and "shuffle" in saved["rng"]:
+        state.shuffle_gen.set_state(saved["rng"]["shuffle"].cpu())
     state.epoch = int(saved["epoch"])
-
-
-def _plain(value: Any) -> Any:
-    """A setting or objective description as JSON stores it (tuples as lists, paths as strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _check_resumable(saved: dict[str, Any], path: Path, cfg: TrainConfig, objective: Objective) -> None:
-    """Refuse (SmoothAdvError, one line) to resume `saved` with settings that would change the run.
-
-    Compared field by field: every setting that can change a result (`settings.row_settings`) but
-    `epochs`, against the checkpoint's recorded `config` (a setting it does not record, being older
-    than that setting, counts as that setting's default), and the objective's `describe()` at the
-    last trained epoch against the checkpoint's `objective`. `epochs` may not be below the epochs
-    already trained. See `RESUMABLE_CHANGES`.
-    """
-    recorded, done = saved.get("config"), int(saved.get("epoch", 0))
-    if not isinstance(recorded, dict):
-        raise SmoothAdvError(f"{path} records no training settings, so resuming it cannot be checked; start over "
-                             "with --force or a new --out")
-    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
-    changed = []
-    for name, value in row_settings(cfg).items():
-        if name in RESUMABLE_CHANGES:
-            continue
-        before = recorded.get(name, fields[name].default)
-        if _plain(before) != _plain(value):
-            changed.append(f"{flag_name(fields[name])} {before!r} -> {value!r}")
-    now = _plain(objective.at_epoch(max(done - 1, 0)).describe())
-    then = _plain(saved.get("objective"))
-    if isinstance(then, dict) and now.get("name") != then.get("name"):
-        changed.append(f"--objective {then.get('name')} -> {now.get('name')}")
-    elif isinstance(then, dict):  # its sigma is --sigma, compared above
-        changed += [f"objective {key} {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(then))
-                    if key != "sigma" and now.get(key) != then.get(key)]
-    if changed:
-        raise SmoothAdvError(f"cannot resume {path}: that would change the run ({'; '.join(changed)}); on resume "
-                             "only --epochs (to extend it), --device, --workers, --data-dir and --progress may "
-                             "change: use the recorded settings, or start over with --force or a new --out")
-    if cfg.epochs < done:
-        raise SmoothAdvError(f"cannot resume {path} with --epochs {cfg.epochs}: it has already trained {done} epochs "
-                             f"(pass --epochs {done} or more)")
-
-
-def _history(out_dir: Path, state: _TrainingState, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """args.json's `history`: the earlier entries, plus one for this run if it resumes a checkpoint,
-    saying at which epoch and which `RESUMABLE_CHANGES` settings changed (e.g. a larger `epochs`)."""
-    if state.resumed_config is None:
-        return []
-    try:
-        earlier = json.loads((out_dir / "args.json").read_text()).get("history", [])
-    except (OSError, ValueError, AttributeError):
-        earlier = []
-    changes = {name: [_plain(state.resumed_config.get(name)), _plain(config.get(name))]
-               for name in sorted(RESUMABLE_CHANGES - {"resume", "force"})
-               if _plain(state.resumed_config.get(name)) != _plain(config.get(name))}
-    return [*(earlier if isinstance(earlier, list) else []), {"resumed_at_epoch": state.epoch, "changed": changes}]
 
 
 # ------------------------------------------------------------------ one epoch
@@ -505,54 +577,27 @@ def _seed_epoch(seed: int, epoch: int, ctx: Dist, noise_gen: torch.Generator) ->
     return RankSlicedNoise(noise_gen, ctx.rank, ctx.world, local)
 
 
-def _epoch_batches(cfg: TrainConfig, data: _Data, ctx: Dist, shuffle_gen: torch.Generator, *, with_index: bool = False
+def _epoch_batches(cfg: LoopSettings, data: Data, ctx: Dist, shuffle_gen: torch.Generator, *,
+                   with_index: bool = False
                    ) -> tuple[Iterator[tuple[Tensor, ...]], Iterator[tuple[Tensor, Tensor]] | None]:
     """This rank's labelled batches (with their dataset indices if `with_index`) and extra (pseudo-labelled)
     batches of the epoch, both shuffled lazily by `shuffle_gen` (labelled first: its order is drawn at the
     first batch)."""
-    labelled = batches(data.train, cfg.batch_size, shuffle=True, generator=shuffle_gen, workers=cfg.workers,
-                       rank=ctx.rank, world=ctx.world, with_index=with_index)
-    extra = (batches(data.extra, cfg.batch_size, shuffle=True, generator=shuffle_gen, rank=ctx.rank, world=ctx.world)
-             if data.extra is not None else None)
-    return labelled, extra
-
-
-def _progress_bar(cfg: TrainConfig, epoch: int, steps: int, main: bool) -> Any:
-    """The epoch's progress (rank 0): a bar on a terminal, else a plain line every 30 s (`progress.progress`)."""
-    from .progress import progress
-
-    return progress(steps, label=f"epoch {epoch + 1}/{cfg.epochs}", unit="batches", bars=cfg.progress, show=main,
-                    leave=False)
+    labelled = batches(data.train, cfg.batch_size, shuffle=True, generator=shuffle_gen,
+                       workers=getattr(cfg, "workers", 0), rank=ctx.rank, world=ctx.world, with_index=with_index)
+    extra = (batches(data.extra, cfg.batch_size, shuffle=True, generator=shuffle_gen, rank=ctx.rank,
+                     world=ctx.world) if data.extra is not None else None)
+    return labelled, extra  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ rank 0's end of an epoch
 
 
-class _EpochLog:
-    """`log.tsv`: a header and one row per finished epoch (LOG_COLUMNS), rewritten whole and atomically.
-
-    On resume the rows of the epochs already trained are kept and any later ones dropped."""
-
-    def __init__(self, path: Path, epochs_done: int) -> None:
-        self.path = path
-        self.lines = ["\t".join(LOG_COLUMNS)]
-        if epochs_done > 0 and path.exists():
-            self.lines = path.read_text().splitlines()[: epochs_done + 1]
-
-    def append(self, epoch: int, elapsed: float, lr: float, stats: dict[str, float], test: dict[str, float]) -> None:
-        self.lines.append("\t".join(str(v) for v in (epoch, f"{elapsed:.1f}", f"{lr:.6g}", f"{stats['loss']:.4f}",
-                                                      f"{stats['acc']:.4f}", f"{test['loss']:.4f}",
-                                                      f"{test['acc']:.4f}")))
-
-    def write(self) -> None:
-        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
-
-
-def _save(path: Path, cfg: TrainConfig, state: _TrainingState, classes: int, *, epochs_done: int,
-          config: dict[str, Any], objective: Objective) -> None:
+def _save(path: Path, trainee: Trainee, state: _TrainingState, *, epochs_done: int, config: dict[str, Any],
+          objective: Objective) -> None:
     """Write the checkpoint (models.save_checkpoint's format) with everything `_restore` reads."""
-    save_checkpoint(path, state.model, arch=cfg.arch, dataset=cfg.dataset, normalization=state.normalization,
-                    sigma=cfg.sigma, num_classes=classes, epoch=epochs_done, optimizer=state.optimizer.state_dict(),
+    fields = trainee.checkpoint_fields(epochs_done)
+    save_checkpoint(path, state.model, **fields, epoch=epochs_done, optimizer=state.optimizer.state_dict(),
                     scheduler=state.scheduler.state_dict(),
                     scaler=state.scaler.state_dict() if state.scaler else None,
                     rng={"noise": state.noise_gen.get_state(), "shuffle": state.shuffle_gen.get_state(),
@@ -560,24 +605,109 @@ def _save(path: Path, cfg: TrainConfig, state: _TrainingState, classes: int, *, 
                     config=config, objective=objective.describe())
 
 
-def _refuse_divergence(model: nn.Module, stats: dict[str, float], epoch: int, ckpt_path: Path) -> None:
-    """Stop the run (SmoothAdvError, one line) if the epoch's loss or any weight is NaN or infinite.
+def _refuse_divergence(model: nn.Module, stats: dict[str, float], epoch: int, ckpt_path: Path,
+                       evaluation: str = "") -> None:
+    """Stop the run (SmoothAdvError, one line) if the epoch's loss or any weight is NaN or infinite, or
+    (rank 0, after evaluating) `evaluation` names a non-finite test metric.
 
     Called before the epoch's checkpoint is written, so the last good checkpoint is never replaced
     by non-finite weights. Its inputs are the same on every rank (an all-reduced loss, replicas kept
-    identical), so under torchrun every rank stops together."""
+    identical), so under torchrun every rank stops together (the evaluation is rank 0's alone)."""
     weights_ok = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-    if math.isfinite(stats["loss"]) and weights_ok:
+    if math.isfinite(stats["loss"]) and weights_ok and not evaluation:
         return
     kept = (f"{ckpt_path} still holds epoch {epoch}, the last good one" if epoch > 0 else
             "no checkpoint was written by this run")
     raise SmoothAdvError(f"training diverged in epoch {epoch + 1} (loss {stats['loss']:.4g}"
-                         f"{'' if weights_ok else ', non-finite weights'}): {kept}; lower --lr (or --sigma) and "
-                         "start over with --force or a new --out")
+                         f"{'' if weights_ok else ', non-finite weights'}{evaluation}): {kept}; lower --lr (or "
+                         "--sigma) and start over with --force or a new --out")
 
 
-def _announce(epoch: int, epochs: int, stats: dict[str, float], test: dict[str, float], elapsed: float) -> None:
+def _announce(line: str) -> None:
+    """One line per epoch, with or without progress bars (logs see every epoch)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {stats['loss']:.4f}  train acc {stats['acc']:.3f}  "
-               f"noisy test acc {test['acc']:.3f}  ({elapsed:.0f}s)")
+    tqdm.write(line)
+
+
+# ---- recipe (lead)
+
+
+TRAINING_ATTACK_DEFAULTS = {"eps": 0.5, "steps": 2}
+"""The attack settings training uses when a recipe or the command line does not give them (T = 2, as the
+cheapest configuration of Salman et al.'s sweeps); DDN adds `DDN_TRAINING_DEFAULTS`."""
+
+DDN_TRAINING_DEFAULTS = {"ddn_gamma": 0.05, "ddn_init_norm": 1.0}
+"""DDN's training defaults, those of Salman et al.'s train_pgd.py (`--gamma-DDN 0.05`, `--init-norm-DDN 1.0`; the
+warm-up replaces the initial norm by each epoch's eps)."""
+
+RENAMED_KEYS = {("smoothmix", "alpha"): "step_size"}
+"""Recipe keys that were renamed: (objective, old key) -> new key (refused with a message naming the new one)."""
+
+
+def check_settings(cfg: TrainSettings) -> None:
+    """Every check of `cfg` that needs more than one field or a registry: `TrainSettings.validate`, and that the
+    architecture takes the dataset's images (`models.check_arch_fits`). SmoothAdvError, one line."""
+    cfg.validate()
+    check_arch_fits(cfg.arch, cfg.dataset)
+
+
+def recipe(values: Mapping[str, Any], *, source: str = "") -> tuple[TrainSettings, Objective]:
+    """The training settings and objective that flat `values` describe (a TOML recipe's keys, or flags).
+
+    Keys are the command line's flags without dashes: training settings (`batch`, `lr_step`, ...),
+    `objective` (default "gaussian"), that objective's own hyperparameters (`objectives.hyperparameters`)
+    and, for an objective with an attack (SmoothAdv), the attack's settings (`attacks.attack_settings`:
+    `attack`, `eps`, `steps`, ...; training defaults `TRAINING_ATTACK_DEFAULTS`). A key that is neither is
+    refused, and so is a hyperparameter of another objective: every key means one thing. Values are
+    checked against their declared types; a missing `out`, or a warm-up longer than training, is refused.
+    The architecture defaults to the dataset's usual one. Errors are one line, prefixed with `source`.
+    """
+    prefix = f"{source}: " if source else ""
+    name = values.get("objective", "gaussian")
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise SmoothAdvError(f"{prefix}objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    train_keys, own = flag_keys(TrainSettings), hyperparameters(name)
+    attack_keys = attack_settings() if has_attack(name) else {}
+    train: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    attack: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        if key == "objective":
+            continue
+        if (name, key) in RENAMED_KEYS:
+            raise SmoothAdvError(f"{prefix}{key} of the {name} objective is now called {RENAMED_KEYS[name, key]}")
+        if key in train_keys:
+            train[train_keys[key]] = value
+        elif key in own:
+            options[key] = value
+        elif key in attack_keys:
+            attack[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SmoothAdvError(f"{prefix}{', '.join(sorted(unknown))}: not a setting of training or of the {name} "
+                             "objective")
+    if "out_dir" not in train:
+        raise SmoothAdvError(f"{prefix}the run directory (--out) is required")
+    try:
+        if train.get("arch") is None:
+            dataset = train.get("dataset", TrainSettings.__dataclass_fields__["dataset"].default)
+            if dataset not in dataset_names():
+                raise SmoothAdvError(f"dataset must be one of {', '.join(dataset_names())}, got {dataset!r}")
+            train["arch"] = dataset_info(dataset).default_arch
+        settings = make(TrainSettings, train)
+        built_attack = None
+        if has_attack(name):
+            given = {**TRAINING_ATTACK_DEFAULTS, **attack}
+            if given.get("attack", "pgd") == "ddn":
+                given = {**DDN_TRAINING_DEFAULTS, **given}
+            built_attack = build_attack(**given)
+        objective = build_objective(name, settings.sigma, options, built_attack)
+    except SmoothAdvError as exc:
+        raise SmoothAdvError(f"{prefix}{exc}") from None
+    warmup = getattr(objective, "warmup", 1)
+    if warmup > settings.epochs:
+        raise SmoothAdvError(f"{prefix}warm-up ({warmup} epochs) is longer than training ({settings.epochs} epochs)")
+    return settings, objective

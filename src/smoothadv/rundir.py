@@ -1,0 +1,241 @@
+"""One run lifecycle: the lock, the provenance, checkpoint-then-log, and ONE rule for what a resumed run may change.
+
+Every durable run uses this module: classifier training (`train.fit`; Cohen et al. 2019, Salman et al.
+2019), denoiser training through the same loop (`denoise.train_denoiser`; Salman et al. 2020, "Denoised
+Smoothing", arXiv:2003.01908) and evaluation outputs (`run.write_rows`). It is a module of its own rather
+than a section of `files.py` because it knows about settings: `files.py` holds crash-safe primitives
+(atomic writes, `TsvLog`, `OutputLock`) that know nothing of what a run is; this module applies them to
+a run and compares settings by their declarations.
+
+Contract:
+
+1. Lock: a training run holds `<out>/<checkpoint>.lock` (`RunDirectory.lock`), an evaluation `<out>.lock`;
+   a second writer is refused (`files.OutputLock`).
+2. Start: an existing checkpoint is never overwritten without `force`; with `resume` (or after a
+   torchrun restart) the run continues from it (`RunDirectory.checkpoint_to_resume`).
+3. The resume rule (`compare`): fields declared `settings.setting(..., rows=False)` may differ (they
+   cannot change a result: paths, devices, progress); every other recorded field must agree, except the
+   explicitly accepted changes a caller lists: a larger `epochs` for training (`EPOCHS_MAY_GROW`), and
+   for evaluations `batch` and a larger `max` (`run.resume_differences`). A record older than a field
+   counts as that field's default where the caller gives defaults (training). A nested settings
+   dataclass recorded by an older version as its `repr()` is compared with the `repr()` of today's.
+4. Provenance: `args.json` (the resolved settings, the objective, the resume `history`) and `env.json`
+   (versions, device, git revision) at the start (`files.write_provenance`).
+5. Ordering: each epoch writes its checkpoint, then its log row (`EpochLog.commit`), so a log row
+   always has its checkpoint, and a resumed run keeps the rows of the epochs its checkpoint holds.
+6. History: each resumption appends {"resumed_at_epoch", "changed"} to `args.json`'s `history`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import SmoothAdvError
+from .files import OutputLock, atomic_write_text, locked_run_directory, write_provenance
+from .settings import bookkeeping_fields, flag_name
+
+#: an accepted change: (recorded value, new value) -> None when the change is accepted, else why it is refused
+Rule = Callable[[Any, Any], str | None]
+
+
+class Difference(NamedTuple):
+    """One recorded setting that a resumed run would change."""
+
+    name: str
+    before: Any
+    after: Any
+    note: str = ""  # why an explicitly listed change was refused (e.g. a smaller --max)
+
+    def refused(self, label: str | None = None) -> str:
+        """'name: before != after' (with the note), or 'label before -> after' when a flag label is given."""
+        if label is not None:
+            return f"{label} {self.before!r} -> {self.after!r}"
+        return f"{self.name}: {self.before!r} != {self.after!r}" + (f" ({self.note})" if self.note else "")
+
+    def accepted(self) -> str:
+        return f"{self.name}: {self.before!r} -> {self.after!r}"
+
+
+def plain(value: Any) -> Any:
+    """A value as JSON stores it: tuples as lists, paths as strings, settings dataclasses as their fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {"name": type(value).__name__, **dataclasses.asdict(value)}
+    return json.loads(json.dumps(value, default=str))
+
+
+def _as_recorded(value: Any, before: Any) -> Any:
+    """`value` in the form of the recorded `before`, as JSON stores it. A settings dataclass that an older
+    version recorded as its repr() text is given as that text when the text names the same class and records
+    every field of today's with the same value (fields it has and today's class lacks are not compared), else
+    as today's repr()."""
+    if not (dataclasses.is_dataclass(value) and not isinstance(value, type) and isinstance(before, str)):
+        return plain(value)
+    if before.startswith(f"{type(value).__name__}(") and all(
+            any(f"{start}{f.name}={getattr(value, f.name)!r}{end}" in before for start in ("(", ", ") for end in ",)")
+            for f in dataclasses.fields(value)):
+        return before
+    return repr(value)
+
+
+def compare(recorded: Mapping[str, Any], current: Mapping[str, Any], *, free: Collection[str] = (),
+            defaults: Mapping[str, Any] | None = None, accepted: Mapping[str, Rule] | None = None,
+            keys: Collection[str] | None = None) -> tuple[list[Difference], list[Difference]]:
+    """(refused, accepted): the settings a run resuming `recorded` with `current` would change. The ONE rule.
+
+    Compared: `keys` (default: every key of either), minus `free` (the rows=False fields). A key the
+    record lacks counts as its value in `defaults` when there is one (a record older than the field).
+    A difference in a key of `accepted` is accepted when its rule returns None, else refused with the
+    rule's note; any other difference is refused. Values are compared as JSON stores them (`plain`).
+    """
+    defaults, accepted = defaults or {}, accepted or {}
+    names = set(recorded) | set(current) if keys is None else set(keys)
+    refused_list: list[Difference] = []
+    accepted_list: list[Difference] = []
+    for name in sorted(names - set(free)):
+        before = plain(recorded[name]) if name in recorded else plain(defaults.get(name))
+        after = _as_recorded(current.get(name), before)
+        if before == after:
+            continue
+        rule = accepted.get(name)
+        note = rule(before, after) if rule is not None else "not an accepted change"
+        if note is None:
+            accepted_list.append(Difference(name, before, after))
+        else:
+            refused_list.append(Difference(name, before, after, "" if rule is None else note))
+    return refused_list, accepted_list
+
+
+def settings_record(settings: Any) -> dict[str, Any]:
+    """Every field of a settings dataclass, paths as strings (what `args.json` and checkpoints record)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """name -> default of each field of settings class `cls` that has one."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def described(objective: Any) -> dict[str, Any]:
+    """The objective's `describe()` with each nested settings dataclass as plain data (`plain`:
+    `dataclasses.asdict`), never its repr()."""
+    return {key: plain(getattr(objective, key)) if dataclasses.is_dataclass(getattr(objective, key, None)) else value
+            for key, value in objective.describe().items()}
+
+
+def objective_record(objective: Any, recorded: Any = None) -> dict[str, Any]:
+    """The objective's `describe()`; where the recorded description holds a nested setting as text (its repr(),
+    as older versions wrote it), the same field of today's objective is given in that form (`_as_recorded`)."""
+    described = dict(objective.describe())
+    if isinstance(recorded, Mapping):
+        for key, value in recorded.items():
+            live = getattr(objective, key, None)
+            if isinstance(value, str) and dataclasses.is_dataclass(live) and not isinstance(live, type):
+                described[key] = _as_recorded(live, value)
+    return described
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def epochs_may_grow(done: int) -> Rule:
+    """`epochs` may change on resume, but not below the epochs already trained: it only says where the run
+    stops (the schedule steps every `lr_step` epochs and warm-ups span fixed epochs, whatever `epochs` is)."""
+    return lambda before, after: None if isinstance(after, int) and after >= done else f"already trained {done}"
+
+
+class RunDirectory:
+    """A training run's directory: `<out>/<checkpoint>` (+ `.lock`), `log.tsv`, `args.json`, `env.json`."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], checkpoint: str) -> None:
+        self.path = Path(out_dir)
+        self.checkpoint = self.path / checkpoint
+
+    def lock(self) -> OutputLock:
+        """The directory created and the checkpoint's lock, to hold with `with` for the whole run."""
+        return locked_run_directory(self.path, self.checkpoint.name)
+
+    def checkpoint_to_resume(self, *, resume: bool, force: bool, restarted: bool = False) -> Path | None:
+        """The checkpoint to continue from (`resume`, or torchrun restarted the worker), or None to start
+        afresh; an existing checkpoint is never overwritten without `force` (SmoothAdvError, one line)."""
+        resume = resume or (restarted and self.checkpoint.exists())
+        if self.checkpoint.exists() and not (resume or force):
+            raise SmoothAdvError(f"{self.checkpoint} exists; pass --resume to continue training or --force to start "
+                                 "over")
+        return self.checkpoint if resume and self.checkpoint.exists() else None
+
+    def check_resumable(self, saved: Mapping[str, Any], settings: Any, objective: Any = None,
+                        may_change: str = "--epochs (to extend it), --device, --workers, --data-dir and --progress"
+                        ) -> None:
+        """Refuse (SmoothAdvError, one line) to resume checkpoint `saved` with `settings` and `objective` if
+        that would change the run (`compare` over the settings' fields, their rows=False ones free, a larger
+        `epochs` accepted; the objective at the last trained epoch against the recorded one)."""
+        recorded, done = saved.get("config"), int(saved.get("epoch", 0))
+        if not isinstance(recorded, dict):
+            raise SmoothAdvError(f"{self.checkpoint} records no training settings, so resuming it cannot be checked; "
+                                 "start over with --force or a new --out")
+        cls = type(settings)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        refused, _ = compare(recorded, settings_record(settings), free=bookkeeping_fields(cls),
+                             defaults=field_defaults(cls), accepted={"epochs": epochs_may_grow(done)}, keys=fields)
+        changed = [d.refused(flag_name(fields[d.name])) for d in refused if d.name != "epochs"]
+        then = saved.get("objective")
+        if objective is not None and isinstance(then, dict):
+            now = objective_record(objective.at_epoch(max(done - 1, 0)), then)
+            if now.get("name") != then.get("name"):
+                changed.append(f"--objective {then.get('name')} -> {now.get('name')}")
+            else:  # its sigma is --sigma, compared above
+                wrong, _ = compare(then, now, free=("sigma", "name"))
+                changed += [f"objective {d.name} {d.before!r} -> {d.after!r}" for d in wrong]
+        if changed:
+            raise SmoothAdvError(f"cannot resume {self.checkpoint}: that would change the run ({'; '.join(changed)}); "
+                                 f"on resume only {may_change} may change: use the recorded settings, or start over "
+                                 "with --force or a new --out")
+        if any(d.name == "epochs" for d in refused):
+            raise SmoothAdvError(f"cannot resume {self.checkpoint} with --epochs {settings.epochs}: it has already "
+                                 f"trained {done} epochs (pass --epochs {done} or more)")
+
+    def history(self, resumed: Mapping[str, Any] | None, record: Mapping[str, Any], at_epoch: int,
+                free: Collection[str]) -> list[dict[str, Any]]:
+        """args.json's `history`: the earlier entries, plus one for this run if it resumes a checkpoint that
+        recorded the settings `resumed`, saying at which epoch and which settings changed (the `free`
+        ones and a larger `epochs`; resume and force excluded)."""
+        if resumed is None:
+            return []
+        try:
+            earlier = json.loads((self.path / "args.json").read_text()).get("history", [])
+        except (OSError, ValueError, AttributeError):
+            earlier = []
+        names = (set(free) | {"epochs"}) - {"resume", "force"}
+        changes = {name: [plain(resumed.get(name)), plain(record.get(name))] for name in sorted(names)
+                   if plain(resumed.get(name)) != plain(record.get(name))}
+        return [*(earlier if isinstance(earlier, list) else []), {"resumed_at_epoch": at_epoch, "changed": changes}]
+
+    def write_provenance(self, record: Mapping[str, Any]) -> None:
+        """`args.json` (this record) and `env.json`."""
+        write_provenance(self.path, dict(record))
+
+    def log(self, columns: Sequence[str], epochs_done: int) -> EpochLog:
+        return EpochLog(self.path / "log.tsv", columns, epochs_done)
+
+
+class EpochLog:
+    """`log.tsv`: a header and one row per finished epoch, rewritten whole and atomically.
+
+    On resume the rows of the epochs already trained are kept and any later ones dropped. `commit`
+    writes the epoch's checkpoint first, then its row: a log row always has its checkpoint."""
+
+    def __init__(self, path: Path, columns: Sequence[str], epochs_done: int) -> None:
+        self.path = path
+        self.lines = ["\t".join(columns)]
+        if epochs_done > 0 and path.exists():
+            self.lines = path.read_text().splitlines()[: epochs_done + 1]
+
+    def commit(self, save_checkpoint: Callable[[], None], row: Sequence[str]) -> None:
+        save_checkpoint()
+        self.lines.append("\t".join(row))
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
