@@ -37,7 +37,7 @@ step() {  # step NAME COMMAND...: run niced, append "NAME user system wall" to l
 
 CLASSIFIER=runs/classifier_clean/checkpoint.pth.tar
 GAUSSIAN=../fashion-mnist/runs/gaussian_sigma0.25/checkpoint.pth.tar
-step classifier_clean $SMOOTHADV train --dataset fashion_mnist --arch fashion_cnn --objective gaussian --sigma 0 \
+step classifier_clean $SMOOTHADV train gaussian --dataset fashion_mnist --arch fashion_cnn --sigma 0 \
     --epochs 6 --lr 0.1 --lr-step 2 --batch 256 --seed 0 --device cpu --no-progress --resume --out runs/classifier_clean
 step denoiser_mse $SMOOTHADV train-denoiser --dataset fashion_mnist --arch dncnn_small --sigma $SIGMA --objective mse \
     --epochs "$MSE_EPOCHS" --lr 1e-3 --lr-step $((MSE_EPOCHS - 1)) --batch 256 --seed 0 --device cpu \

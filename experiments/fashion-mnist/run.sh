@@ -29,10 +29,10 @@ pipeline() {
     local common=(--dataset fashion_mnist --arch fashion_cnn --sigma "$sigma" --epochs "$EPOCHS"
                   --lr-step "$LR_STEP" --batch 256 --seed 0 --device cpu --no-progress --resume)
     echo "$(date -u +%T) train gaussian sigma=$sigma"
-    $SMOOTHADV train "${common[@]}" --lr 0.1 --objective gaussian --out "runs/gaussian_sigma$sigma"
+    $SMOOTHADV train gaussian "${common[@]}" --lr 0.1 --out "runs/gaussian_sigma$sigma"
     echo "$(date -u +%T) train smoothadv sigma=$sigma eps=$eps"
     # shellcheck disable=SC2086
-    $SMOOTHADV train "${common[@]}" --lr "$smoothadv_lr" --objective smoothadv --eps "$eps" $ATTACK_FLAGS \
+    $SMOOTHADV train smoothadv "${common[@]}" --lr "$smoothadv_lr" --eps "$eps" $ATTACK_FLAGS \
         --out "runs/smoothadv_sigma$sigma"
     for method in gaussian smoothadv; do
         echo "$(date -u +%T) certify $method sigma=$sigma"

@@ -472,7 +472,15 @@ def add_report(sub: Any) -> None:
                         "cpu_s_per_epoch, optional model = the cost model's prediction in units of the first row's "
                         "epoch; benchmarks/method_cost.py --tsv writes one): CPU-s per epoch, the ratio to the first "
                         "row, and that ratio divided by the cost model")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out or --plot file (never an input)")
+    p.add_argument("--radius-cdf", default=None, metavar="FILE",
+                   help="write certified accuracy with its 95%% band beside the empirical CDF of each model's "
+                   "certified radius (95%% DKW band); the extension names the format (.png, .pdf, .svg)")
+    p.add_argument("--cdf-of", choices=("radius", "p_lower"), default="radius",
+                   help="--radius-cdf: the distribution of the certified radius (default) or of the lower bound "
+                   "p_A = Phi(R / sigma) (needs --sigma)")
+    p.add_argument("--sigma", type=positive_float, default=None, help="--cdf-of p_lower: the noise level")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out, --plot or --radius-cdf file "
+                   "(never an input)")
     p.set_defaults(handler=run_report)
 
 
@@ -490,15 +498,24 @@ def run_report(args: argparse.Namespace) -> None:
         merge,
         plot_accuracy,
         plot_format,
+        plot_radius_cdf,
         summarize,
     )
 
     inputs = [path for _, path in [*args.results, *args.attack, *args.published]] + ([args.cost] if args.cost else [])
-    for flag, target in (("--out", args.out), ("--plot", args.plot)):
+    targets = (("--out", args.out), ("--plot", args.plot), ("--radius-cdf", args.radius_cdf))
+    for flag, target in targets:
         if target:
             check_new_output(target, force=args.force, inputs=inputs, flag=flag)
-    if args.out and args.plot and Path(args.out).resolve() == Path(args.plot).resolve():
-        raise SmoothAdvError(f"--out and --plot name the same file {args.out}; give two files")
+    named = [(flag, Path(target).resolve()) for flag, target in targets if target]
+    for i, (flag, path) in enumerate(named):
+        for other, again in named[i + 1:]:
+            if path == again:
+                raise SmoothAdvError(f"{flag} and {other} name the same file {path}; give two files")
+    if args.cdf_of == "p_lower" and args.sigma is None:
+        raise SmoothAdvError("--cdf-of p_lower needs --sigma (p_A = Phi(R / sigma))")
+    if args.radius_cdf:
+        plot_format(args.radius_cdf)
 
     def grouped(pairs: list[tuple[str, str]]) -> dict[str, Any]:
         files: dict[str, list[Any]] = {}
@@ -543,6 +560,12 @@ def run_report(args: argparse.Namespace) -> None:
         plot = plot_accuracy(certify, args.plot, attack=attack, max_radius=args.max_radius,
                              include_envelope=args.envelope, ci=args.ci, published=published)
         print(f"wrote {plot}")
+    if args.radius_cdf:
+        if not certify:
+            raise SmoothAdvError("--radius-cdf needs certify inputs (NAME=path)")
+        figure = plot_radius_cdf(certify, args.radius_cdf, quantity=args.cdf_of, sigma=args.sigma,
+                                 max_radius=args.max_radius)
+        print(f"wrote {figure}")
 
 
 def add_validity(sub: Any) -> None:
