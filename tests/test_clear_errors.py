@@ -1,4 +1,4 @@
-"""Issue 13's tracebacks and unclear messages: each bad input ends with exit status 2 and one clear
+"""Tracebacks and unclear messages once found by trying hostile input: each bad input ends with exit status 2 and one clear
 `smoothadv: error:` line naming what is wrong (no traceback, no warnings), and leaves every file as it
 was; the conventions (file modes, plot formats, --help defaults, progress output for logs) hold.
 """

@@ -1,4 +1,4 @@
-"""The training methods after SmoothAdv (issue 14): values on tiny models where the answer is known, and
+"""The training methods after SmoothAdv (Stability, Consistency, MACER, SmoothMix, CAT-RS): values on tiny models where the answer is known, and
 one epoch of each on the synthetic dataset lowering its own loss.
 
 Every test is seeded and runs in about a second on one CPU thread.

@@ -3,7 +3,7 @@
 Each Gaussian and SmoothAdv recipe is run through `smoothadv train --config` for one epoch on the
 synthetic dataset (dataset, architecture, epochs, warm-up, subset and workers overridden), and the
 checkpoint must record the recipe's objective settings, so a renamed flag or a broken objective cannot
-leave a recipe stale. The recipes of the later methods (issue 14) are many and differ per sigma only in
+leave a recipe stale. The recipes of the later methods are many and differ per sigma only in
 numbers: each is parsed into its typed settings and objective (every value type-checked), and one per
 method and dataset is trained the same way.
 """
@@ -40,7 +40,7 @@ def load(recipe: Path) -> dict:
 
 
 def later_method(recipe: Path) -> bool:
-    """A recipe of the methods after SmoothAdv (issue 14), SmoothAdv + consistency included."""
+    """A recipe of the methods after SmoothAdv, SmoothAdv + consistency included."""
     data = load(recipe)
     return data["objective"] not in ("gaussian", "smoothadv") or bool(data.get("consistency"))
 

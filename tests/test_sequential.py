@@ -236,7 +236,7 @@ def test_sequential_radius_is_valid_and_tight_on_a_linear_classifier(linear_mode
 
 
 def test_sigma_has_one_source_a_mismatched_config_is_refused(linear_model) -> None:
-    # Issue 12: Smooth(sigma = 0.25) certified with SequentialConfig(sigma = 1.0) drew the noise at 0.25 and computed
+    # Before this check, Smooth(sigma = 0.25) certified with SequentialConfig(sigma = 1.0) drew the noise at 0.25 and computed
     # the radius at 1.0. With margin 0.4 (true radius 0.4) that reported about 1.5, silently.
     smooth = Smooth(linear_model, 2, 0.25)
     x, margin = image_with_margin(0.4), 0.4

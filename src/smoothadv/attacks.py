@@ -139,7 +139,7 @@ def _input_grad(model: Model, x_adv: Tensor, y: Tensor, top_label: int | None = 
 
 
 def _normalize(g: Tensor, generator: torch.Generator | None) -> Tensor:
-    """g / ||g|| per example; a zero gradient is replaced by a random unit direction (the reference
+    """g / ||g|| per example; a zero gradient is replaced by a random unit direction (Salman et al.'s
     code uses an un-normalized N(0, I) draw; both are then projected, we keep the step length)."""
     zero = l2_norm(g) == 0
     if bool(zero.any()):

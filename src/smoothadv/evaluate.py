@@ -216,7 +216,7 @@ class AttackRow(NamedTuple):
 def attack_dataset(smooth: Smooth, attack: Attack, dataset: Dataset, indices: Iterable[int], *, m: int, n: int,
                    alpha: float, batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
                    base_attack: bool = False) -> Iterator[AttackRow]:
-    """Empirical robustness of the smoothed classifier g (Salman et al. 2019, Section 5; reference §6.1).
+    """Empirical robustness of the smoothed classifier g (Salman et al. 2019, Section 5).
 
     For each example: attack the smoothed soft classifier G estimated with `m` noise draws that stay
     fixed over the attack's steps (`SoftSmoothed`), then run PREDICT on x_adv with `n` fresh noise

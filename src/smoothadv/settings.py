@@ -251,8 +251,8 @@ def make(cls: type, values: Mapping[str, Any], *, source: str = "") -> Any:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML recipe as a flat dict: keys with - or _, top level and [train] merged; the reference
-    sections [paper] and [certify] are returned under those keys untouched."""
+    """A TOML recipe as a flat dict: keys with - or _, top level and [train] merged; the
+    sections [paper] (published numbers) and [certify] are returned under those keys untouched."""
     file = Path(path)
     try:
         with open(file, "rb") as handle:

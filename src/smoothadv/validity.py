@@ -36,7 +36,7 @@ rate is known, the two-sided binomial test of F against it must also have p-valu
 fails the suite with probability at most 0.01. A negative control (a certifier that plugs in the
 point estimate k/n instead of a confidence bound) must fail, which shows the suite has power.
 
-Why this is a module of the package and not a benchmark (issue 12, item 6): `smoothadv validity`
+Why this is a module of the package and not a benchmark: `smoothadv validity`
 is documented for users to check the guarantee on their own install (their torch, their CPU or
 GPU kernels, their random number generators), and an installed package cannot reach
 `benchmarks/`; keeping the command backward compatible therefore needs the code in the package.
