@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import smoothadv.data as data
 import smoothadv.train as train
 from smoothadv.distributed import broadcast_model, sync_replicas
 from smoothadv.objectives import GaussianAugmentation
-from smoothadv.train import TrainConfig, fit
+from smoothadv.settings import TrainSettings
+from smoothadv.train import fit
 
 out = Path(sys.argv[1])
 rank, phase = int(os.environ["RANK"]), sys.argv[2]
@@ -36,14 +38,14 @@ dist.init_process_group("gloo")
 torch.set_num_threads(1)
 
 
-def config(name: str, epochs: int, resume: bool = False) -> TrainConfig:
-    return TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=out / name, epochs=epochs, batch_size=64,
-                       lr=0.05, lr_step=1, lr_gamma=0.5, eval_subset=32, progress=False, resume=resume)
+def config(name: str, epochs: int, resume: bool = False, sigma: float = 0.25) -> TrainSettings:
+    return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=out / name, epochs=epochs, batch_size=64,
+                         lr=0.05, lr_step=1, lr_gamma=0.5, eval_subset=32, progress=False, resume=resume, sigma=sigma)
 
 
 seen: list[list[int]] = []
 trained: list[nn.Module] = []
-original_shard_order, original_train_epoch = train.shard_order, train.train_epoch
+original_shard_order, original_train_epoch = data.shard_order, train.train_epoch
 
 
 def recording_shard_order(order, batch_size, rank_, world):  # type: ignore[no-untyped-def]
@@ -59,9 +61,9 @@ def recording_train_epoch(model, *args, **kwargs):  # type: ignore[no-untyped-de
 
 
 if phase == "first":
-    train.shard_order, train.train_epoch = recording_shard_order, recording_train_epoch
-    fit(config("k2_s0", 2), GaussianAugmentation(0.0))
-    train.shard_order, train.train_epoch = original_shard_order, original_train_epoch
+    data.shard_order, train.train_epoch = recording_shard_order, recording_train_epoch
+    fit(config("k2_s0", 2, sigma=0.0), GaussianAugmentation(0.0))
+    data.shard_order, train.train_epoch = original_shard_order, original_train_epoch
     assert all(type(m) is nn.Sequential for m in trained), [type(m) for m in trained]  # never a DDP wrapper
     torch.save({"seen": seen, "state": trained[-1].state_dict()}, out / f"rank{rank}.pt")
     torch.manual_seed(rank)  # replicas that start different

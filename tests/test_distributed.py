@@ -19,7 +19,8 @@ from smoothadv.errors import SmoothAdvError
 from smoothadv.models import read_checkpoint
 from smoothadv.objectives import GaussianAugmentation
 from smoothadv.seeds import derive_seed
-from smoothadv.train import TrainConfig, batches, fit
+from smoothadv.settings import TrainSettings
+from smoothadv.train import batches, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,9 +96,9 @@ def ddp_run(tmp_path_factory):
     return out
 
 
-def _config(out: Path, sigma_name: str) -> TrainConfig:
-    return TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=out / sigma_name, epochs=2, batch_size=64,
-                       lr=0.05, lr_step=1, lr_gamma=0.5, eval_subset=32, progress=False)
+def _config(out: Path, sigma_name: str, sigma: float) -> TrainSettings:
+    return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=out / sigma_name, epochs=2, batch_size=64,
+                         lr=0.05, lr_step=1, lr_gamma=0.5, eval_subset=32, progress=False, sigma=sigma)
 
 
 def test_two_ranks_see_disjoint_data_and_keep_identical_models(ddp_run) -> None:
@@ -116,7 +117,7 @@ def test_two_ranks_see_disjoint_data_and_keep_identical_models(ddp_run) -> None:
 
 def _assert_one_process_matches(ddp_run: Path, tmp_path: Path, k1: str, k2: str, sigma: float) -> None:
     """Train with one process as the torchrun worker trained `k2` with two, and compare the weights."""
-    fit(_config(tmp_path, k1), GaussianAugmentation(sigma))
+    fit(_config(tmp_path, k1, sigma), GaussianAugmentation(sigma))
     one = read_checkpoint(tmp_path / k1 / "checkpoint.pth.tar")["state_dict"]
     two = read_checkpoint(ddp_run / k2 / "checkpoint.pth.tar")["state_dict"]
     for key in one:
@@ -153,7 +154,7 @@ def test_two_ranks_match_one_process_with_noise(ddp_run, tmp_path) -> None:
 
 def test_rank_sliced_noise_is_the_single_process_noise() -> None:
     from smoothadv.distributed import RankSlicedNoise
-    from smoothadv.objectives import gaussian_noise
+    from smoothadv.noise import gaussian_noise
 
     x = torch.zeros(6, 1, 2, 2)
     whole = gaussian_noise(x, 0.5, RankSlicedNoise(torch.Generator().manual_seed(4)))

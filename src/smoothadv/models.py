@@ -70,6 +70,9 @@ class Normalize(nn.Module):
     while torch.fx traces the layer, e.g. for `accel.fold_batchnorm`.)
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1),
@@ -154,16 +157,16 @@ def check_arch_fits(arch: str, dataset: str) -> None:
 def replace_head(model: nn.Sequential, arch: str, classes: int) -> None:
     """Replace the final Linear layer of `model` (built by build_model; at `ARCHITECTURES[arch].head`) with a
     fresh one of `classes` outputs, on the old layer's device."""
-    path = arch_info(arch).head.split(".")
-    parent = model[1]
-    for name in path[:-1]:
+    *path, last = arch_info(arch).head.split(".")
+    parent: Any = model[1]
+    for name in path:
         parent = getattr(parent, name) if not name.isdigit() else parent[int(name)]
-    old = getattr(parent, path[-1]) if not path[-1].isdigit() else parent[int(path[-1])]
+    old = getattr(parent, last) if not last.isdigit() else parent[int(last)]
     new = nn.Linear(old.in_features, classes).to(old.weight.device)
-    if path[-1].isdigit():
-        parent[int(path[-1])] = new
+    if last.isdigit():
+        parent[int(last)] = new
     else:
-        setattr(parent, path[-1], new)
+        setattr(parent, last, new)
 
 
 def weights_digest(state: Mapping[str, Tensor]) -> str:
@@ -174,7 +177,7 @@ def weights_digest(state: Mapping[str, Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 

@@ -22,6 +22,7 @@ one uninterrupted run give the same rows (only the `time` column differs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -31,10 +32,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .accel import prepare_base, resolve_device
+from .attacks import build_attack
+from .betting import BettingConfig
+from .data import check_data_dir, get_dataset, input_shape
+from .denoise import attach_denoiser
+from .distributed import env_world, local_device
 from .errors import SmoothAdvError
+from .evaluate import (
+    ATTACK_COLUMNS,
+    CERTIFY_COLUMNS,
+    PREDICT_COLUMNS,
+    SMOOTH_PREDICTION_COLUMNS,
+    attack_dataset,
+    certify_dataset,
+    predict_dataset,
+    row_fields,
+    smooth_prediction_dataset,
+)
 from .files import OutputLock, TsvLog, atomic_write_text, check_writable_output, file_sha256, read_tsv, write_provenance
+from .models import load_checkpoint
+from .progress import progress as reporter
+from .rundir import Rule, compare
+from .sequential import SEQUENTIAL_COLUMNS, SequentialConfig, certify_sequential_dataset
 from .settings import (
     AttackRunSettings,
+    BettingSettings,
     CertifySettings,
     EvaluationSettings,
     PredictSettings,
@@ -42,6 +65,7 @@ from .settings import (
     SmoothPredictionSettings,
     bookkeeping_fields,
 )
+from .smoothing import Smooth
 
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
 IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from", "resumed_changes"}
@@ -131,10 +155,10 @@ def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
-    """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree."""
-    a, b = (json.loads(json.dumps(d, default=str)) for d in (a, b))  # as stored: tuples -> lists, paths -> str
-    keys = sorted((set(a) | set(b)) - IGNORED_SETTINGS - ignore)
-    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
+    """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree
+    (`rundir.compare`, with no change accepted)."""
+    refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore)
+    return [difference.refused() for difference in refused]
 
 
 def _evaluation(settings: dict[str, Any]) -> bool:
@@ -142,35 +166,32 @@ def _evaluation(settings: dict[str, Any]) -> bool:
 
 
 def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(refused, accepted): the recorded settings of an output and those of the run resuming it, compared.
+    """(refused, accepted): the recorded settings of an output and those of the run resuming it, compared by the
+    one rule of resumption (`rundir.compare`).
 
     `refused` lists the differences that would change rows ('key: old != new'); `accepted` the changes
     that cannot ('key: old -> new'): of an evaluation (certify, predict, attack), its `batch`, and a
     larger `max` (or none), which extends the selection past the rows already written, in the order an
     uninterrupted run writes them (also per shard: shard i of k takes every k-th job of the longer list).
-    Every other setting must agree, as in `setting_differences`; a smaller `max` is refused, and so is a
-    larger one for an attack at several radii (its rows are ordered radius first).
+    Every other setting but the rows=False ones (`IGNORED_SETTINGS`) must agree; a smaller `max` is refused,
+    and so is a larger one for an attack at several radii (its rows are ordered radius first).
     """
-    if previous.get("mode") == "sequential" and "selection" not in previous:  # written before adaptive selection:
-        previous = {**previous, "selection": "fixed"}  # those runs chose the class from all n0 samples
-    evaluation = _evaluation(previous) and _evaluation(current)
-    ignore = BATCH_SETTINGS | {"max"} if evaluation else frozenset()
-    refused = setting_differences(previous, current, ignore)
-    accepted: list[str] = []
-    if evaluation:
-        if previous.get("batch") != current.get("batch"):
-            accepted.append(f"batch: {previous.get('batch')!r} -> {current.get('batch')!r}")
-        old, new = previous.get("max"), current.get("max")
-        if old != new:
-            extends = old is not None and (new is None or (isinstance(new, int) and isinstance(old, int) and new > old))
-            if extends and isinstance(current.get("eps"), list):  # rows are ordered radius first: new ones would
-                refused.append(f"max: {old!r} != {new!r} (an attack at several --eps cannot be extended)")  # interleave
-            elif extends:
-                accepted.append(f"max: {old!r} -> {new!r}")
-            else:
-                refused.append(f"max: {old!r} != {new!r} (only a larger --max, which extends the selection, can "
-                               "resume)")
-    return refused, accepted
+    previous, current = normalize_record(previous), normalize_record(current)
+    accepted = {"batch": lambda before, after: None, "max": _max_may_grow(current)} \
+        if _evaluation(previous) and _evaluation(current) else {}
+    refused, changed = compare(previous, current, free=IGNORED_SETTINGS, accepted=accepted)
+    return [difference.refused() for difference in refused], [difference.accepted() for difference in changed]
+
+
+def _max_may_grow(current: dict[str, Any]) -> Rule:
+    """A larger `max` (or None: all examples) extends the selection, unless the rows are ordered radius first."""
+    def rule(old: Any, new: Any) -> str | None:
+        extends = old is not None and (new is None or (isinstance(new, int) and isinstance(old, int) and new > old))
+        if extends and isinstance(current.get("eps"), list):  # new rows would interleave with the written ones
+            return "an attack at several --eps cannot be extended"
+        return None if extends else "only a larger --max, which extends the selection, can resume"
+
+    return rule
 
 
 def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict[str, Any]:
@@ -179,16 +200,20 @@ def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict
     its first draw, last size, alpha's final share and mixture), plus
     `facts` such as the checkpoint's SHA-256 and the dataset size."""
     values: dict[str, Any] = {**asdict(run), **asdict(settings), "command": settings.command}
+    values.pop("sequential", None)  # recorded flat, as every version wrote it
     if isinstance(settings, CertifySettings) and settings.mode == "sequential":
-        config = settings.sequential_config()
-        values.update(class_from=settings.class_from or "selection", policy=config.policy, radii=list(config.radii),
+        config = sequential_test(settings)
+        values.update(class_from=settings.class_from, policy=config.policy, radii=list(config.schedule.radii),
                       n=None, forecast_alpha="strict" if config.forecast_alpha is None else config.forecast_alpha,
-                      selection=config.selection)
-        if settings.test == "betting":  # the first draw and the last size, alpha's final share, the mixture
-            values.update(looks=[config.first, config.last], levels=None, final_share=config.final_share,
+                      selection=config.selection, tolerance=config.tolerance, test=test_name(config))
+        if isinstance(config, BettingConfig):  # the first draw and the last size, alpha's final share, the mixture
+            values.update(looks=[config.first, config.schedule.last], levels=None, final_share=config.final_share,
                           bets=[list(bet) for bet in config.bets])
         else:
-            values.update(looks=list(config.looks), levels=list(config.levels))
+            values.update(looks=list(config.schedule.looks), levels=list(config.schedule.levels))
+    elif isinstance(settings, CertifySettings):  # fixed n: the sequential fields as earlier versions recorded them
+        values.update(class_from=None, policy=None, radii=None, tolerance=None, test=None, looks=None,
+                      forecast_alpha=None, selection=None)
     if isinstance(settings, AttackRunSettings):
         values["eps"] = settings.eps[0] if len(settings.eps) == 1 else list(settings.eps)
     values["shard"] = list(run.shard) if run.shard else None
@@ -289,9 +314,6 @@ def _put_in_job_order(out: Path, columns: Sequence[str], jobs: Sequence[Job]) ->
 def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
             make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str,
             show: bool = True) -> RunOutcome:
-    from .evaluate import row_fields
-    from .progress import progress as reporter
-
     todo = [job for job in jobs if job_key(job) not in log.done]
     write_provenance(out.parent, recorded, prefix=f"{out.name}.")
     with reporter(len(jobs), initial=len(jobs) - len(todo), label=label, bars=progress, show=show) as bar:
@@ -308,63 +330,68 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     With `run.denoiser` the base classifier is f o D (`denoise.attach_denoiser`: a denoiser trained
     for another sigma, or one that does not fit f's images, is refused) and the metadata holds the
     denoiser's under "denoiser"."""
-    from .accel import prepare_base, resolve_device
-    from .data import get_dataset
-    from .distributed import env_world, local_device
-    from .models import load_checkpoint
-    from .smoothing import Smooth
-
     _, world, local_rank = env_world()
     device = local_device(resolve_device(run.device), local_rank, world)
+    model: Any
     model, meta = load_checkpoint(run.checkpoint, device, normalization=settings.normalization)
     if run.denoiser is not None:  # denoised smoothing: certify f o D (Salman et al. 2020)
-        from .data import input_shape
-        from .denoise import attach_denoiser
-
         model, meta["denoiser"] = attach_denoiser(model, run.denoiser, sigma=settings.sigma,
                                                   shape=input_shape(meta["dataset"]), device=device)
     model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, settings.fold_bn)
-    dataset = get_dataset(meta["dataset"], settings.split, run.data_dir)
+    dataset = get_dataset(meta["dataset"], "train" if settings.split == "train" else "test", run.data_dir)
     return Smooth(model, meta["num_classes"], settings.sigma), dataset, meta, device
+
+
+def sequential_test(settings: CertifySettings) -> SequentialConfig | BettingConfig:
+    """The sequential test that certify `settings` (mode "sequential") describe: a `sequential.SequentialConfig`
+    (alpha spending, `settings.SpendingSettings`, the default) or a `betting.BettingConfig` (`BettingSettings`),
+    at the settings' sigma and alpha."""
+    test = settings.test
+    fields = {f.name: getattr(test, f.name) for f in dataclasses.fields(test)}
+    if isinstance(test, BettingSettings):
+        return BettingConfig(settings.sigma, settings.alpha, **fields)
+    return SequentialConfig(settings.sigma, settings.alpha, **fields)
+
+
+def test_name(config: SequentialConfig | BettingConfig) -> str:
+    """The `--test` name of a sequential test: "betting" or "spending"."""
+    return "betting" if isinstance(config, BettingConfig) else "spending"
+
+
+def normalize_record(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's settings as this version writes them, for comparison: sequential certify records
+    written before the test was recorded by name hold `test` None for alpha spending, and those written
+    before adaptive selection chose the class from all n0 samples ("fixed")."""
+    if recorded.get("command") != "certify" or recorded.get("mode") != "sequential":
+        return recorded
+    defaults = {"test": "spending", "selection": "fixed", "tolerance": 0.0}
+    return {**recorded, **{k: v for k, v in defaults.items() if recorded.get(k) is None}}
 
 
 def rows_maker(settings: EvaluationSettings, smooth: Any, dataset: Any,
                device: Any) -> tuple[tuple[str, ...], Callable[[list[Job]], Iterable[NamedTuple]]]:
     """The TSV columns of a run and the function computing the rows of a list of jobs."""
-    from .evaluate import (
-        ATTACK_COLUMNS,
-        CERTIFY_COLUMNS,
-        PREDICT_COLUMNS,
-        attack_dataset,
-        certify_dataset,
-        predict_dataset,
-    )
-
     s = settings
     if isinstance(s, CertifySettings) and s.mode == "sequential":
-        from .sequential import SEQUENTIAL_COLUMNS, certify_sequential_dataset
-
-        config = s.sequential_config()
+        config = sequential_test(s)
         return SEQUENTIAL_COLUMNS, lambda todo: certify_sequential_dataset(
-            smooth, dataset, todo, config=config, class_from=s.class_from or "selection", n0=s.n0,
+            smooth, dataset, todo, config=config, class_from=s.class_from, n0=s.n0,
             batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, CertifySettings):
         return CERTIFY_COLUMNS, lambda todo: certify_dataset(smooth, dataset, todo, n0=s.n0, n=s.n, alpha=s.alpha,
                                                              batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, SmoothPredictionSettings):
-        from .evaluate import SMOOTH_PREDICTION_COLUMNS, smooth_prediction_dataset
-
         return SMOOTH_PREDICTION_COLUMNS, lambda todo: smooth_prediction_dataset(
             smooth, dataset, todo, n=s.n, batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, PredictSettings):
         return PREDICT_COLUMNS, lambda todo: predict_dataset(smooth, dataset, todo, n=s.n, alpha=s.alpha,
                                                              batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, AttackRunSettings):
-        from .objectives import build_attack
-
         def attack_rows(todo: list[Job]) -> Iterable[NamedTuple]:
             for eps in dict.fromkeys(e for e, _ in todo):  # one attack per radius, jobs in their order
-                yield from attack_dataset(smooth, build_attack(s.attack_settings(eps)), dataset,
+                attack = build_attack(s.attack, eps, s.steps, gradient_free=s.gradient_free,
+                                      **({"random_start": s.random_start} if s.attack == "pgd" else {}))
+                yield from attack_dataset(smooth, attack, dataset,
                                           [i for e, i in todo if e == eps], m=s.m, n=s.n, alpha=s.alpha,
                                           batch_size=s.batch, seed=s.seed, device=device, base_attack=s.base_attack)
 
@@ -380,9 +407,6 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     writes `OUT.shard-r-of-k` and the last rank to finish merges them into `OUT`. Returns what was
     written; `log` (default print) receives one line saying where.
     """
-    from .data import check_data_dir
-    from .distributed import env_world
-
     check_data_dir(run.data_dir)
     rank, world, _ = env_world()
     if world > 1 and run.shard is not None:
@@ -490,7 +514,7 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     parsed = _parse_shards(out, paths)
     reference = parsed[0]
     for shard in parsed[1:]:  # the batch size cannot change a row: a shard resumed at another batch merges
-        differences = setting_differences(reference.settings, shard.settings,
+        differences = setting_differences(normalize_record(reference.settings), normalize_record(shard.settings),
                                           BATCH_SETTINGS if _evaluation(reference.settings) else frozenset())
         if differences:
             raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "
@@ -535,9 +559,6 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
 def _expected_header(settings: dict[str, Any], headers: Sequence[str]) -> str:
     """The TSV header a run with these recorded settings writes; for settings of no known command, the header
     most shards have (so a lone odd shard is the one blamed)."""
-    from .evaluate import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS
-    from .sequential import SEQUENTIAL_COLUMNS
-
     command = settings.get("command")
     columns = {"predict": PREDICT_COLUMNS, "attack": ATTACK_COLUMNS}.get(str(command)) if command != "certify" else (
         SEQUENTIAL_COLUMNS if settings.get("mode") == "sequential" else CERTIFY_COLUMNS)
