@@ -653,7 +653,8 @@ def run_bias(args: argparse.Namespace) -> None:
     realized = evaluate_policy(records, config, "counts", sum(records[0]["selection"]), config.schedule.radii, args.n)
     if realized is None:
         raise SmoothAdvError("trajectories too short to replay the grid policy")
-    fixed, sequential = expected_accuracy(records, config, config.schedule.radii, args.n, args.alpha, args.reps, args.seed)
+    fixed, sequential = expected_accuracy(records, config, config.schedule.radii, args.n, args.alpha, args.reps,
+                                          args.seed)
     print(f"{args.trajectories}: {len(records)} images, grid policy, {args.reps} simulated runs per image")
     print("\n| radius | expected fixed n (%) | expected sequential (%) | expected difference (pp) | realized (pp) |")
     print("|---|---|---|---|---|")

@@ -57,7 +57,8 @@ def papers_scale(out: str) -> None:
         print(lines[-1], file=sys.stderr, flush=True)
     text = ("looks " + ", ".join(f"{n:,}" for n in config.schedule.looks) + "; levels (x alpha) "
             + ", ".join(f"{v / 0.001:.4g}" for v in config.schedule.levels)
-            + f"\nbetting: first draw {betting.first}, last {betting.schedule.last:,}, half of alpha on the final look\n"
+            + f"\nbetting: first draw {betting.first}, last {betting.schedule.last:,}, half of alpha on the final "
+            + "look\n"
             + "selection: Cohen's (all n0 = 100 votes) unless marked; adaptive: 16 votes when unanimous, else 100\n\n"
             + "\n".join(lines)
             + f"\n\nlargest: fixed n {worst[0]:.2e}, sequential {worst[1]:.2e} (adaptive selection {worst[2]:.2e}), "

@@ -41,8 +41,8 @@ def test_default_schedule_keeps_the_cap_and_spends_alpha_once() -> None:
     assert sorted(config.forecasts)[:3] == [256, 512, 1024] and config.schedule.last in config.forecasts
     assert config.checks(0, 64) == (16, 32, 48, 64) and config.checks(8192, 10240) == (9216, 10240)
     assert sum(w for _, w in DEFAULT_BETS) == pytest.approx(1.0)
-    assert BettingConfig(0.5, final_share=0).schedule.last == 131072 and BettingConfig(0.5, final_share=0).threshold == \
-        pytest.approx(math.log(1000))
+    pure = BettingConfig(0.5, final_share=0)
+    assert pure.schedule.last == 131072 and pure.threshold == pytest.approx(math.log(1000))
     for bad in ({"first": 6}, {"final_share": 1.0}, {"bets": ((1.0, 0.5),)}, {"bets": ((0.0, 1.0),)},
                 {"policy": "nope"}, {"last": 8}):
         with pytest.raises(SmoothAdvError):

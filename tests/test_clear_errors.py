@@ -1,6 +1,6 @@
-"""Tracebacks and unclear messages once found by trying hostile input: each bad input ends with exit status 2 and one clear
-`smoothadv: error:` line naming what is wrong (no traceback, no warnings), and leaves every file as it
-was; the conventions (file modes, plot formats, --help defaults, progress output for logs) hold.
+"""Tracebacks and unclear messages once found by trying hostile input: each bad input ends with exit status 2
+and one clear `smoothadv: error:` line naming what is wrong (no traceback, no warnings), and leaves every file
+as it was; the conventions (file modes, plot formats, --help defaults, progress output for logs) hold.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The training methods after SmoothAdv (Stability, Consistency, MACER, SmoothMix, CAT-RS): values on tiny models where the answer is known, and
+"""The training methods after SmoothAdv (Stability, Consistency, MACER, SmoothMix, CAT-RS): values on tiny models
+where the answer is known, and
 one epoch of each on the synthetic dataset lowering its own loss.
 
 Every test is seeded and runs in about a second on one CPU thread.
@@ -33,8 +34,8 @@ from smoothadv.objectives import (
     smoothmix_attack,
     uniform_draws,
 )
-from smoothadv.train import recipe as train_recipe
 from smoothadv.train import batches, train_epoch
+from smoothadv.train import recipe as train_recipe
 
 
 def _toy(seed: int = 0) -> nn.Sequential:
@@ -192,7 +193,7 @@ def test_smoothmix_loss_recomputed_from_its_definition() -> None:
     model.eval()
     x_init, x_adv = smoothmix_attack(model, x, y, noise, step_size=0.5, steps=3, mix_step=1)
     model.train()
-    step = x_init - x  # the one-step adversary, moved step_size = 0.5; its radius is capped at ramp x step_size x 1 = 0.25
+    step = x_init - x  # the one-step adversary, moved 0.5 (the step size); its radius is capped at ramp x 0.5 = 0.25
     assert 0.25 < float(step.flatten(1).norm(dim=1).max()) <= 0.5 + 1e-6
     assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 3 * 0.5 + 1e-5  # no eps-ball: up to T step_size
     norms = step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)

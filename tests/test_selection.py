@@ -146,7 +146,8 @@ def test_adaptive_selection_keeps_alpha_exactly_on_the_oracles(alpha) -> None:
     n = 100
     for problem in standard_problems(n, alpha, ADAPTIVE_N0, quick=True):
         spending = SequentialConfig(problem.sigma, alpha, looks=(25, 50, 100), policy="full")
-        fail = exact_sequential_failure(problem, ADAPTIVE_N0, spending.schedule.looks, alpha, levels=spending.schedule.levels,
+        schedule = spending.schedule
+        fail = exact_sequential_failure(problem, ADAPTIVE_N0, schedule.looks, alpha, levels=schedule.levels,
                                         selection="adaptive")
         betting = exact_betting_failure(problem, ADAPTIVE_N0, suite_betting_config(problem.sigma, alpha, n))
         assert 0 <= fail <= alpha and 0 <= betting <= alpha, problem.name

@@ -87,7 +87,8 @@ def test_fitted_schedule_spends_alpha_where_inputs_stop() -> None:
     # `base` replaces the doubling looks the grid schedule is fitted on; other policies make exactly those looks
     short = doubling_looks(64, 512)
     on_short = SequentialConfig(0.25, base=short)
-    assert (on_short.schedule.looks, on_short.schedule.levels) == fitted_schedule(0.25, 0.001, standard_radii(0.25, 0.001, short), short)
+    fitted = fitted_schedule(0.25, 0.001, standard_radii(0.25, 0.001, short), short)
+    assert (on_short.schedule.looks, on_short.schedule.levels) == fitted
     assert SequentialConfig(0.25, policy="full", base=short).schedule.looks == short
     # explicit looks keep the equal split alpha / K
     assert SequentialConfig(0.5, looks=DEFAULT_LOOKS).schedule.levels == (0.001 / 8,) * 8
@@ -236,8 +237,8 @@ def test_sequential_radius_is_valid_and_tight_on_a_linear_classifier(linear_mode
 
 
 def test_sigma_has_one_source_a_mismatched_config_is_refused(linear_model) -> None:
-    # Before this check, Smooth(sigma = 0.25) certified with SequentialConfig(sigma = 1.0) drew the noise at 0.25 and computed
-    # the radius at 1.0. With margin 0.4 (true radius 0.4) that reported about 1.5, silently.
+    # Without this check, Smooth(sigma = 0.25) certified with SequentialConfig(sigma = 1.0) drew the noise at 0.25 and
+    # computed the radius at 1.0. With margin 0.4 (true radius 0.4) that reported about 1.5, silently.
     smooth = Smooth(linear_model, 2, 0.25)
     x, margin = image_with_margin(0.4), 0.4
     right = SequentialConfig.for_smooth(smooth, looks=doubling_looks(1024, 16384), policy="full")

@@ -58,7 +58,8 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
 
     looks = doubling_looks(64, 512)
     configs = bench.policies(0.25, 0.001, looks, [0.3])
-    betting = ["--test", "betting", "--looks", f"4:{configs['betting grid'].schedule.last}"]  # the benchmark's betting test
+    last = configs["betting grid"].schedule.last
+    betting = ["--test", "betting", "--looks", f"4:{last}"]  # the benchmark's betting test
     grid_radii = ["--radii", *map(str, configs["grid"].schedule.radii)]
     runs = (("grid", ["--looks", "64:512"]), ("radius 0.3", ["--looks", "64:512", "--radii", "0.3"]),
             ("betting grid", [*betting, *grid_radii]), ("betting radius 0.3", [*betting, "--radii", "0.3"]))

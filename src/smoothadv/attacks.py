@@ -99,8 +99,8 @@ def check_batch(x: Tensor, y: Tensor) -> int:
     and y is B integer labels >= 0; returns the largest label (checked against the model's
     outputs at its first call, `check_labels`). One host synchronisation."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
-        shown = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {shown}")
+        got = str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+        raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {got}")
     if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
             or tuple(y.shape) != (x.shape[0],):
         shown = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
@@ -343,12 +343,13 @@ def build_attack(attack: str = "pgd", eps: float = 0.5, steps: int = 10, *, grad
     """The attack called `attack` ("pgd" or "ddn") with settings given by recipe key (`attack_settings`).
 
     `gradient_free` makes PGD's Stein variant (`SteinPGDL2`). A setting of another attack (e.g.
-    `ddn_gamma` for PGD) is refused, one line, unless it is None or False (off). DDN's `ddn_gamma` and `ddn_init_norm`, when not given or
-    None, follow Salman et al.'s prediction script's rule: the norm may shrink from eps to 3/510 in T
-    steps, gamma = 1 - (3/510/eps)^(1/T), and it starts at eps (at least 1e-3). A deliberate deviation:
-    predict.py itself starts at its --init-norm-DDN default, 256/256 = 1.0, whatever eps; we start where
-    its gamma rule assumes (and where training's warm-up starts DDN each epoch). Pass `ddn_init_norm=1.0`
-    for the script's behaviour."""
+    `ddn_gamma` for PGD) is refused, one line, unless it is None or False (off). DDN's `ddn_gamma` and
+    `ddn_init_norm`, when not given or None, follow Salman et al.'s prediction script's rule: the norm may shrink
+    from eps to 3/510 in T steps, gamma = 1 - (3/510/eps)^(1/T), and it starts at eps (at least 1e-3). A deliberate
+    deviation: predict.py itself starts at its --init-norm-DDN default, 256/256 = 1.0, whatever eps; we start where
+    its gamma rule assumes (and where training's warm-up starts DDN each epoch). Pass `ddn_init_norm=1.0` for the
+    script's behaviour.
+    """
     cls = get_attack(attack)
     if gradient_free and cls is not PGDL2:
         raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")

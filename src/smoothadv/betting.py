@@ -344,11 +344,11 @@ class BettingTest:
         if self.done:
             raise SmoothAdvError("the betting test has already stopped")
         sizes = np.diff((self.n, *self._checks))
-        counts = np.asarray([int(c) for c in counts])
-        if len(counts) != len(sizes) or (counts < 0).any() or (counts > sizes).any():
+        given = np.asarray([int(c) for c in counts])
+        if len(given) != len(sizes) or (given < 0).any() or (given > sizes).any():
             raise SmoothAdvError(f"expected one count in [0, size] for each of the segments {sizes.tolist()}")
         config = self.config
-        successes = self.successes + np.cumsum(counts)
+        successes = self.successes + np.cumsum(given)
         failures = np.asarray(self._checks) - successes
         self._pending.append((successes, failures))
         wealth = _Wealth(successes, failures, config)

@@ -96,7 +96,7 @@ def certify_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *,
                                            [example_generator(seed, index, device) for index in chunk])
         elapsed = (time.time() - started) / len(chunk)
         for index, (_, label), (prediction, radius) in zip(chunk, examples, certificates):
-            yield CertifyRow(index, label, prediction, radius, int(prediction == label), format_time(elapsed))
+            yield CertifyRow(index, label, int(prediction), radius, int(prediction == label), format_time(elapsed))
 
 
 def predict_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *, n: int, alpha: float,

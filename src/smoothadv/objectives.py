@@ -217,7 +217,8 @@ class SmoothAdv(Objective):
         changes: dict[str, Any] = {"eps": eps}
         if isinstance(self.attack, DDN) and eps > 0:
             changes["init_norm"] = eps
-        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, **changes))
+        attack: Any = self.attack  # a dataclass: checked when the objective is made
+        return dataclasses.replace(self, attack=dataclasses.replace(attack, **changes))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
         noise = standard_normal((x.shape[0], self.m, *x.shape[1:]), x, generator) * self.sigma
@@ -717,4 +718,5 @@ def build_objective(name: str, sigma: float, options: Mapping[str, Any] | None =
         kwargs["attack"] = attack
     elif attack is not None:
         raise SmoothAdvError(f"the {name} objective has no attack of the smoothed classifier to set")
-    return OBJECTIVES[name](sigma=sigma, **kwargs)
+    built: Objective = OBJECTIVES[name](sigma=sigma, **kwargs)  # type: ignore[call-arg]  # every one has sigma
+    return built

@@ -223,8 +223,11 @@ def merge(parts: Sequence[Results]) -> Results:
         arrays = [getattr(p, name) for p in parts]
         return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
-    merged = Results(parts[0].path, parts[0].kind, cat("idx"), cat("label"), cat("predict"), cat("correct"),
-                     cat("radius"), cat("eps"), cat("seconds"))  # type: ignore[arg-type]
+    def joined(name: str) -> np.ndarray:  # a column every file has
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    merged = Results(parts[0].path, parts[0].kind, joined("idx"), joined("label"), joined("predict"),
+                     joined("correct"), cat("radius"), cat("eps"), cat("seconds"))
     keys = list(zip(merged.idx.tolist(), (merged.eps if merged.eps is not None else merged.idx * 0).tolist()))
     if len(set(keys)) != len(keys):
         raise SmoothAdvError(f"example indices repeat across {', '.join(str(p.path) for p in parts)}")
@@ -907,6 +910,8 @@ def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     for i, (name, res) in enumerate(certify.items()):
         colour = palette[i % len(palette)]
+        if res.radius is None:
+            raise SmoothAdvError(f"{res.path} has no radius column (a predict/attack file?)")
         acr = average_certified_radius(res.radius, res.correct)
         left.plot(grid, certified_curve(res, grid), color=colour, linewidth=2, label=f"{name} (ACR {acr:.3f})")
         low, high = certified_intervals(res, grid)

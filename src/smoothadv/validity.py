@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,10 @@ class IntervalClassifier(nn.Module):
 
     Logits are minus the distance of s = <u, x> to each class's interval (0 inside it).
     """
+
+    u: Tensor
+    lo: Tensor
+    hi: Tensor
 
     def __init__(self, direction: np.ndarray, thresholds: Sequence[float]) -> None:
         super().__init__()
@@ -262,8 +267,8 @@ def clopper_pearson_lower_all(n: int, alpha: float) -> np.ndarray:
         k = np.arange(1, n)
         with np.errstate(all="ignore"):
             out[1:n] = beta.ppf(alpha, k, n - k + 1)
-    for k in np.flatnonzero(~np.isfinite(out)):
-        out[k] = clopper_pearson_lower(int(k), n, alpha)
+    for missing in np.flatnonzero(~np.isfinite(out)):
+        out[missing] = clopper_pearson_lower(int(missing), n, alpha)
     return out
 
 
@@ -639,7 +644,8 @@ def adaptive_selection_modes(alpha: float, n: int) -> list[Mode]:
             cfg = config(problem.sigma, betting)
             if isinstance(cfg, BettingConfig):
                 return exact_betting_failure(problem, ADAPTIVE_N0, cfg, against)
-            return exact_sequential_failure(problem, ADAPTIVE_N0, looks, alpha, against, cfg.schedule.levels, cfg.selection)
+            return exact_sequential_failure(problem, ADAPTIVE_N0, looks, alpha, against, cfg.schedule.levels,
+                                            cfg.selection)
 
         test = f"betting full last={n}" if betting else f"sequential full looks={','.join(map(str, looks))}"
         return Mode(f"{test} adaptive selection n0={ADAPTIVE_N0}", "certify", run, exact)
@@ -887,7 +893,7 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
 # ------------------------------------------------------------------ reporting
 
 
-def summarize(results: Sequence[Result]) -> dict[str, object]:
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
     """Pooled figures per mode (controls excluded from the sound totals)."""
     sound = [r for r in results if not r.control]
     by_mode: dict[str, dict[str, float]] = {}
@@ -928,7 +934,7 @@ def format_summary(results: Sequence[Result]) -> str:
     summary = summarize(results)
     alpha = summary["alpha"]
     lines = []
-    for mode, m in summary["modes"].items():  # type: ignore[union-attr]
+    for mode, m in summary["modes"].items():
         kind = "wrong class" if mode.startswith("predict") else "invalid certificates"
         lines.append(f"{mode}: {int(m['trials'])} trials, {kind} {int(m['invalid'])} "
                      f"(rate {m['invalid'] / m['trials']:.4f}; radius > sigma*Phi^-1(p_A) rate "
