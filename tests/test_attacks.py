@@ -88,21 +88,59 @@ def test_outputs_respect_box_and_ball(attack) -> None:
             assert float(F.cross_entropy(SoftSmoothed(net, noise)(x_adv), y)) > float(before)
 
 
-@pytest.mark.parametrize("attack", [PGDL2(0.5, 2, random_start=True), DDN(0.5, 3)], ids=repr)
-def test_no_side_effects_on_model(attack) -> None:
-    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
+class _ModeRecorder(nn.Module):
+    """Records whether it was in train mode at each forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.training)
+        return x
+
+
+@pytest.mark.parametrize("attack", [PGDL2(0.5, 2, random_start=True), DDN(0.5, 3),
+                                    SteinPGDL2(0.5, 2)], ids=repr)
+def test_attacks_run_in_eval_mode_and_leave_the_model_as_it_was(attack) -> None:
+    recorder = _ModeRecorder()
+    net = nn.Sequential(recorder, nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
                         nn.Linear(16, 4))
     net.train()
-    net[1].weight.requires_grad_(False)
+    net[2].weight.requires_grad_(False)
+    net[4].eval()  # a submodule in its own mode keeps it
     flags = [p.requires_grad for p in net.parameters()]
+    modes = [m.training for m in net.modules()]
+    stats = [t.clone() for t in net[3].buffers()]
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
-    attack(net, x, y)
-    assert net.training and all(m.training for m in net.modules())
+    target = SoftSmoothed(net, torch.randn(8, 2, 3, 4, 4) * 0.25) if isinstance(attack, SteinPGDL2) else net
+    attack(target, x, y)
+    assert recorder.seen and not any(recorder.seen)  # every forward pass of the attack in eval mode
+    assert [m.training for m in net.modules()] == modes  # then every submodule's mode restored
+    assert all(torch.equal(a, b) for a, b in zip(stats, net[3].buffers()))  # BatchNorm statistics untouched
     assert [p.requires_grad for p in net.parameters()] == flags
     assert all(p.grad is None for p in net.parameters())
     net.eval()
-    attack(net, x, y)
+    attack(target, x, y)
     assert not any(m.training for m in net.modules())
+    recorder.seen.clear()
+    PGDL2(0.5, 1)(lambda z: net.train()(z), x, y)  # a plain function is called as it is: train mode if it says so
+    assert recorder.seen == [True]
+
+
+@pytest.mark.parametrize("attack", [PGDL2, DDN, SteinPGDL2])
+def test_the_torchattacks_habit_is_refused_with_what_to_write(attack) -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    for make in (lambda: attack(net, eps=0.5), lambda: attack(net), lambda: attack(eps=net)):
+        with pytest.raises(SmoothAdvError, match=rf"takes the model when it is called.*{attack.__name__}\(eps=0.5, "
+                                                 r"steps=10\)\(model, x, y\)"):
+            make()
+
+
+def test_an_unbatched_image_is_refused() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    with pytest.raises(SmoothAdvError, match=r"pass x\[None\] and y\[None\]"):
+        PGDL2(0.5, 2)(net, torch.rand(3, 4, 4), torch.tensor(1))
 
 
 class _Spy:

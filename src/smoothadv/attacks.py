@@ -18,9 +18,13 @@ Contract (every attack, tested in tests/test_attacks.py):
   [0, K) for a model of K outputs; anything else is a SmoothAdvError (one line) before any
   step. The result is a batch in [0, 1].
 - ||x_adv - x||_2 <= eps for every example (natural units: eps = 0.5 means 0.5 in [0, 1] pixels).
-- No side effects on the model: its train/eval mode and its parameters' `requires_grad` are left
-  alone; gradients are taken with respect to the input only (`torch.autograd.grad`), so no
-  parameter `.grad` is touched. Put the model in eval mode yourself if it has BatchNorm/dropout.
+- No side effects on the model: an `nn.Module` is attacked in eval mode (BatchNorm uses its running
+  statistics and updates nothing, dropout is off), and every submodule's train/eval mode is restored
+  afterwards, as torchattacks does; its parameters' `requires_grad` are left alone, and gradients are
+  taken with respect to the input only (`torch.autograd.grad`), so no parameter `.grad` is touched. To
+  attack a module in train mode, pass a plain function, e.g. `lambda z: net(z)`.
+- Attacks are configured first and get the model at call time: `PGDL2(eps=0.5, steps=10)(model, x, y)`;
+  the torchattacks habit `PGDL2(model, eps=0.5)` is refused with that advice.
 - eps = 0 returns `x` unchanged without calling the model or drawing random numbers.
 - Untargeted only. Randomness (random start, the rare zero-gradient fallback) comes from the
   optional `generator`.
@@ -28,8 +32,9 @@ Contract (every attack, tested in tests/test_attacks.py):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -76,6 +81,32 @@ class Attack(Protocol):
         ...
 
 
+@contextlib.contextmanager
+def attack_mode(model: object) -> Iterator[None]:
+    """Eval mode for an `nn.Module` while it is attacked; afterwards every submodule's mode as it was."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class _ModelAtCallTime:
+    """Refuses the torchattacks habit of giving the model to the constructor, with what to write instead."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        given = [*args[:1], kwargs.get("eps")]
+        if any(callable(value) and not isinstance(value, (int, float)) for value in given):
+            raise SmoothAdvError(f"{cls.__name__} takes the model when it is called, not when it is made: write "
+                                 f"{cls.__name__}(eps=0.5, steps=10)(model, x, y)")
+        return super().__new__(cls)
+
+
 def l2_norm(t: Tensor) -> Tensor:
     """Per-example L2 norm of a batch (B, ...) -> (B,)."""
     return t.flatten(1).norm(dim=1)
@@ -101,6 +132,9 @@ def check_batch(x: Tensor, y: Tensor) -> int:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
         got = str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
         raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {got}")
+    if isinstance(y, Tensor) and y.dim() == 0:
+        raise SmoothAdvError(f"the attack needs a batch: x of shape {tuple(x.shape)} with one label looks like a single "
+                             "image; pass x[None] and y[None] (or y.view(1))")
     if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
             or tuple(y.shape) != (x.shape[0],):
         shown = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
@@ -156,7 +190,7 @@ def _check(eps: float, steps: int) -> None:
 
 
 @dataclass(frozen=True)
-class _ProjectedL2Ascent:
+class _ProjectedL2Ascent(_ModelAtCallTime):
     """The PGD loop shared by `PGDL2` and `SteinPGDL2`; subclasses say where the ascent direction comes from.
 
     T = `steps` steps of length `step_length` along the per-example normalized direction, each
@@ -192,7 +226,10 @@ class _ProjectedL2Ascent:
         top_label = check_batch(x, y)
         if self.eps == 0:
             return x
-        x = x.detach()
+        with attack_mode(model):
+            return self._attack(model, x.detach(), y, top_label, generator)
+
+    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None) -> Tensor:
         delta = torch.zeros_like(x)
         if self.random_start:
             direction = _normalize(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator), None)
@@ -243,7 +280,7 @@ class SteinPGDL2(_ProjectedL2Ascent):
 
 
 @dataclass(frozen=True)
-class DDN:
+class DDN(_ModelAtCallTime):
     """Decoupled Direction and Norm (Rony et al., CVPR 2019), as SmoothAdv adapted it (Salman et al. 2019, Section 3).
 
     Keeps a norm budget rho (starting at `init_norm`) that shrinks by (1 - gamma) while the point is
@@ -282,7 +319,10 @@ class DDN:
         top_label = check_batch(x, y)
         if self.eps == 0:
             return x
-        x = x.detach()
+        with attack_mode(model):
+            return self._attack(model, x.detach(), y, top_label, generator)
+
+    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None) -> Tensor:
         batch = x.shape[0]
         delta = torch.zeros_like(x)
         norm = torch.full((batch,), float(self.init_norm), device=x.device, dtype=x.dtype)
