@@ -223,8 +223,8 @@ def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, 
     directory = RunDirectory(settings.out_dir, CHECKPOINT)
     done = 0
     if directory.checkpoint.exists() and not cfg.fresh:
-        saved = read_checkpoint(directory.checkpoint)
         try:
+            saved = read_checkpoint(directory.checkpoint)
             directory.check_resumable(saved, settings, objective)
             done = int(saved.get("epoch", 0))
         except SmoothAdvError:

@@ -468,9 +468,6 @@ class DenoiserTrainee(Trainee):
             self.history = list(init_meta.get("history") or [])
         self._data: Data | None = None
 
-    def check(self) -> None:
-        pass  # the settings were checked when made
-
     def data(self) -> Data:
         if self._data is None:
             cfg = self.cfg

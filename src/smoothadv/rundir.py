@@ -168,9 +168,7 @@ class RunDirectory:
                                  "over")
         return self.checkpoint if resume and self.checkpoint.exists() else None
 
-    def check_resumable(self, saved: Mapping[str, Any], settings: Any, objective: Any = None,
-                        may_change: str = "--epochs (to extend it), --device, --workers, --data-dir and --progress"
-                        ) -> None:
+    def check_resumable(self, saved: Mapping[str, Any], settings: Any, objective: Any = None) -> None:
         """Refuse (SmoothAdvError, one line) to resume checkpoint `saved` with `settings` and `objective` if
         that would change the run (`compare` over the settings' fields, their rows=False ones free, a larger
         `epochs` accepted; the objective at the last trained epoch against the recorded one)."""
@@ -192,6 +190,9 @@ class RunDirectory:
                 wrong, _ = compare(then, now, free=("sigma", "name"))
                 changed += [f"objective {d.name} {d.before!r} -> {d.after!r}" for d in wrong]
         if changed:
+            free = [flag_name(f) for name, f in fields.items()
+                    if name in bookkeeping_fields(cls) and name not in ("out_dir", "resume", "force")]
+            may_change = ", ".join(["--epochs (to extend it)", *free[:-1]]) + f" and {free[-1]}" if free else "--epochs"
             raise SmoothAdvError(f"cannot resume {self.checkpoint}: that would change the run ({'; '.join(changed)}); "
                                  f"on resume only {may_change} may change: use the recorded settings, or start over "
                                  "with --force or a new --out")
