@@ -413,3 +413,19 @@ def test_the_loop_refuses_an_objective_of_another_sigma_before_writing(tmp_path)
     with pytest.raises(SmoothAdvError, match="sigma 1 but the settings say --sigma 0.25"):
         run_loop(settings, objective, trainee)
     assert not (tmp_path / "run").exists()
+
+
+def test_query_access_goes_round_robin_across_epochs_and_the_target_only_measures(tmp_path) -> None:
+    torch.manual_seed(0)
+    surrogates, target = (_BNClassifier(), _BNClassifier()), _BNClassifier()
+    calls: list[int] = []
+    for number, f in enumerate(surrogates):
+        f.register_forward_hook(lambda *_, number=number: calls.append(number))
+    target.register_forward_hook(lambda *_: calls.append(9))
+    settings = DenoiserTrainSettings(dataset="synthetic", out_dir=tmp_path, objective="classification", epochs=2,
+                                     batch_size=32, train_subset=96, eval_subset=16, depth=3, width=4, progress=False)
+    train_denoiser(settings, classifiers=list(surrogates), eval_classifier=target)
+    fits, steps = calls[:3], [c for c in calls[3:] if c != 9]
+    assert fits == [0, 1, 9]  # each classifier is checked to fit the denoiser first
+    assert steps == [0, 1, 0, 1, 0, 1]  # 3 steps an epoch: epoch 2 goes on at step 3, through surrogate 1
+    assert calls.count(9) == 1 + 2 * 2  # the target: the fit check, then 2 evaluations (f(D(x+d)), f(x+d)) an epoch
