@@ -153,7 +153,7 @@ def _plan(cfg: DemoConfig, out: Path, device: Any) -> _Plan:
     # a rebuilt report takes the images from the TSVs (no dataset needed); a run selects them from the test set
     test_size = cfg.certify if cfg.report_only else len(get_dataset(cfg.dataset, "test", cfg.data_dir))  # type: ignore[arg-type]
     shared: dict[str, Any] = {"sigma": cfg.sigma, "alpha": cfg.alpha, "batch": cfg.batch, "seed": cfg.seed,
-              "skip": max(1, test_size // cfg.certify)}
+                              "skip": max(1, test_size // cfg.certify)}
     evaluations: dict[str, tuple[RunSettings, CertifySettings | AttackRunSettings]] = {}
     for name in training:
         run = RunSettings(checkpoint=str(out / name / CHECKPOINT), out=out / f"certify_{name}.tsv", device=str(device),
