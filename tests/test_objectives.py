@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Subset
 
 from smoothadv.attacks import DDN, PGDL2
@@ -12,8 +13,8 @@ from smoothadv.data import get_dataset
 from smoothadv.errors import SmoothAdvError
 from smoothadv.models import build_model
 from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv
-from smoothadv.train import recipe as train_recipe
 from smoothadv.train import batches, train_epoch
+from smoothadv.train import recipe as train_recipe
 
 
 def _toy(seed: int = 0) -> torch.nn.Sequential:
@@ -186,3 +187,32 @@ def test_fp16_training_needs_a_gpu(tmp_path) -> None:
         fit(cfg, GaussianAugmentation(0.25))
     with pytest.raises(SmoothAdvError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
         TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8")
+
+
+def test_the_loop_contract_is_stated_and_enforced() -> None:
+    """A researcher's own loop: objectives with a schedule refuse to run without `at_epoch`, the split into
+    optimizer steps is `split`, and the properties document themselves."""
+    from smoothadv.objectives import MACER, Consistency, Objective, SmoothMix
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(4, 3, 2, 2), torch.randint(0, 3, (4,))
+    for scheduled in (SmoothAdv(0.25, PGDL2(0.5, 1), warmup=3), MACER(0.25, m=2, deferred=2),
+                      SmoothMix(0.25, m=2, steps=1, warmup=2)):
+        with pytest.raises(SmoothAdvError, match=r"call it as objective.at_epoch\(epoch\)\(model, x, y\)"):
+            scheduled(net, x, y)
+        out = scheduled.at_epoch(0)(net, x, y)
+        assert torch.isfinite(out.loss)
+        assert "epoch" not in scheduled.at_epoch(0).describe()  # recorded checkpoints stay comparable
+    # unscheduled objectives (warm-up 1, no deferred start) need no epoch
+    assert torch.isfinite(SmoothAdv(0.25, PGDL2(0.5, 1))(net, x, y).loss)
+    # warm-up: the epoch's eps is in the attack the objective of that epoch uses
+    assert SmoothAdv(0.25, PGDL2(0.6, 1), warmup=3).at_epoch(0).attack.eps == pytest.approx(0.2)
+    assert MACER(0.25, m=2, lbd=5.0, deferred=2).at_epoch(1).lbd == 0.0
+    assert MACER(0.25, m=2, lbd=5.0, deferred=2).at_epoch(2).lbd == 5.0
+    # the split into optimizer steps
+    chunks = Consistency(0.25, m=2).split(x, y)
+    assert len(chunks) == 2 and [tuple(c[0].shape) for c in chunks] == [(2, 3, 2, 2)] * 2
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    assert len(SmoothAdv(0.25, PGDL2(0.5, 1), m=4).split(x, y)) == 1  # one step unless multi-noise
+    assert len(SmoothAdv(0.25, PGDL2(0.5, 1), m=4, multi_noise=True).split(x, y)) == 4
+    assert "chunks" in (Objective.steps_per_batch.__doc__ or "") and "index" in (Objective.uses_index.__doc__ or "")

@@ -73,12 +73,36 @@ class LossOutput(NamedTuple):
 
 
 class Objective(ABC):
-    """A training method's per-batch loss. Implementations are frozen dataclasses."""
+    """A training method's per-batch loss. Implementations are frozen dataclasses whose fields are their
+    hyperparameters (declared with `settings.setting`), with `sigma` the noise level they train for.
 
-    #: optimizer steps the loop takes per loader batch (the batch is split into this many chunks)
-    steps_per_batch: int = 1
-    #: whether the loop passes `index=` (each example's position in the training set) to `__call__`
-    uses_index: bool = False
+    The contract with a training loop. `train.train_epoch` keeps it; a loop of your own must keep it too:
+
+    1. At the start of each epoch e (counted from 0), use `objective.at_epoch(e)`, the objective of that
+       epoch (SmoothAdv's eps warm-up, SmoothMix's ramp, MACER's deferred start). An objective with such a
+       schedule refuses to be called before `at_epoch` was applied, so a forgotten call is an error, not
+       a silently different method.
+    2. Split each loader batch into `steps_per_batch` chunks (`split`) and take one optimizer step on
+       each chunk's loss, in order (SmoothAdv with multi-noise, Consistency, SmoothMix and CAT-RS take m
+       steps per batch, as their authors' code).
+    3. If `uses_index`, pass `index=` (each example's position in the training set) to `__call__`.
+    4. Call it with the model in train mode; it switches to eval mode itself where the method attacks.
+    """
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per loader batch: the loop splits each batch into this many chunks (`split`)."""
+        return 1
+
+    @property
+    def uses_index(self) -> bool:
+        """Whether `__call__` needs `index=`: each example's position in the training set (CAT-RS)."""
+        return False
+
+    def split(self, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+        """The chunks of one loader batch (x, y[, index]) on which the loop takes one step each (`steps_per_batch`)."""
+        chunks = [t.chunk(self.steps_per_batch) for t in tensors]
+        return list(zip(*chunks))
 
     @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
@@ -88,7 +112,7 @@ class Objective(ABC):
         objective may run any forward and backward passes on it (an attack, several losses). Under
         torchrun the training loop alone keeps the ranks' replicas in step (`distributed.sync_replicas`
         after the backward of `loss`), and `generator` draws this rank's rows of the global batch's
-        noise; an objective needs no distributed code. An objective whose class sets `uses_index`
+        noise; an objective needs no distributed code. An objective whose `uses_index` is true
         (CAT-RS) is also given `index=`: each example's position in the training set (a (B,) tensor)."""
 
     def at_epoch(self, epoch: int) -> Objective:
@@ -96,11 +120,20 @@ class Objective(ABC):
         return self
 
     def describe(self) -> dict:
-        """Plain-data description stored in checkpoints and run folders."""
+        """Plain-data description stored in checkpoints and run folders (the epoch an objective was made for is
+        not part of it: `at_epoch` records its effect, such as the warm-up eps)."""
         if not dataclasses.is_dataclass(self):
             return {"name": type(self).__name__}
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "epoch"}
         return {"name": type(self).__name__, **{k: describe_value(v) for k, v in fields.items()}}
+
+    def _require_epoch(self, scheduled: bool) -> None:
+        """Refuse a call of an objective whose schedule (`scheduled`) was never given its epoch (`at_epoch`)."""
+        if scheduled and getattr(self, "epoch", None) is None:
+            name = type(self).__name__
+            raise SmoothAdvError(f"{name} has a schedule over the epochs: call it as objective.at_epoch(epoch)(model, "
+                                 f"x, y), once per epoch (train.fit does); without it the {name} of no epoch is "
+                                 "undefined")
 
 
 def scheduled(default: Any) -> Any:
@@ -193,6 +226,8 @@ class SmoothAdv(Objective):
     lbd: float = setting(1.0, "with --consistency: weight of its KL term", limit=NONNEGATIVE)
     eta: float = setting(0.5, "with --consistency: weight of the entropy of the average prediction", limit=NONNEGATIVE)
 
+    epoch: int | None = scheduled(None)  # set by at_epoch
+
     def __post_init__(self) -> None:
         check_hyperparameters(self)
         if not (dataclasses.is_dataclass(self.attack) and not isinstance(self.attack, type)) \
@@ -205,7 +240,7 @@ class SmoothAdv(Objective):
                                  "it needs --multi-noise and --m >= 2")
 
     @property
-    def steps_per_batch(self) -> int:  # type: ignore[override]
+    def steps_per_batch(self) -> int:
         return self.m if self.multi_noise else 1
 
     def eps_at(self, epoch: int) -> float:
@@ -218,9 +253,10 @@ class SmoothAdv(Objective):
         if isinstance(self.attack, DDN) and eps > 0:
             changes["init_norm"] = eps
         attack: Any = self.attack  # a dataclass: checked when the objective is made
-        return dataclasses.replace(self, attack=dataclasses.replace(attack, **changes))
+        return dataclasses.replace(self, attack=dataclasses.replace(attack, **changes), epoch=epoch)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        self._require_epoch(self.warmup > 1)
         noise = standard_normal((x.shape[0], self.m, *x.shape[1:]), x, generator) * self.sigma
         if self.attack.eps > 0:
             with eval_mode(model):
@@ -327,7 +363,7 @@ class Consistency(Objective):
         check_hyperparameters(self)
 
     @property
-    def steps_per_batch(self) -> int:  # type: ignore[override]
+    def steps_per_batch(self) -> int:
         return self.m
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
@@ -387,13 +423,16 @@ class MACER(Objective):
     deferred: int = setting(0, "MACER: epochs trained with lambda = 0 before the robustness term starts (0: off; "
                             "the re-run code's --deferred is --lr-step here)", limit=COUNT)
 
+    epoch: int | None = scheduled(None)  # set by at_epoch
+
     def __post_init__(self) -> None:
         check_hyperparameters(self)
 
     def at_epoch(self, epoch: int) -> MACER:
-        return dataclasses.replace(self, lbd=0.0) if epoch < self.deferred else self
+        return dataclasses.replace(self, lbd=0.0 if epoch < self.deferred else self.lbd, epoch=epoch)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        self._require_epoch(self.deferred > 0)
         batch = x.shape[0]
         noise = noise_copies(x, self.m, self.sigma, generator)
         flat = model(noisy_rows(x, noise)).float()
@@ -485,16 +524,17 @@ class SmoothMix(Objective):
     warmup: int = setting(10, "warm-up epochs: the mixup weight and the mix radius ramp linearly to full",
                          limit=AT_LEAST_ONE)
     ramp: float = scheduled(1.0)  # w_e of the epoch (set by at_epoch)
+    epoch: int | None = scheduled(None)  # set by at_epoch
 
     def __post_init__(self) -> None:
         check_hyperparameters(self)
 
     @property
-    def steps_per_batch(self) -> int:  # type: ignore[override]
+    def steps_per_batch(self) -> int:
         return self.m
 
     def at_epoch(self, epoch: int) -> SmoothMix:
-        return dataclasses.replace(self, ramp=min(1.0, (epoch + 1) / self.warmup))
+        return dataclasses.replace(self, ramp=min(1.0, (epoch + 1) / self.warmup), epoch=epoch)
 
     def mixed(self, x_init: Tensor, x_adv: Tensor, average: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
         """The mixup input (1 - lam) x_init + lam x_adv and its target (1 - lam) average + lam u, lam (b,)."""
@@ -503,6 +543,7 @@ class SmoothMix(Objective):
         return (1 - weight) * x_init + weight * x_adv, (1 - lam.view(-1, 1)) * average + lam.view(-1, 1) * uniform
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None) -> LossOutput:
+        self._require_epoch(self.warmup > 1)
         batch = x.shape[0]
         noise = noise_copies(x, self.m, self.sigma, generator)
         with eval_mode(model):
@@ -616,7 +657,9 @@ class CATRS(Objective):
     confidence_mask: bool = setting(False, "CAT-RS: draw K from pi_i[y_i] instead of the accuracy under noise")
     pi: Tensor | None = dataclasses.field(default=None, repr=False, compare=False, metadata={"internal": True})
 
-    uses_index = True
+    @property
+    def uses_index(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         check_hyperparameters(self)
@@ -627,7 +670,7 @@ class CATRS(Objective):
             object.__setattr__(self, "pi", load_smooth_prediction(self.smoothed_prediction))
 
     @property
-    def steps_per_batch(self) -> int:  # type: ignore[override]
+    def steps_per_batch(self) -> int:
         return self.m
 
     def describe(self) -> dict:
