@@ -186,3 +186,49 @@ def test_default_radii_doubles_the_step_until_the_columns_fit(tmp_path: Path) ->
     assert default_radii(results, step=0.05, max_columns=12) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert default_radii(results, step=0.25, max_columns=2) == [0.0, 0.5]
     assert default_radii({}) == [0.0]
+
+
+def test_tables_and_plots_from_certificates_in_memory(tmp_path: Path) -> None:
+    """Certificates held in memory make the same table as the TSV with the same rows."""
+    import torch
+
+    from smoothadv.report import Results, format_table, plot_accuracy, summarize
+    from smoothadv.sequential import SequentialCertificate
+    from smoothadv.smoothing import Certificate
+
+    certificates = [Certificate(3, 0.40, 3, 0.9, 90, 100, 100), Certificate(-1, 0.0, 2, 0.4, 40, 100, 100),
+                    Certificate(5, 0.10, 5, 0.6, 60, 100, 100), Certificate(1, 0.70, 1, 0.99, 99, 100, 100)]
+    labels = torch.tensor([3, 2, 4, 1])
+    tsv = write(tmp_path / "same.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n",
+                ["0\t3\t3\t0.4\t1\t0:00:01", "1\t2\t-1\t0.0\t0\t0:00:01", "2\t4\t5\t0.1\t0\t0:00:01",
+                 "3\t1\t1\t0.7\t1\t0:00:01"])
+    memory = Results.from_certificates(certificates, labels)
+    assert memory.correct.tolist() == [1, 0, 0, 1] and not memory.sequential
+    radii = [0.0, 0.25, 0.5]
+    assert format_table(summarize({"A": memory}, radii, ci=True)) == \
+        format_table(summarize({"A": load_results(tsv)}, radii, ci=True))
+    assert plot_accuracy({"A": memory}, tmp_path / "memory.png").stat().st_size > 1000
+    attacked = Results.from_predictions([3, 2, -1, 0], labels, eps=0.5)
+    table = summarize({"A": memory}, [0.5], attack={"A": attacked})
+    assert table.rows[-1].values == (0.5,)  # two of four right under attack
+    with pytest.raises(SmoothAdvError, match="one label per certificate"):
+        Results.from_certificates(certificates, labels[:3])
+    with pytest.raises(SmoothAdvError, match="takes Certificate objects"):
+        Results.from_certificates([(3, 0.4)], [3])
+    # sequential certificates are marked: their radii are where the test stopped
+    stopped = SequentialCertificate(prediction=3, radius=0.4, tested_class=3, p_lower=0.9, count=90, n0=16, n=1024,
+                                    looks=1, stop="settled")
+    marked = Results.from_certificates([stopped], [3])
+    assert marked.sequential
+    text = format_table(summarize({"S": marked}, radii))
+    assert "| S ‡ |" in text and "bound where the test stopped" in text
+
+
+def test_sequential_tsvs_are_marked_in_tables(tmp_path: Path) -> None:
+    header = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tn\tmode\n"
+    fixed = write(tmp_path / "f.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n", ["0\t1\t1\t0.3\t1\t0:00:01"])
+    sequential = write(tmp_path / "s.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t2064\tsequential/selection"])
+    betting = write(tmp_path / "b.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t880\tbetting/selection"])
+    assert [load_results(p).sequential for p in (fixed, sequential, betting)] == [False, True, True]
+    text = format_table(summarize({"F": load_results(fixed), "S": load_results(sequential)}, [0.25]))
+    assert "| F |" in text and "| S ‡ |" in text and text.count("‡") == 2

@@ -373,3 +373,15 @@ def test_cli_forecast_level_default_strict_and_bad(tmp_path, capsys) -> None:
         assert json.loads((tmp_path / f"{out.name}.args.json").read_text())["forecast_alpha"] == recorded
     assert main(["certify", ckpt, "--out", str(tmp_path / "bad.tsv"), *common, "--forecast-alpha", "loose"]) == 2
     assert "forecast-alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [100, 2000, 100_000])
+def test_a_budget_schedule_never_draws_more_than_fixed_n(n) -> None:
+    config = SequentialConfig.for_budget(0.25, n)
+    assert config.schedule.looks[-1] <= n and sum(config.schedule.levels) == pytest.approx(0.001)
+    fixed = max_certifiable_radius(n, 0.001, 0.25)
+    assert 0.93 * fixed <= config.max_radius <= fixed
+    assert config.schedule.looks[-1] < SequentialConfig(0.25).schedule.looks[-1]
+    for bad in (8, 2000.0, True):
+        with pytest.raises(SmoothAdvError, match="sample budget"):
+            SequentialConfig.for_budget(0.25, bad)

@@ -133,8 +133,8 @@ def check_batch(x: Tensor, y: Tensor) -> int:
         got = str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
         raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {got}")
     if isinstance(y, Tensor) and y.dim() == 0:
-        raise SmoothAdvError(f"the attack needs a batch: x of shape {tuple(x.shape)} with one label looks like a single "
-                             "image; pass x[None] and y[None] (or y.view(1))")
+        raise SmoothAdvError(f"the attack needs a batch: x of shape {tuple(x.shape)} with one label looks like a "
+                             "single image; pass x[None] and y[None] (or y.view(1))")
     if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
             or tuple(y.shape) != (x.shape[0],):
         shown = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__

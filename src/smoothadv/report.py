@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from torch import Tensor
 
 from .errors import SmoothAdvError
 from .files import atomic_write_bytes
+from .smoothing import Certificate
 from .stats import (
     ABSTAIN,
     average_certified_radius,
@@ -66,7 +68,12 @@ class Results:
 
     `kind` is "certify" when the file has a `radius` column, else "attack" (predict and attack
     files: `eps` is 0 for every row when the file has no `eps` column, i.e. clean PREDICT).
-    `correct` is 1 only for a non-abstaining correct prediction.
+    `correct` is 1 only for a non-abstaining correct prediction. `sequential` says the radii come from a
+    sequential test (`smoothadv certify --mode sequential`, or `SequentialCertificate`s): each is the bound
+    where the test stopped, exact for the decisions at the radii the test settles and a lower bound elsewhere.
+
+    Results held in memory make the same tables and plots as files: `Results.from_certificates(certificates,
+    labels)` and `Results.from_predictions(predictions, labels, eps)`.
     """
 
     path: Path
@@ -78,9 +85,45 @@ class Results:
     radius: np.ndarray | None
     eps: np.ndarray | None
     seconds: np.ndarray | None
+    sequential: bool = False
 
     def __len__(self) -> int:
         return len(self.idx)
+
+    @classmethod
+    def from_certificates(cls, certificates: Sequence[Certificate], labels: Sequence[int] | np.ndarray | Tensor, *,
+                          name: str = "certificates in memory") -> Results:
+        """The results of `certificates` (from `Smooth.certify`, `certify_many` or `certify_sequential`) of
+        examples with true `labels`, in that order (idx 0, 1, ...). `name` stands in for the file path in messages."""
+        labels_a = np.asarray(labels.tolist() if isinstance(labels, Tensor) else labels, dtype=np.int64).reshape(-1)
+        if len(certificates) != len(labels_a) or not len(labels_a):
+            raise SmoothAdvError(f"give one label per certificate (and at least one): got {len(certificates)} "
+                                 f"certificates and {len(labels_a)} labels")
+        if not all(isinstance(c, Certificate) for c in certificates):
+            raise SmoothAdvError("from_certificates takes Certificate objects (what Smooth.certify returns)")
+        predict = np.array([int(c.prediction) for c in certificates], dtype=np.int64)
+        radius = np.array([float(c.radius) for c in certificates])
+        correct = ((predict == labels_a) & (predict != ABSTAIN)).astype(np.int64)
+        sequential = any(hasattr(c, "stop") for c in certificates)
+        return cls(Path(name), "certify", np.arange(len(labels_a)), labels_a, predict, correct, radius, None, None,
+                   sequential)
+
+    @classmethod
+    def from_predictions(cls, predictions: Sequence[int] | np.ndarray | Tensor,
+                         labels: Sequence[int] | np.ndarray | Tensor, eps: float | Sequence[float] = 0.0, *,
+                         name: str = "predictions in memory") -> Results:
+        """The results of PREDICT (`Smooth.predict`; ABSTAIN = -1) on examples with true `labels`, attacked at
+        radius `eps` (one value, or one per prediction), for the empirical rows of tables and plots."""
+        def as_array(values: Sequence[int] | np.ndarray | Tensor) -> np.ndarray:
+            return np.asarray(values.tolist() if isinstance(values, Tensor) else values, dtype=np.int64).reshape(-1)
+
+        predict, labels_a = as_array(predictions), as_array(labels)
+        if len(predict) != len(labels_a) or not len(labels_a):
+            raise SmoothAdvError(f"give one label per prediction (and at least one): got {len(predict)} predictions "
+                                 f"and {len(labels_a)} labels")
+        eps_a = np.broadcast_to(np.asarray(eps, dtype=float), predict.shape).copy()
+        correct = ((predict == labels_a) & (predict != ABSTAIN)).astype(np.int64)
+        return cls(Path(name), "attack", np.arange(len(labels_a)), labels_a, predict, correct, None, eps_a, None)
 
     @property
     def abstain_rate(self) -> float:
@@ -181,8 +224,9 @@ def load_results(path: str | Path) -> Results:
             seconds = np.array([parse_seconds(v) for v in columns["time"]])
         except ValueError as exc:
             raise SmoothAdvError(f"{file}: column 'time': {exc}") from None
+    sequential = "mode" in columns and any(v.startswith(("sequential", "betting")) for v in columns["mode"])
     return Results(file, "certify" if radius is not None else "attack", idx, label, predict, correct, radius, eps,
-                   seconds)
+                   seconds, sequential)
 
 
 def _refuse_repeated_examples(file: Path, idx: np.ndarray, eps: np.ndarray | None) -> None:
@@ -227,7 +271,7 @@ def merge(parts: Sequence[Results]) -> Results:
         return np.concatenate([getattr(p, name) for p in parts])
 
     merged = Results(parts[0].path, parts[0].kind, joined("idx"), joined("label"), joined("predict"),
-                     joined("correct"), cat("radius"), cat("eps"), cat("seconds"))
+                     joined("correct"), cat("radius"), cat("eps"), cat("seconds"), any(p.sequential for p in parts))
     keys = list(zip(merged.idx.tolist(), (merged.eps if merged.eps is not None else merged.idx * 0).tolist()))
     if len(set(keys)) != len(keys):
         raise SmoothAdvError(f"example indices repeat across {', '.join(str(p.path) for p in parts)}")
@@ -274,6 +318,7 @@ class Row:
     intervals: tuple[tuple[float, float], ...] | None = None  # 95% Clopper-Pearson per radius (--ci)
     outside: tuple[bool, ...] | None = None  # published rows: value outside the measured row's interval
     cost: RowCost | None = None  # certified rows with a training cost (--cost)
+    sequential: bool = False  # certified rows of a sequential test (radii: where the test stopped)
 
 
 @dataclass(frozen=True)
@@ -447,7 +492,7 @@ def summarize(certify: Mapping[str, Results], radii: Sequence[float], *,
             intervals = tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
         rows.append(Row(name, "certified", tuple(float(v) for v in curves[name]), len(res),
                         average_certified_radius(res.radius, res.correct), res.abstain_rate,  # type: ignore[arg-type]
-                        intervals=intervals, cost=_row_cost(costs, name)))
+                        intervals=intervals, cost=_row_cost(costs, name), sequential=res.sequential))
         if published and name in published:
             rows.append(_published_row(name, published[name], radii_a, intervals))
     for name, paper in (published or {}).items():
@@ -534,12 +579,15 @@ def format_table(table: Table, fmt: Format = "markdown") -> str:
             cost = row.cost
             extra = ["", "", ""] if cost is None else [
                 f"{cost.seconds:.0f}", f"{cost.ratio:.2f}", dash if cost.vs_model is None else f"{cost.vs_model:.2f}"]
-        body.append([text(row.name), *cells, acr, abstain, *extra])
+        shown = f"{row.name}{SEQUENTIAL_MARK}" if row.sequential else row.name
+        body.append([text(shown), *cells, acr, abstain, *extra])
         if row.kind == "envelope" and row.models:
             body.append([text("envelope model (clean %)"),
                          *[text(f"{m} ({_pct(c)})") for m, c in zip(row.models, row.model_clean or ())], "", "",
                          *([""] * (3 if with_cost else 0))])
     notes = [OUTSIDE_NOTE] if any(row.outside and any(row.outside) for row in table.rows) else []
+    if any(row.sequential for row in table.rows):
+        notes.append(SEQUENTIAL_NOTE)
     if with_cost:
         notes.append(COST_NOTE)
     return _render(head, body, latex, "\n\n".join(notes) or None)
@@ -564,6 +612,12 @@ def _render(head: list[str], body: list[list[str]], latex: bool, note: str | Non
 #: the footnote of a table with cost columns (`report --cost`)
 COST_NOTE = ("cost ratio: CPU-seconds per training epoch divided by the first method's of the cost file; "
              "ratio / cost model: that ratio divided by the method's cost model (1 = as predicted)")
+
+#: the mark of a sequential row, and its footnote
+SEQUENTIAL_MARK = " ‡"
+SEQUENTIAL_NOTE = ("‡ sequential test: each radius is the bound where the test stopped, so certified accuracy is the "
+                   "test's own decision at the radii it settles (its grid) and a lower bound between them; ACR "
+                   "averages stopping bounds and is not comparable with fixed n")
 
 #: the footnote of a table with published rows outside the measured rows' intervals
 OUTSIDE_NOTE = "† published value outside the 95% Clopper-Pearson interval of the measured row it follows"
@@ -809,7 +863,8 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     curves = {}
     for name, res in certify.items():
         curves[name] = certified_curve(res, grid)
-        ax.plot(grid, curves[name], color=colour[name], linewidth=2, label=f"{name} (certified)")
+        what = "certified, sequential: exact at its grid radii" if res.sequential else "certified"
+        ax.plot(grid, curves[name], color=colour[name], linewidth=2, label=f"{name} ({what})")
         if ci:
             low, high = certified_intervals(res, grid)
             ax.fill_between(grid, low, high, color=colour[name], alpha=0.15, linewidth=0)
