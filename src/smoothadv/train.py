@@ -85,8 +85,6 @@ from .seeds import derive_seed
 from .settings import TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
 
-__all__ = ["batches", "num_batches", "fit", "run_loop", "train_epoch", "Trainee", "Classifier", "TrainSettings"]
-
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
 
@@ -121,6 +119,8 @@ class LoopSettings(Protocol):
     def lr_step(self) -> int: ...
     @property
     def lr_gamma(self) -> float: ...
+    @property
+    def optimizer(self) -> str: ...
     @property
     def momentum(self) -> float: ...
     @property
@@ -271,7 +271,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.O
 def make_optimizer(cfg: LoopSettings, parameters: Any) -> torch.optim.Optimizer:
     """The loop's optimizer, `cfg.optimizer`: "sgd" (with `momentum`; Cohen et al.'s recipe, the default) or
     "adam" (the denoisers of Salman et al. 2020); both with `weight_decay`."""
-    name = getattr(cfg, "optimizer", "sgd")
+    name = cfg.optimizer
     if name == "adam":
         return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if name != "sgd":
