@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__  # set before the package imports its modules
 from .errors import SmoothAdvError
 
 
@@ -357,8 +358,6 @@ def environment() -> dict[str, Any]:
     import numpy
     import scipy
     import torch
-
-    from . import __version__
 
     env: dict[str, Any] = {
         "smoothadv": __version__, "git": git_revision(), "python": sys.version.split()[0],

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import __version__  # set before the package imports its modules
 from .archs import ARCHITECTURES, arch_info, foreign_names
 from .data import dataset_stats, input_shape, num_classes
 from .errors import SmoothAdvError
@@ -191,8 +192,6 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str
     """Write a checkpoint in the format above, atomically (temporary file, fsync, rename), with the
     digest of its weights (`weights_sha256`) that every load verifies. `kind="denoiser"` in `extra`
     writes a denoiser (no `num_classes`)."""
-    from . import __version__
-
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {"format": FORMAT, "version": 1, "arch": arch, "dataset": dataset}
     if extra.get("kind") != DENOISER:
