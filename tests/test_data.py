@@ -177,7 +177,7 @@ def test_dataset_info_rejects_inconsistent_facts() -> None:
 def test_cli_dataset_choices_and_default_arch_come_from_the_registry() -> None:
     from smoothadv.archs import architecture_names
     from smoothadv.cli import build_parser
-    from smoothadv.settings import train_recipe
+    from smoothadv.train import recipe as train_recipe
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))

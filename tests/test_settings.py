@@ -24,7 +24,6 @@ from smoothadv.settings import (
     convert,
     read_toml,
     row_settings,
-
 )
 from smoothadv.train import recipe as train_recipe
 

@@ -37,6 +37,8 @@ from torch.utils.data import Dataset
 
 from .attacks import Attack
 from .errors import SmoothAdvError
+from .files import read_tsv
+from .rundir import read_settings
 from .seeds import example_generator
 from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, SoftSmoothed, eval_mode
 
@@ -163,9 +165,6 @@ def read_smooth_prediction(path: str | Path, size: int | None = None) -> torch.T
     recorded next to the file (`OUT.args.json`), else the largest index + 1. SmoothAdvError (one line)
     for a missing or malformed file, or one computed on another split than train.
     """
-    from .files import read_tsv
-    from .run import read_settings
-
     path = Path(path)
     if not path.exists():
         raise SmoothAdvError(f"smoothed prediction {path} does not exist; compute it with smoothadv smooth-prediction")

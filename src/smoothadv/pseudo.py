@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import resolve_device
 from .data import input_shape
 from .errors import SmoothAdvError
 from .files import atomic_write_bytes
@@ -58,7 +59,6 @@ def pseudo_label(checkpoint: str | os.PathLike[str], images: str | os.PathLike[s
                  *, batch_size: int = 1000, device: str = "cpu", normalization: str | None = None,
                  force: bool = False) -> int:
     """Write `out` (.npz: the input `images` and the base classifier's `labels`); returns the image count."""
-    from .accel import resolve_device
 
     out_path = Path(out)
     if out_path.exists() and not force:

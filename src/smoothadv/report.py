@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .errors import SmoothAdvError
 from .files import atomic_write_bytes
+from .settings import read_toml
 from .smoothing import Certificate
 from .stats import (
     ABSTAIN,
@@ -411,7 +412,6 @@ class Published:
 def load_published(path: str | Path) -> Published:
     """The `[paper]` section of a recipe: `radii`, `certified` (fractions), optional `acr`, `source` and `label`.
     A file without published numbers, or with malformed ones, is a one-line SmoothAdvError."""
-    from .settings import read_toml
 
     paper = read_toml(path).get("paper")
     if not isinstance(paper, dict):

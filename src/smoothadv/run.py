@@ -53,7 +53,7 @@ from .evaluate import (
 from .files import OutputLock, TsvLog, atomic_write_text, check_writable_output, file_sha256, read_tsv, write_provenance
 from .models import load_checkpoint
 from .progress import progress as reporter
-from .rundir import Rule, compare
+from .rundir import Rule, compare, read_settings, settings_path
 from .sequential import SEQUENTIAL_COLUMNS, SequentialConfig, certify_sequential_dataset
 from .settings import (
     AttackRunSettings,
@@ -132,26 +132,6 @@ def run_jobs(settings: EvaluationSettings, size: int) -> list[Job]:
 def shard_path(out: str | os.PathLike[str], shard: int, num_shards: int) -> Path:
     """The file shard `shard` of `num_shards` writes for the final output `out`: OUT.shard-i-of-k."""
     return Path(f"{out}.shard-{shard}-of-{num_shards}")
-
-
-def settings_path(out: str | os.PathLike[str]) -> Path:
-    """The provenance sidecar `<out>.args.json` written next to an evaluation output."""
-    out = Path(out)
-    return out.parent / f"{out.name}.args.json"
-
-
-def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The settings recorded next to `out`, or None if there is no sidecar."""
-    path = settings_path(out)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SmoothAdvError(f"cannot read the settings file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise SmoothAdvError(f"the settings file {path} is not a JSON object")
-    return data
 
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:

@@ -240,3 +240,26 @@ class EpochLog:
         save_checkpoint()
         self.lines.append("\t".join(row))
         atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+# ------------------------------------------------------------------ an evaluation output's sidecar
+
+
+def settings_path(out: str | os.PathLike[str]) -> Path:
+    """The provenance sidecar `<out>.args.json` written next to an evaluation output."""
+    out = Path(out)
+    return out.parent / f"{out.name}.args.json"
+
+
+def read_settings(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings recorded next to `out`, or None if there is no sidecar."""
+    path = settings_path(out)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SmoothAdvError(f"cannot read the settings file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SmoothAdvError(f"the settings file {path} is not a JSON object")
+    return data

@@ -68,7 +68,10 @@ def check_image(x: Tensor, name: str = "x") -> None:
 def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
     """Raise SmoothAdvError on a non-positive sample count or batch size, or alpha outside (0, 1)."""
     def count(value: object) -> bool:
-        return isinstance(value, numbers.Real) and math.isfinite(value) and int(value) == value and value >= 1
+        if not isinstance(value, numbers.Real):
+            return False
+        number = float(value)
+        return math.isfinite(number) and number.is_integer() and number >= 1
 
     if not count(n):
         raise SmoothAdvError(f"{name} must be a positive integer, got {n}")
