@@ -42,8 +42,8 @@ from .rundir import read_settings
 from .seeds import example_generator
 from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, SoftSmoothed, eval_mode
 
-CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
+CERTIFY_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "time")
+PREDICT_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "time")
 
 
 class CertifyRow(NamedTuple):
@@ -116,7 +116,7 @@ def predict_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *,
 
 # ------------------------------------------------------------------ the smoothed prediction (CAT-RS)
 
-SMOOTH_PREDICTION_COLUMNS = ("idx", "label", "predict", "correct", "counts", "time")
+SMOOTH_PREDICTION_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "counts", "time")
 
 
 class SmoothPredictionRow(NamedTuple):
@@ -199,7 +199,7 @@ def row_fields(row: NamedTuple) -> list[str]:
 
 # ------------------------------------------------------------------ empirical robustness (SmoothAdv attack)
 
-ATTACK_COLUMNS = ("idx", "label", "predict", "correct", "eps", "norm", "time")
+ATTACK_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "eps", "norm", "time")
 
 
 class AttackRow(NamedTuple):
