@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong : one test per defect a hostile user found.
+"""Nothing lost, nothing silently wrong: one test per defect a hostile user found.
 
 Each test runs the command line in-process (or the API, for item 7) and asserts the exit status, a
 single `smoothadv: error:` line with no traceback, and the files' contents before and after.
