@@ -518,10 +518,13 @@ def run_report(args: argparse.Namespace) -> None:
         plot_format(args.radius_cdf)
 
     def grouped(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-        files: dict[str, list[Any]] = {}
+        files: dict[str, list[str]] = {}
         for name, path in pairs:
-            files.setdefault(name, []).append(load_results(path))
-        return {name: merge(parts) for name, parts in files.items()}
+            files.setdefault(name, []).append(path)
+        for name, paths in files.items():
+            if len(paths) > 1:
+                check_same_run(name, paths)
+        return {name: merge([load_results(path) for path in paths]) for name, paths in files.items()}
 
     if args.plot:
         plot_format(args.plot)  # an unknown extension is refused before anything is read, printed or written
@@ -539,6 +542,11 @@ def run_report(args: argparse.Namespace) -> None:
         if name in published:
             raise SmoothAdvError(f"--published {name}= is given twice")
         published[name] = load_published(path)
+        measured = {sigma for n, p in args.results if n == name and (sigma := _recorded_sigma(p)) is not None}
+        if published[name].sigma is not None and measured and measured != {published[name].sigma}:
+            raise SmoothAdvError(f"--published {name}={path} was certified at sigma {published[name].sigma:g}, the "
+                                 f"measured {name} at sigma {', '.join(f'{v:g}' for v in sorted(measured))}: compare "
+                                 "rows of one sigma")
     costs = load_costs(args.cost) if args.cost else None
     table = summarize(certify, args.radii or default_radii(certify), attack=attack, include_envelope=args.envelope,
                       high_prob=args.high_prob, alpha=args.alpha, rho=args.rho, ci=args.ci, published=published,
@@ -566,6 +574,31 @@ def run_report(args: argparse.Namespace) -> None:
         figure = plot_radius_cdf(certify, args.radius_cdf, quantity=args.cdf_of, sigma=args.sigma,
                                  max_radius=args.max_radius)
         print(f"wrote {figure}")
+
+
+def _recorded_sigma(path: str) -> float | None:
+    """The sigma recorded next to a result file (its `.args.json`), or None without one."""
+    from .rundir import read_settings
+
+    recorded = read_settings(path)
+    sigma = recorded.get("sigma") if recorded else None
+    return float(sigma) if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) else None
+
+
+def check_same_run(name: str, paths: Sequence[str]) -> None:
+    """Refuse (one line) to merge under one NAME result files whose recorded settings differ in anything but
+    where they were computed (the rule of `smoothadv merge`: shards of one run, at any batch size)."""
+    from .run import BATCH_SETTINGS, normalize_record, setting_differences
+    from .rundir import read_settings
+
+    recorded = [(path, read_settings(path)) for path in paths]
+    known = [(path, settings) for path, settings in recorded if settings is not None]
+    for path, settings in known[1:]:
+        differences = setting_differences(normalize_record(known[0][1]), normalize_record(settings),
+                                          BATCH_SETTINGS | {"max"})
+        if differences:
+            raise SmoothAdvError(f"{name}: {path} and {known[0][0]} were run with different settings "
+                                 f"({'; '.join(differences)}); give them different names")
 
 
 def add_validity(sub: Any) -> None:

@@ -198,7 +198,7 @@ def load_results(path: str | Path) -> Results:
     def numbers(name: str, kind: type) -> np.ndarray:
         try:
             values = np.array([kind(float(v)) if kind is int else kind(v) for v in columns[name]])
-        except ValueError:
+        except (ValueError, OverflowError):
             bad = next(v for v in columns[name] if not _parses(v, kind))
             raise SmoothAdvError(f"{file}: column {name!r} has a non-numeric value {bad!r}") from None
         if kind is float and not np.all(np.isfinite(values)):
@@ -245,8 +245,12 @@ def _refuse_repeated_examples(file: Path, idx: np.ndarray, eps: np.ndarray | Non
 
 def _parses(text: str, kind: type) -> bool:
     try:
-        float(text) if kind is int else kind(text)
-    except ValueError:
+        value = float(text)
+        if kind is int:
+            int(value)
+        else:
+            kind(text)
+    except (ValueError, OverflowError):
         return False
     return True
 
@@ -349,9 +353,12 @@ def load_costs(path: str | Path) -> dict[str, Cost]:
     name, or a value that is not a positive number is a one-line SmoothAdvError."""
     path = Path(path)
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
     except OSError as exc:
         raise SmoothAdvError(f"cannot read the cost file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SmoothAdvError(f"the cost file {path} is not a UTF-8 text TSV") from None
     if not lines:
         raise SmoothAdvError(f"the cost file {path} is empty")
     header = lines[0].split("\t")
@@ -396,6 +403,8 @@ class Published:
     #: the published model's name when it is not the recipe's own (e.g. "SmoothAdv T10 m4" published beside a
     #: T2 m1 recipe); the row is then "<label> (published)" instead of "<NAME> (published)"
     label: str | None = None
+    #: the noise level the published numbers were certified at (the recipe's), compared with the measurement's
+    sigma: float | None = None
 
     def row_name(self, name: str) -> str:
         """The name of this published row, in the table and the plot, when compared with the certify row `name`."""
@@ -422,14 +431,30 @@ def load_published(path: str | Path) -> Published:
         raise SmoothAdvError(f"{path}: [paper] needs radii and certified, two equally long non-empty lists of numbers")
     if not all(0 <= v <= 1 for v in certified) or not all(r >= 0 for r in radii):
         raise SmoothAdvError(f"{path}: [paper] certified must be fractions in [0, 1] and radii >= 0")
+    if not all(math.isfinite(v) for v in [*radii, *certified]):
+        raise SmoothAdvError(f"{path}: [paper] radii and certified must be finite numbers")
     acr = paper.get("acr")
-    if acr is not None and (isinstance(acr, bool) or not isinstance(acr, (int, float))):
-        raise SmoothAdvError(f"{path}: [paper] acr must be a number")
+    if acr is not None and (isinstance(acr, bool) or not isinstance(acr, (int, float)) or not math.isfinite(acr)
+                            or acr < 0):
+        raise SmoothAdvError(f"{path}: [paper] acr must be a finite number >= 0, got {acr!r}")
     label = paper.get("label")
-    if label is not None and (not isinstance(label, str) or not label.strip()):
-        raise SmoothAdvError(f"{path}: [paper] label must be a non-empty string")
+    if label is not None and (not isinstance(label, str) or not label.strip()
+                              or any(not c.isprintable() for c in label)):
+        raise SmoothAdvError(f"{path}: [paper] label must be a non-empty one-line string, got {label!r}")
+    sigma = recipe_sigma(path)
     return Published(tuple(float(r) for r in radii), tuple(float(v) for v in certified),
-                     None if acr is None else float(acr), str(paper.get("source", path)), label)
+                     None if acr is None else float(acr), str(paper.get("source", path)), label, sigma)
+
+
+def recipe_sigma(path: str | Path) -> float | None:
+    """The noise level a recipe certifies at (`[certify] sigma`, else its training `sigma`), or None."""
+    values = read_toml(path)
+    certify = values.get("certify")
+    sigma = certify.get("sigma") if isinstance(certify, dict) else None
+    sigma = values.get("sigma") if sigma is None else sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        return None
+    return float(sigma)
 
 
 @dataclass(frozen=True)
@@ -715,6 +740,9 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
     if sorted(first.idx.tolist()) != sorted(second.idx.tolist()):
         raise SmoothAdvError(f"{first.path} and {second.path} hold different test images: a paired comparison "
                              "needs the same images in both")
+    if len(first) < 2:
+        raise SmoothAdvError(f"{first.path} and {second.path} share {len(first)} test image: a paired comparison "
+                             "needs at least 2")
     radii_a = np.asarray(radii, dtype=float)
     a_order, b_order = np.argsort(first.idx, kind="stable"), np.argsort(second.idx, kind="stable")
     a_radius, a_correct = first.radius[a_order], first.correct[a_order].astype(bool)  # type: ignore[index]
@@ -897,6 +925,8 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
 def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_columns: int = 12) -> list[float]:
     """0, step, 2 step, ... up to the largest certified radius in the inputs (at most `max_columns`)."""
     top = max([float(r.radius.max()) for r in certify.values() if r.radius is not None] + [0.0])
+    if top / step + 1 > max_columns:  # double the step as often as needed, computed (never a list of every column)
+        step *= 2.0 ** max(0, math.ceil(math.log2(top / step / (max_columns - 1))))
     radii = radius_grid(top, step)
     while len(radii) > max_columns:
         step *= 2
