@@ -25,7 +25,8 @@ from smoothadv.evaluate import CERTIFY_COLUMNS
 from smoothadv.files import OutputLock, TsvLog
 from smoothadv.models import build_model, normalization_spec, read_checkpoint, save_checkpoint
 from smoothadv.objectives import GaussianAugmentation
-from smoothadv.train import TrainConfig, fit
+from smoothadv.settings import TrainSettings
+from smoothadv.train import fit
 
 TRAIN = dict(dataset="synthetic", arch="toy_cnn", sigma=0.25, epochs=3, batch_size=64, lr=0.05, lr_step=1,
              lr_gamma=0.5, seed=3, train_subset=256, eval_subset=32, progress=False)
@@ -80,12 +81,12 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 def uninterrupted(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("full")
     with one_thread():
-        path = fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+        path = fit(TrainSettings(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
     return state(path), (out / "log.tsv").read_text().splitlines()
 
 
 def _train(out: Path) -> None:
-    fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+    fit(TrainSettings(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
 
 
 def test_training_killed_mid_epoch_resumes_to_identical_weights(tmp_path, uninterrupted) -> None:
@@ -110,7 +111,7 @@ def test_training_killed_mid_epoch_resumes_to_identical_weights(tmp_path, uninte
     run_killed(work)
     assert state(out / "checkpoint.pth.tar")["epoch"] == 2
     with one_thread():
-        fit(TrainConfig(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
+        fit(TrainSettings(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
     full_state, full_log = uninterrupted
     assert_same_training_state(state(out / "checkpoint.pth.tar"), full_state)
     log = (out / "log.tsv").read_text().splitlines()
@@ -144,10 +145,10 @@ def test_training_killed_mid_checkpoint_write_keeps_previous_checkpoint(tmp_path
     # without --resume or --force, the existing run is refused and left as it was
     before = ckpt.read_bytes()
     with pytest.raises(SmoothAdvError, match="--resume"):
-        fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+        fit(TrainSettings(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
     assert ckpt.read_bytes() == before
     with one_thread():
-        fit(TrainConfig(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
+        fit(TrainSettings(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
     assert_same_training_state(state(ckpt), uninterrupted[0])
 
 
@@ -163,7 +164,7 @@ def test_truncated_or_garbage_checkpoint_is_reported_and_not_overwritten(tmp_pat
         ckpt = out / "checkpoint.pth.tar"
         ckpt.write_bytes(payload)
         with pytest.raises(SmoothAdvError, match="corrupt or truncated|not a model checkpoint") as info:
-            fit(TrainConfig(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
+            fit(TrainSettings(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
         assert "\n" not in str(info.value), name
         assert ckpt.read_bytes() == payload, name  # never silently replaced
         code = main(["certify", str(ckpt), "--sigma", "0.25", "--out", str(tmp_path / f"{name}.tsv"),
@@ -255,7 +256,7 @@ def test_concurrent_training_in_the_same_directory_is_refused(tmp_path) -> None:
     out.mkdir()
     with OutputLock(out / "checkpoint.pth.tar"):
         with pytest.raises(SmoothAdvError, match="another run is writing"):
-            fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+            fit(TrainSettings(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
         with pytest.raises(SmoothAdvError, match="another run is writing"):
-            fit(TrainConfig(out_dir=out, force=True, **TRAIN), GaussianAugmentation(0.25))
+            fit(TrainSettings(out_dir=out, force=True, **TRAIN), GaussianAugmentation(0.25))
     assert not (out / "checkpoint.pth.tar").exists()

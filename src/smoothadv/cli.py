@@ -267,7 +267,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def add_train_denoiser(sub: Any) -> None:
-    from .denoise import DenoiserTrainSettings
+    from .settings import DenoiserTrainSettings
 
     p = sub.add_parser("train-denoiser", help="train a denoiser D for a classifier you cannot retrain (denoised "
                        "smoothing: certify f o D with certify --denoiser)")
@@ -277,8 +277,9 @@ def add_train_denoiser(sub: Any) -> None:
 
 def run_train_denoiser(args: argparse.Namespace) -> None:
     from .data import dataset_info, input_shape
-    from .denoise import DenoiserTrainSettings, build_denoiser, cost_summary, train_denoiser
+    from .denoise import build_denoiser, cost_summary, train_denoiser
     from .models import build_model, load_checkpoint
+    from .settings import DenoiserTrainSettings
 
     values = _given(args)
     settings = make(DenoiserTrainSettings, {flag_keys(DenoiserTrainSettings)[k]: v for k, v in values.items()})

@@ -14,7 +14,7 @@ Every field is declared with `setting(...)`, which records its help text, its co
 and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
 bars, resume/force) are the only ones a resumed run, or the shards of one run, may differ in; every
 other field is compared (`row_settings`). (A resumed training run may also raise `epochs`, which
-only says where it stops: `train.RESUMABLE_CHANGES`.) `convert` turns a value from a flag or a recipe into the
+only says where it stops: `rundir.compare`, the one rule.) `convert` turns a value from a flag or a recipe into the
 field's declared type, strictly: `"false"` is not a bool, `1.5` is not an int, `true` is not a
 number. Field names are those of the flags (and of the `args.json` files earlier versions wrote),
 so recorded runs stay comparable.
@@ -586,3 +586,58 @@ class AttackRunSettings(EvaluationSettings):
 def flag_keys(cls: type) -> dict[str, str]:
     """Recipe/flag key -> field name of a settings class (`batch` -> `batch_size`, `out` -> `out_dir`)."""
     return {recipe_key(f): f.name for f in dataclasses.fields(cls)}
+
+
+# ------------------------------------------------------------------ a denoiser training run
+
+
+DENOISER_OBJECTIVES = ("mse", "stability", "classification")
+"""The denoiser losses of Salman et al. (2020), Section 3.2 (`denoise.MSE`, `Stability`, `Classification`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenoiserTrainSettings:
+    """A denoiser training run of the one loop (`train.run_loop`); defaults are Salman et al.'s code: Adam,
+    lr 1e-3, weight decay 1e-4, lr x0.1 every 30 epochs, 90 epochs, batch 256.
+
+    `classifier` lists the classifier checkpoint(s) D is trained through (stability and classification):
+    one is full access; several are query access through surrogates, round-robin per batch, with
+    `eval_classifier` (the target) only measuring accuracy. `init` fine-tunes a trained denoiser."""
+
+    dataset: str = setting("fashion_mnist", "dataset to train on", choices=registered("dataset"))
+    arch: str = setting("dncnn_small", "denoiser size", choices=registered("denoiser"))
+    depth: int | None = setting(None, "convolutions (default: the arch's)", limit=(lambda v: v >= 2, "an integer >= 2"))
+    width: int | None = setting(None, "channels of the hidden convolutions (default: the arch's)", limit=AT_LEAST_ONE)
+    out_dir: Path = setting(help="run directory (denoiser.pth.tar, log.tsv, args.json)", flag="--out", rows=False)
+    sigma: float = setting(0.25, "noise level the denoiser removes (recorded; certify refuses another)",
+                           limit=POSITIVE)
+    objective: str = setting("mse", "mse: against the clean image; stability: f(D(x+delta)) vs f(x); "
+                             "classification: f(D(x+delta)) vs the label", choices=DENOISER_OBJECTIVES)
+    classifier: tuple[str, ...] | None = setting(None, "classifier checkpoint(s) D is trained through, f frozen "
+                                                 "(several: query access, round-robin per batch)")
+    eval_classifier: str | None = setting(None, "classifier whose accuracy the log reports (default: the first "
+                                          "--classifier; the target under query access)")
+    normalization: str | None = setting(None, "input layer of Cohen/Salman classifier checkpoints",
+                                        choices=("normalize", "center"))
+    init: str | None = setting(None, "fine-tune this denoiser checkpoint (MSE then stability: the paper's best)")
+    epochs: int = setting(90, "training epochs", limit=AT_LEAST_ONE)
+    batch_size: int = setting(256, "batch size", flag="--batch", limit=AT_LEAST_ONE)
+    optimizer: str = setting("adam", "optimizer of the loop", choices=("adam", "sgd"))
+    lr: float = setting(1e-3, "learning rate", limit=POSITIVE)
+    lr_step: int = setting(30, "decay lr every this many epochs", limit=AT_LEAST_ONE)
+    lr_gamma: float = setting(0.1, "lr decay factor", limit=POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", limit=NONNEGATIVE)
+    weight_decay: float = setting(1e-4, "weight decay", limit=NONNEGATIVE)
+    seed: int = setting(0, "seed for initialization, noise and data order", limit=SEED)
+    train_subset: int | None = setting(None, "train on the first N images only", limit=AT_LEAST_ONE)
+    eval_subset: int | None = setting(1000, "evaluate on N test images each epoch", limit=AT_LEAST_ONE)
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
+    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
+    resume: bool = setting(False, "continue from the run directory's checkpoint", rows=False)
+    force: bool = setting(False, "start over even if a checkpoint exists", rows=False)
+    progress: bool = setting(True, "progress bars", rows=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self, recipe_key)
+        if self.resume and self.force:
+            raise SmoothAdvError("--resume and --force contradict each other; give one")

@@ -95,12 +95,10 @@ result (declared rows=False: `out_dir`, `device`, `workers`, `data_dir`, `progre
 and the objective, must be the one the checkpoint recorded; each resumption is recorded in args.json's
 `history`."""
 
-TrainConfig = TrainSettings
-"""The training settings (`settings.TrainSettings`; this name is kept for existing code)."""
 
 
 class LoopSettings(Protocol):
-    """The settings the loop reads (`TrainSettings`, `denoise.DenoiserTrainSettings`); a settings class
+    """The settings the loop reads (`TrainSettings`, `settings.DenoiserTrainSettings`); a settings class
     without `workers`, `precision` or `unlabelled` runs with 0 workers, fp32 and no extra data."""
 
     @property
