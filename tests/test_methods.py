@@ -395,3 +395,28 @@ def test_bad_hyperparameters_are_one_line_errors(make, message) -> None:
         make()
     assert "\n" not in str(info.value)
 
+
+
+def test_a_smoothmix_run_recorded_with_alpha_resumes_under_step_size(tmp_path) -> None:
+    """SmoothMix's attack step size was recorded as `alpha` before it became `step_size`: such a run resumes (the
+    recorded description is read under today's names), while a recipe with the old key is told the new one."""
+    from smoothadv.files import atomic_torch_save
+    from smoothadv.models import read_checkpoint
+    from smoothadv.settings import TrainSettings
+    from smoothadv.train import fit
+
+    settings = dict(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", sigma=0.25, epochs=1, batch_size=8,
+                    train_subset=16, eval_subset=8, progress=False, device="cpu")
+    objective = SmoothMix(0.25, m=2, steps=1, step_size=0.5, warmup=1)
+    path = fit(TrainSettings(**settings), objective)
+    saved = read_checkpoint(path)
+    described = saved["objective"]
+    saved["objective"] = {("alpha" if key == "step_size" else key): value for key, value in described.items()}
+    atomic_torch_save(saved, path)  # as an earlier version wrote it
+    fit(TrainSettings(**{**settings, "epochs": 2, "resume": True}), objective)
+    assert read_checkpoint(path)["epoch"] == 2
+    with pytest.raises(SmoothAdvError, match="cannot resume"):  # a different step size is still refused
+        fit(TrainSettings(**{**settings, "epochs": 3, "resume": True}), SmoothMix(0.25, m=2, steps=1, step_size=0.7,
+                                                                                 warmup=1))
+    with pytest.raises(SmoothAdvError, match="alpha of the smoothmix objective is now called step_size"):
+        train_recipe({"objective": "smoothmix", "alpha": 1.0, "out": str(tmp_path / "x")})

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from .errors import SmoothAdvError
 from .files import OutputLock, atomic_write_text, locked_run_directory, write_provenance
-from .settings import bookkeeping_fields, flag_name
+from .settings import bookkeeping_fields, flag_name, upgraded
 
 #: an accepted change: (recorded value, new value) -> None when the change is accepted, else why it is refused
 Rule = Callable[[Any, Any], str | None]
@@ -182,6 +182,8 @@ class RunDirectory:
                              defaults=field_defaults(cls), accepted={"epochs": epochs_may_grow(done)}, keys=fields)
         changed = [d.refused(flag_name(fields[d.name])) for d in refused if d.name != "epochs"]
         then = saved.get("objective")
+        if isinstance(then, dict):
+            then = upgraded(then)  # fields renamed since the checkpoint was written
         if objective is not None and isinstance(then, dict):
             now = objective_record(objective.at_epoch(max(done - 1, 0)), then)
             if now.get("name") != then.get("name"):

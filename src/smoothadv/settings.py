@@ -248,6 +248,21 @@ def make(cls: type, values: Mapping[str, Any], *, source: str = "") -> Any:
         raise SmoothAdvError(f"{prefix}{exc}") from None
 
 
+# ------------------------------------------------------------------ renamed settings
+
+
+RENAMED: dict[str, dict[str, str]] = {"SmoothMix": {"alpha": "step_size"}}
+"""Fields renamed since earlier versions, by the class that owns them: old name -> new name. Records written
+before a rename (a checkpoint's objective, `args.json`) are read with `upgraded`; recipes that use an old name are
+refused with the new one (`train.recipe`)."""
+
+
+def upgraded(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded description (`{"name": class, field: value, ...}`) with renamed fields under today's names."""
+    renames = RENAMED.get(str(record.get("name")), {})
+    return {renames.get(key, key): value for key, value in record.items()}
+
+
 # ------------------------------------------------------------------ recipes (TOML)
 
 

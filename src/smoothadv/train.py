@@ -82,7 +82,7 @@ from .objectives import OBJECTIVES, LossOutput, Objective, build_objective, has_
 from .progress import progress as progress_reporter
 from .rundir import RunDirectory, settings_record
 from .seeds import derive_seed
-from .settings import TrainSettings, bookkeeping_fields, flag_keys, make
+from .settings import RENAMED, TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
 
 CHECKPOINT = "checkpoint.pth.tar"
@@ -639,8 +639,9 @@ DDN_TRAINING_DEFAULTS = {"ddn_gamma": 0.05, "ddn_init_norm": 1.0}
 """DDN's training defaults, those of Salman et al.'s train_pgd.py (`--gamma-DDN 0.05`, `--init-norm-DDN 1.0`; the
 warm-up replaces the initial norm by each epoch's eps)."""
 
-RENAMED_KEYS = {("smoothmix", "alpha"): "step_size"}
-"""Recipe keys that were renamed: (objective, old key) -> new key (refused with a message naming the new one)."""
+RENAMED_KEYS = {(name, old): new for name, cls in OBJECTIVES.items()
+                for old, new in RENAMED.get(cls.__name__, {}).items()}
+"""Recipe keys that were renamed (`settings.RENAMED`): (objective, old key) -> new key (refused, naming the new one)."""
 
 
 def check_settings(cfg: TrainSettings) -> None:
