@@ -25,6 +25,7 @@ from . import (
     objectives,
     report,
     run,
+    seeds,
     sequential,
     settings,
     smoothing,
@@ -33,9 +34,9 @@ from . import (
 )
 from .attacks import DDN, PGDL2, SteinPGDL2, build_attack
 from .betting import BettingConfig
-from .denoise import DenoisedClassifier, DnCNN
+from .denoise import DenoisedClassifier, DnCNN, load_denoiser
 from .errors import SmoothAdvError
-from .models import Normalize, build_model, load_checkpoint, save_checkpoint
+from .models import Normalize, build_model, load_checkpoint, load_weights, save_checkpoint
 from .objectives import (
     CATRS,
     MACER,
@@ -49,20 +50,32 @@ from .objectives import (
     StabilityTraining,
     build_objective,
 )
+from .report import Results, format_table, load_results, plot_accuracy, plot_radius_cdf, summarize
 from .run import run_evaluation
-from .sequential import SequentialConfig, certify_sequential
+from .seeds import example_generator
+from .sequential import SequentialCertificate, SequentialConfig, certify_sequential
 from .settings import CertifySettings, PredictSettings, RunSettings, TrainSettings
 from .smoothing import ABSTAIN, Certificate, Smooth, SoftSmoothed
-from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper
+from .stats import (
+    average_certified_radius,
+    certified_accuracy,
+    certified_radius,
+    clopper_pearson_interval,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    max_certifiable_radius,
+)
 from .train import fit, recipe
 
 __all__ = [
-    "ABSTAIN", "CATRS", "DDN", "MACER", "OBJECTIVES", "PGDL2", "BettingConfig", "Certificate", "CertifySettings",
-    "Consistency", "DenoisedClassifier", "DnCNN", "GaussianAugmentation", "LossOutput", "Normalize", "Objective",
-    "PredictSettings", "RunSettings", "SequentialConfig", "Smooth", "SmoothAdv", "SmoothAdvError", "SmoothMix",
-    "SoftSmoothed", "StabilityTraining", "SteinPGDL2", "TrainSettings", "__version__", "attacks", "betting",
-    "build_attack", "build_model", "build_objective", "certified_radius", "certify_sequential",
-    "clopper_pearson_lower", "clopper_pearson_upper", "data", "denoise", "fit", "load_checkpoint", "models", "noise",
-    "objectives", "recipe", "report", "run", "run_evaluation", "save_checkpoint", "sequential", "settings",
-    "smoothing", "stats", "train",
+    "ABSTAIN", "BettingConfig", "CATRS", "Certificate", "CertifySettings", "Consistency", "DDN",
+    "DenoisedClassifier", "DnCNN", "GaussianAugmentation", "LossOutput", "MACER", "Normalize", "OBJECTIVES",
+    "Objective", "PGDL2", "PredictSettings", "Results", "RunSettings", "SequentialCertificate", "SequentialConfig",
+    "Smooth", "SmoothAdv", "SmoothAdvError", "SmoothMix", "SoftSmoothed", "StabilityTraining", "SteinPGDL2",
+    "TrainSettings", "__version__", "attacks", "average_certified_radius", "betting", "build_attack", "build_model",
+    "build_objective", "certified_accuracy", "certified_radius", "certify_sequential", "clopper_pearson_interval",
+    "clopper_pearson_lower", "clopper_pearson_upper", "data", "denoise", "example_generator", "fit", "format_table",
+    "load_checkpoint", "load_denoiser", "load_results", "load_weights", "max_certifiable_radius", "models", "noise",
+    "objectives", "plot_accuracy", "plot_radius_cdf", "recipe", "report", "run", "run_evaluation",
+    "save_checkpoint", "seeds", "sequential", "settings", "smoothing", "stats", "summarize", "train",
 ]

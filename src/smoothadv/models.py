@@ -7,13 +7,15 @@ Checkpoint format (`torch.save` of a dict holding only tensors, numbers, strings
 dicts, so it loads with `weights_only=True`):
 
     format          "smoothadv-checkpoint"      version   1
-    arch            architecture name (archs.ARCHITECTURES)
-    dataset         dataset name (data.DATASETS)
-    num_classes     int
-    normalization   {"kind": "normalize" | "center" | "none", "mean": [...], "std": [...]}
-    sigma           training noise level (float, may be 0)
+    arch            architecture name (archs.ARCHITECTURES), or a name of your own ("custom" by default)
+    module          for your own module only: its class, "package.module.ClassName" (information)
+    dataset         dataset name (data.DATASETS), or None (your own data)
+    num_classes     int (None only for your own module when its output count is unknown)
+    normalization   {"kind": "normalize" | "center" | "none", "mean": [...], "std": [...]}, or None
+    sigma           training noise level (float, may be 0; None when not given)
     epoch           completed epochs
-    state_dict      state dict of Sequential(norm, net): keys "1.<param>" exactly as in Cohen's files
+    state_dict      a registered architecture's: state dict of Sequential(norm, net), keys "1.<param>"
+                    exactly as in Cohen's files; your own module's: its `state_dict()` as it is
     weights_sha256  `weights_digest(state_dict)`: verified on every load, so flipped or overwritten
                     weight bytes are refused (torch does not check the zip's CRC). Files written
                     before it existed have none and still load, unverified (`weights_verified`
@@ -22,6 +24,10 @@ dicts, so it loads with `weights_only=True`):
     kind            absent for a classifier; "denoiser" for a denoised-smoothing denoiser (Salman et al.
                     2020, arXiv:2003.01908; `denoise.py`: channels, depth, width, classifiers,
                     history; no num_classes), which `load_checkpoint` refuses as a classifier
+
+Your own model (any `nn.Module`, its normalization inside it): `save_checkpoint(path, model, num_classes=K,
+sigma=...)` writes it with its digest, and `load_weights(path, module)` (or `load_checkpoint(path,
+model=module)`) loads it back into a module you hold, with a one-line error naming what does not fit.
 
 Denoisers written before they shared this format (format "smoothadv-denoiser", no digest) still load
 through `denoise.load_denoiser`, unverified.
@@ -44,7 +50,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +66,7 @@ DENOISER = "denoiser"
 LEGACY_DENOISER_FORMAT = "smoothadv-denoiser"
 NORMALIZATIONS = ("normalize", "center", "none")
 DIGEST = "weights_sha256"
+M = TypeVar("M", bound=nn.Module)
 
 
 class Normalize(nn.Module):
@@ -187,19 +194,97 @@ def is_denoiser(payload: Mapping[str, Any]) -> bool:
     return payload.get("kind") == DENOISER or payload.get("format") == LEGACY_DENOISER_FORMAT
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, dataset: str,
-                    normalization: dict[str, Any], sigma: float, **extra: Any) -> None:
-    """Write a checkpoint in the format above, atomically (temporary file, fsync, rename), with the
-    digest of its weights (`weights_sha256`) that every load verifies. `kind="denoiser"` in `extra`
-    writes a denoiser (no `num_classes`)."""
+CUSTOM = "custom"
+"""The `arch` recorded for a module of your own (no registered architecture): it loads into a module you hold."""
+
+
+def _head_classes(model: nn.Module, arch: str | None) -> int | None:
+    """The class count of a classifier module: its registered head's outputs, else its last `nn.Linear`'s."""
+    if arch in ARCHITECTURES and isinstance(model, nn.Sequential) and len(model) == 2:
+        parent: Any = model[1]
+        try:
+            for name in arch_info(arch).head.split("."):
+                parent = parent[int(name)] if name.isdigit() else getattr(parent, name)
+            if isinstance(parent, nn.Linear):
+                return int(parent.out_features)
+        except (AttributeError, IndexError, TypeError):
+            pass
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def _recorded_normalization(model: nn.Module) -> dict[str, Any]:
+    """The normalization record of a `Sequential(Normalize or Identity, network)` (read from its first layer)."""
+    first = model[0] if isinstance(model, nn.Sequential) and len(model) == 2 else None
+    if isinstance(first, Normalize):
+        mean = [float(v) for v in first.mean.flatten().tolist()]
+        if first.centers_only:
+            return {"kind": "center", "mean": mean, "std": [1.0] * len(mean)}
+        return {"kind": "normalize", "mean": mean, "std": [float(v) for v in first.std.flatten().tolist()]}
+    return {"kind": "none"}
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str | None = None,
+                    dataset: str | None = None, normalization: dict[str, Any] | None = None,
+                    sigma: float | None = None, num_classes: int | None = None, **extra: Any) -> None:
+    """Write `model`'s weights and what they are in the format above, atomically (temporary file, fsync,
+    rename), with the digest of its weights (`weights_sha256`) that every load verifies.
+
+    Your own module (any `nn.Module`): `save_checkpoint(path, model)` or with `arch="my_net"`, `num_classes=K`,
+    `sigma=...`, `dataset=...` as you wish. Such a file records `arch` (default "custom") and the module's
+    class name, and loads back into a module you hold: `load_weights(path, module)` or
+    `load_checkpoint(path, model=module)`. Your normalization is part of your module; `normalization` is
+    then an optional record.
+
+    A registered architecture (`archs.ARCHITECTURES`): `model` is `Sequential(normalization layer, network)`
+    as `build_model` makes it, or the bare network (saved as that Sequential's `1.` keys, with no
+    normalization unless given); weights that fit neither are refused here, not at load time.
+    `normalization` defaults to the model's own first layer (a `Normalize`, or none).
+
+    `num_classes` defaults to the model's output count (its registered head, else its last `nn.Linear`),
+    then to the dataset's. Anything else in `extra` (epoch, optimizer, ...) is stored as given;
+    `kind="denoiser"` writes a denoiser (no `num_classes`).
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload: dict[str, Any] = {"format": FORMAT, "version": 1, "arch": arch, "dataset": dataset}
-    if extra.get("kind") != DENOISER:
-        payload["num_classes"] = int(extra.pop("num_classes", num_classes(dataset)))
-    payload.update({"normalization": normalization, "sigma": float(sigma), "state_dict": state,
-                    "smoothadv_version": __version__, DIGEST: weights_digest(state)})
+    denoiser = extra.get("kind") == DENOISER
+    name = CUSTOM if arch is None else str(arch)
+    registered = name in ARCHITECTURES and not denoiser
+    if registered:
+        state = _registered_state(model, state, name, num_classes)
+        if normalization is None:
+            normalization = _recorded_normalization(model)
+    payload: dict[str, Any] = {"format": FORMAT, "version": 1, "arch": name, "dataset": dataset}
+    if not registered and not denoiser:
+        payload["module"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    if not denoiser:
+        classes = num_classes if num_classes is not None else _head_classes(model, name)
+        if classes is None and dataset is not None:
+            classes = _dataset_classes(dataset)
+        if classes is not None and (isinstance(classes, bool) or int(classes) != classes or classes < 2):
+            raise SmoothAdvError(f"num_classes must be an integer >= 2, got {classes!r}")
+        payload["num_classes"] = None if classes is None else int(classes)
+    payload.update({"normalization": normalization, "sigma": None if sigma is None else float(sigma),
+                    "state_dict": state, "smoothadv_version": __version__, DIGEST: weights_digest(state)})
     payload.update(extra)
     atomic_torch_save(payload, path)
+
+
+def _dataset_classes(dataset: str) -> int:
+    return num_classes(dataset)
+
+
+def _registered_state(model: nn.Module, state: dict[str, Tensor], arch: str, classes: int | None) -> dict[str, Tensor]:
+    """The state dict of a registered architecture as `Sequential(norm, net)` keys ("1.<param>"), or a one-line
+    SmoothAdvError naming the first keys that do not fit (at save time, so no unloadable file is written)."""
+    own = set(arch_info(arch).build(classes or 10).state_dict())  # the key names do not depend on the count
+    wrapped = {f"1.{k}" for k in own}
+    if set(state) == wrapped:
+        return state
+    if set(state) == own:  # the bare network: store it as Sequential(normalization, network)
+        return {f"1.{k}": v for k, v in state.items()}
+    odd = sorted(set(state) - wrapped - own)[:3] or sorted(wrapped - set(state))[:3]
+    raise SmoothAdvError(f"the module's weights do not fit registered architecture {arch!r} (first differing keys "
+                         f"{odd}); to save a module of your own, leave arch out (or give a name not in the registry)")
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -310,7 +395,8 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], file: Path, arch: st
 
 
 def _check_fields(payload: dict[str, Any], file: Path) -> None:
-    """Raise SmoothAdvError unless the checkpoint's fields have the types the format above specifies."""
+    """Raise SmoothAdvError unless the checkpoint's fields have the types the format above specifies
+    (`dataset`, `num_classes` and `normalization` may be None in a file of your own module)."""
     def bad(field: str, what: str) -> SmoothAdvError:
         return SmoothAdvError(f"{file} is malformed: {field} must be {what}, got {type(payload.get(field)).__name__}")
 
@@ -321,32 +407,112 @@ def _check_fields(payload: dict[str, Any], file: Path) -> None:
         raise bad("state_dict", "a dict of named tensors")
     if payload.get("format") != FORMAT:
         return
-    if not isinstance(payload.get("dataset"), str):
-        raise bad("dataset", "a string")
+    if "dataset" not in payload or (payload["dataset"] is not None and not isinstance(payload["dataset"], str)):
+        raise bad("dataset", "a string (or None for your own data)")
     classes = payload.get("num_classes")
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 2):
         raise bad("num_classes", "an integer >= 2")
     spec = payload.get("normalization")
+    if spec is None:
+        return
     numbers_ok = isinstance(spec, dict) and (spec.get("kind") == "none" or all(
         isinstance(spec.get(key), (list, tuple)) and all(isinstance(v, (int, float)) for v in spec[key])
         for key in ("mean", "std")))
-    if not numbers_ok or spec.get("kind") not in NORMALIZATIONS:  # type: ignore[union-attr]
+    if not numbers_ok or spec.get("kind") not in NORMALIZATIONS:
         raise bad("normalization", f"a dict with kind in {NORMALIZATIONS} and numeric mean and std lists")
     sigma = payload.get("sigma")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))):
         raise bad("sigma", "a number")
 
 
+def _metadata(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
+
+
+def _fitting_state(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` renamed to fit `module`'s keys when a known renaming does: as saved; a foreign file's keys
+    ("1.module.x", "module.x", ...) mapped to "1.x"; or without the "1." of `Sequential(norm, network)` when
+    `module` is the bare network. Otherwise `state` unchanged (the caller names what does not fit)."""
+    own = set(module.state_dict())
+    optional = {k for k in own if k.endswith("num_batches_tracked")}  # older files predate BatchNorm's counter
+    mapped = _foreign_state_dict(state)
+    for candidate in (state, mapped, {k[2:]: v for k, v in mapped.items() if k.startswith("1.")}):
+        if own - optional <= set(candidate) <= own:
+            return dict(candidate)
+    return dict(state)
+
+
+def load_weights(path: str | os.PathLike[str], module: nn.Module, *, normalization: str | None = None,
+                 ) -> dict[str, Any]:
+    """Load the weights of a checkpoint into `module`, a module you hold, in place; returns the metadata.
+
+    Works with any file `load_checkpoint` reads: one of your own module (`save_checkpoint(path, model)`),
+    of a registered architecture (into `Sequential(norm, network)` or the bare network), a denoiser, or a
+    Cohen/Salman release (their "1.module." key prefixes are mapped). The weights digest is verified first
+    (a corrupt file is refused); the weights are copied onto the module's own device; the module's
+    train/eval mode is left as it was (as `module.load_state_dict`).
+
+    Every mismatch is a one-line SmoothAdvError naming the first differing keys, or, when the output
+    layer has another size, both class counts. `normalization` is accepted for symmetry with
+    `load_checkpoint` and not used: your module carries its own.
+
+    Returns: the checkpoint's metadata (without tensors), with `weights_verified` as in `load_checkpoint`.
+    """
+    del normalization
+    file = Path(path)
+    if not isinstance(module, nn.Module):
+        raise SmoothAdvError(f"load_weights needs the nn.Module to load {file} into, got {type(module).__name__}")
+    payload = read_checkpoint(file, "cpu")
+    _check_fields(payload, file)
+    state = _fitting_state(module, payload["state_dict"])
+    own = module.state_dict()
+    for key in own:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = own[key]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    recorded = payload.get("num_classes")
+    classes = _head_classes(module, None)
+    if wrong and isinstance(recorded, int) and classes is not None and recorded != classes:
+        raise SmoothAdvError(f"{file} holds a {recorded}-class model but the module has {classes} outputs "
+                             f"(shapes differ at {wrong[:3]}); build the module with {recorded} classes")
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing in the file {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"not in the module {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"other shapes at {wrong[:3]}" if wrong else "") if part)
+        raise SmoothAdvError(f"the weights in {file} (arch {payload.get('arch')!r}) do not fit the "
+                             f"{type(module).__name__} given: {detail}")
+    module.load_state_dict(state, strict=True)
+    return {**_metadata(payload), "weights_verified": DIGEST in payload}
+
+
+@overload
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = ...,
+                    normalization: str | None = ..., *, model: None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+    ...
+
+
+@overload
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = ...,
+                    normalization: str | None = ..., *, model: M) -> tuple[M, dict[str, Any]]:
+    ...
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                    normalization: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+                    normalization: str | None = None, *, model: nn.Module | None = None,
+                    ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model and its metadata from a smoothadv checkpoint or a Cohen/Salman release.
 
     Args:
         path: checkpoint file.
-        map_location: device for the tensors.
+        map_location: device for the tensors (and the model built; a `model` given keeps its device).
         normalization: required for Cohen/Salman files, which do not record it: "normalize"
             (mean/std; Cohen's models) or "center" (mean only; most SmoothAdv models). For this
             library's own files it overrides the recorded choice only if given.
+        model: a module you hold to load the weights into (`load_weights`), instead of building the
+            recorded architecture; required for a file of your own module (arch not registered).
 
     Returns: (model in eval mode, metadata dict without the state dict). The metadata always has
     `arch`, `dataset`, `num_classes`, `normalization`, `sigma` (None when unknown) and
@@ -354,19 +520,28 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     Cohen/Salman files and smoothadv files older than the digest).
     """
     file = Path(path)
+    if model is not None:
+        meta = load_weights(file, model)
+        meta = {"dataset": None, "num_classes": None, "normalization": None, "sigma": None, **meta}
+        return model.eval(), meta
     payload = read_checkpoint(file, map_location)
     if is_denoiser(payload):
-        raise SmoothAdvError(f"{file} is a denoiser checkpoint, not a classifier; pass it as --denoiser next to the "
-                             "classifier's checkpoint")
+        raise SmoothAdvError(f"{file} is a denoiser checkpoint, not a classifier; load it with "
+                             "denoise.load_denoiser (the CLI: pass it as --denoiser next to the classifier's "
+                             "checkpoint)")
     _check_fields(payload, file)
     arch = payload["arch"]
     if arch not in ARCHITECTURES:
-        raise SmoothAdvError(f"{file} has unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+        saved = f" (saved from your module {payload['module']})" if isinstance(payload.get("module"), str) else ""
+        raise SmoothAdvError(f"{file} holds architecture {arch!r}{saved}, which is not registered: load it into "
+                             "a module you hold with load_checkpoint(path, model=module) or load_weights(path, "
+                             f"module) (registered: {', '.join(ARCHITECTURES)})")
     state = payload["state_dict"]
     if payload.get("format") == FORMAT:
-        dataset = payload["dataset"]
-        spec = payload["normalization"] if normalization is None else normalization_spec(dataset, normalization)
-        classes = int(payload["num_classes"])
+        dataset = payload["dataset"] if payload.get("dataset") is not None else ARCHITECTURES[arch].dataset
+        recorded = payload.get("normalization") or {"kind": "none"}
+        spec = recorded if normalization is None else normalization_spec(dataset, normalization)
+        classes = int(payload["num_classes"]) if payload.get("num_classes") is not None else num_classes(dataset)
         sigma = payload.get("sigma")
     else:
         info = ARCHITECTURES[arch]
@@ -379,20 +554,20 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         if normalization is None:
             raise SmoothAdvError(
                 f"{file} is a Cohen/Salman-format checkpoint, which does not record its input normalization: pass "
-                "--normalization normalize (Cohen's models) or --normalization center (most SmoothAdv models; "
-                "see README)"
+                "normalization='normalize' (Cohen's models) or 'center' (most SmoothAdv models; the CLI's "
+                "--normalization; see README)"
             )
         spec = normalization_spec(dataset, normalization)
         state = _foreign_state_dict(state)
         classes = num_classes(dataset)
         sigma = None
-    model = build_model(arch, dataset, spec, classes)
-    _load_state(model, dict(state), file, arch)
-    model.to(map_location).eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
+    built = build_model(arch, dataset, spec, classes)
+    _load_state(built, dict(state), file, arch)
+    built.to(map_location).eval()
+    meta = _metadata(payload)
     meta.update({"arch": arch, "dataset": dataset, "num_classes": classes, "normalization": spec, "sigma": sigma,
                  "weights_verified": DIGEST in payload})
-    return model, meta
+    return built, meta
 
 
 def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
