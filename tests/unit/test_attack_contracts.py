@@ -1,0 +1,199 @@
+"""The attacks against references written here from their papers, and their contract at its edges.
+
+PGD (Salman et al. 2019, SmoothAdv_PGD: normalized-gradient steps of 2 eps / T, clamp to [0, 1], projection
+on the eps-ball), its gradient-free variant (the Stein estimate -(1/m) sum_i F_y(x + delta_i) delta_i of
+`SoftSmoothed.ascent_direction`) and DDN (Rony et al. 2019 as Salman et al. adapted it: a norm budget that
+shrinks by 1 - gamma while adversarial and grows by 1 + gamma otherwise, cosine-annealed steps,
+quantization to 256 levels, the smallest adversarial perturbation kept) are recomputed step by step and
+compared with the library's result; the contract (eps-ball, box, eps = 0 returns x without a model call,
+modes restored, the DDN defaults of `build_attack`) is checked where it can break.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoothadv.attacks import DDN, PGDL2, SteinPGDL2, build_attack, project
+from smoothadv.errors import SmoothAdvError
+from smoothadv.smoothing import SoftSmoothed
+
+SHAPE = (1, 4, 4)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    return model.double()
+
+
+def make_batch(batch: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch, *SHAPE), generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    return x, y
+
+
+def norms(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
+def ball(t: Tensor, eps: float) -> Tensor:
+    n = norms(t).view(-1, 1, 1, 1)
+    return t * torch.where(n > eps, eps / n.clamp_min(1e-12), torch.ones_like(n))
+
+
+def reference_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step: float) -> Tensor:
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        point = (x + delta).requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(point), y, reduction="sum"), point)
+        delta = delta + step * grad / norms(grad).view(-1, 1, 1, 1)
+        delta = ball((x + delta).clamp(0, 1) - x, eps)
+    return x + delta
+
+
+@pytest.mark.parametrize("eps, steps, step_size", [(0.5, 4, None), (1.5, 3, None), (0.3, 5, 0.2)])
+def test_pgd_is_salmans_projected_normalized_ascent(eps: float, steps: int, step_size: float | None) -> None:
+    model, (x, y) = make_model(), make_batch()
+    ours = PGDL2(eps=eps, steps=steps, step_size=step_size)(model, x, y)
+    step = step_size if step_size is not None else 2 * eps / steps
+    expected = reference_pgd(model, x, y, eps, steps, step)
+    assert torch.allclose(ours, expected, atol=1e-10)
+    assert float(norms(ours - x).max()) <= eps * (1 + 1e-12)
+    assert float(ours.min()) >= 0.0 and float(ours.max()) <= 1.0
+    # the attack raises the loss it attacks
+    assert float(F.cross_entropy(model(ours), y)) > float(F.cross_entropy(model(x), y))
+
+
+def test_pgd_random_start_stays_in_the_ball_and_depends_on_the_generator() -> None:
+    model, (x, y) = make_model(), make_batch()
+    attack = PGDL2(eps=0.4, steps=1, random_start=True)
+    a = attack(model, x, y, torch.Generator().manual_seed(0))
+    b = attack(model, x, y, torch.Generator().manual_seed(0))
+    c = attack(model, x, y, torch.Generator().manual_seed(1))
+    plain = PGDL2(eps=0.4, steps=1)(model, x, y)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, plain)
+    assert float(norms(a - x).max()) <= 0.4 * (1 + 1e-12)
+
+
+def test_projection_clamps_then_scales_into_the_ball() -> None:
+    x = torch.tensor([[[[0.9, 0.5]]], [[[0.2, 0.2]]]], dtype=torch.float64)
+    delta = torch.tensor([[[[0.5, 0.0]]], [[[0.03, -0.04]]]], dtype=torch.float64)
+    out = project(x, delta, 0.05)
+    # image 0: clamped to 0.1 (box), then scaled to 0.05; image 1: norm 0.05, kept
+    assert torch.allclose(out[0], torch.tensor([[[0.05, 0.0]]], dtype=torch.float64))
+    assert torch.allclose(out[1], delta[1])
+    assert torch.equal(project(x, torch.zeros_like(x), 0.0), torch.zeros_like(x))
+
+
+def test_eps_zero_returns_x_without_calling_the_model() -> None:
+    x, y = make_batch()
+
+    def model(_: Tensor) -> Tensor:
+        raise AssertionError("called")
+
+    for attack in (PGDL2(eps=0.0, steps=3), DDN(eps=0.0, steps=3)):
+        assert attack(model, x, y) is x
+
+
+def test_attacks_restore_every_submodule_mode_and_attack_in_eval_mode() -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            seen.append(self.training)
+            return x
+
+    model = nn.Sequential(Probe(), nn.Flatten(), nn.Linear(16, 3)).double()
+    model.train()
+    model[2].eval()  # a mixed state must come back as it was
+    x, y = make_batch()
+    for attack in (PGDL2(eps=0.3, steps=2), DDN(eps=0.3, steps=2)):
+        seen.clear()
+        attack(model, x, y)
+        assert seen and not any(seen)
+        assert [m.training for m in model.modules()] == [True, True, True, False]
+
+
+def test_stein_pgd_follows_the_stein_direction_of_the_smoothed_classifier() -> None:
+    model, (x, y) = make_model(2), make_batch(4)
+    noise = torch.randn((4, 6, *SHAPE), generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3
+    smoothed = SoftSmoothed(model, noise)
+    eps, steps = 0.6, 3
+    ours = SteinPGDL2(eps=eps, steps=steps)(smoothed, x, y)
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        with torch.no_grad():
+            rows = (x + delta)[:, None] + noise
+            probs = F.softmax(model(rows.reshape(-1, *SHAPE)), 1).view(4, 6, -1)
+            p_y = probs[torch.arange(4), :, y]  # (B, m)
+            direction = -(p_y.view(4, 6, 1, 1, 1) * noise).mean(1)
+        delta = ball((x + delta + 2 * eps / steps * direction / norms(direction).view(-1, 1, 1, 1)).clamp(0, 1) - x,
+                     eps)
+    assert torch.allclose(ours, x + delta, atol=1e-10)
+    with pytest.raises(SmoothAdvError):
+        SteinPGDL2(eps=0.5, steps=2)(model, x, y)
+
+
+def reference_ddn(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gamma: float, init: float,
+                  levels: int = 256, quantize: bool = True) -> Tensor:
+    b = x.shape[0]
+
+    def q(d: Tensor) -> Tensor:
+        return ((x + d) * (levels - 1)).round() / (levels - 1) - x if quantize else d
+
+    delta = torch.zeros_like(x)
+    budget = torch.full((b,), init, dtype=x.dtype)
+    cap = norms(torch.maximum(x, 1 - x))
+    best, best_norm = torch.zeros_like(x), torch.full((b,), math.inf, dtype=x.dtype)
+    for k in range(1, steps + 1):
+        lr = 0.01 + 0.99 * (1 + math.cos(math.pi * k / steps)) / 2
+        point = (x + delta).requires_grad_(True)
+        logits = model(point)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), point)
+        adversarial = logits.argmax(1) != y
+        current = norms(delta)
+        for i in range(b):
+            if adversarial[i] and current[i] < best_norm[i]:
+                best_norm[i], best[i] = current[i], delta[i]
+        delta = delta + lr * grad / norms(grad).clamp_min(1e-12).view(-1, 1, 1, 1)
+        budget = torch.minimum(torch.where(adversarial, budget * (1 - gamma), budget * (1 + gamma)), cap)
+        delta = delta * (budget / norms(delta).clamp_min(1e-12)).view(-1, 1, 1, 1)
+        delta = (x + q(delta)).clamp(0, 1) - x
+    out = ball((x + q(ball((x + best).clamp(0, 1) - x, eps))).clamp(0, 1) - x, eps)
+    out[torch.isinf(best_norm)] = 0.0
+    return x + out
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_ddn_is_the_adapted_decoupled_direction_and_norm_attack(quantize: bool) -> None:
+    model, (x, y) = make_model(4), make_batch(8, seed=5)
+    y[:5] = model(x[:5]).argmax(1)  # correctly classified: a short attack fails on some of them
+    eps, steps, gamma, init = 0.8, 6, 0.1, 0.2
+    ours = DDN(eps=eps, steps=steps, gamma=gamma, init_norm=init, quantize=quantize)(model, x, y)
+    expected = reference_ddn(model, x, y, eps, steps, gamma, init, quantize=quantize)
+    assert torch.allclose(ours, expected, atol=1e-9)
+    moved = norms(ours - x)
+    assert bool((moved > 0).any()) and bool((moved == 0).any())  # some examples found, some unchanged
+    assert float(moved.max()) <= eps * (1 + 1e-12)
+    assert bool((model(ours).argmax(1) != y)[moved > 0].all())
+
+
+def test_build_attack_ddn_defaults_follow_salmans_rule() -> None:
+    attack = build_attack("ddn", eps=0.5, steps=20)
+    assert isinstance(attack, DDN)
+    assert attack.gamma == pytest.approx(1 - (3 / 510 / 0.5) ** (1 / 20), rel=1e-12)
+    assert attack.init_norm == 0.5
+    tiny = build_attack("ddn", eps=0.0005, steps=20)
+    assert tiny.init_norm == 1e-3 and tiny.gamma == 0.05
+    pgd = build_attack("pgd", eps=0.25, steps=7)
+    assert isinstance(pgd, PGDL2) and (pgd.eps, pgd.steps, pgd.step_length) == (0.25, 7, 0.5 / 7)
+    assert isinstance(build_attack("pgd", eps=0.25, steps=7, gradient_free=True), SteinPGDL2)
