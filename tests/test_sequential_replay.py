@@ -73,7 +73,7 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
             assert int(row["n"]) == 16 + result.n
             assert int(row["predict"]) == (record["class"] if result.certified else -1)
             assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
-        # the same comparison as a benchmark command (used on the real models: results/sequential/check_cli.sh)
+        # the same comparison as a benchmark command (used on the real models: experiments/sequential/check_cli.sh)
         check = ["check", str(traj), "--tsv", str(out), "--sigma", "0.25", "--looks", "64", "512", "--single", "0.3",
                  "--policy", name]
         assert bench.main(check) == 0

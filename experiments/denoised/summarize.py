@@ -137,7 +137,8 @@ def main() -> None:
     lines += ["", f"CPU time of every step in logs/cpu.tsv: {total:.1f} minutes. The classifier's training ran before "
               "run.sh timed its steps, so its row holds only the resume checks; a timed epoch on 6,000 images took "
               f"7.9 CPU-s after start-up, so its 6 epochs on 60,000 cost about {CLASSIFIER_MINUTES:.0f} CPU-minutes "
-              f"(about {total + CLASSIFIER_MINUTES:.0f} minutes in all). Cost per noise sample: fashion_cnn "
+              f"({total:.1f} measured plus about {CLASSIFIER_MINUTES:.1f} estimated, about "
+              f"{total + CLASSIFIER_MINUTES:.0f} CPU-minutes in all). Cost per noise sample: fashion_cnn "
               f"{f_cost / 1e6:.2f} M multiply-adds; the denoiser adds {max(d_costs.values(), default=0) / 1e6:.2f} M."]
     lines += paired(results)
     atomic_write_text(HERE / "table.md", "\n".join(lines) + "\n")
