@@ -125,10 +125,11 @@ def project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
     return delta * _view(factor, delta)
 
 
-def check_batch(x: Tensor, y: Tensor) -> int:
-    """Raise SmoothAdvError unless x is a floating-point batch (B, ...) with finite values in [0, 1]
-    and y is B integer labels >= 0; returns the largest label (checked against the model's
-    outputs at its first call, `check_labels`). One host synchronisation."""
+def check_batch(x: Tensor, y: Tensor, domain: tuple[float, float] | None = (0.0, 1.0)) -> int:
+    """Raise SmoothAdvError unless x is a floating-point batch (B, ...) with finite values in `domain`
+    ([0, 1] by default; `(lo, hi)` for inputs that live elsewhere, None for any finite values, as
+    `smoothing.Smooth`'s `domain`) and y is B integer labels >= 0; returns the largest label (checked
+    against the model's outputs at its first call, `check_labels`). One host synchronisation."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
         got = str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
         raise SmoothAdvError(f"the attack needs a non-empty floating-point batch x of shape (B, ...), got {got}")
@@ -144,8 +145,9 @@ def check_batch(x: Tensor, y: Tensor) -> int:
                                           y.min().double(), y.max().double()]).tolist()
     if not (math.isfinite(x_lo) and math.isfinite(x_hi)):
         raise SmoothAdvError("the attack input x contains NaN or Inf values")
-    if x_lo < 0 or x_hi > 1:
-        raise SmoothAdvError(f"the attack input x must have pixel values in [0, 1], got range [{x_lo:.4g}, {x_hi:.4g}]")
+    if domain is not None and (x_lo < domain[0] or x_hi > domain[1]):
+        raise SmoothAdvError(f"the attack input x must have values in [{domain[0]:g}, {domain[1]:g}], got range "
+                             f"[{x_lo:.4g}, {x_hi:.4g}]")
     if y_lo < 0:
         raise SmoothAdvError(f"labels must be >= 0, got {int(y_lo)}")
     return int(y_hi)

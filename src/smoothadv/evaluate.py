@@ -74,8 +74,28 @@ def format_radius(radius: float) -> str:
 
 
 def _load_example(dataset: Dataset, index: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    x, label = dataset[index]
-    return x.to(device), int(label)
+    """Example `index` of a dataset of `(input tensor, integer label)` pairs, the input moved to `device`.
+
+    Anything else is a one-line SmoothAdvError saying what the dataset returned and what to add (a
+    torchvision dataset without `transforms.ToTensor()` returns PIL images)."""
+    item = dataset[index]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise SmoothAdvError(f"dataset[{index}] must be an (input, label) pair, got {type(item).__name__}"
+                             + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    x, label = item
+    if not isinstance(x, torch.Tensor):
+        hint = ("add transforms.ToTensor() to the dataset's transform (a torchvision dataset without it returns PIL "
+                "images)" if type(x).__module__.startswith("PIL") or hasattr(x, "getpixel")
+                else "convert it with torch.as_tensor (images as floats (C, H, W) in [0, 1])")
+        raise SmoothAdvError(f"dataset[{index}] returned a {type(x).__module__}.{type(x).__name__} as its input, "
+                             f"not a torch.Tensor: {hint}")
+    try:
+        number = int(label)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        number = None
+    if number is None or bool(number != label):
+        raise SmoothAdvError(f"dataset[{index}] must have an integer class label, got {label!r:.60}")
+    return x.to(device), number
 
 
 def certify_dataset(smooth: Smooth, dataset: Dataset, indices: Iterable[int], *, n0: int, n: int, alpha: float,

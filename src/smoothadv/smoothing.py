@@ -16,6 +16,8 @@ Salman et al., NeurIPS 2019 (arXiv:1906.04584), Section 3.
 
 Noise is added in the model's input space, which is [0, 1] pixels because every model of this
 library starts with its normalization layer; the noisy image is not clamped (as in Cohen's code).
+Your own model may take other inputs: `Smooth(..., domain=(lo, hi))` or `domain=None` (any tensor)
+says where they live, and sigma and the radii are then in their units.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -48,21 +50,57 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = was_training
 
 
-def check_image(x: Tensor, name: str = "x") -> None:
-    """Raise SmoothAdvError unless x is one finite floating-point image (C, H, W) with values in [0, 1]."""
+PIXELS: tuple[float, float] = (0.0, 1.0)
+"""The default input domain: images with values in [0, 1], in whose units sigma, eps and radii are read."""
+
+Domain: TypeAlias = tuple[float, float] | None
+"""Where inputs live: a `(lo, hi)` value range of (C, H, W) images, or None for any finite tensor of any shape."""
+
+
+def check_domain(domain: object) -> Domain:
+    """The domain as `(lo, hi)` floats with lo < hi (infinite bounds allowed), or None; else SmoothAdvError."""
+    if domain is None:
+        return None
+    if isinstance(domain, (str, bytes)) or not isinstance(domain, Sequence) or len(domain) != 2 or \
+            not all(isinstance(v, numbers.Real) for v in domain):
+        raise SmoothAdvError(f"domain must be a pair (lo, hi) of numbers or None, got {domain!r}")
+    lo, hi = float(domain[0]), float(domain[1])
+    if not lo < hi:  # also refuses NaN
+        raise SmoothAdvError(f"domain must be (lo, hi) with lo < hi, got {domain!r}")
+    return lo, hi
+
+
+def _range(lo: float, hi: float) -> str:
+    return f"[{lo:g}, {hi:g}]"
+
+
+def check_image(x: Tensor, name: str = "x", domain: Domain = PIXELS) -> None:
+    """Raise SmoothAdvError unless x is one input of the domain.
+
+    With the default domain (0, 1), or any `(lo, hi)`: one finite floating-point image (C, H, W) with
+    values in [lo, hi]. With `domain=None`: any non-empty finite floating-point tensor, of any shape.
+    """
     if not isinstance(x, Tensor):
         raise SmoothAdvError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    what = "tensor" if domain is None else f"image in {_range(*domain)}"
     if not x.is_floating_point():
-        raise SmoothAdvError(f"{name} must be a floating-point image in [0, 1], got dtype {x.dtype}")
-    if x.dim() != 3:
-        raise SmoothAdvError(f"{name} must be one image of shape (C, H, W), got shape {tuple(x.shape)}")
+        raise SmoothAdvError(f"{name} must be a floating-point {what}, got dtype {x.dtype}")
+    if domain is not None and x.dim() != 3:
+        raise SmoothAdvError(f"{name} must be one image of shape (C, H, W), got shape {tuple(x.shape)} (for inputs "
+                             "of another shape, pass domain=None to Smooth)")
     if x.numel() == 0:
-        raise SmoothAdvError(f"{name} is an empty image of shape {tuple(x.shape)}")
+        raise SmoothAdvError(f"{name} is an empty {what} of shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise SmoothAdvError(f"{name} contains NaN or Inf values")
+    if domain is None:
+        return
     lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise SmoothAdvError(f"{name} must have pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    if lo < domain[0] or hi > domain[1]:
+        raise SmoothAdvError(
+            f"{name} must have values in {_range(*domain)}, got range [{lo:.4g}, {hi:.4g}]; if your inputs live "
+            "elsewhere, say so with Smooth(..., domain=(lo, hi)), or domain=None for any tensor (sigma and radii are "
+            "then in the units of your inputs)"
+        )
 
 
 def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
@@ -355,7 +393,8 @@ class Certificate:
 
     Attributes:
         prediction: the certified class, or ABSTAIN (-1).
-        radius: the certified L2 radius sigma * Phi^-1(p_lower), in [0, 1]-pixel units; 0.0 when abstaining.
+        radius: the certified L2 radius sigma * Phi^-1(p_lower), in the units of the inputs ([0, 1] pixels
+            unless `Smooth`'s `domain` says otherwise); 0.0 when abstaining.
         tested_class: the class whose vote probability p_A = P(f(x + delta) = tested_class) was bounded:
             the argmax of the n0 selection votes (Cohen's c_hat), or the given label (sequential label
             mode). `prediction` is this class unless the result abstains.
@@ -404,9 +443,17 @@ class Smooth:
     """A smoothed classifier g built from a base classifier f and Gaussian noise of std `sigma`.
 
     Args:
-        base_classifier: maps a batch (B, C, H, W) of [0, 1] images to logits (B, num_classes).
+        base_classifier: maps a batch (B, *input shape) of inputs, by default (B, C, H, W) images in
+            [0, 1], to logits (B, num_classes).
         num_classes: number of classes.
-        sigma: noise standard deviation, in [0, 1]-pixel units.
+        sigma: noise standard deviation, in the units of the inputs ([0, 1] pixels by default).
+        domain: where the inputs live, checked on every call: `(0.0, 1.0)` (the default) takes one image
+            (C, H, W) with values in [0, 1]; `(lo, hi)` one image with values in [lo, hi] (e.g. (-1, 1) or
+            (0, 255)); None any finite floating-point tensor of any shape (features, sequences, ...; the
+            model then gets batches (B, *x.shape)). The noise is added where the input lives, so sigma
+            and the certified radii are in the units of that domain: a radius of 0.5 for (0, 255) images is
+            half a grey level, not half the range. Cohen's `Smooth` checks nothing; this one checks the
+            default because its units are the ones papers report.
 
     Attributes:
         sampler: the `NoisySampler` that draws the noise and counts f's votes. `base_classifier`,
@@ -418,11 +465,20 @@ class Smooth:
 
     ABSTAIN = ABSTAIN
 
-    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float) -> None:
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, *,
+                 domain: Domain = PIXELS) -> None:
         sigma = _checked_sigma(sigma)
         if int(num_classes) != num_classes or num_classes < 2:
-            raise SmoothAdvError(f"num_classes must be an integer >= 2, got {num_classes}")
+            raise SmoothAdvError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not callable(base_classifier):
+            raise SmoothAdvError(f"base_classifier must be a module (or a callable) returning logits, got "
+                                 f"{type(base_classifier).__name__}")
+        self.domain = check_domain(domain)
         self.sampler = NoisySampler(base_classifier, int(num_classes), sigma)
+
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        """Raise SmoothAdvError unless x is one input of this classifier's `domain` (see `check_image`)."""
+        check_image(x, name, self.domain)
 
     @property
     def base_classifier(self) -> nn.Module:
@@ -446,7 +502,7 @@ class Smooth:
 
     def sample_counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Vote counts (num_classes,) of the base classifier on `num` noisy copies of x (on x's device)."""
-        check_image(x)
+        self.check_input(x)
         check_sample_args(num, 0.5, batch_size, "num")
         return self.sampler.counts(x, num, batch_size, generator)
 
@@ -457,7 +513,7 @@ class Smooth:
         Guarantee: with probability at least 1 - alpha over the noise, the returned class is g(x)
         or the result is ABSTAIN (two-sided binomial test on the top two counts, Hung & Fithian).
         """
-        check_image(x)
+        self.check_input(x)
         check_sample_args(n, alpha, batch_size)
         counts = self.sampler.counts(x, n, batch_size, generator).cpu()
         top2 = torch.topk(counts, 2)
@@ -481,7 +537,7 @@ class Smooth:
         """
         check_sample_args(n0, alpha, batch_size, "n0")
         check_sample_args(n, alpha, batch_size)
-        check_image(x)
+        self.check_input(x)
         selection, estimation = self.sampler.segment_counts(x, (int(n0), int(n)), batch_size, generator).cpu()
         return self._certificate(selection, estimation, n0, n, alpha)
 
@@ -499,7 +555,7 @@ class Smooth:
         check_sample_args(n0, alpha, batch_size, "n0")
         check_sample_args(n, alpha, batch_size)
         if isinstance(xs, Tensor):
-            if xs.dim() != 4:
+            if xs.dim() != 4 if self.domain is not None else xs.dim() < 1:
                 raise SmoothAdvError(f"xs must be a sequence of images (C, H, W) or one batch (B, C, H, W), got a "
                                      f"tensor of shape {tuple(xs.shape)}")
             xs = list(xs.unbind(0))
@@ -507,7 +563,7 @@ class Smooth:
         if len(generators) != len(xs):
             raise SmoothAdvError(f"got {len(xs)} inputs but {len(generators)} generators")
         for x in xs:
-            check_image(x)
+            self.check_input(x)
         if not xs:
             return []
         requests = [SampleRequest(x, (int(n0), int(n)), g) for x, g in zip(xs, generators)]
@@ -541,15 +597,23 @@ class SoftSmoothed(nn.Module):
 
     def __init__(self, base: nn.Module, noise: Tensor) -> None:
         super().__init__()
-        if noise.dim() < 2:
-            raise ValueError("noise must have shape (B, m, *input_shape)")
+        if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.dim() < 2 or noise.numel() == 0:
+            got = f"shape {tuple(noise.shape)}" if isinstance(noise, Tensor) else type(noise).__name__
+            raise SmoothAdvError(
+                f"SoftSmoothed's noise must be a floating-point tensor (B, m, C, H, W): m draws per input of a batch "
+                f"(B, C, H, W) (any input shape: (B, m, *x.shape[1:])), e.g. torch.randn(B, m, C, H, W) * sigma "
+                f"(noise.noise_copies(x, m, sigma)); got {got}")
         self.base = base
         self.noise = noise
 
     def _noisy(self, x: Tensor) -> Tensor:
         """The B*m noisy copies x_b + delta_{b,i}, (B*m, C, H, W), after checking x against the noise."""
-        if x.shape[0] != self.noise.shape[0] or x.shape[1:] != self.noise.shape[2:]:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match noise shape {tuple(self.noise.shape)}")
+        if not isinstance(x, Tensor) or x.shape[:1] != self.noise.shape[:1] or x.shape[1:] != self.noise.shape[2:]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            batch, m, *rest = self.noise.shape
+            raise SmoothAdvError(
+                f"SoftSmoothed's input must be a batch {(batch, *rest)} matching its noise (B, m, C, H, W) = "
+                f"{tuple(self.noise.shape)}, got {got}; draw noise for this batch (m copies per input)")
         return noisy_rows(x, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
