@@ -24,6 +24,11 @@ from torch import Tensor, nn
 
 from .errors import SmoothAdvError
 
+__all__ = [
+    "Autocast", "ChannelsLast", "PRECISIONS", "autocast_dtype", "check_precision", "fold_batchnorm", "prepare_base",
+    "resolve_device",
+]
+
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -28,6 +28,11 @@ from torch import Tensor, nn
 from .errors import SmoothAdvError
 from .settings import register_names
 
+__all__ = [
+    "ARCHITECTURES", "ArchInfo", "BasicBlock", "CifarResNet", "FashionCNN", "LeNet", "ToyCNN", "arch_info",
+    "architecture_names", "foreign_names",
+]
+
 
 class FashionCNN(nn.Module):
     """conv3x3(16) - ReLU - maxpool - conv3x3(32) - ReLU - maxpool - fc(64) - ReLU - fc(classes)."""

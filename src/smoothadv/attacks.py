@@ -45,6 +45,12 @@ from torch import Tensor
 from .errors import SmoothAdvError
 from .settings import AT_LEAST_ONE, NONNEGATIVE, POSITIVE, PROBABILITY, convert, fields_of, recipe_key, setting
 
+__all__ = [
+    "ATTACKS", "ATTACK_NAME", "Attack", "DDN", "GRADIENT_FREE", "GradientFreeModel", "Model", "PGDL2", "SteinPGDL2",
+    "attack_mode", "attack_settings", "build_attack", "check_batch", "check_labels", "get_attack", "l2_norm",
+    "project",
+]
+
 Model = Callable[[Tensor], Tensor]
 """What PGDL2 and DDN attack: x (B, ...) -> logits or log-probabilities (B, K), differentiable in x."""
 

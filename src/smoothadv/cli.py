@@ -38,6 +38,15 @@ from .settings import (
     recipe_key,
 )
 
+__all__ = [
+    "COMMANDS", "EVALUATIONS", "PAIRS", "Parser", "SEQUENTIAL_FLAGS", "add_attack", "add_certify", "add_convert",
+    "add_demo", "add_field", "add_merge", "add_predict", "add_pseudo_label", "add_report", "add_settings",
+    "add_smooth_prediction", "add_train", "add_train_denoiser", "add_validity", "build_parser", "check_same_run",
+    "main", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability", "run_convert", "run_demo",
+    "run_evaluation_command", "run_merge", "run_pseudo_label", "run_report", "run_train", "run_train_denoiser",
+    "run_validity", "train_argv",
+]
+
 # ------------------------------------------------------------------ argument types
 
 

@@ -42,6 +42,13 @@ from .distributed import shard_order
 from .errors import SmoothAdvError
 from .settings import register_names
 
+__all__ = [
+    "DATASETS", "DatasetInfo", "FASHION_FILES", "Loader", "NpzDataset", "PathArg", "Split", "TensorImageDataset",
+    "batches", "check_data_dir", "data_root", "dataset_info", "dataset_names", "dataset_stats", "fashion_mnist_dirs",
+    "get_dataset", "imagenet_dir", "input_shape", "load_cifar10", "load_fashion_mnist", "load_imagenet",
+    "make_synthetic", "num_batches", "num_classes", "read_idx", "subset",
+]
+
 Split = Literal["train", "test"]
 
 PathArg = str | os.PathLike[str] | None

@@ -65,6 +65,8 @@ from .settings import (
 from .stats import max_certifiable_radius, radius_grid
 from .train import CHECKPOINT, fit, recipe
 
+__all__ = ["DEMO_DATASETS", "DEMO_FLAGS", "DemoConfig", "DemoResult", "QUICK", "REPORT_TITLE", "demo_table", "run_demo"]
+
 QUICK = {"epochs": 1, "train_subset": 6000, "certify": 100, "n": 500, "attack_count": 20, "attack_steps": 10,
          "attack_m": 8, "attack_n": 500}
 """Overrides of `--quick` (about 2 minutes on a 2-core CPU on Fashion-MNIST)."""

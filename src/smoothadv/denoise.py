@@ -50,6 +50,13 @@ from .settings import DenoiserTrainSettings, register_names
 from .smoothing import eval_mode
 from .train import Data, Trainee, run_loop
 
+__all__ = [
+    "CHECKPOINT", "Classification", "DENOISERS", "DENOISER_LOSSES", "DenoisedClassifier", "DenoiserInfo",
+    "DenoiserObjective", "DenoiserTrainee", "DnCNN", "LOG_COLUMNS", "MSE", "Stability", "attach_denoiser",
+    "build_denoiser", "check_fits", "check_sigma", "cost_summary", "denoiser_names", "evaluate_denoiser", "frozen",
+    "load_denoiser", "multiply_adds", "save_denoiser", "train_denoiser",
+]
+
 CHECKPOINT = "denoiser.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "test_mse", "test_psnr", "test_acc_denoised", "test_acc_noisy")
 

@@ -79,6 +79,12 @@ from .settings import (
     setting,
 )
 
+__all__ = [
+    "CHECKPOINT", "CHECKPOINT_FORMAT", "DiffusionDenoiser", "DiffusionModel", "DiffusionTrainSettings", "LOG_COLUMNS",
+    "MODEL_DIR", "PREDICTION_TYPES", "RESUMABLE_CHANGES", "SCHEDULERS", "WEIGHT_NAMES", "build_scheduler",
+    "build_unet", "ddim_timesteps", "diffusion_timestep", "load_diffusion", "train_ddpm",
+]
+
 #: the scheduler classes whose configs define the DDPM forward process q(x_t | x_0) we read (their
 #: `alphas_cumprod` are computed the same way from the same keys)
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")

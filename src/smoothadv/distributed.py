@@ -46,6 +46,11 @@ from torch import Tensor, nn
 
 from .errors import SmoothAdvError
 
+__all__ = [
+    "Dist", "RankSlicedNoise", "all_reduce_sum", "broadcast_model", "env_world", "local_device", "replicated",
+    "restarted", "setup", "shard_order", "sync_replicas", "teardown",
+]
+
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""

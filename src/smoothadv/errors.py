@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["SmoothAdvError"]
+
 
 class SmoothAdvError(ValueError):
     """A user-facing error: bad argument, missing data, unreadable checkpoint or result file."""

@@ -42,6 +42,12 @@ from .rundir import read_settings
 from .seeds import example_generator
 from .smoothing import ABSTAIN, PackedSampler, SampleRequest, Smooth, SoftSmoothed, eval_mode
 
+__all__ = [
+    "ATTACK_COLUMNS", "AttackRow", "CERTIFY_COLUMNS", "CertifyRow", "PREDICT_COLUMNS", "PredictRow",
+    "SMOOTH_PREDICTION_COLUMNS", "SmoothPredictionRow", "attack_dataset", "certify_dataset", "format_radius",
+    "format_time", "predict_dataset", "read_smooth_prediction", "row_fields", "smooth_prediction_dataset",
+]
+
 CERTIFY_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "time")
 

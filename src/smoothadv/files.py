@@ -28,6 +28,12 @@ from typing import Any
 from . import __version__  # set before the package imports its modules
 from .errors import SmoothAdvError
 
+__all__ = [
+    "EMPTY_LOCK_GRACE", "OutputLock", "TsvLog", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text",
+    "check_new_output", "check_writable_output", "environment", "file_sha256", "git_revision", "locked_run_directory",
+    "make_directory", "read_tsv", "write_provenance",
+]
+
 
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):

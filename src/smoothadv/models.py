@@ -61,6 +61,12 @@ from .data import dataset_stats, input_shape, num_classes
 from .errors import SmoothAdvError
 from .files import atomic_torch_save, check_new_output
 
+__all__ = [
+    "CUSTOM", "DENOISER", "DIGEST", "FORMAT", "LEGACY_DENOISER_FORMAT", "NORMALIZATIONS", "Normalize", "build_model",
+    "check_arch_fits", "convert_trusted_checkpoint", "is_denoiser", "load_checkpoint", "load_weights",
+    "normalization_spec", "read_checkpoint", "replace_head", "save_checkpoint", "weights_digest",
+]
+
 FORMAT = "smoothadv-checkpoint"
 DENOISER = "denoiser"
 LEGACY_DENOISER_FORMAT = "smoothadv-denoiser"

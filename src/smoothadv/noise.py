@@ -21,6 +21,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+__all__ = [
+    "NoiseSource", "RowNoise", "gaussian_noise", "noise_copies", "noisy_rows", "row_generator", "standard_normal",
+    "uniform_draws",
+]
+
 
 class RowNoise(Protocol):
     """A noise source that draws one row per batch example, plus a generator for all other draws.

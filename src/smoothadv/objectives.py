@@ -65,6 +65,13 @@ from .noise import (  # noqa: F401  (re-exported: objectives are written against
 from .settings import AT_LEAST_ONE, COUNT, NONNEGATIVE, POSITIVE, check_fields, convert, fields_of, recipe_key, setting
 from .smoothing import SoftSmoothed, eval_mode
 
+__all__ = [
+    "CATRS", "Consistency", "ConsistencyRegularizer", "GaussianAugmentation", "LossOutput", "MACER", "OBJECTIVES",
+    "Objective", "SmoothAdv", "SmoothMix", "StabilityTraining", "build_objective", "catrs_noise_attack",
+    "catrs_selection", "check_hyperparameters", "describe_value", "has_attack", "hyperparameters",
+    "load_smooth_prediction", "macer_margins", "same_description", "scheduled", "smoothmix_attack",
+]
+
 
 class LossOutput(NamedTuple):
     loss: Tensor      # scalar to backpropagate

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+__all__ = ["LINE_INTERVAL", "ProgressLines", "progress"]
+
 #: seconds between two plain progress lines
 LINE_INTERVAL = 30.0
 

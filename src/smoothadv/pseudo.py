@@ -28,6 +28,8 @@ from .files import atomic_write_bytes
 from .models import load_checkpoint
 from .smoothing import eval_mode
 
+__all__ = ["load_images", "pseudo_label"]
+
 
 def load_images(path: str | os.PathLike[str], shape: tuple[int, int, int]) -> tuple[np.ndarray, torch.Tensor]:
     """The raw `images` array of an .npz and the same images as a float (N, C, H, W) tensor in [0, 1]."""

@@ -57,6 +57,15 @@ from .stats import (
     radius_grid,
 )
 
+__all__ = [
+    "COST_NOTE", "Comparison", "Cost", "FORMATS", "Format", "OUTSIDE_NOTE", "PLOT_FORMATS", "Published", "Results",
+    "Row", "RowCost", "SEQUENTIAL_MARK", "SEQUENTIAL_NOTE", "Table", "certified_curve", "certified_intervals",
+    "certified_radii", "compare", "compare_to_first", "default_radii", "describe_comparison", "dkw_halfwidth",
+    "empirical_curve", "envelope", "format_comparison", "format_table", "load_costs", "load_published",
+    "load_results", "merge", "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma",
+    "summarize",
+]
+
 Format = Literal["markdown", "latex", "csv"]
 FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
 

@@ -67,6 +67,13 @@ from .settings import (
 )
 from .smoothing import Smooth
 
+__all__ = [
+    "BATCH_SETTINGS", "EVALUATION_COMMANDS", "IGNORED_SETTINGS", "Job", "RunOutcome", "expected_jobs", "find_shards",
+    "job_key", "load_smoothed", "merge_shards", "normalize_record", "record", "resume_differences", "row_key",
+    "rows_maker", "run_evaluation", "run_jobs", "select_indices", "sequential_test", "setting_differences",
+    "shard_indices", "shard_path", "shards_complete", "test_name", "write_rows",
+]
+
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
 IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from", "resumed_changes"}
 

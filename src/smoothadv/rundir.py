@@ -39,6 +39,11 @@ from .errors import SmoothAdvError
 from .files import OutputLock, atomic_write_text, locked_run_directory, write_provenance
 from .settings import bookkeeping_fields, flag_name, upgraded
 
+__all__ = [
+    "Difference", "EpochLog", "Rule", "RunDirectory", "compare", "described", "epochs_may_grow", "field_defaults",
+    "objective_record", "plain", "read_settings", "settings_path", "settings_record",
+]
+
 #: an accepted change: (recorded value, new value) -> None when the change is accepted, else why it is refused
 Rule = Callable[[Any, Any], str | None]
 

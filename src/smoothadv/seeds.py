@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["derive_seed", "example_generator", "example_seed", "stream_seed"]
+
 _MASK = (1 << 63) - 1
 
 

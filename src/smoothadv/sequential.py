@@ -82,6 +82,14 @@ from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_uppe
 if TYPE_CHECKING:
     from .betting import BettingConfig
 
+__all__ = [
+    "AnyConfig", "CLASS_FROM", "SELECTION_CHUNK", "SEQUENTIAL_COLUMNS", "Schedule", "SequentialCertificate",
+    "SequentialConfig", "SequentialResult", "SequentialRow", "SequentialTest", "certify_sequential",
+    "certify_sequential_dataset", "certify_sequential_many", "check_same_sigma", "check_test_settings",
+    "doubling_looks", "fitted_schedule", "run_sequential", "select_classes", "selection_step", "standard_radii",
+    "stream_generator",
+]
+
 CLASS_FROM = ("selection", "label")
 SELECTION_CHUNK = 16
 """Adaptive selection draws its votes this many at a time (up to n0) and stops once they are unanimous."""

@@ -37,6 +37,11 @@ from .errors import SmoothAdvError
 from .noise import noisy_rows
 from .stats import ABSTAIN, binom_pvalue, certified_radius, clopper_pearson_lower
 
+__all__ = [
+    "Certificate", "Domain", "NoisySampler", "PIXELS", "PackedSampler", "SampleRequest", "Smooth", "SoftSmoothed",
+    "check_domain", "check_image", "check_sample_args", "eval_mode", "noise_pieces",
+]
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:

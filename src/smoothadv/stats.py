@@ -15,6 +15,12 @@ import numpy as np
 from scipy.special import gammaln
 from scipy.stats import beta, binom, binomtest, norm, t
 
+__all__ = [
+    "ABSTAIN", "average_certified_radius", "binom_pvalue", "certified_accuracy", "certified_radius",
+    "clopper_pearson_interval", "clopper_pearson_lower", "clopper_pearson_upper", "high_prob_certified_accuracy",
+    "holm_adjust", "max_certifiable_radius", "mcnemar_exact", "mean_interval", "radius_grid",
+]
+
 ABSTAIN: int = -1
 """The prediction of a smoothed classifier that abstains (its test did not reject; Cohen et al.'s ABSTAIN).
 Defined here, free of torch, so result files can be read without it; `smoothing` re-exports it."""

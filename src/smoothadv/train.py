@@ -85,6 +85,12 @@ from .seeds import derive_seed
 from .settings import RENAMED, TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
 
+__all__ = [
+    "CHECKPOINT", "Classifier", "DDN_TRAINING_DEFAULTS", "Data", "LOG_COLUMNS", "LoopSettings", "RENAMED_KEYS",
+    "RESUMABLE_CHANGES", "TRAINING_ATTACK_DEFAULTS", "Trainee", "check_settings", "check_sigma", "evaluate_noisy",
+    "fit", "make_optimizer", "recipe", "run_loop", "train_epoch",
+]
+
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
 
