@@ -5,7 +5,8 @@
 #
 # Re-running resumes: --resume is passed when the run directory exists (the run continues bit for bit from its
 # last checkpoint, written every 200 steps and at each epoch end). The EMA model of the last finished epoch is
-# in $RUN/model/ (diffusers' DDPMPipeline layout: unet/, scheduler/), loadable with smoothadv.diffusion.load_diffusion.
+# in $RUN/model/ (diffusers' DDPMPipeline layout: unet/, scheduler/), loadable with smoothadv.diffusion.load_diffusion
+# and usable as `smoothadv certify ... --denoiser $RUN/model`.
 #
 # Settings: UNet2DModel with channels 32/64/64, one ResNet block per level, attention at the 7x7 level and in the
 # middle block (1.11 M parameters); Ho et al.'s DDPM (T = 1000, linear betas 1e-4..0.02, epsilon prediction,
@@ -20,7 +21,7 @@ EPOCHS=${EPOCHS:-20}
 export OMP_NUM_THREADS=1  # one core: the other one is shared
 resume=()
 [ -d "$RUN" ] && resume=(--resume)
-exec nice "$PYTHON" -m smoothadv.diffusion train --out "$RUN" --dataset fashion_mnist --epochs "$EPOCHS" \
+exec nice "$PYTHON" -m smoothadv train-diffusion --out "$RUN" --dataset fashion_mnist --epochs "$EPOCHS" \
   --batch 128 --lr 2e-4 --warmup-steps 500 --weight-decay 0 --grad-clip 1 --ema-decay 0.999 --seed 0 \
   --channels 32 64 64 --layers-per-block 1 --attention-levels 2 --norm-groups 8 \
   --timesteps 1000 --beta-start 1e-4 --beta-end 0.02 --save-every 200 --log-every 100 "${resume[@]}"

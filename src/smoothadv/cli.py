@@ -304,6 +304,26 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
     print(f"denoiser: {train_denoiser(settings)}")
 
 
+# ------------------------------------------------------------------ train-diffusion
+
+
+def add_train_diffusion(sub: Any) -> None:
+    from .diffusion import DiffusionTrainSettings
+
+    p = sub.add_parser("train-diffusion", help="train a small DDPM (Ho et al. 2020; resumable) to use as a diffusion "
+                       "denoiser (Carlini et al. 2023): certify --denoiser OUT/model")
+    add_settings(p, DiffusionTrainSettings)
+    p.set_defaults(handler=run_train_diffusion)
+
+
+def run_train_diffusion(args: argparse.Namespace) -> None:
+    from .diffusion import DiffusionTrainSettings, train_ddpm
+
+    values = _given(args)
+    settings = make(DiffusionTrainSettings, {flag_keys(DiffusionTrainSettings)[k]: v for k, v in values.items()})
+    print(f"model: {train_ddpm(settings)}")
+
+
 # ------------------------------------------------------------------ certify, predict, attack
 
 
@@ -688,7 +708,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 COMMANDS: list[Callable[[Any], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,
                                          add_convert, add_report, add_validity, add_attack, add_pseudo_label, add_demo,
-                                         add_smooth_prediction]
+                                         add_smooth_prediction, add_train_diffusion]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from .accel import resolve_device
 from .data import batches, get_dataset, input_shape, subset
+from .diffusion import diffusion_denoiser
 from .errors import SmoothAdvError
 from .files import file_sha256
 from .models import DENOISER, FORMAT, is_denoiser, load_checkpoint, read_checkpoint, save_checkpoint
@@ -253,15 +254,29 @@ def check_fits(denoiser: nn.Module, classifier: nn.Module, shape: Sequence[int],
 
 
 def attach_denoiser(classifier: nn.Module, path: str | Path, *, sigma: float, shape: Sequence[int],
-                    device: torch.device | str = "cpu") -> tuple[DenoisedClassifier, dict[str, Any]]:
+                    device: torch.device | str = "cpu", steps: int = 1) -> tuple[DenoisedClassifier, dict[str, Any]]:
     """f o D for `certify --denoiser`: the denoiser at `path` in front of `classifier`, checked (corrupt
-    file, another sigma, a misfit: one line). Returns the composed model (eval mode) and the denoiser's
-    metadata with its file's SHA-256 (`sha256`)."""
-    denoiser, meta = load_denoiser(path, device)
+    file, another sigma, a misfit: one line). `path` is a denoiser checkpoint, or a directory holding a
+    diffusers diffusion model: diffusion denoised smoothing (Carlini et al., ICLR 2023;
+    `diffusion.diffusion_denoiser`: the UNet at the timestep of `sigma`, `steps` network evaluations, 1 for
+    a checkpoint). Returns the composed model (eval mode) and the denoiser's metadata with its digest
+    (`sha256`: the file's, or the diffusion model's weights and configs') and `facts`, what an evaluation
+    records in OUT.args.json and compares on resume and merge."""
     source = f"denoiser {path}"
+    if Path(path).is_dir():
+        diffusion, meta = diffusion_denoiser(path, sigma=sigma, shape=shape, device=device, steps=steps)
+        check_fits(diffusion, classifier, shape, None, source)
+        return DenoisedClassifier(diffusion, classifier).eval(), meta
+    if steps != 1:
+        raise SmoothAdvError(f"--denoiser-steps {steps} needs a diffusion model directory as --denoiser; {path} is a "
+                             "one-step denoiser checkpoint")
+    denoiser, meta = load_denoiser(path, device)
     check_fits(denoiser, classifier, shape, meta["channels"], source)
     check_sigma(meta["sigma"], sigma, source)
-    return DenoisedClassifier(denoiser, classifier).eval(), {**meta, "sha256": file_sha256(path)}
+    digest = file_sha256(path)
+    facts = {"denoiser_sha256": digest, "denoiser_sigma": meta["sigma"],
+             "denoiser_arch": f"{meta['arch']} ({meta['depth']}x{meta['width']})"}
+    return DenoisedClassifier(denoiser, classifier).eval(), {**meta, "sha256": digest, "facts": facts}
 
 
 # ------------------------------------------------------------------ the losses, as objectives of the one loop

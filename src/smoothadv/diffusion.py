@@ -11,7 +11,7 @@ The step (the paper's Algorithm 1). A DDPM with cumulative noise schedule abar_t
 Randomized smoothing gives x + delta, delta ~ N(0, sigma^2 I), with x in [0, 1]. Mapped to [-1, 1]
 (2 (x + delta) - 1) the noise has standard deviation 2 sigma, so
 
-    t*   = argmin_t | (1 - abar_t) / abar_t - (2 sigma)^2 |
+    t*   = min { t >= 1 : sqrt(1 - abar_t) / sqrt(abar_t) >= 2 sigma }   (the authors' code's rounding)
     x_t* = sqrt(abar_t*) (2 (x + delta) - 1)        (a sample of q(x_t* | x_0) up to the rounding of t*)
     eps  = UNet(x_t*, t*)
     x0^  = (x_t* - sqrt(1 - abar_t*) eps) / sqrt(abar_t*),  clipped to [-1, 1],  returned as (x0^ + 1) / 2.
@@ -27,6 +27,12 @@ the last timestep (t = 0) is returned. k = 1 is exactly the one-shot step. (The 
 guided-diffusion's stochastic `p_sample` chain for the multi-step option; ours is deterministic, so the
 smoothed classifier's randomness is only the Gaussian delta.)
 
+Measured against the authors' released code (results/faithfulness/dds.md): the same t* and the same x0^ to
+float32 rounding on the same x_t. One difference by design: their code adds the noise of timestep t* itself
+(q_sample at t*, standard deviation sqrt(1 - abar_t*) / (2 sqrt(abar_t*)) >= sigma on [0, 1] images) while
+certifying at sigma; here, as in the paper's Algorithm 1, the smoothing noise is exactly sigma and the UNet is
+told t* (the smallest timestep with at least that much noise).
+
 This module holds
 
 - `load_diffusion(path) -> DiffusionModel`: a diffusers `UNet2DModel` and its noise schedule from a
@@ -35,9 +41,13 @@ This module holds
   of the weights and configs (`DiffusionModel.provenance()`).
 - `DiffusionDenoiser(model, sigma, steps=1)`: the denoiser above, an `nn.Module` from noisy [0, 1]
   images to denoised [0, 1] images, to put in front of a classifier (`denoise.DenoisedClassifier`).
+- `diffusion_denoiser(path, sigma=..., shape=..., steps=...)`: what `certify --denoiser DIR` (and
+  predict, attack) use through `denoise.attach_denoiser`: the directory loaded, its image shape and sigma
+  checked (one line each), and the facts a run records and compares on resume and merge (the digests of
+  the weights and of the schedule, t*, the steps).
 - `train_ddpm(DiffusionTrainSettings)`: a small, exactly resumable DDPM training loop (Ho et al.'s
-  recipe, sized for a CPU) that writes the EMA model in the same layout into `<out>/model/`; also
-  `python -m smoothadv.diffusion train --out DIR ...`.
+  recipe, sized for a CPU) that writes the EMA model in the same layout into `<out>/model/`
+  (`smoothadv train-diffusion --out DIR ...`).
 
 `diffusers` is an optional dependency (`pip install 'smoothadv[diffusion]'`), imported only inside the
 functions that need it.
@@ -47,14 +57,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
-import sys
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +72,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
+from .data import TensorImageDataset, dataset_names, get_dataset, input_shape
 from .errors import SmoothAdvError
+from .files import (
+    TsvLog,
+    atomic_torch_save,
+    atomic_write_text,
+    file_sha256,
+    locked_run_directory,
+    read_tsv,
+    write_provenance,
+)
+from .seeds import derive_seed
 from .settings import (
     AT_LEAST_ONE,
     COUNT,
@@ -235,8 +256,6 @@ def load_diffusion(path: str | os.PathLike[str], device: str | torch.device = "c
     SmoothAdvError naming the path. The SHA-256 of the weights file(s), the UNet config and the
     scheduler config are in `provenance()`.
     """
-    from .files import file_sha256
-
     root = Path(path)
     if not root.is_dir():
         raise SmoothAdvError(f"diffusion model {root}: {'not a directory' if root.exists() else 'no such directory'}")
@@ -279,22 +298,26 @@ def load_diffusion(path: str | os.PathLike[str], device: str | torch.device = "c
 
 
 def diffusion_timestep(alphas_cumprod: Tensor | Sequence[float], sigma: float, source: str = "the schedule") -> int:
-    """t* = argmin_t |(1 - abar_t) / abar_t - (2 sigma)^2|: the timestep whose noise level matches Gaussian noise of
-    standard deviation `sigma` on [0, 1] images (2 sigma on the model's [-1, 1] scale).
+    """t*: the first timestep t >= 1 whose noise level reaches Gaussian noise of standard deviation `sigma` on
+    [0, 1] images (2 sigma on the model's [-1, 1] scale): min { t >= 1 : sqrt(1 - abar_t) / sqrt(abar_t) >= 2 sigma }.
 
-    A one-line SmoothAdvError for a sigma that is not a finite number > 0, and for one that lands on the
-    schedule's last timestep (more noise than the model was trained to remove).
+    The paper asks for the t with sigma^2 = (1 - abar_t) / abar_t (on the model's scale), which a discrete
+    schedule rarely holds exactly; this is how the authors' released code (`cifar10/certify.py` and
+    `imagenet/certify.py` of their repository) resolves it: counting up from t = 1 until the schedule's
+    noise is at least the smoothing's. It is the nearest timestep or the one after it (one step more noise
+    than present at most; results/faithfulness/dds.md). A one-line SmoothAdvError for a sigma that is not a
+    finite number > 0, and for one no timestep reaches (more noise than the model was trained to remove).
     """
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
         raise SmoothAdvError(f"sigma must be a finite number > 0, got {sigma!r}")
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    ratio = (1 - abar) / abar
-    t = int(torch.argmin((ratio - (2 * sigma) ** 2).abs()))
-    if t == len(abar) - 1:
-        largest = math.sqrt(float(ratio[-2])) / 2
-        raise SmoothAdvError(f"sigma {sigma:g} is beyond the noise schedule of {source} (t* would be its last step "
-                             f"{t}; it denoises sigma up to about {largest:.3g})")
-    return t
+    level = torch.sqrt(1.0 - abar) / torch.sqrt(abar)  # noise std of x_t / sqrt(abar_t), the authors' b / a
+    reached = torch.nonzero(level[1:] >= 2.0 * float(sigma)).flatten()
+    if len(reached) == 0:
+        largest = float(level[-1]) / 2
+        raise SmoothAdvError(f"sigma {sigma:g} is beyond the noise schedule of {source} (its last timestep "
+                             f"{len(abar) - 1} denoises sigma up to {largest:.3g})")
+    return int(reached[0]) + 1
 
 
 def ddim_timesteps(t_star: int, steps: int) -> list[int]:
@@ -375,13 +398,48 @@ class DiffusionDenoiser(nn.Module):
         return (x0 + 1.0) / 2.0
 
 
+def model_digest(provenance: dict[str, Any]) -> str:
+    """One SHA-256 over what defines a loaded diffusion model: the digests of its weights file(s), UNet config and
+    scheduler config (from `DiffusionModel.provenance()`), so two directories holding the same files agree."""
+    keys = ("weights_sha256", "unet_config_sha256", "scheduler_config_sha256")
+    text = json.dumps({key: provenance.get(key) for key in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def diffusion_denoiser(path: str | os.PathLike[str], *, sigma: float, shape: Sequence[int],
+                       device: str | torch.device = "cpu", steps: int = 1) -> tuple[DiffusionDenoiser, dict[str, Any]]:
+    """The diffusion denoiser of the diffusers directory `path` for smoothing at `sigma` in front of a classifier
+    of (C, H, W) images `shape`, and its metadata (what `denoise.attach_denoiser` does with a directory).
+
+    One-line SmoothAdvErrors: a directory `load_diffusion` refuses, a model of other images than the
+    classifier's, a sigma beyond the schedule, `steps` < 1 or beyond t* + 1. The metadata holds `kind`
+    "diffusion", `sigma`, `t_star`, `steps`, `timesteps`, the model's `provenance`, `sha256`
+    (`model_digest`) and `facts`: what an evaluation records in OUT.args.json and compares on resume and
+    merge (`denoiser_sha256`, `denoiser_weights_sha256`, `denoiser_schedule_sha256`, `denoiser_sigma`,
+    `denoiser_t_star`, `denoiser_steps`, `denoiser_arch`)."""
+    model = load_diffusion(path, device)
+    if tuple(int(v) for v in shape) != model.shape:
+        want, got = ("x".join(str(v) for v in dims) for dims in (model.shape, shape))
+        raise SmoothAdvError(f"diffusion model {path} denoises {want} images, but the classifier's are {got}")
+    denoiser = DiffusionDenoiser(model, sigma, steps=steps)
+    provenance = model.provenance()
+    digest = model_digest(provenance)
+    facts = {
+        "denoiser_sha256": digest,
+        "denoiser_weights_sha256": provenance.get("weights_sha256"),
+        "denoiser_schedule_sha256": provenance.get("scheduler_config_sha256"),
+        "denoiser_sigma": float(sigma),
+        "denoiser_t_star": denoiser.t_star,
+        "denoiser_steps": denoiser.steps,
+        "denoiser_arch": f"diffusion UNet2DModel ({provenance['parameters']} parameters, "
+                         f"{model.num_train_timesteps} timesteps, {model.prediction_type})",
+    }
+    meta = {"kind": "diffusion", "sigma": float(sigma), "t_star": denoiser.t_star, "steps": denoiser.steps,
+            "timesteps": list(denoiser.timesteps), "provenance": provenance, "sha256": digest, "facts": facts}
+    return denoiser, meta
+
+
 # ------------------------------------------------------------------ training a small DDPM
-
-
-def _dataset_names() -> tuple[str, ...]:
-    from .data import dataset_names
-
-    return dataset_names()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -401,7 +459,7 @@ class DiffusionTrainSettings:
     """
 
     out_dir: Path = setting(help="run directory (checkpoint.pt, log.tsv, model/)", flag="--out", rows=False)
-    dataset: str = setting("fashion_mnist", "dataset to train on", choices=_dataset_names)
+    dataset: str = setting("fashion_mnist", "dataset to train on", choices=dataset_names)
     epochs: int = setting(20, "training epochs (may be raised on --resume)", limit=AT_LEAST_ONE)
     batch_size: int = setting(128, "batch size", flag="--batch", limit=AT_LEAST_ONE)
     lr: float = setting(2e-4, "learning rate (AdamW; constant after the warm-up)", limit=POSITIVE_FLOAT32)
@@ -510,8 +568,6 @@ class _State:
     wall_seconds: float = 0.0
 
     def save(self, path: Path, cfg: DiffusionTrainSettings, steps_per_epoch: int) -> None:
-        from .files import atomic_torch_save
-
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "config": _config(cfg), "step": self.step,
             "epoch": self.step // steps_per_epoch, "batch_in_epoch": self.step % steps_per_epoch,
@@ -552,17 +608,13 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def _training_images(cfg: DiffusionTrainSettings) -> Tensor:
     """The training images as one float tensor in [-1, 1] (N, C, H, W)."""
-    from torch.utils.data import DataLoader
-
-    from .data import TensorImageDataset, get_dataset
-
     dataset = get_dataset(cfg.dataset, "train", cfg.data_dir)
     count = len(dataset) if cfg.train_subset is None else min(cfg.train_subset, len(dataset))  # type: ignore[arg-type]
     if isinstance(dataset, TensorImageDataset):
         images: Tensor = dataset.images[:count]
         images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
     else:
-        images = torch.cat([x for x, _ in DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=1024)])
+        images = torch.cat([x for x, _ in DataLoader(Subset(dataset, range(count)), batch_size=1024)])
     if count == 0:
         raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
     return images.mul(2.0).sub(1.0).contiguous()
@@ -571,8 +623,6 @@ def _training_images(cfg: DiffusionTrainSettings) -> Tensor:
 def _write_model(out: Path, ema: nn.Module, scheduler: Any, info: dict[str, Any]) -> None:
     """Write the EMA model as a DDPMPipeline (`unet/`, `scheduler/`, model_index.json) into `out/model`, swapping a
     complete new directory in for the old one (a kill in between leaves `.model.old`, restored on the next run)."""
-    from .files import atomic_write_text
-
     diffusers = _diffusers()
     final, tmp, old = out / MODEL_DIR, out / f".{MODEL_DIR}.tmp", out / f".{MODEL_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -604,8 +654,6 @@ def _model_step(out: Path) -> int | None:
 
 def _open_log(path: Path, step: int) -> Any:
     """log.tsv, keeping the rows of steps up to `step` (those the checkpoint holds) and dropping later ones."""
-    from .files import TsvLog, atomic_write_text, read_tsv
-
     if step > 0 and path.exists():
         header, rows = read_tsv(path, what="refusing to resume it")
         if header != "\t".join(LOG_COLUMNS):
@@ -634,8 +682,6 @@ def train_ddpm(cfg: DiffusionTrainSettings) -> Path:
     model is written to `<out>/model/` (with `training.json`: epoch, step, settings), loadable by
     `load_diffusion` part-way through. `args.json` / `env.json` record the settings and environment.
     """
-    from .files import locked_run_directory
-
     out = Path(cfg.out_dir)
     path = out / CHECKPOINT
     if not cfg.resume and any((out / name).exists() for name in (CHECKPOINT, "log.tsv", MODEL_DIR)):
@@ -646,10 +692,6 @@ def train_ddpm(cfg: DiffusionTrainSettings) -> Path:
 
 
 def _train(cfg: DiffusionTrainSettings, out: Path, path: Path) -> Path:
-    from .data import input_shape
-    from .files import write_provenance
-    from .seeds import derive_seed
-
     shape = input_shape(cfg.dataset)
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg.channels, shape, layers_per_block=cfg.layers_per_block,
@@ -729,94 +771,3 @@ def _train(cfg: DiffusionTrainSettings, out: Path, path: Path) -> Path:
     finally:
         log.close()
     return out / MODEL_DIR
-
-
-# ------------------------------------------------------------------ python -m smoothadv.diffusion
-
-
-USAGE = """usage: python -m smoothadv.diffusion train --out DIR [--flag VALUE ...] [--resume]
-       python -m smoothadv.diffusion info DIR
-
-train  train a DDPM (resumable; the EMA model of the last finished epoch is in DIR/model)
-info   load a diffusion model directory (save_pretrained layout) and print its provenance as JSON
-"""
-
-
-def _usage() -> str:
-    """USAGE and one line per training flag (its help and default)."""
-    from .settings import fields_of
-
-    lines = [USAGE, "train flags:"]
-    for field, kind in fields_of(DiffusionTrainSettings).values():
-        default = field.default
-        shown = "" if default in (dataclasses.MISSING, None) or isinstance(default, bool) else f" (default: {default})"
-        value = "" if kind is bool else " " + flag_name(field)[2:].upper().replace("-", "_") + \
-            (" ..." if typing.get_origin(kind) is tuple else "")
-        lines.append(f"  {flag_name(field)}{value}: {field.metadata['help']}{shown}")
-    return "\n".join(lines)
-
-
-def parse_command(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    """("train", settings values by field name) or ("info", {"path": DIR}) from the command-line words `argv`.
-
-    Flags are those of `DiffusionTrainSettings` (`flag_name`); a tuple flag takes one or more values, a
-    bool flag none. Values are converted strictly (`settings.convert`); anything else is a one-line
-    SmoothAdvError. (The `smoothadv` command line will take this over; this small parser keeps the
-    library free of argparse.)
-    """
-    from .settings import convert, fields_of
-
-    words = list(argv)
-    if not words or words[0] not in ("train", "info"):
-        raise SmoothAdvError("give a command: train or info (see --help)")
-    command, words = words[0], words[1:]
-    if command == "info":
-        if len(words) != 1 or words[0].startswith("--"):
-            raise SmoothAdvError("info takes one argument, the model directory")
-        return command, {"path": words[0]}
-    flags = {flag_name(field): (name, field, kind) for name, (field, kind) in fields_of(DiffusionTrainSettings).items()}
-    values: dict[str, Any] = {}
-    while words:
-        flag = words.pop(0)
-        if flag not in flags:
-            raise SmoothAdvError(f"unknown option {flag!r} for train (see --help)")
-        name, field, kind = flags[flag]
-        given = list(itertools.takewhile(lambda word: not word.startswith("--"), words))
-        del words[: len(given)]
-        if kind is bool:
-            if given:
-                raise SmoothAdvError(f"{flag} takes no value, got {given[0]!r}")
-            values[name] = True
-            continue
-        many = typing.get_origin(kind) is tuple
-        if not given or (len(given) > 1 and not many):
-            raise SmoothAdvError(f"{flag} takes {'one or more values' if many else 'one value'}, got {len(given)}")
-        values[name] = convert(given if many else given[0], kind, flag, from_text=True)
-    if "out_dir" not in values:
-        raise SmoothAdvError("train needs --out DIR (the run directory)")
-    return command, values
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m smoothadv.diffusion train --out DIR ...` (train_ddpm) and `info DIR` (load_diffusion's provenance).
-
-    Errors are one line on stderr and exit status 2."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    if not words or any(word in ("-h", "--help") for word in words):
-        print(_usage())
-        return 0 if words else 2
-    try:
-        command, values = parse_command(words)
-        if command == "info":
-            print(json.dumps(load_diffusion(values["path"]).provenance(), indent=2, sort_keys=True))
-            return 0
-        model = train_ddpm(DiffusionTrainSettings(**values))
-        print(f"model: {model}")
-    except SmoothAdvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -315,15 +315,19 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split.
 
     With `run.denoiser` the base classifier is f o D (`denoise.attach_denoiser`: a denoiser trained
-    for another sigma, or one that does not fit f's images, is refused) and the metadata holds the
-    denoiser's under "denoiser"."""
+    for another sigma, or one that does not fit f's images, is refused; a directory is a diffusion model,
+    Carlini et al. 2023, run for `denoiser_steps` network evaluations) and the metadata holds the
+    denoiser's under "denoiser", with the facts the run records under "denoiser"["facts"]."""
     _, world, local_rank = env_world()
     device = local_device(resolve_device(run.device), local_rank, world)
+    steps = getattr(run, "denoiser_steps", 1)
+    if run.denoiser is None and steps != 1:
+        raise SmoothAdvError(f"--denoiser-steps {steps} needs --denoiser (a diffusion model directory)")
     model: Any
     model, meta = load_checkpoint(run.checkpoint, device, normalization=settings.normalization)
     if run.denoiser is not None:  # denoised smoothing: certify f o D (Salman et al. 2020)
         model, meta["denoiser"] = attach_denoiser(model, run.denoiser, sigma=settings.sigma,
-                                                  shape=input_shape(meta["dataset"]), device=device)
+                                                  shape=input_shape(meta["dataset"]), device=device, steps=steps)
     model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, settings.fold_bn)
     dataset = get_dataset(meta["dataset"], "train" if settings.split == "train" else "test", run.data_dir)
     return Smooth(model, meta["num_classes"], settings.sigma), dataset, meta, device
@@ -407,9 +411,7 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     smooth, dataset, meta, device = load_smoothed(run, settings)
     jobs = run_jobs(settings, len(dataset))
     denoiser = meta.get("denoiser")
-    facts = {} if denoiser is None else {
-        "denoiser_sha256": denoiser["sha256"], "denoiser_sigma": denoiser["sigma"],
-        "denoiser_arch": f"{denoiser['arch']} ({denoiser['depth']}x{denoiser['width']})"}
+    facts = {} if denoiser is None else denoiser["facts"]  # digests, sigma, arch (attach_denoiser)
     recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
                       shard=list(shard) if shard else None, **facts)
     if shard is not None:

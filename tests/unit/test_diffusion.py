@@ -20,6 +20,7 @@ from torch import nn
 
 diffusers = pytest.importorskip("diffusers")
 
+from smoothadv.cli import main  # noqa: E402
 from smoothadv.diffusion import (  # noqa: E402
     DiffusionDenoiser,
     DiffusionModel,
@@ -27,7 +28,6 @@ from smoothadv.diffusion import (  # noqa: E402
     ddim_timesteps,
     diffusion_timestep,
     load_diffusion,
-    main,
     train_ddpm,
 )
 from smoothadv.errors import SmoothAdvError  # noqa: E402
@@ -161,12 +161,30 @@ def test_diffusers_missing(monkeypatch, pipeline_dir):
 
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
 def test_timestep_closed_form(model, sigma):
+    """t* is the authors' rule (their certify.py): count up from t = 1 until sqrt(1 - abar) / sqrt(abar) >= 2 sigma."""
     abar = [float(a) for a in _scheduler().alphas_cumprod.double()]
-    gaps = [abs((1 - a) / a - 4 * sigma**2) for a in abar]
-    expected = gaps.index(min(gaps))
-    assert model.timestep(sigma) == expected == DiffusionDenoiser(model, sigma).t_star
-    # the matched noise level on the [-1, 1] scale is 2 sigma (to the schedule's resolution)
-    assert math.sqrt((1 - abar[expected]) / abar[expected]) == pytest.approx(2 * sigma, rel=0.02)
+    level = [math.sqrt(1 - a) / math.sqrt(a) for a in abar]
+    t = 0
+    while True:  # written as the authors wrote it
+        t += 1
+        if level[t] >= 2 * sigma:
+            break
+    assert model.timestep(sigma) == t == DiffusionDenoiser(model, sigma).t_star
+    # the nearest timestep (the paper's sigma^2 = (1 - abar) / abar, rounded) or the one after it
+    gaps = [abs(v - 2 * sigma) for v in level]
+    assert t - gaps.index(min(gaps)) in (0, 1)
+    assert level[t - 1] < 2 * sigma <= level[t]
+
+
+def test_timestep_of_the_authors_rule_at_its_edges():
+    abar = torch.tensor([0.99, 0.96, 0.5, 0.1], dtype=torch.float64)  # levels 0.1005, 0.2041, 1, 3 (x 1/2: sigma)
+    assert diffusion_timestep(abar, 0.01) == 1  # never t = 0: the authors count from 1
+    assert diffusion_timestep(abar, 0.5) == 2  # exactly reached: that timestep
+    assert diffusion_timestep(abar, 0.5000001) == 3
+    assert diffusion_timestep(abar, 1.0) == 3  # the last timestep is on the schedule
+    assert diffusion_timestep(abar, 1.5) == 3
+    _one_line_error(lambda: diffusion_timestep(abar, 1.51, "m"), "sigma 1.51 is beyond the noise schedule of m",
+                    "last timestep 3", "up to 1.5")
 
 
 def test_sigma_errors(model):
@@ -344,16 +362,29 @@ def test_settings_and_cli_errors(tmp_path, capsys):
     _one_line_error(lambda: _settings(tmp_path, attention_levels=(2,)), "--attention-levels")
     _one_line_error(lambda: _settings(tmp_path, ema_decay=1.0), "--ema-decay")
     (tmp_path / "log.tsv").write_text("")
-    assert main(["train", "--out", str(tmp_path), "--dataset", "synthetic", "--channels", "8", "16",
+    assert main(["train-diffusion", "--out", str(tmp_path), "--dataset", "synthetic", "--channels", "8", "16",
                  "--attention-levels", "1"]) == 2
     assert "already holds a training run" in capsys.readouterr().err
-    assert main(["info", str(tmp_path / "nothing")]) == 2
-    assert "no such directory" in capsys.readouterr().err
-    for words, message in ((["train", "--out", "x", "--bogus"], "unknown option '--bogus'"),
-                           (["train", "--out", "x", "--epochs", "1.5"], "--epochs must be an integer"),
-                           (["train", "--out", "x", "--resume", "yes"], "--resume takes no value"),
-                           (["train", "--epochs", "2"], "needs --out"), (["fit"], "give a command")):
-        assert main(words) == 2
+    for words, message in ((["--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+                           (["--out", "x", "--epochs", "1.5"], "--epochs: expected an integer"),
+                           (["--out", "x", "--resume", "yes"], "unrecognized arguments: yes"),
+                           (["--epochs", "2"], "--out")):
+        assert main(["train-diffusion", *words]) == 2
         err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-    assert main(["--help"]) == 0 and "--attention-levels" in capsys.readouterr().out
+        assert message in err, err
+    assert main(["train-diffusion", "--help"]) == 0
+    assert "--attention-levels" in capsys.readouterr().out
+
+
+def test_train_diffusion_command_maps_onto_the_settings(tmp_path, capsys):
+    """`smoothadv train-diffusion` flags are DiffusionTrainSettings' fields; its run equals train_ddpm's."""
+    out = tmp_path / "cli"
+    assert main(["train-diffusion", "--out", str(out), "--dataset", "synthetic", "--channels", "8", "16",
+                 "--attention-levels", "1", "--norm-groups", "8", "--epochs", "1", "--batch", "8",
+                 "--train-subset", "16", "--warmup-steps", "2", "--log-every", "2", "--save-every", "2",
+                 "--seed", "3"]) == 0
+    assert f"model: {out / 'model'}" in capsys.readouterr().out
+    train_ddpm(_settings(tmp_path / "lib", epochs=1, train_subset=16))
+    a, b = _state(out), _state(tmp_path / "lib")
+    assert a["config"] == {**b["config"], "out_dir": str(out)}
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
