@@ -108,6 +108,19 @@ def check_image(x: Tensor, name: str = "x", domain: Domain = PIXELS) -> None:
         )
 
 
+def check_generator(generator: object, x: Tensor, name: str = "generator") -> None:
+    """Raise SmoothAdvError unless `generator` is None or a torch.Generator on x's device type (see `seeds`)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        hint = " (for an integer seed, pass torch.Generator(device=x.device).manual_seed(seed))" \
+            if isinstance(generator, int) else ""
+        raise SmoothAdvError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}{hint}")
+    if generator.device.type != x.device.type:
+        raise SmoothAdvError(f"{name} is on {generator.device} but the input on {x.device}: make it where the input "
+                             "is, torch.Generator(device=x.device).manual_seed(seed)")
+
+
 def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
     """Raise SmoothAdvError on a non-positive sample count or batch size, or alpha outside (0, 1)."""
     def count(value: object) -> bool:
@@ -460,6 +473,10 @@ class Smooth:
             half a grey level, not half the range. Cohen's `Smooth` checks nothing; this one checks the
             default because its units are the ones papers report.
 
+    Randomness: each call takes `generator=` (one `torch.Generator` on x's device, or None for torch's
+    global generator); `certify_many` takes `generators=`, one per input. The convention of the whole
+    package, devices included, is in `smoothadv.seeds`.
+
     Attributes:
         sampler: the `NoisySampler` that draws the noise and counts f's votes. `base_classifier`,
             `num_classes` and `sigma` are read from it, and assigning `sigma` or `base_classifier`
@@ -509,6 +526,7 @@ class Smooth:
         """Vote counts (num_classes,) of the base classifier on `num` noisy copies of x (on x's device)."""
         self.check_input(x)
         check_sample_args(num, 0.5, batch_size, "num")
+        check_generator(generator, x)
         return self.sampler.counts(x, num, batch_size, generator)
 
     def predict(self, x: Tensor, n: int, alpha: float, batch_size: int,
@@ -520,6 +538,7 @@ class Smooth:
         """
         self.check_input(x)
         check_sample_args(n, alpha, batch_size)
+        check_generator(generator, x)
         counts = self.sampler.counts(x, n, batch_size, generator).cpu()
         top2 = torch.topk(counts, 2)
         count_a, count_b = int(top2.values[0]), int(top2.values[1])
@@ -543,6 +562,7 @@ class Smooth:
         check_sample_args(n0, alpha, batch_size, "n0")
         check_sample_args(n, alpha, batch_size)
         self.check_input(x)
+        check_generator(generator, x)
         selection, estimation = self.sampler.segment_counts(x, (int(n0), int(n)), batch_size, generator).cpu()
         return self._certificate(selection, estimation, n0, n, alpha)
 
@@ -564,11 +584,15 @@ class Smooth:
                 raise SmoothAdvError(f"xs must be a sequence of images (C, H, W) or one batch (B, C, H, W), got a "
                                      f"tensor of shape {tuple(xs.shape)}")
             xs = list(xs.unbind(0))
+        if isinstance(generators, torch.Generator):
+            raise SmoothAdvError(f"generators takes one torch.Generator per input, a list of {len(xs)}, got one "
+                                 "Generator; e.g. [seeds.example_generator(seed, i, x.device) for i in range(len(xs))]")
         generators = list(generators) if generators is not None else [None] * len(xs)
         if len(generators) != len(xs):
             raise SmoothAdvError(f"got {len(xs)} inputs but {len(generators)} generators")
-        for x in xs:
+        for i, (x, generator) in enumerate(zip(xs, generators)):
             self.check_input(x)
+            check_generator(generator, x, f"generators[{i}]")
         if not xs:
             return []
         requests = [SampleRequest(x, (int(n0), int(n)), g) for x, g in zip(xs, generators)]

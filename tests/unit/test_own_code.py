@@ -129,3 +129,35 @@ def test_dataset_without_to_tensor_says_what_to_add() -> None:
     rows = list(predict_dataset(smooth, MyDataset((torch.full((1, 2, 2), 0.9), torch.tensor(1))), [0, 1], n=50,
                                 alpha=0.001, batch_size=50))
     assert [row.label for row in rows] == [1, 1]  # a tensor label is an integer label
+
+
+# ------------------------------------------------------------------ randomness: one convention (smoothadv.seeds)
+
+
+def test_one_generator_per_call_one_per_input_for_many() -> None:
+    from smoothadv.seeds import example_generator
+
+    smooth = Smooth(Threshold(0.5), 2, 0.25)
+    xs = [torch.full((1, 2, 2), v) for v in (0.45, 0.55, 0.6)]
+    alone = [smooth.certify(x, 10, 50, 0.01, 16, generator=example_generator(7, i, "cpu")) for i, x in enumerate(xs)]
+    many = smooth.certify_many(xs, 10, 50, 0.01, 16, generators=[example_generator(7, i, "cpu") for i in range(3)])
+    assert many == alone
+    with pytest.raises(SmoothAdvError, match="one torch.Generator per input, a list of 3"):
+        smooth.certify_many(xs, 10, 50, 0.01, 16, generators=torch.Generator())  # type: ignore[arg-type]
+    with pytest.raises(SmoothAdvError, match=r"generator must be a torch.Generator or None, got int .*manual_seed"):
+        smooth.predict(xs[0], 10, 0.01, 16, generator=0)  # type: ignore[arg-type]
+
+
+def test_certify_sequential_splits_its_generator_as_documented() -> None:
+    from smoothadv import SequentialConfig, certify_sequential
+    from smoothadv.seeds import split_generator
+    from smoothadv.sequential import certify_sequential_many
+
+    smooth = Smooth(Threshold(0.5), 2, 0.25)
+    x = torch.full((1, 2, 2), 0.7)
+    config = SequentialConfig.for_budget(0.25, 256)
+    one = certify_sequential(smooth, x, config, batch_size=64, generator=torch.Generator().manual_seed(3))
+    selection, estimation = split_generator(torch.Generator().manual_seed(3), x.device)
+    two = certify_sequential_many(smooth, [x], config, batch_size=64, selection_generators=[selection],
+                                  estimation_generators=[estimation])[0]
+    assert one == two and one.prediction == 1
