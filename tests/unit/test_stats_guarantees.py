@@ -106,6 +106,9 @@ def test_counts_and_levels_are_checked_at_their_boundaries() -> None:
             stats.clopper_pearson_lower(*bad)
         with pytest.raises(ValueError):
             stats.clopper_pearson_upper(*bad)
+    for alpha in (0.0, 1.0):  # all successes: the upper bound is 1 whatever alpha, but alpha is still checked
+        with pytest.raises(ValueError):
+            stats.clopper_pearson_upper(5, 5, alpha)
     for level in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError):
             stats.clopper_pearson_interval(1, 5, level)
@@ -201,6 +204,8 @@ def test_certified_accuracy_counts_a_radius_equal_to_r_and_ignores_wrong_rows() 
     assert stats.average_certified_radius(radius, correct) == pytest.approx((0.5 + 0.25 + 0.0 + 1.0) / 5)
     with pytest.raises(ValueError):
         stats.certified_accuracy([0.1], [1, 0], [0.0])
+    assert stats.certified_accuracy([0.2], [1], [0.0, 0.2, 0.3]).tolist() == [1.0, 1.0, 0.0]  # one row is a table
+    assert stats.average_certified_radius([0.2], [1]) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         stats.certified_accuracy([], [], [0.0])
     with pytest.raises(ValueError):
@@ -213,6 +218,8 @@ def test_high_probability_accuracy_subtracts_bernsteins_margin() -> None:
     margin = alpha + math.sqrt(alpha * (1 - alpha) * math.log(1 / rho) / count) + math.log(1 / rho) / (3 * count)
     out = stats.high_prob_certified_accuracy(radius, correct, [0.0, 0.3, 0.31], alpha=alpha, rho=rho)
     assert out.tolist() == pytest.approx([1 - margin, 1 - margin, -margin], rel=1e-12)
+    default = 0.001 + math.sqrt(0.001 * 0.999 * math.log(1000) / count) + math.log(1000) / (3 * count)
+    assert stats.high_prob_certified_accuracy(radius, correct, [0.0]).tolist() == pytest.approx([1 - default])
     for bad in ({"alpha": 0.0}, {"rho": 1.0}):
         with pytest.raises(ValueError):
             stats.high_prob_certified_accuracy(radius, correct, [0.0], **bad)
