@@ -409,3 +409,69 @@ def test_catrs_attack_moves_the_noise_toward_a_larger_kl() -> None:
     after = kl_rows(pi.repeat_interleave(3, 0), F.log_softmax(model((x[:, None] + attacked).flatten(0, 1)), 1))
     assert float(after.sum().detach()) > float(before.sum().detach())
     assert math.isfinite(float(after.sum().detach()))
+
+
+# ------------------------------------------------------------------ the loop contract and the published defaults
+
+
+def test_steps_per_batch_uses_index_and_split_follow_each_authors_loop() -> None:
+    """One step per loader batch for Gaussian, stability, MACER and plain SmoothAdv; m steps (the batch cut in m
+    chunks) for SmoothAdv with multi-noise, Consistency, SmoothMix and CAT-RS; only CAT-RS needs the index."""
+    pi = torch.full((4, CLASSES), 0.25)
+    one = [GaussianAugmentation(0.25), StabilityTraining(0.25), MACER(0.25, m=3),
+           SmoothAdv(0.25, PGDL2(eps=0.5, steps=2), m=3)]
+    many = [SmoothAdv(0.25, PGDL2(eps=0.5, steps=2), m=3, multi_noise=True), Consistency(0.25, m=3),
+            SmoothMix(0.25, m=3), CATRS(0.25, m=3, pi=pi)]
+    for objective in one:
+        assert objective.steps_per_batch == 1 and not objective.uses_index
+    for objective in many:
+        assert objective.steps_per_batch == 3
+        assert objective.uses_index == isinstance(objective, CATRS)
+    x, y = make_batch(6)
+    chunks = Consistency(0.25, m=3).split(x, y)
+    assert len(chunks) == 3 and all(len(c[0]) == 2 for c in chunks)
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    assert len(GaussianAugmentation(0.25).split(x, y)) == 1
+
+
+def test_the_defaults_are_the_published_settings() -> None:
+    """The defaults the docstrings cite from each paper or its code: a changed default is another method."""
+    pgd = PGDL2(eps=0.5, steps=2)
+    smoothadv = SmoothAdv(0.25, pgd)
+    assert (smoothadv.m, smoothadv.multi_noise, smoothadv.warmup, smoothadv.consistency, smoothadv.lbd,
+            smoothadv.eta) == (1, False, 1, False, 1.0, 0.5)
+    assert StabilityTraining(0.25).lbd == 2.0
+    consistency = Consistency(0.25)
+    assert (consistency.m, consistency.lbd, consistency.eta) == (2, 10.0, 0.5)
+    macer = MACER(0.25)
+    assert (macer.m, macer.lbd, macer.beta, macer.gamma, macer.deferred) == (16, 12.0, 16.0, 8.0, 0)
+    smoothmix = SmoothMix(0.25)
+    assert (smoothmix.m, smoothmix.steps, smoothmix.step_size, smoothmix.eta, smoothmix.mix_step,
+            smoothmix.warmup, smoothmix.ramp) == (2, 4, 1.0, 5.0, 0, 10, 1.0)
+    catrs = CATRS(0.25, pi=torch.full((2, CLASSES), 0.25))
+    assert (catrs.m, catrs.eps, catrs.steps, catrs.lbd, catrs.confidence_mask) == (4, 1.0, 4, 1.0, False)
+
+
+def test_schedules_are_recorded_but_are_not_hyperparameters() -> None:
+    from smoothadv.objectives import describe_value, hyperparameters, same_description
+
+    for name in ("smoothadv", "smoothmix", "macer"):
+        keys = set(hyperparameters(name))
+        assert "epoch" not in keys and "ramp" not in keys and "sigma" not in keys
+    described = SmoothMix(0.25, warmup=4).at_epoch(1).describe()
+    assert described["ramp"] == 0.5 and "epoch" not in described
+    plain = SmoothAdv(0.25, PGDL2(eps=0.5, steps=2)).describe()
+    assert not {"consistency", "lbd", "eta"} & set(plain)
+    assert plain["attack"]["name"] == "PGDL2" and plain["attack"]["eps"] == 0.5
+    assert describe_value(PGDL2) is PGDL2  # a class is a value, not a dataclass instance to describe
+    current = describe_value(PGDL2(eps=0.5, steps=10))
+    fields = ", ".join(f"{k}={v!r}" for k, v in current.items() if k != "name")
+    assert same_description(f"PGDL2({fields})", current)  # the repr() recorded before 0.2
+    assert not same_description(f"PGDL2({fields}, x=1)", current)
+    assert not same_description(f"DDN({fields})", current)
+    assert same_description(current, dict(current)) and not same_description(current, {**current, "eps": 0.25})
+    assert same_description(2.0, 2.0) and not same_description("2.0", 2.0)
+    with pytest.raises(Exception, match="sigma"):
+        GaussianAugmentation(-1.0)
+    with pytest.raises(Exception, match="sigma"):
+        StabilityTraining(float("nan"))
