@@ -59,7 +59,11 @@ CMPOPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, as
 NAMES = {"min": "max", "max": "min", "argmax": "argmin", "argmin": "argmax", "amax": "amin", "amin": "amax",
          "clamp_min": "clamp_max", "clamp_max": "clamp_min", "sum": "mean", "mean": "sum", "minimum": "maximum",
          "maximum": "minimum"}
-OPERATORS = "binop, compare, boolop, unary, number, bool, name-swap, detach, call-statement"
+OPERATORS = "binop, compare, boolop, unary, number, bool, name-swap, detach, call-statement (+ add-detach if configured)"
+ADD_DETACH = {"softmax", "log_softmax", "exp", "mean", "sum", "float", "view", "gather", "kl_div", "cross_entropy",
+              "nll_loss", "log", "logsumexp", "topk", "sort"}
+"""`add-detach` (a module's `extra` operator): `y = <call>` becomes `y = (<call>).detach()` when the call is one of
+these tensor operations or the model itself: a gradient cut where the method lets it flow."""
 
 
 # ------------------------------------------------------------------ mutants
@@ -121,9 +125,15 @@ def _statement(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> ast.AST:
     return node
 
 
-def _mutations(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> list[tuple[str, object]]:
+def _mutations(node: ast.AST, parents: dict[ast.AST, ast.AST], extra: frozenset[str] = frozenset()
+               ) -> list[tuple[str, object]]:
     """(operator, argument) pairs applicable to `node`."""
     found: list[tuple[str, object]] = []
+    if "add-detach" in extra and isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+        func = node.value.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+        if name in ADD_DETACH or name == "model":
+            found.append(("add-detach", None))
     if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINOPS:
         found.append(("binop", BINOPS[type(node.op)]))
     elif isinstance(node, ast.Compare):
@@ -176,6 +186,9 @@ def _apply(node: ast.AST, operator: str, argument: object) -> ast.AST | None:
         return node.func.value  # type: ignore[attr-defined]
     elif operator == "call-statement":
         return ast.Pass()
+    elif operator == "add-detach":
+        value = node.value  # type: ignore[attr-defined]
+        node.value = ast.Call(ast.Attribute(value, "detach", ast.Load()), [], [])  # type: ignore[attr-defined]
     return None
 
 
@@ -189,7 +202,7 @@ class _Replace(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
-def mutants(source: str, skip: set[str]) -> list[dict]:
+def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) -> list[dict]:
     """Every mutant of `source`: key, line, statement line range, description and the mutated source."""
     tree = ast.parse(source)
     parents = _parents(tree)
@@ -197,7 +210,7 @@ def mutants(source: str, skip: set[str]) -> list[dict]:
     for node in ast.walk(tree):
         if not hasattr(node, "lineno") or _excluded(node, parents, skip):
             continue
-        for operator, argument in _mutations(node, parents):
+        for operator, argument in _mutations(node, parents, extra):
             points.append((node, operator, argument))
     points.sort(key=lambda p: (p[0].lineno, p[0].col_offset, p[1]))
     result, seen = [], {}
@@ -365,7 +378,7 @@ def _pytest_args(tests: list[str], stop_first: bool) -> list[str]:
 
 
 def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, partial: Path | None = None,
-               revision: str | None = "HEAD", added: tuple[str, ...] = ()) -> dict:
+               revision: str | None = "HEAD", added: tuple[str, ...] = (), retry: dict | None = None) -> dict:
     file = ROOT / spec["file"]
     tests = [t for t in spec["tests"] if (ROOT / t).exists()]
     src = work / "src"
@@ -405,8 +418,14 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
           f"{baseline_time:.0f} s", flush=True)
 
     records = []
-    all_mutants = mutants(source, set(spec.get("skip", [])))
+    all_mutants = mutants(source, set(spec.get("skip", [])), frozenset(spec.get("extra", [])))
+    previous: dict[str, dict] = {}
+    if retry is not None:  # rerun only the survivors of a previous run; keep its other verdicts
+        previous = {r["key"]: r for r in retry["records"]}
     for number, mutant in enumerate(all_mutants, 1):
+        if mutant["key"] in previous and previous[mutant["key"]]["status"] != "survived":
+            records.append(previous[mutant["key"]])
+            continue
         if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
             print(f"[{name}] time budget reached after {number - 1} mutants", flush=True)
             break
@@ -506,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="per-module time budget")
     parser.add_argument("--revision", default="HEAD", help="git revision of src/ to mutate (default HEAD: the committed "
                         "package); an empty string mutates the working tree as it is")
+    parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived the last run "
+                        "(out/<module>.json), e.g. after adding tests")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--summarize", action="store_true", help="rebuild the summaries from out/*.json and exit")
     args = parser.parse_args(argv)
@@ -520,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     if args.list:
         for name in names:
-            for mutant in mutants((ROOT / config[name]["file"]).read_text(), set(config[name].get("skip", []))):
+            for mutant in mutants((ROOT / config[name]["file"]).read_text(), set(config[name].get("skip", [])),
+                                  frozenset(config[name].get("extra", []))):
                 print(f"{name}:{mutant['line']}: {mutant['key']}")
         return 0
     if not args.summarize:
@@ -528,8 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         _preload()
         with tempfile.TemporaryDirectory(prefix="smoothadv-mutation-") as tmp:
             for name in names:
+                last = OUT / f"{name}.json"
+                retry = json.loads(last.read_text()) if args.retry and last.exists() else None
                 run = run_module(name, config[name], Path(tmp), args.max_minutes, OUT / f"{name}.partial.json",
-                                 args.revision or None, tuple(added))
+                                 args.revision or None, tuple(added), retry)
+                if retry is not None:
+                    run["seconds"] = round(run["seconds"] + retry.get("seconds", 0.0), 1)
                 (OUT / f"{name}.json").write_text(json.dumps(run, indent=1))
     sections = []
     for name in config:
