@@ -423,7 +423,7 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
     if retry is not None:  # rerun only the survivors of a previous run; keep its other verdicts
         previous = {r["key"]: r for r in retry["records"]}
     for number, mutant in enumerate(all_mutants, 1):
-        if mutant["key"] in previous and previous[mutant["key"]]["status"] != "survived":
+        if mutant["key"] in previous and previous[mutant["key"]]["status"] not in ("survived", "timeout"):
             records.append(previous[mutant["key"]])
             continue
         if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
@@ -448,7 +448,8 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
             record.update(status="survived", detail="no test executes this statement")
         else:
             copy_file.write_text(mutant["source"])
-            budget = 30 + 3 * sum(baseline["durations"].get(t, 1.0) for t in selected)
+            # generous: a busy machine slows the tests several-fold, and a slow run is not a kill
+            budget = 60 + 10 * sum(baseline["durations"].get(t, 1.0) for t in selected)
             t0 = time.monotonic()
             outcome = _forked(src, _pytest_args(selected, True), result_file, log, None, budget)
             data = json.loads(result_file.read_text()) if result_file.exists() else {}
@@ -490,6 +491,7 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
         note = notes.get(record["key"])
         if record["status"] in ("killed", "timeout"):
             counts["killed"] += 1
+            counts["timeout"] = counts.get("timeout", 0) + (record["status"] == "timeout")
             by = str(record.get("detail", "")).split("::")[0]
             counts["killed_before"] += by not in added
         elif note and note.get("status") == "equivalent":
@@ -504,7 +506,8 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
     before = 100.0 * counts["killed_before"] / scored if scored else 100.0
     lines = [f"## {run['module']} ({run['file']})", "",
              f"{len(run['records'])} of {run['mutants']} mutants run in {run['seconds']:.0f} s: "
-             f"{counts['killed']} killed, {counts['survived']} survived, {counts['equivalent']} equivalent. "
+             f"{counts['killed']} killed ({counts.get('timeout', 0)} by a timeout), {counts['survived']} survived, "
+             f"{counts['equivalent']} equivalent. "
              f"Score (killed / non-equivalent): **{score:.1f}%**; by the tests that existed before this benchmark "
              f"({counts['killed_before']} killed): {before:.1f}%.", "",
              "Tests: " + ", ".join(f"`{t}`" for t in run["tests"]) + ".", ""]
@@ -525,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="per-module time budget")
     parser.add_argument("--revision", default="HEAD", help="git revision of src/ to mutate (default HEAD: the committed "
                         "package); an empty string mutates the working tree as it is")
-    parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived the last run "
-                        "(out/<module>.json), e.g. after adding tests")
+    parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived (or timed out in) "
+                        "the last run (out/<module>.json), e.g. after adding tests")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--summarize", action="store_true", help="rebuild the summaries from out/*.json and exit")
     args = parser.parse_args(argv)
