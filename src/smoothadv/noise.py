@@ -12,6 +12,10 @@ of Salman et al. 2020, "Denoised Smoothing", arXiv:2003.01908) draws that noise 
 
 Contract: with the same source state, the same shapes give the same draws; every row-per-example draw
 goes through `standard_normal`, so a `RowNoise` sees all of them. Only torch is imported here.
+
+In your own training loop, pass an objective a `torch.Generator` (or nothing, for torch's global generator):
+`RowNoise` is what torchrun training uses. The package's convention for `generator=`, `generators=` and
+`seed=` arguments, devices included, is stated once in `smoothadv.seeds`.
 """
 
 from __future__ import annotations
