@@ -306,3 +306,72 @@ def test_betting_final_look_is_clopper_pearson_at_its_share_of_alpha() -> None:
     assert result.n == 256 and result.successes == 256
     assert result.p_lower >= (0.01) ** (1 / 256) * (1 - 1e-12)
     assert config.threshold == pytest.approx(math.log(1 / 0.01), rel=1e-12)
+
+
+# ------------------------------------------------------------------ the exact law of sequential CERTIFY, three classes
+
+
+def exact_certified_probability(p: float, looks: tuple[int, ...], levels: tuple[float, ...]) -> float:
+    """P(max_j L_j > 1/2) for Binomial counts of rate p under the full policy (first passage over the looks)."""
+    alive = np.zeros(looks[-1] + 1)
+    alive[0] = 1.0
+    done, previous = 0.0, 0
+    for look, level in zip(looks, levels):
+        alive = np.convolve(alive, binom.pmf(np.arange(look - previous + 1), look - previous, p))[: looks[-1] + 1]
+        passed = np.array([k <= look and cp_lower(k, look, level) > 0.5 for k in range(looks[-1] + 1)])
+        done += float(alive[passed].sum())
+        alive[passed] = 0.0
+        previous = look
+    return done
+
+
+def exact_fixed_selection(p: np.ndarray, n0: int) -> np.ndarray:
+    """P(argmax of Multinomial(n0, p) = j), ties to the lowest class, by enumeration (three classes)."""
+    out = np.zeros(3)
+    for a in range(n0 + 1):
+        for b in range(n0 + 1 - a):
+            counts = np.array([a, b, n0 - a - b])
+            pmf = math.factorial(n0) / (math.factorial(a) * math.factorial(b) * math.factorial(n0 - a - b)) \
+                * p[0] ** a * p[1] ** b * p[2] ** (n0 - a - b)
+            out[int(np.argmax(counts))] += pmf
+    return out
+
+
+def test_sequential_certify_with_selection_follows_the_exact_law_on_three_classes() -> None:
+    """1500 seeded sequential CERTIFY runs (fixed selection of n0 = 8, full policy, looks 20 / 40 / 80 at
+    alpha = 0.2) on a three-class interval classifier with p = (0.56, 0.27, 0.17): the frequencies of (tested
+    class, certified) match P(selected = c) P(max_j L_j > 1/2 | p_c), computed here exactly (chi-square p-value >=
+    1e-4). Reusing selection votes, a wrong level per look or a non-strict certificate shifts this law."""
+    from scipy.stats import chi2
+
+    from smoothadv.validity import Problem
+
+    problem = Problem("three-sequential", (1, 2, 2), 0.25, (0.0, 0.2), -0.04, seed=3)
+    p = problem.probabilities()
+    looks, alpha, n0, trials = (20, 40, 80), 0.2, 8, 1500
+    levels = (alpha / 3,) * 3
+    select = exact_fixed_selection(p, n0)
+    law = {}
+    for c in range(3):
+        certified = exact_certified_probability(float(p[c]), looks, levels)
+        law[(c, True)], law[(c, False)] = select[c] * certified, select[c] * (1 - certified)
+    model, x = problem.tensors()
+    smooth = Smooth(model, 3, problem.sigma)
+    config = SequentialConfig(problem.sigma, alpha, looks=looks, policy="full", selection="fixed")
+    certs = certify_sequential_many(
+        smooth, [x] * trials, config, batch_size=8192, n0=n0,
+        selection_generators=[torch.Generator().manual_seed(7_000 + i) for i in range(trials)],
+        estimation_generators=[torch.Generator().manual_seed(90_000 + i) for i in range(trials)])
+    observed: dict[tuple[int, bool], int] = {}
+    for cert in certs:
+        key = (cert.tested_class, not cert.abstained)
+        observed[key] = observed.get(key, 0) + 1
+        assert cert.n0 == n0 and cert.n == looks[-1]
+    keys = sorted(law)
+    expected = np.array([law[k] * trials for k in keys])
+    seen = np.array([observed.get(k, 0) for k in keys], dtype=float)
+    big = expected >= 5
+    e, o = np.append(expected[big], expected[~big].sum()), np.append(seen[big], seen[~big].sum())
+    keep = e > 0
+    statistic = float((((o - e) ** 2)[keep] / e[keep]).sum())
+    assert chi2.sf(statistic, keep.sum() - 1) >= 1e-4, (observed, dict(zip(keys, expected)))
