@@ -402,6 +402,9 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
     result_file.unlink()
     baseline_time = time.monotonic() - started
     passing = [t for t, outcome in baseline["outcomes"].items() if outcome == "passed"]
+    limit = spec.get("max_test_seconds")
+    slow = sorted(t for t in passing if limit is not None and baseline["durations"].get(t, 0.0) > limit)
+    passing = [t for t in passing if t not in slow]  # end-to-end runs: too slow to repeat for every mutant
     if not passing:
         raise SystemExit(f"baseline of {name}: no test passed; the end of its output:\n{log.read_text()[-3000:]}")
     failing = sorted(t for t, outcome in baseline["outcomes"].items() if outcome == "failed")
@@ -468,7 +471,7 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         if partial is not None:  # keep what is done, should the run be stopped
             partial.write_text(json.dumps({"module": name, "records": records}, indent=1))
     copy_file.write_text(source)
-    return {"module": name, "file": spec["file"], "tests": tests, "baseline_failing": failing,
+    return {"module": name, "file": spec["file"], "tests": tests, "baseline_failing": failing, "slow": slow,
             "baseline_seconds": round(baseline_time, 1), "mutants": len(all_mutants), "records": records,
             "seconds": round(time.monotonic() - started, 1)}
 
@@ -511,6 +514,9 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
              f"Score (killed / non-equivalent): **{score:.1f}%**; by the tests that existed before this benchmark "
              f"({counts['killed_before']} killed): {before:.1f}%.", "",
              "Tests: " + ", ".join(f"`{t}`" for t in run["tests"]) + ".", ""]
+    if run.get("slow"):
+        lines += [f"Not run per mutant (over the module's max_test_seconds at baseline): "
+                  + ", ".join(f"`{t}`" for t in run["slow"]), ""]
     if run["baseline_failing"]:
         lines += ["Failing before mutation (left out): " + ", ".join(f"`{t}`" for t in run["baseline_failing"]), ""]
     if survivors:
