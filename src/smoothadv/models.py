@@ -219,6 +219,19 @@ def _head_classes(model: nn.Module, arch: str | None) -> int | None:
     return int(linears[-1].out_features) if linears else None
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module under a `torch.compile` or (Distributed)DataParallel wrapper (whose state dict keys carry
+    `_orig_mod.` or `module.` prefixes), so a checkpoint holds and takes the model's own keys."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
+
+
 def _recorded_normalization(model: nn.Module) -> dict[str, Any]:
     """The normalization record of a `Sequential(Normalize or Identity, network)` (read from its first layer)."""
     first = model[0] if isinstance(model, nn.Sequential) and len(model) == 2 else None
@@ -249,8 +262,10 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str
 
     `num_classes` defaults to the model's output count (its registered head, else its last `nn.Linear`),
     then to the dataset's. Anything else in `extra` (epoch, optimizer, ...) is stored as given;
-    `kind="denoiser"` writes a denoiser (no `num_classes`).
+    `kind="denoiser"` writes a denoiser (no `num_classes`). A model under `torch.compile` or
+    (Distributed)DataParallel is saved as the model itself.
     """
+    model = _unwrapped(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     denoiser = extra.get("kind") == DENOISER
     name = CUSTOM if arch is None else str(arch)
@@ -468,6 +483,7 @@ def load_weights(path: str | os.PathLike[str], module: nn.Module, *, normalizati
     file = Path(path)
     if not isinstance(module, nn.Module):
         raise SmoothAdvError(f"load_weights needs the nn.Module to load {file} into, got {type(module).__name__}")
+    module = _unwrapped(module)  # a compiled or DataParallel module shares its parameters with the model inside
     payload = read_checkpoint(file, "cpu")
     _check_fields(payload, file)
     state = _fitting_state(module, payload["state_dict"])

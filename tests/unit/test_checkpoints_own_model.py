@@ -130,3 +130,13 @@ def test_registered_network_saved_bare_and_loaded_into_your_instance(tmp_path) -
     with pytest.raises(SmoothAdvError, match=r"do not fit registered architecture 'toy_cnn'.*leave arch out"):
         save_checkpoint(tmp_path / "wrong.pt", MyNet(), arch="toy_cnn")
     assert not (tmp_path / "wrong.pt").exists()
+
+
+def test_a_compiled_or_data_parallel_model_is_saved_and_loaded_as_the_model(tmp_path) -> None:
+    net = _trained()
+    save_checkpoint(tmp_path / "dp.pt", nn.DataParallel(net))
+    assert all(not key.startswith("module.") for key in torch.load(tmp_path / "dp.pt", weights_only=True)["state_dict"])
+    wrapped = nn.DataParallel(MyNet())
+    load_weights(tmp_path / "dp.pt", wrapped)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(wrapped.module.eval()(x), net(x))
