@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from smoothadv.cli import main  # noqa: E402
 from smoothadv.diffusion import load_diffusion, model_digest  # noqa: E402
+from smoothadv.errors import SmoothAdvError  # noqa: E402
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,7 +105,7 @@ def test_every_evaluation_runs_through_a_diffusion_model(command, toy_checkpoint
     assert recorded["denoiser_weights_sha256"] == {"unet/diffusion_pytorch_model.safetensors": _sha(weights)}
     assert recorded["denoiser_schedule_sha256"] == _sha(ddpm / "scheduler" / "scheduler_config.json")
     assert recorded["denoiser_sha256"] == model_digest(provenance)
-    assert (recorded["denoiser_sigma"], recorded["denoiser_t_star"], recorded["denoiser_steps"]) == (0.25, 145, 1)
+    assert (recorded["denoiser_sigma"], recorded["denoiser_t_star"], recorded["denoiser_unet_steps"]) == (0.25, 145, 1)
     assert recorded["denoiser_arch"].startswith("diffusion UNet2DModel (")
     assert recorded["checkpoint_sha256"] == _sha(toy_checkpoint)
     # the same run again gives the same rows (the noise is seeded per example; the denoiser is deterministic)
@@ -178,16 +179,18 @@ def test_bad_directories_and_sigmas_are_one_line_errors(toy_checkpoint, ddpm, tm
 
 
 def test_multi_step_denoising_is_recorded_and_compared(toy_checkpoint, ddpm, tmp_path, capsys) -> None:
-    """`denoiser_steps` (a RunSettings field when the command line has --denoiser-steps) reaches the denoiser and
-    the record; through the library here, so that it runs whether or not the flag exists yet."""
+    """`denoiser_steps` (the RunSettings field behind --denoiser-steps, rows=False like every run setting) reaches the
+    denoiser and the record's fact `denoiser_unet_steps`, compared on resume; through the library and a subclass of
+    RunSettings here, so that it runs whether or not the field exists yet."""
     import dataclasses
 
     from smoothadv.run import run_evaluation
-    from smoothadv.settings import PredictSettings, RunSettings
+    from smoothadv.settings import AT_LEAST_ONE, PredictSettings, RunSettings, setting
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class WithSteps(RunSettings):
-        denoiser_steps: int = 1
+        denoiser_steps: int = setting(1, "network evaluations of a diffusion denoiser", limit=AT_LEAST_ONE,
+                                      rows=False)
 
     def run(steps: int, out: str, resume: bool = False) -> dict:
         settings = WithSteps(checkpoint=str(toy_checkpoint), denoiser=str(ddpm), out=Path(tmp_path / out),
@@ -195,10 +198,10 @@ def test_multi_step_denoising_is_recorded_and_compared(toy_checkpoint, ddpm, tmp
         run_evaluation(settings, PredictSettings(sigma=0.25, n=100, max=2, batch=100, seed=4), log=None)
         return json.loads((tmp_path / f"{out}.args.json").read_text())
 
-    assert run(1, "one.tsv")["denoiser_steps"] == 1
+    assert run(1, "one.tsv")["denoiser_unet_steps"] == 1
     record = run(3, "three.tsv")
-    assert (record["denoiser_steps"], record["denoiser_t_star"]) == (3, 145)
-    with pytest.raises(Exception, match="denoiser_steps: 3 != 1"):
+    assert (record["denoiser_unet_steps"], record["denoiser_t_star"]) == (3, 145)
+    with pytest.raises(SmoothAdvError, match="denoiser_unet_steps: 3 != 1"):
         run(1, "three.tsv", resume=True)
 
 
@@ -224,5 +227,5 @@ def test_recipe_certifies_with_a_tiny_model_substituted(recipe, toy_checkpoint, 
         assert main(["certify", str(toy_checkpoint), *flags, *looks, "--no-progress", "--out", str(out)]) == 0
         assert len(out.read_text().splitlines()) == 3
         recorded = json.loads((tmp_path / f"{section}.tsv.args.json").read_text())
-        assert recorded["sigma"] == data["sigma"] and recorded["denoiser_steps"] == 1
+        assert recorded["sigma"] == data["sigma"] and recorded["denoiser_unet_steps"] == 1
     assert data["certify"]["n"] == 100_000 and data["sequential"]["mode"] == "sequential"

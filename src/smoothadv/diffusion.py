@@ -416,7 +416,8 @@ def diffusion_denoiser(path: str | os.PathLike[str], *, sigma: float, shape: Seq
     "diffusion", `sigma`, `t_star`, `steps`, `timesteps`, the model's `provenance`, `sha256`
     (`model_digest`) and `facts`: what an evaluation records in OUT.args.json and compares on resume and
     merge (`denoiser_sha256`, `denoiser_weights_sha256`, `denoiser_schedule_sha256`, `denoiser_sigma`,
-    `denoiser_t_star`, `denoiser_steps`, `denoiser_arch`)."""
+    `denoiser_t_star`, `denoiser_unet_steps`, `denoiser_arch`; not `denoiser_steps`, the name of the
+    run setting that asks for the steps)."""
     model = load_diffusion(path, device)
     if tuple(int(v) for v in shape) != model.shape:
         want, got = ("x".join(str(v) for v in dims) for dims in (model.shape, shape))
@@ -430,7 +431,7 @@ def diffusion_denoiser(path: str | os.PathLike[str], *, sigma: float, shape: Seq
         "denoiser_schedule_sha256": provenance.get("scheduler_config_sha256"),
         "denoiser_sigma": float(sigma),
         "denoiser_t_star": denoiser.t_star,
-        "denoiser_steps": denoiser.steps,
+        "denoiser_unet_steps": denoiser.steps,
         "denoiser_arch": f"diffusion UNet2DModel ({provenance['parameters']} parameters, "
                          f"{model.num_train_timesteps} timesteps, {model.prediction_type})",
     }
