@@ -390,3 +390,63 @@ def test_predict_output_follows_the_exact_law_with_three_classes() -> None:
         outcome = smooth.predict(x, n, alpha, n, generator=gen)
         observed[outcome] = observed.get(outcome, 0) + 1
     assert chi_square_pvalue(observed, law, trials) >= 1e-4, (observed, {k: v * trials for k, v in law.items()})
+
+
+# ------------------------------------------------------------------ the sampler's contract at its edges
+
+
+class Recorder(nn.Module):
+    """A linear-threshold classifier (3 classes along the first pixel) that records each batch's size and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, torch.dtype]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.append((x.shape[0], x.dtype))
+        s = x.flatten(1)[:, 0].float()
+        return torch.stack([-s, torch.zeros_like(s), s - 1.0], dim=1)
+
+
+def test_certify_many_equals_certify_input_by_input_when_pieces_straddle_batches() -> None:
+    """Batches of 7 with n0 = 5, n = 12: every input's pieces straddle the shared batches (staged and copied), and
+    each certificate is bit for bit the one `certify` gives on its own generator at the same batch size."""
+    model = Recorder()
+    smooth = Smooth(model, 3, 0.4)
+    xs = [torch.full((1, 2, 2), v) for v in (0.1, 0.5, 0.9, 0.45)]
+    packed = smooth.certify_many(xs, 5, 12, 0.3, 7, generators=[torch.Generator().manual_seed(i) for i in range(4)])
+    sizes = [size for size, _ in model.calls]
+    assert sum(sizes) == 4 * 17 and all(size == 7 for size in sizes[:-1])  # full shared batches
+    single = [smooth.certify(x, 5, 12, 0.3, 7, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    assert packed == single
+    assert len({c.tested_class for c in packed}) >= 2
+
+
+def test_a_huge_batch_size_costs_no_memory_and_low_precision_input_gets_float32_noise() -> None:
+    model = Recorder()
+    smooth = Smooth(model, 3, 0.25)
+    x = torch.full((1, 2, 2), 0.5, dtype=torch.float16)
+    counts = smooth.sample_counts(x, 10, 10**12, generator=torch.Generator().manual_seed(0))
+    assert int(counts.sum()) == 10 and model.calls == [(10, torch.float32)]
+    certs = smooth.certify_many([x.float(), x.float()], 3, 4, 0.1, 10**12)
+    assert len(certs) == 2 and model.calls[-1] == (14, torch.float32)
+
+
+def test_nan_logits_and_wrong_output_shapes_are_errors_not_votes() -> None:
+    from smoothadv.errors import SmoothAdvError
+
+    class NaNs(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            out = torch.zeros(x.shape[0], 3)
+            out[::2] = float("nan")
+            return out
+
+    class Wide(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.zeros(x.shape[0], 4)
+
+    for model in (NaNs(), Wide()):
+        with pytest.raises(SmoothAdvError):
+            Smooth(model, 3, 0.5).certify(image(), 2, 5, 0.1, 4)
+        with pytest.raises(SmoothAdvError):
+            Smooth(model, 3, 0.5).certify_many([image(), image()], 2, 5, 0.1, 4)
