@@ -46,7 +46,8 @@ from smoothadv.cli import main as cli_main
 from smoothadv.files import TsvLog
 from smoothadv.models import build_model, normalization_spec, read_checkpoint, save_checkpoint
 from smoothadv.objectives import GaussianAugmentation
-from smoothadv.train import TrainConfig, fit
+from smoothadv.settings import TrainSettings
+from smoothadv.train import fit
 from smoothadv.validity import Problem, Result, format_summary, run_suite, summarize
 
 # ------------------------------------------------------------------ helpers
@@ -163,7 +164,7 @@ def same_state(a: dict, b: dict) -> bool:
 
 
 def training_drills(work: Path, drills: int, rng: np.random.Generator) -> dict[str, int]:
-    reference = read_checkpoint(fit(TrainConfig(out_dir=work / "train-ref", **TRAIN), GaussianAugmentation(0.25)))
+    reference = read_checkpoint(fit(TrainSettings(out_dir=work / "train-ref", **TRAIN), GaussianAugmentation(0.25)))
     totals = {"drills": 0, "kills": 0, "identical": 0}
     for d in range(drills):
         out = work / f"train{d}"
@@ -199,10 +200,10 @@ def training_drills(work: Path, drills: int, rng: np.random.Generator) -> dict[s
                             die()
                     return real_replace(src, dst, *a, **k)
                 files_module.os.replace = dying_replace
-            fit(TrainConfig(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
+            fit(TrainSettings(out_dir=out, **TRAIN), GaussianAugmentation(0.25))
 
         totals["kills"] += run_killed(child)
-        final = fit(TrainConfig(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
+        final = fit(TrainSettings(out_dir=out, resume=True, **TRAIN), GaussianAugmentation(0.25))
         totals["drills"] += 1
         totals["identical"] += same_state(read_checkpoint(final), reference)
     return totals

@@ -138,9 +138,10 @@ def test_bad_settings_are_one_line_errors(make, message) -> None:
 
 
 def test_fit_refuses_a_warmup_longer_than_training(tmp_path) -> None:
-    from smoothadv.train import TrainConfig, fit
+    from smoothadv.settings import TrainSettings
+    from smoothadv.train import fit
 
-    cfg = TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=2, progress=False)
+    cfg = TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=2, progress=False)
     with pytest.raises(SmoothAdvError, match="warm-up"):
         fit(cfg, SmoothAdv(0.25, PGDL2(0.5), warmup=3))
     assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
@@ -177,16 +178,17 @@ def test_bf16_training_autocasts_the_attack_and_the_loss_and_still_learns() -> N
 
 
 def test_fp16_training_needs_a_gpu(tmp_path) -> None:
-    from smoothadv.train import TrainConfig, fit
+    from smoothadv.settings import TrainSettings
+    from smoothadv.train import fit
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    cfg = TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=1, progress=False,
+    cfg = TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "run", epochs=1, progress=False,
                       precision="fp16", device="cpu")
     with pytest.raises(SmoothAdvError, match="fp16 autocast needs a GPU"):
         fit(cfg, GaussianAugmentation(0.25))
     with pytest.raises(SmoothAdvError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
-        TrainConfig(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8")
+        TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=tmp_path / "r", precision="fp8")
 
 
 def test_the_loop_contract_is_stated_and_enforced() -> None:

@@ -934,8 +934,8 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
 def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_columns: int = 12) -> list[float]:
     """0, step, 2 step, ... up to the largest certified radius in the inputs (at most `max_columns`)."""
     top = max([float(r.radius.max()) for r in certify.values() if r.radius is not None] + [0.0])
-    if top / step + 1 > max_columns:  # double the step as often as needed, computed (never a list of every column)
-        step *= 2.0 ** max(0, math.ceil(math.log2(top / step / (max_columns - 1))))
+    if top / step > max_columns:  # jump close to the step that fits (never a list of every column), then double
+        step *= 2.0 ** max(0, math.floor(math.log2(top / (step * max_columns))))
     radii = radius_grid(top, step)
     while len(radii) > max_columns:
         step *= 2
