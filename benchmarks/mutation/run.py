@@ -203,9 +203,11 @@ class _Replace(ast.NodeTransformer):
 
 
 def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) -> list[dict]:
-    """Every mutant of `source`: key, line, statement line range, description and the mutated source."""
+    """Every mutant of `source`: key, line, statement line range, class scope, and where it is (`position`, the
+    node's index in `ast.walk` order, with `operator` and `argument`) for `mutated_source`."""
     tree = ast.parse(source)
     parents = _parents(tree)
+    index = {id(node): i for i, node in enumerate(ast.walk(tree))}
     points = []
     for node in ast.walk(tree):
         if not hasattr(node, "lineno") or _excluded(node, parents, skip):
@@ -214,28 +216,34 @@ def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) ->
             points.append((node, operator, argument))
     points.sort(key=lambda p: (p[0].lineno, p[0].col_offset, p[1]))
     result, seen = [], {}
-    index = {id(node): i for i, node in enumerate(ast.walk(tree))}
     for node, operator, argument in points:
-        position = index[id(node)]
-        mutated_tree = copy.deepcopy(tree)
-        target = list(ast.walk(mutated_tree))[position]
-        before = ast.unparse(target) if not isinstance(target, ast.stmt) else ast.unparse(target).splitlines()[0]
+        target = copy.deepcopy(node)
+        before = _text(target)
         replacement = _apply(target, operator, argument)
-        if replacement is not None:
-            mutated_tree = _Replace(target, replacement).visit(mutated_tree)
-            after = ast.unparse(replacement)
-        else:
-            after = ast.unparse(target) if not isinstance(target, ast.stmt) else ast.unparse(target).splitlines()[0]
-        ast.fix_missing_locations(mutated_tree)
+        after = _text(replacement if replacement is not None else target)
         statement = _statement(node, parents)
         base = f"{_qualname(node, parents)}: {_short(before)} -> {_short(after)}"
         seen[base] = seen.get(base, 0) + 1
         key = base if seen[base] == 1 else f"{base} #{seen[base]}"
         result.append({"key": key, "line": node.lineno, "operator": operator,
                        "lines": [statement.lineno, getattr(statement, "end_lineno", statement.lineno)],
-                       "scope": _class_range(node, parents),
-                       "source": ast.unparse(mutated_tree)})
+                       "scope": _class_range(node, parents), "position": index[id(node)], "argument": argument})
     return result
+
+
+def _text(node: ast.AST) -> str:
+    text = ast.unparse(node)
+    return text.splitlines()[0] if isinstance(node, ast.stmt) and text else text
+
+
+def mutated_source(source: str, mutant: dict) -> str:
+    """`source` with `mutant` applied (parsed afresh: `ast.walk` visits the nodes in the same order)."""
+    tree = ast.parse(source)
+    target = list(ast.walk(tree))[mutant["position"]]
+    replacement = _apply(target, mutant["operator"], mutant["argument"])
+    if replacement is not None:
+        tree = _Replace(target, replacement).visit(tree)
+    return ast.unparse(ast.fix_missing_locations(tree))
 
 
 def _short(text: str, limit: int = 90) -> str:
@@ -450,7 +458,7 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         if not selected:
             record.update(status="survived", detail="no test executes this statement")
         else:
-            copy_file.write_text(mutant["source"])
+            copy_file.write_text(mutated_source(source, mutant))
             # generous: a busy machine slows the tests several-fold, and a slow run is not a kill
             budget = 60 + 10 * sum(baseline["durations"].get(t, 1.0) for t in selected)
             t0 = time.monotonic()
@@ -536,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                         "package); an empty string mutates the working tree as it is")
     parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived (or timed out in) "
                         "the last run (out/<module>.json), e.g. after adding tests")
+    parser.add_argument("--results", action="store_true", help="also write results.md (the committed summary)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--summarize", action="store_true", help="rebuild the summaries from out/*.json and exit")
     args = parser.parse_args(argv)
@@ -576,7 +585,43 @@ def main(argv: list[str] | None = None) -> int:
                 print(section)
             sections.append(section)
     (OUT / "summary.md").write_text("\n".join(sections) + "\n")
+    if args.results:
+        (HERE / "results.md").write_text(results_page(config, annotations, added, sections))
     return 0
+
+
+def results_page(config: dict, annotations: dict, added: list[str], sections: list[str]) -> str:
+    """results.md: how it was made, one table row per module, then each module's section."""
+    rows = []
+    for name in config:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        run = json.loads(path.read_text())
+        notes = annotations.get(name, {})
+        killed = before = survived = equivalent = 0
+        for record in run["records"]:
+            if record["status"] in ("killed", "timeout"):
+                killed += 1
+                before += str(record.get("detail", "")).split("::")[0] not in added
+            elif notes.get(record["key"], {}).get("status") == "equivalent":
+                equivalent += 1
+            else:
+                survived += 1
+        scored = killed + survived
+        rows.append(f"| {name} | {len(run['records'])} / {run['mutants']} | {killed} | {survived} | {equivalent} | "
+                    f"{100.0 * before / scored if scored else 100.0:.1f}% | **{100.0 * killed / scored if scored else 100.0:.1f}%** |")
+    head = [
+        "# Mutation benchmark: results", "",
+        "Made by `nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation/run.py [MODULE ...]` (see",
+        "README.md), on the committed package, on two CPU cores shared with a training run. Score = killed /",
+        "(killed + survived); equivalent mutants (no input tells them apart, reason given) are left out. *Before*:",
+        "the kills of the test files that existed before this benchmark (they run first, so a mutant first failed by",
+        "an added file had survived them all).", "",
+        "| module | mutants run | killed | survived | equivalent | score before | score |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    return "\n".join(head) + "\n" + "\n".join(sections) + "\n"
 
 
 if __name__ == "__main__":
