@@ -542,6 +542,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     Cohen/Salman files and smoothadv files older than the digest).
     """
     file = Path(path)
+    if isinstance(map_location, nn.Module) and model is None:  # load_checkpoint(path, module): what was meant
+        model, map_location = map_location, "cpu"
     if model is not None:
         meta = load_weights(file, model)
         meta = {"dataset": None, "num_classes": None, "normalization": None, "sigma": None, **meta}

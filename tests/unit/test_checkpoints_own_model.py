@@ -140,3 +140,9 @@ def test_a_compiled_or_data_parallel_model_is_saved_and_loaded_as_the_model(tmp_
     load_weights(tmp_path / "dp.pt", wrapped)
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(wrapped.module.eval()(x), net(x))
+
+
+def test_the_module_may_be_given_positionally(tmp_path) -> None:
+    save_checkpoint(tmp_path / "mine.pt", _trained())
+    module, meta = load_checkpoint(tmp_path / "mine.pt", MyNet())  # type: ignore[call-overload]
+    assert isinstance(module, MyNet) and meta["num_classes"] == 5
