@@ -178,6 +178,16 @@ def test_bad_directories_and_sigmas_are_one_line_errors(toy_checkpoint, ddpm, tm
     assert not any((tmp_path / f"{name}.tsv").exists() for name in "abcde")
 
 
+def test_speed_flags_run_with_a_diffusion_model(toy_checkpoint, ddpm, tmp_path) -> None:
+    """--fold-bn folds the classifier's BatchNorm only (torch.fx cannot trace the UNet); --channels-last and bf16
+    autocast wrap f o D as they wrap any base classifier."""
+    argv = ["predict", str(toy_checkpoint), "--n", "100", "--max", "2", *EVAL, "--denoiser", str(ddpm)]
+    assert main([*argv, "--out", str(tmp_path / "plain.tsv")]) == 0
+    assert main([*argv, "--fold-bn", "--channels-last", "--out", str(tmp_path / "fast.tsv")]) == 0
+    assert [row[:3] for row in _rows(tmp_path / "fast.tsv")] == [row[:3] for row in _rows(tmp_path / "plain.tsv")]
+    assert main([*argv, "--precision", "bf16", "--out", str(tmp_path / "bf16.tsv")]) == 0
+
+
 def test_multi_step_denoising_is_recorded_and_compared(toy_checkpoint, ddpm, tmp_path, capsys) -> None:
     """`denoiser_steps` (the RunSettings field behind --denoiser-steps, rows=False like every run setting) reaches the
     denoiser and the record's fact `denoiser_unet_steps`, compared on resume; through the library and a subclass of

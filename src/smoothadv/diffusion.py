@@ -356,6 +356,7 @@ class DiffusionDenoiser(nn.Module):
         self.t_star = model.timestep(sigma)
         self.timesteps = ddim_timesteps(self.t_star, steps)
         self.steps = len(self.timesteps)
+        self._abar = {t: float(model.alphas_cumprod[t]) for t in self.timesteps}  # Python floats: no graph break
 
     def train(self, mode: bool = True) -> DiffusionDenoiser:
         super().train(mode)
@@ -367,7 +368,7 @@ class DiffusionDenoiser(nn.Module):
 
     def _predict(self, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(x0^ clipped to [-1, 1], the noise consistent with it) from the UNet at timestep t."""
-        abar = float(self.model.alphas_cumprod[t])
+        abar = self._abar[t]
         a, s = math.sqrt(abar), math.sqrt(1.0 - abar)
         timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
         out = self.unet(x_t, timesteps).sample
@@ -388,12 +389,12 @@ class DiffusionDenoiser(nn.Module):
             want = "x".join(str(v) for v in self.model.shape)
             got = "x".join(str(v) for v in x.shape[1:]) if x.dim() == 4 else f"a {x.dim()}-d tensor"
             raise SmoothAdvError(f"diffusion model {self.model.source} takes batches of {want} images, got {got}")
-        x_t = math.sqrt(float(self.model.alphas_cumprod[self.t_star])) * (2.0 * x - 1.0)
+        x_t = math.sqrt(self._abar[self.t_star]) * (2.0 * x - 1.0)
         x0 = x_t
         for i, t in enumerate(self.timesteps):
             x0, eps = self._predict(x_t, t)
             if i + 1 < len(self.timesteps):
-                abar = float(self.model.alphas_cumprod[self.timesteps[i + 1]])
+                abar = self._abar[self.timesteps[i + 1]]
                 x_t = math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps
         return (x0 + 1.0) / 2.0
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .accel import prepare_base, resolve_device
+from .accel import fold_batchnorm, prepare_base, resolve_device
 from .attacks import build_attack
 from .betting import BettingConfig
 from .data import check_data_dir, get_dataset, input_shape
@@ -328,7 +328,10 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     if run.denoiser is not None:  # denoised smoothing: certify f o D (Salman et al. 2020)
         model, meta["denoiser"] = attach_denoiser(model, run.denoiser, sigma=settings.sigma,
                                                   shape=input_shape(meta["dataset"]), device=device, steps=steps)
-    model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, settings.fold_bn)
+    fold = settings.fold_bn
+    if fold and meta.get("denoiser", {}).get("kind") == "diffusion":  # torch.fx cannot trace the UNet: fold f only
+        model[1], fold = fold_batchnorm(model[1]), False  # f o D is Sequential(D, f)
+    model = prepare_base(model, device, settings.precision, run.channels_last, run.compile, fold)
     dataset = get_dataset(meta["dataset"], "train" if settings.split == "train" else "test", run.data_dir)
     return Smooth(model, meta["num_classes"], settings.sigma), dataset, meta, device
 
