@@ -16,8 +16,9 @@ an interrupted one continues, one whose recorded settings differ is trained agai
 `run_evaluation(restart_on_change=True)` (finished rows are kept, a run whose settings or model changed
 starts over). `fresh` redoes everything; `report_only` rebuilds the report from a finished run's files,
 checked against these settings by the one rule (`rundir.compare`). A file in `out` the demo did not
-write (a report.md of another kind, a TSV without its settings sidecar, a checkpoint recording no
-settings) is never overwritten without `force` or `fresh`.
+write (a report.md of another kind, a table.md or accuracy.png without the demo's report.md, a TSV
+without its settings sidecar, a checkpoint recording no settings) is never overwritten without `force`
+or `fresh`.
 
 The table gives each certified accuracy with its 95% Clopper-Pearson interval and compares the two
 models image by image (`report.compare`: exact McNemar per radius, Holm-adjusted; the ACR difference
@@ -206,6 +207,8 @@ def _refuse_foreign_files(cfg: DemoConfig, out: Path, plan: _Plan) -> None:
     report_file = out / "report.md"
     ours = not report_file.exists() or report_file.read_text(errors="replace").startswith(REPORT_TITLE)
     foreign = [] if ours else [report_file]
+    if not report_file.exists():  # the demo writes report.md first: a table or plot without it is not the demo's
+        foreign += [path for path in (out / "table.md", out / "accuracy.png") if path.exists()]
     foreign += [Path(run.out) for run, _ in plan.evaluations.values()
                 if not cfg.report_only and Path(run.out).exists() and not settings_path(run.out).exists()]
     for settings, _ in plan.training.values():
@@ -286,6 +289,11 @@ def _check_finished(cfg: DemoConfig, plan: _Plan) -> None:
             images.append(sorted(row[0] for row in rows))
     if len(images) == 2 and images[0] != images[1]:
         problems.append("the two certify TSVs hold different images")
+    if not cfg.attack_count:  # a report without the attacks the run made would say that none was run
+        attacked = [f"attack_{name}.tsv" for name in plan.training if (Path(cfg.out) / f"attack_{name}.tsv").exists()]
+        if attacked:
+            problems.append(f"the run attacked ({attacked[0]}) and --attack-count 0 would drop those rows: give the "
+                            "run's --attack-count")
     if problems:
         raise SmoothAdvError(f"cannot rebuild the report of {cfg.out}: {'; '.join(problems)}; run the demo "
                              "without --report-only (with the flags of the run) to finish it")

@@ -253,6 +253,15 @@ def check_fits(denoiser: nn.Module, classifier: nn.Module, shape: Sequence[int],
                              f"({str(exc).splitlines()[0][:160]})") from None
 
 
+def check_dataset(meta: Mapping[str, Any], dataset: Any, source: str = "the denoiser") -> None:
+    """Refuse (one line) a denoiser recorded as trained on another dataset than the classifier's images: with the
+    same channel count it fits, and f o D would silently be a poor classifier."""
+    recorded = meta.get("dataset")
+    if isinstance(recorded, str) and isinstance(dataset, str) and recorded != dataset:
+        raise SmoothAdvError(f"{source} was trained on {recorded}, but the classifier is for {dataset}; train a "
+                             f"denoiser on {dataset} (smoothadv train-denoiser --dataset {dataset})")
+
+
 def attach_denoiser(classifier: nn.Module, path: str | Path, *, sigma: float, shape: Sequence[int],
                     device: torch.device | str = "cpu", steps: int = 1) -> tuple[DenoisedClassifier, dict[str, Any]]:
     """f o D for `certify --denoiser`: the denoiser at `path` in front of `classifier`, checked (corrupt
@@ -424,13 +433,19 @@ class DenoiserTrainee(Trainee):
                  classifiers: Sequence[nn.Module], objective: DenoiserObjective) -> None:
         self.cfg, self.evaluator, self.classifiers = cfg, evaluator, list(classifiers)
         self.shape = input_shape(cfg.dataset)
-        self.stage = {"objective": objective.describe(), "epochs": cfg.epochs,
-                      "classifiers": [_record(s) for s in sources], "init": _record(cfg.init) if cfg.init else None}
+        self.sources = [_record(s) for s in sources]
+        self.stage = {"objective": objective.describe(), "epochs": cfg.epochs, "classifiers": self.sources,
+                      "init": _record(cfg.init) if cfg.init else None}
         self.start, self.history = None, []
         if cfg.init is not None:
             self.start, init_meta = load_denoiser(cfg.init)
+            check_dataset(init_meta, cfg.dataset, f"--init {cfg.init}")
             self.history = list(init_meta.get("history") or [])
         self._data: Data | None = None
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        return [("--init", self.cfg.init), *(("--classifier", path) for path in self.cfg.classifier or ()),
+                ("--eval-classifier", self.cfg.eval_classifier)]
 
     def data(self) -> Data:
         if self._data is None:
@@ -456,8 +471,21 @@ class DenoiserTrainee(Trainee):
         return denoiser
 
     def check_checkpoint(self, saved: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume anything but a denoiser of this dataset trained through these very classifiers
+        (compared by content: a classifier file replaced at the same path would change the run)."""
         if not is_denoiser(saved):
             raise SmoothAdvError(f"{path} is not a denoiser checkpoint; refusing to resume")
+        check_dataset(saved, self.cfg.dataset, str(path))
+        then = saved.get("classifiers")
+        if not isinstance(then, list):
+            return  # an earlier version's checkpoint: its classifiers' paths are compared as settings
+        now = self.sources
+        digests = [c.get("sha256", c.get("module")) if isinstance(c, dict) else c for c in then]
+        if digests != [c.get("sha256", c.get("module")) for c in now]:
+            names = ", ".join(str(c.get("path", c.get("module"))) for c in now) or "none"
+            raise SmoothAdvError(f"cannot resume {path}: it was trained through other classifiers than {names} (their "
+                                 "SHA-256 differ from those its checkpoint records); resume with the same files, or "
+                                 "start over with --force or a new --out")
 
     def checkpoint_fields(self, epochs_done: int) -> dict[str, Any]:
         return {"arch": self.cfg.arch, "dataset": self.cfg.dataset, "normalization": {"kind": "none"},

@@ -142,6 +142,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (the same inode, or the same resolved path when one does not exist)."""
+    first, second = Path(a), Path(b)
+    return _same_file(first, second) or first.resolve() == second.resolve()
+
+
+def refuse_inputs_as_outputs(outputs: Iterable[tuple[str, str | os.PathLike[str]]],
+                             inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]) -> None:
+    """SmoothAdvError (one line) if a file a command writes (`outputs`: (what, path), e.g. ("--out", OUT) or
+    ("the settings sidecar", OUT.args.json)) is a file it reads (`inputs`: (flag, path or None)). Refused
+    whatever `--force` says: writing it would destroy that input before (or while) it is read."""
+    given = [(flag, Path(path)) for flag, path in inputs if path is not None]
+    for what, target in outputs:
+        for flag, source in given:
+            if same_path(target, source):
+                raise SmoothAdvError(f"{what} {target} is also {flag} {source}, an input of this command; writing it "
+                                     "would destroy that input: choose another output (--force never overwrites an "
+                                     "input)")
+
+
 def check_new_output(path: str | os.PathLike[str], *, force: bool = False,
                      inputs: Iterable[str | os.PathLike[str]] = (), flag: str = "output") -> Path:
     """Validate, before any work, a file that a command writes whole (a report, a plot, a converted checkpoint).

@@ -48,6 +48,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -599,9 +600,11 @@ def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLi
     """Re-save a *trusted* legacy checkpoint that needs full unpickling as a weights-only file.
 
     This runs `torch.load(weights_only=False)`, which can execute code from the file: only use it on
-    files whose origin you trust. Keeps `arch`, `epoch` and the tensors of `state_dict`, and adds
-    their digest (`weights_sha256`, verified when the new file is loaded). An existing `dst` is
-    refused unless `force`, and `dst` may never be `src` (checked before `src` is read).
+    files whose origin you trust. Keeps `arch`, `epoch`, the tensors of `state_dict` and every other field
+    that is plain data (so a smoothadv checkpoint keeps its format, dataset, normalization, num_classes and
+    sigma, and loads as before), and adds the weights' digest (`weights_sha256`, verified when the new file
+    is loaded). An existing `dst` is refused unless `force`, and `dst` may never be `src` (checked before
+    `src` is read).
     """
     check_new_output(dst, force=force, inputs=[src], flag="output")
     try:
@@ -610,9 +613,33 @@ def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLi
         raise SmoothAdvError(f"cannot read {src}: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise SmoothAdvError(f"{src} is not a checkpoint dict with a 'state_dict'")
-    clean: dict[str, Any] = {"arch": str(payload.get("arch")),
-                             "state_dict": {str(k): v.detach().cpu() for k, v in payload["state_dict"].items()}}
+    state = payload["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise SmoothAdvError(f"{src} has a 'state_dict' that is not a dict of tensors")
+    # every field that is plain data (this format's format, dataset, normalization, num_classes, sigma, kind,
+    # training state, ...) is kept as it was, so a smoothadv file loads as before; anything else is dropped
+    clean: dict[str, Any] = {str(k): v for k, v in payload.items()
+                             if isinstance(k, str) and k not in ("state_dict", DIGEST) and _plain_data(v)}
+    clean["arch"] = str(payload.get("arch"))
+    clean["state_dict"] = {str(k): v.detach().cpu() for k, v in state.items()}
     if "epoch" in payload:
-        clean["epoch"] = int(payload["epoch"])
+        try:
+            clean["epoch"] = int(payload["epoch"])
+        except (TypeError, ValueError):
+            clean.pop("epoch", None)
     clean[DIGEST] = weights_digest(clean["state_dict"])
     atomic_torch_save(clean, dst)
+
+
+def _plain_data(value: Any, depth: int = 0) -> bool:
+    """Whether `value` loads with `torch.load(weights_only=True)`: tensors, numbers, strings, None, and lists,
+    tuples and dicts of them (keys: strings or integers)."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, Tensor, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(item, depth + 1) for item in value)
+    if type(value) in (dict, OrderedDict):
+        return all(isinstance(k, (str, int)) and _plain_data(v, depth + 1) for k, v in value.items())
+    return False

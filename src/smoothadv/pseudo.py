@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ import torch
 from .accel import resolve_device
 from .data import input_shape
 from .errors import SmoothAdvError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_new_output
 from .models import load_checkpoint
 from .smoothing import eval_mode
 
@@ -60,11 +59,10 @@ def load_images(path: str | os.PathLike[str], shape: tuple[int, int, int]) -> tu
 def pseudo_label(checkpoint: str | os.PathLike[str], images: str | os.PathLike[str], out: str | os.PathLike[str],
                  *, batch_size: int = 1000, device: str = "cpu", normalization: str | None = None,
                  force: bool = False) -> int:
-    """Write `out` (.npz: the input `images` and the base classifier's `labels`); returns the image count."""
+    """Write `out` (.npz: the input `images` and the base classifier's `labels`); returns the image count.
+    `out` must not exist unless `force`, and is never the checkpoint or the images (even with `force`)."""
 
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise SmoothAdvError(f"output {out_path} already exists; pass --force to overwrite it")
+    out_path = check_new_output(out, force=force, inputs=[checkpoint, images], flag="--out")  # never an input
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev, normalization=normalization)
     raw, tensor = load_images(images, input_shape(meta["dataset"]))

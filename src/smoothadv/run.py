@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from .attacks import build_attack
 from .betting import BettingConfig
 from .data import check_data_dir, get_dataset, input_shape
 from .denoise import attach_denoiser
+from .denoise import check_dataset as check_denoiser_dataset
 from .distributed import env_world, local_device
 from .errors import SmoothAdvError
 from .evaluate import (
@@ -50,7 +52,16 @@ from .evaluate import (
     row_fields,
     smooth_prediction_dataset,
 )
-from .files import OutputLock, TsvLog, atomic_write_text, check_writable_output, file_sha256, read_tsv, write_provenance
+from .files import (
+    OutputLock,
+    TsvLog,
+    atomic_write_text,
+    check_writable_output,
+    file_sha256,
+    read_tsv,
+    refuse_inputs_as_outputs,
+    write_provenance,
+)
 from .models import load_checkpoint
 from .progress import progress as reporter
 from .rundir import Rule, compare, read_settings, settings_path
@@ -98,8 +109,8 @@ def select_indices(size: int, skip: int = 1, max_count: int | None = None, start
         raise SmoothAdvError(f"max must be >= 1, got {max_count}")
     if size == 0:
         raise SmoothAdvError("the dataset is empty")
-    indices = list(range(start, size, skip))
-    return indices[:max_count] if max_count is not None else indices
+    selected = range(start, size, skip)  # sliced before it is listed: a huge size with --max costs nothing
+    return list(selected[:max_count] if max_count is not None else selected)
 
 
 def shard_indices(jobs: Sequence[Job], shard: int, num_shards: int) -> list[Job]:
@@ -133,6 +144,96 @@ def run_jobs(settings: EvaluationSettings, size: int) -> list[Job]:
     return list(indices)
 
 
+def run_indices(settings: EvaluationSettings, size: int) -> list[int]:
+    """The dataset indices a run selects (all shards together; each once, whatever the radii)."""
+    return select_indices(size, settings.skip, settings.max)
+
+
+def check_radii(settings: EvaluationSettings) -> None:
+    """Refuse (one line) attack radii that an output cannot tell apart: rows are keyed by eps written with
+    6 significant digits (`job_key`), so two radii equal at that precision would share their keys (the
+    file could be neither resumed nor merged)."""
+    if not isinstance(settings, AttackRunSettings):
+        return
+    seen: dict[str, float] = {}
+    for eps in settings.eps:
+        key = f"{float(eps):g}"
+        if key in seen:
+            raise SmoothAdvError(f"--eps {seen[key]!r} and {float(eps)!r} are the same radius {key} at the precision "
+                                 "the output stores (6 significant digits); give each radius once")
+        seen[key] = float(eps)
+
+
+def check_test(settings: EvaluationSettings) -> None:
+    """Build a sequential certify's test before any work, so that settings it cannot be built with (an alpha so
+    small that the share a look spends, e.g. alpha / 8, underflows to 0) are one line naming --alpha."""
+    if not (isinstance(settings, CertifySettings) and settings.mode == "sequential"):
+        return
+    try:
+        config = sequential_test(settings)
+        config.schedule  # noqa: B018 (a cached property: computing it is the check)
+    except ValueError as exc:
+        raise SmoothAdvError(f"--alpha {settings.alpha!r} is too small for the {test_name_of(settings)} test: the "
+                             f"share of alpha one of its looks spends is not a positive number ({exc})") from None
+
+
+def test_name_of(settings: CertifySettings) -> str:
+    return "betting" if isinstance(settings.test, BettingSettings) else "alpha-spending"
+
+
+def data_digest(dataset: Any, indices: Iterable[int]) -> str:
+    """SHA-256 of the selected examples themselves (index, label, dtype, shape and bytes of each image): what
+    identifies the data a run's rows were computed on, whatever path it was read from."""
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256()
+    for index in indices:
+        x, y = dataset[index]
+        array = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+        label = int(y.item() if isinstance(y, torch.Tensor) else y)
+        digest.update(f"{index}\0{label}\0{array.dtype}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _data_extension(out: Path, dataset: Any, settings: EvaluationSettings) -> dict[str, Rule]:
+    """For a resumed output whose selection grows (a larger --max): the data digest of its recorded selection
+    recomputed on this dataset; when it matches, the rows written are of these data and the new digest (of the
+    longer selection) is accepted (`resume_differences`)."""
+    previous = read_settings(out) if out.exists() else None
+    if previous is None or not isinstance(previous.get("data_sha256"), str) or previous.get("max") == settings.max:
+        return {}
+    then = previous.get("max")
+    if then is not None and (isinstance(then, bool) or not isinstance(then, int) or then < 1):
+        return {}
+    if data_digest(dataset, select_indices(len(dataset), settings.skip, then)) != previous["data_sha256"]:
+        return {}
+    return {"data_sha256": lambda before, after: None}
+
+
+def _outputs(final: Path, shard: tuple[int, int] | None, world: int) -> list[tuple[str, Path]]:
+    """Every file an evaluation writes: the output (and its shard file), each with its sidecars and lock."""
+    written = [final] + ([shard_path(final, *shard)] if shard is not None else [])
+    if world > 1:
+        written += [shard_path(final, i, world) for i in range(world)]
+    named: list[tuple[str, Path]] = []
+    for path in written:
+        named += [("--out" if path == final else "the shard file", path),
+                  ("the settings sidecar", settings_path(path)), ("the environment sidecar", _env_path(path)),
+                  ("the lock file", Path(f"{path}.lock"))]
+    return named
+
+
+def _env_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.env.json"
+
+
+def _run_inputs(run: RunSettings) -> list[tuple[str, str | None]]:
+    """The files an evaluation reads besides the dataset: the checkpoint and the denoiser."""
+    return [("the checkpoint", run.checkpoint), ("--denoiser", run.denoiser)]
+
+
 # ------------------------------------------------------------------ files next to an output
 
 
@@ -143,8 +244,8 @@ def shard_path(out: str | os.PathLike[str], shard: int, num_shards: int) -> Path
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree
-    (`rundir.compare`, with no change accepted)."""
-    refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore)
+    (`rundir.compare`, with no change accepted; a setting one record is too old to hold is not compared)."""
+    refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore | _unrecorded(a, b))
     return [difference.refused() for difference in refused]
 
 
@@ -152,7 +253,8 @@ def _evaluation(settings: dict[str, Any]) -> bool:
     return settings.get("command") in EVALUATION_COMMANDS
 
 
-def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+def resume_differences(previous: dict[str, Any], current: dict[str, Any],
+                       extra: dict[str, Rule] | None = None) -> tuple[list[str], list[str]]:
     """(refused, accepted): the recorded settings of an output and those of the run resuming it, compared by the
     one rule of resumption (`rundir.compare`).
 
@@ -161,13 +263,31 @@ def resume_differences(previous: dict[str, Any], current: dict[str, Any]) -> tup
     larger `max` (or none), which extends the selection past the rows already written, in the order an
     uninterrupted run writes them (also per shard: shard i of k takes every k-th job of the longer list).
     Every other setting but the rows=False ones (`IGNORED_SETTINGS`) must agree; a smaller `max` is refused,
-    and so is a larger one for an attack at several radii (its rows are ordered radius first).
+    and so is a larger one for an attack at several radii (its rows are ordered radius first). The data are
+    compared by content (`data_sha256`, the selected examples' digest; a record older than it is not
+    compared): a larger selection's digest is accepted only through `extra` (`_data_extension`, which checked
+    the recorded selection's digest on these data).
     """
     previous, current = normalize_record(previous), normalize_record(current)
     accepted = {"batch": lambda before, after: None, "max": _max_may_grow(current)} \
         if _evaluation(previous) and _evaluation(current) else {}
-    refused, changed = compare(previous, current, free=IGNORED_SETTINGS, accepted=accepted)
-    return [difference.refused() for difference in refused], [difference.accepted() for difference in changed]
+    accepted = {"data_sha256": _other_data, **accepted, **(extra or {})}
+    refused, changed = compare(previous, current, free=IGNORED_SETTINGS | _unrecorded(previous, current),
+                               accepted=accepted)
+    return [difference.refused() for difference in refused], [  # the data's digest follows --max: not a change
+        difference.accepted() for difference in changed if difference.name != "data_sha256"]
+
+
+#: settings a record may lack (written by a version before them): compared only when both records hold them
+UNRECORDED_BEFORE = frozenset({"data_sha256"})
+
+
+def _unrecorded(a: dict[str, Any], b: dict[str, Any]) -> frozenset[str]:
+    return frozenset(name for name in UNRECORDED_BEFORE if name not in a or name not in b)
+
+
+def _other_data(before: Any, after: Any) -> str:
+    return "the selected examples differ: another dataset or --data-dir than the one the rows were computed on"
 
 
 def _max_may_grow(current: dict[str, Any]) -> Rule:
@@ -220,7 +340,7 @@ class RunOutcome(NamedTuple):
 def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
                make_rows: Callable[[list[Job]], Iterable[NamedTuple]], *, resume: bool, force: bool,
                progress: bool = True, label: str = "", restart_on_change: bool = False,
-               show: bool = True) -> RunOutcome:
+               show: bool = True, accepted: dict[str, Rule] | None = None) -> RunOutcome:
     """Append one row per job to the TSV `out` (resumable, locked, each row flushed and fsynced).
 
     A run that fails before its first row leaves no new file behind (output and sidecars it created).
@@ -238,7 +358,8 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
     with OutputLock(out):
         if resume and out.exists():
             previous = read_settings(out)
-            differences, accepted = ([], []) if previous is None else resume_differences(previous, recorded)
+            differences, changes = ([], []) if previous is None else resume_differences(previous, recorded,
+                                                                                         accepted)
             if previous is None and _has_rows(out):
                 read_tsv(out, what="refusing to resume it")  # a file that is not a TSV at all is refused as such
                 differences = [f"{settings_path(out).name} (its recorded settings) is missing"]
@@ -251,8 +372,8 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
             elif differences:
                 raise SmoothAdvError(f"cannot resume {out}: it was started with other settings "
                                      f"({'; '.join(differences)}); use the same flags or a new --out")
-            elif accepted and previous is not None:  # recorded in OUT.args.json: what changed, in order
-                recorded = {**recorded, "resumed_changes": [*previous.get("resumed_changes", []), *accepted]}
+            elif changes and previous is not None:  # recorded in OUT.args.json: what changed, in order
+                recorded = {**recorded, "resumed_changes": [*previous.get("resumed_changes", []), *changes]}
         created = [path for path in (out, settings_path(out), out.parent / f"{out.name}.env.json") if not path.exists()]
         try:
             with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
@@ -407,6 +528,9 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
         raise SmoothAdvError("--shard is for separate jobs; under torchrun the ranks already split the examples")
     shard = (rank, world) if world > 1 else run.shard
     final = Path(run.out)
+    check_radii(settings)
+    check_test(settings)
+    refuse_inputs_as_outputs(_outputs(final, shard, world), _run_inputs(run))
     if world > 1:  # the merged output must be writable before any work starts
         check_writable_output(final, resume=run.resume, force=run.force)
     out = check_writable_output(shard_path(final, *shard) if shard else final, resume=run.resume or restart_on_change,
@@ -414,15 +538,21 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     smooth, dataset, meta, device = load_smoothed(run, settings)
     jobs = run_jobs(settings, len(dataset))
     denoiser = meta.get("denoiser")
+    if denoiser is not None:
+        check_denoiser_dataset(denoiser, meta["dataset"], f"denoiser {run.denoiser}")
     facts = {} if denoiser is None else denoiser["facts"]  # digests, sigma, arch (attach_denoiser)
     recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
-                      shard=list(shard) if shard else None, **facts)
+                      shard=list(shard) if shard else None, data_sha256=data_digest(dataset, run_indices(settings,
+                                                                                                    len(dataset))),
+                      **facts)
+    resume = run.resume or restart_on_change
+    accepted = _data_extension(out, dataset, settings) if resume else {}
     if shard is not None:
         jobs = shard_indices(jobs, *shard)
     columns, make_rows = rows_maker(settings, smooth, dataset, device)
-    outcome = write_rows(out, recorded, columns, jobs, make_rows, resume=run.resume or restart_on_change,
+    outcome = write_rows(out, recorded, columns, jobs, make_rows, resume=resume,
                          force=run.force, progress=run.progress, label=settings.command,
-                         restart_on_change=restart_on_change, show=rank == 0)
+                         restart_on_change=restart_on_change, show=rank == 0, accepted=accepted)
     say = log or (lambda _: None)
     if world > 1:  # the last rank to finish sees every shard complete and merges (merging twice is harmless)
         if shards_complete(final, world, recorded):
@@ -444,6 +574,37 @@ def find_shards(out: str | os.PathLike[str]) -> list[Path]:
     """The shard files OUT.shard-i-of-k that exist next to `out`."""
     pattern = glob.escape(str(out)) + ".shard-*-of-*"
     return sorted(Path(p) for p in glob.glob(pattern) if _SHARD_RE.search(p))
+
+
+def job_count(settings: dict[str, Any]) -> int:
+    """How many jobs a run with these recorded settings covers, counted without listing them (a sidecar may say
+    any dataset_size)."""
+    try:
+        size, skip, most = int(settings["dataset_size"]), int(settings.get("skip") or 1), settings.get("max")
+        count = len(range(0, size, skip)) if skip >= 1 else 0
+        if most is not None:
+            count = min(count, int(most))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise SmoothAdvError("the settings file lacks dataset_size/skip/max; was it written by smoothadv?") from None
+    eps = settings.get("eps")
+    return count * (len(eps) if isinstance(eps, list) else 1)
+
+
+#: merge lists the jobs of a run only when they are at most this many more than the rows its shards hold
+LISTED_BEYOND_ROWS = 1_000_000
+
+
+def _refuse_incomplete(parsed: Sequence[_Shard], tables: Sequence[list[list[str]]], total: int) -> None:
+    """Refuse (one line) shards holding far fewer rows than the `total` jobs their settings describe, before any
+    job is listed (a sidecar may claim any dataset_size: the list would not fit in memory); a shard a few rows
+    short is left to the check that names a missing row."""
+    if total <= sum(len(rows) for rows in tables) + LISTED_BEYOND_ROWS:
+        return
+    for i, (shard, rows) in enumerate(zip(parsed, tables)):
+        share = len(range(i, total, len(parsed)))
+        if len(rows) < share:
+            raise SmoothAdvError(f"{shard.path} is incomplete: {share - len(rows)} of {share} rows missing; finish it "
+                                 "with --resume")
 
 
 def expected_jobs(settings: dict[str, Any]) -> list[Job]:
@@ -501,6 +662,9 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     paths = [Path(p) for p in shards] if shards else find_shards(out)
     if not paths:
         raise SmoothAdvError(f"no shard files {out}.shard-*-of-* found")
+    refuse_inputs_as_outputs([("the merged output", out), ("its settings sidecar", settings_path(out))],
+                             [(what, path) for shard in paths
+                              for what, path in (("the shard", shard), ("the shard's settings", settings_path(shard)))])
     if out.exists() and not force:
         raise SmoothAdvError(f"{out} already exists; pass --force to overwrite it")
     parsed = _parse_shards(out, paths)
@@ -511,9 +675,10 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
         if differences:
             raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "
                                  f"({'; '.join(differences)}); rerun the odd shard")
-    everything = expected_jobs(reference.settings)
-    order = {job_key(job): position for position, job in enumerate(everything)}
     tables = [read_tsv(shard.path) for shard in parsed]
+    _refuse_incomplete(parsed, [rows for _, rows in tables], job_count(reference.settings))
+    everything = expected_jobs(reference.settings)  # no longer than the rows read: listing it costs their memory
+    order = {job_key(job): position for position, job in enumerate(everything)}
     header = _expected_header(reference.settings, [head for head, _ in tables])
     merged: list[tuple[int, list[str]]] = []
     for i, (shard, (head, rows)) in enumerate(zip(parsed, tables)):
@@ -559,8 +724,18 @@ def _expected_header(settings: dict[str, Any], headers: Sequence[str]) -> str:
     return max(dict.fromkeys(headers), key=list(headers).count)
 
 
+def _line_count(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
 def shards_complete(out: str | os.PathLike[str], num_shards: int, settings: dict[str, Any]) -> bool:
     """Whether all `num_shards` shards of `out` hold all their rows (checked without raising)."""
+    if job_count(settings) > sum(_line_count(shard_path(out, i, num_shards)) for i in range(num_shards)):
+        return False
     everything = expected_jobs(settings)
     for i in range(num_shards):
         path = shard_path(out, i, num_shards)

@@ -28,6 +28,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,9 @@ __all__ = [
     "Difference", "EpochLog", "Rule", "RunDirectory", "compare", "described", "epochs_may_grow", "field_defaults",
     "objective_record", "plain", "read_settings", "settings_path", "settings_record",
 ]
+
+#: the files of a training run besides its checkpoint
+RUN_FILES = ("args.json", "env.json", "log.tsv")
 
 #: an accepted change: (recorded value, new value) -> None when the change is accepted, else why it is refused
 Rule = Callable[[Any, Any], str | None]
@@ -153,16 +157,61 @@ def epochs_may_grow(done: int) -> Rule:
     return lambda before, after: None if isinstance(after, int) and after >= done else f"already trained {done}"
 
 
+#: the checkpoint file of each kind of training run (a run directory holds one run: one of these)
+RUN_CHECKPOINTS = {"checkpoint.pth.tar": "a classifier", "denoiser.pth.tar": "a denoiser"}
+
+
 class RunDirectory:
-    """A training run's directory: `<out>/<checkpoint>` (+ `.lock`), `log.tsv`, `args.json`, `env.json`."""
+    """A training run's directory: `<out>/<checkpoint>` (+ `.lock`), `log.tsv`, `args.json`, `env.json`.
+
+    One run per directory: a directory holding another kind of run's checkpoint (`RUN_CHECKPOINTS`) is
+    refused even with `force` (its args.json and log.tsv would be replaced and describe the wrong run)."""
 
     def __init__(self, out_dir: str | os.PathLike[str], checkpoint: str) -> None:
         self.path = Path(out_dir)
         self.checkpoint = self.path / checkpoint
 
+    def files(self) -> list[Path]:
+        """Every file the run writes: its checkpoint and lock, `args.json`, `env.json`, `log.tsv`."""
+        return [self.checkpoint, Path(f"{self.checkpoint}.lock"), *(self.path / name for name in RUN_FILES)]
+
+    def existing(self) -> set[Path]:
+        return {path for path in self.files() if path.exists()}
+
+    def forget_new(self, before: Collection[Path]) -> None:
+        """After a run that failed before writing its first checkpoint: remove the files it created (not in
+        `before`), so that nothing but what was there is left."""
+        if self.checkpoint.exists():
+            return
+        for path in self.path / "args.json", self.path / "env.json", self.path / "log.tsv":
+            if path not in before:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def remove_if_empty(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
     def lock(self) -> OutputLock:
         """The directory created and the checkpoint's lock, to hold with `with` for the whole run."""
         return locked_run_directory(self.path, self.checkpoint.name)
+
+    def refuse_another_run(self, columns: Sequence[str], force: bool) -> None:
+        """Refuse (one line) a directory holding another kind of run (its checkpoint: even with `force`), or,
+        without `force`, a `log.tsv` that is not this kind of run's log (another header)."""
+        for name, kind in RUN_CHECKPOINTS.items():
+            if name != self.checkpoint.name and (self.path / name).exists():
+                raise SmoothAdvError(f"{self.path} holds {kind} run ({name}); its args.json and log.tsv would be "
+                                     "replaced: choose another --out (one run per directory)")
+        log = self.path / "log.tsv"
+        if not force and log.exists():
+            try:
+                first = log.read_bytes().split(b"\n", 1)[0].decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                first = None
+            if first != "\t".join(columns):
+                raise SmoothAdvError(f"{log} is not the log of this kind of run (header {first!r}); pass --force to "
+                                     "replace it, or choose another --out")
 
     def checkpoint_to_resume(self, *, resume: bool, force: bool, restarted: bool = False) -> Path | None:
         """The checkpoint to continue from (`resume`, or torchrun restarted the worker), or None to start
@@ -241,7 +290,14 @@ class EpochLog:
         self.path = path
         self.lines = ["\t".join(columns)]
         if epochs_done > 0 and path.exists():
-            self.lines = path.read_text().splitlines()[: epochs_done + 1]
+            try:
+                kept = path.read_text(encoding="utf-8").splitlines()[: epochs_done + 1]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SmoothAdvError(f"cannot read {path}: {exc}") from None
+            if kept and kept[0] != self.lines[0]:  # another kind of run's log: never append under its header
+                raise SmoothAdvError(f"{path} has header {kept[0]!r}, not this run's {self.lines[0]!r}; it is another "
+                                     "run's log: start over with --force or a new --out")
+            self.lines = kept or self.lines
 
     def commit(self, save_checkpoint: Callable[[], None], row: Sequence[str]) -> None:
         save_checkpoint()

@@ -68,6 +68,7 @@ from .distributed import (
     teardown,
 )
 from .errors import SmoothAdvError
+from .files import file_sha256, refuse_inputs_as_outputs
 from .models import (
     build_model,
     check_arch_fits,
@@ -318,6 +319,10 @@ class Trainee(ABC):
         """Checks before anything is written (the settings against each other and the registries)."""
         return None
 
+    def inputs(self) -> list[tuple[str, str | None]]:
+        """The files the run reads ((flag, path or None)): never one of the files it writes."""
+        return []
+
     @abstractmethod
     def data(self) -> Data:
         """The training and evaluation sets (subsets applied)."""
@@ -359,10 +364,14 @@ class Classifier(Trainee):
         self.cfg = cfg
         self.classes = num_classes(cfg.dataset)
         self.normalization = normalization_spec(cfg.dataset, cfg.normalization)
+        self._unlabelled_digest: str | None = None
 
     def check(self) -> None:
         check_settings(self.cfg)
         check_precision(self.cfg.precision)
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        return [("--pretrained", self.cfg.pretrained), ("--unlabelled", self.cfg.unlabelled)]
 
     def data(self) -> Data:
         cfg = self.cfg
@@ -381,13 +390,26 @@ class Classifier(Trainee):
         return model
 
     def check_checkpoint(self, saved: Mapping[str, Any], path: Path) -> None:
+        """Refuse another architecture or dataset, and extra (--unlabelled) images other than those the
+        checkpoint was trained on (compared by content: a file replaced at the same path would change the run)."""
         if saved.get("arch") != self.cfg.arch or saved.get("dataset") != self.cfg.dataset:
             raise SmoothAdvError(f"{path} was trained with {saved.get('arch')}/{saved.get('dataset')}, "
                                  f"not {self.cfg.arch}/{self.cfg.dataset}; refusing to resume")
+        then = saved.get("unlabelled_sha256")
+        if isinstance(then, str) and self.cfg.unlabelled and then != self._unlabelled_sha256():
+            raise SmoothAdvError(f"cannot resume {path}: --unlabelled {self.cfg.unlabelled} is not the file it was "
+                                 "trained on (its SHA-256 differs); resume with that file, or start over with --force "
+                                 "or a new --out")
+
+    def _unlabelled_sha256(self) -> str | None:
+        if self.cfg.unlabelled and self._unlabelled_digest is None:
+            self._unlabelled_digest = file_sha256(self.cfg.unlabelled)
+        return self._unlabelled_digest
 
     def checkpoint_fields(self, epochs_done: int) -> dict[str, Any]:
+        extra = {"unlabelled_sha256": self._unlabelled_sha256()} if self.cfg.unlabelled else {}
         return {"arch": self.cfg.arch, "dataset": self.cfg.dataset, "normalization": self.normalization,
-                "sigma": self.cfg.sigma, "num_classes": self.classes}
+                "sigma": self.cfg.sigma, "num_classes": self.classes, **extra}
 
     def evaluate(self, model: nn.Module, test: Dataset, device: torch.device) -> dict[str, float]:
         return evaluate_noisy(model, test, self.cfg.sigma, device,
@@ -436,16 +458,43 @@ def run_loop(cfg: LoopSettings, objective: Objective, trainee: Trainee) -> Path:
     the checkpoint path. Every check that needs no data (settings, sigma, warm-up, data directory) runs
     before the directory is touched."""
     trainee.check()
+    check_numbers(cfg)
     check_sigma(cfg, objective)
     warmup = getattr(objective, "warmup", 1)
     if warmup > cfg.epochs:
         raise SmoothAdvError(f"warm-up ({warmup} epochs) is longer than training ({cfg.epochs} epochs)")
     check_data_dir(cfg.data_dir)
     directory = RunDirectory(cfg.out_dir, trainee.checkpoint)
+    refuse_inputs_as_outputs([(f"--out's {path.name}", path) for path in directory.files()], trainee.inputs())
     if env_world()[0] != 0:
         return _run(cfg, objective, trainee, directory)
-    with directory.lock():
-        return _run(cfg, objective, trainee, directory)
+    created = not directory.path.exists()
+    try:
+        with directory.lock():
+            before = directory.existing()
+            try:
+                return _run(cfg, objective, trainee, directory)
+            except BaseException:
+                directory.forget_new(before)  # a run that wrote no checkpoint leaves none of its files behind
+                raise
+    finally:
+        if created:
+            directory.remove_if_empty()
+
+
+def check_numbers(cfg: LoopSettings) -> None:
+    """Refuse (one line) a learning rate, weight decay, momentum or decay factor that float32 weights cannot hold
+    (the optimizer would fail with a traceback), and a learning rate that its decay factor grows past float32
+    before the last epoch. (A sigma too large to train with is caught as divergence in the first epoch.)"""
+    limit = float(torch.finfo(torch.float32).max)
+    for flag, value in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
+                        ("--lr-gamma", cfg.lr_gamma)):
+        if not math.isfinite(float(value)) or abs(float(value)) > limit:
+            raise SmoothAdvError(f"{flag} {value:g} is beyond what float32 weights can hold (at most {limit:.3g})")
+    steps = (cfg.epochs - 1) // cfg.lr_step
+    if cfg.lr_gamma > 1 and math.log(cfg.lr) + steps * math.log(cfg.lr_gamma) > math.log(limit):
+        raise SmoothAdvError(f"--lr {cfg.lr:g} grows by --lr-gamma {cfg.lr_gamma:g} every {cfg.lr_step} epochs past "
+                             f"what float32 weights can hold before epoch {cfg.epochs}")
 
 
 @dataclass
@@ -472,17 +521,18 @@ def _run(cfg: LoopSettings, objective: Objective, trainee: Trainee, directory: R
     `train_epoch`, the schedule step, the divergence check, and on rank 0 evaluation, checkpoint and
     log row (in that order)."""
     device = resolve_device(cfg.device)
+    directory.refuse_another_run(trainee.log_columns, force=cfg.force or cfg.resume or restarted())
     resume_from = directory.checkpoint_to_resume(resume=cfg.resume, force=cfg.force, restarted=restarted())
     data = trainee.data()
     ctx = _join_process_group(cfg, device)
     state = _initial_state(cfg, ctx.device, trainee, resume_from, objective, directory)
     broadcast_model(state.model)  # torchrun: every replica starts as rank 0's
     config = settings_record(cfg)
+    log = directory.log(trainee.log_columns, state.epoch)  # read (and checked) before anything is written
     if ctx.main and state.epoch < cfg.epochs:  # a finished run resumed has nothing to train, and writes nothing
         history = directory.history(state.resumed_config, config, state.epoch, bookkeeping_fields(type(cfg)))
         directory.write_provenance({**config, "objective": objective.describe(), **trainee.provenance(),
                                     "world_size": ctx.world, "history": history})
-    log = directory.log(trainee.log_columns, state.epoch)
 
     for epoch in range(state.epoch, cfg.epochs):
         epoch_objective = objective.at_epoch(epoch)
