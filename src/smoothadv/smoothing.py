@@ -140,6 +140,58 @@ def check_sample_args(n: int, alpha: float, batch_size: int, name: str = "n") ->
 # ------------------------------------------------------------------ sampling: Cohen's _sample_noise
 
 
+#: torch's CPU Gaussian sampler transforms its uniforms in blocks of this many values (Box-Muller on 8 pairs) and
+#: redraws the last block of a tensor whose size is not a multiple of it, so what a draw yields depends on its size
+NORMAL_BLOCK = 16
+#: values per draw of the canonical chunks a non-CPU device's noise is drawn in (whose streams depend on draw sizes)
+CHUNK_VALUES = 1 << 20
+
+
+class NoiseStream:
+    """One input's stream of Gaussian noise, x + N(0, sigma^2 I), whose values depend only on the generator and
+    the input's shape, never on the sizes of the pieces it is served in (so never on the batch size).
+
+    CPU: each sample's noise is drawn as a row padded to a multiple of `NORMAL_BLOCK` values, the padding
+    dropped. Torch's CPU sampler fills a tensor block by block when its size is a multiple of the block (a
+    size otherwise redraws the last block), so a piece of k padded rows is the same values as k draws of one
+    row: the stream is the concatenation of per-sample draws. When the per-sample size is itself a multiple
+    of the block there is no padding and a piece is drawn straight into the batch: the stream every earlier
+    version drew (the recorded golden outputs are unchanged). Other devices (whose samplers' values depend on
+    the size of each draw): the stream is drawn in canonical chunks of a fixed number of samples (about
+    `CHUNK_VALUES` values, from the shape alone) and served piece by piece; what a chunk holds beyond the last
+    piece is dropped.
+    """
+
+    def __init__(self, sampler: NoisySampler, x: Tensor, generator: torch.Generator | None) -> None:
+        self.sampler, self.x, self.generator = sampler, x, generator
+        self.size = x.numel()
+        self.width = -(-self.size // NORMAL_BLOCK) * NORMAL_BLOCK
+        self.cpu = x.device.type == "cpu"
+        self.chunk = max(1, CHUNK_VALUES // self.width)
+        self.left: Tensor | None = None  # drawn and not yet served (non-CPU devices)
+
+    def fill(self, out: Tensor) -> Tensor:
+        """Write the stream's next len(out) noisy samples x + delta into `out` (rows of x's shape); returns it."""
+        rows, sigma = len(out), self.sampler.sigma
+        if self.cpu and self.width == self.size:
+            return out.normal_(0.0, sigma, generator=self.generator).add_(self.x)
+        flat = out.view(rows, self.size)
+        if self.cpu:
+            padded = self.sampler._rows("padded", rows, self.width, out)
+            flat.copy_(padded.normal_(0.0, sigma, generator=self.generator)[:, :self.size])
+            return out.add_(self.x)
+        done = 0
+        while done < rows:
+            if self.left is None or len(self.left) == 0:
+                drawn = torch.empty((self.chunk, self.size), device=out.device, dtype=out.dtype)
+                self.left = drawn.normal_(0.0, sigma, generator=self.generator)
+            take = min(rows - done, len(self.left))
+            flat[done:done + take].copy_(self.left[:take])
+            self.left = self.left[take:]
+            done += take
+        return out.add_(self.x)
+
+
 def noise_pieces(segments: Sequence[int], batch_size: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
     """How one input's noise stream is drawn: pieces of min(batch_size, remaining) samples.
 
@@ -204,8 +256,9 @@ class NoisySampler:
         nan_rows = torch.zeros((), dtype=torch.long, device=x.device)
         noisy = self._noise_buffer(x, batch_size)
         with eval_mode(self.base), torch.inference_mode():
+            stream = NoiseStream(self, x, generator)
             for size, runs in noise_pieces(segments, batch_size):
-                batch = noisy[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+                batch = stream.fill(noisy[:size])
                 predictions = self._predict(batch, nan_rows)
                 start = 0
                 for segment, length in runs:
@@ -237,6 +290,18 @@ class NoisySampler:
         # noise is drawn and added in at least float32, whatever the input's dtype: a float16 input must not
         # quantize the Gaussian (the certificate is for f at x + N(0, sigma^2 I), Cohen et al. Theorem 1)
         return self._buffer(name, like, batch, torch.promote_types(like.dtype, torch.float32))
+
+    def _rows(self, name: str, rows: int, width: int, like: Tensor) -> Tensor:
+        """A reused (rows, width) buffer of `like`'s device and dtype (the padded rows of `NoiseStream`)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[1] != width or buf.shape[0] < rows or buf.device != like.device \
+                or buf.dtype != like.dtype:
+            try:
+                buf = torch.empty((rows, width), device=like.device, dtype=like.dtype)
+            except RuntimeError as exc:  # includes torch.OutOfMemoryError
+                raise SmoothAdvError(_memory_message(rows, like[0], exc)) from None
+            self._buffers[name] = buf
+        return buf[:rows]
 
     def _buffer(self, name: str, like: Tensor, batch: int, dtype: torch.dtype | None = None,
                 per_sample: bool = True) -> Tensor:
@@ -339,12 +404,13 @@ class PackedSampler:
         batch = _PackedBatch(self.sampler, first, min(int(batch_size), max(1, total)), offsets[-1])
         with eval_mode(self.sampler.base), torch.inference_mode():
             for request, offset in zip(requests, offsets):
+                stream = NoiseStream(self.sampler, request.x, request.generator)
                 for size, runs in noise_pieces(request.segments, batch.size):
                     piece = batch.free_rows(size)
                     in_place = piece is not None
                     if piece is None:
                         piece = self.sampler._noise_buffer(first, batch.size, "stage")[:size]
-                    piece.normal_(0.0, self.sampler.sigma, generator=request.generator).add_(request.x)
+                    stream.fill(piece)
                     start = 0
                     for segment, length in runs:
                         batch.append(piece[start:start + length], offset + segment, copy=not in_place)
