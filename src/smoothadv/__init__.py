@@ -9,6 +9,18 @@ Public API::
 
 Everything listed in `__all__` is importable from the package; the modules (`smoothadv.stats`,
 `smoothadv.sequential`, `smoothadv.denoise`, `smoothadv.report`, ...) are attributes of it too.
+What a researcher's own code reaches for (docs/own-code.md goes through it end to end):
+
+- smoothing and certification: `Smooth` (with `domain=` for inputs other than [0, 1] images), `SoftSmoothed`,
+  `Certificate`, `certify_sequential`, `SequentialConfig`, `BettingConfig`;
+- training objectives for your own loop: `SmoothAdv`, `Consistency`, `MACER`, `SmoothMix`, `CATRS`,
+  `GaussianAugmentation`, `StabilityTraining` (the contract: `Objective`); attacks: `PGDL2`, `DDN`, `SteinPGDL2`;
+- models and checkpoints: `Normalize`, `DenoisedClassifier`, `DnCNN`, `save_checkpoint`, `load_weights`,
+  `load_checkpoint`, `load_denoiser`;
+- statistics and reports: `certified_radius`, `clopper_pearson_lower` / `_upper` / `_interval`,
+  `certified_accuracy`, `average_certified_radius`, `Results`, `summarize`, `format_table`, `plot_accuracy`,
+  `plot_radius_cdf`;
+- randomness: `generator=` per call, `generators=` per input, `seed=` for dataset drivers (`smoothadv.seeds`).
 """
 
 from __future__ import annotations
