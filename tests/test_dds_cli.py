@@ -163,6 +163,9 @@ def test_bad_directories_and_sigmas_are_one_line_errors(toy_checkpoint, ddpm, tm
     empty.mkdir()
     _one_line_error(capsys, [*base, "--out", str(tmp_path / "a.tsv"), "--denoiser", str(empty)],
                     f"diffusion model {empty}: no UNet config")
+    (empty / "denoiser.pth.tar").write_bytes(b"")  # a train-denoiser run directory given instead of its checkpoint
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "a.tsv"), "--denoiser", str(empty)],
+                    "no UNet config", f"a denoiser checkpoint is a file: --denoiser {empty / 'denoiser.pth.tar'}")
     gray = _save_ddpm(tmp_path / "gray", seed=2, channels=1)
     _one_line_error(capsys, [*base, "--out", str(tmp_path / "b.tsv"), "--denoiser", str(gray)],
                     "denoises 1x8x8 images, but the classifier's are 3x8x8")

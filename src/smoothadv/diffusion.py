@@ -214,7 +214,9 @@ def _unet_directory(root: Path) -> Path:
     for candidate in (root / "unet", root):
         if (candidate / "config.json").is_file():
             return candidate
-    raise SmoothAdvError(f"diffusion model {root}: no UNet config (neither unet/config.json nor config.json)")
+    checkpoints = sorted(root.glob("*.pth.tar"))  # e.g. a train-denoiser run directory given for its checkpoint
+    hint = f"; a denoiser checkpoint is a file: --denoiser {checkpoints[0]}" if checkpoints else ""
+    raise SmoothAdvError(f"diffusion model {root}: no UNet config (neither unet/config.json nor config.json){hint}")
 
 
 def _scheduler_config(root: Path, unet_dir: Path) -> Path:
