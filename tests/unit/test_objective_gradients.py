@@ -475,3 +475,30 @@ def test_schedules_are_recorded_but_are_not_hyperparameters() -> None:
         GaussianAugmentation(-1.0)
     with pytest.raises(Exception, match="sigma"):
         StabilityTraining(float("nan"))
+
+
+def test_a_scheduled_objective_refuses_a_call_without_its_epoch_and_smoothadv_needs_a_dataclass_attack() -> None:
+    """Warm-up of 2 epochs (the smallest schedule) and a deferral of 1: calling without `at_epoch` is an error;
+    warm-up 1 and no deferral have no schedule. SmoothAdv's warm-up replaces its attack's eps, so the attack
+    must be a dataclass instance with an eps field."""
+    from dataclasses import dataclass
+
+    from smoothadv.errors import SmoothAdvError
+
+    model, (x, y) = make_model(), make_batch(4)
+    scheduled = [SmoothAdv(0.25, PGDL2(eps=0.5, steps=1), warmup=2), SmoothMix(0.25, warmup=2, steps=1),
+                 MACER(0.25, m=2, deferred=1)]
+    for objective in scheduled:
+        with pytest.raises(SmoothAdvError, match="at_epoch"):
+            objective(model, x, y, torch.Generator().manual_seed(0))
+        objective.at_epoch(0)(model, x, y, torch.Generator().manual_seed(0))
+    for objective in (SmoothAdv(0.25, PGDL2(eps=0.5, steps=1)), SmoothMix(0.25, warmup=1, steps=1), MACER(0.25, m=2)):
+        objective(model, x, y, torch.Generator().manual_seed(0))
+
+    @dataclass(frozen=True)
+    class NoEps:
+        steps: int = 1
+
+    for attack in (PGDL2, NoEps(), lambda model, x, y, g=None: x):
+        with pytest.raises(SmoothAdvError, match="dataclass"):
+            SmoothAdv(0.25, attack)  # type: ignore[arg-type]
