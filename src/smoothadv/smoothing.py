@@ -561,8 +561,17 @@ class Smooth:
         if not callable(base_classifier):
             raise SmoothAdvError(f"base_classifier must be a module (or a callable) returning logits, got "
                                  f"{type(base_classifier).__name__}")
-        self.domain = check_domain(domain)
+        self._domain = check_domain(domain)
         self.sampler = NoisySampler(base_classifier, int(num_classes), sigma)
+
+    @property
+    def domain(self) -> Domain:
+        """Where inputs live: `(lo, hi)` for (C, H, W) images with values in [lo, hi], or None for any tensor."""
+        return self._domain
+
+    @domain.setter
+    def domain(self, domain: Domain) -> None:
+        self._domain = check_domain(domain)
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
         """Raise SmoothAdvError unless x is one input of this classifier's `domain` (see `check_image`)."""

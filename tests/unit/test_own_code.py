@@ -69,9 +69,15 @@ def test_any_finite_tensor_with_domain_none() -> None:
 
 
 def test_a_bad_domain_is_refused() -> None:
+    smooth = Smooth(Threshold(0.5), 2, 0.25)
     for domain in [(1.0, 0.0), (0.0,), "0,1", (0.0, float("nan"))]:
         with pytest.raises(SmoothAdvError, match="domain must be"):
             Smooth(Threshold(0.5), 2, 0.25, domain=domain)  # type: ignore[arg-type]
+        with pytest.raises(SmoothAdvError, match="domain must be"):
+            smooth.domain = domain  # type: ignore[assignment]
+    smooth.domain = (-1, 1)
+    assert smooth.domain == (-1.0, 1.0)
+    assert smooth.predict(torch.full((1, 2, 2), -0.5), 10, 0.01, 10) in (0, -1)
 
 
 def test_the_attack_batch_check_takes_the_domain() -> None:
