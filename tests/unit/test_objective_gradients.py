@@ -502,3 +502,16 @@ def test_a_scheduled_objective_refuses_a_call_without_its_epoch_and_smoothadv_ne
     for attack in (PGDL2, NoEps(), lambda model, x, y, g=None: x):
         with pytest.raises(SmoothAdvError, match="dataclass"):
             SmoothAdv(0.25, attack)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Consistency(-0.25), lambda: Consistency(0.25, m=0), lambda: MACER(-0.25), lambda: MACER(0.25, beta=-1.0),
+    lambda: SmoothMix(-0.25), lambda: SmoothMix(0.25, step_size=0.0), lambda: StabilityTraining(0.25, lbd=-1.0),
+    lambda: SmoothAdv(-0.25, PGDL2(eps=0.5, steps=1)), lambda: SmoothAdv(0.25, PGDL2(eps=0.5, steps=1), m=0),
+    lambda: CATRS(-0.25, pi=torch.full((2, CLASSES), 0.25)), lambda: CATRS(0.25, m=0, pi=torch.full((2, CLASSES), 0.25)),
+])
+def test_every_objective_checks_its_hyperparameters(make) -> None:
+    from smoothadv.errors import SmoothAdvError
+
+    with pytest.raises(SmoothAdvError):
+        make()
