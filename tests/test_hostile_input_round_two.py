@@ -517,3 +517,30 @@ def test_a_recipe_cannot_force_or_resume(runs, tmp_path, capsys, key) -> None:
     before = snapshot(out)
     refused(["train", "--config", recipe, *TRAIN[3:]], capsys, f"{key} cannot be set in a recipe")
     assert snapshot(out) == before
+
+
+def test_a_resumed_training_run_refuses_other_training_data(runs, tmp_path, capsys, monkeypatch) -> None:
+    """--data-dir is free to change on resume (a path), so the training data are compared by content."""
+    from smoothadv import train as train_module
+
+    real = train_module.get_dataset
+
+    def other(name, split, data_dir=None, **kwargs):  # the user's --data-dir B: the same size, other images
+        dataset = real(name, split, None, **kwargs)
+        return dataset if data_dir is None else torch.utils.data.Subset(dataset, list(range(len(dataset)))[::-1])
+
+    monkeypatch.setattr(train_module, "get_dataset", other)
+    monkeypatch.setattr(train_module, "check_data_dir", lambda path: None)
+    for kind, argv in (("classifier", TRAIN), ("denoiser", DENOISER)):
+        out = copy_run(runs[kind], tmp_path / kind)
+        before = snapshot(out)
+        argv = [*argv, "--out", out, "--resume", "--data-dir", tmp_path]
+        argv[argv.index("--epochs") + 1] = "2"
+        if kind == "denoiser":
+            monkeypatch.setattr("smoothadv.denoise.get_dataset", other)
+        refused(argv, capsys, "its training data differ from these")
+        assert snapshot(out) == before
+    out = copy_run(runs["classifier"], tmp_path / "same")  # the same data under another path resume
+    argv = [*TRAIN, "--out", out, "--resume"]
+    argv[argv.index("--epochs") + 1] = "2"
+    assert run(argv, capsys)[0] == 0

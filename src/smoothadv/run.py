@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import re
@@ -64,7 +63,7 @@ from .files import (
 )
 from .models import load_checkpoint
 from .progress import progress as reporter
-from .rundir import Rule, compare, read_settings, settings_path
+from .rundir import Rule, compare, data_digest, read_settings, settings_path
 from .sequential import SEQUENTIAL_COLUMNS, SequentialConfig, certify_sequential_dataset
 from .settings import (
     AttackRunSettings,
@@ -179,22 +178,6 @@ def check_test(settings: EvaluationSettings) -> None:
 
 def test_name_of(settings: CertifySettings) -> str:
     return "betting" if isinstance(settings.test, BettingSettings) else "alpha-spending"
-
-
-def data_digest(dataset: Any, indices: Iterable[int]) -> str:
-    """SHA-256 of the selected examples themselves (index, label, dtype, shape and bytes of each image): what
-    identifies the data a run's rows were computed on, whatever path it was read from."""
-    import numpy as np
-    import torch
-
-    digest = hashlib.sha256()
-    for index in indices:
-        x, y = dataset[index]
-        array = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
-        label = int(y.item() if isinstance(y, torch.Tensor) else y)
-        digest.update(f"{index}\0{label}\0{array.dtype}\0{array.shape}\0".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def _data_extension(out: Path, dataset: Any, settings: EvaluationSettings) -> dict[str, Rule]:

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -146,6 +147,30 @@ def objective_record(objective: Any, recorded: Any = None) -> dict[str, Any]:
             if isinstance(value, str) and dataclasses.is_dataclass(live) and not isinstance(live, type):
                 described[key] = _as_recorded(live, value)
     return described
+
+
+def data_digest(dataset: Any, indices: Iterable[int]) -> str:
+    """SHA-256 of the selected examples themselves (index, label, dtype, shape and bytes of each image): what
+    identifies the data a run's rows were computed on, whatever path it was read from."""
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256()
+    for index in indices:
+        x, y = dataset[index]
+        array = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+        label = int(y.item() if isinstance(y, torch.Tensor) else y)
+        digest.update(f"{index}\0{label}\0{array.dtype}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(dataset: Any, count: int = 256) -> str:
+    """`data_digest` of `count` examples evenly spaced over `dataset` (all of a smaller one) and its size: what
+    identifies a training set by content at the cost of a few hundred examples."""
+    size = len(dataset)
+    indices = sorted({i * size // count for i in range(count)}) if size > count else list(range(size))
+    return f"{size}:{data_digest(dataset, indices)}"
 
 
 # ------------------------------------------------------------------ training runs

@@ -81,7 +81,7 @@ from .models import (
 from .noise import NoiseSource
 from .objectives import OBJECTIVES, LossOutput, Objective, build_objective, has_attack, hyperparameters
 from .progress import progress as progress_reporter
-from .rundir import RunDirectory, settings_record
+from .rundir import RunDirectory, data_fingerprint, settings_record
 from .seeds import derive_seed
 from .settings import RENAMED, TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
@@ -323,6 +323,17 @@ class Trainee(ABC):
         """The files the run reads ((flag, path or None)): never one of the files it writes."""
         return []
 
+    def fingerprint(self) -> str:
+        """What identifies the training data by content (`rundir.data_fingerprint` of the training set as
+        selected, without augmentation), recorded in the checkpoint and compared on resume."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = data_fingerprint(self.plain_training_set())
+        return self._fingerprint
+
+    def plain_training_set(self) -> Dataset:
+        """The training set as selected, without random augmentation (what `fingerprint` reads)."""
+        return self.data().train
+
     @abstractmethod
     def data(self) -> Data:
         """The training and evaluation sets (subsets applied)."""
@@ -381,6 +392,9 @@ class Classifier(Trainee):
             raise SmoothAdvError(f"the {cfg.dataset} training set is empty")
         extra = NpzDataset(cfg.unlabelled, input_shape(cfg.dataset), self.classes) if cfg.unlabelled else None
         return Data(train_set, test_set, extra)
+
+    def plain_training_set(self) -> Dataset:
+        return subset(get_dataset(self.cfg.dataset, "train", self.cfg.data_dir), self.cfg.train_subset)
 
     def build(self, device: torch.device, fresh: bool) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
@@ -604,6 +618,11 @@ def _restore(state: _TrainingState, path: Path, cfg: LoopSettings, device: torch
     saved = read_checkpoint(path, device)
     trainee.check_checkpoint(saved, path)
     directory.check_resumable(saved, cfg, objective)
+    then = saved.get("data_sha256")  # absent from checkpoints written before it: not compared
+    if isinstance(then, str) and then != trainee.fingerprint():
+        raise SmoothAdvError(f"cannot resume {path}: its training data differ from these (another dataset or "
+                             "--data-dir: the examples' SHA-256 differs); resume with the data it was trained on, or "
+                             "start over with --force or a new --out")
     state.resumed_config = dict(saved["config"])
     state.model.load_state_dict(saved["state_dict"])
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -651,7 +670,8 @@ def _save(path: Path, trainee: Trainee, state: _TrainingState, *, epochs_done: i
           objective: Objective) -> None:
     """Write the checkpoint (models.save_checkpoint's format) with everything `_restore` reads."""
     fields = trainee.checkpoint_fields(epochs_done)
-    save_checkpoint(path, state.model, **fields, epoch=epochs_done, optimizer=state.optimizer.state_dict(),
+    save_checkpoint(path, state.model, **fields, data_sha256=trainee.fingerprint(), epoch=epochs_done,
+                    optimizer=state.optimizer.state_dict(),
                     scheduler=state.scheduler.state_dict(),
                     scaler=state.scaler.state_dict() if state.scaler else None,
                     rng={"noise": state.noise_gen.get_state(), "shuffle": state.shuffle_gen.get_state(),
