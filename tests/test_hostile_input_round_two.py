@@ -544,3 +544,17 @@ def test_a_resumed_training_run_refuses_other_training_data(runs, tmp_path, caps
     argv = [*TRAIN, "--out", out, "--resume"]
     argv[argv.index("--epochs") + 1] = "2"
     assert run(argv, capsys)[0] == 0
+
+
+def test_merge_refuses_shards_computed_on_other_data_and_accepts_old_sidecars(toy_checkpoint, tmp_path,
+                                                                             capsys) -> None:
+    out = _two_shards(toy_checkpoint, tmp_path)
+    sidecar = Path(f"{out}.shard-1-of-2.args.json")
+    recorded = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**recorded, "data_sha256": "0" * 64}))
+    before = snapshot(tmp_path)
+    refused(["merge", out], capsys, "data_sha256")
+    assert snapshot(tmp_path) == before
+    del recorded["data_sha256"]  # a shard written before the digest existed merges with one that has it
+    sidecar.write_text(json.dumps(recorded))
+    assert run(["merge", out], capsys)[0] == 0

@@ -6,9 +6,11 @@
 1. selects the dataset indices (`select_indices`: every `skip`-th, at most `max`);
 2. keeps this process's shard (`--shard i/k`, or rank r of k under torchrun: round-robin,
    `shard_indices`), writing `OUT.shard-i-of-k`;
-3. refuses an existing output unless resuming or forcing; with `resume`, checks the recorded
+3. refuses an existing output unless resuming or forcing, and, even with `--force`, an output (or a
+   sidecar of it) that is the checkpoint or the denoiser it reads; with `resume`, checks the recorded
    settings (`OUT.args.json`) against these field by field (`setting_differences`: every field
-   declared `rows=True` in `settings` must agree) and skips the rows already written;
+   declared `rows=True` in `settings` must agree, and the data by content: `data_sha256`, the selected
+   examples' digest, whatever `--data-dir` they are read from) and skips the rows already written;
 4. holds a lock file (`OUT.lock`) so a second writer is refused;
 5. appends each row flushed and fsynced as it is computed (`files.TsvLog`), so a killed run
    loses at most the row in progress;

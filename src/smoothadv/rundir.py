@@ -24,6 +24,15 @@ Contract:
 5. Ordering: each epoch writes its checkpoint, then its log row (`EpochLog.commit`), so a log row
    always has its checkpoint, and a resumed run keeps the rows of the epochs its checkpoint holds.
 6. History: each resumption appends {"resumed_at_epoch", "changed"} to `args.json`'s `history`.
+7. One run per directory: a directory holding another kind of run's checkpoint (`RUN_CHECKPOINTS`) is
+   refused even with `force`, and a `log.tsv` of another header is never appended to (nor replaced
+   without `force`). No file a run writes is one it reads (`files.refuse_inputs_as_outputs`: its
+   `--pretrained`, `--init`, classifiers, extra images), whatever `force` says; a run that fails before
+   its first checkpoint removes the files it created.
+8. Data by content: a path (`--data-dir`) may change on resume, so the data are compared by their bytes
+   (`data_digest`, `data_fingerprint`; recorded as `data_sha256` in a checkpoint or an output's sidecar;
+   a record older than it is not compared), and so are the files a resumed run reads again (a denoiser's
+   classifiers, a classifier's `--unlabelled` images: their SHA-256).
 """
 
 from __future__ import annotations
