@@ -515,3 +515,42 @@ def test_every_objective_checks_its_hyperparameters(make) -> None:
 
     with pytest.raises(SmoothAdvError):
         make()
+
+
+def test_macer_with_a_small_weight_and_a_label_of_probability_zero() -> None:
+    """lbd = 0.5 (< 1) still adds the robustness term; an image whose label gets probability 0 on every copy
+    (softmax underflow) contributes -log(1e-10) = 23.03 to C, not inf or NaN."""
+    model, (x, y) = make_model(2), make_batch(12, seed=9)
+    y[:6] = model(x[:6]).argmax(1)
+    noise = RecordingNoise(21)
+    out = MACER(0.25, m=4, lbd=0.5, beta=2.0, gamma=0.6)(model, x, y, noise)
+    (z,) = noise.draws
+    reference, kept = macer_reference(model, x, y, 0.25 * z, 0.25, 0.5, 2.0, 0.6)
+    assert 0 < int(kept.sum())
+    assert_same(model, out.loss, reference)
+    huge = make_model(2)
+    with torch.no_grad():
+        huge[3].weight.mul_(1e4)
+    labels = huge(x).argmin(1)  # the least likely class: probability 0 in float32
+    noise = RecordingNoise(22)
+    out = MACER(0.25, m=2, lbd=0.0)(huge, x, labels, noise)
+    (z,) = noise.draws
+    with torch.no_grad():
+        p = softmax_mean(huge, x, 0.25 * z)
+        assert float(p.gather(1, labels[:, None]).min()) == 0.0
+        expected = -torch.log(p.gather(1, labels[:, None]).squeeze(1) + 1e-10).sum() / len(x)
+    assert math.isfinite(float(out.loss.detach())) and float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_smoothmix_attack_returns_detached_points_and_leaves_the_input_alone() -> None:
+    from smoothadv.objectives import smoothmix_attack
+
+    model, (x, y) = make_model(3), make_batch(4)
+    noise = torch.randn((4, 2, *SHAPE), generator=torch.Generator().manual_seed(0)) * 0.25
+    for mix_step in (0, 1, 5):
+        start, adv = smoothmix_attack(model, x, y, noise, step_size=0.3, steps=3, mix_step=mix_step)
+        assert not x.requires_grad and not start.requires_grad and not adv.requires_grad
+        assert start.grad_fn is None and adv.grad_fn is None
+        expected_start, expected_adv = smoothmix_pgd(model, x, y, noise, 0.3, 3, mix_step)
+        assert torch.allclose(start, expected_start, atol=1e-6) and torch.allclose(adv, expected_adv, atol=1e-6)
+    assert torch.equal(smoothmix_attack(model, x, y, noise, step_size=0.3, steps=3, mix_step=5)[0], x)
