@@ -516,17 +516,17 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
     scored = counts["killed"] + counts["survived"]
     score = 100.0 * counts["killed"] / scored if scored else 100.0
     before = 100.0 * counts["killed_before"] / scored if scored else 100.0
-    lines = [f"## {run['module']} ({run['file']})", "",
-             f"{len(run['records'])} of {run['mutants']} mutants run in {run['seconds']:.0f} s: "
+    lines = [f"## {run['module']} ({run.get('file', '')})", "",
+             f"{len(run['records'])} of {run.get('mutants', '?')} mutants run in {run.get('seconds', 0):.0f} s: "
              f"{counts['killed']} killed ({counts.get('timeout', 0)} by a timeout), {counts['survived']} survived, "
              f"{counts['equivalent']} equivalent. "
              f"Score (killed / non-equivalent): **{score:.1f}%**; by the tests that existed before this benchmark "
              f"({counts['killed_before']} killed): {before:.1f}%.", "",
-             "Tests: " + ", ".join(f"`{t}`" for t in run["tests"]) + ".", ""]
+             "Tests: " + ", ".join(f"`{t}`" for t in run.get("tests", [])) + ".", ""]
     if run.get("slow"):
         lines += [f"Not run per mutant (over the module's max_test_seconds at baseline): "
                   + ", ".join(f"`{t}`" for t in run["slow"]), ""]
-    if run["baseline_failing"]:
+    if run.get("baseline_failing"):
         lines += ["Failing before mutation (left out): " + ", ".join(f"`{t}`" for t in run["baseline_failing"]), ""]
     if survivors:
         lines += ["Survived:", "", *survivors, ""]
