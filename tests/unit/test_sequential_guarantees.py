@@ -375,3 +375,16 @@ def test_sequential_certify_with_selection_follows_the_exact_law_on_three_classe
     keep = e > 0
     statistic = float((((o - e) ** 2)[keep] / e[keep]).sum())
     assert chi2.sf(statistic, keep.sum() - 1) >= 1e-4, (observed, dict(zip(keys, expected)))
+
+
+def test_doubling_looks_at_their_edges() -> None:
+    from smoothadv.errors import SmoothAdvError
+    from smoothadv.sequential import doubling_looks
+
+    assert doubling_looks(1, 1) == (1,)
+    assert doubling_looks(1, 5) == (1, 2, 4, 5)
+    assert doubling_looks(16, 64) == (16, 32, 64)
+    assert doubling_looks(1024, 131072) == tuple(1024 * 2 ** j for j in range(8))
+    for first, last in ((0, 10), (-1, 10), (20, 10)):
+        with pytest.raises(SmoothAdvError):
+            doubling_looks(first, last)
