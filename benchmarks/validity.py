@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smoothadv.files import atomic_write_text
@@ -68,6 +69,88 @@ def papers_scale(out: str) -> None:
     atomic_write_text(Path(out) / "validity_papers_scale.md", text)
 
 
+def search_worst(rate: Callable[[float], float], *, lo: float = 2e-5, hi: float = 0.45, grid: int = 48,
+                 keep: int = 4, rounds: int = 2, points: int = 6,
+                 log: Callable[[str], None] = lambda line: None) -> tuple[float, float, list[tuple[float, float]]]:
+    """The largest value of `rate(p_A)` a documented search finds over p_A in [1 - hi, 1 - lo]: (p_A, rate, every
+    (p_A, rate) evaluated).
+
+    The search: a grid of `grid` values of 1 - p_A evenly spaced in log scale from `hi` down to `lo`; then, around
+    each of the `keep` largest local maxima of the grid, `rounds` rounds of refinement, each evaluating `points`
+    values evenly spaced (in log(1 - p_A)) between the best point's two neighbours so far and moving to the best.
+    The exact failure probability is a sawtooth in p_A (it drops where p_A passes a count's lower confidence
+    bound, and rises in between), so this finds a value at least as large as the grid's, not a proven supremum:
+    its resolution is that of the last round around each maximum.
+    """
+    import math
+
+    logs = [math.log(hi) + (math.log(lo) - math.log(hi)) * i / (grid - 1) for i in range(grid)]
+    seen: dict[float, float] = {}
+
+    def value(log_tail: float) -> float:
+        if log_tail not in seen:
+            seen[log_tail] = rate(1 - math.exp(log_tail))
+            log(f"  p_A {1 - math.exp(log_tail):.7g}: {seen[log_tail]:.4e}")
+        return seen[log_tail]
+
+    values = [value(x) for x in logs]
+    peaks = [i for i in range(grid) if (i == 0 or values[i] >= values[i - 1]) and
+             (i == grid - 1 or values[i] >= values[i + 1])]
+    for i in sorted(peaks, key=lambda j: values[j], reverse=True)[:keep]:
+        left, best, right = logs[max(i - 1, 0)], logs[i], logs[min(i + 1, grid - 1)]
+        for _ in range(rounds):
+            candidates = [left + (right - left) * k / (points + 1) for k in range(1, points + 1)]
+            ordered = sorted([left, *candidates, best, right])
+            top = max(ordered, key=value)
+            at = ordered.index(top)
+            left, best, right = ordered[max(at - 1, 0)], top, ordered[min(at + 1, len(ordered) - 1)]
+    worst = max(seen, key=lambda x: seen[x])
+    evaluated = sorted((1 - math.exp(x), r) for x, r in seen.items())
+    return 1 - math.exp(worst), seen[worst], evaluated
+
+
+def papers_search(out: str, grid: int, keep: int, rounds: int, points: int) -> None:
+    """`search_worst` of the exact failure probability at alpha = 0.001 (n0 = 100, policy full, Cohen's selection)
+    of fixed n = 100,000 CERTIFY, of the default alpha-spending schedule and of the default betting test; writes
+    results/reliability/validity_papers_scale_search.md."""
+    from scipy.stats import norm
+
+    from smoothadv.betting import BettingConfig
+    from smoothadv.sequential import SequentialConfig
+    from smoothadv.validity import Problem, exact_betting_failure, exact_certify_failure, exact_sequential_failure
+
+    config = SequentialConfig(0.5)
+    betting = BettingConfig(0.5, policy="full", selection="fixed")
+
+    def problem(p_a: float) -> Problem:
+        return Problem("lin", (1, 1, 1), 0.5, (0.0,), 0.5 * float(norm.ppf(p_a)))
+
+    modes: dict[str, Callable[[float], float]] = {
+        "fixed n = 100,000": lambda p: exact_certify_failure(problem(p), 100, 100_000, 0.001),
+        "sequential, default schedule (alpha spending)": lambda p: exact_sequential_failure(
+            problem(p), 100, config.schedule.looks, 0.001, levels=config.schedule.levels, selection="fixed"),
+        "betting, default": lambda p: exact_betting_failure(problem(p), 100, betting),
+    }
+    started = time.time()
+    lines = ["| mode | largest found | at p_A | evaluations | alpha |", "|---|---|---|---|---|"]
+    details = []
+    for name, rate in modes.items():
+        print(name, file=sys.stderr, flush=True)
+        p_a, worst, evaluated = search_worst(rate, grid=grid, keep=keep, rounds=rounds, points=points,
+                                             log=lambda line: print(line, file=sys.stderr, flush=True))
+        lines.append(f"| {name} | {worst:.3e} | {p_a:.7g} | {len(evaluated)} | 0.001 |")
+        details.append(f"\n{name}:\n\n| p_A | exact failure probability |\n|---|---|\n" +
+                       "\n".join(f"| {p:.7g} | {r:.4e} |" for p, r in evaluated))
+    text = (f"Search of the worst p_A (benchmarks/validity.py --papers-search --grid {grid} --keep {keep} --rounds "
+            f"{rounds} --points {points}): a grid of {grid} values of 1 - p_A, log-spaced from 0.45 to 2e-5, then "
+            f"{rounds} rounds of {points}-point refinement between the neighbours of each of the {keep} largest local "
+            "maxima. Exact probabilities (no sampling) that the radius exceeds sigma Phi^-1(p_A), alpha = 0.001, "
+            "n0 = 100, Cohen's selection, every look made; the largest value found, not a proven supremum.\n\n"
+            + "\n".join(lines) + "\n" + "\n".join(details) + f"\n\n({time.time() - started:.0f} s)\n")
+    print(text)
+    atomic_write_text(Path(out) / "validity_papers_scale_search.md", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=2000)
@@ -81,7 +164,17 @@ def main() -> None:
     parser.add_argument("--papers-scale", action="store_true",
                         help="instead: exact failure probabilities at alpha = 0.001 of fixed n = 100,000 CERTIFY, "
                              "of the default sequential schedule and of the betting test (no sampling)")
+    parser.add_argument("--papers-search", action="store_true",
+                        help="instead: search p_A for the largest exact failure probability at alpha = 0.001 of each "
+                             "of those three (a grid, then refinement around its largest local maxima)")
+    parser.add_argument("--grid", type=int, default=48, help="--papers-search: grid points (default: 48)")
+    parser.add_argument("--keep", type=int, default=4, help="--papers-search: local maxima refined (default: 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="--papers-search: refinement rounds (default: 2)")
+    parser.add_argument("--points", type=int, default=6, help="--papers-search: points per round (default: 6)")
     args = parser.parse_args()
+    if args.papers_search:
+        papers_search(args.out, args.grid, args.keep, args.rounds, args.points)
+        return
     if args.papers_scale:
         papers_scale(args.out)
         return
