@@ -293,7 +293,8 @@ def test_a_resumed_certify_refuses_other_data_of_the_same_size(toy_checkpoint, t
     out = tmp_path / "c.tsv"
     assert run(["certify", toy_checkpoint, "--max", "2", *CERTIFY, "--out", out], capsys)[0] == 0
     recorded = json.loads((tmp_path / "c.tsv.args.json").read_text())
-    assert len(recorded["data_sha256"]) == 64
+    count, digest = recorded["data_sha256"].split(":")
+    assert count == "2" and len(digest) == 64  # the selection's size and its examples' SHA-256
     real = run_module.get_dataset
 
     def flipped(name, split, data_dir=None, **kwargs):  # another test set of the same size (the user's --data-dir B)

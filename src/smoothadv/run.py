@@ -9,8 +9,9 @@
 3. refuses an existing output unless resuming or forcing, and, even with `--force`, an output (or a
    sidecar of it) that is the checkpoint or the denoiser it reads; with `resume`, checks the recorded
    settings (`OUT.args.json`) against these field by field (`setting_differences`: every field
-   declared `rows=True` in `settings` must agree, and the data by content: `data_sha256`, the selected
-   examples' digest, whatever `--data-dir` they are read from) and skips the rows already written;
+   declared `rows=True` in `settings` must agree, and the data by content: `data_sha256`, the digest of
+   the selected examples (of `DIGESTED` of them, evenly spaced, in a larger selection), whatever `--data-dir`
+   they are read from) and skips the rows already written;
 4. holds a lock file (`OUT.lock`) so a second writer is refused;
 5. appends each row flushed and fsynced as it is computed (`files.TsvLog`), so a killed run
    loses at most the row in progress;
@@ -65,7 +66,7 @@ from .files import (
 )
 from .models import load_checkpoint
 from .progress import progress as reporter
-from .rundir import Rule, compare, data_digest, read_settings, settings_path
+from .rundir import Rule, compare, data_fingerprint, read_settings, settings_path
 from .sequential import SEQUENTIAL_COLUMNS, SequentialConfig, certify_sequential_dataset
 from .settings import (
     AttackRunSettings,
@@ -145,6 +146,11 @@ def run_jobs(settings: EvaluationSettings, size: int) -> list[Job]:
     return list(indices)
 
 
+#: examples of a run's selection whose bytes identify its data (`rundir.data_fingerprint`): every one of a selection
+#: this small (Cohen et al.'s 500 ImageNet images), evenly spaced ones of a larger one (never a whole split read)
+DIGESTED = 1024
+
+
 def run_indices(settings: EvaluationSettings, size: int) -> list[int]:
     """The dataset indices a run selects (all shards together; each once, whatever the radii)."""
     return select_indices(size, settings.skip, settings.max)
@@ -192,7 +198,8 @@ def _data_extension(out: Path, dataset: Any, settings: EvaluationSettings) -> di
     then = previous.get("max")
     if then is not None and (isinstance(then, bool) or not isinstance(then, int) or then < 1):
         return {}
-    if data_digest(dataset, select_indices(len(dataset), settings.skip, then)) != previous["data_sha256"]:
+    if data_fingerprint(dataset, select_indices(len(dataset), settings.skip, then), DIGESTED) != \
+            previous["data_sha256"]:
         return {}
     return {"data_sha256": lambda before, after: None}
 
@@ -526,10 +533,9 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     if denoiser is not None:
         check_denoiser_dataset(denoiser, meta["dataset"], f"denoiser {run.denoiser}")
     facts = {} if denoiser is None else denoiser["facts"]  # digests, sigma, arch (attach_denoiser)
+    data = data_fingerprint(dataset, run_indices(settings, len(dataset)), DIGESTED)
     recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
-                      shard=list(shard) if shard else None, data_sha256=data_digest(dataset, run_indices(settings,
-                                                                                                    len(dataset))),
-                      **facts)
+                      shard=list(shard) if shard else None, data_sha256=data, **facts)
     resume = run.resume or restart_on_change
     accepted = _data_extension(out, dataset, settings) if resume else {}
     if shard is not None:

@@ -174,12 +174,15 @@ def data_digest(dataset: Any, indices: Iterable[int]) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(dataset: Any, count: int = 256) -> str:
-    """`data_digest` of `count` examples evenly spaced over `dataset` (all of a smaller one) and its size: what
-    identifies a training set by content at the cost of a few hundred examples."""
-    size = len(dataset)
-    indices = sorted({i * size // count for i in range(count)}) if size > count else list(range(size))
-    return f"{size}:{data_digest(dataset, indices)}"
+def data_fingerprint(dataset: Any, indices: Sequence[int] | None = None, count: int = 256) -> str:
+    """`data_digest` of at most `count` examples evenly spaced over `indices` (default: all of `dataset`; all of
+    them when there are no more), with how many there are: what identifies a dataset by content at the cost of
+    reading a few hundred examples (an ImageNet split is never read whole for it)."""
+    chosen = list(range(len(dataset))) if indices is None else list(indices)
+    size = len(chosen)
+    if size > count:
+        chosen = [chosen[i * size // count] for i in range(count)]
+    return f"{size}:{data_digest(dataset, chosen)}"
 
 
 # ------------------------------------------------------------------ training runs
