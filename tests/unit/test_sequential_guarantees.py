@@ -388,3 +388,69 @@ def test_doubling_looks_at_their_edges() -> None:
     for first, last in ((0, 10), (-1, 10), (20, 10)):
         with pytest.raises(SmoothAdvError):
             doubling_looks(first, last)
+
+
+def test_schedules_and_drivers_refuse_what_would_break_the_guarantee() -> None:
+    """Each refusal guards the union bound or the one source of sigma: levels over alpha, a level per look missing,
+    looks not increasing from >= 1, negative radii, a config of another sigma, labels outside the classes."""
+    from smoothadv.errors import SmoothAdvError
+    from smoothadv.sequential import SequentialTest
+
+    for bad in ({"looks": (0, 10)}, {"looks": (10, 5)}, {"looks": (10, 20), "levels": (0.006, 0.006)},
+                {"looks": (10, 20), "levels": (0.01,)}, {"looks": (10, 20), "levels": (0.0, 0.005)},
+                {"radii": (-0.1, 0.5)}, {"radii": (float("inf"),)}):
+        with pytest.raises(SmoothAdvError):
+            SequentialConfig(0.25, 0.01, **bad)
+    assert SequentialConfig(0.25, 0.01, looks=(10, 20), levels=(0.005, 0.005)).schedule.levels == (0.005, 0.005)
+    for sigma, alpha in ((0.0, 0.01), (-1.0, 0.01), (float("inf"), 0.01), (True, 0.01), (0.25, 0.0), (0.25, 1.0)):
+        with pytest.raises(SmoothAdvError):
+            SequentialConfig(sigma, alpha)
+    test = SequentialTest(SequentialConfig(0.25, 0.01, looks=(10, 20), policy="full"))
+    assert test.next_segments() == (10,)
+    with pytest.raises(SmoothAdvError):
+        test.update_segments([3, 4])
+    test.update_segments([10])
+    test.update(10)
+    assert test.done and test.next_segments() == () and test.next_draw() == 0
+    config = SequentialConfig(0.25, 0.01, looks=(8,), policy="full")
+    smooth = Smooth(VoteScript([0] * 100, 3), 3, 0.25)
+    assert certify_sequential_many(smooth, [], config, batch_size=4) == []
+    for kwargs in ({"labels": [3]}, {"labels": [-1]}, {"labels": [0, 1]}, {"n0": 0}, {"batch_size": 0},
+                   {"selection_generators": [None, None]}):
+        with pytest.raises(SmoothAdvError):
+            certify_sequential_many(smooth, [image()], config, **{"batch_size": 4, **kwargs})
+    with pytest.raises(SmoothAdvError, match="sigma"):
+        certify_sequential_many(Smooth(VoteScript([0] * 10, 3), 3, 0.5), [image()], config, batch_size=4)
+
+
+def test_budget_schedules_and_the_cap() -> None:
+    from smoothadv.errors import SmoothAdvError
+
+    for n in (16, 100, 1000, 2000, 100_000):
+        config = SequentialConfig.for_budget(0.25, n, 0.001, policy="full")
+        looks = config.schedule.looks
+        assert looks[-1] == n and list(looks) == sorted(set(looks))
+        assert config.max_radius == pytest.approx(0.25 * norm.ppf(cp_lower(n, n, 0.001 / len(looks))), rel=1e-9)
+    assert SequentialConfig.for_budget(0.25, 1000).base[0] == 16
+    assert SequentialConfig.for_budget(0.25, 4096).base[0] == 64
+    for n in (15, 16.0, True):
+        with pytest.raises(SmoothAdvError):
+            SequentialConfig.for_budget(0.25, n)  # type: ignore[arg-type]
+
+
+def test_seeded_sequential_certify_is_reproducible_and_streams_are_separate() -> None:
+    """One generator seeds two independent streams (selection, estimation): the same seed gives the same
+    certificate, another seed another one, and the selection samples are not reused for estimation."""
+    from smoothadv.sequential import certify_sequential
+    from smoothadv.validity import Problem
+
+    problem = Problem("three-seeded", (1, 2, 2), 0.25, (0.0, 0.2), -0.04, seed=3)
+    model, x = problem.tensors()
+    smooth = Smooth(model, 3, 0.25)
+    config = SequentialConfig(0.25, 0.1, looks=(30, 60), policy="full", selection="fixed")
+    one = certify_sequential(smooth, x, config, batch_size=16, n0=10, generator=torch.Generator().manual_seed(5))
+    two = certify_sequential(smooth, x, config, batch_size=16, n0=10, generator=torch.Generator().manual_seed(5))
+    assert one == two and one.n0 == 10 and one.n == 60
+    others = {certify_sequential(smooth, x, config, batch_size=16, n0=10, generator=torch.Generator().manual_seed(s))
+              .count for s in range(6, 12)}
+    assert len(others) > 1
