@@ -454,3 +454,71 @@ def test_seeded_sequential_certify_is_reproducible_and_streams_are_separate() ->
     others = {certify_sequential(smooth, x, config, batch_size=16, n0=10, generator=torch.Generator().manual_seed(s))
               .count for s in range(6, 12)}
     assert len(others) > 1
+
+
+def reference_draws(first: int, last: int) -> list[int]:
+    """Draw ends from the betting module's specification: `first` votes at a time up to coarse = 16 first, then
+    coarse up to 8 coarse, then the largest power-of-two multiple of coarse at most an eighth of the votes so far;
+    never past `last`."""
+    coarse, ends, n = 16 * first, [], 0
+    while n < last:
+        if n < coarse:
+            n += first
+        elif n < 8 * coarse:
+            n += coarse
+        else:
+            multiple = 1
+            while coarse * multiple * 2 <= n / 8:
+                multiple *= 2
+            n += coarse * multiple
+        n = min(n, last)
+        ends.append(n)
+    return ends
+
+
+@pytest.mark.parametrize("first, last", [(4, 100), (8, 5000), (64, 111_616)])
+def test_betting_draws_checks_and_forecasts_follow_the_specification(first: int, last: int) -> None:
+    config = BettingConfig(0.5, 0.001, first=first, last=last, policy="grid")
+    assert list(config.draws) == reference_draws(first, last)
+    step, coarse = first // 4, 16 * first
+    checks, start = [], 0
+    for end in config.draws:
+        within = config.checks(start, end)
+        assert within[-1] == end and list(within) == sorted(set(within))
+        for a, b in zip((start, *within), within):
+            assert b - a == min(end, (a // step + 1) * step if a < coarse else (a // coarse + 1) * coarse) - a
+            assert b - a <= (step if a < coarse else coarse)
+        checks += within
+        start = end
+    assert checks[-1] == last
+    expected_forecasts = {last} | {4 * first * 2 ** j for j in range(40) if 4 * first * 2 ** j < last}
+    assert set(config.forecasts) == expected_forecasts
+
+
+def test_betting_last_size_keeps_the_doubling_schedules_cap() -> None:
+    """The last size is the smallest multiple of coarse at which unanimous votes reach, with the final look at
+    eta alpha, the cap of the doubling looks 1024..131072 at alpha / 8; with eta = 0 it is 131072."""
+    from smoothadv.betting import betting_last
+
+    alpha, share, coarse = 0.001, 0.5, 16 * 64
+    cap = cp_lower(131072, 131072, alpha / 8)
+    last = betting_last(alpha, share, coarse)
+    assert last % coarse == 0
+    assert cp_lower(last, last, alpha * share) >= cap > cp_lower(last - coarse, last - coarse, alpha * share)
+    assert last == 111_616 == BettingConfig(0.5, alpha).schedule.last
+    assert betting_last(alpha, 0.0, coarse) == 131072
+    pure = BettingConfig(0.5, 0.01, final_share=0.0, first=8, last=512)
+    assert pure.threshold == pytest.approx(math.log(100.0), rel=1e-12)
+
+
+def test_betting_config_refuses_what_would_break_ville() -> None:
+    from smoothadv.errors import SmoothAdvError
+
+    for bad in ({"first": 6}, {"first": 2}, {"bets": ((0.5, 0.5), (0.1, 0.4))}, {"bets": ((1.5, 1.0),)},
+                {"bets": ((0.0, 1.0),)}, {"bets": ((0.5, 1.2), (0.1, -0.2))}, {"bets": ()}, {"last": 4}):
+        with pytest.raises(SmoothAdvError):
+            BettingConfig(0.5, 0.01, **{"first": 8, **bad})
+    for sigma, alpha in ((0.0, 0.01), (0.5, 0.0), (0.5, 1.0)):
+        with pytest.raises(SmoothAdvError):
+            BettingConfig(sigma, alpha)
+    assert BettingConfig(0.5, 0.01, first=8, last=8).draws == (8,)
