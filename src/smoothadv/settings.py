@@ -394,9 +394,13 @@ class RunSettings:
 
     checkpoint: str = setting(help="model checkpoint (smoothadv, Cohen or Salman format)", positional=True,
                               rows=False)
-    denoiser: str | None = setting(None, "denoiser checkpoint: certify f o D, the classifier behind this denoiser "
-                                   "(denoised smoothing; its SHA-256 is recorded and compared on resume and merge)",
-                                   rows=False)
+    denoiser: str | None = setting(None, "denoiser: a checkpoint (denoised smoothing, Salman et al. 2020) or a "
+                                   "directory holding a diffusers diffusion model (diffusion denoised smoothing, "
+                                   "Carlini et al. 2023); certify f o D, the classifier behind it (its digests are "
+                                   "recorded and compared on resume and merge)", rows=False)
+    denoiser_steps: int = setting(1, "network evaluations of a diffusion denoiser (--denoiser DIR): 1 is the paper's "
+                                  "one-shot step, K > 1 a deterministic DDIM chain from t* (recorded as "
+                                  "denoiser_unet_steps, compared on resume and merge)", limit=AT_LEAST_ONE, rows=False)
     out: Path = setting(help="output TSV (one row per example)", rows=False)
     shard: tuple[int, int] | None = setting(None, "run only shard i of k (i/k), writing OUT.shard-i-of-k; then "
                                             "`smoothadv merge OUT`", rows=False, metavar="I/K")
