@@ -554,3 +554,34 @@ def test_smoothmix_attack_returns_detached_points_and_leaves_the_input_alone() -
         expected_start, expected_adv = smoothmix_pgd(model, x, y, noise, 0.3, 3, mix_step)
         assert torch.allclose(start, expected_start, atol=1e-6) and torch.allclose(adv, expected_adv, atol=1e-6)
     assert torch.equal(smoothmix_attack(model, x, y, noise, step_size=0.3, steps=3, mix_step=5)[0], x)
+
+
+def test_catrs_attack_with_steps_shorter_than_eps_and_its_own_checks(tmp_path) -> None:
+    """T = 4 steps of 2 eps / T = eps / 2: the first moves stay inside the eps-ball (the projection must not
+    scale them up); a smoothed-prediction file is loaded as pi; an index past pi's rows is a one-line error;
+    pi stays out of the objective's repr and equality (a tensor: N x K)."""
+    from smoothadv.errors import SmoothAdvError
+
+    model, (x, y) = make_model(4), make_batch(6, seed=19)
+    pi = torch.softmax(torch.randn(8, CLASSES, generator=torch.Generator().manual_seed(20)), 1)
+    index = torch.arange(6)
+    objective = CATRS(0.25, m=2, eps=0.5, steps=4, lbd=1.0, pi=pi)
+    noise = RecordingNoise(23)
+    out = objective(model, x, y, noise, index=index)
+    z, u = noise.draws
+    reference, _ = catrs_reference(model, x, y, 0.25 * z, torch.special.ndtr(u), pi[index], 0.5, 4, 1.0, False)
+    assert_same(model, out.loss, reference)
+    for bad in (torch.tensor([0, 8]), torch.tensor([8, 0]), torch.tensor([9, 1])):
+        with pytest.raises(SmoothAdvError, match="rows"):
+            objective(model, x[:2], y[:2], torch.Generator().manual_seed(0), index=bad)
+    with pytest.raises(SmoothAdvError, match="index"):
+        objective(model, x, y, torch.Generator().manual_seed(0))
+    assert "pi=" not in repr(objective) and "tensor" not in repr(objective)
+    assert objective == CATRS(0.25, m=2, eps=0.5, steps=4, lbd=1.0, pi=pi.clone())
+    path = tmp_path / "pi.tsv"
+    path.write_text("idx\tcounts\n0\t1,2,3,4\n1\t0,0,10,0\n")
+    loaded = CATRS(0.25, smoothed_prediction=str(path))
+    assert loaded.pi is not None and loaded.pi.shape == (2, CLASSES)
+    assert torch.allclose(loaded.pi[1], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    with pytest.raises(SmoothAdvError, match="smoothed-prediction"):
+        CATRS(0.25)

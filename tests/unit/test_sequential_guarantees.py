@@ -522,3 +522,9 @@ def test_betting_config_refuses_what_would_break_ville() -> None:
         with pytest.raises(SmoothAdvError):
             BettingConfig(sigma, alpha)
     assert BettingConfig(0.5, 0.01, first=8, last=8).draws == (8,)
+
+
+def test_default_doubling_looks_are_cohens_scale() -> None:
+    from smoothadv.sequential import doubling_looks
+
+    assert doubling_looks() == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
