@@ -114,7 +114,7 @@ def test_consistency_composes_with_smoothadv() -> None:
     assert composed.steps_per_batch == Consistency(0.25, m=3).steps_per_batch == 3
     assert "lbd" not in SmoothAdv(0.25, PGDL2(0.5)).describe()  # plain SmoothAdv records what it always did
     assert composed.describe()["consistency"] is True and composed.describe()["lbd"] == 4.0
-    with pytest.raises(SmoothAdvError, match="needs --multi-noise"):
+    with pytest.raises(SmoothAdvError, match="needs multi_noise=True and m >= 2"):
         SmoothAdv(0.25, PGDL2(0.5), m=2, consistency=True)
 
 

@@ -244,7 +244,8 @@ class SmoothAdv(Objective):
                                  f"{type(self.attack).__name__}")
         if self.consistency and not (self.multi_noise and self.m >= 2):
             raise SmoothAdvError("SmoothAdv with consistency regularization trains on the m noisy copies: "
-                                 "it needs --multi-noise and --m >= 2")
+                                 f"it needs multi_noise=True and m >= 2, got multi_noise={self.multi_noise}, "
+                                 f"m={self.m} (the CLI's --multi-noise --m 2)")
 
     @property
     def steps_per_batch(self) -> int:
@@ -672,8 +673,8 @@ class CATRS(Objective):
         check_hyperparameters(self)
         if self.pi is None:
             if self.smoothed_prediction is None:
-                raise SmoothAdvError("catrs needs --smoothed-prediction: the TSV of `smoothadv smooth-prediction` "
-                                     "on the training set")
+                raise SmoothAdvError("CATRS needs smoothed_prediction= (the CLI's --smoothed-prediction): the TSV "
+                                     "of `smoothadv smooth-prediction` on the training set, or pi= its frequencies")
             object.__setattr__(self, "pi", load_smooth_prediction(self.smoothed_prediction))
 
     @property

@@ -73,10 +73,10 @@ from scipy.stats import norm
 from torch.utils.data import Dataset
 
 from .errors import SmoothAdvError
-from .evaluate import CERTIFY_COLUMNS, format_time
-from .seeds import example_seed, stream_seed
+from .evaluate import CERTIFY_COLUMNS, _load_example, format_time
+from .seeds import split_generator, stream_seed
 from .settings import DEFAULT_LOOKS, SpendingSettings
-from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_image
+from .smoothing import ABSTAIN, Certificate, PackedSampler, SampleRequest, Smooth, check_generator
 from .stats import certified_radius, clopper_pearson_lower, clopper_pearson_upper, radius_grid
 
 if TYPE_CHECKING:
@@ -505,6 +505,7 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
                             batch_size: int, labels: Sequence[int] | None = None, n0: int = 100,
                             selection_generators: Sequence[torch.Generator | None] | None = None,
                             estimation_generators: Sequence[torch.Generator | None] | None = None,
+                            generators: Sequence[torch.Generator | None] | None = None,
                             ) -> list[SequentialCertificate]:
     """Sequential CERTIFY of several inputs, their samples packed into shared forward passes.
 
@@ -517,13 +518,28 @@ def certify_sequential_many(smooth: Smooth, xs: Sequence[torch.Tensor], config: 
     in waves: one forward-pass stream and one host synchronisation per wave; a test's draw may be
     split into segments, whose counts it receives one by one. `config` is a `SequentialConfig` or a
     `betting.BettingConfig`; `config.sigma` must be `smooth.sigma`.
+
+    Randomness (`smoothadv.seeds`): `generators=`, one per input, each split into its two streams as
+    `certify_sequential` splits its `generator` (`seeds.split_generator`), so result i is what
+    `certify_sequential(..., generator=generators[i])` gives; or the two streams of each input
+    explicitly (`selection_generators=`, `estimation_generators=`, what the dataset driver seeds).
     """
     check_same_sigma(smooth, config)
     count = len(xs)
     if count == 0:
         return []
     for x in xs:
-        check_image(x)
+        smooth.check_input(x)
+    if generators is not None:
+        if selection_generators is not None or estimation_generators is not None:
+            raise SmoothAdvError("give generators= (one per input) or selection_generators= and "
+                                 "estimation_generators=, not both")
+        generators = list(generators)
+        if len(generators) != count:
+            raise SmoothAdvError(f"got {count} inputs but {len(generators)} generators")
+        streams = [split_generator(g, x.device) if g is not None else (None, None) for g, x in zip(generators, xs)]
+        selection_generators = [a for a, _ in streams]
+        estimation_generators = [b for _, b in streams]
     if int(batch_size) != batch_size or batch_size < 1:
         raise SmoothAdvError(f"batch_size must be a positive integer, got {batch_size}")
     selection_generators = list(selection_generators or [None] * count)
@@ -567,20 +583,14 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, config: AnyConfig, *, ba
     """Sequential CERTIFY of one input (Cohen's class selection unless `label` is given).
 
     With `generator`, the selection and estimation streams are two independent generators
-    seeded from it; without, both use the global generator (selection first). `config.sigma`
-    must be `smooth.sigma`.
+    seeded from one draw of it (`seeds.split_generator`); without, both use the global generator
+    (selection first). `config.sigma` must be `smooth.sigma`.
     """
     check_same_sigma(smooth, config)
-    if generator is not None:
-        base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        selection = torch.Generator(device=x.device).manual_seed(example_seed(base, 0))
-        estimation = torch.Generator(device=x.device).manual_seed(example_seed(base, 1))
-        gens: tuple[list[torch.Generator | None], list[torch.Generator | None]] = ([selection], [estimation])
-    else:
-        gens = ([None], [None])
+    smooth.check_input(x)
+    check_generator(generator, x)
     return certify_sequential_many(smooth, [x], config, batch_size=batch_size,
-                                   labels=None if label is None else [label], n0=n0,
-                                   selection_generators=gens[0], estimation_generators=gens[1])[0]
+                                   labels=None if label is None else [label], n0=n0, generators=[generator])[0]
 
 
 class SequentialRow(NamedTuple):
@@ -625,9 +635,9 @@ def _sequential_rows(smooth: Smooth, dataset: Dataset, todo: list[int], config: 
     mode = f"{config.MODE}/{class_from}"
     for start in range(0, len(todo), group):
         chunk = todo[start:start + group]
-        examples = [dataset[i] for i in chunk]
-        xs = [x.to(device) for x, _ in examples]
-        labels = [int(label) for _, label in examples]
+        examples = [_load_example(dataset, i, device) for i in chunk]
+        xs = [x for x, _ in examples]
+        labels = [label for _, label in examples]
         started = time.time()
         certificates = certify_sequential_many(
             smooth, xs, config, batch_size=batch_size, labels=labels if class_from == "label" else None, n0=n0,

@@ -167,3 +167,24 @@ def test_certify_sequential_splits_its_generator_as_documented() -> None:
     two = certify_sequential_many(smooth, [x], config, batch_size=64, selection_generators=[selection],
                                   estimation_generators=[estimation])[0]
     assert one == two and one.prediction == 1
+
+
+def test_sequential_certification_of_your_own_inputs_and_dataset() -> None:
+    from smoothadv import SequentialConfig, certify_sequential
+    from smoothadv.sequential import certify_sequential_dataset, certify_sequential_many
+
+    smooth = Smooth(Threshold(0.0), 2, 0.5, domain=None)
+    config = SequentialConfig.for_budget(0.5, 256)
+    cert = certify_sequential(smooth, torch.tensor([3.0, 1.0]), config, batch_size=64,
+                              generator=torch.Generator().manual_seed(0))
+    assert cert.prediction == 1
+    xs = [torch.tensor([3.0, 1.0]), torch.tensor([-3.0, 1.0])]
+    many = certify_sequential_many(smooth, xs, config, batch_size=64,
+                                   generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    alone = [certify_sequential(smooth, x, config, batch_size=64, generator=torch.Generator().manual_seed(i))
+             for i, x in enumerate(xs)]
+    assert many == alone and [c.prediction for c in many] == [1, 0]
+    with pytest.raises(SmoothAdvError, match="add transforms.ToTensor"):
+        list(certify_sequential_dataset(Smooth(Threshold(0.5), 2, 0.5), MyDataset((PilLike(), 1)), [0],
+                                        config=config, batch_size=64))
+
