@@ -122,10 +122,16 @@ def _view(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
-    """Clamp x + delta to the box [0, 1], then scale delta into the L2 ball of radius eps (the order of
-    Salman et al.'s SmoothAdv_PGD). Scaling towards x keeps x + delta in the box because x is in it."""
-    delta = (x + delta).clamp(0.0, 1.0) - x
+Domain = tuple[float, float] | None
+"""Where inputs live (as `smoothing.Smooth`'s `domain`): a value box (lo, hi), [0, 1] by default, or None (no box)."""
+
+
+def project(x: Tensor, delta: Tensor, eps: float, domain: Domain = (0.0, 1.0)) -> Tensor:
+    """Clamp x + delta to the box of `domain` ([0, 1]; no clamp for None), then scale delta into the L2 ball of
+    radius eps (the order of Salman et al.'s SmoothAdv_PGD). Scaling towards x keeps x + delta in the box because
+    x is in it."""
+    if domain is not None:
+        delta = (x + delta).clamp(domain[0], domain[1]) - x
     norms = l2_norm(delta)
     factor = torch.where(norms > eps, eps / norms.clamp_min(1e-12), torch.ones_like(norms))
     return delta * _view(factor, delta)
@@ -229,23 +235,27 @@ class _ProjectedL2Ascent(_ModelAtCallTime):
     def _accepts(self, model: Model) -> None:
         """Raise SmoothAdvError if this attack cannot use `model` (checked once, before any step)."""
 
-    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, *,
+                 domain: Domain = (0.0, 1.0)) -> Tensor:
+        """x_adv for the batch x with labels y. `domain` is where the inputs live ([0, 1] by default): x is checked
+        against it and x_adv kept in it; (lo, hi) for another box, None for no box (eps in the inputs' units)."""
         self._accepts(model)
-        top_label = check_batch(x, y)
+        top_label = check_batch(x, y, domain)
         if self.eps == 0:
             return x
         with attack_mode(model):
-            return self._attack(model, x.detach(), y, top_label, generator)
+            return self._attack(model, x.detach(), y, top_label, generator, domain)
 
-    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None) -> Tensor:
+    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
+                domain: Domain = (0.0, 1.0)) -> Tensor:
         delta = torch.zeros_like(x)
         if self.random_start:
             direction = _normalize(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator), None)
             radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator) * self.eps
-            delta = project(x, direction * _view(radius, x), self.eps)
+            delta = project(x, direction * _view(radius, x), self.eps, domain)
         for _ in range(self.steps):
             step = _normalize(self._direction(model, x + delta, y, top_label), generator)
-            delta = project(x, delta + self.step_length * step, self.eps)
+            delta = project(x, delta + self.step_length * step, self.eps, domain)
         return (x + delta).detach()
 
 
@@ -317,24 +327,31 @@ class DDN(_ModelAtCallTime):
         if not self.init_norm > 0:
             raise SmoothAdvError(f"DDN init norm must be > 0, got {self.init_norm}")
 
-    def _quantize(self, x: Tensor, delta: Tensor) -> Tensor:
-        if not self.quantize:
+    def _quantize(self, x: Tensor, delta: Tensor, domain: Domain = (0.0, 1.0)) -> Tensor:
+        """x + delta rounded to `levels` values across the domain's box (none without a box), minus x."""
+        if not self.quantize or domain is None:
             return delta
-        scale = self.levels - 1
-        return ((x + delta) * scale).round() / scale - x
+        lo, span, scale = domain[0], domain[1] - domain[0], self.levels - 1
+        if (lo, span) == (0.0, 1.0):  # the SmoothAdv code's arithmetic, bit for bit
+            return ((x + delta) * scale).round() / scale - x
+        return ((x + delta - lo) / span * scale).round() / scale * span + lo - x
 
-    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        top_label = check_batch(x, y)
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, *,
+                 domain: Domain = (0.0, 1.0)) -> Tensor:
+        """x_adv for the batch x with labels y; `domain` as for `PGDL2` (the quantization spans its box)."""
+        top_label = check_batch(x, y, domain)
         if self.eps == 0:
             return x
         with attack_mode(model):
-            return self._attack(model, x.detach(), y, top_label, generator)
+            return self._attack(model, x.detach(), y, top_label, generator, domain)
 
-    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None) -> Tensor:
+    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
+                domain: Domain = (0.0, 1.0)) -> Tensor:
         batch = x.shape[0]
         delta = torch.zeros_like(x)
         norm = torch.full((batch,), float(self.init_norm), device=x.device, dtype=x.dtype)
-        worst_norm = l2_norm(torch.maximum(x, 1 - x))
+        worst_norm = l2_norm(torch.maximum(x - domain[0], domain[1] - x)) if domain is not None \
+            else torch.full((batch,), math.inf, device=x.device, dtype=x.dtype)
         best_l2 = torch.full((batch,), math.inf, device=x.device, dtype=x.dtype)
         best_delta = torch.zeros_like(x)
         for step in range(1, self.steps + 1):
@@ -348,8 +365,9 @@ class DDN(_ModelAtCallTime):
             delta = delta + lr * _normalize(grad, generator)
             norm = torch.minimum(torch.where(is_adv, norm * (1 - self.gamma), norm * (1 + self.gamma)), worst_norm)
             delta = delta * _view(norm / l2_norm(delta).clamp_min(1e-12), delta)
-            delta = (x + self._quantize(x, delta)).clamp(0.0, 1.0) - x
-        best_delta = project(x, self._quantize(x, project(x, best_delta, self.eps)), self.eps)
+            delta = x + self._quantize(x, delta, domain)
+            delta = (delta.clamp(domain[0], domain[1]) if domain is not None else delta) - x
+        best_delta = project(x, self._quantize(x, project(x, best_delta, self.eps, domain), domain), self.eps, domain)
         best_delta[torch.isinf(best_l2)] = 0.0  # nothing adversarial found: x itself (not re-quantized)
         return (x + best_delta).detach()
 

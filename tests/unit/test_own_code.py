@@ -188,3 +188,20 @@ def test_sequential_certification_of_your_own_inputs_and_dataset() -> None:
         list(certify_sequential_dataset(Smooth(Threshold(0.5), 2, 0.5), MyDataset((PilLike(), 1)), [0],
                                         config=config, batch_size=64))
 
+
+def test_attacks_take_the_domain_on_the_call() -> None:
+    from smoothadv import DDN
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(4, 3, 2, 2) * 255, torch.tensor([0, 1, 2, 0])
+    for attack in (PGDL2(eps=20.0, steps=5), DDN(eps=20.0, steps=5)):
+        with pytest.raises(SmoothAdvError, match=r"values in \[0, 1\]"):
+            attack(net, x, y)
+        x_adv = attack(net, x, y, domain=(0, 255))
+        assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 255
+        assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 20.0 + 1e-3
+    features = torch.randn(4, 6) * 10
+    x_adv = PGDL2(eps=1.0, steps=3)(nn.Linear(6, 3), features, y, domain=None)  # any values, no box
+    assert float((x_adv - features).norm(dim=1).max()) <= 1.0 + 1e-5
+
