@@ -478,7 +478,10 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         print(f"[{name}] {number}/{len(all_mutants)} {record['status']:8} {record.get('seconds', 0):5.1f}s "
               f"{mutant['key']}", flush=True)
         if partial is not None:  # keep what is done, should the run be stopped
-            partial.write_text(json.dumps({"module": name, "records": records}, indent=1))
+            partial.write_text(json.dumps({"module": name, "file": spec["file"], "tests": tests, "stopped": True,
+                                           "baseline_failing": failing, "slow": slow, "mutants": len(all_mutants),
+                                           "records": records, "seconds": round(time.monotonic() - started, 1)},
+                                          indent=1))
     copy_file.write_text(source)
     return {"module": name, "file": spec["file"], "tests": tests, "baseline_failing": failing, "slow": slow,
             "baseline_seconds": round(baseline_time, 1), "mutants": len(all_mutants), "records": records,
@@ -516,7 +519,8 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
     scored = counts["killed"] + counts["survived"]
     score = 100.0 * counts["killed"] / scored if scored else 100.0
     before = 100.0 * counts["killed_before"] / scored if scored else 100.0
-    lines = [f"## {run['module']} ({run.get('file', '')})", "",
+    stopped = " (stopped before its end: the later mutants were not run)" if run.get("stopped") else ""
+    lines = [f"## {run['module']} ({run.get('file', '')}){stopped}", "",
              f"{len(run['records'])} of {run.get('mutants', '?')} mutants run in {run.get('seconds', 0):.0f} s: "
              f"{counts['killed']} killed ({counts.get('timeout', 0)} by a timeout), {counts['survived']} survived, "
              f"{counts['equivalent']} equivalent. "
@@ -573,12 +577,15 @@ def main(argv: list[str] | None = None) -> int:
                 retry = json.loads(last.read_text()) if args.retry and last.exists() else None
                 run = run_module(name, config[name], Path(tmp), args.max_minutes, OUT / f"{name}.partial.json",
                                  args.revision or None, tuple(added), retry)
+                (OUT / f"{name}.partial.json").unlink(missing_ok=True)
                 if retry is not None:
                     run["seconds"] = round(run["seconds"] + retry.get("seconds", 0.0), 1)
                 (OUT / f"{name}.json").write_text(json.dumps(run, indent=1))
     sections = []
     for name in config:
-        path = OUT / f"{name}.json"
+        path, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
+        if partial.exists() and (not path.exists() or partial.stat().st_mtime > path.stat().st_mtime):
+            path = partial  # a run stopped before its end: what it did
         if path.exists():
             section = summarize(json.loads(path.read_text()), annotations, added)
             (OUT / f"{name}.md").write_text(section + "\n")
@@ -595,7 +602,9 @@ def results_page(config: dict, annotations: dict, added: list[str], sections: li
     """results.md: how it was made, one table row per module, then each module's section."""
     rows = []
     for name in config:
-        path = OUT / f"{name}.json"
+        path, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
+        if partial.exists() and (not path.exists() or partial.stat().st_mtime > path.stat().st_mtime):
+            path = partial
         if not path.exists():
             rows.append(f"| {name} | not run | | | | | |")
             continue
