@@ -680,7 +680,8 @@ def run_check(args: argparse.Namespace) -> None:
     bad, checked = [], 0
     for row in rows:
         try:
-            idx, n, predict, radius = int(row["idx"]), int(row["n"]), int(row["predict"]), float(row["radius"])
+            samples = row.get("samples", row.get("n"))  # the column's name before 0.2: n
+            idx, n, predict, radius = int(row["idx"]), int(samples), int(row["predict"]), float(row["radius"])
             label_mode = row["mode"].endswith("/label")
         except (KeyError, TypeError, ValueError):
             raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV") from None

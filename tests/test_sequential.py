@@ -21,6 +21,7 @@ from smoothadv.cli import main
 from smoothadv.models import build_model, normalization_spec, save_checkpoint
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
+    LEGACY_SEQUENTIAL_COLUMNS,
     SEQUENTIAL_COLUMNS,
     SequentialCertificate,
     SequentialConfig,
@@ -32,6 +33,7 @@ from smoothadv.sequential import (
     doubling_looks,
     fitted_schedule,
     run_sequential,
+    sequential_columns,
     standard_radii,
 )
 from smoothadv.stats import certified_radius, clopper_pearson_lower, max_certifiable_radius
@@ -276,8 +278,10 @@ def test_fixed_and_sequential_certificates_share_one_shape(linear_model) -> None
         assert (cert.n0, cert.n, cert.samples) == (n0, n, n0 + n)  # n: estimation samples, everywhere
         assert cert.tested_class == 1 == prediction and 0 < cert.count <= cert.n
     assert isinstance(chosen, SequentialCertificate) and (chosen.looks, chosen.stop) == (4, "last look")
-    # a row's `samples` is written in the TSV column `n`: n0 + n forward passes
-    assert dict(zip(SEQUENTIAL_COLUMNS, SequentialRow._fields))["n"] == "samples"
+    # a row's `samples` (n0 + n forward passes) is the TSV column `samples`; `n` keeps its glossary meaning
+    assert dict(zip(SEQUENTIAL_COLUMNS, SequentialRow._fields))["samples"] == "samples"
+    assert sequential_columns(None) == SEQUENTIAL_COLUMNS
+    assert sequential_columns("\t".join(LEGACY_SEQUENTIAL_COLUMNS)) == LEGACY_SEQUENTIAL_COLUMNS
     data = torch.utils.data.TensorDataset(x[None], torch.tensor([1]))
     (row,) = certify_sequential_dataset(smooth, data, [0], config=config, n0=64, batch_size=512)
     assert row.samples == 64 + 2048

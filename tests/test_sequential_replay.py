@@ -70,7 +70,7 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
             test = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"])))
             result = test.result()
             assert int(row["idx"]) == record["idx"]
-            assert int(row["n"]) == 16 + result.n
+            assert int(row["samples"]) == 16 + result.n
             assert int(row["predict"]) == (record["class"] if result.certified else -1)
             assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
         # the same comparison as a benchmark command (used on the real models: experiments/sequential/check_cli.sh)
@@ -209,7 +209,7 @@ def test_adaptive_selection_replay_gives_the_cli_rows(bench, toy_checkpoint, tmp
         for row, record in zip(rows, records, strict=True):
             _, chosen, selection = bench.tested(record, configs[name], "counts")
             result = bench.replay(configs[name], dict(zip(record["sizes"], record["counts"]))).result()
-            assert int(row["n"]) == selection + result.n
+            assert int(row["samples"]) == selection + result.n
             assert int(row["predict"]) == (chosen if result.certified else -1)
             assert float(row["radius"]) == pytest.approx(result.radius, abs=1e-6)
             used.add(selection)

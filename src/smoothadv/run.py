@@ -67,7 +67,13 @@ from .files import (
 from .models import load_checkpoint
 from .progress import progress as reporter
 from .rundir import Rule, compare, data_fingerprint, read_settings, settings_path
-from .sequential import SEQUENTIAL_COLUMNS, SequentialConfig, certify_sequential_dataset
+from .sequential import (
+    LEGACY_SEQUENTIAL_COLUMNS,
+    SEQUENTIAL_COLUMNS,
+    SequentialConfig,
+    certify_sequential_dataset,
+    sequential_columns,
+)
 from .settings import (
     AttackRunSettings,
     BettingSettings,
@@ -541,6 +547,9 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     if shard is not None:
         jobs = shard_indices(jobs, *shard)
     columns, make_rows = rows_maker(settings, smooth, dataset, device)
+    if columns == SEQUENTIAL_COLUMNS and resume and out.exists():  # a file started before `samples` was named
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            columns = sequential_columns(out.read_text(encoding="utf-8").split("\n", 1)[0])
     outcome = write_rows(out, recorded, columns, jobs, make_rows, resume=resume,
                          force=run.force, progress=run.progress, label=settings.command,
                          restart_on_change=restart_on_change, show=rank == 0, accepted=accepted)
@@ -710,6 +719,8 @@ def _expected_header(settings: dict[str, Any], headers: Sequence[str]) -> str:
     command = settings.get("command")
     columns = {"predict": PREDICT_COLUMNS, "attack": ATTACK_COLUMNS}.get(str(command)) if command != "certify" else (
         SEQUENTIAL_COLUMNS if settings.get("mode") == "sequential" else CERTIFY_COLUMNS)
+    if columns == SEQUENTIAL_COLUMNS and headers and all(h == "\t".join(LEGACY_SEQUENTIAL_COLUMNS) for h in headers):
+        columns = LEGACY_SEQUENTIAL_COLUMNS  # shards all started before `samples` was named: merged as they are
     if columns is not None:
         return "\t".join(columns)
     return max(dict.fromkeys(headers), key=list(headers).count)

@@ -83,20 +83,33 @@ if TYPE_CHECKING:
     from .betting import BettingConfig
 
 __all__ = [
-    "AnyConfig", "CLASS_FROM", "SELECTION_CHUNK", "SEQUENTIAL_COLUMNS", "Schedule", "SequentialCertificate",
-    "SequentialConfig", "SequentialResult", "SequentialRow", "SequentialTest", "certify_sequential",
-    "certify_sequential_dataset", "certify_sequential_many", "check_same_sigma", "check_test_settings",
-    "doubling_looks", "fitted_schedule", "run_sequential", "select_classes", "selection_step", "standard_radii",
-    "stream_generator",
+    "AnyConfig", "CLASS_FROM", "LEGACY_SEQUENTIAL_COLUMNS", "SELECTION_CHUNK", "SEQUENTIAL_COLUMNS", "Schedule",
+    "SequentialCertificate", "SequentialConfig", "SequentialResult", "SequentialRow", "SequentialTest",
+    "certify_sequential", "certify_sequential_dataset", "certify_sequential_many", "check_same_sigma",
+    "check_test_settings", "doubling_looks", "fitted_schedule", "run_sequential", "select_classes",
+    "selection_step", "sequential_columns", "standard_radii", "stream_generator",
 ]
 
 CLASS_FROM = ("selection", "label")
 SELECTION_CHUNK = 16
 """Adaptive selection draws its votes this many at a time (up to n0) and stops once they are unanimous."""
-SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
-"""Cohen's six columns, then `n` (noisy forward passes used for the row: n0 selection plus n estimation
-samples, i.e. `SequentialRow.samples` and `Certificate.samples`; the column keeps its historical name)
-and `mode` (`sequential/selection` or `sequential/label`: how the tested class was chosen)."""
+SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "samples", "mode")
+"""Cohen's six columns, then `samples` (noisy forward passes used for the row: n0 selection plus n estimation
+samples, `SequentialRow.samples` and `Certificate.samples`) and `mode` (`sequential/selection`,
+`sequential/label`, `betting/...`: which test, and how the tested class was chosen)."""
+
+LEGACY_SEQUENTIAL_COLUMNS = (*CERTIFY_COLUMNS, "n", "mode")
+"""The header of sequential TSVs written before the `samples` column had its name (`n`, which the glossary keeps
+for estimation samples). Readers accept both; a resumed or merged file keeps the header it was started with
+(`sequential_columns`)."""
+
+
+def sequential_columns(existing_header: str | None) -> tuple[str, ...]:
+    """The columns to write to a sequential TSV whose first line is `existing_header` (None: a new file): the
+    legacy header for a file started with it, else `SEQUENTIAL_COLUMNS`."""
+    if existing_header is not None and existing_header.split("\t") == list(LEGACY_SEQUENTIAL_COLUMNS):
+        return LEGACY_SEQUENTIAL_COLUMNS
+    return SEQUENTIAL_COLUMNS
 
 
 def doubling_looks(first: int = 1024, last: int = 131072) -> tuple[int, ...]:
@@ -596,8 +609,8 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, config: AnyConfig, *, ba
 class SequentialRow(NamedTuple):
     """One row of a sequential certify TSV (columns `SEQUENTIAL_COLUMNS`, in this order).
 
-    The field `samples` is written in the column named `n`: noisy forward passes used for the row,
-    n0 selection plus n estimation samples (`SequentialCertificate.samples`).
+    `samples`: noisy forward passes used for the row, n0 selection plus n estimation samples
+    (`SequentialCertificate.samples`); files written before it had that name call the column `n`.
     """
 
     idx: int
