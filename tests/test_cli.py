@@ -114,6 +114,7 @@ def test_bad_input_is_one_line_error(trained, tmp_path, capsys, argv, message) -
     assert existing.read_text() == "keep me\n"  # nothing already written is lost
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_help() -> None:
     result = subprocess.run([sys.executable, "-m", "smoothadv", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

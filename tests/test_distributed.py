@@ -22,6 +22,8 @@ from smoothadv.seeds import derive_seed
 from smoothadv.settings import TrainSettings
 from smoothadv.train import batches, fit
 
+pytestmark = pytest.mark.slow  # two torchrun workers: tens of seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -45,6 +45,7 @@ def certify_rows(checkpoint: Path, out: Path, count: int, options: list[str]) ->
         return list(csv.DictReader(handle, delimiter="\t"))
 
 
+@pytest.mark.slow
 def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tmp_path, capsys) -> None:
     traj = tmp_path / "t.jsonl"
     assert bench.main(["sample", str(toy_checkpoint), "--out", str(traj), "--skip", "3", "--max", "8", "--group", "3",
@@ -154,6 +155,7 @@ def test_top_up_continues_the_same_noise_stream(bench, toy_checkpoint, tmp_path)
             assert again[r["idx"]][key] == r[key], (r["idx"], key)
 
 
+@pytest.mark.slow
 def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule(bench) -> None:
     # Synthetic trajectories (no model): vote rates 1, 0.97 and 0.9 for the label, and one image whose selected
     # class is wrong. Fixed n = 400: the exact binomial tail, checked against a direct simulation of CERTIFY's
@@ -187,6 +189,7 @@ def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule
     assert fixed[0] == pytest.approx(0.75)  # the three right images always certify r = 0; the wrong one never
 
 
+@pytest.mark.slow
 def test_adaptive_selection_replay_gives_the_cli_rows(bench, toy_checkpoint, tmp_path, capsys) -> None:
     # n0 = 48: the CLI's default adaptive selection draws 16 votes, then the other 32 unless the 16 agree; the
     # replay applies the same rule to the votes `selection` records every 16 samples of the same selection stream

@@ -100,6 +100,7 @@ def test_exact_predict_failure_binary_by_hand() -> None:
     assert direct <= alpha / 2 + 1e-3
 
 
+@pytest.mark.slow
 def test_suite_certify_and_predict_keep_alpha_and_control_is_caught() -> None:
     results = run_suite(trials=500, alpha=0.1, n=100, n0=10, seed=0, quick=True)
     assert all(r.passed for r in results), [(r.problem, r.mode, r.checked, r.allowed) for r in results
@@ -204,6 +205,7 @@ def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None
     assert summary["passed"] == summary["checks"] > 10 and summary["alpha"] == 0.1
 
 
+@pytest.mark.slow
 def test_default_sequential_schedule_at_the_papers_scale_fails_at_most_alpha_exactly() -> None:
     # alpha = 0.001 and the grid's default schedule (sigma = 0.5: nine looks up to 111,616, alpha spending), label
     # mode, policy full (every other policy stops on a subset of these looks): the exact probability that the best
