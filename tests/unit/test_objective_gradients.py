@@ -585,3 +585,10 @@ def test_catrs_attack_with_steps_shorter_than_eps_and_its_own_checks(tmp_path) -
     assert torch.allclose(loaded.pi[1], torch.tensor([0.0, 0.0, 1.0, 0.0]))
     with pytest.raises(SmoothAdvError, match="smoothed-prediction"):
         CATRS(0.25)
+
+
+def test_only_smoothadv_has_an_attack_and_unknown_names_have_none() -> None:
+    from smoothadv.objectives import OBJECTIVES, has_attack
+
+    assert [name for name in OBJECTIVES if has_attack(name)] == ["smoothadv"]
+    assert has_attack("no-such-objective") is False
