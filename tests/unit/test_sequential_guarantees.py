@@ -528,3 +528,37 @@ def test_default_doubling_looks_are_cohens_scale() -> None:
     from smoothadv.sequential import doubling_looks
 
     assert doubling_looks() == (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def test_fitted_schedule_edge_cases_spend_exactly_alpha() -> None:
+    """Without a top share the earlier looks split 1 - last_share
+    equally; the last look is where unanimous votes at alpha * last_share reach the base's cap; bad shares are
+    refused."""
+    from smoothadv.errors import SmoothAdvError
+
+    base = (1024, 2048, 4096, 8192)
+    looks, levels = fitted_schedule(0.5, 0.01, (0.25, 0.5), base=base, last_share=0.5, top_share=0.0)
+    assert sum(levels) == pytest.approx(0.01, rel=1e-12) and levels[-1] == pytest.approx(0.005, rel=1e-12)
+    assert all(level == pytest.approx(0.005 / (len(looks) - 1), rel=1e-12) for level in levels[:-1])
+    cap = cp_lower(base[-1], base[-1], 0.01 / len(base))
+    last = looks[-1]
+    assert last % base[0] == 0 and cp_lower(last, last, 0.005) >= cap > cp_lower(last - 1024, last - 1024, 0.005)
+    looks, levels = fitted_schedule(0.5, 0.01, (0.25, 0.5, 1.0), base=base)
+    assert sum(levels) == pytest.approx(0.01, rel=1e-12)
+    for last_share, top_share in ((0.0, 0.1), (1.0, 0.0), (0.5, 0.5), (0.5, -0.1)):
+        with pytest.raises(SmoothAdvError):
+            fitted_schedule(0.5, 0.01, (0.5,), base=base, last_share=last_share, top_share=top_share)
+
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: fitted_schedule's last look (the unanimous look at alpha * "
+                   "last_share reaching the base's cap) lies beyond base[-1] when the base has few looks, so "
+                   "SequentialConfig.for_budget(sigma, n) draws up to 64 samples for 16 <= n <= 63, and a one-look "
+                   "base (1000,) becomes (1000, 2000) instead of the documented ((1000,), (alpha,))")
+def test_a_small_budget_never_draws_more_than_n() -> None:
+    """`SequentialConfig.for_budget` promises a test that never draws more than n estimation samples (as Cohen's
+    CERTIFY with n), with the default grid policy; and `fitted_schedule` on a one-look base spends all of alpha on
+    that look ("a one-look base: nothing to spend early")."""
+    for n in (16, 20, 31, 32, 40, 63):
+        assert SequentialConfig.for_budget(0.25, n).schedule.looks[-1] <= n, n
+    assert fitted_schedule(0.5, 0.001, (0.5,), base=(1000,)) == ((1000,), (0.001,))
