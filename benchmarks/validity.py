@@ -112,7 +112,7 @@ def search_worst(rate: Callable[[float], float], *, lo: float = 2e-5, hi: float 
 def papers_search(out: str, grid: int, keep: int, rounds: int, points: int) -> None:
     """`search_worst` of the exact failure probability at alpha = 0.001 (n0 = 100, policy full, Cohen's selection)
     of fixed n = 100,000 CERTIFY, of the default alpha-spending schedule and of the default betting test; writes
-    results/reliability/validity_papers_scale_search.md."""
+    results/reliability/validity_papers_scale_search_grid{grid}.md."""
     from scipy.stats import norm
 
     from smoothadv.betting import BettingConfig
@@ -148,7 +148,7 @@ def papers_search(out: str, grid: int, keep: int, rounds: int, points: int) -> N
             "n0 = 100, Cohen's selection, every look made; the largest value found, not a proven supremum.\n\n"
             + "\n".join(lines) + "\n" + "\n".join(details) + f"\n\n({time.time() - started:.0f} s)\n")
     print(text)
-    atomic_write_text(Path(out) / "validity_papers_scale_search.md", text)
+    atomic_write_text(Path(out) / f"validity_papers_scale_search_grid{grid}.md", text)
 
 
 def main() -> None:
