@@ -499,7 +499,9 @@ def test_a_scheduled_objective_refuses_a_call_without_its_epoch_and_smoothadv_ne
     class NoEps:
         steps: int = 1
 
-    for attack in (PGDL2, NoEps(), lambda model, x, y, g=None: x):
+    from types import SimpleNamespace
+
+    for attack in (PGDL2, NoEps(), lambda model, x, y, g=None: x, SimpleNamespace(eps=0.5)):
         with pytest.raises(SmoothAdvError, match="dataclass"):
             SmoothAdv(0.25, attack)  # type: ignore[arg-type]
 
