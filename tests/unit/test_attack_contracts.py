@@ -198,3 +198,28 @@ def test_build_attack_ddn_defaults_follow_salmans_rule() -> None:
     pgd = build_attack("pgd", eps=0.25, steps=7)
     assert isinstance(pgd, PGDL2) and (pgd.eps, pgd.steps, pgd.step_length) == (0.25, 7, 0.5 / 7)
     assert isinstance(build_attack("pgd", eps=0.25, steps=7, gradient_free=True), SteinPGDL2)
+
+
+def test_projection_clamps_to_the_unit_box_by_default_even_inside_the_ball() -> None:
+    x = torch.tensor([[[[0.9, 0.05]]]], dtype=torch.float64)
+    delta = torch.tensor([[[[0.5, -0.5]]]], dtype=torch.float64)
+    out = project(x, delta, 10.0)  # the ball is not binding: only the box is
+    assert torch.allclose(out, torch.tensor([[[[0.1, -0.05]]]], dtype=torch.float64))
+    inside = torch.tensor([[[[0.03, 0.04]]]], dtype=torch.float64)
+    assert torch.allclose(project(x, inside, 0.05), inside, atol=1e-15)  # norm eps: kept (up to x + d - x rounding)
+
+
+def test_check_batch_accepts_a_batch_in_the_unit_box_and_refuses_anything_else() -> None:
+    from smoothadv.attacks import check_batch
+
+    x, y = make_batch(3)
+    assert check_batch(x, y) == int(y.max())
+    assert check_batch(x.flatten(1), y) == int(y.max())  # (B, features) is a batch
+    assert check_batch(torch.zeros(2, 1, 2, 2), torch.tensor([0, 4])) == 4
+    assert check_batch(torch.ones(2, 1, 2, 2), torch.tensor([1, 0])) == 1
+    bad = [(x[0, 0, 0], y[:1]), (x[:0], y[:0]), (x.long(), y), ([0.5], y), (x, y.float()), (x, y.bool()),
+           (x, y.to(torch.complex64)), (x, y[:2]), (x, y[0]), (x, [0, 1, 2]), (x + 1.0, y), (x - 1.0, y),
+           (x.clone().fill_(float("nan")), y), (x, y - 5)]
+    for xb, yb in bad:
+        with pytest.raises(SmoothAdvError):
+            check_batch(xb, yb)  # type: ignore[arg-type]
