@@ -152,7 +152,7 @@ def fitted_schedule(sigma: float, alpha: float, radii: Sequence[float], base: Se
                              f"{top_share}")
     step = base[0]
     cap = clopper_pearson_lower(base[-1], base[-1], alpha / len(base))
-    last = _unanimous_look(cap, alpha * last_share, step)
+    last = min(_unanimous_look(cap, alpha * last_share, step), base[-1])  # never beyond the base's last look
     earlier = [b for b in base if b < last]
     if not earlier:  # a one-look base: nothing to spend early
         return (base[-1],), (alpha,)
