@@ -59,7 +59,7 @@ CMPOPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, as
 NAMES = {"min": "max", "max": "min", "argmax": "argmin", "argmin": "argmax", "amax": "amin", "amin": "amax",
          "clamp_min": "clamp_max", "clamp_max": "clamp_min", "sum": "mean", "mean": "sum", "minimum": "maximum",
          "maximum": "minimum"}
-OPERATORS = "binop, compare, boolop, unary, number, bool, name-swap, detach, call-statement (+ add-detach if configured)"
+OPERATORS = "binop, compare, boolop, unary, number, bool, name-swap, detach, call-statement (+ add-detach: `extra`)"
 ADD_DETACH = {"softmax", "log_softmax", "exp", "mean", "sum", "float", "view", "gather", "kl_div", "cross_entropy",
               "nll_loss", "log", "logsumexp", "topk", "sort"}
 """`add-detach` (a module's `extra` operator): `y = <call>` becomes `y = (<call>).detach()` when the call is one of
@@ -528,7 +528,7 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
              f"({counts['killed_before']} killed): {before:.1f}%.", "",
              "Tests: " + ", ".join(f"`{t}`" for t in run.get("tests", [])) + ".", ""]
     if run.get("slow"):
-        lines += [f"Not run per mutant (over the module's max_test_seconds at baseline): "
+        lines += ["Not run per mutant (over the module's max_test_seconds at baseline): "
                   + ", ".join(f"`{t}`" for t in run["slow"]), ""]
     if run.get("baseline_failing"):
         lines += ["Failing before mutation (left out): " + ", ".join(f"`{t}`" for t in run["baseline_failing"]), ""]
@@ -545,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(HERE / "config.toml"))
     parser.add_argument("--annotations", default=str(HERE / "annotations.toml"))
     parser.add_argument("--max-minutes", type=float, default=None, help="per-module time budget")
-    parser.add_argument("--revision", default="HEAD", help="git revision of src/ to mutate (default HEAD: the committed "
-                        "package); an empty string mutates the working tree as it is")
+    parser.add_argument("--revision", default="HEAD", help="git revision of src/ to mutate (default HEAD: the "
+                        "committed package); an empty string mutates the working tree as it is")
     parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived (or timed out in) "
                         "the last run (out/<module>.json), e.g. after adding tests")
     parser.add_argument("--results", action="store_true", help="also write results.md (the committed summary)")
@@ -620,8 +620,10 @@ def results_page(config: dict, annotations: dict, added: list[str], sections: li
             else:
                 survived += 1
         scored = killed + survived
-        rows.append(f"| {name} | {len(run['records'])} / {run['mutants']} | {killed} | {survived} | {equivalent} | "
-                    f"{100.0 * before / scored if scored else 100.0:.1f}% | **{100.0 * killed / scored if scored else 100.0:.1f}%** |")
+        score_before = 100.0 * before / scored if scored else 100.0
+        score = 100.0 * killed / scored if scored else 100.0
+        rows.append(f"| {name} | {len(run['records'])} / {run.get('mutants', '?')} | {killed} | {survived} | "
+                    f"{equivalent} | {score_before:.1f}% | **{score:.1f}%** |")
     head = [
         "# Mutation benchmark: results", "",
         "Made by `nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation/run.py [MODULE ...]` (see",

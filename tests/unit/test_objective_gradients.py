@@ -401,7 +401,7 @@ def test_catrs_gradient(confidence_mask: bool, eps: float) -> None:
 
 def test_catrs_attack_moves_the_noise_toward_a_larger_kl() -> None:
     """The attacked copies raise the KL term: the high loss with the attack exceeds the one on the plain noise."""
-    model, (x, y) = make_model(4), make_batch(6, seed=17)
+    model, (x, _) = make_model(4), make_batch(6, seed=17)
     pi = torch.full((6, CLASSES), 1.0 / CLASSES)
     noise = torch.randn((6, 3, *SHAPE), generator=torch.Generator().manual_seed(18)) * 0.25
     attacked = kl_pgd(model, x, noise, pi, 0.5, 3)
@@ -510,7 +510,8 @@ def test_a_scheduled_objective_refuses_a_call_without_its_epoch_and_smoothadv_ne
     lambda: Consistency(-0.25), lambda: Consistency(0.25, m=0), lambda: MACER(-0.25), lambda: MACER(0.25, beta=-1.0),
     lambda: SmoothMix(-0.25), lambda: SmoothMix(0.25, step_size=0.0), lambda: StabilityTraining(0.25, lbd=-1.0),
     lambda: SmoothAdv(-0.25, PGDL2(eps=0.5, steps=1)), lambda: SmoothAdv(0.25, PGDL2(eps=0.5, steps=1), m=0),
-    lambda: CATRS(-0.25, pi=torch.full((2, CLASSES), 0.25)), lambda: CATRS(0.25, m=0, pi=torch.full((2, CLASSES), 0.25)),
+    lambda: CATRS(-0.25, pi=torch.full((2, CLASSES), 0.25)),
+    lambda: CATRS(0.25, m=0, pi=torch.full((2, CLASSES), 0.25)),
 ])
 def test_every_objective_checks_its_hyperparameters(make) -> None:
     from smoothadv.errors import SmoothAdvError
@@ -541,7 +542,8 @@ def test_macer_with_a_small_weight_and_a_label_of_probability_zero() -> None:
         p = softmax_mean(huge, x, 0.25 * z)
         assert float(p.gather(1, labels[:, None]).min()) == 0.0
         expected = -torch.log(p.gather(1, labels[:, None]).squeeze(1) + 1e-10).sum() / len(x)
-    assert math.isfinite(float(out.loss.detach())) and float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    loss = float(out.loss.detach())
+    assert math.isfinite(loss) and loss == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_smoothmix_attack_returns_detached_points_and_leaves_the_input_alone() -> None:
