@@ -100,7 +100,8 @@ def test_sequential_decisions_match_the_specification_on_random_paths(policy: st
         p = rng.choice([0.3, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 0.97, 1.0])
         draws = np.diff((0, *looks))
         increments = [int(rng.binomial(d, p)) for d in draws]
-        result = run_sequential(config, lambda k, position=iter(increments): next(position))
+        position = iter(increments)
+        result = run_sequential(config, lambda k, position=position: next(position))
         expected = reference_sequential(looks, levels, policy, sorted(radii), sigma, forecast, 0.1, increments)
         assert (result.certified, result.successes, result.n, result.looks, result.stop) == \
             (expected[0], expected[3], expected[4], expected[5], expected[6]), (p, increments, forecast, radii)
