@@ -223,3 +223,19 @@ def test_check_batch_accepts_a_batch_in_the_unit_box_and_refuses_anything_else()
     for xb, yb in bad:
         with pytest.raises(SmoothAdvError):
             check_batch(xb, yb)  # type: ignore[arg-type]
+
+
+def test_labels_the_model_does_not_have_are_refused_before_any_step() -> None:
+    """A label >= K (the model's number of outputs) or a model that does not return (B, K) scores is a one-line
+    SmoothAdvError at the first call, for every attack, not an IndexError from deep inside the loss."""
+    model, (x, _) = make_model(), make_batch(3)
+    for attack in (PGDL2(eps=0.3, steps=2), DDN(eps=0.3, steps=2)):
+        with pytest.raises(SmoothAdvError, match="labels"):
+            attack(model, x, torch.tensor([0, 3, 1]))
+        assert attack(model, x, torch.tensor([0, 2, 1])).shape == x.shape  # K - 1 is a label
+
+        def flat(z: Tensor) -> Tensor:
+            return model(z).unsqueeze(1)
+
+        with pytest.raises(SmoothAdvError, match="scores"):
+            attack(flat, x, torch.tensor([0, 1, 1]))
