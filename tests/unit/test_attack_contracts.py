@@ -239,3 +239,12 @@ def test_labels_the_model_does_not_have_are_refused_before_any_step() -> None:
 
         with pytest.raises(SmoothAdvError, match="scores"):
             attack(flat, x, torch.tensor([0, 1, 1]))
+
+
+@pytest.mark.parametrize("cls", [PGDL2, SteinPGDL2, DDN])
+def test_attack_budgets_are_checked_when_made(cls) -> None:
+    for kwargs in ({"eps": -0.1}, {"eps": float("inf")}, {"eps": float("nan")}, {"eps": 0.5, "steps": 0},
+                   {"eps": 0.5, "steps": 1.5}):
+        with pytest.raises(SmoothAdvError):
+            cls(**kwargs)
+    assert cls(eps=0.0, steps=1).eps == 0.0
