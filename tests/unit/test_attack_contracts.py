@@ -261,3 +261,11 @@ def test_random_start_radius_is_uniform_in_the_ball() -> None:
     radius = norms(out - x)
     assert float(radius.max()) <= eps * (1 + 1e-9)
     assert abs(float(radius.mean()) - eps / 2) <= 5 * eps / math.sqrt(12 * count)
+
+
+def test_ddn_settings_are_checked_and_defaults_are_salmans() -> None:
+    assert (DDN(eps=0.5).steps, DDN(eps=0.5).gamma, DDN(eps=0.5).init_norm, DDN(eps=0.5).levels) == (10, 0.05, 1.0, 256)
+    assert DDN(eps=0.5).quantize is True and PGDL2(eps=0.5).steps == 10 and PGDL2(eps=0.5).step_size is None
+    for kwargs in ({"gamma": 0.0}, {"gamma": 1.0}, {"init_norm": 0.0}, {"init_norm": -1.0}):
+        with pytest.raises(SmoothAdvError):
+            DDN(eps=0.5, **kwargs)

@@ -450,3 +450,24 @@ def test_nan_logits_and_wrong_output_shapes_are_errors_not_votes() -> None:
             Smooth(model, 3, 0.5).certify(image(), 2, 5, 0.1, 4)
         with pytest.raises(SmoothAdvError):
             Smooth(model, 3, 0.5).certify_many([image(), image()], 2, 5, 0.1, 4)
+
+
+def test_the_base_classifier_votes_in_eval_mode_and_gets_its_modes_back() -> None:
+    """Dropout or BatchNorm in train mode would make the votes depend on the batch: every sampler runs the model
+    in eval mode and restores each submodule's mode afterwards."""
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            seen.append(self.training)
+            return x.flatten(1)[:, :3]
+
+    model = nn.Sequential(Probe(), nn.Identity())
+    model.train()
+    model[1].eval()
+    smooth = Smooth(model, 3, 0.25)
+    smooth.certify(image(), 2, 5, 0.1, 4)
+    smooth.certify_many([image(), image()], 2, 5, 0.1, 4)
+    smooth.predict(image(), 5, 0.1, 4)
+    assert seen and not any(seen)
+    assert [m.training for m in model.modules()] == [True, True, False]
