@@ -269,3 +269,19 @@ def test_ddn_settings_are_checked_and_defaults_are_salmans() -> None:
     for kwargs in ({"gamma": 0.0}, {"gamma": 1.0}, {"init_norm": 0.0}, {"init_norm": -1.0}):
         with pytest.raises(SmoothAdvError):
             DDN(eps=0.5, **kwargs)
+
+
+def test_ddn_quantizes_to_its_levels_across_the_domain_box() -> None:
+    """x + delta is rounded to `levels` evenly spaced values from lo to hi: 256 values of [0, 1] by default (the
+    SmoothAdv code's k / 255), 5 values of [-1, 1] (-1, -0.5, 0, 0.5, 1); no box, no rounding."""
+    x = torch.tensor([[0.1, 0.5, 0.9]], dtype=torch.float64)
+    delta = torch.tensor([[0.0123, -0.2345, 0.0444]], dtype=torch.float64)
+    grid = DDN(eps=1.0)._quantize(x, delta) + x
+    assert torch.allclose(grid, torch.round((x + delta) * 255) / 255, atol=1e-12)
+    five = DDN(eps=1.0, levels=5)
+    out = five._quantize(x, delta, (-1.0, 1.0)) + x
+    assert torch.allclose(out, torch.tensor([[0.0, 0.5, 1.0]], dtype=torch.float64), atol=1e-12)
+    shifted = five._quantize(x - 2.0, delta, (-3.0, 1.0)) + (x - 2.0)  # 5 values of [-3, 1]: step 1
+    assert torch.allclose(shifted, torch.tensor([[-2.0, -2.0, -1.0]], dtype=torch.float64), atol=1e-12)
+    assert torch.equal(five._quantize(x, delta, None), delta)
+    assert torch.equal(DDN(eps=1.0, quantize=False)._quantize(x, delta), delta)
