@@ -471,3 +471,15 @@ def test_the_base_classifier_votes_in_eval_mode_and_gets_its_modes_back() -> Non
     smooth.predict(image(), 5, 0.1, 4)
     assert seen and not any(seen)
     assert [m.training for m in model.modules()] == [True, True, False]
+
+
+def test_domains_are_pairs_lo_below_hi() -> None:
+    from smoothadv.errors import SmoothAdvError
+    from smoothadv.smoothing import check_domain
+
+    assert check_domain(None) is None
+    assert check_domain((0, 1)) == (0.0, 1.0) and check_domain([-1.5, float("inf")]) == (-1.5, float("inf"))
+    for bad in ((0.5, 0.5), (1.0, 0.0), (float("nan"), 1.0), "01", b"01", (0.0,), (0.0, 1.0, 2.0), ("a", "b"), 3.0,
+                {0.0, 1.0}):
+        with pytest.raises(SmoothAdvError):
+            check_domain(bad)
