@@ -263,6 +263,10 @@ def run_train(args: argparse.Namespace) -> None:
     config = values.pop("config", None)
     named = values.pop("objective", None)
     file = {k: v for k, v in read_toml(config).items() if k not in ("paper", "certify")} if config else {}
+    for key in ("force", "resume"):
+        if key in file:
+            raise SmoothAdvError(f"{config}: {key} cannot be set in a recipe (a recipe describes a run; replacing or "
+                                 f"continuing one is for the command line): remove it and pass --{key}")
     if named is not None and file.get("objective", named) != named:
         raise SmoothAdvError(f"{config} trains the {file['objective']} objective, not {named}")
     settings, objective = recipe({"device": "auto", **file, **({"objective": named} if named else {}), **values},

@@ -509,7 +509,6 @@ def test_a_resumed_run_refuses_other_unlabelled_images_at_the_same_path(toy_chec
 # ------------------------------------------------------------------ 4. a recipe cannot destroy data
 
 
-@pytest.mark.xfail(reason="needs the check in cli.run_train (the lead's): refuse force/resume keys in a recipe")
 @pytest.mark.parametrize("key", ["force", "resume"])
 def test_a_recipe_cannot_force_or_resume(runs, tmp_path, capsys, key) -> None:
     out = copy_run(runs["classifier"], tmp_path / "c")
