@@ -440,6 +440,8 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
             continue
         if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
             print(f"[{name}] time budget reached after {number - 1} mutants", flush=True)
+            # a retry keeps the verdicts of the previous run for the mutants it did not get to
+            records += [previous[m["key"]] for m in all_mutants[number - 1:] if m["key"] in previous]
             break
         first, last = mutant["lines"]
         selected: list[str] = []
