@@ -12,7 +12,7 @@ then replays, from those counts and without the model:
 
 Both use the noise streams `smoothadv certify --mode sequential` draws (selection stream 0,
 estimation stream 1 of each image under --seed), so the sequential rows are the CLI's rows
-(`tests/test_sequential_replay.py` checks this) and the fixed-n rows use the first n samples of
+(`tests/e2e/test_sequential_replay.py` checks this) and the fixed-n rows use the first n samples of
 the same estimation stream: the two tables differ only through the stopping rule, not through
 Monte Carlo noise. Trajectories stop at the first multiple of `step` >= n unless one of the
 replayed policies has not stopped by then; they are then continued to the largest last look.

@@ -15,7 +15,7 @@ outputs): no training, no certification. Two forms are accepted, both run in thi
 Usage (from the repository root):
 
     python experiments/docs_blocks.py            # rewrite every block whose output changed
-    python experiments/docs_blocks.py --check    # list the blocks that differ, exit 1 if any (tests/test_docs.py)
+    python experiments/docs_blocks.py --check    # list the blocks that differ, exit 1 if any (tests/e2e/test_docs.py)
 """
 
 from __future__ import annotations

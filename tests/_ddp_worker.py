@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_distributed.py (not a test module itself).
+"""torchrun worker for tests/e2e/test_distributed.py (not a test module itself).
 
 Run as `torchrun --nproc-per-node 2 tests/_ddp_worker.py OUT first`, then (after it fails, as it
 must) `... OUT resume`. The first launch trains on the synthetic dataset with gloo, in one group:

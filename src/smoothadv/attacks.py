@@ -13,7 +13,7 @@ and `DDN`, and `GradientFreeModel` (a model that estimates the ascent direction 
 cross-entropy from forward passes), used by `SteinPGDL2`. Nothing here imports `smoothing` or
 reads a model's attributes; `SoftSmoothed` implements both interfaces.
 
-Contract (every attack, tested in tests/test_attacks.py):
+Contract (every attack, tested in tests/unit/test_attacks.py):
 - `x` is a batch (B, ...) with finite values in [0, 1], and `y` holds B integer labels in
   [0, K) for a model of K outputs; anything else is a SmoothAdvError (one line) before any
   step. The result is a batch in [0, 1].

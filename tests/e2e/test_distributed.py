@@ -24,7 +24,7 @@ from smoothadv.train import batches, fit
 
 pytestmark = pytest.mark.slow  # two torchrun workers: tens of seconds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shard_order_splits_each_global_batch_disjointly() -> None:

@@ -10,7 +10,7 @@ On the machine kind that recorded them (same torch version and CPU capability, s
 everything must be bit-identical. Elsewhere, float kernels may round differently, so weights are
 compared to 1e-4 and rows must agree on at least 90% of their cells: still a real check, not a
 tautology. Regenerate (only for a deliberate, explained change) with
-`SMOOTHADV_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py`.
+`SMOOTHADV_REGEN_GOLDEN=1 python -m pytest tests/e2e/test_golden.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from smoothadv.cli import main
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("SMOOTHADV_REGEN_GOLDEN") == "1"
 
 TRAIN = ["--dataset", "synthetic", "--epochs", "1", "--batch", "64", "--train-subset", "256", "--eval-subset", "32",

@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").rglob("*.toml"))
 OVERRIDES = ["--dataset", "synthetic", "--arch", "toy_cnn", "--epochs", "1", "--train-subset", "4",
              "--eval-subset", "4", "--batch", "4", "--workers", "0", "--device", "cpu", "--no-progress"]
@@ -46,7 +46,7 @@ def later_method(recipe: Path) -> bool:
 
 
 # the recipes that train: all but diffusion denoised smoothing's (configs/cifar10/dds_*.toml certify a pretrained
-# diffusion model and classifier; tests/test_dds_cli.py runs them)
+# diffusion model and classifier; tests/e2e/test_cli_diffusion_denoiser.py runs them)
 TRAINING_RECIPES = [p for p in RECIPES if "objective" in load(p)]
 FIRST_RECIPES = [p for p in TRAINING_RECIPES if not later_method(p)]
 LATER_RECIPES = [p for p in TRAINING_RECIPES if later_method(p)]

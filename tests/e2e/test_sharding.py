@@ -18,7 +18,7 @@ from smoothadv.cli import main
 from smoothadv.errors import SmoothAdvError
 from smoothadv.files import TsvLog
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

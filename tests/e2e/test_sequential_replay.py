@@ -22,7 +22,7 @@ from smoothadv.sequential import doubling_looks, stream_generator
 from smoothadv.smoothing import PackedSampler, SampleRequest, Smooth
 from smoothadv.stats import certified_radius, clopper_pearson_lower
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sequential_vs_fixed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sequential_vs_fixed.py"
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,7 @@ def test_a_module_that_changes_the_image_shape_does_not_fit() -> None:
 # ------------------------------------------------------------------ the one checkpoint format, the one loop
 
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 COMMITTED = REPOSITORY / "results" / "denoised" / "runs"
 
 

@@ -27,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EVAL = ["--sigma", "0.25", "--batch", "100", "--device", "cpu", "--no-progress", "--seed", "4"]
 
 

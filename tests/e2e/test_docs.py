@@ -29,7 +29,7 @@ import torch
 
 from smoothadv.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 GUIDES = sorted((ROOT / "docs").glob("*.md"))
 DOCUMENTS = [README, ROOT / "EXPERIMENTS.md", *GUIDES]
