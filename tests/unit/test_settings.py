@@ -152,7 +152,7 @@ def test_flags_override_the_recipe_and_the_dataset_gives_the_architecture(tmp_pa
 
 
 def test_one_factory_builds_every_objective_and_attack() -> None:
-    assert set(OBJECTIVES) >= {"gaussian", "smoothadv"}  # the later methods: tests/unit/test_objectives_later_methods.py
+    assert set(OBJECTIVES) >= {"gaussian", "smoothadv"}  # the later methods: test_objectives_later_methods.py
     assert build_objective("gaussian", 0.25) == GaussianAugmentation(0.25)
     # every key means one thing: a hyperparameter of another objective is refused
     with pytest.raises(SmoothAdvError, match="m is not a setting of the gaussian objective"):
