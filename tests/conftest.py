@@ -55,3 +55,18 @@ def toy_checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(path, build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic",
                     normalization=normalization_spec("synthetic"), sigma=0.25)
     return path
+
+
+def run_command(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit status and stderr of one in-process `smoothadv` command (arguments as str); a failure must be one clean
+    `smoothadv: error:` line and never a traceback."""
+    from smoothadv.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    if code != 0:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("smoothadv: error: "), err
+    return code, err
+

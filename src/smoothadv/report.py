@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -869,6 +869,28 @@ def plot_format(path: str | Path) -> str:
     return suffix
 
 
+def _new_figure(size: tuple[float, float]) -> Any:
+    """A matplotlib figure on an Agg canvas (no pyplot), or a one-line error when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SmoothAdvError("plotting needs matplotlib: pip install 'smoothadv[plot]'") from None
+    fig = Figure(figsize=size, dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig: Any, out: str | Path, kind: str) -> Path:
+    """Lay out `fig` and write it to `out` atomically, in format `kind`, without a creation date."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=kind, metadata=_NO_DATE[kind])
+    target = Path(out)
+    atomic_write_bytes(target, buffer.getvalue())
+    return target
+
+
 def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Mapping[str, Results] | None = None,
                   max_radius: float | None = None, include_envelope: bool = False, title: str | None = None,
                   ci: bool = False, published: Mapping[str, Published] | None = None) -> Path:
@@ -878,11 +900,6 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     Clopper-Pearson band over the test images around each certified curve. The format is the one `out`'s extension names
     (`plot_format`: PNG, PDF or SVG). Needs matplotlib (imported here, Agg canvas, no pyplot)."""
     kind = plot_format(out)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise SmoothAdvError("plotting needs matplotlib: pip install 'smoothadv[plot]'") from None
     attack = attack or {}
     if not certify and not attack:
         raise SmoothAdvError("nothing to plot")
@@ -890,8 +907,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
               [float(r.eps.max()) for r in attack.values() if r.eps is not None] + [0.0])
     limit = max_radius if max_radius is not None else max(0.25, math.ceil(top * 1.1 / 0.25) * 0.25)
     grid = np.linspace(0.0, limit, 401)
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = _new_figure((6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     published = published or {}
@@ -923,12 +939,7 @@ def plot_accuracy(certify: Mapping[str, Results], out: str | Path, *, attack: Ma
     ax.legend(loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=kind, metadata=_NO_DATE[kind])
-    target = Path(out)
-    atomic_write_bytes(target, buffer.getvalue())
-    return target
+    return _save_figure(fig, out, kind)
 
 
 def default_radii(certify: Mapping[str, Results], step: float = 0.25, max_columns: int = 12) -> list[float]:
@@ -978,11 +989,6 @@ def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
     from scipy.stats import norm
 
     kind = plot_format(out)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise SmoothAdvError("plotting needs matplotlib: pip install 'smoothadv[plot]'") from None
     if not certify:
         raise SmoothAdvError("nothing to plot")
     if quantity not in ("radius", "p_lower"):
@@ -998,8 +1004,7 @@ def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
     finite = [float(r[np.isfinite(r)].max()) for r in radii.values() if np.isfinite(r).any()]
     limit = max_radius if max_radius is not None else max(0.25, math.ceil(max(finite + [0.0]) * 1.1 / 0.25) * 0.25)
     grid = np.linspace(0.0, limit, 401)
-    fig = Figure(figsize=(11.0, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = _new_figure((11.0, 4.2))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     for i, (name, res) in enumerate(certify.items()):
@@ -1040,9 +1045,4 @@ def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=kind, metadata=_NO_DATE[kind])
-    target = Path(out)
-    atomic_write_bytes(target, buffer.getvalue())
-    return target
+    return _save_figure(fig, out, kind)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command as run
 
 from smoothadv import Smooth, SmoothAdvError
 from smoothadv.attacks import DDN, PGDL2, SteinPGDL2
@@ -25,17 +26,6 @@ TRAIN = ["train", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "
          "--batch", "16", "--no-progress", "--device", "cpu"]
 CERTIFY = ["--sigma", "0.25", "--n0", "5", "--n", "20", "--batch", "20", "--no-progress", "--device", "cpu"]
 TSV = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n1\t2\t2\t0.3\t1\t0:00:01\n"
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Exit status and stderr of one in-process command; a failure must be one clean error line."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    if code != 0:
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("smoothadv: error: "), err
-    return code, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

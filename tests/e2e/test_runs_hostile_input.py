@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_command as run
 
 from smoothadv.cli import main
 from smoothadv.denoise import DnCNN, save_denoiser
@@ -25,17 +26,6 @@ TRAIN = ["train", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "
          "--batch", "16", *CPU]
 DENOISER = ["train-denoiser", "--dataset", "synthetic", "--epochs", "1", "--batch", "32", "--train-subset", "64",
             "--eval-subset", "16", "--depth", "3", "--width", "4", *CPU]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Exit status and stderr of one in-process command; a failure must be one clean error line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    if code != 0:
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("smoothadv: error: "), err
-    return code, err
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str], message: str) -> str:
