@@ -72,6 +72,11 @@ FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
 
 
+def _integers(values: Sequence[int] | np.ndarray | Tensor) -> np.ndarray:
+    """Labels or predictions given as a list, an array or a tensor, as a flat int64 array."""
+    return np.asarray(values.tolist() if isinstance(values, Tensor) else values, dtype=np.int64).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Results:
     """The rows of one result TSV as arrays (one entry per example).
@@ -105,7 +110,7 @@ class Results:
                           name: str = "certificates in memory") -> Results:
         """The results of `certificates` (from `Smooth.certify`, `certify_many` or `certify_sequential`) of
         examples with true `labels`, in that order (idx 0, 1, ...). `name` stands in for the file path in messages."""
-        labels_a = np.asarray(labels.tolist() if isinstance(labels, Tensor) else labels, dtype=np.int64).reshape(-1)
+        labels_a = _integers(labels)
         if len(certificates) != len(labels_a) or not len(labels_a):
             raise SmoothAdvError(f"give one label per certificate (and at least one): got {len(certificates)} "
                                  f"certificates and {len(labels_a)} labels")
@@ -124,10 +129,7 @@ class Results:
                          name: str = "predictions in memory") -> Results:
         """The results of PREDICT (`Smooth.predict`; ABSTAIN = -1) on examples with true `labels`, attacked at
         radius `eps` (one value, or one per prediction), for the empirical rows of tables and plots."""
-        def as_array(values: Sequence[int] | np.ndarray | Tensor) -> np.ndarray:
-            return np.asarray(values.tolist() if isinstance(values, Tensor) else values, dtype=np.int64).reshape(-1)
-
-        predict, labels_a = as_array(predictions), as_array(labels)
+        predict, labels_a = _integers(predictions), _integers(labels)
         if len(predict) != len(labels_a) or not len(labels_a):
             raise SmoothAdvError(f"give one label per prediction (and at least one): got {len(predict)} predictions "
                                  f"and {len(labels_a)} labels")
