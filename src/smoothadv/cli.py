@@ -223,10 +223,10 @@ def train_argv(argv: list[str]) -> list[str]:
     """`smoothadv train` arguments with the objective as the subcommand after `train`: `--objective NAME` (the
     older spelling) becomes `train NAME ...`, and without either, a `--config` recipe's objective is used, so that
     its own flags (`--m`, `--eps`, ...) can be given on the command line."""
+    if not argv or argv[0] != "train":
+        return argv  # other commands pay no import here
     from .objectives import OBJECTIVES
 
-    if not argv or argv[0] != "train":
-        return argv
     rest = argv[1:]
     named = [i for i, a in enumerate(rest) if a == "--objective" or a.startswith("--objective=")]
     if named:
