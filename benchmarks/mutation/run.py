@@ -388,16 +388,23 @@ def _pytest_args(tests: list[str], stop_first: bool) -> list[str]:
 def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, partial: Path | None = None,
                revision: str | None = "HEAD", added: tuple[str, ...] = (), retry: dict | None = None) -> dict:
     file = ROOT / spec["file"]
-    tests = [t for t in spec["tests"] if (ROOT / t).exists()]
     src = work / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    if revision:  # the committed package: edits in progress in the working tree are not measured
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "src"], check=True,
+    if revision:  # the committed tree (package, tests, configs): edits in progress are not measured, and
+        # tests moved or edited in the working tree while the benchmark runs do not disturb it
+        tree = work / "tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True,
                                  capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(work, filter="data")
+            tar.extractall(tree, filter="data")
+        src = tree / "src"
+        os.chdir(tree)
     else:
+        shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        os.chdir(ROOT)
+    tests = [t for t in spec["tests"] if Path(t).exists()]
     copy_file = src / file.relative_to(ROOT / "src")
     source = copy_file.read_text()
     result_file, log = work / "result.json", work / "log.txt"
@@ -575,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         _preload()
         with tempfile.TemporaryDirectory(prefix="smoothadv-mutation-") as tmp:
             for name in names:
-                last = OUT / f"{name}.json"
+                last, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
+                if partial.exists() and (not last.exists() or partial.stat().st_mtime > last.stat().st_mtime):
+                    last = partial  # a stopped run: --retry continues it (its verdicts kept, the rest run)
                 retry = json.loads(last.read_text()) if args.retry and last.exists() else None
                 run = run_module(name, config[name], Path(tmp), args.max_minutes, OUT / f"{name}.partial.json",
                                  args.revision or None, tuple(added), retry)
@@ -583,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                 if retry is not None:
                     run["seconds"] = round(run["seconds"] + retry.get("seconds", 0.0), 1)
                 (OUT / f"{name}.json").write_text(json.dumps(run, indent=1))
+        os.chdir(ROOT)  # the module ran inside the (now removed) temporary copy
     sections = []
     for name in config:
         path, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
