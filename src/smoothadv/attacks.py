@@ -106,8 +106,7 @@ class _ModelAtCallTime:
     """Refuses the torchattacks habit of giving the model to the constructor, with what to write instead."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        given = [*args[:1], kwargs.get("eps")]
-        if any(callable(value) and not isinstance(value, (int, float)) for value in given):
+        if any(callable(value) and not isinstance(value, (int, float)) for value in (*args, *kwargs.values())):
             raise SmoothAdvError(f"{cls.__name__} takes the model when it is called, not when it is made: write "
                                  f"{cls.__name__}(eps=0.5, steps=10)(model, x, y)")
         return super().__new__(cls)
@@ -247,7 +246,7 @@ class _ProjectedL2Ascent(_ModelAtCallTime):
             return self._attack(model, x.detach(), y, top_label, generator, domain)
 
     def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
-                domain: Domain = (0.0, 1.0)) -> Tensor:
+                domain: Domain) -> Tensor:
         delta = torch.zeros_like(x)
         if self.random_start:
             direction = _normalize(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator), None)
@@ -346,7 +345,7 @@ class DDN(_ModelAtCallTime):
             return self._attack(model, x.detach(), y, top_label, generator, domain)
 
     def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
-                domain: Domain = (0.0, 1.0)) -> Tensor:
+                domain: Domain) -> Tensor:
         batch = x.shape[0]
         delta = torch.zeros_like(x)
         norm = torch.full((batch,), float(self.init_norm), device=x.device, dtype=x.dtype)

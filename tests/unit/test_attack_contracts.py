@@ -145,15 +145,23 @@ def test_stein_pgd_follows_the_stein_direction_of_the_smoothed_classifier() -> N
 
 
 def reference_ddn(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gamma: float, init: float,
-                  levels: int = 256, quantize: bool = True) -> Tensor:
+                  levels: int = 256, quantize: bool = True, box: tuple[float, float] | None = (0.0, 1.0)) -> Tensor:
+    """DDN as SmoothAdv adapted it, written out for a box [lo, hi] (None: no box, no cap, no rounding)."""
     b = x.shape[0]
 
     def q(d: Tensor) -> Tensor:
-        return ((x + d) * (levels - 1)).round() / (levels - 1) - x if quantize else d
+        if not quantize or box is None:
+            return d
+        lo, span = box[0], box[1] - box[0]
+        return ((x + d - lo) / span * (levels - 1)).round() / (levels - 1) * span + lo - x
+
+    def clamp(d: Tensor) -> Tensor:
+        return d if box is None else (x + d).clamp(*box) - x
 
     delta = torch.zeros_like(x)
     budget = torch.full((b,), init, dtype=x.dtype)
-    cap = norms(torch.maximum(x, 1 - x))
+    # the largest perturbation the box allows: every pixel pushed to its farther edge
+    cap = norms(torch.maximum(x - box[0], box[1] - x)) if box is not None else torch.full((b,), math.inf)
     best, best_norm = torch.zeros_like(x), torch.full((b,), math.inf, dtype=x.dtype)
     for k in range(1, steps + 1):
         lr = 0.01 + 0.99 * (1 + math.cos(math.pi * k / steps)) / 2
@@ -168,8 +176,8 @@ def reference_ddn(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int
         delta = delta + lr * grad / norms(grad).clamp_min(1e-12).view(-1, 1, 1, 1)
         budget = torch.minimum(torch.where(adversarial, budget * (1 - gamma), budget * (1 + gamma)), cap)
         delta = delta * (budget / norms(delta).clamp_min(1e-12)).view(-1, 1, 1, 1)
-        delta = (x + q(delta)).clamp(0, 1) - x
-    out = ball((x + q(ball((x + best).clamp(0, 1) - x, eps))).clamp(0, 1) - x, eps)
+        delta = clamp(q(delta))
+    out = ball(clamp(q(ball(clamp(best), eps))), eps)
     out[torch.isinf(best_norm)] = 0.0
     return x + out
 
@@ -186,6 +194,25 @@ def test_ddn_is_the_adapted_decoupled_direction_and_norm_attack(quantize: bool) 
     assert bool((moved > 0).any()) and bool((moved == 0).any())  # some examples found, some unchanged
     assert float(moved.max()) <= eps * (1 + 1e-12)
     assert bool((model(ours).argmax(1) != y)[moved > 0].all())
+
+
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-1.0, 1.0), (-3.0, 2.0), None])
+def test_ddn_in_any_box_caps_its_norm_at_the_boxs_largest_perturbation(box: tuple[float, float] | None) -> None:
+    """In a box [lo, hi] the norm budget never exceeds the largest perturbation the box allows (every pixel at its
+    farther edge), steps are rounded to the box's grey levels and clamped to it; without a box there is no cap,
+    rounding or clamp. A large initial norm makes the cap bind from the first step."""
+    model, (x, y) = make_model(6), make_batch(8, seed=9)
+    if box is not None:
+        x = box[0] + (box[1] - box[0]) * x  # inside the box, away from its edges
+    y[:4] = model(x[:4]).argmax(1)
+    eps, steps, gamma, init = 1.5, 8, 0.2, 6.0
+    ours = DDN(eps=eps, steps=steps, gamma=gamma, init_norm=init)(model, x, y, domain=box)
+    expected = reference_ddn(model, x, y, eps, steps, gamma, init, box=box)
+    assert torch.allclose(ours, expected, atol=1e-9)
+    moved = norms(ours - x)
+    assert bool((moved > 0).any())
+    if box is not None:
+        assert float(ours.min()) >= box[0] and float(ours.max()) <= box[1]
 
 
 def test_build_attack_ddn_defaults_follow_salmans_rule() -> None:

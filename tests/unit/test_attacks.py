@@ -131,7 +131,8 @@ def test_attacks_run_in_eval_mode_and_leave_the_model_as_it_was(attack) -> None:
 @pytest.mark.parametrize("attack", [PGDL2, DDN, SteinPGDL2])
 def test_the_torchattacks_habit_is_refused_with_what_to_write(attack) -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
-    for make in (lambda: attack(net, eps=0.5), lambda: attack(net), lambda: attack(eps=net)):
+    for make in (lambda: attack(net, eps=0.5), lambda: attack(net), lambda: attack(eps=net), lambda: attack(0.5, net),
+                 lambda: attack(0.5, steps=net)):
         with pytest.raises(SmoothAdvError, match=rf"takes the model when it is called.*{attack.__name__}\(eps=0.5, "
                                                  r"steps=10\)\(model, x, y\)"):
             make()
