@@ -12,7 +12,7 @@ For each module of `config.toml` (all of them by default), in a temporary copy o
    and pytest imported once, smoothadv imported fresh from the copy), stopping at the first failure.
    A mutant is *killed* (a test failed; the first failing test is recorded), *timeout* (counted as killed:
    the mutant hangs), or *survived* (every covering test passed, or no test covers the statement);
-3. the per-mutant outcome goes to `benchmarks/mutation/out/<module>.json` (git-ignored) and the summary
+3. the per-mutant outcome goes to `benchmarks/mutation/out/<module>.json` (committed) and the summary
    with the judgements of `annotations.toml` (equivalent mutants, known survivors, one-line reason each) to
    `benchmarks/mutation/out/<module>.md`; `results.md` is the committed copy of those summaries.
 
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["seconds"] = round(run["seconds"] + retry.get("seconds", 0.0), 1)
                 (OUT / f"{name}.json").write_text(json.dumps(run, indent=1))
         os.chdir(ROOT)  # the module ran inside the (now removed) temporary copy
-    sections = []
+    sections, previous = [], _committed_results()
     for name in config:
         path, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
         if partial.exists() and (not path.exists() or partial.stat().st_mtime > path.stat().st_mtime):
@@ -604,21 +604,40 @@ def main(argv: list[str] | None = None) -> int:
             if name in names or args.summarize:
                 print(section)
             sections.append(section)
+        elif name in previous:  # no record of its own here: the committed results.md keeps its last result
+            sections.append(previous[name][1])
     (OUT / "summary.md").write_text("\n".join(sections) + "\n")
     if args.results:
         (HERE / "results.md").write_text(results_page(config, annotations, added, sections))
     return 0
 
 
+def _committed_results() -> dict[str, tuple[str, str]]:
+    """Per module, its table row and section in the committed results.md: what a module with no record under
+    out/ (a checkout where it was not rerun) keeps when results.md is rewritten."""
+    path = HERE / "results.md"
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| module")}
+    found = {}
+    for part in text.split("\n## ")[1:]:
+        name = part.split(" ", 1)[0]
+        if name in rows:
+            found[name] = (rows[name], "## " + part.rstrip("\n") + "\n")
+    return found
+
+
 def results_page(config: dict, annotations: dict, added: list[str], sections: list[str]) -> str:
     """results.md: how it was made, one table row per module, then each module's section."""
-    rows = []
+    rows, previous = [], _committed_results()
     for name in config:
         path, partial = OUT / f"{name}.json", OUT / f"{name}.partial.json"
         if partial.exists() and (not path.exists() or partial.stat().st_mtime > path.stat().st_mtime):
             path = partial
         if not path.exists():
-            rows.append(f"| {name} | not run | | | | | |")
+            rows.append(previous[name][0] if name in previous else f"| {name} | not run | | | | | |")
             continue
         run = json.loads(path.read_text())
         notes = annotations.get(name, {})
