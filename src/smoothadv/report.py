@@ -42,7 +42,7 @@ import numpy as np
 from torch import Tensor
 
 from .errors import SmoothAdvError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, read_tsv
 from .settings import read_toml
 from .smoothing import Certificate
 from .stats import (
@@ -63,7 +63,7 @@ __all__ = [
     "certified_radii", "compare", "compare_to_first", "default_radii", "describe_comparison", "dkw_halfwidth",
     "empirical_curve", "envelope", "format_comparison", "format_table", "load_costs", "load_published",
     "load_results", "merge", "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma",
-    "summarize",
+    "recorded_seconds", "summarize",
 ]
 
 Format = Literal["markdown", "latex", "csv"]
@@ -162,6 +162,22 @@ def parse_seconds(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"not a duration: {text!r}")
     return value
+
+
+def recorded_seconds(path: str | Path, column: str = "time") -> float:
+    """The time a run's TSV records: the sum of its `column`, in seconds (a training `log.tsv`'s seconds, or an
+    evaluation's H:MM:SS.ffffff: `parse_seconds`); 0 when the file does not exist. SmoothAdvError (one line) for
+    a file without that column or with a value that is not a duration."""
+    if not Path(path).exists():
+        return 0.0
+    header, rows = read_tsv(path)
+    if column not in header.split("\t"):
+        raise SmoothAdvError(f"{path} has no {column!r} column")
+    at = header.split("\t").index(column)
+    try:
+        return sum(parse_seconds(row[at]) for row in rows)
+    except ValueError as exc:
+        raise SmoothAdvError(f"{path}: column {column!r}: {exc}") from None
 
 
 def _split(line: str) -> list[str]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import SmoothAdvError
-from .files import OutputLock, atomic_write_text, locked_run_directory, write_provenance
+from .files import OutputLock, atomic_write_text, locked_run_directory, read_tsv, write_provenance
 from .settings import bookkeeping_fields, flag_name, upgraded
 
 __all__ = [
@@ -292,6 +292,30 @@ class RunDirectory:
         if any(d.name == "epochs" for d in refused):
             raise SmoothAdvError(f"cannot resume {self.checkpoint} with --epochs {settings.epochs}: it has already "
                                  f"trained {done} epochs (pass --epochs {done} or more)")
+
+    def unfinished(self, settings: Any, objective: Any) -> str | None:
+        """Why this directory does not hold a run of `settings` and `objective` trained to its last epoch ("was
+        not trained", "was trained with other settings (...)", "was not trained to the end"), or None when it
+        does. Read from `args.json` and `log.tsv` alone, so a run whose checkpoint was not kept (a committed one)
+        is judged too. The settings are compared by the one rule (`compare`: rows=False fields free, a field
+        newer than the record at its default) with no change accepted, `epochs` included; the objective as
+        `args.json` recorded it (`objective_record`: renamed fields under today's names, an older repr())."""
+        log = self.path / "log.tsv"
+        try:
+            recorded = json.loads((self.path / "args.json").read_text(encoding="utf-8"))
+            epochs = len(read_tsv(log)[1]) if log.exists() else None
+        except (OSError, ValueError, SmoothAdvError):
+            recorded = epochs = None
+        if not isinstance(recorded, dict) or epochs is None:
+            return "was not trained"
+        cls = type(settings)
+        refused, _ = compare(recorded, settings_record(settings), free=bookkeeping_fields(cls),
+                             defaults=field_defaults(cls), keys=[f.name for f in dataclasses.fields(cls)])
+        then = upgraded(recorded["objective"]) if isinstance(recorded.get("objective"), dict) else {}
+        refused += compare(then, objective_record(objective, then))[0]
+        if refused:
+            return f"was trained with other settings ({'; '.join(d.refused() for d in refused)})"
+        return "was not trained to the end" if epochs < settings.epochs else None
 
     def history(self, resumed: Mapping[str, Any] | None, record: Mapping[str, Any], at_epoch: int,
                 free: Collection[str]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from smoothadv.report import (
     merge,
     parse_seconds,
     plot_accuracy,
+    recorded_seconds,
     summarize,
 )
 
@@ -52,6 +53,18 @@ def test_both_time_formats_parse(files: dict[str, Path]) -> None:
     assert parse_seconds("2:03:04.5") == 2 * 3600 + 3 * 60 + 4.5
     with pytest.raises(ValueError):
         parse_seconds("yesterday")
+
+
+def test_recorded_seconds_sums_the_time_column_of_an_evaluation_or_a_training_log(files: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    assert recorded_seconds(files["A"]) == pytest.approx(14.172309 + 1 + 1 + 86401 + 1.5)
+    log = write(tmp_path / "log.tsv", "epoch\ttime\tlr\n", ["1\t12.5\t0.1", "2\t7.5\t0.1"])
+    assert recorded_seconds(log) == 20.0
+    assert recorded_seconds(tmp_path / "absent.tsv") == 0.0  # a step that has not run
+    with pytest.raises(SmoothAdvError, match="has no 'time' column"):
+        recorded_seconds(write(tmp_path / "x.tsv", "epoch\tlr\n", ["1\t0.1"]))
+    with pytest.raises(SmoothAdvError, match="column 'time': not a duration: 'soon'"):
+        recorded_seconds(write(tmp_path / "y.tsv", "epoch\ttime\n", ["1\tsoon"]))
 
 
 def test_certified_accuracy_acr_abstention_by_hand(files: dict[str, Path]) -> None:

@@ -74,6 +74,25 @@ def test_check_resumable_refuses_in_one_line_naming_the_flag(tmp_path: Path) -> 
         directory.check_resumable({"epoch": 1}, settings())
 
 
+def test_unfinished_judges_a_run_by_its_args_json_and_log_alone(tmp_path: Path) -> None:
+    from smoothadv.objectives import GaussianAugmentation
+
+    directory, objective = RunDirectory(tmp_path, "checkpoint.pth.tar"), GaussianAugmentation(0.25)
+    assert directory.unfinished(settings(epochs=2), objective) == "was not trained"
+    record = {**json.loads(json.dumps(dataclasses.asdict(settings(epochs=2)), default=str)),
+              "objective": {"name": "GaussianAugmentation", "sigma": 0.25}}
+    record.pop("precision")  # a record older than a field counts as its default
+    directory.write_provenance(record)
+    assert directory.unfinished(settings(epochs=2), objective) == "was not trained"  # no log.tsv: never trained
+    (tmp_path / "log.tsv").write_text("epoch\ttime\n1\t3.0\n")
+    assert directory.unfinished(settings(epochs=2), objective) == "was not trained to the end"
+    (tmp_path / "log.tsv").write_text("epoch\ttime\n1\t3.0\n2\t3.0\n")
+    assert directory.unfinished(settings(epochs=2, device="cuda"), objective) is None  # rows=False: free
+    assert directory.unfinished(settings(epochs=3), objective) == (
+        "was trained with other settings (epochs: 2 != 3)")  # no change accepted, a larger --epochs neither
+    assert "sigma: 0.25 != 0.5" in directory.unfinished(settings(epochs=2), GaussianAugmentation(0.5))
+
+
 def test_start_refuses_an_existing_checkpoint_without_resume_or_force(tmp_path: Path) -> None:
     directory = RunDirectory(tmp_path / "run", "checkpoint.pth.tar")
     assert directory.checkpoint_to_resume(resume=True, force=False) is None  # nothing to resume yet
