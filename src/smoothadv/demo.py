@@ -1,28 +1,22 @@
-"""`smoothadv demo`: the papers' comparison end to end, on real data, in one command: a recipe over `fit`
-and `run_evaluation`.
+"""`smoothadv demo`: Gaussian augmentation (Cohen et al. 2019) against SmoothAdv (Salman et al. 2019) on real
+data, in one command: a recipe over `train.fit` and `run.run_evaluation`.
 
-Trains two base classifiers at the same sigma, architecture, data, epochs and seed: one with Gaussian
-augmentation (Cohen et al. 2019), one with SmoothAdv (Salman et al. 2019); certifies the same test images
-with both (CERTIFY); attacks the first of them with the SmoothAdv attack, then PREDICT on the adversarial
-inputs (empirical accuracy, an upper bound on robust accuracy); and writes into `out`:
+Trains two base classifiers alike but for their objective, certifies the same test images with both (CERTIFY),
+attacks the first of them with the SmoothAdv attack, then PREDICT on the adversarial inputs (empirical accuracy,
+an upper bound on robust accuracy), and writes into `out`:
 
     gaussian/, smoothadv/                 the training runs (checkpoint.pth.tar, log.tsv, args.json)
     certify_{gaussian,smoothadv}.tsv      Cohen's columns (+ .args.json, .env.json)
     attack_{gaussian,smoothadv}.tsv       one row per (example, eps)
     report.md, table.md, accuracy.png     what was run, the tables (`demo_table`), the picture, timings
 
-The demo keeps no cache of its own: re-running calls `fit(resume=True)` (a finished run trains nothing,
-an interrupted one continues, one whose recorded settings differ is trained again) and
-`run_evaluation(restart_on_change=True)` (finished rows are kept, a run whose settings or model changed
-starts over). `fresh` redoes everything; `report_only` rebuilds the report from a finished run's files,
-checked against these settings by the one rule (`rundir.compare`). A file in `out` the demo did not
-write (a report.md of another kind, a table.md or accuracy.png without the demo's report.md, a TSV
-without its settings sidecar, a checkpoint recording no settings) is never overwritten without `force`
-or `fresh`.
-
-The table gives each certified accuracy with its 95% Clopper-Pearson interval and compares the two
-models image by image (`report.compare`: exact McNemar per radius, Holm-adjusted; the ACR difference
-with its 95% interval): one run on a few hundred images cannot order two models a few points apart.
+No cache of its own: a model is resumed by `fit(resume=True)` when the run's own rule lets its checkpoint resume
+(`RunDirectory.check_resumable`: a finished run trains nothing), else trained afresh; the evaluations are
+`run_evaluation(restart_on_change=True)` (finished rows kept; other settings or another model: start over).
+`fresh` redoes everything; `report_only` rebuilds the report from a finished run's files, checked against these
+settings (`RunDirectory.unfinished`; the evaluations' sidecars by `rundir.compare`). A file in `out` the demo did
+not write (a report.md of another kind, a table.md or accuracy.png without the demo's report.md, a TSV without
+its settings sidecar, a checkpoint recording no settings) is never replaced without `force` or `fresh`.
 """
 
 from __future__ import annotations
@@ -43,8 +37,8 @@ from .data import check_data_dir, dataset_info, get_dataset
 from .errors import SmoothAdvError
 from .files import atomic_write_text, make_directory, read_tsv
 from .models import read_checkpoint
-from .run import expected_jobs, read_settings, record, run_evaluation, settings_path
-from .rundir import RunDirectory, compare, described, field_defaults, objective_record
+from .run import expected_jobs, record, run_evaluation
+from .rundir import RunDirectory, compare, described, read_settings, settings_path
 from .settings import (
     AT_LEAST_ONE,
     COUNT,
@@ -58,7 +52,6 @@ from .settings import (
     CertifySettings,
     RunSettings,
     TrainSettings,
-    bookkeeping_fields,
     check_fields,
     row_settings,
     setting,
@@ -134,19 +127,16 @@ class DemoResult:
     timings: dict[str, tuple[str, float]]  # step -> (ran / reused / resumed, seconds when it ran)
 
 
-@dataclass
-class _Plan:
+Training = dict[str, tuple[TrainSettings, Any]]  # name -> (settings, objective)
+Evaluations = dict[str, tuple[RunSettings, CertifySettings | AttackRunSettings]]  # step -> (run, settings)
+
+
+def _plan(cfg: DemoConfig, out: Path, device: Any) -> tuple[Training, Evaluations]:
     """What a demo run trains and evaluates, and where: the same for a run and for a rebuilt report."""
-
-    training: dict[str, tuple[TrainSettings, Any]]                  # name -> (settings, objective)
-    evaluations: dict[str, tuple[RunSettings, CertifySettings | AttackRunSettings]]  # step -> (run, settings)
-
-
-def _plan(cfg: DemoConfig, out: Path, device: Any) -> _Plan:
-    arch = dataset_info(cfg.dataset).default_arch
-    common = {"dataset": cfg.dataset, "arch": arch, "sigma": cfg.sigma, "epochs": cfg.epochs, "batch": cfg.batch_size,
-              "lr": cfg.lr, "lr_step": max(1, math.ceil(cfg.epochs * 2 / 3)), "seed": cfg.seed, "device": str(device),
-              "data_dir": cfg.data_dir, "train_subset": cfg.train_subset, "progress": cfg.progress}
+    common = {"dataset": cfg.dataset, "arch": dataset_info(cfg.dataset).default_arch, "sigma": cfg.sigma,
+              "epochs": cfg.epochs, "batch": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
+              "lr_step": max(1, math.ceil(cfg.epochs * 2 / 3)), "data_dir": cfg.data_dir,
+              "train_subset": cfg.train_subset, "progress": cfg.progress}
     training = {  # the same factory as `smoothadv train --objective ...`
         "gaussian": recipe({**common, "out": out / "gaussian", "objective": "gaussian"}),
         "smoothadv": recipe({**common, "out": out / "smoothadv", "objective": "smoothadv", "m": cfg.m,
@@ -157,7 +147,7 @@ def _plan(cfg: DemoConfig, out: Path, device: Any) -> _Plan:
     test_size = cfg.certify if cfg.report_only else len(get_dataset(cfg.dataset, "test", cfg.data_dir))  # type: ignore[arg-type]
     shared: dict[str, Any] = {"sigma": cfg.sigma, "alpha": cfg.alpha, "batch": cfg.batch, "seed": cfg.seed,
                               "skip": max(1, test_size // cfg.certify)}
-    evaluations: dict[str, tuple[RunSettings, CertifySettings | AttackRunSettings]] = {}
+    evaluations: Evaluations = {}
     for name in training:
         run = RunSettings(checkpoint=str(out / name / CHECKPOINT), out=out / f"certify_{name}.tsv", device=str(device),
                           data_dir=cfg.data_dir, progress=cfg.progress, force=cfg.fresh)
@@ -167,7 +157,7 @@ def _plan(cfg: DemoConfig, out: Path, device: Any) -> _Plan:
                 dataclasses.replace(run, out=out / f"attack_{name}.tsv"),
                 AttackRunSettings(eps=cfg.eps_values, steps=cfg.attack_steps, m=cfg.attack_m, n=cfg.attack_n,
                                   max=cfg.attack_count, **shared))
-    return _Plan(training, evaluations)
+    return training, evaluations
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
@@ -175,136 +165,98 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     from the files a finished run left in `cfg.out`. Progress lines, the table and the timings go to `log`."""
     check_data_dir(cfg.data_dir)
     out, device = Path(cfg.out), resolve_device(cfg.device)
-    plan = _plan(cfg, out, device)
-    _refuse_foreign_files(cfg, out, plan)
+    training, evaluations = _plan(cfg, out, device)
+    _refuse_foreign_files(cfg, out, training, evaluations)
     make_directory(out)
+    status = {f"train {name}": "reused" for name in training} | {step: "reused" for step in evaluations}
     if cfg.report_only:
         log(f"demo: rebuilding the report of {out} from its files (nothing is trained or certified)")
-        _check_finished(cfg, plan)
-        timings = {f"train {name}": ("reused", _seconds(Path(settings.out_dir) / "log.tsv", "time"))
-                   for name, (settings, _) in plan.training.items()}
-        timings.update({step: ("reused", _seconds(Path(run.out), "time"))
-                        for step, (run, _) in plan.evaluations.items()})
+        _check_finished(cfg, training, evaluations)
     else:
         log(f"demo: {cfg.dataset}, sigma {cfg.sigma}, {cfg.epochs} epoch(s), device {device}; run folder {out}")
-        timings = {f"train {name}": _train(cfg, name, settings, objective, log)
-                   for name, (settings, objective) in plan.training.items()}
-        for step, (run, settings) in plan.evaluations.items():
-            outcome = run_evaluation(run, settings, restart_on_change=not cfg.fresh, log=_prefixed(log, step))
-            status = "reused" if outcome.resumed == outcome.rows else "resumed" if outcome.resumed else "ran"
-            timings[step] = (status, _seconds(Path(run.out), "time"))
-    return _write_report(cfg, out, device, plan, timings, log)
+        for name, (settings, objective) in training.items():
+            status[f"train {name}"] = _train(cfg, name, settings, objective, log)
+        for step, (run, evaluation) in evaluations.items():
+            done = run_evaluation(run, evaluation, restart_on_change=not cfg.fresh,
+                                  log=_prefixed(log, f"[{step}] "))
+            status[step] = "reused" if done.resumed == done.rows else "resumed" if done.resumed else "ran"
+    files = {f"train {name}": Path(s.out_dir) / "log.tsv" for name, (s, _) in training.items()}
+    files.update({step: Path(run.out) for step, (run, _) in evaluations.items()})
+    timings = {step: (state, report.recorded_seconds(files[step])) for step, state in status.items()}
+    return _write_report(cfg, out, device, training, evaluations, timings, log)
 
 
-def _prefixed(log: Callable[[str], None], step: str) -> Callable[[str], None]:
-    return lambda text: log(f"[{step}] {text}")
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda text: log(prefix + text)
 
 
-def _refuse_foreign_files(cfg: DemoConfig, out: Path, plan: _Plan) -> None:
+def _refuse_foreign_files(cfg: DemoConfig, out: Path, training: Training, evaluations: Evaluations) -> None:
     """SmoothAdvError (one line) for a file in `out` the demo would replace but did not write."""
     if cfg.force or cfg.fresh:
         return
-    report_file = out / "report.md"
-    ours = not report_file.exists() or report_file.read_text(errors="replace").startswith(REPORT_TITLE)
-    foreign = [] if ours else [report_file]
-    if not report_file.exists():  # the demo writes report.md first: a table or plot without it is not the demo's
-        foreign += [path for path in (out / "table.md", out / "accuracy.png") if path.exists()]
-    foreign += [Path(run.out) for run, _ in plan.evaluations.values()
-                if not cfg.report_only and Path(run.out).exists() and not settings_path(run.out).exists()]
-    for settings, _ in plan.training.values():
-        checkpoint = Path(settings.out_dir) / CHECKPOINT
-        if not cfg.report_only and checkpoint.exists() and not isinstance(read_checkpoint(checkpoint).get("config"),
-                                                                         dict):
-            foreign.append(checkpoint)
+    mine = out / "report.md"
+    if mine.exists():
+        foreign = [] if mine.read_text(errors="replace").startswith(REPORT_TITLE) else [mine]
+    else:  # the demo writes report.md first: a table or plot without it is not the demo's
+        foreign = [path for path in (out / "table.md", out / "accuracy.png") if path.exists()]
+    if not cfg.report_only:
+        foreign += [path for run, _ in evaluations.values()
+                    if (path := Path(run.out)).exists() and not settings_path(path).exists()]
+        foreign += [path for settings, _ in training.values() if (path := Path(settings.out_dir) / CHECKPOINT).exists()
+                    and not isinstance(read_checkpoint(path).get("config"), dict)]
     if foreign:
         raise SmoothAdvError(f"{foreign[0]} was not written by the demo; pass --force (or --fresh) to replace it, or "
                              "choose another --out")
 
 
-def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, log: Callable[[str], None]
-           ) -> tuple[str, float]:
-    """`fit` one model: resumed (or nothing to do) when its checkpoint recorded these settings, else from the
-    start. Returns (ran / resumed / reused, the seconds its epochs took)."""
-    directory = RunDirectory(settings.out_dir, CHECKPOINT)
-    done = 0
+def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, log: Callable[[str], None]) -> str:
+    """`fit` one model, resumed when the run's own rule lets its checkpoint resume with these settings
+    (`RunDirectory.check_resumable`), else from the start. Returns ran / resumed / reused."""
+    directory, done = RunDirectory(settings.out_dir, CHECKPOINT), 0
     if directory.checkpoint.exists() and not cfg.fresh:
         try:
             saved = read_checkpoint(directory.checkpoint)
             directory.check_resumable(saved, settings, objective)
             done = int(saved.get("epoch", 0))
         except SmoothAdvError:
-            log(f"[train {name}] {directory.checkpoint} was replaced since it was trained: training again")
+            log(f"[train {name}] {directory.checkpoint} was trained with other settings: training again")
     log(f"[train {name}] {json.dumps(described(objective))}" if done < settings.epochs else
         f"[train {name}] reusing {directory.checkpoint}")
     fit(dataclasses.replace(settings, resume=done > 0, force=done == 0), objective)
-    status = "reused" if done >= settings.epochs else "resumed" if done else "ran"
-    return status, _seconds(directory.path / "log.tsv", "time")
+    return "reused" if done >= settings.epochs else "resumed" if done else "ran"
 
 
-def _seconds(path: Path, column: str) -> float:
-    """The sum of a TSV's time column (seconds, or Cohen's H:MM:SS.ffffff), 0 without the file."""
-    if not path.exists():
-        return 0.0
-    header, rows = read_tsv(path)
-    at = header.split("\t").index(column)
-    return sum(sum(float(part) * 60 ** i for i, part in enumerate(reversed(row[at].split(":")))) for row in rows)
-
-
-def _check_finished(cfg: DemoConfig, plan: _Plan) -> None:
+def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluations) -> None:
     """Refuse (one line) to rebuild the report of a run that did not finish every step with these settings:
-    the models by their args.json and log.tsv, the evaluations by their TSVs and recorded settings (a TSV
-    without them, as in the committed run, by its rows: both certify TSVs must hold the same images)."""
-    problems = []
-    for name, (settings, objective) in plan.training.items():
-        recorded, log_file = _read_json(Path(settings.out_dir) / "args.json"), Path(settings.out_dir) / "log.tsv"
-        if recorded is None or not log_file.exists():
-            problems.append(f"{name} was not trained")
-            continue
-        cls = type(settings)
-        refused, _ = compare(recorded, dataclasses.asdict(settings), free=bookkeeping_fields(cls),
-                             defaults=field_defaults(cls), keys=[f.name for f in dataclasses.fields(cls)])
-        then = recorded.get("objective") or {}
-        refused += compare(then, objective_record(objective, then))[0]
-        if refused:
-            problems.append(f"{name} was trained with other settings ({'; '.join(d.refused() for d in refused)})")
-        elif len(read_tsv(log_file)[1]) < settings.epochs:
-            problems.append(f"{name} was not trained to the end")
+    the models by their args.json and log.tsv (`RunDirectory.unfinished`), the evaluations by their TSVs and
+    recorded settings (a TSV without them, as in the committed run, by its rows: both certify TSVs must hold
+    the same images)."""
+    problems = [f"{name} {why}" for name, (settings, objective) in training.items()
+                if (why := RunDirectory(settings.out_dir, CHECKPOINT).unfinished(settings, objective))]
     images = []
-    for step, (run, evaluation) in plan.evaluations.items():
-        if not Path(run.out).exists():
-            problems.append(f"{step.replace(' ', '_')} did not finish")
+    for step, (run, evaluation) in evaluations.items():
+        out, recorded = Path(run.out), read_settings(run.out)
+        if not out.exists():
+            problems.append(f"{out.stem} did not finish")
             continue
-        rows = read_tsv(run.out)[1]
-        recorded = read_settings(run.out)
-        if recorded is not None:
-            keys = set(row_settings(evaluation)) - {"batch", "skip"}  # skip: the test set's size is not read
-            expected = record(run, evaluation)
-            refused, _ = compare({k: recorded.get(k) for k in keys}, {k: expected.get(k) for k in keys})
-            if refused:
-                problems.append(f"{Path(run.out).name} was made with other settings "
-                                f"({'; '.join(d.refused() for d in refused)})")
-            elif len(rows) < len(expected_jobs(recorded)):
-                problems.append(f"{step.replace(' ', '_')} did not finish")
+        rows = read_tsv(out)[1]
+        keys = set(row_settings(evaluation)) - {"batch", "skip"}  # skip: the test set's size is not read
+        refused = compare(recorded, record(run, evaluation), keys=keys)[0] if recorded is not None else []
+        if refused:
+            problems.append(f"{out.name} was made with other settings ({'; '.join(d.refused() for d in refused)})")
+        elif recorded is not None and len(rows) < len(expected_jobs(recorded)):
+            problems.append(f"{out.stem} did not finish")
         if step.startswith("certify"):
             images.append(sorted(row[0] for row in rows))
     if len(images) == 2 and images[0] != images[1]:
         problems.append("the two certify TSVs hold different images")
-    if not cfg.attack_count:  # a report without the attacks the run made would say that none was run
-        attacked = [f"attack_{name}.tsv" for name in plan.training if (Path(cfg.out) / f"attack_{name}.tsv").exists()]
-        if attacked:
-            problems.append(f"the run attacked ({attacked[0]}) and --attack-count 0 would drop those rows: give the "
-                            "run's --attack-count")
+    attacked = [f"attack_{name}.tsv" for name in training if (Path(cfg.out) / f"attack_{name}.tsv").exists()]
+    if not cfg.attack_count and attacked:  # a report without the attacks the run made would say that none was run
+        problems.append(f"the run attacked ({attacked[0]}) and --attack-count 0 would drop those rows: give the "
+                        "run's --attack-count")
     if problems:
         raise SmoothAdvError(f"cannot rebuild the report of {cfg.out}: {'; '.join(problems)}; run the demo "
                              "without --report-only (with the flags of the run) to finish it")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def demo_table(certify: dict[str, Any], attack: dict[str, Any], radii: list[float]) -> str:
@@ -318,49 +270,25 @@ def demo_table(certify: dict[str, Any], attack: dict[str, Any], radii: list[floa
     return f"{table}\n{report.format_comparison(comparison)}\n{report.describe_comparison(comparison)}"
 
 
-def _write_report(cfg: DemoConfig, out: Path, device: Any, plan: _Plan, timings: dict[str, tuple[str, float]],
-                  log: Callable[[str], None]) -> DemoResult:
+def _write_report(cfg: DemoConfig, out: Path, device: Any, training: Training, evaluations: Evaluations,
+                  timings: dict[str, tuple[str, float]], log: Callable[[str], None]) -> DemoResult:
     """report.md first (so an interrupted write leaves the demo's own report), then table.md and accuracy.png."""
-    files = {step: Path(run.out) for step, (run, _) in plan.evaluations.items()}
-    certify = {s.split()[1]: report.load_results(p) for s, p in files.items() if s.startswith("certify")}
-    attack = {s.split()[1]: report.load_results(p) for s, p in files.items() if s.startswith("attack")}
+    results = {step: report.load_results(run.out) for step, (run, _) in evaluations.items()}
+    certify = {step.split()[1]: r for step, r in results.items() if step.startswith("certify")}
+    attack = {step.split()[1]: r for step, r in results.items() if step.startswith("attack")}
     indices = [int(i) for i in next(iter(certify.values())).idx]
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
     top = max_certifiable_radius(cfg.n, cfg.alpha, cfg.sigma)
     radii = radius_grid(top, cfg.sigma / 2)
     table = demo_table(certify, attack, radii)
     plot = out / "accuracy.png" if importlib.util.find_spec("matplotlib") is not None else None
-    report_path = out / "report.md"
-    atomic_write_text(report_path, _report_text(cfg, device, plan, indices, radii, top, table, plot, timings, files))
-    atomic_write_text(out / "table.md", table)
-    if plot is None:
-        log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
-    else:
-        report.plot_accuracy(certify, plot, attack=attack, max_radius=max(top, *cfg.eps_values) * 1.05,
-                             title=f"{cfg.dataset}, sigma = {cfg.sigma}", ci=True)
-    log(f"\n{table.rstrip()}\n\nstep                  status   time (when it ran)")
-    for step, (status, seconds) in timings.items():
-        log(f"  {step:<20} {status:<8} {_duration(seconds)}")
-    log(f"demo finished (all steps together took {_duration(sum(s for _, s in timings.values()))} when they ran)")
-    log(f"report: {report_path}" + (f"   plot: {plot}" if plot else ""))
-    return DemoResult(out, report_path, table, timings)
-
-
-def _duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
-def _report_text(cfg: DemoConfig, device: Any, plan: _Plan, indices: list[int], radii: list[float], top: float,
-                 table: str, plot: Path | None, timings: dict[str, tuple[str, float]], files: dict[str, Path]) -> str:
-    settings = next(iter(plan.training.values()))[0]
+    command = " ".join(["smoothadv report", *[f"{name}={r.path}" for name, r in certify.items()],
+                        *[f"--attack {name}={r.path}" for name, r in attack.items()], "--radii",
+                        *[f"{r:g}" for r in radii], "--ci", "--paired", "--plot", str(out / "accuracy.png")])
+    arch = next(iter(training.values()))[0].arch
     objectives = "\n".join(f"- **{name}**: `{json.dumps(described(objective))}`"
-                           for name, (_, objective) in plan.training.items())
-    step = indices[1] - indices[0] if len(indices) > 1 else 1
+                           for name, (_, objective) in training.items())
     attacked = min(cfg.attack_count, len(indices))
-    command = " ".join(["smoothadv report", *[f"{s.split()[1]}={p}" for s, p in files.items() if "certify" in s],
-                        *[f"--attack {s.split()[1]}={p}" for s, p in files.items() if "attack" in s], "--radii",
-                        *[f"{r:g}" for r in radii], "--ci", "--paired", "--plot", str(Path(cfg.out) / "accuracy.png")])
-    written = ("`smoothadv demo --report-only` from the TSVs of the run in this folder" if cfg.report_only
-               else "`smoothadv demo`")
     attack_text = (f"SmoothAdv PGD attack on the smoothed classifier (T = {cfg.attack_steps} steps, m = {cfg.attack_m} "
                    f"noise draws) at eps in {', '.join(f'{e:g}' for e in cfg.eps_values)} on the first {attacked} of "
                    f"those images, then PREDICT (n = {cfg.attack_n}, alpha = {cfg.alpha}) on each adversarial input: "
@@ -368,15 +296,18 @@ def _report_text(cfg: DemoConfig, device: Any, plan: _Plan, indices: list[int], 
                    "PREDICT, whose abstentions (it uses fewer samples than CERTIFY) also count as wrong: compare the "
                    "dashed curves with their own eps = 0 point."
                    if cfg.attack_count else "No empirical attack was run.")
+    written = ("`smoothadv demo --report-only` from the TSVs of the run in this folder" if cfg.report_only
+               else "`smoothadv demo`")
     timing_lines = "\n".join(f"| {s} | {status} | {_duration(sec)} |" for s, (status, sec) in timings.items())
+    total = _duration(sum(sec for _, sec in timings.values()))
     picture = f"![certified and empirical accuracy]({plot.name})\n\n" if plot else ""
-    return f"""{REPORT_TITLE} Gaussian augmentation vs SmoothAdv on {cfg.dataset}
+    atomic_write_text(out / "report.md", f"""{REPORT_TITLE} Gaussian augmentation vs SmoothAdv on {cfg.dataset}
 
 Written {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} by {written}. Device: {device}.
 
 ## What was run
 
-Two base classifiers `{settings.arch}` trained for {cfg.epochs} epoch(s) at sigma = {cfg.sigma} with the same data
+Two base classifiers `{arch}` trained for {cfg.epochs} epoch(s) at sigma = {cfg.sigma} with the same data
 ({cfg.train_subset or "all"} training images), batch {cfg.batch_size}, SGD lr {cfg.lr} and seed {cfg.seed}:
 
 {objectives}
@@ -408,6 +339,22 @@ the ACR difference with a 95% Student t interval over the images' paired differe
 |---|---|---:|
 {timing_lines}
 
-All steps together: {_duration(sum(sec for _, sec in timings.values()))} (steps marked "reused" were done by an
+All steps together: {total} (steps marked "reused" were done by an
 earlier run with the same settings; times are those recorded in the logs and TSVs).
-"""
+""")
+    atomic_write_text(out / "table.md", table)
+    if plot is None:
+        log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
+    else:
+        report.plot_accuracy(certify, plot, attack=attack, max_radius=max(top, *cfg.eps_values) * 1.05,
+                             title=f"{cfg.dataset}, sigma = {cfg.sigma}", ci=True)
+    log(f"\n{table.rstrip()}\n\nstep                  status   time (when it ran)")
+    for name, (status, seconds) in timings.items():
+        log(f"  {name:<20} {status:<8} {_duration(seconds)}")
+    log(f"demo finished (all steps together took {total} when they ran)")
+    log(f"report: {out / 'report.md'}" + (f"   plot: {plot}" if plot else ""))
+    return DemoResult(out, out / "report.md", table, timings)
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
