@@ -219,7 +219,7 @@ def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, 
             directory.check_resumable(saved, settings, objective)
             done = int(saved.get("epoch", 0))
         except SmoothAdvError:
-            log(f"[train {name}] {directory.checkpoint} was trained with other settings: training again")
+            log(f"[train {name}] {directory.checkpoint} cannot be resumed with these settings: training again")
     log(f"[train {name}] {json.dumps(described(objective))}" if done < settings.epochs else
         f"[train {name}] reusing {directory.checkpoint}")
     fit(dataclasses.replace(settings, resume=done > 0, force=done == 0), objective)

@@ -33,6 +33,9 @@ Contract:
    (`data_digest`, `data_fingerprint`; recorded as `data_sha256` in a checkpoint or an output's sidecar;
    a record older than it is not compared), and so are the files a resumed run reads again (a denoiser's
    classifiers, a classifier's `--unlabelled` images: their SHA-256).
+9. A finished run is judged from its `args.json` and `log.tsv` alone (`RunDirectory.unfinished`: the one rule,
+   no change accepted), so a caller that only reads its results needs no checkpoint (`smoothadv demo
+   --report-only` on a committed run).
 """
 
 from __future__ import annotations
