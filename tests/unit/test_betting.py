@@ -2,7 +2,7 @@
 
 Counts-level checks against Bernoulli votes with known p (validity by exact first-passage probabilities and
 by simulation, the confidence sequence's monotonicity, closed-form stopping points), then the drivers:
-packing independence, the CLI's rows, resume and shards.
+packing independence and the settings. The command line's rows, resume and shards: tests/e2e/test_cli_sequential.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from scipy.stats import norm
 
 from smoothadv import SmoothAdvError
 from smoothadv.betting import DEFAULT_BETS, BettingConfig, _bound_z, log_wealth, run_betting
-from smoothadv.cli import main
 from smoothadv.run import sequential_test
 from smoothadv.sequential import SequentialConfig, certify_sequential_many
 from smoothadv.settings import BettingSettings, CertifySettings
@@ -149,58 +148,3 @@ def test_settings_build_the_betting_config() -> None:
     assert isinstance(sequential_test(CertifySettings(sigma=0.5, mode="sequential")), SequentialConfig)
     with pytest.raises(SmoothAdvError, match="needs mode sequential"):
         CertifySettings(sigma=0.5, sequential=BettingSettings())
-
-
-def test_cli_betting_rows_resume_and_shards(toy_checkpoint, tmp_path) -> None:
-    common = ["--sigma", "0.25", "--mode", "sequential", "--test", "betting", "--looks", "16:1024", "--max", "4",
-              "--batch", "128", "--seed", "2", "--no-progress", "--device", "cpu", "--class-from", "label"]
-    out = tmp_path / "b.tsv"
-    assert main(["certify", str(toy_checkpoint), "--out", str(out), *common]) == 0
-    rows = [line.split("\t") for line in out.read_text().splitlines()]
-    assert rows[0] == ["idx", "label", "predict", "radius", "correct", "time", "samples", "mode"]
-    assert len(rows) == 5 and all(r[7] == "betting/label" and 16 <= int(r[6]) <= 1024 for r in rows[1:])
-    recorded = (tmp_path / "b.tsv.args.json").read_text()
-    assert '"test": "betting"' in recorded and '"final_share": 0.5' in recorded
-    # resume after losing the last two rows: the same rows again
-    lines = out.read_text().splitlines()
-    out.write_text("\n".join(lines[:-2]) + "\n")
-    assert main(["certify", str(toy_checkpoint), "--out", str(out), "--resume", *common]) == 0
-    assert [line.split("\t")[:5] + line.split("\t")[6:] for line in out.read_text().splitlines()] == \
-        [r[:5] + r[6:] for r in rows]
-    # two shards merged: the same rows
-    for shard in ("0/2", "1/2"):
-        assert main(["certify", str(toy_checkpoint), "--out", str(tmp_path / "s.tsv"), "--shard", shard, *common]) == 0
-    assert main(["merge", str(tmp_path / "s.tsv")]) == 0
-    merged = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()]
-    assert [r[:5] + r[6:] for r in merged] == [r[:5] + r[6:] for r in rows]
-    # resuming with the other test is refused
-    assert main(["certify", str(toy_checkpoint), "--out", str(out), "--resume", *common[:4], *common[6:]]) == 2
-
-
-def test_a_sequential_file_with_the_old_n_column_resumes_and_merges_as_it_was(toy_checkpoint, tmp_path) -> None:
-    """Files written before the `samples` column had its name call it `n`: resuming one keeps its header and adds
-    the same rows; shards all written that way merge with it; the report reads both."""
-    from smoothadv.report import load_results
-
-    common = ["--sigma", "0.25", "--mode", "sequential", "--test", "spending", "--looks", "16:256", "--max", "4",
-              "--batch", "64", "--seed", "3", "--no-progress", "--device", "cpu"]
-    new = tmp_path / "new.tsv"
-    assert main(["certify", str(toy_checkpoint), "--out", str(new), *common]) == 0
-    rows = new.read_text().splitlines()
-    old = tmp_path / "old.tsv"
-    legacy = [rows[0].replace("\tsamples\t", "\tn\t"), *rows[1:3]]  # two rows written, the old header
-    old.write_text("\n".join(legacy) + "\n")
-    sidecar = (tmp_path / "new.tsv.args.json").read_text().replace('"test": "spending"', '"test": null')
-    (tmp_path / "old.tsv.args.json").write_text(sidecar)  # as earlier versions recorded the default test
-    assert main(["certify", str(toy_checkpoint), "--out", str(old), "--resume", *common]) == 0
-    resumed = old.read_text().splitlines()
-    assert resumed[0] == legacy[0] and [r.split("\t")[:5] + r.split("\t")[6:] for r in resumed[1:]] == \
-        [r.split("\t")[:5] + r.split("\t")[6:] for r in rows[1:]]
-    assert load_results(old).radius.tolist() == load_results(new).radius.tolist()
-    for i in range(2):  # shards of the old format merge under the old header
-        shard = tmp_path / f"s.tsv.shard-{i}-of-2"
-        assert main(["certify", str(toy_checkpoint), "--out", str(tmp_path / "s.tsv"), "--shard", f"{i}/2",
-                     *common]) == 0
-        shard.write_text(shard.read_text().replace("\tsamples\t", "\tn\t", 1))
-    assert main(["merge", str(tmp_path / "s.tsv")]) == 0
-    assert (tmp_path / "s.tsv").read_text().splitlines()[0] == legacy[0]

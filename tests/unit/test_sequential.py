@@ -2,7 +2,7 @@
 
 The counts-level logic is checked against Bernoulli samplers with known p (no network): validity
 of the union bound over looks, closed-form stopping points and the cap radius; the network
-drivers are checked for independence from packing and through the CLI.
+drivers are checked for independence from packing (through the command line: tests/e2e/test_cli_sequential.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from scipy.stats import binom, norm
 
 from smoothadv import Certificate, Smooth, SmoothAdvError
 from smoothadv.betting import BettingConfig
-from smoothadv.cli import main
-from smoothadv.models import build_model, normalization_spec, save_checkpoint
+from smoothadv.models import build_model
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
     LEGACY_SEQUENTIAL_COLUMNS,
@@ -309,74 +308,9 @@ def test_rows_do_not_depend_on_which_inputs_share_a_batch() -> None:
     assert len({c.n for c in together}) > 1 or together[0].n < 768  # looks really differ/stop early
 
 
-def _checkpoint(tmp_path) -> str:
-    torch.manual_seed(1)
-    model = build_model("toy_cnn", "synthetic")
-    path = tmp_path / "toy.pth.tar"
-    save_checkpoint(path, model, arch="toy_cnn", dataset="synthetic",
-                    normalization=normalization_spec("synthetic", "normalize"), sigma=0.25)
-    return str(path)
-
-
-def test_cli_sequential_mode_records_samples_and_mode(tmp_path, capsys) -> None:
-    import json
-
-    ckpt = _checkpoint(tmp_path)
-    common = ["--sigma", "0.25", "--max", "5", "--no-progress", "--batch", "512", "--device", "cpu"]
-    out = tmp_path / "seq.tsv"
-    assert main(["certify", ckpt, "--out", str(out), "--mode", "sequential", "--class-from", "label",
-                 "--looks", "128:1024", "--radii", "0.25", *common]) == 0
-    lines = out.read_text().splitlines()
-    assert tuple(lines[0].split("\t")) == SEQUENTIAL_COLUMNS
-    for line in lines[1:]:
-        idx, label, predict, radius, correct, _, n, mode = line.split("\t")
-        assert mode == "sequential/label" and int(n) in (128, 256, 512, 1024)
-        assert int(correct) == int(int(predict) == int(label)) and int(predict) in (int(label), -1)
-        assert float(radius) <= SequentialConfig(0.25, looks=doubling_looks(128, 1024)).max_radius
-    # provenance: the grid's schedule fitted on the given doublings, and the alpha spent at each look
-    recorded = json.loads((tmp_path / "seq.tsv.args.json").read_text())
-    looks, levels = fitted_schedule(0.25, 0.001, (0.25,), doubling_looks(128, 1024))
-    assert tuple(recorded["looks"]) == looks and recorded["levels"] == pytest.approx(levels)
-    assert sum(recorded["levels"]) == pytest.approx(0.001) and recorded["policy"] == "grid"
-    sel = tmp_path / "sel.tsv"
-    assert main(["certify", ckpt, "--out", str(sel), "--mode", "sequential", "--n0", "64", "--looks", "128:1024",
-                 *common]) == 0
-    rows = [line.split("\t") for line in sel.read_text().splitlines()[1:]]
-    assert all(r[7] == "sequential/selection" and (int(r[6]) - 64) in (128, 256, 512, 1024) for r in rows)
-    fixed = tmp_path / "fixed.tsv"
-    assert main(["certify", ckpt, "--out", str(fixed), "--n0", "16", "--n", "100", *common]) == 0
-    assert fixed.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-    capsys.readouterr()
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--class-from", "label"], "need --mode sequential"),
-    (["--mode", "sequential", "--policy", "tolerance"], "needs --tolerance"),
-    (["--mode", "sequential", "--policy", "full", "--radii", "0.5"], "grid policy"),
-    (["--mode", "sequential", "--looks", "1000"], "FIRST:LAST"),
-])
-def test_cli_rejects_inconsistent_sequential_flags(tmp_path, capsys, flags, message) -> None:
-    code = main(["certify", _checkpoint(tmp_path), "--sigma", "0.25", "--out", str(tmp_path / "o.tsv"), *flags])
-    assert code == 2 and message in capsys.readouterr().err
-
-
 def test_standard_radii_reach_the_cap() -> None:
     radii = standard_radii(0.5)
     assert radii[0] == 0.0 and radii[-1] == 1.75 and math.isclose(radii[1], 0.25)
-
-
-def test_cli_forecast_level_default_strict_and_bad(tmp_path, capsys) -> None:
-    import json
-
-    ckpt = _checkpoint(tmp_path)
-    common = ["--sigma", "0.25", "--max", "3", "--no-progress", "--batch", "256", "--device", "cpu", "--mode",
-              "sequential", "--class-from", "label", "--looks", "128:1024", "--radii", "0.25"]
-    for flag, recorded in (([], 0.05), (["--forecast-alpha", "strict"], "strict"), (["--forecast-alpha", "0.2"], 0.2)):
-        out = tmp_path / f"seq{len(flag)}{recorded}.tsv"
-        assert main(["certify", ckpt, "--out", str(out), *common, *flag]) == 0
-        assert json.loads((tmp_path / f"{out.name}.args.json").read_text())["forecast_alpha"] == recorded
-    assert main(["certify", ckpt, "--out", str(tmp_path / "bad.tsv"), *common, "--forecast-alpha", "loose"]) == 2
-    assert "forecast-alpha" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n", [100, 2000, 100_000])

@@ -8,7 +8,6 @@ selection samples when it stops early, that it is Cohen's argmax otherwise, and 
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from torch import nn
 
 from smoothadv import Smooth, SmoothAdvError
 from smoothadv.betting import BettingConfig
-from smoothadv.cli import main
 from smoothadv.sequential import (
     SELECTION_CHUNK,
     SequentialConfig,
@@ -163,53 +161,8 @@ def test_validity_suite_adaptive_modes_pass_against_their_exact_rates() -> None:
         assert result.passed and result.exact_rate is not None and 0.005 < result.exact_rate <= alpha
 
 
-def test_cli_selection_flag_is_recorded_and_refused_in_fixed_mode(toy_checkpoint, tmp_path) -> None:
-    common = ["--sigma", "0.25", "--max", "3", "--no-progress", "--device", "cpu", "--looks", "64:512"]
-    rows = {}
-    for selection in ("adaptive", "fixed"):
-        out = tmp_path / f"{selection}.tsv"
-        assert main(["certify", str(toy_checkpoint), "--out", str(out), "--mode", "sequential", "--selection",
-                     selection, *common]) == 0
-        assert json.loads((tmp_path / f"{selection}.tsv.args.json").read_text())["selection"] == selection
-        rows[selection] = [line.split("\t") for line in out.read_text().splitlines()[1:]]
-    for a, f in zip(rows["adaptive"], rows["fixed"], strict=True):
-        assert int(a[6]) in (int(f[6]), int(f[6]) - 84)  # the n column counts the selection samples used
-    default = tmp_path / "default.tsv"
-    assert main(["certify", str(toy_checkpoint), "--out", str(default), "--mode", "sequential", *common]) == 0
-    assert json.loads((tmp_path / "default.tsv.args.json").read_text())["selection"] == "adaptive"
-    assert main(["certify", str(toy_checkpoint), "--out", str(tmp_path / "x.tsv"), "--selection", "adaptive",
-                 "--sigma", "0.25", "--max", "1", "--n", "100", "--no-progress"]) == 2
-    # a sequential run recorded before adaptive selection (no `selection`) resumes as Cohen's rule
-    old = tmp_path / "fixed.tsv.args.json"
-    record = json.loads(old.read_text())
-    del record["selection"]
-    old.write_text(json.dumps(record))
-    resume = ["certify", str(toy_checkpoint), "--out", str(tmp_path / "fixed.tsv"), "--mode", "sequential", "--resume",
-              *common]
-    assert main([*resume, "--selection", "fixed"]) == 0
-    assert main(resume) == 2  # the default (adaptive) would write other rows
-
-
 def test_the_split_vote_problem_has_both_kinds_of_first_chunk() -> None:
     # the problem of the seeded check: a first chunk is unanimous with probability sum_k p_k^16, about 0.38
     p = Problem("3-class", (1, 4, 4), 0.25, (-0.45, 0.5), 0.0, seed=7).probabilities()
     assert p[1] == pytest.approx(norm.cdf(0.5 / 0.25) - norm.cdf(-0.45 / 0.25))
     assert 0.3 < float((p ** 16).sum()) < 0.45
-
-
-def test_adaptive_rows_do_not_depend_on_sharding_or_grouping(toy_checkpoint, tmp_path) -> None:
-    # each image's selection votes come from its own stream, drawn 16 then n0 - 16: the rows of two shards merged
-    # are those of one run (sigma 0.05: some images stop after 16 selection votes, others take all 48)
-    flags = [str(toy_checkpoint), "--mode", "sequential", "--sigma", "0.05", "--n0", "48", "--looks", "64:512",
-             "--max", "6", "--skip", "3", "--seed", "3", "--no-progress", "--device", "cpu"]
-    single, sharded = tmp_path / "one.tsv", tmp_path / "sharded.tsv"
-    assert main(["certify", *flags, "--out", str(single)]) == 0
-    for i in (1, 0):
-        assert main(["certify", *flags, "--out", str(sharded), "--shard", f"{i}/2", "--batch", "7"]) == 0
-    assert main(["merge", str(sharded)]) == 0
-
-    def rows(path):
-        return [line.split("\t")[:5] + line.split("\t")[6:] for line in path.read_text().splitlines()]  # not time
-
-    assert rows(sharded) == rows(single)
-    assert {int(r[5]) - int(r[5]) // 64 * 64 for r in rows(single)[1:]} == {16, 48}  # n = selection + 64 k
