@@ -46,9 +46,9 @@ from . import (
 )
 from .attacks import DDN, PGDL2, SteinPGDL2, build_attack
 from .betting import BettingConfig
-from .denoise import DenoisedClassifier, DnCNN, load_denoiser
+from .denoise import DenoisedClassifier, DnCNN
 from .errors import SmoothAdvError
-from .models import Normalize, build_model, load_checkpoint, load_weights, save_checkpoint
+from .models import Normalize, build_model, load_checkpoint, load_denoiser, load_weights, save_checkpoint
 from .objectives import (
     CATRS,
     MACER,

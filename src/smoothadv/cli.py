@@ -290,9 +290,10 @@ def add_train_denoiser(sub: Any) -> None:
 
 def run_train_denoiser(args: argparse.Namespace) -> None:
     from .data import dataset_info, input_shape
-    from .denoise import build_denoiser, cost_summary, train_denoiser
-    from .models import build_model, load_checkpoint
+    from .denoise import build_denoiser
+    from .models import build_model, cost_summary, load_checkpoint
     from .settings import DenoiserTrainSettings
+    from .train import train_denoiser
 
     values = _given(args)
     settings = make(DenoiserTrainSettings, {flag_keys(DenoiserTrainSettings)[k]: v for k, v in values.items()})

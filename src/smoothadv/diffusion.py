@@ -42,7 +42,7 @@ This module holds
 - `DiffusionDenoiser(model, sigma, steps=1)`: the denoiser above, an `nn.Module` from noisy [0, 1]
   images to denoised [0, 1] images, to put in front of a classifier (`denoise.DenoisedClassifier`).
 - `diffusion_denoiser(path, sigma=..., shape=..., steps=...)`: what `certify --denoiser DIR` (and
-  predict, attack) use through `denoise.attach_denoiser`: the directory loaded, its image shape and sigma
+  predict, attack) use through `models.attach_denoiser`: the directory loaded, its image shape and sigma
   checked (one line each), and the facts a run records and compares on resume and merge (the digests of
   the weights and of the schedule, t*, the steps).
 - `train_ddpm(DiffusionTrainSettings)`: a small, exactly resumable DDPM training loop (Ho et al.'s
@@ -412,7 +412,7 @@ def model_digest(provenance: dict[str, Any]) -> str:
 def diffusion_denoiser(path: str | os.PathLike[str], *, sigma: float, shape: Sequence[int],
                        device: str | torch.device = "cpu", steps: int = 1) -> tuple[DiffusionDenoiser, dict[str, Any]]:
     """The diffusion denoiser of the diffusers directory `path` for smoothing at `sigma` in front of a classifier
-    of (C, H, W) images `shape`, and its metadata (what `denoise.attach_denoiser` does with a directory).
+    of (C, H, W) images `shape`, and its metadata (what `models.attach_denoiser` does with a directory).
 
     One-line SmoothAdvErrors: a directory `load_diffusion` refuses, a model of other images than the
     classifier's, a sigma beyond the schedule, `steps` < 1 or beyond t* + 1. The metadata holds `kind`

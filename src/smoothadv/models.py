@@ -22,15 +22,17 @@ dicts, so it loads with `weights_only=True`):
                     False in the metadata); Cohen's and Salman's files cannot carry one.
     optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
     kind            absent for a classifier; "denoiser" for a denoised-smoothing denoiser (Salman et al.
-                    2020, arXiv:2003.01908; `denoise.py`: channels, depth, width, classifiers,
+                    2020, arXiv:2003.01908; `save_denoiser`: channels, depth, width, classifiers,
                     history; no num_classes), which `load_checkpoint` refuses as a classifier
 
 Your own model (any `nn.Module`, its normalization inside it): `save_checkpoint(path, model, num_classes=K,
 sigma=...)` writes it with its digest, and `load_weights(path, module)` (or `load_checkpoint(path,
 model=module)`) loads it back into a module you hold, with a one-line error naming what does not fit.
 
-Denoisers written before they shared this format (format "smoothadv-denoiser", no digest) still load
-through `denoise.load_denoiser`, unverified.
+Denoisers (the DnCNN family of `denoise.py`) are saved and loaded here too (`save_denoiser`, `load_denoiser`),
+with the checks `certify --denoiser` makes (`check_sigma`, `check_fits`, `check_dataset`), f o D for it
+(`attach_denoiser`), and their cost (`multiply_adds`, `cost_summary`). Denoisers written before they shared
+this format (format "smoothadv-denoiser", no digest) still load, unverified.
 
 `load_checkpoint` also reads Cohen et al.'s and Salman et al.'s released `checkpoint.pth.tar`
 files (keys `arch`, `state_dict` with `1.` or `1.module.` prefixes) of the architectures their code
@@ -42,6 +44,7 @@ normalization, so the caller must choose it: "normalize" (x - mean) / std, or "c
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import pickletools
@@ -49,9 +52,10 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -59,13 +63,21 @@ from torch import Tensor, nn
 from . import __version__  # set before the package imports its modules
 from .archs import ARCHITECTURES, arch_info, foreign_names
 from .data import dataset_stats, input_shape, num_classes
+from .diffusion import diffusion_denoiser
 from .errors import SmoothAdvError
-from .files import atomic_torch_save, check_new_output
+from .files import atomic_torch_save, check_new_output, file_sha256
+from .settings import registered
+from .smoothing import eval_mode
+
+if TYPE_CHECKING:  # annotations only: `denoise` registers its DnCNN family here when imported (`register_denoisers`)
+    from .denoise import DenoisedClassifier, DnCNN
 
 __all__ = [
-    "CUSTOM", "DENOISER", "DIGEST", "FORMAT", "LEGACY_DENOISER_FORMAT", "NORMALIZATIONS", "Normalize", "build_model",
-    "check_arch_fits", "convert_trusted_checkpoint", "is_denoiser", "load_checkpoint", "load_weights",
-    "normalization_spec", "read_checkpoint", "replace_head", "save_checkpoint", "weights_digest",
+    "CUSTOM", "DENOISER", "DIGEST", "FORMAT", "LEGACY_DENOISER_FORMAT", "NORMALIZATIONS", "Normalize",
+    "attach_denoiser", "build_model", "check_arch_fits", "check_dataset", "check_fits", "check_sigma",
+    "convert_trusted_checkpoint", "cost_summary", "is_denoiser", "load_checkpoint", "load_denoiser", "load_weights",
+    "multiply_adds", "normalization_spec", "read_checkpoint", "register_denoisers", "replace_head", "save_checkpoint",
+    "save_denoiser", "weights_digest",
 ]
 
 FORMAT = "smoothadv-checkpoint"
@@ -643,3 +655,177 @@ def _plain_data(value: Any, depth: int = 0) -> bool:
     if type(value) in (dict, OrderedDict):
         return all(isinstance(k, (str, int)) and _plain_data(v, depth + 1) for k, v in value.items())
     return False
+
+
+# ------------------------------------------------------------------ denoisers (denoised smoothing)
+
+
+@dataclass
+class _DenoiserFamily:
+    """The networks a denoiser checkpoint loads into and f o D, as `denoise` registers them (`register_denoisers`)."""
+
+    build: Callable[[str, int, int | None, int | None], DnCNN] | None = None
+    compose: Callable[[nn.Module, nn.Module], DenoisedClassifier] | None = None
+
+
+_DENOISERS = _DenoiserFamily()
+
+
+def register_denoisers(build: Callable[[str, int, int | None, int | None], DnCNN],
+                       compose: Callable[[nn.Module, nn.Module], DenoisedClassifier]) -> None:
+    """Make `build(arch, channels, depth, width)` the network a denoiser checkpoint is loaded into and
+    `compose(denoiser, classifier)` the f o D that `attach_denoiser` returns. `denoise`, which defines them (the
+    DnCNN family and `DenoisedClassifier`), registers them when it is imported, so this module imports none of it
+    (as `settings.register_names`)."""
+    _DENOISERS.build, _DENOISERS.compose = build, compose
+
+
+def _registered_family() -> tuple[Callable[[str, int, int | None, int | None], DnCNN],
+                                  Callable[[nn.Module, nn.Module], DenoisedClassifier]]:
+    if _DENOISERS.build is None or _DENOISERS.compose is None:
+        raise SmoothAdvError("no denoiser family is registered (import smoothadv first)")
+    return _DENOISERS.build, _DENOISERS.compose
+
+
+def multiply_adds(module: nn.Module, shape: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass of `module` on one image of `shape` (C, H, W), counting the
+    Conv2d and Linear layers (the rest is negligible for these networks)."""
+    total = 0
+
+    def count(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Conv2d):
+            total += output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, nn.Linear):
+            total += output.numel() * layer.in_features
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with eval_mode(module), torch.no_grad():
+            module(torch.zeros((1, *shape), device=_device_of(module)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def cost_summary(denoiser: nn.Module, classifier: nn.Module, shape: Sequence[int]) -> str:
+    """One line: multiply-adds per image of D, of f and of f o D (a certification sample costs f o D)."""
+    d, f = multiply_adds(denoiser, shape), multiply_adds(classifier, shape)
+    return (f"denoiser {d / 1e6:.2f} M multiply-adds per image, classifier {f / 1e6:.2f} M: f o D costs "
+            f"{(d + f) / max(f, 1):.1f}x f per noise sample")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def save_denoiser(path: str | Path, denoiser: DnCNN, *, arch: str, dataset: str, sigma: float, **extra: Any) -> None:
+    """Write a denoiser checkpoint (`save_checkpoint`, kind "denoiser", with its weights digest):
+    arch (a `denoise.DENOISERS` name), channels, depth, width, dataset, sigma (the noise level it removes), and
+    `extra` (epoch, objective, history, classifiers, ...)."""
+    save_checkpoint(path, denoiser, arch=arch, dataset=dataset, normalization={"kind": "none"}, sigma=sigma,
+                    kind=DENOISER, channels=denoiser.channels, depth=denoiser.depth, width=denoiser.width, **extra)
+
+
+def load_denoiser(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DnCNN, dict[str, Any]]:
+    """(DnCNN in eval mode, metadata without the tensors; `weights_verified` says whether a digest was checked).
+
+    Refuses, in one line, a missing, corrupt or truncated file, flipped weight bytes (digest), a file holding
+    anything but plain data, a classifier checkpoint, malformed fields, and weights that do not fit the
+    recorded size. Files of the earlier "smoothadv-denoiser" format (no digest) still load, unverified."""
+    file = Path(path)
+    build, _ = _registered_family()
+    try:
+        payload = read_checkpoint(file, map_location)
+    except SmoothAdvError as exc:
+        text = str(exc)
+        raise SmoothAdvError(text if text.startswith("denoiser") else f"denoiser {text}") from None
+    if not is_denoiser(payload):
+        if payload.get("format") == FORMAT:
+            raise SmoothAdvError(f"{file} is a classifier checkpoint ({payload.get('arch')}), not a denoiser; train "
+                                 "one with `smoothadv train-denoiser`")
+        raise SmoothAdvError(f"{file} is not a smoothadv denoiser checkpoint")
+    for key in ("channels", "depth", "width"):
+        value = payload.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SmoothAdvError(f"denoiser {file} is malformed: {key} must be a positive integer, got {value!r}")
+    sigma = payload.get("sigma")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise SmoothAdvError(f"denoiser {file} is malformed: sigma must be a number >= 0, got {sigma!r}")
+    if payload.get("arch") not in registered("denoiser")() or not isinstance(payload.get("dataset"), str):
+        raise SmoothAdvError(f"denoiser {file} is malformed: unknown arch {payload.get('arch')!r} or no dataset")
+    denoiser = build(payload["arch"], payload["channels"], payload["depth"], payload["width"])
+    state, own = payload["state_dict"], denoiser.state_dict()
+    if not isinstance(state, dict) or set(state) != set(own) or any(
+            not isinstance(state[k], Tensor) or state[k].shape != own[k].shape for k in own):
+        raise SmoothAdvError(f"the weights in denoiser {file} do not fit a DnCNN of depth {payload['depth']} and width "
+                             f"{payload['width']}; the file is damaged")
+    denoiser.load_state_dict(state)
+    denoiser.to(map_location).eval()
+    return denoiser, {**_metadata(payload), "weights_verified": DIGEST in payload}
+
+
+def check_sigma(denoiser_sigma: float, sigma: float, source: str = "the denoiser") -> None:
+    """Refuse a denoiser trained for another noise level than the smoothing's `sigma` (one line): the
+    certificate would stay valid, but f o D would be a poor classifier, almost always a mistake."""
+    if not math.isclose(float(denoiser_sigma), float(sigma), rel_tol=1e-9, abs_tol=1e-12):
+        raise SmoothAdvError(f"{source} was trained for sigma {denoiser_sigma:g}, but --sigma is {sigma:g}; use a "
+                             f"denoiser trained at {sigma:g} (smoothadv train-denoiser --sigma {sigma:g})")
+
+
+def check_fits(denoiser: nn.Module, classifier: nn.Module, shape: Sequence[int], channels: int | None = None,
+               source: str = "the denoiser") -> None:
+    """Refuse (one line) a denoiser that does not fit the classifier's images of `shape` (C, H, W):
+    other channels, an output of another shape, or an output the classifier cannot take."""
+    if channels is not None and channels != shape[0]:
+        raise SmoothAdvError(f"{source} takes {channels}-channel images, but the classifier's are {shape[0]}x"
+                             f"{shape[1]}x{shape[2]}")
+    probe = torch.zeros((2, *shape), device=_device_of(denoiser))
+    try:
+        with eval_mode(denoiser), eval_mode(classifier), torch.no_grad():
+            out = denoiser(probe)
+            if tuple(out.shape) != tuple(probe.shape):
+                raise SmoothAdvError(f"{source} turns {tuple(shape)} images into {tuple(out.shape[1:])}; it must keep "
+                                     "their shape")
+            classifier(out)
+    except RuntimeError as exc:
+        raise SmoothAdvError(f"{source} does not fit the classifier's {tuple(shape)} images "
+                             f"({str(exc).splitlines()[0][:160]})") from None
+
+
+def check_dataset(meta: Mapping[str, Any], dataset: Any, source: str = "the denoiser") -> None:
+    """Refuse (one line) a denoiser recorded as trained on another dataset than the classifier's images: with the
+    same channel count it fits, and f o D would silently be a poor classifier."""
+    recorded = meta.get("dataset")
+    if isinstance(recorded, str) and isinstance(dataset, str) and recorded != dataset:
+        raise SmoothAdvError(f"{source} was trained on {recorded}, but the classifier is for {dataset}; train a "
+                             f"denoiser on {dataset} (smoothadv train-denoiser --dataset {dataset})")
+
+
+def attach_denoiser(classifier: nn.Module, path: str | Path, *, sigma: float, shape: Sequence[int],
+                    device: torch.device | str = "cpu", steps: int = 1) -> tuple[DenoisedClassifier, dict[str, Any]]:
+    """f o D for `certify --denoiser`: the denoiser at `path` in front of `classifier`, checked (corrupt
+    file, another sigma, a misfit: one line). `path` is a denoiser checkpoint, or a directory holding a
+    diffusers diffusion model: diffusion denoised smoothing (Carlini et al., ICLR 2023;
+    `diffusion.diffusion_denoiser`: the UNet at the timestep of `sigma`, `steps` network evaluations, 1 for
+    a checkpoint). Returns the composed model (eval mode) and the denoiser's metadata with its digest
+    (`sha256`: the file's, or the diffusion model's weights and configs') and `facts`, what an evaluation
+    records in OUT.args.json and compares on resume and merge."""
+    _, compose = _registered_family()
+    source = f"denoiser {path}"
+    if Path(path).is_dir():
+        diffusion, meta = diffusion_denoiser(path, sigma=sigma, shape=shape, device=device, steps=steps)
+        check_fits(diffusion, classifier, shape, None, source)
+        return compose(diffusion, classifier).eval(), meta
+    if steps != 1:
+        raise SmoothAdvError(f"--denoiser-steps {steps} needs a diffusion model directory as --denoiser; {path} is a "
+                             "one-step denoiser checkpoint")
+    denoiser, meta = load_denoiser(path, device)
+    check_fits(denoiser, classifier, shape, meta["channels"], source)
+    check_sigma(meta["sigma"], sigma, source)
+    digest = file_sha256(path)
+    facts = {"denoiser_sha256": digest, "denoiser_sigma": meta["sigma"],
+             "denoiser_arch": f"{meta['arch']} ({meta['depth']}x{meta['width']})"}
+    return compose(denoiser, classifier).eval(), {**meta, "sha256": digest, "facts": facts}

@@ -39,8 +39,6 @@ from .accel import fold_batchnorm, prepare_base, resolve_device
 from .attacks import build_attack
 from .betting import BettingConfig
 from .data import check_data_dir, get_dataset, input_shape
-from .denoise import attach_denoiser
-from .denoise import check_dataset as check_denoiser_dataset
 from .distributed import env_world, local_device
 from .errors import SmoothAdvError
 from .evaluate import (
@@ -64,7 +62,8 @@ from .files import (
     refuse_inputs_as_outputs,
     write_provenance,
 )
-from .models import load_checkpoint
+from .models import attach_denoiser, load_checkpoint
+from .models import check_dataset as check_denoiser_dataset
 from .progress import progress as reporter
 from .rundir import Rule, compare, data_fingerprint, read_settings, settings_path
 from .sequential import (
@@ -433,7 +432,7 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     """(Smooth, dataset, checkpoint metadata, device) for a run: the checkpoint on this process's device
     (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split.
 
-    With `run.denoiser` the base classifier is f o D (`denoise.attach_denoiser`: a denoiser trained
+    With `run.denoiser` the base classifier is f o D (`models.attach_denoiser`: a denoiser trained
     for another sigma, or one that does not fit f's images, is refused; a directory is a diffusion model,
     Carlini et al. 2023, run for `denoiser_steps` network evaluations) and the metadata holds the
     denoiser's under "denoiser", with the facts the run records under "denoiser"["facts"]."""

@@ -4,7 +4,7 @@
 al.'s recipe (SGD, momentum 0.9, weight decay 1e-4, a step learning-rate schedule; `cfg.optimizer`
 "adam" for Adam) on `objective`'s loss (Gaussian augmentation, Cohen et al. 2019; SmoothAdv, Salman
 et al. 2019; ...). Denoised smoothing's denoisers (Salman et al. 2020, arXiv:2003.01908) are trained
-by the same loop (`run_loop` with `denoise.DenoiserTrainee`): what differs is a `Trainee` (the
+by the same loop (`train_denoiser`: `run_loop` with `DenoiserTrainee`): what differs is a `Trainee` (the
 network built, how it is evaluated each epoch, what its checkpoint records), never the loop.
 
 The run directory's life is `rundir.RunDirectory`'s: a lock, `args.json`/`env.json`, then per epoch
@@ -28,11 +28,12 @@ before the first epoch and an average of the gradients after every backward
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ from .data import (
     num_classes,
     subset,
 )
+from .denoise import DENOISER_LOSSES, DENOISERS, DenoiserObjective, build_denoiser, evaluate_denoiser
 from .distributed import (
     Dist,
     RankSlicedNoise,
@@ -70,9 +72,14 @@ from .distributed import (
 from .errors import SmoothAdvError
 from .files import file_sha256, refuse_inputs_as_outputs
 from .models import (
+    DENOISER,
     build_model,
     check_arch_fits,
+    check_dataset,
+    check_fits,
+    is_denoiser,
     load_checkpoint,
+    load_denoiser,
     normalization_spec,
     read_checkpoint,
     replace_head,
@@ -83,17 +90,21 @@ from .objectives import OBJECTIVES, LossOutput, Objective, build_objective, has_
 from .progress import progress as progress_reporter
 from .rundir import RunDirectory, data_fingerprint, settings_record
 from .seeds import derive_seed
-from .settings import RENAMED, TrainSettings, bookkeeping_fields, flag_keys, make
+from .settings import RENAMED, DenoiserTrainSettings, TrainSettings, bookkeeping_fields, flag_keys, make
 from .smoothing import eval_mode
 
 __all__ = [
-    "CHECKPOINT", "Classifier", "DDN_TRAINING_DEFAULTS", "Data", "LOG_COLUMNS", "LoopSettings", "RENAMED_KEYS",
-    "RESUMABLE_CHANGES", "TRAINING_ATTACK_DEFAULTS", "Trainee", "check_settings", "check_sigma", "evaluate_noisy",
-    "fit", "make_optimizer", "recipe", "run_loop", "train_epoch",
+    "CHECKPOINT", "Classifier", "DDN_TRAINING_DEFAULTS", "DENOISER_CHECKPOINT", "DENOISER_LOG_COLUMNS", "Data",
+    "DenoiserTrainee", "LOG_COLUMNS", "LoopSettings", "RENAMED_KEYS", "RESUMABLE_CHANGES", "TRAINING_ATTACK_DEFAULTS",
+    "Trainee", "check_settings", "check_sigma", "evaluate_noisy", "fit", "make_optimizer", "recipe", "run_loop",
+    "train_denoiser", "train_epoch",
 ]
 
 CHECKPOINT = "checkpoint.pth.tar"
 LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "train_acc", "test_loss", "test_acc_noisy")
+DENOISER_CHECKPOINT = "denoiser.pth.tar"
+DENOISER_LOG_COLUMNS = ("epoch", "time", "lr", "train_loss", "test_mse", "test_psnr", "test_acc_denoised",
+                        "test_acc_noisy")
 
 RESUMABLE_CHANGES = bookkeeping_fields(TrainSettings) | {"epochs"}
 """The settings a resumed run may change (`rundir.RunDirectory.check_resumable`): those that cannot change a
@@ -306,7 +317,7 @@ class Data:
 
 
 class Trainee(ABC):
-    """What the loop trains, and how it is judged: `Classifier` (a base classifier) or `denoise.DenoiserTrainee`
+    """What the loop trains, and how it is judged: `Classifier` (a base classifier) or `DenoiserTrainee`
     (a denoiser). A trainee builds the network (seeded, or from a pretrained file on a fresh start), names
     the checkpoint file and the fields it records, evaluates the network on the test set after each epoch
     and turns that into the epoch's `log.tsv` row."""
@@ -449,6 +460,145 @@ def _load_pretrained(model: nn.Sequential, cfg: TrainSettings, classes: int) -> 
         model[1].load_state_dict(pre[1].state_dict())
     except RuntimeError as exc:
         raise SmoothAdvError(f"pretrained weights do not fit {cfg.arch!r}: {str(exc).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------ a denoiser (denoised smoothing)
+
+
+def _record(source: str | nn.Module) -> dict[str, Any]:
+    """What provenance says about a classifier or denoiser: a file's path and SHA-256, or a module's type."""
+    return {"module": type(source).__name__} if isinstance(source, nn.Module) else \
+        {"path": str(source), "sha256": file_sha256(source)}
+
+
+class DenoiserTrainee(Trainee):
+    """A DnCNN (`denoise.DnCNN`, Salman et al. 2020) as the loop's trainee: built seeded (or from `init` on a fresh
+    start), checked against every classifier, evaluated by `denoise.evaluate_denoiser` (the log's MSE, PSNR and
+    accuracies), saved in the format of `models.save_denoiser` with its classifiers' digests and its objective
+    history (`init`'s stages, then this one)."""
+
+    checkpoint = DENOISER_CHECKPOINT
+    log_columns = DENOISER_LOG_COLUMNS
+    finite_metrics = ("mse",)
+
+    def __init__(self, cfg: DenoiserTrainSettings, sources: Sequence[str | nn.Module], evaluator: nn.Module | None,
+                 classifiers: Sequence[nn.Module], objective: DenoiserObjective) -> None:
+        self.cfg, self.evaluator, self.classifiers = cfg, evaluator, list(classifiers)
+        self.shape = input_shape(cfg.dataset)
+        self.sources = [_record(s) for s in sources]
+        self.stage = {"objective": objective.describe(), "epochs": cfg.epochs, "classifiers": self.sources,
+                      "init": _record(cfg.init) if cfg.init else None}
+        self.start, self.history = None, []
+        if cfg.init is not None:
+            self.start, init_meta = load_denoiser(cfg.init)
+            check_dataset(init_meta, cfg.dataset, f"--init {cfg.init}")
+            self.history = list(init_meta.get("history") or [])
+        self._data: Data | None = None
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        return [("--init", self.cfg.init), *(("--classifier", path) for path in self.cfg.classifier or ()),
+                ("--eval-classifier", self.cfg.eval_classifier)]
+
+    def data(self) -> Data:
+        if self._data is None:
+            cfg = self.cfg
+            self._data = Data(subset(get_dataset(cfg.dataset, "train", cfg.data_dir), cfg.train_subset),
+                              subset(get_dataset(cfg.dataset, "test", cfg.data_dir), cfg.eval_subset))
+        return self._data
+
+    def build(self, device: torch.device, fresh: bool) -> nn.Module:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        denoiser = build_denoiser(cfg.arch, self.shape[0], cfg.depth, cfg.width).to(device)
+        if self.start is not None:
+            start = self.start
+            if (start.channels, start.depth, start.width) != (denoiser.channels, denoiser.depth, denoiser.width):
+                raise SmoothAdvError(f"--init {cfg.init} is a DnCNN of depth {start.depth} and width {start.width} "
+                                     f"with {start.channels} channels; this run builds {denoiser.depth} x "
+                                     f"{denoiser.width} with {denoiser.channels} (set --arch/--depth/--width to match)")
+            if fresh:
+                denoiser.load_state_dict(start.state_dict())
+        for model in (*self.classifiers, *([self.evaluator] if self.evaluator is not None else [])):
+            check_fits(denoiser, model, self.shape, denoiser.channels, f"a {cfg.arch} denoiser for {cfg.dataset}")
+        return denoiser
+
+    def check_checkpoint(self, saved: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume anything but a denoiser of this dataset trained through these very classifiers
+        (compared by content: a classifier file replaced at the same path would change the run)."""
+        if not is_denoiser(saved):
+            raise SmoothAdvError(f"{path} is not a denoiser checkpoint; refusing to resume")
+        check_dataset(saved, self.cfg.dataset, str(path))
+        then = saved.get("classifiers")
+        if not isinstance(then, list):
+            return  # an earlier version's checkpoint: its classifiers' paths are compared as settings
+        now = self.sources
+        digests = [c.get("sha256", c.get("module")) if isinstance(c, dict) else c for c in then]
+        if digests != [c.get("sha256", c.get("module")) for c in now]:
+            names = ", ".join(str(c.get("path", c.get("module"))) for c in now) or "none"
+            raise SmoothAdvError(f"cannot resume {path}: it was trained through other classifiers than {names} (their "
+                                 "SHA-256 differ from those its checkpoint records); resume with the same files, or "
+                                 "start over with --force or a new --out")
+
+    def checkpoint_fields(self, epochs_done: int) -> dict[str, Any]:
+        return {"arch": self.cfg.arch, "dataset": self.cfg.dataset, "normalization": {"kind": "none"},
+                "sigma": self.cfg.sigma, "kind": DENOISER, "channels": self.shape[0],
+                "depth": self.cfg.depth or DENOISERS[self.cfg.arch].depth,
+                "width": self.cfg.width or DENOISERS[self.cfg.arch].width, "classifiers": self.stage["classifiers"],
+                "history": [*self.history, {**self.stage, "epochs_done": epochs_done}]}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"stage": self.stage,
+                "eval_classifier": _record(self.cfg.eval_classifier) if self.cfg.eval_classifier else None}
+
+    def evaluate(self, model: nn.Module, test: Dataset, device: torch.device) -> dict[str, float]:
+        return evaluate_denoiser(model, batches(test, 512, shuffle=False), self.cfg.sigma, classifier=self.evaluator,
+                                 device=device, generator=torch.Generator(device=device).manual_seed(self.cfg.seed + 7))
+
+    def log_row(self, epoch: int, elapsed: float, lr: float, stats: dict[str, float],
+                test: dict[str, float]) -> list[str]:
+        return [str(epoch), f"{elapsed:.1f}", f"{lr:.6g}", f"{stats['loss']:.6f}", f"{test['mse']:.6f}",
+                f"{test['psnr']:.3f}", f"{test.get('acc_denoised', math.nan):.4f}",
+                f"{test.get('acc_noisy', math.nan):.4f}"]
+
+    def summary(self, stats: dict[str, float], test: dict[str, float]) -> str:
+        accuracy = (f"  acc f(D(x+d)) {test['acc_denoised']:.3f}  f(x+d) {test['acc_noisy']:.3f}"
+                    if "acc_denoised" in test else "")
+        return f"loss {stats['loss']:.5f}  test PSNR {test['psnr']:.2f} dB{accuracy}"
+
+
+def train_denoiser(cfg: DenoiserTrainSettings, classifiers: Sequence[nn.Module] | None = None,
+                   eval_classifier: nn.Module | None = None) -> Path:
+    """Train a denoiser with the one loop; returns its checkpoint path (`cfg.out_dir / denoiser.pth.tar`).
+
+    Classifiers come from `cfg.classifier` (checkpoint files, with their normalization layers) or, through
+    the API, from `classifiers`: any `nn.Module`s mapping [0, 1] images (B, C, H, W) to logits,
+    normalization included. They are never updated (`denoise.frozen`). The run directory's life (lock, provenance,
+    checkpoint then log row each epoch, resume by the one rule, divergence stop) is the loop's."""
+    if classifiers is not None and cfg.classifier:
+        raise SmoothAdvError("give the classifiers as files (settings.classifier) or as modules, not both")
+    device = resolve_device(cfg.device)
+    if classifiers is None:
+        loaded = [_load_denoiser_classifier(path, cfg, device) for path in cfg.classifier or ()]
+        sources: list[str | nn.Module] = list(cfg.classifier or ())
+    else:
+        loaded, sources = [m.to(device) for m in classifiers], list(classifiers)
+    if eval_classifier is not None:
+        evaluator: nn.Module | None = eval_classifier.to(device)
+    elif cfg.eval_classifier:
+        evaluator = _load_denoiser_classifier(cfg.eval_classifier, cfg, device)
+    else:
+        evaluator = loaded[0] if loaded else None
+    objective = DENOISER_LOSSES[cfg.objective](cfg.sigma, tuple(loaded))
+    trainee = DenoiserTrainee(cfg, sources, evaluator, loaded, objective)
+    steps = math.ceil(len(trainee.data().train) / cfg.batch_size)  # type: ignore[arg-type]
+    return run_loop(cfg, dataclasses.replace(objective, steps_per_epoch=steps), trainee)
+
+
+def _load_denoiser_classifier(path: str, cfg: DenoiserTrainSettings, device: torch.device) -> nn.Module:
+    model, meta = load_checkpoint(path, device, normalization=cfg.normalization)
+    if meta["dataset"] != cfg.dataset:
+        raise SmoothAdvError(f"classifier {path} was trained on {meta['dataset']}, the denoiser on {cfg.dataset}")
+    return model
 
 
 # ------------------------------------------------------------------ the run

@@ -12,25 +12,20 @@ import pytest
 import torch
 from torch import nn
 
+from smoothadv import denoise
 from smoothadv.cli import main
 from smoothadv.denoise import (
     MSE,
     Classification,
     DenoisedClassifier,
-    DenoiserTrainee,
-    DenoiserTrainSettings,
     DnCNN,
     Stability,
-    check_fits,
     evaluate_denoiser,
-    load_denoiser,
-    multiply_adds,
-    save_denoiser,
-    train_denoiser,
 )
 from smoothadv.errors import SmoothAdvError
-from smoothadv.models import Normalize, build_model
-from smoothadv.train import run_loop, train_epoch
+from smoothadv.models import Normalize, build_model, check_fits, load_denoiser, multiply_adds, save_denoiser
+from smoothadv.settings import DenoiserTrainSettings
+from smoothadv.train import DenoiserTrainee, run_loop, train_denoiser, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -83,6 +78,14 @@ def test_fresh_dncnn_is_exactly_the_identity_with_the_papers_layers() -> None:
     assert multiply_adds(small, (1, 28, 28)) == 784 * 9 * (16 + 3 * 16 * 16 + 16)
     assert multiply_adds(build_model("fashion_cnn", "fashion_mnist"), (1, 28, 28)) == \
         784 * 9 * 16 + 196 * 9 * 16 * 32 + 1568 * 64 + 64 * 10
+
+
+def test_the_names_that_moved_out_are_still_importable_from_denoise() -> None:
+    """Checkpoints and cost moved to `models`: what user code imported from `smoothadv.denoise` is the same object."""
+    from smoothadv import models
+
+    for name in ("save_denoiser", "load_denoiser", "multiply_adds"):
+        assert getattr(denoise, name) is getattr(models, name)
 
 
 # ------------------------------------------------------------------ objectives
