@@ -1,4 +1,7 @@
-"""`smoothadv report`: numbers on hand-made TSVs equal hand-computed values; formats; the plot; bad files."""
+"""The library behind `smoothadv report`: numbers on hand-made TSVs equal hand-computed values; formats; the plot.
+
+The command itself (and its one line per bad file): tests/e2e/test_cli_report.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoothadv.cli import main
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import (
     empirical_curve,
@@ -156,38 +158,6 @@ def test_plot_is_a_png_with_content(files: dict[str, Path], tmp_path: Path) -> N
     pixels = imread(out)
     assert pixels.shape[:2] == (round(4.2 * 120), round(6.4 * 120))
     assert float(pixels[..., :3].std()) > 0.05  # not a blank canvas
-
-
-def test_cli_report_writes_table_and_plot(files: dict[str, Path], tmp_path: Path, capsys) -> None:
-    out, png = tmp_path / "t.md", tmp_path / "p.png"
-    assert main(["report", f"A={files['A']}", f"B={files['B']}", "--radii", "0", "0.5", "--envelope",
-                 "--out", str(out), "--plot", str(png)]) == 0
-    assert "| A | 60.0 | 20.0 | 0.180 | 20.0 |" in out.read_text()
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["report", str(files["B"]), "--radii", "0.5", "--format", "csv"]) == 0
-    assert "b,certified,4,0.500000,0.462500,0.250000" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ("", "is empty"),
-    (HEADER, "no rows"),
-    ("a\tb\tc\n1\t2\t3\n", "not a certify/predict TSV"),
-    (HEADER + "0\t1\t1\t0.5\t1\n", "line 2: 5 fields"),
-    (HEADER + "0\t1\tcat\t0.5\t1\t0:00:01\n", "non-numeric value 'cat'"),
-    (HEADER + "0\t1\t1\t0.5\t1\tsoon\n", "not a duration"),
-    (HEADER + "0\t1\t1\t-0.5\t1\t1.0\n", "negative"),
-    (HEADER + "0\t1\t1\tnan\t1\t1.0\n", "non-finite"),
-])
-def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | None, message: str) -> None:
-    path = tmp_path / "bad.tsv"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(SmoothAdvError, match=message):
-        load_results(path)
-    assert main(["report", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message.split("'")[0] in err
 
 
 def test_default_radii_doubles_the_step_until_the_columns_fit(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""`smoothadv report --cost`: training-cost columns (CPU-s per epoch, ratio to the baseline and to the cost model)."""
+"""`smoothadv report --cost`: training-cost columns (CPU-s per epoch, ratio to the baseline and to the cost model).
+
+The command line and its one-line errors: tests/e2e/test_cli_report.py.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from smoothadv.cli import main
-from smoothadv.errors import SmoothAdvError
 from smoothadv.report import COST_NOTE, format_table, load_costs, load_results, summarize
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
@@ -57,22 +58,3 @@ def test_cost_columns_divide_by_the_first_row_and_by_the_cost_model(tmp_path: Pa
     # without costs the table is unchanged
     plain = format_table(summarize({"gaussian": load_results(paths["gaussian"])}, [0.0]), "markdown")
     assert "CPU-s" not in plain
-
-
-def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path, capsys) -> None:
-    paths, cost = _inputs(tmp_path)
-    out = tmp_path / "table.md"
-    assert main(["report", f"gaussian={paths['gaussian']}", f"macer={paths['macer']}", "--radii", "0", "--ci",
-                 "--cost", str(cost), "--out", str(out)]) == 0
-    assert "| macer | 100.0 [15.8, 100.0] | 0.300 | 0.0 | 600 | 20.00 | 1.25 |" in out.read_text()
-    for text, message in (("name\tseconds\ngaussian\t3\n", "no 'cpu_s_per_epoch' column"),
-                          ("name\tcpu_s_per_epoch\ngaussian\t0\n", "must be a positive number"),
-                          ("name\tcpu_s_per_epoch\tmodel\ngaussian\t3\tx\n", "model must be a positive number"),
-                          ("name\tcpu_s_per_epoch\ngaussian\t3\ngaussian\t4\n", "listed twice"),
-                          ("name\tcpu_s_per_epoch\n", "no rows")):
-        cost.write_text(text)
-        assert main(["report", f"gaussian={paths['gaussian']}", "--cost", str(cost)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1
-    with pytest.raises(SmoothAdvError, match="cannot read the cost file"):
-        load_costs(tmp_path / "missing.tsv")

@@ -59,27 +59,3 @@ def test_plot_radius_cdf_refuses_bad_input(tmp_path) -> None:
     with pytest.raises(SmoothAdvError, match="nothing"):
         plot_radius_cdf({}, tmp_path / "e.png")
     assert not list(tmp_path.glob("*.png"))
-
-
-def test_report_command_draws_the_radius_cdf(tmp_path, capsys) -> None:
-    from smoothadv.cli import main
-
-    tsv = write_tsv(tmp_path / "a.tsv")
-    figure = tmp_path / "cdf.png"
-    assert main(["report", f"A={tsv}", "--radius-cdf", str(figure)]) == 0
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    capsys.readouterr()
-    before = figure.read_bytes()
-    for argv, message in [
-            ([f"A={tsv}", "--radius-cdf", str(figure)], "already exists"),  # no overwrite without --force
-            ([f"A={tsv}", "--radius-cdf", str(tmp_path / "p.png"), "--cdf-of", "p_lower"], "needs --sigma"),
-            ([f"A={tsv}", "--radius-cdf", str(tmp_path / "x.png"), "--plot", str(tmp_path / "x.png")],
-             "name the same file"),
-            ([f"A={tsv}", "--radius-cdf", str(tsv), "--force"], "input")]:
-        assert main(["report", *argv]) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-    assert figure.read_bytes() == before and tsv.read_text().startswith("idx\t")
-    assert not (tmp_path / "p.png").exists() and not (tmp_path / "x.png").exists()
-    assert main(["report", f"A={tsv}", "--radius-cdf", str(tmp_path / "p.png"), "--cdf-of", "p_lower",
-                 "--sigma", "0.25"]) == 0

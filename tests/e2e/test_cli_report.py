@@ -1,0 +1,223 @@
+"""`smoothadv report` through the command line: the table and the plot, one line per bad file, the training-cost
+columns (`--cost`), the intervals and the published rows (`--ci`, `--published`) and the radius figure
+(`--radius-cdf`), each with its one-line refusals.
+
+The inputs are the hand-made TSVs of the unit tests of the library calls behind the command
+(tests/unit/test_report.py, test_report_cost.py, test_report_intervals.py, test_report_radius_cdf.py), copied here,
+so the numbers they print are known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smoothadv.cli import main
+from smoothadv.errors import SmoothAdvError
+from smoothadv.report import OUTSIDE_NOTE, format_table, load_costs, load_published, load_results, summarize
+from smoothadv.stats import clopper_pearson_interval
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+# Ours / Cohen's scripts: timedelta times. Rows: correct r=0.5, correct r=0.1, abstain, wrong r=0.8, correct r=0.3.
+A_ROWS = ["0\t1\t1\t0.5\t1\t0:00:14.172309", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
+          "3\t4\t5\t0.8\t0\t1 day, 0:00:01", "4\t0\t0\t0.3\t1\t0:00:01.5"]
+# Cohen's released data files: float seconds.
+B_ROWS = ["0\t1\t1\t1.2\t1\t15.4", "1\t2\t2\t0.05\t1\t15.4", "2\t3\t-1\t0.0\t0\t15.4", "3\t4\t4\t0.6\t1\t15.4"]
+# Salman's logs: 4-decimal radii; one correct row with a large radius, three abstentions.
+C_ROWS = ["0\t1\t1\t2.0000\t1\t0:00:25.1", "1\t2\t-1\t0.0000\t0\t0:00:25.1", "2\t3\t-1\t0.0000\t0\t0:00:25.1",
+          "3\t4\t-1\t0.0000\t0\t0:00:25.1"]
+# correct with radius 0.5, 0.1, 0.3; one abstention; one wrong: 3 of 5 at r = 0, 1 of 5 at r = 0.5, 0 at r = 1
+ROWS = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
+        "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
+
+
+def write(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text(header + "".join(r + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    return {"A": write(tmp_path / "a.tsv", HEADER, A_ROWS), "B": write(tmp_path / "b.tsv", HEADER, B_ROWS),
+            "C": write(tmp_path / "c.tsv", HEADER, C_ROWS)}
+
+
+def test_cli_report_writes_table_and_plot(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "t.md", tmp_path / "p.png"
+    assert main(["report", f"A={files['A']}", f"B={files['B']}", "--radii", "0", "0.5", "--envelope",
+                 "--out", str(out), "--plot", str(png)]) == 0
+    assert "| A | 60.0 | 20.0 | 0.180 | 20.0 |" in out.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(files["B"]), "--radii", "0.5", "--format", "csv"]) == 0
+    assert "b,certified,4,0.500000,0.462500,0.250000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    (HEADER, "no rows"),
+    ("a\tb\tc\n1\t2\t3\n", "not a certify/predict TSV"),
+    (HEADER + "0\t1\t1\t0.5\t1\n", "line 2: 5 fields"),
+    (HEADER + "0\t1\tcat\t0.5\t1\t0:00:01\n", "non-numeric value 'cat'"),
+    (HEADER + "0\t1\t1\t0.5\t1\tsoon\n", "not a duration"),
+    (HEADER + "0\t1\t1\t-0.5\t1\t1.0\n", "negative"),
+    (HEADER + "0\t1\t1\tnan\t1\t1.0\n", "non-finite"),
+])
+def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | None, message: str) -> None:
+    path = tmp_path / "bad.tsv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SmoothAdvError, match=message):
+        load_results(path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.split("'")[0] in err
+
+
+# ------------------------------------------------------------------ --cost
+
+COST_ROWS = "0\t1\t1\t0.5\t1\t0:00:01\n1\t2\t2\t0.1\t1\t0:00:01\n"
+# gaussian is the baseline (30 s); macer 600 s = 20 x, against its model m = 16: 1.25; stability has no model;
+# smoothmix has a cost but no certify file
+COSTS = ("# measured with benchmarks/method_cost.py\n"
+         "name\trecipe\tcpu_s_per_epoch\tmodel\tformula\n"
+         "gaussian\tg.toml\t30\t1\t1\n"
+         "macer\tm.toml\t600\t16\tm\n"
+         "stability\ts.toml\t66\t\t\n"
+         "smoothmix\tx.toml\t700\t20\tm (T + 2)\n")
+
+
+def _inputs(tmp_path: Path) -> tuple[dict, Path]:
+    paths = {}
+    for name in ("gaussian", "macer", "stability", "other"):
+        paths[name] = tmp_path / f"{name}.tsv"
+        paths[name].write_text(HEADER + COST_ROWS)
+    cost = tmp_path / "cost.tsv"
+    cost.write_text(COSTS)
+    return paths, cost
+
+
+def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path, capsys) -> None:
+    paths, cost = _inputs(tmp_path)
+    out = tmp_path / "table.md"
+    assert main(["report", f"gaussian={paths['gaussian']}", f"macer={paths['macer']}", "--radii", "0", "--ci",
+                 "--cost", str(cost), "--out", str(out)]) == 0
+    assert "| macer | 100.0 [15.8, 100.0] | 0.300 | 0.0 | 600 | 20.00 | 1.25 |" in out.read_text()
+    for text, message in (("name\tseconds\ngaussian\t3\n", "no 'cpu_s_per_epoch' column"),
+                          ("name\tcpu_s_per_epoch\ngaussian\t0\n", "must be a positive number"),
+                          ("name\tcpu_s_per_epoch\tmodel\ngaussian\t3\tx\n", "model must be a positive number"),
+                          ("name\tcpu_s_per_epoch\ngaussian\t3\ngaussian\t4\n", "listed twice"),
+                          ("name\tcpu_s_per_epoch\n", "no rows")):
+        cost.write_text(text)
+        assert main(["report", f"gaussian={paths['gaussian']}", "--cost", str(cost)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    with pytest.raises(SmoothAdvError, match="cannot read the cost file"):
+        load_costs(tmp_path / "missing.tsv")
+
+
+# ------------------------------------------------------------------ --ci and --published
+
+
+def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> None:
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text(HEADER + "".join(r + "\n" for r in ROWS))
+    table = summarize({"A": load_results(tsv)}, [0.0, 0.5, 1.0], ci=True)
+    (row,) = table.rows
+    assert row.values == pytest.approx((0.6, 0.2, 0.0))
+    expected = [clopper_pearson_interval(k, 5) for k in (3, 1, 0)]
+    assert [v for pair in row.intervals for v in pair] == pytest.approx([float(v) for pair in expected for v in pair])
+    markdown = format_table(table, "markdown")
+    assert "| A | 60.0 [14.7, 94.7] | 20.0 [0.5, 71.6] | 0.0 [0.0, 52.2] |" in markdown
+    assert r"60.0 {\scriptsize [14.7, 94.7]}" in format_table(table, "latex")
+    csv = format_table(table, "csv").splitlines()
+    assert csv[0].endswith("0 ci_low,0 ci_high,0.5 ci_low,0.5 ci_high,1 ci_low,1 ci_high")
+    assert csv[1].split(",")[-6:-4] == [f"{expected[0][0]:.6f}", f"{expected[0][1]:.6f}"]
+    assert summarize({"A": load_results(tsv)}, [0.0]).rows[0].intervals is None  # off by default
+    # the command line, with the plot's band
+    out = tmp_path / "table.md"
+    assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "1", "--ci", "--out", str(out),
+                 "--plot", str(tmp_path / "plot.png")]) == 0
+    assert "60.0 [14.7, 94.7]" in out.read_text() and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(tmp_path: Path, capsys) -> None:
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text(HEADER + "".join(r + "\n" for r in ROWS))
+    recipe = tmp_path / "recipe.toml"
+    # measured: 3/5 [14.7, 94.7] at 0, 1/5 [0.5, 71.6] at 0.5, 0/5 [0, 52.2] at 1; published 0.9, 0.8 (outside), 0.0
+    recipe.write_text('sigma = 0.25\n[paper]\nsource = "a paper"\nradii = [0.0, 0.5, 1.0, 2.0]\n'
+                      'certified = [0.9, 0.8, 0.0, 0.0]\nacr = 0.5\n')
+    published = {"A": load_published(recipe)}
+    assert published["A"].at(0.5) == 0.8 and published["A"].at(0.25) is None
+    table = summarize({"A": load_results(tsv)}, [0.0, 0.25, 0.5, 1.0], ci=True, published=published)
+    measured, paper = table.rows
+    assert paper.name == "A (published)" and paper.kind == "published"
+    assert paper.values == (0.9, None, 0.8, 0.0) and paper.acr == 0.5
+    assert paper.outside == (False, False, True, False)
+    markdown = format_table(table, "markdown")
+    assert "| A (published) | 90.0 | – | 80.0 † | 0.0 | 0.500 |  |" in markdown
+    assert markdown.rstrip().endswith(OUTSIDE_NOTE)
+    assert r"80.0$^\dagger$" in format_table(table, "latex")
+    # without --ci nothing is marked; a published row without a measured one is listed after the measured rows
+    plain = summarize({"A": load_results(tsv)}, [0.0], published={"A": published["A"], "B": published["A"]})
+    assert [(r.name, r.outside) for r in plain.rows] == [("A", None), ("A (published)", None), ("B (published)", None)]
+    out = tmp_path / "table.md"
+    assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "--ci", "--published", f"A={recipe}", "--out", str(out),
+                 "--plot", str(tmp_path / "plot.png")]) == 0
+    assert "| A (published) | 90.0 | 80.0 † |" in out.read_text()
+    # a [paper] label names a published model that is not the recipe's own; the row keeps its place under A
+    recipe.write_text(recipe.read_text().replace("[paper]\n", '[paper]\nlabel = "A stronger"\n'))
+    assert load_published(recipe).label == "A stronger"
+    assert main(["report", f"A={tsv}", "--radii", "0", "0.5", "--ci", "--published", f"A={recipe}", "--out", str(out),
+                 "--force"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[2].startswith("| A |") and lines[3].startswith("| A stronger (published) | 90.0 | 80.0 † |")
+    # a recipe without published numbers, or with malformed ones: one line, exit 2
+    for text, message in (("sigma = 0.25\n", "has no [paper] section"),
+                          ("[paper]\nradii = [0.0, 0.5]\ncertified = [0.9]\n", "two equally long"),
+                          ("[paper]\nradii = [0.0]\ncertified = [90]\n", "fractions in [0, 1]"),
+                          ('[paper]\nlabel = ""\nradii = [0.0]\ncertified = [0.9]\n', "label must be a non-empty")):
+        recipe.write_text(text)
+        assert main(["report", f"A={tsv}", "--published", f"A={recipe}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ --radius-cdf
+
+CDF_ROWS = [  # idx label predict radius correct: a correct, a wrong, an abstained, two correct at larger radii
+    (0, 3, 3, 0.10, 1), (1, 2, 5, 0.40, 0), (2, 1, -1, 0.0, 0), (3, 0, 0, 0.55, 1), (4, 7, 7, 0.30, 1),
+]
+
+
+def write_tsv(path: Path, rows=CDF_ROWS) -> Path:
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    lines += [f"{i}\t{y}\t{p}\t{r}\t{c}\t0:00:01.000000" for i, y, p, r, c in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report_command_draws_the_radius_cdf(tmp_path, capsys) -> None:
+    from smoothadv.cli import main
+
+    tsv = write_tsv(tmp_path / "a.tsv")
+    figure = tmp_path / "cdf.png"
+    assert main(["report", f"A={tsv}", "--radius-cdf", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    before = figure.read_bytes()
+    for argv, message in [
+            ([f"A={tsv}", "--radius-cdf", str(figure)], "already exists"),  # no overwrite without --force
+            ([f"A={tsv}", "--radius-cdf", str(tmp_path / "p.png"), "--cdf-of", "p_lower"], "needs --sigma"),
+            ([f"A={tsv}", "--radius-cdf", str(tmp_path / "x.png"), "--plot", str(tmp_path / "x.png")],
+             "name the same file"),
+            ([f"A={tsv}", "--radius-cdf", str(tsv), "--force"], "input")]:
+        assert main(["report", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert figure.read_bytes() == before and tsv.read_text().startswith("idx\t")
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "x.png").exists()
+    assert main(["report", f"A={tsv}", "--radius-cdf", str(tmp_path / "p.png"), "--cdf-of", "p_lower",
+                 "--sigma", "0.25"]) == 0
