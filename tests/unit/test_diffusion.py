@@ -20,7 +20,6 @@ from torch import nn
 
 diffusers = pytest.importorskip("diffusers")
 
-from smoothadv.cli import main  # noqa: E402
 from smoothadv.diffusion import (  # noqa: E402
     DiffusionDenoiser,
     DiffusionModel,
@@ -357,34 +356,3 @@ def test_model_written_on_resume_after_a_kill_at_epoch_end(tmp_path):
     assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == 3
 
 
-def test_settings_and_cli_errors(tmp_path, capsys):
-    _one_line_error(lambda: _settings(tmp_path, norm_groups=3), "--norm-groups 3")
-    _one_line_error(lambda: _settings(tmp_path, attention_levels=(2,)), "--attention-levels")
-    _one_line_error(lambda: _settings(tmp_path, ema_decay=1.0), "--ema-decay")
-    (tmp_path / "log.tsv").write_text("")
-    assert main(["train-diffusion", "--out", str(tmp_path), "--dataset", "synthetic", "--channels", "8", "16",
-                 "--attention-levels", "1"]) == 2
-    assert "already holds a training run" in capsys.readouterr().err
-    for words, message in ((["--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
-                           (["--out", "x", "--epochs", "1.5"], "--epochs: expected an integer"),
-                           (["--out", "x", "--resume", "yes"], "unrecognized arguments: yes"),
-                           (["--epochs", "2"], "--out")):
-        assert main(["train-diffusion", *words]) == 2
-        err = capsys.readouterr().err
-        assert message in err, err
-    assert main(["train-diffusion", "--help"]) == 0
-    assert "--attention-levels" in capsys.readouterr().out
-
-
-def test_train_diffusion_command_maps_onto_the_settings(tmp_path, capsys):
-    """`smoothadv train-diffusion` flags are DiffusionTrainSettings' fields; its run equals train_ddpm's."""
-    out = tmp_path / "cli"
-    assert main(["train-diffusion", "--out", str(out), "--dataset", "synthetic", "--channels", "8", "16",
-                 "--attention-levels", "1", "--norm-groups", "8", "--epochs", "1", "--batch", "8",
-                 "--train-subset", "16", "--warmup-steps", "2", "--log-every", "2", "--save-every", "2",
-                 "--seed", "3"]) == 0
-    assert f"model: {out / 'model'}" in capsys.readouterr().out
-    train_ddpm(_settings(tmp_path / "lib", epochs=1, train_subset=16))
-    a, b = _state(out), _state(tmp_path / "lib")
-    assert a["config"] == {**b["config"], "out_dir": str(out)}
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

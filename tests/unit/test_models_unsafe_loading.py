@@ -1,8 +1,8 @@
 """No unsafe loading: a checkpoint whose unpickling would run code is refused before anything runs.
 
 Each crafted file holds an object whose `__reduce__` makes unpickling call `open(marker, "w")`; the test
-asserts the marker file never appears, whatever the entry point (library, CLI certify/predict/train
---pretrained, convert-checkpoint without --trust), and that the message names the way out.
+asserts the marker file never appears, whatever the library entry point, and that the message names the way
+out (the command line's entry points: tests/e2e/test_cli_checkpoints_unsafe_loading.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from smoothadv import SmoothAdvError, load_checkpoint
-from smoothadv.cli import main
 from smoothadv.models import build_model, read_checkpoint
 
 
@@ -68,43 +67,6 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, kind) -> Non
         if kind != "raw_pickle":  # a bare pickle is not a torch file at all: refused as unreadable
             assert "convert-checkpoint" in message and "--trust" in message, message
     assert not marker.exists()
-
-
-@pytest.mark.parametrize("kind", ("zip", "legacy"))
-def test_cli_refuses_malicious_checkpoint_everywhere(tmp_path, capsys, kind) -> None:
-    path, marker = craft(tmp_path, kind)
-    commands = [
-        ["certify", str(path), "--sigma", "0.25", "--out", str(tmp_path / "c.tsv"), "--no-progress"],
-        ["predict", str(path), "--sigma", "0.25", "--out", str(tmp_path / "p.tsv"), "--no-progress"],
-        ["train", "--dataset", "synthetic", "--out", str(tmp_path / "run"), "--epochs", "1", "--pretrained",
-         str(path), "--no-progress", "--device", "cpu"],
-        ["convert-checkpoint", str(path), str(tmp_path / "converted.pth.tar")],  # no --trust
-    ]
-    for argv in commands:
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-        if argv[0] != "convert-checkpoint":
-            assert "smoothadv convert-checkpoint IN OUT --trust" in err
-        else:
-            assert "--trust" in err
-    assert not marker.exists()
-    assert not (tmp_path / "c.tsv").exists() and not (tmp_path / "converted.pth.tar").exists()
-
-
-def test_trusted_legacy_file_converts_once_then_loads_weights_only(tmp_path) -> None:
-    # a Cohen-style legacy checkpoint holding a harmless non-tensor object (here a Path), as released files
-    # hold argparse Namespaces or optimizer objects: weights_only refuses it, --trust converts it
-    state = {f"1.{k}": v for k, v in build_model("toy_cnn", "synthetic")[1].state_dict().items()}
-    legacy = tmp_path / "legacy.pth.tar"
-    torch.save({"arch": "toy_cnn", "state_dict": state, "epoch": 7, "note": Path("harmless")}, legacy)
-    with pytest.raises(SmoothAdvError, match="convert-checkpoint"):
-        read_checkpoint(legacy)
-    converted = tmp_path / "converted.pth.tar"
-    assert main(["convert-checkpoint", str(legacy), str(converted), "--trust"]) == 0
-    payload = read_checkpoint(converted)  # weights_only=True succeeds now
-    assert payload["epoch"] == 7 and set(payload["state_dict"]) == set(state)
-    assert all(torch.equal(payload["state_dict"][k], v) for k, v in state.items())
 
 
 def test_checkpoints_with_malformed_fields_are_one_line_errors(tmp_path) -> None:
