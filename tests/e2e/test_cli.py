@@ -1,7 +1,9 @@
-"""The command line end to end on the synthetic dataset, and one-line errors for bad input."""
+"""The command line end to end on the synthetic dataset, one-line errors for bad input, and the parser's choices
+from the registries."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from smoothadv import data
 from smoothadv.cli import main
 from smoothadv.models import load_checkpoint
 from smoothadv.stats import max_certifiable_radius
@@ -120,3 +123,17 @@ def test_python_dash_m_and_console_help() -> None:
     assert result.returncode == 0
     for command in ("train", "certify", "predict"):
         assert command in result.stdout
+
+
+def test_cli_dataset_choices_and_default_arch_come_from_the_registry() -> None:
+    from smoothadv.archs import architecture_names
+    from smoothadv.cli import build_parser
+    from smoothadv.train import recipe as train_recipe
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    train = commands.choices["train"]._actions
+    assert tuple(next(action.choices for action in train if action.dest == "dataset")) == data.dataset_names()
+    assert tuple(next(action.choices for action in train if action.dest == "arch")) == architecture_names()
+    settings, _ = train_recipe({"dataset": "cifar10", "out": "unused"})
+    assert settings.arch == data.DATASETS["cifar10"].default_arch

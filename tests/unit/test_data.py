@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 
 import numpy as np
@@ -172,17 +171,3 @@ def test_dataset_info_rejects_inconsistent_facts() -> None:
         data.DatasetInfo("bad", 10, (0.5,), (0.5, 0.5), (1, 28, 28), "lenet", None)
     with pytest.raises(ValueError, match="num_classes"):
         data.DatasetInfo("bad", 1, (0.5,), (0.5,), (1, 28, 28), "lenet", None)
-
-
-def test_cli_dataset_choices_and_default_arch_come_from_the_registry() -> None:
-    from smoothadv.archs import architecture_names
-    from smoothadv.cli import build_parser
-    from smoothadv.train import recipe as train_recipe
-
-    parser = build_parser()
-    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    train = commands.choices["train"]._actions
-    assert tuple(next(action.choices for action in train if action.dest == "dataset")) == data.dataset_names()
-    assert tuple(next(action.choices for action in train if action.dest == "arch")) == architecture_names()
-    settings, _ = train_recipe({"dataset": "cifar10", "out": "unused"})
-    assert settings.arch == data.DATASETS["cifar10"].default_arch

@@ -1,6 +1,7 @@
 """The training methods after SmoothAdv (Stability, Consistency, MACER, SmoothMix, CAT-RS): values on tiny models
 where the answer is known, and
-one epoch of each on the synthetic dataset lowering its own loss.
+one epoch of each on the synthetic dataset lowering its own loss. CAT-RS from `smoothadv smooth-prediction` through
+the command line: tests/e2e/test_cli_objectives.py.
 
 Every test is seeded and runs in about a second on one CPU thread.
 """
@@ -284,41 +285,6 @@ def test_catrs_loss_recomputed_from_its_definition() -> None:
     with pytest.raises(SmoothAdvError, match="--smoothed-prediction"):
         CATRS(0.25)
     assert "pi" not in objective.describe() and objective.describe()["lbd"] == 2.0
-
-
-def test_smooth_prediction_command_then_catrs_training(toy_checkpoint, tmp_path, monkeypatch) -> None:
-    # `smoothadv smooth-prediction` (a durable evaluation run like certify: sharding and resuming are tested for all of
-    # them in test_sharding); CAT-RS then trains from it through the command line (the loop passes each example's
-    # index) and records its settings in the checkpoint.
-    from smoothadv.cli import main
-    from smoothadv.evaluate import read_smooth_prediction
-    from smoothadv.models import read_checkpoint
-
-    monkeypatch.setattr("smoothadv.files.git_revision", lambda: None)  # slow git calls, not tested here
-    flags = ["--sigma", "0.25", "--n", "40", "--batch", "64", "--max", "24", "--no-progress", "--device", "cpu"]
-    whole = tmp_path / "pi.tsv"
-    assert main(["smooth-prediction", str(toy_checkpoint), "--out", str(whole), *flags]) == 0
-    assert len(whole.read_text().splitlines()) == 25
-    pi = read_smooth_prediction(whole)
-    assert pi.shape == (512, 4) and torch.allclose(pi.sum(1), torch.ones(512))
-    assert torch.equal(pi[24:], torch.full((488, 4), 0.25))  # not computed: uniform, as the original
-    counts = [int(v) for v in whole.read_text().splitlines()[1].split("\t")[4].split(",")]
-    assert sum(counts) == 40 and torch.allclose(pi[0], torch.tensor(counts) / 40)
-
-    out = tmp_path / "run"
-    assert main(["train", "--objective", "catrs", "--smoothed-prediction", str(whole), "--dataset", "synthetic",
-                 "--arch", "toy_cnn", "--epochs", "1", "--train-subset", "32", "--eval-subset", "8", "--batch", "16",
-                 "--m", "2", "--steps", "1", "--eps", "0.5", "--lbd", "0.5", "--out", str(out), "--no-progress",
-                 "--device", "cpu"]) == 0
-    described = read_checkpoint(out / "checkpoint.pth.tar")["objective"]
-    assert described == {"name": "CATRS", "sigma": 0.25, "smoothed_prediction": str(whole), "m": 2, "eps": 0.5,
-                         "steps": 1, "lbd": 0.5, "confidence_mask": False}
-    # a resumed run reads the same table and continues
-    assert main(["train", "--objective", "catrs", "--smoothed-prediction", str(whole), "--dataset", "synthetic",
-                 "--arch", "toy_cnn", "--epochs", "2", "--train-subset", "32", "--eval-subset", "8", "--batch", "16",
-                 "--m", "2", "--steps", "1", "--eps", "0.5", "--lbd", "0.5", "--out", str(out), "--no-progress",
-                 "--device", "cpu", "--resume"]) == 0
-    assert read_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 2
 
 
 # ------------------------------------------------------------------ every objective learns

@@ -192,19 +192,6 @@ def test_exact_sequential_failure_matches_monte_carlo_on_counts(levels) -> None:
     assert exact <= sum(per_look) == pytest.approx(alpha)
 
 
-def test_validity_command_prints_table_and_writes_json(tmp_path, capsys) -> None:
-    import json
-
-    from smoothadv.cli import main
-
-    out = tmp_path / "validity.json"
-    assert main(["validity", "--quick", "--trials", "60", "--n", "40", "--n0", "5", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "| problem | mode |" in printed and "negative controls detected: 2/2" in printed  # point estimate, 2 alpha
-    summary = json.loads(out.read_text())["summary"]
-    assert summary["passed"] == summary["checks"] > 10 and summary["alpha"] == 0.1
-
-
 @pytest.mark.slow
 def test_default_sequential_schedule_at_the_papers_scale_fails_at_most_alpha_exactly() -> None:
     # alpha = 0.001 and the grid's default schedule (sigma = 0.5: nine looks up to 111,616, alpha spending), label
