@@ -398,9 +398,32 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_provenance(directory: str | os.PathLike[str], args: dict[str, Any], prefix: str = "") -> None:
-    """Write `<prefix>args.json` (resolved arguments) and `<prefix>env.json` into `directory`."""
+def write_provenance(directory: str | os.PathLike[str], args: dict[str, Any], prefix: str = "", *,
+                     resumed: bool = False) -> None:
+    """Write `<prefix>args.json` (resolved arguments) and `<prefix>env.json` into `directory`.
+
+    A `resumed` run keeps the environments its run was computed in: `env.json` is this one, with the earlier
+    ones (each different from the next) under `earlier`, oldest first, so that rows computed under another
+    torch (or git revision, device, ...) are never attributed to this one alone."""
     out = Path(directory)
     clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if not callable(v)}
+    env_path = out / f"{prefix}env.json"
+    env = json.loads(json.dumps(environment(), default=str))
+    earlier = _earlier_environments(env_path, env) if resumed else []
     atomic_write_text(out / f"{prefix}args.json", json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n")
-    atomic_write_text(out / f"{prefix}env.json", json.dumps(environment(), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(env_path, json.dumps({**env, **({"earlier": earlier} if earlier else {})}, indent=2,
+                                           sort_keys=True) + "\n")
+
+
+def _earlier_environments(path: Path, env: dict[str, Any]) -> list[Any]:
+    """The environments an existing `env.json` records (its `earlier` ones, then its own unless it is `env`); []
+    for a missing or unreadable file (nothing to keep)."""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    earlier = recorded.pop("earlier", [])
+    earlier = list(earlier) if isinstance(earlier, list) else []
+    return earlier if recorded == env else [*earlier, recorded]

@@ -30,6 +30,7 @@ import glob
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ from .files import (
 from .models import attach_denoiser, load_checkpoint
 from .models import check_dataset as check_denoiser_dataset
 from .progress import progress as reporter
-from .rundir import Rule, compare, data_fingerprint, read_settings, settings_path
+from .rundir import Difference, Rule, compare, data_fingerprint, read_settings, settings_path
 from .sequential import (
     LEGACY_SEQUENTIAL_COLUMNS,
     SEQUENTIAL_COLUMNS,
@@ -86,14 +87,15 @@ from .settings import (
 from .smoothing import Smooth
 
 __all__ = [
-    "BATCH_SETTINGS", "EVALUATION_COMMANDS", "IGNORED_SETTINGS", "Job", "RunOutcome", "expected_jobs", "find_shards",
-    "job_key", "load_smoothed", "merge_shards", "normalize_record", "record", "resume_differences", "row_key",
-    "rows_maker", "run_evaluation", "run_jobs", "select_indices", "sequential_test", "setting_differences",
-    "shard_indices", "shard_path", "shards_complete", "test_name", "write_rows",
+    "BATCH_SETTINGS", "DIGESTS", "EVALUATION_COMMANDS", "IGNORED_SETTINGS", "Job", "RunOutcome", "expected_jobs",
+    "find_shards", "job_key", "load_smoothed", "merge_shards", "normalize_record", "record", "resume_differences",
+    "row_key", "rows_maker", "run_evaluation", "run_jobs", "select_indices", "sequential_test", "setting_differences",
+    "shard_indices", "shard_path", "shards_complete", "test_name", "unverified", "write_rows",
 ]
 
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
-IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from", "resumed_changes"}
+IGNORED_SETTINGS = bookkeeping_fields(RunSettings) | {"handler", "config", "merged_from", "resumed_changes",
+                                                       "unverified"}
 
 #: recorded settings of an evaluation that rows do not depend on (verified: the noise pieces of each example, and
 #: so its counts, are the same at any batch size), so a resumed run or a shard may differ in them
@@ -241,9 +243,11 @@ def shard_path(out: str | os.PathLike[str], shard: int, num_shards: int) -> Path
 
 def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree
-    (`rundir.compare`, with no change accepted; a setting one record is too old to hold is not compared)."""
-    refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore | _unrecorded(a, b))
-    return [difference.refused() for difference in refused]
+    (`rundir.compare`, with no change accepted). The digests (`DIGESTS`) are compared whenever both records hold
+    them, and a difference in one names the file that differs (`_refusal`); a digest one record lacks is
+    unverified (`unverified`), not a difference. What `merge` and `report` (one NAME, several files) check."""
+    refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore | _unrecorded(a, b), accepted=_DIGEST_NOTES)
+    return [_refusal(difference) for difference in refused]
 
 
 def _evaluation(settings: dict[str, Any]) -> bool:
@@ -260,31 +264,90 @@ def resume_differences(previous: dict[str, Any], current: dict[str, Any],
     larger `max` (or none), which extends the selection past the rows already written, in the order an
     uninterrupted run writes them (also per shard: shard i of k takes every k-th job of the longer list).
     Every other setting but the rows=False ones (`IGNORED_SETTINGS`) must agree; a smaller `max` is refused,
-    and so is a larger one for an attack at several radii (its rows are ordered radius first). The data are
-    compared by content (`data_sha256`, the selected examples' digest; a record older than it is not
-    compared): a larger selection's digest is accepted only through `extra` (`_data_extension`, which checked
-    the recorded selection's digest on these data).
+    and so is a larger one for an attack at several radii (its rows are ordered radius first). The files
+    and data are compared by content (`DIGESTS`: the checkpoint's, the denoiser's and the selected examples'
+    SHA-256; a digest one record lacks is unverified, not compared): a larger selection's digest is accepted
+    only through `extra` (`_data_extension`, which checked the recorded selection's digest on these data).
     """
     previous, current = normalize_record(previous), normalize_record(current)
     accepted = {"batch": lambda before, after: None, "max": _max_may_grow(current)} \
         if _evaluation(previous) and _evaluation(current) else {}
-    accepted = {"data_sha256": _other_data, **accepted, **(extra or {})}
+    accepted = {**_DIGEST_NOTES, **accepted, **(extra or {})}
     refused, changed = compare(previous, current, free=IGNORED_SETTINGS | _unrecorded(previous, current),
                                accepted=accepted)
-    return [difference.refused() for difference in refused], [  # the data's digest follows --max: not a change
+    return [_refusal(difference) for difference in refused], [  # the data's digest follows --max: not a change
         difference.accepted() for difference in changed if difference.name != "data_sha256"]
 
 
+#: the digests an evaluation records (`OUT.args.json`), each with what it identifies: resume, merge and report
+#: compare them whenever both records hold one (a file changed at the same path is another file). A record
+#: that lacks one (written before it was recorded, or by another tool) is unverified, never refused: the
+#: rows go on, `unverified` lists the digest in the output's sidecar, and a resume says so on stderr
+DIGESTS: dict[str, str] = {
+    "checkpoint_sha256": "another checkpoint, or the file at that path changed since the rows were computed",
+    "denoiser_sha256": "another --denoiser, or none, or its files changed since the rows were computed",
+    "denoiser_weights_sha256": "the diffusion model's weights files differ",
+    "denoiser_schedule_sha256": "the diffusion model's scheduler config differs",
+    "data_sha256": "the selected examples differ: another dataset or --data-dir than the one the rows were "
+                   "computed on",
+}
+
 #: settings a record may lack (written by a version before them): compared only when both records hold them
-UNRECORDED_BEFORE = frozenset({"data_sha256"})
+UNRECORDED_BEFORE = frozenset(DIGESTS)
+
+
+def _digest_note(name: str) -> Rule:
+    return lambda before, after: DIGESTS[name]
+
+
+_DIGEST_NOTES: dict[str, Rule] = {name: _digest_note(name) for name in DIGESTS}
+
+
+def _lacks(record: dict[str, Any], name: str, other: dict[str, Any]) -> bool:
+    """Whether `record` holds no digest `name` where it could have held one. A denoiser's digests can be missing
+    only when both runs used a denoiser: a run without one records none, and that is a difference (f is not
+    f o D), never an unverified digest."""
+    if record.get(name) is not None:
+        return False
+    return not name.startswith("denoiser_") or (record.get("denoiser") is not None
+                                                and other.get("denoiser") is not None)
 
 
 def _unrecorded(a: dict[str, Any], b: dict[str, Any]) -> frozenset[str]:
-    return frozenset(name for name in UNRECORDED_BEFORE if name not in a or name not in b)
+    return frozenset(name for name in UNRECORDED_BEFORE if _lacks(a, name, b) or _lacks(b, name, a))
 
 
-def _other_data(before: Any, after: Any) -> str:
-    return "the selected examples differ: another dataset or --data-dir than the one the rows were computed on"
+def unverified(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The digests (`DIGESTS`) one of two records holds and the other lacks (written before it was recorded):
+    they cannot be compared, so the rows of the record lacking one are unverified against that file."""
+    return sorted(name for name in _unrecorded(a, b) if (a.get(name) is None) != (b.get(name) is None))
+
+
+def _listed(value: Any) -> list[Any]:
+    """A recorded list (`resumed_changes`, `merged_from`, `unverified`), or [] for anything else (a hand-edited
+    sidecar)."""
+    return list(value) if isinstance(value, list) else []
+
+
+def _short(value: Any) -> str:
+    """A digest shortened for a one-line message (its first 12 hex digits; a selection's count kept)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_short(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, str):
+        count, _, digest = value.rpartition(":")
+        return (f"{count}:" if count else "") + (f"{digest[:12]}..." if len(digest) > 12 else digest)
+    return "none" if value is None else repr(value)
+
+
+def _refusal(difference: Difference) -> str:
+    """'name: before != after (note)', a digest shortened and named by what it identifies."""
+    if difference.name in DIGESTS:
+        return f"{difference.name}: {_short(difference.before)} != {_short(difference.after)} ({difference.note})"
+    return difference.refused()
+
+
+def _only_digests(differences: Sequence[str]) -> bool:
+    return bool(differences) and all(d.split(":", 1)[0] in DIGESTS for d in differences)
 
 
 def _max_may_grow(current: dict[str, Any]) -> Rule:
@@ -366,11 +429,16 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
                 raise SmoothAdvError(f"cannot resume {out}: {settings_path(out)}, its recorded settings, is missing, "
                                      "so its rows cannot be checked against these settings; restore that file, or "
                                      "start over with --force or a new --out")
+            elif _only_digests(differences):
+                raise SmoothAdvError(f"cannot resume {out}: its rows were computed with other files "
+                                     f"({'; '.join(differences)}); resume with the files they were computed with "
+                                     "(the same bytes: a copy at another path is fine), or start over with --force "
+                                     "or a new --out")
             elif differences:
                 raise SmoothAdvError(f"cannot resume {out}: it was started with other settings "
                                      f"({'; '.join(differences)}); use the same flags or a new --out")
-            elif changes and previous is not None:  # recorded in OUT.args.json: what changed, in order
-                recorded = {**recorded, "resumed_changes": [*previous.get("resumed_changes", []), *changes]}
+            elif previous is not None:
+                recorded = _resumed_record(out, previous, recorded, changes, show)
         created = [path for path in (out, settings_path(out), out.parent / f"{out.name}.env.json") if not path.exists()]
         try:
             with TsvLog(out, columns, resume=resume, force=force, key=lambda fields: row_key(columns, fields)) as log:
@@ -385,6 +453,23 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
             raise
         _put_in_job_order(out, columns, jobs)
         return outcome
+
+
+def _resumed_record(out: Path, previous: dict[str, Any], recorded: dict[str, Any], changes: Sequence[str],
+                    show: bool = True) -> dict[str, Any]:
+    """The record of a run resuming `out`: `recorded`, with what `previous` (its sidecar) recorded of the rows
+    already written kept: `merged_from` (the shards they were merged from), `resumed_changes` (each accepted
+    change, in order, then this run's `changes`) and `unverified` (the digests the rows were never checked
+    against, then those `previous` lacks: said on stderr when `show`)."""
+    kept = {key: previous[key] for key in ("merged_from",) if key in previous}
+    history = [*_listed(previous.get("resumed_changes")), *changes]
+    new = [name for name in unverified(previous, recorded) if name not in _listed(previous.get("unverified"))]
+    unchecked = sorted({*(n for n in _listed(previous.get("unverified")) if isinstance(n, str)), *new})
+    if new and show:
+        print(f"smoothadv: note: {settings_path(out)} records no {', '.join(new)} (written before it was recorded): "
+              f"the rows already in {out} are unverified against it (listed under 'unverified')", file=sys.stderr)
+    return {**recorded, **kept, **({"resumed_changes": history} if history else {}),
+            **({"unverified": unchecked} if unchecked else {})}
 
 
 def _forget(out: Path, created: Sequence[Path]) -> None:
@@ -420,7 +505,7 @@ def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[
             make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str,
             show: bool = True) -> RunOutcome:
     todo = [job for job in jobs if job_key(job) not in log.done]
-    write_provenance(out.parent, recorded, prefix=f"{out.name}.")
+    write_provenance(out.parent, recorded, prefix=f"{out.name}.", resumed=bool(log.done))
     with reporter(len(jobs), initial=len(jobs) - len(todo), label=label, bars=progress, show=show) as bar:
         for row in make_rows(todo):
             log.write(row_fields(row))
@@ -532,14 +617,19 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
         check_writable_output(final, resume=run.resume, force=run.force)
     out = check_writable_output(shard_path(final, *shard) if shard else final, resume=run.resume or restart_on_change,
                                 force=run.force)
+    read_before = {"the checkpoint": _file_digest(run.checkpoint), "--denoiser": _file_digest(run.denoiser)}
     smooth, dataset, meta, device = load_smoothed(run, settings)
     jobs = run_jobs(settings, len(dataset))
     denoiser = meta.get("denoiser")
     if denoiser is not None:
         check_denoiser_dataset(denoiser, meta["dataset"], f"denoiser {run.denoiser}")
     facts = {} if denoiser is None else denoiser["facts"]  # digests, sigma, arch (attach_denoiser)
+    checkpoint_sha256 = file_sha256(run.checkpoint)
+    _refuse_changed_while_read("the checkpoint", run.checkpoint, read_before["the checkpoint"], checkpoint_sha256)
+    if read_before["--denoiser"] is not None:  # a denoiser checkpoint (a diffusion model is a directory)
+        _refuse_changed_while_read("--denoiser", run.denoiser, read_before["--denoiser"], facts.get("denoiser_sha256"))
     data = data_fingerprint(dataset, run_indices(settings, len(dataset)), DIGESTED)
-    recorded = record(run, settings, checkpoint_sha256=file_sha256(run.checkpoint), dataset_size=len(dataset),
+    recorded = record(run, settings, checkpoint_sha256=checkpoint_sha256, dataset_size=len(dataset),
                       shard=list(shard) if shard else None, data_sha256=data, **facts)
     resume = run.resume or restart_on_change
     accepted = _data_extension(out, dataset, settings) if resume else {}
@@ -564,6 +654,23 @@ def run_evaluation(run: RunSettings, settings: EvaluationSettings, *, restart_on
     else:
         say(f"wrote {out} ({len(jobs)} rows)")
     return outcome
+
+
+def _file_digest(path: str | os.PathLike[str] | None) -> str | None:
+    """The SHA-256 of the file `path`, or None for no path, a directory or a missing file (the loader says
+    what is wrong with it)."""
+    return file_sha256(path) if path is not None and Path(path).is_file() else None
+
+
+def _refuse_changed_while_read(flag: str, path: Any, before: str | None, after: Any) -> None:
+    """Refuse (one line) a file whose SHA-256 after it was loaded (`after`, what the run records) is not the one
+    before (`before`): it was replaced while being read (a training run writing its checkpoint), so the
+    recorded digest might not be of the weights the rows come from."""
+    if before is not None and after != before:
+        raise SmoothAdvError(f"{flag} {path} changed while it was being read (SHA-256 {_short(before)} before "
+                             f"loading, {_short(after)} after: is a run writing it?), so the digest the output "
+                             "records might not be of the weights used; evaluate a file that no run is writing (a "
+                             "copy of it)")
 
 
 # ------------------------------------------------------------------ shards
@@ -673,7 +780,9 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
                                           BATCH_SETTINGS if _evaluation(reference.settings) else frozenset())
         if differences:
             raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "
-                                 f"({'; '.join(differences)}); rerun the odd shard")
+                                 f"({'; '.join(differences)}); rerun the odd shard"
+                                 + (" with the files the others were computed with" if _only_digests(differences)
+                                    else ""))
     tables = [read_tsv(shard.path) for shard in parsed]
     _refuse_incomplete(parsed, [rows for _, rows in tables], job_count(reference.settings))
     everything = expected_jobs(reference.settings)  # no longer than the rows read: listing it costs their memory
@@ -705,6 +814,13 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     merged.sort(key=lambda item: item[0])
     atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
     settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}
+    lacking = {name for shard in parsed[1:] for name in unverified(reference.settings, shard.settings)}
+    for name in lacking:  # held by some shards only: the merged rows are not all verified against it
+        settings_out.pop(name, None)
+    unchecked = sorted({*lacking, *(name for shard in parsed for name in _listed(shard.settings.get("unverified"))
+                                    if isinstance(name, str))})
+    if unchecked:
+        settings_out["unverified"] = unchecked
     batches = list(dict.fromkeys(shard.settings.get("batch") for shard in parsed))
     if len(batches) > 1:  # shards run at different batch sizes (the rows do not depend on it)
         settings_out["batch"] = batches

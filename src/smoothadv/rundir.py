@@ -337,8 +337,9 @@ class RunDirectory:
         return [*(earlier if isinstance(earlier, list) else []), {"resumed_at_epoch": at_epoch, "changed": changes}]
 
     def write_provenance(self, record: Mapping[str, Any]) -> None:
-        """`args.json` (this record) and `env.json`."""
-        write_provenance(self.path, dict(record))
+        """`args.json` (this record) and `env.json`; a resumed run (its record has a `history`) keeps the earlier
+        environments in `env.json` (`files.write_provenance`)."""
+        write_provenance(self.path, dict(record), resumed=bool(record.get("history")))
 
     def log(self, columns: Sequence[str], epochs_done: int) -> EpochLog:
         return EpochLog(self.path / "log.tsv", columns, epochs_done)
