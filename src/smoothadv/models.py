@@ -16,10 +16,13 @@ dicts, so it loads with `weights_only=True`):
     epoch           completed epochs
     state_dict      a registered architecture's: state dict of Sequential(norm, net), keys "1.<param>"
                     exactly as in Cohen's files; your own module's: its `state_dict()` as it is
-    weights_sha256  `weights_digest(state_dict)`: verified on every load, so flipped or overwritten
-                    weight bytes are refused (torch does not check the zip's CRC). Files written
-                    before it existed have none and still load, unverified (`weights_verified`
-                    False in the metadata); Cohen's and Salman's files cannot carry one.
+    weights_sha256  `weights_digest(state_dict)`: recomputed over the weights read on every load
+                    (`load_checkpoint`, `load_weights`, `load_denoiser`, `read_checkpoint`) and
+                    compared, so flipped or overwritten weight bytes are refused (torch does not
+                    check the zip's CRC). `weights_verified` in the metadata is True only after that
+                    comparison succeeded. Files written before it existed have none and still load,
+                    unverified (`weights_verified` False); Cohen's and Salman's files carry one once
+                    converted (`convert_trusted_checkpoint`).
     optimizer, scheduler, rng, config, objective, smoothadv_version   (training state and provenance)
     kind            absent for a classifier; "denoiser" for a denoised-smoothing denoiser (Salman et al.
                     2020, arXiv:2003.01908; `save_denoiser`: channels, depth, width, classifiers,
@@ -324,9 +327,16 @@ def _registered_state(model: nn.Module, state: dict[str, Tensor], arch: str, cla
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """torch.load with weights_only=True, turning every failure into a one-line SmoothAdvError.
 
-    A file that records the digest of its weights (`weights_sha256`) is returned only if its
-    weights still match it (else SmoothAdvError: the file is corrupt)."""
-    file = Path(path)
+    A file that records the digest of its weights (`weights_sha256`) is returned only if the digest
+    recomputed over the weights read from it equals the recorded one (else SmoothAdvError: the file is
+    corrupt, or its weights were changed after it was saved)."""
+    return _read_verified(Path(path), map_location)[0]
+
+
+def _read_verified(file: Path, map_location: str | torch.device) -> tuple[dict[str, Any], bool]:
+    """(`read_checkpoint`'s payload, whether its weights were verified): True only when the file records a weights
+    digest and the digest recomputed over its state dict equals it, False when it records none (a mismatch is
+    refused). Every loader reports it as `weights_verified`, never the mere presence of a digest."""
     if file.is_dir():
         raise SmoothAdvError(f"checkpoint {file} is a directory, not a checkpoint file")
     if not file.is_file():
@@ -358,15 +368,16 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise SmoothAdvError(f"checkpoint {file} is corrupt or truncated ({type(exc).__name__}: {detail})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "arch" not in payload:
         raise SmoothAdvError(f"{file} is not a model checkpoint (expected a dict with 'arch' and 'state_dict')")
-    _verify_weights(payload, file)
-    return payload
+    return payload, _verify_weights(payload, file)
 
 
-def _verify_weights(payload: dict[str, Any], file: Path) -> None:
-    """Raise SmoothAdvError if `payload` records a weights digest that its state dict does not match."""
+def _verify_weights(payload: dict[str, Any], file: Path) -> bool:
+    """True if `payload` records a weights digest and the digest recomputed over its state dict (the tensors a
+    loader then copies into the model) equals it; False if it records none; SmoothAdvError (one line) if they
+    differ or the fields are malformed."""
     recorded = payload.get(DIGEST)
     if recorded is None:
-        return  # written before digests existed, or by Cohen's or Salman's code: nothing to verify
+        return False  # written before digests existed, or by Cohen's or Salman's code: nothing to verify
     state = payload["state_dict"]
     if not isinstance(recorded, str) or not isinstance(state, dict) or \
             not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
@@ -374,6 +385,7 @@ def _verify_weights(payload: dict[str, Any], file: Path) -> None:
     if weights_digest(state) != recorded:
         raise SmoothAdvError(f"checkpoint {file} is corrupt: its weights do not match the digest recorded when it was "
                              "saved (flipped or overwritten bytes); restore it from a copy or retrain")
+    return True
 
 
 def _bare_pickle_call(file: Path) -> str | None:
@@ -497,7 +509,7 @@ def load_weights(path: str | os.PathLike[str], module: nn.Module, *, normalizati
     if not isinstance(module, nn.Module):
         raise SmoothAdvError(f"load_weights needs the nn.Module to load {file} into, got {type(module).__name__}")
     module = _unwrapped(module)  # a compiled or DataParallel module shares its parameters with the model inside
-    payload = read_checkpoint(file, "cpu")
+    payload, verified = _read_verified(file, "cpu")
     _check_fields(payload, file)
     state = _fitting_state(module, payload["state_dict"])
     own = module.state_dict()
@@ -520,7 +532,7 @@ def load_weights(path: str | os.PathLike[str], module: nn.Module, *, normalizati
         raise SmoothAdvError(f"the weights in {file} (arch {payload.get('arch')!r}) do not fit the "
                              f"{type(module).__name__} given: {detail}")
     module.load_state_dict(state, strict=True)
-    return {**_metadata(payload), "weights_verified": DIGEST in payload}
+    return {**_metadata(payload), "weights_verified": verified}
 
 
 @overload
@@ -551,8 +563,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     Returns: (model in eval mode, metadata dict without the state dict). The metadata always has
     `arch`, `dataset`, `num_classes`, `normalization`, `sigma` (None when unknown) and
-    `weights_verified` (whether the file carried a weights digest, which then matched: False for
-    Cohen/Salman files and smoothadv files older than the digest).
+    `weights_verified`: True only if the file records a weights digest and the digest recomputed over the
+    weights loaded from it equals it (a mismatch is refused, SmoothAdvError); False for a file without one
+    (Cohen/Salman files not converted, smoothadv files older than the digest).
     """
     file = Path(path)
     if isinstance(map_location, nn.Module) and model is None:  # load_checkpoint(path, module): what was meant
@@ -561,7 +574,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         meta = load_weights(file, model)
         meta = {"dataset": None, "num_classes": None, "normalization": None, "sigma": None, **meta}
         return model.eval(), meta
-    payload = read_checkpoint(file, map_location)
+    payload, verified = _read_verified(file, map_location)
     if is_denoiser(payload):
         raise SmoothAdvError(f"{file} is a denoiser checkpoint, not a classifier; load it with "
                              "denoise.load_denoiser (the CLI: pass it as --denoiser next to the classifier's "
@@ -603,7 +616,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     built.to(map_location).eval()
     meta = _metadata(payload)
     meta.update({"arch": arch, "dataset": dataset, "num_classes": classes, "normalization": spec, "sigma": sigma,
-                 "weights_verified": DIGEST in payload})
+                 "weights_verified": verified})
     return built, meta
 
 
@@ -615,8 +628,9 @@ def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLi
     files whose origin you trust. Keeps `arch`, `epoch`, the tensors of `state_dict` and every other field
     that is plain data (so a smoothadv checkpoint keeps its format, dataset, normalization, num_classes and
     sigma, and loads as before), and adds the weights' digest (`weights_sha256`, verified when the new file
-    is loaded). An existing `dst` is refused unless `force`, and `dst` may never be `src` (checked before
-    `src` is read).
+    is loaded). A `src` that already records a digest is converted only if its weights still match it (else
+    SmoothAdvError: a tampered file is never given a fresh digest). An existing `dst` is refused unless
+    `force`, and `dst` may never be `src` (checked before `src` is read).
     """
     check_new_output(dst, force=force, inputs=[src], flag="output")
     try:
@@ -628,6 +642,8 @@ def convert_trusted_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLi
     state = payload["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise SmoothAdvError(f"{src} has a 'state_dict' that is not a dict of tensors")
+    if payload.get(DIGEST) is not None:  # never give weights changed after saving a digest of their own
+        _verify_weights({DIGEST: payload[DIGEST], "state_dict": dict(state)}, Path(src))
     # every field that is plain data (this format's format, dataset, normalization, num_classes, sigma, kind,
     # training state, ...) is kept as it was, so a smoothadv file loads as before; anything else is dropped
     clean: dict[str, Any] = {str(k): v for k, v in payload.items()
@@ -730,7 +746,7 @@ def save_denoiser(path: str | Path, denoiser: DnCNN, *, arch: str, dataset: str,
 
 
 def load_denoiser(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DnCNN, dict[str, Any]]:
-    """(DnCNN in eval mode, metadata without the tensors; `weights_verified` says whether a digest was checked).
+    """(DnCNN in eval mode, metadata without the tensors; `weights_verified` as in `load_checkpoint`).
 
     Refuses, in one line, a missing, corrupt or truncated file, flipped weight bytes (digest), a file holding
     anything but plain data, a classifier checkpoint, malformed fields, and weights that do not fit the
@@ -738,7 +754,7 @@ def load_denoiser(path: str | Path, map_location: str | torch.device = "cpu") ->
     file = Path(path)
     build, _ = _registered_family()
     try:
-        payload = read_checkpoint(file, map_location)
+        payload, verified = _read_verified(file, map_location)
     except SmoothAdvError as exc:
         text = str(exc)
         raise SmoothAdvError(text if text.startswith("denoiser") else f"denoiser {text}") from None
@@ -764,7 +780,7 @@ def load_denoiser(path: str | Path, map_location: str | torch.device = "cpu") ->
                              f"{payload['width']}; the file is damaged")
     denoiser.load_state_dict(state)
     denoiser.to(map_location).eval()
-    return denoiser, {**_metadata(payload), "weights_verified": DIGEST in payload}
+    return denoiser, {**_metadata(payload), "weights_verified": verified}
 
 
 def check_sigma(denoiser_sigma: float, sigma: float, source: str = "the denoiser") -> None:
