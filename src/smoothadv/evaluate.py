@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -197,7 +197,16 @@ def read_smooth_prediction(path: str | Path, size: int | None = None) -> torch.T
     recorded = read_settings(path) or {}
     if recorded.get("split", "train") != "train":
         raise SmoothAdvError(f"{path} was computed on the {recorded['split']} split; CAT-RS needs the train split")
+    shard = recorded.get("shard")
+    if isinstance(shard, list) and len(shard) == 2:
+        raise SmoothAdvError(f"{path} is shard {shard[0]} of {shard[1]} of a smooth-prediction run: the examples of "
+                             "the other shards would stay uniform; merge the shards (smoothadv merge) and give the "
+                             "merged file")
     head, rows = read_tsv(path)
+    expected = _selected_count(recorded)
+    if expected is not None and len(rows) < expected:
+        raise SmoothAdvError(f"{path} is unfinished: {len(rows)} of the {expected} examples its run selected have a "
+                             "row (the others would stay uniform); finish it with smooth-prediction --resume")
     columns = head.split("\t")
     if "idx" not in columns or "counts" not in columns:
         raise SmoothAdvError(f"{path} is not a smooth-prediction TSV (its header lacks idx or counts)")
@@ -216,6 +225,19 @@ def read_smooth_prediction(path: str | Path, size: int | None = None) -> torch.T
             raise SmoothAdvError(f"{path}: bad row for idx {index}")
         pi[index] = torch.tensor(counts, dtype=torch.float64).div(sum(counts)).float()
     return pi
+
+
+def _selected_count(recorded: dict[str, Any]) -> int | None:
+    """How many examples a run with these recorded settings selects (`dataset_size`, `skip`, `max`), or None when
+    the record does not say (no sidecar, or one written by hand)."""
+    values = [recorded.get("dataset_size"), recorded.get("skip", 1), recorded.get("max")]
+    if values[2] is None:
+        values[2] = values[0]
+    counts = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
+    if len(counts) != 3:
+        return None
+    size, skip, most = counts
+    return min(len(range(0, size, skip)), most)
 
 
 def row_fields(row: NamedTuple) -> list[str]:
