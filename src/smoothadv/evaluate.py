@@ -189,8 +189,8 @@ def read_smooth_prediction(path: str | Path, size: int | None = None) -> torch.T
 
     Examples without a row stay uniform (1/K), as in the original. `size` defaults to the dataset size
     recorded next to the file (`OUT.args.json`), else the largest index + 1. SmoothAdvError (one line)
-    for a missing or malformed file, or one computed on another split than train.
-    """
+    for a missing or malformed file, one computed on another split than train, and, by what its sidecar
+    records, a shard (merge the shards first) or an unfinished file (fewer rows than its selection)."""
     path = Path(path)
     if not path.exists():
         raise SmoothAdvError(f"smoothed prediction {path} does not exist; compute it with smoothadv smooth-prediction")

@@ -11,7 +11,12 @@
    settings (`OUT.args.json`) against these field by field (`setting_differences`: every field
    declared `rows=True` in `settings` must agree, and the data by content: `data_sha256`, the digest of
    the selected examples (of `DIGESTED` of them, evenly spaced, in a larger selection), whatever `--data-dir`
-   they are read from) and skips the rows already written;
+   they are read from) and skips the rows already written. The files are compared by content too
+   (`DIGESTS`: the checkpoint's and the denoiser's SHA-256, recorded after loading and refused if the file
+   changed while it was read), here and by `merge` and `report`: another file, even at the same path, is
+   refused in one line naming the digest; a digest a sidecar lacks (written before it was recorded) is
+   unverified, not refused (said on stderr, listed under `unverified`); what the sidecar recorded of the
+   rows written (`resumed_changes`, `merged_from`, `unverified`, earlier environments) is kept;
 4. holds a lock file (`OUT.lock`) so a second writer is refused;
 5. appends each row flushed and fsynced as it is computed (`files.TsvLog`), so a killed run
    loses at most the row in progress;

@@ -20,7 +20,8 @@ Contract:
    counts as that field's default where the caller gives defaults (training). A nested settings
    dataclass recorded by an older version as its `repr()` is compared with the `repr()` of today's.
 4. Provenance: `args.json` (the resolved settings, the objective, the resume `history`) and `env.json`
-   (versions, device, git revision) at the start (`files.write_provenance`).
+   (versions, device, git revision) at the start (`files.write_provenance`); a resumed run keeps the
+   earlier, different environments in `env.json` (`earlier`), never only its own.
 5. Ordering: each epoch writes its checkpoint, then its log row (`EpochLog.commit`), so a log row
    always has its checkpoint, and a resumed run keeps the rows of the epochs its checkpoint holds.
 6. History: each resumption appends {"resumed_at_epoch", "changed"} to `args.json`'s `history`.
@@ -32,7 +33,9 @@ Contract:
 8. Data by content: a path (`--data-dir`) may change on resume, so the data are compared by their bytes
    (`data_digest`, `data_fingerprint`; recorded as `data_sha256` in a checkpoint or an output's sidecar;
    a record older than it is not compared), and so are the files a resumed run reads again (a denoiser's
-   classifiers, a classifier's `--unlabelled` images: their SHA-256).
+   classifiers, a classifier's `--unlabelled` images: their SHA-256). An evaluation's files likewise
+   (`run.DIGESTS`: compared on resume, merge and report whenever both records hold the digest; one a
+   record lacks is unverified, listed under `unverified`, never refused).
 9. A finished run is judged from its `args.json` and `log.tsv` alone (`RunDirectory.unfinished`: the one rule,
    no change accepted), so a caller that only reads its results needs no checkpoint (`smoothadv demo
    --report-only` on a committed run).
