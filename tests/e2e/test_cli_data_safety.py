@@ -131,7 +131,7 @@ def test_demo_retrains_when_a_checkpoint_was_replaced(tmp_path, capsys) -> None:
     shutil.copyfile(out / "smoothadv" / "checkpoint.pth.tar", gaussian)  # another model under the same name
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "was replaced since it was trained: training again" in text
+    assert "cannot be resumed with these settings: training again" in text
     assert "train gaussian       ran" in text and "train smoothadv      reused" in text
     assert gaussian.read_bytes() == original  # retrained (deterministically), not reused
     rows = [line.split("\t")[:-1] for line in (out / "certify_gaussian.tsv").read_text().splitlines()]
