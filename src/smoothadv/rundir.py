@@ -1,7 +1,7 @@
 """One run lifecycle: the lock, the provenance, checkpoint-then-log, and ONE rule for what a resumed run may change.
 
 Every durable run uses this module: classifier training (`train.fit`; Cohen et al. 2019, Salman et al.
-2019), denoiser training through the same loop (`denoise.train_denoiser`; Salman et al. 2020, "Denoised
+2019), denoiser training through the same loop (`train.train_denoiser`; Salman et al. 2020, "Denoised
 Smoothing", arXiv:2003.01908) and evaluation outputs (`run.write_rows`). It is a module of its own rather
 than a section of `files.py` because it knows about settings: `files.py` holds crash-safe primitives
 (atomic writes, `TsvLog`, `OutputLock`) that know nothing of what a run is; this module applies them to
