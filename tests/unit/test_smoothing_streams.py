@@ -130,3 +130,17 @@ def test_sample_counts_must_be_positive_integers(n) -> None:
     with pytest.raises(SmoothAdvError, match="positive integer"):
         check_sample_args(10, 0.001, n)
     check_sample_args(10.0, 0.001, 4)  # an integral float is a count
+
+
+def test_padded_rows_follow_the_rows_and_the_dtype_asked_for() -> None:
+    """An input of 9 values is drawn as rows padded to 16 in a reused (rows, 16) buffer: one sampler serving
+    pieces of 3, 10, 10 (float64), 16 and 5 (float64) rows gives exactly the noise a fresh sampler gives each
+    piece (a kept buffer with too few rows, or of the other dtype, is never served)."""
+    shared = sampler()
+    for rows, dtype in [(3, torch.float32), (10, torch.float32), (10, torch.float64), (16, torch.float32),
+                        (5, torch.float64)]:
+        x = torch.zeros((1, 3, 3), dtype=dtype)
+        got = served(NoiseStream(shared, x, torch.Generator().manual_seed(4)), [rows], x)
+        expected = served(NoiseStream(sampler(), x, torch.Generator().manual_seed(4)), [rows], x)
+        assert got.dtype == dtype and torch.equal(got, expected), (rows, dtype)
+        assert got.std() > 0.3  # noise at sigma 0.5, not zeros
