@@ -276,6 +276,7 @@ def load_diffusion(path: str | os.PathLike[str], device: str | torch.device = "c
                              f"not one of {', '.join(SCHEDULERS)}")
     weights = _weights(root, unet_dir)
     diffusers = _diffusers()
+    before = {str(f.relative_to(root)): file_sha256(f) for f in weights}  # compared after loading: see below
     try:
         unet = diffusers.UNet2DModel.from_pretrained(
             unet_dir, local_files_only=True, low_cpu_mem_usage=False,
@@ -285,9 +286,14 @@ def load_diffusion(path: str | os.PathLike[str], device: str | torch.device = "c
     except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError, KeyError, ...
         raise SmoothAdvError(f"diffusion model {root}: cannot load the UNet in {unet_dir}: "
                              f"{_first_line(exc)}") from None
+    after = {str(f.relative_to(root)): file_sha256(f) for f in weights}
+    if after != before:  # replaced while read (a training run saving its model): the digest would not be of these
+        raise SmoothAdvError(f"diffusion model {root}: its weights changed while they were being read (is a run "
+                             "writing them?), so the recorded digest might not be of the weights used; use a copy "
+                             "that no run is writing")
     digests = {
         "unet": str(unet_dir.relative_to(root)) if unet_dir != root else ".",
-        "weights_sha256": {str(f.relative_to(root)): file_sha256(f) for f in weights},
+        "weights_sha256": after,
         "unet_config_sha256": file_sha256(unet_config_path),
         "scheduler_config": str(scheduler_path.relative_to(root)),
         "scheduler_config_sha256": file_sha256(scheduler_path),

@@ -155,6 +155,26 @@ def test_diffusers_missing(monkeypatch, pipeline_dir):
                     "pip install 'smoothadv[diffusion]'")
 
 
+def test_weights_replaced_while_read_are_refused(monkeypatch, tmp_path, pipeline_dir):
+    """The weights are hashed before and after diffusers reads them: a file a training run rewrites meanwhile is
+    refused, so the recorded digest is always of the weights loaded."""
+    path = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, path)
+    [weights] = (path / "unet").glob("diffusion_pytorch_model*")
+    real = diffusers.UNet2DModel.from_pretrained
+
+    def rewritten_while_read(*args, **kwargs):
+        unet = real(*args, **kwargs)
+        diffusers.DDPMPipeline(unet=_tiny_unet(seed=1), scheduler=_scheduler()).save_pretrained(path)
+        return unet
+
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", rewritten_while_read)
+    _one_line_error(lambda: load_diffusion(path), "changed while they were being read")
+    monkeypatch.undo()
+    assert load_diffusion(path).provenance()["weights_sha256"] == {
+        str(weights.relative_to(path)): hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
 # ------------------------------------------------------------------ the denoiser
 
 
