@@ -486,11 +486,13 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         records.append(record)
         print(f"[{name}] {number}/{len(all_mutants)} {record['status']:8} {record.get('seconds', 0):5.1f}s "
               f"{mutant['key']}", flush=True)
-        if partial is not None:  # keep what is done, should the run be stopped
+        if partial is not None:  # keep what is done, should the run be stopped (a retry: with the verdicts of
+            # the previous run for the mutants it has not reached yet)
+            kept = [previous[m["key"]] for m in all_mutants[number:] if m["key"] in previous]
             partial.write_text(json.dumps({"module": name, "file": spec["file"], "tests": tests, "stopped": True,
                                            "baseline_failing": failing, "slow": slow, "mutants": len(all_mutants),
-                                           "records": records, "seconds": round(time.monotonic() - started, 1)},
-                                          indent=1))
+                                           "records": records + kept,
+                                           "seconds": round(time.monotonic() - started, 1)}, indent=1))
     copy_file.write_text(source)
     return {"module": name, "file": spec["file"], "tests": tests, "baseline_failing": failing, "slow": slow,
             "baseline_seconds": round(baseline_time, 1), "mutants": len(all_mutants), "records": records,
