@@ -252,6 +252,25 @@ def test_check_batch_accepts_a_batch_in_the_unit_box_and_refuses_anything_else()
             check_batch(xb, yb)  # type: ignore[arg-type]
 
 
+def test_check_batch_sees_one_value_out_of_place() -> None:
+    """One pixel above the box, one below, one infinite, one negative label among valid ones: each is refused
+    (the checks look at both ends of x and at the smallest label, not at a summary that hides one value)."""
+    from smoothadv.attacks import check_batch
+
+    x, y = make_batch(3)
+    x = x.clamp(0.25, 0.75)
+    assert check_batch(x, y, None) == int(y.max())
+    for value, domain, match in [(1.5, (0.0, 1.0), "values in"), (-0.5, (0.0, 1.0), "values in"),
+                                 (float("inf"), None, "NaN or Inf"), (float("-inf"), None, "NaN or Inf"),
+                                 (float("nan"), None, "NaN or Inf")]:
+        bad = x.clone()
+        bad[1, 0, 0, 0] = value
+        with pytest.raises(SmoothAdvError, match=match):
+            check_batch(bad, y, domain)
+    with pytest.raises(SmoothAdvError, match="labels must be >= 0"):
+        check_batch(x, torch.tensor([2, -1, 0]))
+
+
 def test_labels_the_model_does_not_have_are_refused_before_any_step() -> None:
     """A label >= K (the model's number of outputs) or a model that does not return (B, K) scores is a one-line
     SmoothAdvError at the first call, for every attack, not an IndexError from deep inside the loss."""
