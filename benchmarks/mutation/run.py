@@ -455,9 +455,9 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         for line in range(first, last + 1):
             selected.extend(covering.get(line, []))
         if any(line in import_lines for line in range(first, last + 1)):
-            # executed at import (a default, a constant): the tests that use its class, else any test
+            # executed at import (a default, a constant, an object a test module builds when collected): the tests
+            # that execute it again, plus those that use its class, else any test
             scope = mutant["scope"]
-            selected = []
             if scope:
                 for line in range(scope[0], scope[1] + 1):
                     if line not in import_lines:
