@@ -460,8 +460,7 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
             scope = mutant["scope"]
             if scope:
                 for line in range(scope[0], scope[1] + 1):
-                    if line not in import_lines:
-                        selected.extend(covering.get(line, []))
+                    selected.extend(covering.get(line, []))
             selected = selected or list(passing)
         selected = sorted(set(selected), key=order.index)
         record = {k: mutant[k] for k in ("key", "line", "operator")}

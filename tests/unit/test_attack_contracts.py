@@ -331,3 +331,32 @@ def test_ddn_quantizes_to_its_levels_across_the_domain_box() -> None:
     assert torch.allclose(shifted, torch.tensor([[-2.0, -2.0, -1.0]], dtype=torch.float64), atol=1e-12)
     assert torch.equal(five._quantize(x, delta, None), delta)
     assert torch.equal(DDN(eps=1.0, quantize=False)._quantize(x, delta), delta)
+
+
+def test_the_attack_factory_defaults_and_salmans_ddn_rule() -> None:
+    """build_attack() is PGD at eps 0.5 with 10 steps; DDN's gamma follows Salman et al.'s prediction script,
+    1 - (3/510/eps)^(1/T) (the norm may shrink from eps to 3/510 in T steps), and is 0.05 at eps <= 3/510 where
+    that rule would give no step at all."""
+    default = build_attack()
+    assert type(default) is PGDL2 and (default.eps, default.steps) == (0.5, 10)
+    ddn = build_attack("ddn", eps=0.5, steps=10)
+    assert isinstance(ddn, DDN) and ddn.gamma == 1 - (3 / 510 / 0.5) ** (1 / 10) and ddn.init_norm == 0.5
+    assert build_attack("ddn", eps=3 / 510, steps=10).gamma == 0.05
+    assert build_attack("ddn", eps=0.001, steps=10).gamma == 0.05
+
+
+def test_attack_settings_list_each_key_once_with_its_field_and_owners() -> None:
+    """The flags the command line generates: one entry per recipe key with its field (default), its type and the
+    attacks that have it; the name defaults to pgd and the gradient-free variant is off."""
+    import dataclasses
+
+    from smoothadv.attacks import attack_settings
+
+    found = attack_settings()
+    assert found["attack"][0].default == "pgd" and found["gradient_free"][0].default is False
+    assert found["gradient_free"][2] == ("pgd",)
+    assert found["eps"][2] == ("pgd", "ddn") and found["steps"][2] == ("pgd", "ddn")
+    for key in ("eps", "steps", "random_start", "ddn_gamma"):
+        assert isinstance(found[key][0], dataclasses.Field), key
+    assert found["steps"][0].default == 10 and found["steps"][1] is int
+    assert found["random_start"][2] == ("pgd",) and found["random_start"][0].default is False
