@@ -442,7 +442,7 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
     if retry is not None:  # rerun only the survivors of a previous run; keep its other verdicts
         previous = {r["key"]: r for r in retry["records"]}
     for number, mutant in enumerate(all_mutants, 1):
-        if mutant["key"] in previous and previous[mutant["key"]]["status"] not in ("survived", "timeout"):
+        if mutant["key"] in previous and previous[mutant["key"]]["status"] != "survived":  # a timeout is a kill
             records.append(previous[mutant["key"]])
             continue
         if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="per-module time budget")
     parser.add_argument("--revision", default="HEAD", help="git revision of src/ to mutate (default HEAD: the "
                         "committed package); an empty string mutates the working tree as it is")
-    parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived (or timed out in) "
+    parser.add_argument("--retry", action="store_true", help="rerun only the mutants that survived "
                         "the last run (out/<module>.json), e.g. after adding tests")
     parser.add_argument("--results", action="store_true", help="also write results.md (the committed summary)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
