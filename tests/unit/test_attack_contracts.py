@@ -342,6 +342,7 @@ def test_the_attack_factory_defaults_and_salmans_ddn_rule() -> None:
     ddn = build_attack("ddn", eps=0.5, steps=10)
     assert isinstance(ddn, DDN) and ddn.gamma == 1 - (3 / 510 / 0.5) ** (1 / 10) and ddn.init_norm == 0.5
     assert build_attack("ddn", eps=3 / 510, steps=10).gamma == 0.05
+    assert build_attack("ddn", eps=3.5 / 510, steps=10).gamma == 1 - (3 / 510 / (3.5 / 510)) ** (1 / 10)
     assert build_attack("ddn", eps=0.001, steps=10).gamma == 0.05
 
 

@@ -86,6 +86,8 @@ def test_certify_many_takes_any_tensor_without_a_domain_and_refuses_a_scalar() -
     smooth = Smooth(Constant(2), num_classes=3, sigma=0.25, domain=None)
     batch = torch.zeros(3, 5)  # three inputs of shape (5,): a batch tensor is unbound along its first axis
     assert [c.prediction for c in smooth.certify_many(batch, 4, 50, 0.01, 16)] == [2, 2, 2]
+    scalars = smooth.certify_many(torch.tensor([0.1, 0.2]), 4, 50, 0.01, 16)  # a batch of two scalar inputs
+    assert [c.prediction for c in scalars] == [2, 2]
     with pytest.raises(SmoothAdvError, match="sequence of images"):
         smooth.certify_many(torch.tensor(0.5), 4, 50, 0.01, 16)
     image = Smooth(Constant(2), num_classes=3, sigma=0.25)
