@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Diffusion denoised smoothing on Fashion-MNIST (Carlini et al., ICLR 2023), once the DDPM of train.sh has trained:
+# Diffusion denoised smoothing on Fashion-MNIST (Carlini et al., ICLR 2023) with the released DDPM of train.sh:
 # certify the off-the-shelf classifier of the denoised-smoothing experiment (fashion_cnn trained WITHOUT noise,
 # results/denoised/runs/classifier_clean, a released model) behind the DDPM, on the same 200 test images (every
 # 50th), with the same n0, n, alpha and seed as results/denoised/ (so the same noise per image), then report it
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 SMOOTHADV=${SMOOTHADV:-.venv/bin/smoothadv}
-MODEL=${MODEL:-runs/diffusion-fmnist/model}
+MODEL=${MODEL:-results/diffusion-fmnist/ddpm/model}  # the released DDPM (train.sh writes runs/diffusion-fmnist/model)
 OUT=${OUT:-results/diffusion-fmnist}
 SIGMA=${SIGMA:-0.25}
 CLASSIFIER=results/denoised/runs/classifier_clean/checkpoint.pth.tar
