@@ -1,8 +1,10 @@
-"""Shared test helpers: linear base classifiers whose smoothed classifier is known in closed form."""
+"""Shared test helpers: linear base classifiers whose smoothed classifier is known in closed form, and checkpoints
+whose unpickling would run code (for the unsafe-loading tests of the library and of the command line)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,43 @@ def run_command(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, st
         assert len(lines) == 1 and lines[0].startswith("smoothadv: error: "), err
     return code, err
 
+
+# ------------------------------------------------------------------ checkpoints that run code when unpickled
+
+
+class Payload:
+    """Unpickling this object calls open(marker, "w"), i.e. creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _toy_state() -> dict:
+    from smoothadv.models import build_model
+
+    return {k: v.clone() for k, v in build_model("toy_cnn", "synthetic").state_dict().items()}
+
+
+def craft(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    marker = tmp_path / f"pwned-{kind}"
+    path = tmp_path / f"evil-{kind}.pth.tar"
+    evil = Payload(marker)
+    if kind == "zip":
+        torch.save({"arch": "toy_cnn", "state_dict": _toy_state(), "extra": evil}, path)
+    elif kind == "legacy":
+        torch.save({"arch": "toy_cnn", "state_dict": _toy_state(), "extra": evil}, path,
+                   _use_new_zipfile_serialization=False)
+    elif kind == "in_state_dict":
+        state = _toy_state()
+        state["1.fc.weight"] = evil  # type: ignore[assignment]
+        torch.save({"arch": "toy_cnn", "state_dict": state}, path)
+    elif kind == "raw_pickle":
+        with open(path, "wb") as handle:
+            pickle.dump({"arch": "toy_cnn", "state_dict": {}, "extra": evil}, handle)
+    else:
+        raise ValueError(kind)
+    assert not marker.exists()
+    return path, marker

@@ -4,51 +4,15 @@ never appears), and a trusted legacy file converts once, then loads weights-only
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import craft
 
 from smoothadv import SmoothAdvError
 from smoothadv.cli import main
 from smoothadv.models import build_model, read_checkpoint
-
-
-class Payload:
-    """Unpickling this object calls open(marker, "w"), i.e. creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def _state() -> dict:
-    return {k: v.clone() for k, v in build_model("toy_cnn", "synthetic").state_dict().items()}
-
-
-def craft(tmp_path: Path, kind: str) -> tuple[Path, Path]:
-    marker = tmp_path / f"pwned-{kind}"
-    path = tmp_path / f"evil-{kind}.pth.tar"
-    evil = Payload(marker)
-    if kind == "zip":
-        torch.save({"arch": "toy_cnn", "state_dict": _state(), "extra": evil}, path)
-    elif kind == "legacy":
-        torch.save({"arch": "toy_cnn", "state_dict": _state(), "extra": evil}, path,
-                   _use_new_zipfile_serialization=False)
-    elif kind == "in_state_dict":
-        state = _state()
-        state["1.fc.weight"] = evil  # type: ignore[assignment]
-        torch.save({"arch": "toy_cnn", "state_dict": state}, path)
-    elif kind == "raw_pickle":
-        with open(path, "wb") as handle:
-            pickle.dump({"arch": "toy_cnn", "state_dict": {}, "extra": evil}, handle)
-    else:
-        raise ValueError(kind)
-    assert not marker.exists()
-    return path, marker
 
 
 @pytest.mark.parametrize("kind", ("zip", "legacy"))
