@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,9 +46,9 @@ from .errors import SmoothAdvError
 from .settings import AT_LEAST_ONE, NONNEGATIVE, POSITIVE, PROBABILITY, convert, fields_of, recipe_key, setting
 
 __all__ = [
-    "ATTACKS", "ATTACK_NAME", "Attack", "DDN", "GRADIENT_FREE", "GradientFreeModel", "Model", "PGDL2", "SteinPGDL2",
-    "attack_mode", "attack_settings", "build_attack", "check_batch", "check_labels", "get_attack", "l2_norm",
-    "project",
+    "ATTACKS", "ATTACK_NAME", "Attack", "DDN", "DDN_RULE_KEYS", "GRADIENT_FREE", "GradientFreeModel", "Model",
+    "PGDL2", "SteinPGDL2", "attack_mode", "attack_recipe", "attack_settings", "build_attack", "check_batch",
+    "check_labels", "get_attack", "l2_norm", "project",
 ]
 
 Model = Callable[[Tensor], Tensor]
@@ -403,6 +403,54 @@ def attack_settings() -> dict[str, tuple[Any, Any, tuple[str, ...]]]:
     return found
 
 
+def _own_settings(cls: type, attack: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """field name -> value of the settings of `cls` in `values` (by recipe key), each converted and checked
+    against its limit; a setting of another attack (e.g. `ddn_gamma` for PGD) is refused, one line, unless it
+    is None or False (off); None means the field's default (or `build_attack`'s rule)."""
+    kinds = fields_of(cls)
+    known = {recipe_key(field): name for name, (field, _) in kinds.items()}
+    others = sorted(key for key, value in values.items() if key not in known and value not in (None, False))
+    if others:
+        raise SmoothAdvError(f"{', '.join(others)} {'is not a setting' if len(others) == 1 else 'are not settings'} "
+                             f"of the {attack} attack")
+    kwargs = {known[key]: convert(value, kinds[known[key]][1], key) for key, value in values.items()
+              if key in known and value is not None}
+    for name, value in kwargs.items():
+        limit = kinds[name][0].metadata.get("limit")
+        if limit is not None and not limit[0](value):
+            raise SmoothAdvError(f"{recipe_key(kinds[name][0])} must be {limit[1]}, got {value!r}")
+    return kwargs
+
+
+#: the settings whose default (None) is `build_attack`'s rule for DDN at each eps, not the dataclass default
+DDN_RULE_KEYS = ("ddn_gamma", "ddn_init_norm")
+
+
+def attack_recipe(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The complete recipe of the attack `values` name, without its radius: recipe key -> value for `attack`
+    (the name), `gradient_free` for PGD, and every setting of that attack, given in `values`, else in
+    `defaults`, else the attack's own default (DDN's `ddn_gamma` and `ddn_init_norm`: None, `build_attack`'s
+    rule at each eps). `build_attack(eps=e, **recipe)` builds the attack at radius e; an attack run records it
+    (`run.record`). Checked as `build_attack` checks (types, limits, another attack's settings refused unless
+    off); SmoothAdvError, one line. `eps` is not a key: a run takes several radii."""
+    given = {**(defaults or {}), **{key: value for key, value in values.items() if value is not None}}
+    if "eps" in given:
+        raise SmoothAdvError("eps is the attack run's radii, not a setting of its attack recipe")
+    name = given.pop("attack", ATTACK_NAME.default)
+    cls = get_attack(name if isinstance(name, str) else "")
+    name = name.lower()
+    gradient_free = convert(given.pop("gradient_free", False), bool, "gradient_free")
+    if gradient_free and cls is not PGDL2:
+        raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")
+    kwargs = _own_settings(cls, name, given)
+    recipe: dict[str, Any] = {"attack": name, **({"gradient_free": gradient_free} if cls is PGDL2 else {})}
+    for field_name, (field, _) in fields_of(cls).items():
+        key = recipe_key(field)
+        if key != "eps":
+            recipe[key] = kwargs.get(field_name, None if cls is DDN and key in DDN_RULE_KEYS else field.default)
+    return recipe
+
+
 def build_attack(attack: str = "pgd", eps: float = 0.5, steps: int = 10, *, gradient_free: bool = False,
                  **values: Any) -> Attack:
     """The attack called `attack` ("pgd" or "ddn") with settings given by recipe key (`attack_settings`).
@@ -418,18 +466,7 @@ def build_attack(attack: str = "pgd", eps: float = 0.5, steps: int = 10, *, grad
     cls = get_attack(attack)
     if gradient_free and cls is not PGDL2:
         raise SmoothAdvError("gradient_free is a variant of PGD; drop it or use attack pgd")
-    known = {recipe_key(field): name for name, (field, _) in fields_of(cls).items()}
-    others = sorted(key for key, value in values.items() if key not in known and value not in (None, False))
-    if others:
-        raise SmoothAdvError(f"{', '.join(others)} {'is not a setting' if len(others) == 1 else 'are not settings'} "
-                             f"of the {attack} attack")
-    kinds = fields_of(cls)
-    kwargs = {known[key]: convert(value, kinds[known[key]][1], key) for key, value in values.items()
-              if key in known and value is not None}
-    for name, value in kwargs.items():
-        limit = kinds[name][0].metadata.get("limit")
-        if limit is not None and not limit[0](value):
-            raise SmoothAdvError(f"{recipe_key(kinds[name][0])} must be {limit[1]}, got {value!r}")
+    kwargs = _own_settings(cls, attack, values)
     eps, steps = convert(eps, float, "eps"), convert(steps, int, "steps")
     if cls is DDN:
         kwargs.setdefault("gamma", 1 - (3 / 510 / eps) ** (1 / steps) if eps > 3 / 510 else 0.05)

@@ -398,12 +398,34 @@ def _sequential_settings(values: dict[str, Any]) -> SpendingSettings | BettingSe
     return make(test, given)
 
 
+def _attack_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """The attack's settings among the attack command's flags (popped from `values`), by recipe key."""
+    from .attacks import attack_settings
+
+    return {key: values.pop(key) for key in attack_settings() if key != "eps" and key in values}
+
+
 def add_predict(sub: Any) -> None:
     _add_evaluation(sub, "predict", "PREDICT each test example with the smoothed classifier (or abstain)")
 
 
 def add_attack(sub: Any) -> None:
+    from .attacks import DDN_RULE_KEYS, attack_settings
+    from .run import ATTACK_RUN_DEFAULTS
+
     _add_evaluation(sub, "attack", "empirical robustness: SmoothAdv attack on the smoothed classifier, then PREDICT")
+    group = sub.choices["attack"].add_argument_group(
+        "the attack (settings.AttackRunSettings.attack; attacks.attack_recipe)",
+        "DDN's gamma and initial norm default to Salman et al.'s predict.py rule at each radius: gamma = 1 - "
+        "(3/510/eps)^(1/T), starting at norm max(eps, 1e-3) (predict.py starts at 1.0 whatever eps: a deliberate "
+        "deviation, since its gamma rule assumes a start at eps; --ddn-init-norm 1.0 gives the script's)")
+    for key, (field, kind, owners) in attack_settings().items():
+        if key == "eps":
+            continue  # the run's radii (--eps, several allowed)
+        rule = "predict.py's rule at each eps" if key in DDN_RULE_KEYS else None
+        note = "/".join(owners) + " only" if len(owners) < 2 and key != "attack" else None
+        add_field(group, field, kind, None if rule else ATTACK_RUN_DEFAULTS.get(key, field.default),
+                  "; ".join(part for part in (rule, note) if part) or None)
 
 
 def add_smooth_prediction(sub: Any) -> None:
@@ -417,9 +439,12 @@ def run_evaluation_command(args: argparse.Namespace) -> None:
     command = args.command
     given = _given(args)
     sequential = _sequential_settings(given) if command == "certify" else None
+    attack = _attack_recipe(given) if command == "attack" else None
     run_values, values = _split(given, RunSettings, EVALUATIONS[command])
     if sequential is not None:
         values["sequential"] = sequential
+    if attack is not None:
+        values["attack"] = attack
     run_evaluation(make(RunSettings, run_values), make(EVALUATIONS[command], values))
 
 

@@ -155,8 +155,8 @@ def _plan(cfg: DemoConfig, out: Path, device: Any) -> tuple[Training, Evaluation
         if cfg.attack_count:
             evaluations[f"attack {name}"] = (
                 dataclasses.replace(run, out=out / f"attack_{name}.tsv"),
-                AttackRunSettings(eps=cfg.eps_values, steps=cfg.attack_steps, m=cfg.attack_m, n=cfg.attack_n,
-                                  max=cfg.attack_count, **shared))
+                AttackRunSettings(eps=cfg.eps_values, attack={"steps": cfg.attack_steps}, m=cfg.attack_m,
+                                  n=cfg.attack_n, max=cfg.attack_count, **shared))
     return training, evaluations
 
 

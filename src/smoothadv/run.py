@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .accel import fold_batchnorm, prepare_base, resolve_device
-from .attacks import build_attack
+from .attacks import attack_recipe, attack_settings, build_attack
 from .betting import BettingConfig
 from .data import check_data_dir, get_dataset, input_shape
 from .distributed import env_world, local_device
@@ -92,10 +92,11 @@ from .settings import (
 from .smoothing import Smooth
 
 __all__ = [
-    "BATCH_SETTINGS", "DIGESTS", "EVALUATION_COMMANDS", "IGNORED_SETTINGS", "Job", "RunOutcome", "expected_jobs",
-    "find_shards", "job_key", "load_smoothed", "merge_shards", "normalize_record", "record", "resume_differences",
-    "row_key", "rows_maker", "run_evaluation", "run_jobs", "select_indices", "sequential_test", "setting_differences",
-    "shard_indices", "shard_path", "shards_complete", "test_name", "unverified", "write_rows",
+    "ATTACK_RUN_DEFAULTS", "BATCH_SETTINGS", "DIGESTS", "EVALUATION_COMMANDS", "IGNORED_SETTINGS", "Job", "RunOutcome",
+    "expected_jobs", "find_shards", "job_key", "load_smoothed", "merge_shards", "normalize_record", "record",
+    "resume_differences", "row_key", "rows_maker", "run_attack_recipe", "run_evaluation", "run_jobs", "select_indices",
+    "sequential_test", "setting_differences", "shard_indices", "shard_path", "shards_complete", "test_name",
+    "unverified", "write_rows",
 ]
 
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
@@ -168,12 +169,26 @@ def run_indices(settings: EvaluationSettings, size: int) -> list[int]:
     return select_indices(size, settings.skip, settings.max)
 
 
+#: the attack settings of an attack run when its recipe does not give them (`attacks.attack_recipe`): 20 steps
+#: (Salman et al.'s evaluation, Section 4); DDN's gamma and initial norm by `attacks.build_attack`'s rule
+ATTACK_RUN_DEFAULTS: dict[str, Any] = {"steps": 20}
+
+
+def run_attack_recipe(settings: AttackRunSettings) -> dict[str, Any]:
+    """The complete attack recipe of an attack run (`attacks.attack_recipe` with `ATTACK_RUN_DEFAULTS`): what
+    it records and builds the attack of each radius from."""
+    return attack_recipe(settings.attack, ATTACK_RUN_DEFAULTS)
+
+
 def check_radii(settings: EvaluationSettings) -> None:
-    """Refuse (one line) attack radii that an output cannot tell apart: rows are keyed by eps written with
-    6 significant digits (`job_key`), so two radii equal at that precision would share their keys (the
-    file could be neither resumed nor merged)."""
+    """Refuse (one line) an attack run's attack that cannot be built at one of its radii, and radii that an
+    output cannot tell apart: rows are keyed by eps written with 6 significant digits (`job_key`), so two radii
+    equal at that precision would share their keys (the file could be neither resumed nor merged)."""
     if not isinstance(settings, AttackRunSettings):
         return
+    recipe = run_attack_recipe(settings)
+    for eps in settings.eps:
+        build_attack(eps=eps, **recipe)
     seen: dict[str, float] = {}
     for eps in settings.eps:
         key = f"{float(eps):g}"
@@ -250,7 +265,9 @@ def setting_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[
     """'key: a != b' for every recorded setting (not in IGNORED_SETTINGS or `ignore`) on which `a` and `b` disagree
     (`rundir.compare`, with no change accepted). The digests (`DIGESTS`) are compared whenever both records hold
     them, and a difference in one names the file that differs (`_refusal`); a digest one record lacks is
-    unverified (`unverified`), not a difference. What `merge` and `report` (one NAME, several files) check."""
+    unverified (`unverified`), not a difference. What `merge` and `report` (one NAME, several files) check. Both
+    records are read as this version writes them (`normalize_record`)."""
+    a, b = normalize_record(a), normalize_record(b)
     refused, _ = compare(a, b, free=IGNORED_SETTINGS | ignore | _unrecorded(a, b), accepted=_DIGEST_NOTES)
     return [_refusal(difference) for difference in refused]
 
@@ -388,6 +405,7 @@ def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict
                       forecast_alpha=None, selection=None)
     if isinstance(settings, AttackRunSettings):
         values["eps"] = settings.eps[0] if len(settings.eps) == 1 else list(settings.eps)
+        values["attack"] = run_attack_recipe(settings)
     values["shard"] = list(run.shard) if run.shard else None
     return {**values, **facts}
 
@@ -560,10 +578,27 @@ def test_name(config: SequentialConfig | BettingConfig) -> str:
     return "betting" if isinstance(config, BettingConfig) else "spending"
 
 
+#: the attack settings an attack run recorded flat, next to its own, before the attack was its own settings
+FLAT_ATTACK_KEYS = ("attack", "steps", "random_start", "gradient_free")
+
+
 def normalize_record(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded run's settings as this version writes them, for comparison: sequential certify records
     written before the test was recorded by name hold `test` None for alpha spending, and those written
-    before adaptive selection chose the class from all n0 samples ("fixed")."""
+    before adaptive selection chose the class from all n0 samples ("fixed"); attack records written before the
+    attack was its own settings hold its name, steps, random start and gradient-free flag flat (the settings
+    another attack lacks, such as a random start recorded for DDN, were not used), now one nested recipe."""
+    if recorded.get("command") == "attack" and isinstance(recorded.get("attack"), str):
+        flat = {key: recorded[key] for key in FLAT_ATTACK_KEYS if key in recorded}
+        owners = attack_settings()
+        name = str(flat["attack"]).lower()
+        used = {key: value for key, value in flat.items() if key == "attack" or name in owners[key][2]}
+        try:
+            nested = attack_recipe(used, ATTACK_RUN_DEFAULTS)
+        except SmoothAdvError:
+            return recorded  # not a recipe this version can read: compared as written (a difference)
+        rest = {key: value for key, value in recorded.items() if key not in FLAT_ATTACK_KEYS}
+        return {**rest, "attack": nested}
     if recorded.get("command") != "certify" or recorded.get("mode") != "sequential":
         return recorded
     defaults = {"test": "spending", "selection": "fixed", "tolerance": 0.0}
@@ -589,10 +624,11 @@ def rows_maker(settings: EvaluationSettings, smooth: Any, dataset: Any,
         return PREDICT_COLUMNS, lambda todo: predict_dataset(smooth, dataset, todo, n=s.n, alpha=s.alpha,
                                                              batch_size=s.batch, seed=s.seed, device=device)
     if isinstance(s, AttackRunSettings):
+        recipe = run_attack_recipe(s)
+
         def attack_rows(todo: list[Job]) -> Iterable[NamedTuple]:
             for eps in dict.fromkeys(e for e, _ in todo):  # one attack per radius, jobs in their order
-                attack = build_attack(s.attack, eps, s.steps, gradient_free=s.gradient_free,
-                                      **({"random_start": s.random_start} if s.attack == "pgd" else {}))
+                attack = build_attack(eps=eps, **recipe)
                 yield from attack_dataset(smooth, attack, dataset,
                                           [i for e, i in todo if e == eps], m=s.m, n=s.n, alpha=s.alpha,
                                           batch_size=s.batch, seed=s.seed, device=device, base_attack=s.base_attack)
@@ -781,7 +817,7 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     parsed = _parse_shards(out, paths)
     reference = parsed[0]
     for shard in parsed[1:]:  # the batch size cannot change a row: a shard resumed at another batch merges
-        differences = setting_differences(normalize_record(reference.settings), normalize_record(shard.settings),
+        differences = setting_differences(reference.settings, shard.settings,
                                           BATCH_SETTINGS if _evaluation(reference.settings) else frozenset())
         if differences:
             raise SmoothAdvError(f"{shard.path} and {reference.path} were run with different settings "

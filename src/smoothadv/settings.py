@@ -573,25 +573,24 @@ class SmoothPredictionSettings(EvaluationSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class AttackRunSettings(EvaluationSettings):
-    """Empirical robustness: the SmoothAdv attack on the smoothed classifier, then PREDICT.
+    """Empirical robustness: the SmoothAdv attack on the smoothed classifier at each radius, then PREDICT.
 
-    The attack's own settings (`attack`, `eps`, `steps`, `random_start`, `gradient_free`) are
-    fields here too, so that a run's recorded settings stay one flat record; `run.rows_maker` builds
-    the attack of each radius with `attacks.build_attack` (DDN with the prediction script's gamma and
-    initial norm).
+    The run's own fields are its radii `eps`, the noise draws `m` of the attack, the PREDICT samples `n`
+    and `base_attack`. The attack is its own settings: `attack` holds its recipe by key, as the command
+    line's flags without dashes (`{"attack": "ddn", "steps": 20}`; `attacks.attack_settings` lists the
+    keys). The run completes it with `attacks.attack_recipe` (the attack run's defaults: 20 steps; DDN's
+    gamma and initial norm by the prediction script's rule at each radius), records it nested, and builds
+    the attack of each radius with `attacks.build_attack`.
     """
 
     eps: tuple[float, ...] = setting(help="attack L2 radius in [0, 1] pixels; several radii make one row per "
                                      "(radius, example)", limit=NONNEGATIVE)
-    attack: str = setting("pgd", "pgd or ddn. DDN uses the gamma rule of Salman et al.'s predict.py, 1 - (3/510/eps)"
-                          "^(1/steps), but starts at norm max(eps, 1e-3) where predict.py starts at 1.0 whatever eps "
-                          "(a deliberate deviation: its gamma rule assumes a start at eps)", choices=("pgd", "ddn"))
-    steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
     m: int = setting(1, "noise draws estimating G in the attack (m_test)", limit=AT_LEAST_ONE)
     n: int = setting(1000, "PREDICT samples on the adversarial input", limit=AT_LEAST_ONE)
     base_attack: bool = setting(False, "attack the base classifier f alone (vanilla PGD)")
-    random_start: bool = setting(False, "PGD: start at a random point of the eps-ball")
-    gradient_free: bool = setting(False, "PGD: Stein gradient estimate (no backpropagation)")
+    attack: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, metadata={"help": "the attack's recipe by key (attacks.attack_settings)", "rows": True,
+                                        "nested": True})
 
     command = "attack"
 
@@ -599,14 +598,18 @@ class AttackRunSettings(EvaluationSettings):
         if isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool):
             object.__setattr__(self, "eps", (self.eps,))  # one radius given as a number
         super().__post_init__()
+        if not isinstance(self.attack, Mapping) or not all(isinstance(key, str) for key in self.attack):
+            raise SmoothAdvError(f"attack must be the attack's settings by key, e.g. {{'attack': 'ddn', 'steps': 20}}, "
+                                 f"got {self.attack!r}")
+        object.__setattr__(self, "attack", dict(self.attack))  # the settings' own copy
         if not self.eps:
             raise SmoothAdvError("--eps needs at least one radius")
         if len(set(self.eps)) != len(self.eps):
             raise SmoothAdvError(f"--eps lists a radius twice: {self.eps}")
-        if self.gradient_free and self.base_attack:
+        if "eps" in self.attack:
+            raise SmoothAdvError("the radii are the run's eps, not a setting of its attack")
+        if self.attack.get("gradient_free") and self.base_attack:
             raise SmoothAdvError("--gradient-free estimates the smoothed classifier's gradient; drop --base-attack")
-        if self.gradient_free and self.attack != "pgd":
-            raise SmoothAdvError("--gradient-free is a variant of PGD; drop it or use --attack pgd")
 
 
 # ------------------------------------------------------------------ a training recipe

@@ -80,6 +80,28 @@ def test_an_attack_at_several_radii_cannot_be_extended(toy_checkpoint, tmp_path)
     assert run([*attack, "--max", "1", "--batch", "9", "--resume"])[0] == 0  # the batch may still change
 
 
+def test_an_attack_records_its_recipe_nested_and_resumes_a_file_recorded_flat(toy_checkpoint, tmp_path) -> None:
+    out = tmp_path / "d.tsv"
+    attack = ["attack", str(toy_checkpoint), "--out", str(out), "--sigma", "0.25", "--n", "20", "--eps", "0.5",
+              "--attack", "ddn", "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert run([*attack, "--max", "1"])[0] == 0
+    sidecar = tmp_path / "d.tsv.args.json"
+    recorded = json.loads(sidecar.read_text())
+    assert recorded["attack"] == {"attack": "ddn", "steps": 2, "ddn_gamma": None, "ddn_init_norm": None,
+                                  "ddn_quantize": True, "ddn_levels": 256}
+    # the same output as an earlier version recorded it: the attack's settings flat beside the run's
+    sidecar.write_text(json.dumps({**recorded, "attack": "ddn", "steps": 2, "random_start": False,
+                                   "gradient_free": False}))
+    before = files(tmp_path)
+    code, err = run([*attack, "--max", "2", "--resume", "--ddn-levels", "16"])  # other rows: refused
+    assert code == 2 and "attack: {" in err and err.count("\n") == 1, err
+    assert files(tmp_path) == before
+    code, err = run([*attack, "--max", "2", "--resume"])  # the same attack: the selection extends
+    assert code == 0, err
+    assert json.loads(sidecar.read_text())["attack"] == recorded["attack"]
+    assert len(out.read_text().splitlines()) == 3
+
+
 def test_shards_may_differ_in_batch_but_not_in_max(certify, tmp_path) -> None:
     whole, out = tmp_path / "whole.tsv", tmp_path / "m.tsv"
     assert certify(whole, "--max", "4")[0] == 0

@@ -12,9 +12,16 @@ import pytest
 
 import smoothadv
 from smoothadv import SmoothAdvError
-from smoothadv.attacks import DDN, PGDL2, build_attack
+from smoothadv.attacks import DDN, PGDL2, attack_recipe, build_attack
 from smoothadv.objectives import OBJECTIVES, GaussianAugmentation, SmoothAdv, build_objective
-from smoothadv.run import IGNORED_SETTINGS
+from smoothadv.run import (
+    ATTACK_RUN_DEFAULTS,
+    IGNORED_SETTINGS,
+    normalize_record,
+    record,
+    resume_differences,
+    run_attack_recipe,
+)
 from smoothadv.settings import (
     AttackRunSettings,
     CertifySettings,
@@ -84,9 +91,56 @@ def test_settings_are_frozen_and_checked_when_made(tmp_path) -> None:
         RunSettings(checkpoint="c", out=Path("o"), shard=(3, 2))
     with pytest.raises(SmoothAdvError, match="gradient_free is a variant of PGD"):
         build_attack("ddn", gradient_free=True)
-    with pytest.raises(SmoothAdvError, match="--gradient-free is a variant of PGD"):
-        AttackRunSettings(sigma=0.25, eps=0.5, attack="ddn", gradient_free=True)
+    with pytest.raises(SmoothAdvError, match="gradient_free is a variant of PGD"):
+        attack_recipe({"attack": "ddn", "gradient_free": True})
+    with pytest.raises(SmoothAdvError, match="--gradient-free estimates the smoothed classifier's gradient"):
+        AttackRunSettings(sigma=0.25, eps=0.5, attack={"gradient_free": True}, base_attack=True)
+    with pytest.raises(SmoothAdvError, match="attack must be the attack's settings by key"):
+        AttackRunSettings(sigma=0.25, eps=0.5, attack="ddn")  # type: ignore[arg-type]
+    with pytest.raises(SmoothAdvError, match="the radii are the run's eps"):
+        AttackRunSettings(sigma=0.25, eps=0.5, attack={"eps": 0.5})
     assert AttackRunSettings(sigma=0.25, eps=0.5).eps == (0.5,)  # one radius given as a number
+
+
+def test_an_attack_run_holds_its_attack_as_one_recipe_completed_by_the_attack_module() -> None:
+    given = {"steps": 3}
+    settings = AttackRunSettings(sigma=0.25, eps=(0.25, 0.5), attack=given)
+    given["steps"] = 4  # the settings keep their own copy
+    assert settings.attack == {"steps": 3}
+    assert attack_recipe(settings.attack, ATTACK_RUN_DEFAULTS) == {
+        "attack": "pgd", "gradient_free": False, "steps": 3, "step_size": None, "random_start": False}
+    assert run_attack_recipe(AttackRunSettings(sigma=0.25, eps=0.5)) == {
+        "attack": "pgd", "gradient_free": False, "steps": 20, "step_size": None, "random_start": False}
+    ddn = attack_recipe({"attack": "DDN", "random_start": False, "ddn_levels": 16}, ATTACK_RUN_DEFAULTS)
+    assert ddn == {"attack": "ddn", "steps": 20, "ddn_gamma": None, "ddn_init_norm": None, "ddn_quantize": True,
+                   "ddn_levels": 16}
+    built = build_attack(eps=0.5, **ddn)  # the prediction script's rule at this radius
+    assert isinstance(built, DDN) and built.levels == 16 and built.init_norm == 0.5
+    assert built.gamma == pytest.approx(1 - (3 / 510 / 0.5) ** (1 / 20), rel=1e-15)
+    for bad, message in [({"attack": "ddn", "random_start": True}, "random_start is not a setting of the ddn"),
+                         ({"steps": 0}, "steps must be an integer >= 1"), ({"attack": "fgsm"}, "attack must be one"),
+                         ({"steps": 1.5}, "steps must be an integer"), ({"step_size": -1.0}, "step_size must be"),
+                         ({"eps": 0.5}, "eps is the attack run's radii")]:
+        with pytest.raises(SmoothAdvError, match=message):
+            attack_recipe(bad)
+
+
+def test_attack_records_written_flat_by_earlier_versions_read_as_one_nested_recipe() -> None:
+    earlier = {"command": "attack", "eps": 0.5, "m": 1, "attack": "ddn", "steps": 20, "random_start": True,
+               "gradient_free": False, "n": 100}
+    assert normalize_record(earlier) == {
+        "command": "attack", "eps": 0.5, "m": 1, "n": 100, "attack": {
+            "attack": "ddn", "steps": 20, "ddn_gamma": None, "ddn_init_norm": None, "ddn_quantize": True,
+            "ddn_levels": 256}}  # the random start DDN never used is dropped
+    now = record(RunSettings(checkpoint="c", out=Path("o.tsv")),
+                 AttackRunSettings(sigma=0.25, eps=0.5, n=100, attack={"attack": "ddn"}))
+    assert now["attack"] == normalize_record(earlier)["attack"]
+    assert resume_differences({**now, "attack": "ddn", "steps": 20, "random_start": False, "gradient_free": False},
+                              now) == ([], [])
+    refused, _ = resume_differences({**now, "attack": "pgd", "steps": 20, "random_start": False,
+                                     "gradient_free": False}, now)
+    assert [line.split(":")[0] for line in refused] == ["attack"]
+    assert normalize_record({"command": "attack", "attack": "cw"})["attack"] == "cw"  # unreadable: kept as written
 
 
 def test_row_settings_leave_out_only_what_cannot_change_a_row() -> None:
