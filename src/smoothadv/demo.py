@@ -40,21 +40,13 @@ from .models import read_checkpoint
 from .run import expected_jobs, record, run_evaluation
 from .rundir import RunDirectory, compare, described, read_settings, settings_path
 from .settings import (
-    AT_LEAST_ONE,
-    COUNT,
-    NONNEGATIVE,
-    POSITIVE,
-    POSITIVE_FLOAT32,
-    PROBABILITY,
-    PROGRESS_HELP,
-    SEED,
+    DEMO_DATASETS,
     AttackRunSettings,
     CertifySettings,
+    DemoConfig,
     RunSettings,
     TrainSettings,
-    check_fields,
     row_settings,
-    setting,
 )
 from .stats import max_certifiable_radius, radius_grid
 from .train import CHECKPOINT, fit, recipe
@@ -65,58 +57,12 @@ QUICK = {"epochs": 1, "train_subset": 6000, "certify": 100, "n": 500, "attack_co
          "attack_m": 8, "attack_n": 500}
 """Overrides of `--quick` (about 2 minutes on a 2-core CPU on Fashion-MNIST)."""
 
-#: the datasets the demo can train on (each has a training split and a small default architecture)
-DEMO_DATASETS = ("fashion_mnist", "synthetic", "cifar10")
 #: the settings `smoothadv demo` has flags for (the others keep their defaults on the command line)
 DEMO_FLAGS = ("out", "dataset", "sigma", "epochs", "train_subset", "eps", "steps", "m", "certify", "n",
               "attack_count", "fresh", "force", "report_only", "device", "seed", "data_dir", "progress")
 REPORT_TITLE = "# smoothadv demo:"
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    """Settings of a demo run (checked when made; `smoothadv demo`'s flags are the fields in DEMO_FLAGS).
-    Units: sigma and eps in [0, 1] pixels (L2)."""
-
-    out: Path = setting(Path("runs/demo"), "run folder (re-running reuses finished steps)", rows=False)
-    dataset: str = setting("fashion_mnist", "a dataset with a training split on this machine", choices=DEMO_DATASETS)
-    sigma: float = setting(0.25, "noise level of both models and of certification", limit=POSITIVE)
-    epochs: int = setting(4, "training epochs (both models)", limit=AT_LEAST_ONE)
-    train_subset: int | None = setting(None, "train on the first N images only; all when not given",
-                                       limit=AT_LEAST_ONE)
-    batch_size: int = setting(128, "training batch size", limit=AT_LEAST_ONE)
-    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE_FLOAT32)
-    eps: float | None = setting(None, "SmoothAdv training eps (default: 2 sigma)", limit=NONNEGATIVE)
-    steps: int = setting(2, "SmoothAdv training attack steps T", limit=AT_LEAST_ONE)
-    m: int = setting(1, "SmoothAdv training noise draws m", limit=AT_LEAST_ONE)
-    warmup: int = setting(1, "epochs over which the SmoothAdv training eps ramps up", limit=AT_LEAST_ONE)
-    certify: int = setting(300, "test images to certify, evenly spaced over the test set", limit=AT_LEAST_ONE)
-    n0: int = setting(100, "CERTIFY selection samples", limit=AT_LEAST_ONE)
-    n: int = setting(2000, "CERTIFY samples", limit=AT_LEAST_ONE)
-    alpha: float = setting(0.001, "failure probability of CERTIFY and PREDICT", limit=PROBABILITY)
-    batch: int = setting(1000, "noisy samples per forward pass", limit=AT_LEAST_ONE, rows=False)
-    attack_count: int = setting(50, "test images to attack, the first of the certified ones; 0: no attack",
-                                limit=COUNT)
-    attack_eps: tuple[float, ...] = setting((), "attack radii (default: 0, sigma, 2 sigma; eps = 0 is plain "
-                                            "PREDICT)", limit=NONNEGATIVE)
-    attack_steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
-    attack_m: int = setting(16, "attack noise draws m", limit=AT_LEAST_ONE)
-    attack_n: int = setting(1000, "PREDICT samples on each adversarial input", limit=AT_LEAST_ONE)
-    device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
-    seed: int = setting(0, "seed for noise and data order", limit=SEED)
-    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
-    fresh: bool = setting(False, "redo every step instead of reusing finished ones", rows=False)
-    force: bool = setting(False, "replace files in --out that the demo did not write", rows=False)
-    report_only: bool = setting(False, "rebuild table.md, accuracy.png and report.md from the TSVs of a finished "
-                                "run in --out (give the run's flags; nothing is trained or certified)", rows=False)
-    progress: bool = setting(True, PROGRESS_HELP, rows=False)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    @property
-    def eps_values(self) -> tuple[float, ...]:
-        return self.attack_eps or (0.0, self.sigma, 2 * self.sigma)
+#: report.md, filled in by `_write_report` (a packaged markdown file: the prose is not code)
+TEMPLATE = (Path(__file__).parent / "demo_report.md").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -301,47 +247,11 @@ def _write_report(cfg: DemoConfig, out: Path, device: Any, training: Training, e
     timing_lines = "\n".join(f"| {s} | {status} | {_duration(sec)} |" for s, (status, sec) in timings.items())
     total = _duration(sum(sec for _, sec in timings.values()))
     picture = f"![certified and empirical accuracy]({plot.name})\n\n" if plot else ""
-    atomic_write_text(out / "report.md", f"""{REPORT_TITLE} Gaussian augmentation vs SmoothAdv on {cfg.dataset}
-
-Written {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} by {written}. Device: {device}.
-
-## What was run
-
-Two base classifiers `{arch}` trained for {cfg.epochs} epoch(s) at sigma = {cfg.sigma} with the same data
-({cfg.train_subset or "all"} training images), batch {cfg.batch_size}, SGD lr {cfg.lr} and seed {cfg.seed}:
-
-{objectives}
-
-Certification (Cohen et al.'s CERTIFY): {len(indices)} test images (indices 0, {step}, {2 * step}, ...), n0 = {cfg.n0},
-n = {cfg.n}, alpha = {cfg.alpha}. With n = {cfg.n} no radius above {top:.3f} can be certified
-(sigma * Phi^-1(alpha^(1/n))), so the table stops there. Abstentions count as wrong.
-
-{attack_text}
-
-## Results
-
-Certified accuracy (%) at each L2 radius r (a lower bound that holds for each example with probability
->= 1 - alpha) with its 95% Clopper-Pearson interval over the {len(indices)} test images, ACR = average
-certified radius; `(attack)` rows: empirical accuracy (%) under the attack at eps = r, on {attacked} images.
-The second table compares the two models on the same images (exact McNemar test per radius, Holm-adjusted;
-the ACR difference with a 95% Student t interval over the images' paired differences).
-
-{table}
-{picture}Regenerate the table and the plot from the TSVs:
-
-```
-{command}
-```
-
-## Timings
-
-| step | status | time (when it ran) |
-|---|---|---:|
-{timing_lines}
-
-All steps together: {total} (steps marked "reused" were done by an
-earlier run with the same settings; times are those recorded in the logs and TSVs).
-""")
+    atomic_write_text(out / "report.md", TEMPLATE.format(
+        title=REPORT_TITLE, dataset=cfg.dataset, when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        written=written, device=device, arch=arch, cfg=cfg, objectives=objectives, images=len(indices), step=step,
+        step2=2 * step, subset=cfg.train_subset or "all", top=top, attack_text=attack_text, attacked=attacked,
+        table=table, picture=picture, command=command, timing_lines=timing_lines, total=total))
     atomic_write_text(out / "table.md", table)
     if plot is None:
         log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")

@@ -9,6 +9,7 @@ meet the same checks:
   attack (`attacks.build_attack`): both declare their fields with `setting(...)` too.
 - `CertifySettings`, `PredictSettings`, `AttackRunSettings`, `SmoothPredictionSettings`: what a
   durable evaluation run computes; `RunSettings`: where it reads and writes (`run.run_evaluation`).
+- `DemoConfig`: `smoothadv demo` (`demo.run_demo`, a recipe over the two above).
 
 Every field is declared with `setting(...)`, which records its help text, its command-line spelling
 and whether it can change a result (`rows`). Fields with `rows=False` (paths, devices, progress
@@ -41,7 +42,8 @@ from .errors import SmoothAdvError
 
 __all__ = [
     "AT_LEAST_ONE", "AttackRunSettings", "BettingSettings", "COUNT", "CertifySettings", "Check", "Choices",
-    "DEFAULT_BETS", "DEFAULT_LOOKS", "DENOISER_OBJECTIVES", "DenoiserTrainSettings", "EvaluationSettings",
+    "DEFAULT_BETS", "DEFAULT_LOOKS", "DEMO_DATASETS", "DENOISER_OBJECTIVES", "DemoConfig", "DenoiserTrainSettings",
+    "EvaluationSettings",
     "FLOAT32_MAX", "MAX_SEED", "NONNEGATIVE", "NONNEGATIVE_FLOAT32", "NORMALIZATIONS", "POLICIES", "POSITIVE",
     "POSITIVE_FLOAT32", "PRECISIONS", "PROBABILITY", "PROGRESS_HELP", "PredictSettings", "RENAMED", "RunSettings",
     "SEED", "SELECTIONS", "SequentialSettings", "SmoothPredictionSettings", "SpendingSettings", "TESTS",
@@ -610,6 +612,59 @@ class AttackRunSettings(EvaluationSettings):
             raise SmoothAdvError("the radii are the run's eps, not a setting of its attack")
         if self.attack.get("gradient_free") and self.base_attack:
             raise SmoothAdvError("--gradient-free estimates the smoothed classifier's gradient; drop --base-attack")
+
+
+# ------------------------------------------------------------------ the demo
+
+
+#: the datasets the demo can train on (each has a training split and a small default architecture)
+DEMO_DATASETS = ("fashion_mnist", "synthetic", "cifar10")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Settings of a demo run (checked when made; `smoothadv demo`'s flags are the fields in DEMO_FLAGS).
+    Units: sigma and eps in [0, 1] pixels (L2)."""
+
+    out: Path = setting(Path("runs/demo"), "run folder (re-running reuses finished steps)", rows=False)
+    dataset: str = setting("fashion_mnist", "a dataset with a training split on this machine", choices=DEMO_DATASETS)
+    sigma: float = setting(0.25, "noise level of both models and of certification", limit=POSITIVE)
+    epochs: int = setting(4, "training epochs (both models)", limit=AT_LEAST_ONE)
+    train_subset: int | None = setting(None, "train on the first N images only; all when not given",
+                                       limit=AT_LEAST_ONE)
+    batch_size: int = setting(128, "training batch size", limit=AT_LEAST_ONE)
+    lr: float = setting(0.1, "SGD learning rate", limit=POSITIVE_FLOAT32)
+    eps: float | None = setting(None, "SmoothAdv training eps (default: 2 sigma)", limit=NONNEGATIVE)
+    steps: int = setting(2, "SmoothAdv training attack steps T", limit=AT_LEAST_ONE)
+    m: int = setting(1, "SmoothAdv training noise draws m", limit=AT_LEAST_ONE)
+    warmup: int = setting(1, "epochs over which the SmoothAdv training eps ramps up", limit=AT_LEAST_ONE)
+    certify: int = setting(300, "test images to certify, evenly spaced over the test set", limit=AT_LEAST_ONE)
+    n0: int = setting(100, "CERTIFY selection samples", limit=AT_LEAST_ONE)
+    n: int = setting(2000, "CERTIFY samples", limit=AT_LEAST_ONE)
+    alpha: float = setting(0.001, "failure probability of CERTIFY and PREDICT", limit=PROBABILITY)
+    batch: int = setting(1000, "noisy samples per forward pass", limit=AT_LEAST_ONE, rows=False)
+    attack_count: int = setting(50, "test images to attack, the first of the certified ones; 0: no attack",
+                                limit=COUNT)
+    attack_eps: tuple[float, ...] = setting((), "attack radii (default: 0, sigma, 2 sigma; eps = 0 is plain "
+                                            "PREDICT)", limit=NONNEGATIVE)
+    attack_steps: int = setting(20, "attack steps T", limit=AT_LEAST_ONE)
+    attack_m: int = setting(16, "attack noise draws m", limit=AT_LEAST_ONE)
+    attack_n: int = setting(1000, "PREDICT samples on each adversarial input", limit=AT_LEAST_ONE)
+    device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)", rows=False)
+    seed: int = setting(0, "seed for noise and data order", limit=SEED)
+    data_dir: str | None = setting(None, "data root (default: $SMOOTHADV_DATA or ./data)", rows=False)
+    fresh: bool = setting(False, "redo every step instead of reusing finished ones", rows=False)
+    force: bool = setting(False, "replace files in --out that the demo did not write", rows=False)
+    report_only: bool = setting(False, "rebuild table.md, accuracy.png and report.md from the TSVs of a finished "
+                                "run in --out (give the run's flags; nothing is trained or certified)", rows=False)
+    progress: bool = setting(True, PROGRESS_HELP, rows=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def eps_values(self) -> tuple[float, ...]:
+        return self.attack_eps or (0.0, self.sigma, 2 * self.sigma)
 
 
 # ------------------------------------------------------------------ a training recipe
