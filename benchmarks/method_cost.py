@@ -125,8 +125,8 @@ def model_and_optimizer(cfg: dict) -> tuple[torch.nn.Module, torch.optim.Optimiz
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", default=COMPARISON, metavar="[NAME=]RECIPE",
-                        help="recipe TOMLs, optionally named (default: the issue-14 comparison at sigma 0.25, "
-                             "named as results/fmnist-compare names its runs); the first is the baseline the "
+                        help="recipe TOMLs, optionally named (default: the methods of results/fmnist-compare at sigma "
+                             "0.25, named as it names its runs); the first is the baseline the "
                              "ratios divide by")
     parser.add_argument("--tsv", default=None,
                         help="also write the costs as a TSV for `smoothadv report --cost` (name, recipe, objective, "

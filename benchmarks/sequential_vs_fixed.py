@@ -248,17 +248,16 @@ def dump(record: dict) -> str:
 
 
 def smoothed_model(args: argparse.Namespace) -> tuple[Smooth, torch.utils.data.Dataset, torch.device]:
-    """The smoothed classifier of `args.checkpoint` at `args.sigma` (as `certify` prepares it), its test set
-    and the device."""
-    from smoothadv.accel import prepare_base
-    from smoothadv.data import get_dataset
-    from smoothadv.models import load_checkpoint
+    """The smoothed classifier of `args.checkpoint` at `args.sigma` (behind `args.denoiser` when given: f o D,
+    a diffusion model's directory included), prepared as `smoothadv certify` prepares it (`run.load_smoothed`),
+    its test set and the device."""
+    from smoothadv.run import load_smoothed
+    from smoothadv.settings import CertifySettings, RunSettings
 
-    device = torch.device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device)
-    model = prepare_base(model, device, "fp32", args.channels_last)
-    dataset = get_dataset(meta["dataset"], "test", args.data_dir)
-    return Smooth(model, meta["num_classes"], args.sigma), dataset, device
+    run = RunSettings(checkpoint=args.checkpoint, out=Path(args.out), device=args.device, data_dir=args.data_dir,
+                      channels_last=args.channels_last, denoiser=getattr(args, "denoiser", None))
+    smooth, dataset, _, device = load_smoothed(run, CertifySettings(sigma=args.sigma))
+    return smooth, dataset, device
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -278,7 +277,8 @@ def run_sample(args: argparse.Namespace) -> None:
             atomic_write_text(out, "".join(dump(r) for r in records))  # the old file)
             print(f"refined {refined} and extended {extended} earlier trajectories", file=sys.stderr)
     todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
-    header = {"checkpoint": os.path.basename(args.checkpoint), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
+    header = {"checkpoint": os.path.basename(args.checkpoint), "denoiser": args.denoiser, "sigma": args.sigma,
+              "alpha": args.alpha, "n0": args.n0,
               "n": args.n, "looks": list(looks), "seed": args.seed, "batch": args.batch, "torch": torch.__version__}
     print(json.dumps(header), file=sys.stderr)
     with out.open("a") as handle:
@@ -735,6 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--device", default="cpu")
             p.add_argument("--data-dir", default=None)
             p.add_argument("--channels-last", action="store_true")
+            p.add_argument("--denoiser", default=None, help="certify f o D, as certify --denoiser (a denoiser "
+                           "checkpoint or a diffusion model's directory)")
         elif name == "check":
             p.add_argument("trajectories")
             p.add_argument("--tsv", required=True, help="a `smoothadv certify --mode sequential` TSV of the same model")

@@ -1,6 +1,6 @@
 """benchmarks/sequential_vs_fixed.py replays exactly what `smoothadv certify` computes.
 
-The issue-5 comparison of sequential and fixed-n certification on real models is computed from
+The comparison of sequential and fixed-n certification on real models (results/sequential/) is computed from
 recorded count trajectories, so the replay must give the CLI's sequential rows (same noise
 streams) and fixed-n CERTIFY's bound on the first n samples of the same estimation stream.
 """
