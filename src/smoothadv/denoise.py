@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import get_dataset as get_dataset  # read by train.DenoiserTrainee now; code patching it here still runs
 from .errors import SmoothAdvError
 from .models import load_denoiser as load_denoiser  # their home is models; user code imports them from here
 from .models import multiply_adds as multiply_adds
