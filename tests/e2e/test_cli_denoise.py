@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import certify_single_and_sharded, result_rows
 
 from smoothadv.cli import main
 from smoothadv.denoise import DnCNN
 from smoothadv.models import load_denoiser, save_denoiser
 
 EVAL = ["--sigma", "0.25", "--batch", "100", "--device", "cpu", "--no-progress", "--seed", "4"]
-
-
-def _rows(path: Path) -> list[list[str]]:
-    """Every line of a result TSV without its time column."""
-    return [[f for name, f in zip(lines[0].split("\t"), line.split("\t")) if name != "time"]
-            for lines in [path.read_text().splitlines()] for line in lines]
 
 
 def _sha(path: Path) -> str:
@@ -57,7 +52,7 @@ def test_identity_denoiser_gives_exactly_the_classifiers_rows(command, toy_check
     argv = [EVALUATIONS[command][0], str(toy_checkpoint), *EVALUATIONS[command][1:], *EVAL]
     assert main([*argv, "--out", str(tmp_path / "f.tsv")]) == 0
     assert main([*argv, "--out", str(tmp_path / "fd.tsv"), "--denoiser", str(identity_denoiser)]) == 0
-    assert _rows(tmp_path / "fd.tsv") == _rows(tmp_path / "f.tsv")
+    assert result_rows(tmp_path / "fd.tsv") == result_rows(tmp_path / "f.tsv")
     recorded = json.loads((tmp_path / "fd.tsv.args.json").read_text())
     assert recorded["denoiser_sha256"] == _sha(identity_denoiser) and recorded["denoiser_sigma"] == 0.25
     assert recorded["checkpoint_sha256"] == _sha(toy_checkpoint)
@@ -75,12 +70,7 @@ def trained_denoiser(toy_checkpoint, tmp_path_factory) -> Path:
 
 def test_shards_resume_and_report_with_a_denoiser(toy_checkpoint, trained_denoiser, tmp_path, capsys) -> None:
     flags = [str(toy_checkpoint), "--denoiser", str(trained_denoiser), "--n0", "20", "--n", "200", "--max", "6", *EVAL]
-    single, sharded = tmp_path / "one.tsv", tmp_path / "sharded.tsv"
-    assert main(["certify", *flags, "--out", str(single)]) == 0
-    for i in (1, 0):
-        assert main(["certify", *flags, "--out", str(sharded), "--shard", f"{i}/2"]) == 0
-    assert main(["merge", str(sharded)]) == 0
-    assert _rows(sharded) == _rows(single)
+    single, sharded = certify_single_and_sharded(flags, tmp_path)
     assert json.loads((tmp_path / "sharded.tsv.args.json").read_text())["denoiser_sha256"] == _sha(trained_denoiser)
     # resuming must use the same denoiser: leaving it out changes every row, so it is refused
     lines = single.read_text().splitlines()
@@ -88,7 +78,7 @@ def test_shards_resume_and_report_with_a_denoiser(toy_checkpoint, trained_denois
     _one_line_error(capsys, ["certify", *[f for f in flags if f != str(trained_denoiser) and f != "--denoiser"],
                              "--out", str(single), "--resume"], "denoiser_sha256")
     assert main(["certify", *flags, "--out", str(single), "--resume"]) == 0
-    assert _rows(single) == _rows(sharded)
+    assert result_rows(single) == result_rows(sharded)
     capsys.readouterr()
     assert main(["report", f"fD={single}", "--radii", "0", "0.25"]) == 0
     assert "fD" in capsys.readouterr().out

@@ -3,51 +3,22 @@ run equals train_ddpm's; refusals are one line. Skipped when the optional depend
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import ddpm_checkpoint, ddpm_train_settings, one_line_error
 
 pytest.importorskip("diffusers")
 
 from smoothadv.cli import main  # noqa: E402
-from smoothadv.diffusion import DiffusionTrainSettings, train_ddpm  # noqa: E402
-from smoothadv.errors import SmoothAdvError  # noqa: E402
+from smoothadv.diffusion import train_ddpm  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread costs the least CPU time (restored for the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _one_line_error(call, *match: str) -> str:
-    with pytest.raises(SmoothAdvError) as info:
-        call()
-    text = str(info.value)
-    assert "\n" not in text
-    for part in match:
-        assert part in text, text
-    return text
-
-
-def _settings(out: Path, **extra) -> DiffusionTrainSettings:
-    values = dict(dataset="synthetic", channels=(8, 16), attention_levels=(1,), norm_groups=8, epochs=2,
-                  batch_size=8, train_subset=24, warmup_steps=2, log_every=2, save_every=2, seed=3)
-    return DiffusionTrainSettings(out_dir=out, **{**values, **extra})
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path / "checkpoint.pt", weights_only=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_settings_and_cli_errors(tmp_path, capsys):
-    _one_line_error(lambda: _settings(tmp_path, norm_groups=3), "--norm-groups 3")
-    _one_line_error(lambda: _settings(tmp_path, attention_levels=(2,)), "--attention-levels")
-    _one_line_error(lambda: _settings(tmp_path, ema_decay=1.0), "--ema-decay")
+    one_line_error(lambda: ddpm_train_settings(tmp_path, norm_groups=3), "--norm-groups 3")
+    one_line_error(lambda: ddpm_train_settings(tmp_path, attention_levels=(2,)), "--attention-levels")
+    one_line_error(lambda: ddpm_train_settings(tmp_path, ema_decay=1.0), "--ema-decay")
     (tmp_path / "log.tsv").write_text("")
     assert main(["train-diffusion", "--out", str(tmp_path), "--dataset", "synthetic", "--channels", "8", "16",
                  "--attention-levels", "1"]) == 2
@@ -71,7 +42,7 @@ def test_train_diffusion_command_maps_onto_the_settings(tmp_path, capsys):
                  "--train-subset", "16", "--warmup-steps", "2", "--log-every", "2", "--save-every", "2",
                  "--seed", "3"]) == 0
     assert f"model: {out / 'model'}" in capsys.readouterr().out
-    train_ddpm(_settings(tmp_path / "lib", epochs=1, train_subset=16))
-    a, b = _state(out), _state(tmp_path / "lib")
+    train_ddpm(ddpm_train_settings(tmp_path / "lib", epochs=1, train_subset=16))
+    a, b = ddpm_checkpoint(out), ddpm_checkpoint(tmp_path / "lib")
     assert a["config"] == {**b["config"], "out_dir": str(out)}
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

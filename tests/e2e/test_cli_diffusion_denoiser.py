@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import certify_single_and_sharded, result_rows, save_tiny_ddpm
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 
 from smoothadv.cli import main  # noqa: E402
 from smoothadv.diffusion import load_diffusion, model_digest  # noqa: E402
@@ -41,35 +42,14 @@ def _fast(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _save_ddpm(path: Path, seed: int, channels: int = 3) -> Path:
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
-    with torch.no_grad():  # larger weights than the initialization: the denoiser visibly changes the image
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                        beta_schedule="linear")
-    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def ddpm(tmp_path_factory) -> Path:
-    return _save_ddpm(tmp_path_factory.mktemp("ddpm") / "model", seed=0)
+    return save_tiny_ddpm(tmp_path_factory.mktemp("ddpm") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")
 def other_ddpm(tmp_path_factory) -> Path:
-    return _save_ddpm(tmp_path_factory.mktemp("ddpm") / "other", seed=1)
-
-
-def _rows(path: Path) -> list[list[str]]:
-    """Every line of a result TSV without its time column."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split("\t")
-    return [[f for name, f in zip(header, line.split("\t")) if name != "time"] for line in lines]
+    return save_tiny_ddpm(tmp_path_factory.mktemp("ddpm") / "other", seed=1)
 
 
 def _sha(path: Path) -> str:
@@ -97,7 +77,7 @@ EVALUATIONS = {
 def test_every_evaluation_runs_through_a_diffusion_model(command, toy_checkpoint, ddpm, tmp_path) -> None:
     argv = [EVALUATIONS[command][0], str(toy_checkpoint), *EVALUATIONS[command][1:], *EVAL, "--denoiser", str(ddpm)]
     assert main([*argv, "--out", str(tmp_path / "out.tsv")]) == 0
-    rows = _rows(tmp_path / "out.tsv")
+    rows = result_rows(tmp_path / "out.tsv")
     assert len(rows) == 1 + int(EVALUATIONS[command][-1])
     recorded = json.loads((tmp_path / "out.tsv.args.json").read_text())
     provenance = load_diffusion(ddpm).provenance()
@@ -110,7 +90,7 @@ def test_every_evaluation_runs_through_a_diffusion_model(command, toy_checkpoint
     assert recorded["checkpoint_sha256"] == _sha(toy_checkpoint)
     # the same run again gives the same rows (the noise is seeded per example; the denoiser is deterministic)
     assert main([*argv, "--out", str(tmp_path / "again.tsv")]) == 0
-    assert _rows(tmp_path / "again.tsv") == rows
+    assert result_rows(tmp_path / "again.tsv") == rows
 
 
 def test_the_diffusion_model_changes_the_rows(toy_checkpoint, ddpm, tmp_path) -> None:
@@ -118,17 +98,12 @@ def test_the_diffusion_model_changes_the_rows(toy_checkpoint, ddpm, tmp_path) ->
     argv = ["predict", str(toy_checkpoint), "--n", "200", "--max", "3", *EVAL]
     assert main([*argv, "--out", str(tmp_path / "f.tsv")]) == 0
     assert main([*argv, "--out", str(tmp_path / "fd.tsv"), "--denoiser", str(ddpm)]) == 0
-    assert _rows(tmp_path / "f.tsv") != _rows(tmp_path / "fd.tsv")
+    assert result_rows(tmp_path / "f.tsv") != result_rows(tmp_path / "fd.tsv")
 
 
 def test_shards_merge_resume_and_report(toy_checkpoint, ddpm, other_ddpm, tmp_path, capsys) -> None:
     flags = [str(toy_checkpoint), "--denoiser", str(ddpm), "--n0", "20", "--n", "200", "--max", "4", *EVAL]
-    single, sharded = tmp_path / "one.tsv", tmp_path / "sharded.tsv"
-    assert main(["certify", *flags, "--out", str(single)]) == 0
-    for i in (1, 0):
-        assert main(["certify", *flags, "--out", str(sharded), "--shard", f"{i}/2"]) == 0
-    assert main(["merge", str(sharded)]) == 0
-    assert _rows(sharded) == _rows(single)
+    single, sharded = certify_single_and_sharded(flags, tmp_path)
     merged = json.loads((tmp_path / "sharded.tsv.args.json").read_text())
     assert merged["denoiser_sha256"] == json.loads((tmp_path / "one.tsv.args.json").read_text())["denoiser_sha256"]
     # a copy of the same model in another directory is the same model: its digests agree, so it resumes
@@ -151,7 +126,7 @@ def test_shards_merge_resume_and_report(toy_checkpoint, ddpm, other_ddpm, tmp_pa
     assert main(["certify", *flags, "--out", str(tmp_path / "mixed.tsv"), "--shard", "1/2"]) == 0
     _one_line_error(capsys, ["merge", str(tmp_path / "mixed.tsv")], "different settings", "denoiser_sha256")
     assert main(["certify", *moved, "--out", str(single), "--resume"]) == 0
-    assert _rows(single) == _rows(sharded)
+    assert result_rows(single) == result_rows(sharded)
     capsys.readouterr()
     assert main(["report", f"DDS={single}", "--radii", "0", "0.25"]) == 0
     assert "DDS" in capsys.readouterr().out
@@ -166,7 +141,7 @@ def test_bad_directories_and_sigmas_are_one_line_errors(toy_checkpoint, ddpm, tm
     (empty / "denoiser.pth.tar").write_bytes(b"")  # a train-denoiser run directory given instead of its checkpoint
     _one_line_error(capsys, [*base, "--out", str(tmp_path / "a.tsv"), "--denoiser", str(empty)],
                     "no UNet config", f"a denoiser checkpoint is a file: --denoiser {empty / 'denoiser.pth.tar'}")
-    gray = _save_ddpm(tmp_path / "gray", seed=2, channels=1)
+    gray = save_tiny_ddpm(tmp_path / "gray", seed=2, channels=1)
     _one_line_error(capsys, [*base, "--out", str(tmp_path / "b.tsv"), "--denoiser", str(gray)],
                     "denoises 1x8x8 images, but the classifier's are 3x8x8")
     _one_line_error(capsys, [*base[:-len(EVAL)], *EVAL[2:], "--sigma", "100", "--out", str(tmp_path / "c.tsv"),
@@ -187,7 +162,8 @@ def test_speed_flags_run_with_a_diffusion_model(toy_checkpoint, ddpm, tmp_path) 
     argv = ["predict", str(toy_checkpoint), "--n", "100", "--max", "2", *EVAL, "--denoiser", str(ddpm)]
     assert main([*argv, "--out", str(tmp_path / "plain.tsv")]) == 0
     assert main([*argv, "--fold-bn", "--channels-last", "--out", str(tmp_path / "fast.tsv")]) == 0
-    assert [row[:3] for row in _rows(tmp_path / "fast.tsv")] == [row[:3] for row in _rows(tmp_path / "plain.tsv")]
+    assert ([row[:3] for row in result_rows(tmp_path / "fast.tsv")]
+            == [row[:3] for row in result_rows(tmp_path / "plain.tsv")])
     assert main([*argv, "--precision", "bf16", "--out", str(tmp_path / "bf16.tsv")]) == 0
 
 

@@ -3,8 +3,8 @@ columns (`--cost`), the intervals and the published rows (`--ci`, `--published`)
 (`--radius-cdf`), each with its one-line refusals.
 
 The inputs are the hand-made TSVs of the unit tests of the library calls behind the command
-(tests/unit/test_report.py, test_report_cost.py, test_report_intervals.py, test_report_radius_cdf.py), copied here,
-so the numbers they print are known.
+(tests/unit/test_report.py, test_report_cost.py, test_report_intervals.py, test_report_radius_cdf.py), shared with
+them through tests/conftest.py or copied here, so the numbers they print are known.
 """
 
 from __future__ import annotations
@@ -12,57 +12,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CERTIFY_HEADER, cost_inputs
 
 from smoothadv.cli import main
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import OUTSIDE_NOTE, format_table, load_costs, load_published, load_results, summarize
 from smoothadv.stats import clopper_pearson_interval
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-# Ours / Cohen's scripts: timedelta times. Rows: correct r=0.5, correct r=0.1, abstain, wrong r=0.8, correct r=0.3.
-A_ROWS = ["0\t1\t1\t0.5\t1\t0:00:14.172309", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
-          "3\t4\t5\t0.8\t0\t1 day, 0:00:01", "4\t0\t0\t0.3\t1\t0:00:01.5"]
-# Cohen's released data files: float seconds.
-B_ROWS = ["0\t1\t1\t1.2\t1\t15.4", "1\t2\t2\t0.05\t1\t15.4", "2\t3\t-1\t0.0\t0\t15.4", "3\t4\t4\t0.6\t1\t15.4"]
-# Salman's logs: 4-decimal radii; one correct row with a large radius, three abstentions.
-C_ROWS = ["0\t1\t1\t2.0000\t1\t0:00:25.1", "1\t2\t-1\t0.0000\t0\t0:00:25.1", "2\t3\t-1\t0.0000\t0\t0:00:25.1",
-          "3\t4\t-1\t0.0000\t0\t0:00:25.1"]
 # correct with radius 0.5, 0.1, 0.3; one abstention; one wrong: 3 of 5 at r = 0, 1 of 5 at r = 0.5, 0 at r = 1
 ROWS = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
         "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
 
 
-def write(path: Path, header: str, rows: list[str]) -> Path:
-    path.write_text(header + "".join(r + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    return {"A": write(tmp_path / "a.tsv", HEADER, A_ROWS), "B": write(tmp_path / "b.tsv", HEADER, B_ROWS),
-            "C": write(tmp_path / "c.tsv", HEADER, C_ROWS)}
-
-
-def test_cli_report_writes_table_and_plot(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_cli_report_writes_table_and_plot(report_files: dict[str, Path], tmp_path: Path, capsys) -> None:
     out, png = tmp_path / "t.md", tmp_path / "p.png"
-    assert main(["report", f"A={files['A']}", f"B={files['B']}", "--radii", "0", "0.5", "--envelope",
+    assert main(["report", f"A={report_files['A']}", f"B={report_files['B']}", "--radii", "0", "0.5", "--envelope",
                  "--out", str(out), "--plot", str(png)]) == 0
     assert "| A | 60.0 | 20.0 | 0.180 | 20.0 |" in out.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["report", str(files["B"]), "--radii", "0.5", "--format", "csv"]) == 0
+    assert main(["report", str(report_files["B"]), "--radii", "0.5", "--format", "csv"]) == 0
     assert "b,certified,4,0.500000,0.462500,0.250000" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ("", "is empty"),
-    (HEADER, "no rows"),
+    (CERTIFY_HEADER, "no rows"),
     ("a\tb\tc\n1\t2\t3\n", "not a certify/predict TSV"),
-    (HEADER + "0\t1\t1\t0.5\t1\n", "line 2: 5 fields"),
-    (HEADER + "0\t1\tcat\t0.5\t1\t0:00:01\n", "non-numeric value 'cat'"),
-    (HEADER + "0\t1\t1\t0.5\t1\tsoon\n", "not a duration"),
-    (HEADER + "0\t1\t1\t-0.5\t1\t1.0\n", "negative"),
-    (HEADER + "0\t1\t1\tnan\t1\t1.0\n", "non-finite"),
+    (CERTIFY_HEADER + "0\t1\t1\t0.5\t1\n", "line 2: 5 fields"),
+    (CERTIFY_HEADER + "0\t1\tcat\t0.5\t1\t0:00:01\n", "non-numeric value 'cat'"),
+    (CERTIFY_HEADER + "0\t1\t1\t0.5\t1\tsoon\n", "not a duration"),
+    (CERTIFY_HEADER + "0\t1\t1\t-0.5\t1\t1.0\n", "negative"),
+    (CERTIFY_HEADER + "0\t1\t1\tnan\t1\t1.0\n", "non-finite"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | None, message: str) -> None:
     path = tmp_path / "bad.tsv"
@@ -77,29 +58,8 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, capsys, content: str | No
 
 # ------------------------------------------------------------------ --cost
 
-COST_ROWS = "0\t1\t1\t0.5\t1\t0:00:01\n1\t2\t2\t0.1\t1\t0:00:01\n"
-# gaussian is the baseline (30 s); macer 600 s = 20 x, against its model m = 16: 1.25; stability has no model;
-# smoothmix has a cost but no certify file
-COSTS = ("# measured with benchmarks/method_cost.py\n"
-         "name\trecipe\tcpu_s_per_epoch\tmodel\tformula\n"
-         "gaussian\tg.toml\t30\t1\t1\n"
-         "macer\tm.toml\t600\t16\tm\n"
-         "stability\ts.toml\t66\t\t\n"
-         "smoothmix\tx.toml\t700\t20\tm (T + 2)\n")
-
-
-def _inputs(tmp_path: Path) -> tuple[dict, Path]:
-    paths = {}
-    for name in ("gaussian", "macer", "stability", "other"):
-        paths[name] = tmp_path / f"{name}.tsv"
-        paths[name].write_text(HEADER + COST_ROWS)
-    cost = tmp_path / "cost.tsv"
-    cost.write_text(COSTS)
-    return paths, cost
-
-
 def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path, capsys) -> None:
-    paths, cost = _inputs(tmp_path)
+    paths, cost = cost_inputs(tmp_path)
     out = tmp_path / "table.md"
     assert main(["report", f"gaussian={paths['gaussian']}", f"macer={paths['macer']}", "--radii", "0", "--ci",
                  "--cost", str(cost), "--out", str(out)]) == 0
@@ -122,7 +82,7 @@ def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path,
 
 def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> None:
     tsv = tmp_path / "a.tsv"
-    tsv.write_text(HEADER + "".join(r + "\n" for r in ROWS))
+    tsv.write_text(CERTIFY_HEADER + "".join(r + "\n" for r in ROWS))
     table = summarize({"A": load_results(tsv)}, [0.0, 0.5, 1.0], ci=True)
     (row,) = table.rows
     assert row.values == pytest.approx((0.6, 0.2, 0.0))
@@ -144,7 +104,7 @@ def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> Non
 
 def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(tmp_path: Path, capsys) -> None:
     tsv = tmp_path / "a.tsv"
-    tsv.write_text(HEADER + "".join(r + "\n" for r in ROWS))
+    tsv.write_text(CERTIFY_HEADER + "".join(r + "\n" for r in ROWS))
     recipe = tmp_path / "recipe.toml"
     # measured: 3/5 [14.7, 94.7] at 0, 1/5 [0.5, 71.6] at 0.5, 0/5 [0, 52.2] at 1; published 0.9, 0.8 (outside), 0.0
     recipe.write_text('sigma = 0.25\n[paper]\nsource = "a paper"\nradii = [0.0, 0.5, 1.0, 2.0]\n'

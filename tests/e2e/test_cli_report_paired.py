@@ -1,8 +1,9 @@
 """`smoothadv report --paired` through the command line: what it prints is the demo's table, its one-line refusal of
 a single input, and several models compared with the first under one Holm family.
 
-The inputs are the hand-made pair of files of tests/unit/test_report_paired.py (copied here), where the counts,
-p-values and intervals are known; that file checks the library calls behind the command.
+The inputs are the hand-made pair of files of tests/unit/test_report_paired.py (the `paired_files` fixture of
+tests/conftest.py), where the counts, p-values and intervals are known; that file checks the library calls behind
+the command.
 """
 
 from __future__ import annotations
@@ -15,26 +16,10 @@ from smoothadv.cli import main
 from smoothadv.demo import demo_table
 from smoothadv.report import compare, compare_to_first, describe_comparison, load_results
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-# A: correct at radius 0.5, 0.1, 0.3 (idx 0, 1, 4), abstains on 2, wrong on 3 -> 3 of 5 at r = 0, 1 of 5 at 0.5
-A = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
-     "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
-# B: correct at radius 0.6 on idx 0-3, wrong on 4 -> 4 of 5 at r = 0 and at 0.5 (rows in another order)
-B = ["3\t4\t4\t0.6\t1\t0:00:01", "0\t1\t1\t0.6\t1\t0:00:01", "1\t2\t2\t0.6\t1\t0:00:01",
-     "2\t3\t3\t0.6\t1\t0:00:01", "4\t0\t7\t0.6\t0\t0:00:01"]
 
-
-@pytest.fixture
-def files(tmp_path: Path) -> tuple[Path, Path]:
-    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    a.write_text(HEADER + "".join(r + "\n" for r in A))
-    b.write_text(HEADER + "".join(r + "\n" for r in B))
-    return a, b
-
-
-def test_demo_table_has_the_intervals_and_the_paired_comparison(files: tuple[Path, Path], tmp_path: Path,
+def test_demo_table_has_the_intervals_and_the_paired_comparison(paired_files: tuple[Path, Path], tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    certify = {"gaussian": load_results(files[0]), "smoothadv": load_results(files[1])}
+    certify = {"gaussian": load_results(paired_files[0]), "smoothadv": load_results(paired_files[1])}
     table = demo_table(certify, {}, [0.0, 0.5])
     # 3 of 5 and 1 of 5 (A), 4 of 5 (B): the exact 95% Clopper-Pearson intervals
     assert "| gaussian | 60.0 [14.7, 94.7] | 20.0 [0.5, 71.6] | 0.180 | 20.0 |" in table
@@ -43,20 +28,21 @@ def test_demo_table_has_the_intervals_and_the_paired_comparison(files: tuple[Pat
     assert table.endswith(describe_comparison(
         compare(certify["gaussian"], certify["smoothadv"], [0.0, 0.5], ("gaussian", "smoothadv"))))
     # ... which is what `smoothadv report --ci --paired` prints
-    assert main(["report", f"gaussian={files[0]}", f"smoothadv={files[1]}", "--radii", "0", "0.5", "--ci",
-                 "--paired"]) == 0
+    assert main(["report", f"gaussian={paired_files[0]}", f"smoothadv={paired_files[1]}", "--radii", "0", "0.5",
+                 "--ci", "--paired"]) == 0
     assert capsys.readouterr().out == table
-    assert main(["report", f"A={files[0]}", "--paired"]) == 2
+    assert main(["report", f"A={paired_files[0]}", "--paired"]) == 2
     assert "--paired compares certify inputs with the first one, got 1 input" in capsys.readouterr().err
 
 
-def test_several_models_are_compared_with_the_first_under_one_holm_family(files: tuple[Path, Path], tmp_path: Path,
+def test_several_models_are_compared_with_the_first_under_one_holm_family(paired_files: tuple[Path, Path],
+                                                                          tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # C is a copy of B; 2 comparisons x 2 radii make a family of 4 tests. p-values: A-B (1.0, 0.25) and A-C the
     # same; sorted 0.25, 0.25, 1, 1, Holm gives 4 x 0.25 = 1.0, max(1.0, 3 x 0.25) = 1.0, then 1, 1
     c = tmp_path / "c.tsv"
-    c.write_text(files[1].read_text())
-    results = {"A": load_results(files[0]), "B": load_results(files[1]), "C": load_results(c)}
+    c.write_text(paired_files[1].read_text())
+    results = {"A": load_results(paired_files[0]), "B": load_results(paired_files[1]), "C": load_results(c)}
     comparisons = compare_to_first(results, [0.0, 0.5])
     assert [x.names for x in comparisons] == [("A", "B"), ("A", "C")]
     assert all(x.family == 4 and x.pvalues == pytest.approx((1.0, 0.25)) for x in comparisons)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_command as run
+from conftest import save_tiny_ddpm
 
 from smoothadv.denoise import DnCNN, save_denoiser
 from smoothadv.models import build_model, normalization_spec, save_checkpoint
@@ -268,27 +269,16 @@ def test_a_denoiser_replaced_while_it_is_read_is_refused(toy_checkpoint, tmp_pat
 # ------------------------------------------------------------------ a diffusion model's digests
 
 
-def _ddpm(path: Path, seed: int, beta_end: float = 0.02) -> Path:
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=beta_end,
-                                        beta_schedule="linear")
-    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("part, name", [("unet", "denoiser_weights_sha256"), ("scheduler", "denoiser_schedule_sha256")])
 def test_resume_refuses_a_diffusion_model_changed_in_place(toy_checkpoint, tmp_path, capsys, part, name) -> None:
     """Prevents rows of two diffusion denoisers in one output: the model directory's weights (or its noise
     schedule, which moves t*) were replaced in place; the refusal names the digest of the part that changed."""
-    model, out = _ddpm(tmp_path / "ddpm", 0), tmp_path / "c.tsv"
+    pytest.importorskip("diffusers")
+    model, out = save_tiny_ddpm(tmp_path / "ddpm", 0), tmp_path / "c.tsv"
     flags = ["predict", toy_checkpoint, "--denoiser", model, "--sigma", "0.25", "--n", "20", "--batch", "20",
              "--no-progress", "--device", "cpu", "--out", out]
     assert run([*flags, "--max", "1"], capsys)[0] == 0
-    other = _ddpm(tmp_path / "other", 1, beta_end=0.02 if part == "unet" else 0.03)
+    other = save_tiny_ddpm(tmp_path / "other", 1, beta_end=0.02 if part == "unet" else 0.03)
     shutil.rmtree(model / part)
     shutil.copytree(other / part, model / part)
     before = snapshot(tmp_path)

@@ -16,6 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    ddpm_checkpoint,
+    ddpm_scheduler,
+    ddpm_train_settings,
+    one_line_error,
+    save_tiny_ddpm,
+    tiny_unet,
+)
 from torch import nn
 
 diffusers = pytest.importorskip("diffusers")
@@ -23,46 +31,20 @@ diffusers = pytest.importorskip("diffusers")
 from smoothadv.diffusion import (  # noqa: E402
     DiffusionDenoiser,
     DiffusionModel,
-    DiffusionTrainSettings,
     ddim_timesteps,
     diffusion_timestep,
     load_diffusion,
     train_ddpm,
 )
-from smoothadv.errors import SmoothAdvError  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread costs the least CPU time (restored for the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_unet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
-    with torch.no_grad():  # larger random weights than the initialization, so that the predicted noise is not ~0
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
-
-
-def _scheduler(**extra) -> object:
-    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                   **extra)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     """A DDPMPipeline directory (unet/, scheduler/, model_index.json) holding the tiny UNet; read-only."""
     path = tmp_path_factory.mktemp("ddpm") / "pipeline"
-    diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=_scheduler()).save_pretrained(path)
-    return path
+    return save_tiny_ddpm(path, channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -70,34 +52,24 @@ def model(pipeline_dir) -> DiffusionModel:
     return load_diffusion(pipeline_dir)
 
 
-def _one_line_error(call, *match: str) -> str:
-    with pytest.raises(SmoothAdvError) as info:
-        call()
-    text = str(info.value)
-    assert "\n" not in text
-    for part in match:
-        assert part in text, text
-    return text
-
-
 # ------------------------------------------------------------------ loading
 
 
 def test_load_round_trip(pipeline_dir, model):
-    original = _tiny_unet()
+    original = tiny_unet()
     assert model.shape == (1, 8, 8)
     assert model.prediction_type == "epsilon" and not model.learned_variance
     assert model.num_train_timesteps == 1000
     loaded = model.unet.state_dict()
     assert set(loaded) == set(original.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in original.state_dict().items())
-    assert torch.equal(model.alphas_cumprod, _scheduler().alphas_cumprod.double())
+    assert torch.equal(model.alphas_cumprod, ddpm_scheduler().alphas_cumprod.double())
 
 
 def test_bare_unet_layout(tmp_path):
     """A UNet directory (config.json + weights) with scheduler_config.json beside it loads too."""
-    _tiny_unet(1).save_pretrained(tmp_path)
-    _scheduler().save_pretrained(tmp_path)
+    tiny_unet(1).save_pretrained(tmp_path)
+    ddpm_scheduler().save_pretrained(tmp_path)
     loaded = load_diffusion(tmp_path)
     assert loaded.shape == (1, 8, 8)
     assert loaded.provenance()["unet"] == "."
@@ -121,38 +93,38 @@ def test_provenance_digests(pipeline_dir, model):
 
 
 def test_load_errors(tmp_path, pipeline_dir):
-    _one_line_error(lambda: load_diffusion(tmp_path / "missing"), "missing", "no such directory")
-    _one_line_error(lambda: load_diffusion(tmp_path), str(tmp_path), "no UNet config")
+    one_line_error(lambda: load_diffusion(tmp_path / "missing"), "missing", "no such directory")
+    one_line_error(lambda: load_diffusion(tmp_path), str(tmp_path), "no UNet config")
     bad = tmp_path / "vae"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    _one_line_error(lambda: load_diffusion(bad), str(bad), "AutoencoderKL", "not a UNet2DModel")
+    one_line_error(lambda: load_diffusion(bad), str(bad), "AutoencoderKL", "not a UNet2DModel")
     (bad / "config.json").write_text("{not json")
-    _one_line_error(lambda: load_diffusion(bad), "not a JSON file")
+    one_line_error(lambda: load_diffusion(bad), "not a JSON file")
     copy = tmp_path / "copy"
     shutil.copytree(pipeline_dir, copy)
     (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    _one_line_error(lambda: load_diffusion(copy), str(copy), "no UNet weights")
+    one_line_error(lambda: load_diffusion(copy), str(copy), "no UNet weights")
     shutil.rmtree(copy)
     shutil.copytree(pipeline_dir, copy)
     shutil.rmtree(copy / "scheduler")
-    _one_line_error(lambda: load_diffusion(copy), "no scheduler config")
+    one_line_error(lambda: load_diffusion(copy), "no scheduler config")
     shutil.rmtree(copy)
     shutil.copytree(pipeline_dir, copy)  # weights that do not fit the config
     config = json.loads((copy / "unet" / "config.json").read_text())
     (copy / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32]}))
-    _one_line_error(lambda: load_diffusion(copy), "cannot load the UNet")
+    one_line_error(lambda: load_diffusion(copy), "cannot load the UNet")
     shutil.rmtree(copy)
     shutil.copytree(pipeline_dir, copy)
     config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
     (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "magic"}))
-    _one_line_error(lambda: load_diffusion(copy), "prediction_type 'magic'")
+    one_line_error(lambda: load_diffusion(copy), "prediction_type 'magic'")
 
 
 def test_diffusers_missing(monkeypatch, pipeline_dir):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
-    _one_line_error(lambda: load_diffusion(pipeline_dir), "needs the optional dependency diffusers",
-                    "pip install 'smoothadv[diffusion]'")
+    one_line_error(lambda: load_diffusion(pipeline_dir), "needs the optional dependency diffusers",
+                   "pip install 'smoothadv[diffusion]'")
 
 
 def test_weights_replaced_while_read_are_refused(monkeypatch, tmp_path, pipeline_dir):
@@ -165,11 +137,11 @@ def test_weights_replaced_while_read_are_refused(monkeypatch, tmp_path, pipeline
 
     def rewritten_while_read(*args, **kwargs):
         unet = real(*args, **kwargs)
-        diffusers.DDPMPipeline(unet=_tiny_unet(seed=1), scheduler=_scheduler()).save_pretrained(path)
+        save_tiny_ddpm(path, seed=1, channels=1)
         return unet
 
     monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", rewritten_while_read)
-    _one_line_error(lambda: load_diffusion(path), "changed while they were being read")
+    one_line_error(lambda: load_diffusion(path), "changed while they were being read")
     monkeypatch.undo()
     assert load_diffusion(path).provenance()["weights_sha256"] == {
         str(weights.relative_to(path)): hashlib.sha256(weights.read_bytes()).hexdigest()}
@@ -181,7 +153,7 @@ def test_weights_replaced_while_read_are_refused(monkeypatch, tmp_path, pipeline
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
 def test_timestep_closed_form(model, sigma):
     """t* is the authors' rule (their certify.py): count up from t = 1 until sqrt(1 - abar) / sqrt(abar) >= 2 sigma."""
-    abar = [float(a) for a in _scheduler().alphas_cumprod.double()]
+    abar = [float(a) for a in ddpm_scheduler().alphas_cumprod.double()]
     level = [math.sqrt(1 - a) / math.sqrt(a) for a in abar]
     t = 0
     while True:  # written as the authors wrote it
@@ -202,21 +174,21 @@ def test_timestep_of_the_authors_rule_at_its_edges():
     assert diffusion_timestep(abar, 0.5000001) == 3
     assert diffusion_timestep(abar, 1.0) == 3  # the last timestep is on the schedule
     assert diffusion_timestep(abar, 1.5) == 3
-    _one_line_error(lambda: diffusion_timestep(abar, 1.51, "m"), "sigma 1.51 is beyond the noise schedule of m",
-                    "last timestep 3", "up to 1.5")
+    one_line_error(lambda: diffusion_timestep(abar, 1.51, "m"), "sigma 1.51 is beyond the noise schedule of m",
+                   "last timestep 3", "up to 1.5")
 
 
 def test_sigma_errors(model):
-    _one_line_error(lambda: DiffusionDenoiser(model, 1000.0), "sigma 1000", "beyond the noise schedule")
-    _one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, 0.0), "sigma must be")
-    _one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, float("nan")), "sigma must be")
-    _one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=0), "steps must be")
+    one_line_error(lambda: DiffusionDenoiser(model, 1000.0), "sigma 1000", "beyond the noise schedule")
+    one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, 0.0), "sigma must be")
+    one_line_error(lambda: diffusion_timestep(model.alphas_cumprod, float("nan")), "sigma must be")
+    one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=0), "steps must be")
     t = model.timestep(0.25)
-    _one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=t + 2), f"exceeds the {t + 1} timesteps")
+    one_line_error(lambda: DiffusionDenoiser(model, 0.25, steps=t + 2), f"exceeds the {t + 1} timesteps")
 
 
 def _independent_x0(unet: nn.Module, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    abar = float(_scheduler().alphas_cumprod.double()[t])
+    abar = float(ddpm_scheduler().alphas_cumprod.double()[t])
     eps = unet(x_t, torch.tensor([t] * len(x_t))).sample
     return ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
 
@@ -229,9 +201,9 @@ def test_one_shot_matches_independent_computation(model):
     with torch.no_grad():
         out = DiffusionDenoiser(model, sigma)(noisy)
         t = model.timestep(sigma)
-        abar = float(_scheduler().alphas_cumprod.double()[t])
+        abar = float(ddpm_scheduler().alphas_cumprod.double()[t])
         x_t = math.sqrt(abar) * (2 * noisy - 1)
-        expected = (_independent_x0(_tiny_unet(), x_t, t) + 1) / 2
+        expected = (_independent_x0(tiny_unet(), x_t, t) + 1) / 2
     assert out.shape == x.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert out.min() >= 0 and out.max() <= 1
@@ -249,8 +221,8 @@ def test_multi_step_is_deterministic_ddim(model):
         torch.testing.assert_close(one, DiffusionDenoiser(model, sigma)(noisy))
         out = DiffusionDenoiser(model, sigma, steps=3)(noisy)
         again = DiffusionDenoiser(model, sigma, steps=3)(noisy)
-        abar = _scheduler().alphas_cumprod.double()
-        unet = _tiny_unet()
+        abar = ddpm_scheduler().alphas_cumprod.double()
+        unet = tiny_unet()
         x_t = math.sqrt(float(abar[t_star])) * (2 * noisy - 1)
         times = [t_star, round(t_star / 2), 0]
         for i, t in enumerate(times):
@@ -281,7 +253,7 @@ class _ConstantUNet(nn.Module):
 
 def test_clipping():
     noisy = torch.linspace(-0.5, 1.5, 64).reshape(1, 1, 8, 8)
-    scheduler = _scheduler()
+    scheduler = ddpm_scheduler()
     # eps = 0: x0^ = x_t / sqrt(abar) = 2 y - 1, so the output is y clipped to [0, 1]
     out = DiffusionDenoiser(DiffusionModel(_ConstantUNet(0.0), scheduler), 0.25)(noisy)
     assert torch.allclose(out, noisy.clamp(0, 1), atol=1e-6)
@@ -294,7 +266,7 @@ def test_clipping():
 def test_v_and_sample_prediction():
     noisy = torch.rand(1, 1, 8, 8)
     for kind, value in (("v_prediction", 0.3), ("sample", 0.3)):
-        scheduler = _scheduler(prediction_type=kind)
+        scheduler = ddpm_scheduler(prediction_type=kind)
         denoiser = DiffusionDenoiser(DiffusionModel(_ConstantUNet(value), scheduler), 0.25)
         abar = float(scheduler.alphas_cumprod.double()[denoiser.t_star])
         x_t = math.sqrt(abar) * (2 * noisy - 1)
@@ -307,40 +279,30 @@ def test_v_and_sample_prediction():
 
 def test_shape_mismatch(model):
     denoiser = DiffusionDenoiser(model, 0.25)
-    _one_line_error(lambda: denoiser(torch.rand(2, 3, 8, 8)), "takes batches of 1x8x8 images, got 3x8x8")
-    _one_line_error(lambda: denoiser(torch.rand(2, 1, 28, 28)), "got 1x28x28")
-    _one_line_error(lambda: denoiser(torch.rand(1, 8, 8)), "a 3-d tensor")
+    one_line_error(lambda: denoiser(torch.rand(2, 3, 8, 8)), "takes batches of 1x8x8 images, got 3x8x8")
+    one_line_error(lambda: denoiser(torch.rand(2, 1, 28, 28)), "got 1x28x28")
+    one_line_error(lambda: denoiser(torch.rand(1, 8, 8)), "a 3-d tensor")
 
 
 def test_class_conditional_refused():
     unet = _ConstantUNet(0.0)
     unet.config["class_embed_type"] = "timestep"
-    _one_line_error(lambda: DiffusionModel(unet, _scheduler()), "class-conditional")
+    one_line_error(lambda: DiffusionModel(unet, ddpm_scheduler()), "class-conditional")
 
 
 # ------------------------------------------------------------------ training
 
 
-def _settings(out: Path, **extra) -> DiffusionTrainSettings:
-    values = dict(dataset="synthetic", channels=(8, 16), attention_levels=(1,), norm_groups=8, epochs=2,
-                  batch_size=8, train_subset=24, warmup_steps=2, log_every=2, save_every=2, seed=3)
-    return DiffusionTrainSettings(out_dir=out, **{**values, **extra})
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path / "checkpoint.pt", weights_only=True)
-
-
 def test_train_resume_is_exact(tmp_path):
     whole = tmp_path / "whole"
-    train_ddpm(_settings(whole))
+    train_ddpm(ddpm_train_settings(whole))
     parts = tmp_path / "parts"
-    train_ddpm(_settings(parts, max_steps=4))  # killed mid-epoch 2 (3 steps per epoch)
-    assert _state(parts)["step"] == 4 and _state(parts)["batch_in_epoch"] == 1
-    _one_line_error(lambda: train_ddpm(_settings(parts)), "already holds a training run", "--resume")
-    _one_line_error(lambda: train_ddpm(_settings(parts, resume=True, lr=1e-3)), "cannot resume", "--lr")
-    train_ddpm(_settings(parts, resume=True))
-    a, b = _state(whole), _state(parts)
+    train_ddpm(ddpm_train_settings(parts, max_steps=4))  # killed mid-epoch 2 (3 steps per epoch)
+    assert ddpm_checkpoint(parts)["step"] == 4 and ddpm_checkpoint(parts)["batch_in_epoch"] == 1
+    one_line_error(lambda: train_ddpm(ddpm_train_settings(parts)), "already holds a training run", "--resume")
+    one_line_error(lambda: train_ddpm(ddpm_train_settings(parts, resume=True, lr=1e-3)), "cannot resume", "--lr")
+    train_ddpm(ddpm_train_settings(parts, resume=True))
+    a, b = ddpm_checkpoint(whole), ddpm_checkpoint(parts)
     assert a["step"] == b["step"] == 6
     for key in ("unet", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
@@ -366,13 +328,14 @@ def test_train_resume_is_exact(tmp_path):
 
 def test_model_written_on_resume_after_a_kill_at_epoch_end(tmp_path):
     """Killed between an epoch's checkpoint and its model directory: the resumed run writes that epoch's model."""
-    train_ddpm(_settings(tmp_path, epochs=1, max_steps=2))  # a checkpoint at step 2 and no model yet
+    train_ddpm(ddpm_train_settings(tmp_path, epochs=1, max_steps=2))  # a checkpoint at step 2 and no model yet
     assert not (tmp_path / "model").exists()
-    train_ddpm(_settings(tmp_path, epochs=1, resume=True))
+    train_ddpm(ddpm_train_settings(tmp_path, epochs=1, resume=True))
     record = json.loads((tmp_path / "model" / "training.json").read_text())
     assert (record["epoch"], record["step"]) == (1, 3)
     (tmp_path / "model" / "training.json").write_text(json.dumps({**record, "step": 0}))  # an older epoch's model
-    train_ddpm(_settings(tmp_path, epochs=1, resume=True))  # nothing left to train: only the model is rewritten
+    # nothing left to train: only the model is rewritten
+    train_ddpm(ddpm_train_settings(tmp_path, epochs=1, resume=True))
     assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == 3
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import A_ROWS, CERTIFY_HEADER, write_rows
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import (
@@ -24,31 +25,11 @@ from smoothadv.report import (
     summarize,
 )
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-# Ours / Cohen's scripts: timedelta times. Rows: correct r=0.5, correct r=0.1, abstain, wrong r=0.8, correct r=0.3.
-A_ROWS = ["0\t1\t1\t0.5\t1\t0:00:14.172309", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
-          "3\t4\t5\t0.8\t0\t1 day, 0:00:01", "4\t0\t0\t0.3\t1\t0:00:01.5"]
-# Cohen's released data files: float seconds.
-B_ROWS = ["0\t1\t1\t1.2\t1\t15.4", "1\t2\t2\t0.05\t1\t15.4", "2\t3\t-1\t0.0\t0\t15.4", "3\t4\t4\t0.6\t1\t15.4"]
-# Salman's logs: 4-decimal radii; one correct row with a large radius, three abstentions.
-C_ROWS = ["0\t1\t1\t2.0000\t1\t0:00:25.1", "1\t2\t-1\t0.0000\t0\t0:00:25.1", "2\t3\t-1\t0.0000\t0\t0:00:25.1",
-          "3\t4\t-1\t0.0000\t0\t0:00:25.1"]
 RADII = [0.0, 0.25, 0.5, 1.0, 1.5]
 
 
-def write(path: Path, header: str, rows: list[str]) -> Path:
-    path.write_text(header + "".join(r + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    return {"A": write(tmp_path / "a.tsv", HEADER, A_ROWS), "B": write(tmp_path / "b.tsv", HEADER, B_ROWS),
-            "C": write(tmp_path / "c.tsv", HEADER, C_ROWS)}
-
-
-def test_both_time_formats_parse(files: dict[str, Path]) -> None:
-    a, b = load_results(files["A"]), load_results(files["B"])
+def test_both_time_formats_parse(report_files: dict[str, Path]) -> None:
+    a, b = load_results(report_files["A"]), load_results(report_files["B"])
     assert a.kind == b.kind == "certify"
     np.testing.assert_allclose(a.seconds, [14.172309, 1.0, 1.0, 86401.0, 1.5])
     np.testing.assert_allclose(b.seconds, [15.4] * 4)
@@ -57,20 +38,20 @@ def test_both_time_formats_parse(files: dict[str, Path]) -> None:
         parse_seconds("yesterday")
 
 
-def test_recorded_seconds_sums_the_time_column_of_an_evaluation_or_a_training_log(files: dict[str, Path],
+def test_recorded_seconds_sums_the_time_column_of_an_evaluation_or_a_training_log(report_files: dict[str, Path],
                                                                                   tmp_path: Path) -> None:
-    assert recorded_seconds(files["A"]) == pytest.approx(14.172309 + 1 + 1 + 86401 + 1.5)
-    log = write(tmp_path / "log.tsv", "epoch\ttime\tlr\n", ["1\t12.5\t0.1", "2\t7.5\t0.1"])
+    assert recorded_seconds(report_files["A"]) == pytest.approx(14.172309 + 1 + 1 + 86401 + 1.5)
+    log = write_rows(tmp_path / "log.tsv", "epoch\ttime\tlr\n", ["1\t12.5\t0.1", "2\t7.5\t0.1"])
     assert recorded_seconds(log) == 20.0
     assert recorded_seconds(tmp_path / "absent.tsv") == 0.0  # a step that has not run
     with pytest.raises(SmoothAdvError, match="has no 'time' column"):
-        recorded_seconds(write(tmp_path / "x.tsv", "epoch\tlr\n", ["1\t0.1"]))
+        recorded_seconds(write_rows(tmp_path / "x.tsv", "epoch\tlr\n", ["1\t0.1"]))
     with pytest.raises(SmoothAdvError, match="column 'time': not a duration: 'soon'"):
-        recorded_seconds(write(tmp_path / "y.tsv", "epoch\ttime\n", ["1\tsoon"]))
+        recorded_seconds(write_rows(tmp_path / "y.tsv", "epoch\ttime\n", ["1\tsoon"]))
 
 
-def test_certified_accuracy_acr_abstention_by_hand(files: dict[str, Path]) -> None:
-    table = summarize({"A": load_results(files["A"]), "B": load_results(files["B"])}, RADII)
+def test_certified_accuracy_acr_abstention_by_hand(report_files: dict[str, Path]) -> None:
+    table = summarize({"A": load_results(report_files["A"]), "B": load_results(report_files["B"])}, RADII)
     a, b = table.rows
     # A: correct radii {0.5, 0.1, 0.3} of 5 rows; B: {1.2, 0.05, 0.6} of 4 rows.
     assert a.values == pytest.approx((3 / 5, 2 / 5, 1 / 5, 0.0, 0.0))
@@ -82,14 +63,15 @@ def test_certified_accuracy_acr_abstention_by_hand(files: dict[str, Path]) -> No
 
 
 def test_abstention_counts_as_wrong_even_if_marked_correct(tmp_path: Path) -> None:
-    res = load_results(write(tmp_path / "x.tsv", HEADER, ["0\t-1\t-1\t0.0\t1\t1.0", "1\t2\t2\t0.4\t1\t1.0"]))
+    res = load_results(write_rows(tmp_path / "x.tsv", CERTIFY_HEADER,
+                                  ["0\t-1\t-1\t0.0\t1\t1.0", "1\t2\t2\t0.4\t1\t1.0"]))
     assert res.correct.tolist() == [0, 1]
     assert summarize({"x": res}, [0.0]).rows[0].values == (0.5,)
 
 
-def test_envelope_takes_max_and_breaks_ties_by_clean_accuracy(files: dict[str, Path]) -> None:
+def test_envelope_takes_max_and_breaks_ties_by_clean_accuracy(report_files: dict[str, Path]) -> None:
     # C is listed first: at r = 1.0 it ties with B (0.25 each) but B has the higher clean accuracy (0.75 vs 0.25).
-    results = {name: load_results(files[name]) for name in ("C", "A", "B")}
+    results = {name: load_results(report_files[name]) for name in ("C", "A", "B")}
     table = summarize(results, RADII, include_envelope=True)
     row = table.rows[-1]
     assert row.kind == "envelope"
@@ -100,8 +82,8 @@ def test_envelope_takes_max_and_breaks_ties_by_clean_accuracy(files: dict[str, P
     assert best.tolist() == [0.5, 0.3] and names == ["x", "y"]
 
 
-def test_high_prob_rows_equal_cohens_formula(files: dict[str, Path]) -> None:
-    res = load_results(files["A"])
+def test_high_prob_rows_equal_cohens_formula(report_files: dict[str, Path]) -> None:
+    res = load_results(report_files["A"])
     row = summarize({"A": res}, [0.0, 0.25], high_prob=True, alpha=0.001, rho=0.001).rows[1]
     log_term = math.log(1000)
     penalty = 0.001 + math.sqrt(0.001 * 0.999 * log_term / 5) + log_term / 15
@@ -111,15 +93,17 @@ def test_high_prob_rows_equal_cohens_formula(files: dict[str, Path]) -> None:
 
 def test_attack_files_give_empirical_accuracy_per_eps(tmp_path: Path) -> None:
     header = "idx\tlabel\tpredict\tcorrect\teps\tnorm\ttime\n"
-    first = write(tmp_path / "e25.tsv", header, ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.25\t0.2\t0:00:01"])
-    second = write(tmp_path / "e50.tsv", header, ["0\t1\t1\t1\t0.5\t0.5\t0:00:01", "1\t1\t-1\t0\t0.5\t0.5\t0:00:01",
-                                                  "2\t0\t0\t1\t0.5\t0.5\t0:00:01", "3\t0\t0\t1\t0.5\t0.5\t0:00:01"])
+    first = write_rows(tmp_path / "e25.tsv", header,
+                       ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.25\t0.2\t0:00:01"])
+    second = write_rows(tmp_path / "e50.tsv", header,
+                        ["0\t1\t1\t1\t0.5\t0.5\t0:00:01", "1\t1\t-1\t0\t0.5\t0.5\t0:00:01",
+                         "2\t0\t0\t1\t0.5\t0.5\t0:00:01", "3\t0\t0\t1\t0.5\t0.5\t0:00:01"])
     merged = merge([load_results(first), load_results(second)])
     eps, accuracy = empirical_curve(merged)
     assert eps.tolist() == [0.25, 0.5] and accuracy == pytest.approx([0.5, 0.75])
     # Salman's predict format (extra basePredict column, no eps): a clean PREDICT run, eps = 0.
-    salman = write(tmp_path / "p.tsv", "idx\tlabel\tpredict\tbasePredict\tcorrect\ttime\n",
-                   ["0\t1\t1\t1\t1\t0:00:01", "20\t2\t3\t2\t0\t0:00:01"])
+    salman = write_rows(tmp_path / "p.tsv", "idx\tlabel\tpredict\tbasePredict\tcorrect\ttime\n",
+                        ["0\t1\t1\t1\t1\t0:00:01", "20\t2\t3\t2\t0\t0:00:01"])
     eps0, acc0 = empirical_curve(load_results(salman))
     assert eps0.tolist() == [0.0] and acc0.tolist() == [0.5]
     row = summarize({}, [0.0, 0.25, 0.5, 1.0], attack={"SA": merged}).rows[0]
@@ -128,9 +112,9 @@ def test_attack_files_give_empirical_accuracy_per_eps(tmp_path: Path) -> None:
         merge([load_results(first), load_results(first)])
 
 
-def test_formats(files: dict[str, Path]) -> None:
-    table = summarize({"A_1": load_results(files["A"]), "B": load_results(files["B"])}, [0.0, 0.5],
-                      include_envelope=True)
+def test_formats(report_files: dict[str, Path]) -> None:
+    table = summarize({"A_1": load_results(report_files["A"]), "B": load_results(report_files["B"])},
+                      [0.0, 0.5], include_envelope=True)
     md = format_table(table, "markdown").splitlines()
     assert md[0] == "|  | r = 0 | r = 0.5 | ACR | abstain (%) |"
     assert md[2] == "| A_1 | 60.0 | 20.0 | 0.180 | 20.0 |"
@@ -146,11 +130,12 @@ def test_formats(files: dict[str, Path]) -> None:
     assert csv_lines[4] == "envelope model,envelope-model,,B,B,,"
 
 
-def test_plot_is_a_png_with_content(files: dict[str, Path], tmp_path: Path) -> None:
+def test_plot_is_a_png_with_content(report_files: dict[str, Path], tmp_path: Path) -> None:
     header = "idx\tlabel\tpredict\tcorrect\teps\tnorm\ttime\n"
-    attack = write(tmp_path / "att.tsv", header, ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.5\t0.5\t0:00:01"])
-    out = plot_accuracy({"A": load_results(files["A"]), "B": load_results(files["B"])}, tmp_path / "fig.png",
-                        attack={"A": load_results(attack)}, include_envelope=True)
+    attack = write_rows(tmp_path / "att.tsv", header,
+                        ["0\t1\t1\t1\t0.25\t0.25\t0:00:01", "1\t1\t2\t0\t0.5\t0.5\t0:00:01"])
+    out = plot_accuracy({"A": load_results(report_files["A"]), "B": load_results(report_files["B"])},
+                        tmp_path / "fig.png", attack={"A": load_results(attack)}, include_envelope=True)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
@@ -163,7 +148,7 @@ def test_plot_is_a_png_with_content(files: dict[str, Path], tmp_path: Path) -> N
 def test_default_radii_doubles_the_step_until_the_columns_fit(tmp_path: Path) -> None:
     from smoothadv.report import default_radii
 
-    results = {"A": load_results(write(tmp_path / "a.tsv", HEADER, A_ROWS))}  # largest radius 0.8
+    results = {"A": load_results(write_rows(tmp_path / "a.tsv", CERTIFY_HEADER, A_ROWS))}  # largest radius 0.8
     assert default_radii(results) == [0.0, 0.25, 0.5, 0.75]
     assert default_radii(results, step=0.1) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert default_radii(results, step=0.05, max_columns=12) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -182,9 +167,9 @@ def test_tables_and_plots_from_certificates_in_memory(tmp_path: Path) -> None:
     certificates = [Certificate(3, 0.40, 3, 0.9, 90, 100, 100), Certificate(-1, 0.0, 2, 0.4, 40, 100, 100),
                     Certificate(5, 0.10, 5, 0.6, 60, 100, 100), Certificate(1, 0.70, 1, 0.99, 99, 100, 100)]
     labels = torch.tensor([3, 2, 4, 1])
-    tsv = write(tmp_path / "same.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n",
-                ["0\t3\t3\t0.4\t1\t0:00:01", "1\t2\t-1\t0.0\t0\t0:00:01", "2\t4\t5\t0.1\t0\t0:00:01",
-                 "3\t1\t1\t0.7\t1\t0:00:01"])
+    tsv = write_rows(tmp_path / "same.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n",
+                     ["0\t3\t3\t0.4\t1\t0:00:01", "1\t2\t-1\t0.0\t0\t0:00:01", "2\t4\t5\t0.1\t0\t0:00:01",
+                      "3\t1\t1\t0.7\t1\t0:00:01"])
     memory = Results.from_certificates(certificates, labels)
     assert memory.correct.tolist() == [1, 0, 0, 1] and not memory.sequential
     radii = [0.0, 0.25, 0.5]
@@ -209,9 +194,9 @@ def test_tables_and_plots_from_certificates_in_memory(tmp_path: Path) -> None:
 
 def test_sequential_tsvs_are_marked_in_tables(tmp_path: Path) -> None:
     header = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tn\tmode\n"
-    fixed = write(tmp_path / "f.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n", ["0\t1\t1\t0.3\t1\t0:00:01"])
-    sequential = write(tmp_path / "s.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t2064\tsequential/selection"])
-    betting = write(tmp_path / "b.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t880\tbetting/selection"])
+    fixed = write_rows(tmp_path / "f.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n", ["0\t1\t1\t0.3\t1\t0:00:01"])
+    sequential = write_rows(tmp_path / "s.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t2064\tsequential/selection"])
+    betting = write_rows(tmp_path / "b.tsv", header, ["0\t1\t1\t0.3\t1\t0:00:01\t880\tbetting/selection"])
     assert [load_results(p).sequential for p in (fixed, sequential, betting)] == [False, True, True]
     text = format_table(summarize({"F": load_results(fixed), "S": load_results(sequential)}, [0.25]))
     assert "| F |" in text and "| S ‡ |" in text and text.count("‡") == 2

@@ -8,33 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import cost_inputs
 
 from smoothadv.report import COST_NOTE, format_table, load_costs, load_results, summarize
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-ROWS = "0\t1\t1\t0.5\t1\t0:00:01\n1\t2\t2\t0.1\t1\t0:00:01\n"
-# gaussian is the baseline (30 s); macer 600 s = 20 x, against its model m = 16: 1.25; stability has no model;
-# smoothmix has a cost but no certify file
-COSTS = ("# measured with benchmarks/method_cost.py\n"
-         "name\trecipe\tcpu_s_per_epoch\tmodel\tformula\n"
-         "gaussian\tg.toml\t30\t1\t1\n"
-         "macer\tm.toml\t600\t16\tm\n"
-         "stability\ts.toml\t66\t\t\n"
-         "smoothmix\tx.toml\t700\t20\tm (T + 2)\n")
-
-
-def _inputs(tmp_path: Path) -> tuple[dict, Path]:
-    paths = {}
-    for name in ("gaussian", "macer", "stability", "other"):
-        paths[name] = tmp_path / f"{name}.tsv"
-        paths[name].write_text(HEADER + ROWS)
-    cost = tmp_path / "cost.tsv"
-    cost.write_text(COSTS)
-    return paths, cost
-
 
 def test_cost_columns_divide_by_the_first_row_and_by_the_cost_model(tmp_path: Path) -> None:
-    paths, cost = _inputs(tmp_path)
+    paths, cost = cost_inputs(tmp_path)
     costs = load_costs(cost)
     assert list(costs) == ["gaussian", "macer", "stability", "smoothmix"]
     assert costs["macer"].seconds == 600 and costs["macer"].model == 16 and costs["macer"].formula == "m"

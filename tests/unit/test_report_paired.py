@@ -9,29 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CERTIFY_HEADER, PAIRED_A
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import compare, describe_comparison, format_comparison, load_results
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-# A: correct at radius 0.5, 0.1, 0.3 (idx 0, 1, 4), abstains on 2, wrong on 3 -> 3 of 5 at r = 0, 1 of 5 at 0.5
-A = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
-     "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
-# B: correct at radius 0.6 on idx 0-3, wrong on 4 -> 4 of 5 at r = 0 and at 0.5 (rows in another order)
-B = ["3\t4\t4\t0.6\t1\t0:00:01", "0\t1\t1\t0.6\t1\t0:00:01", "1\t2\t2\t0.6\t1\t0:00:01",
-     "2\t3\t3\t0.6\t1\t0:00:01", "4\t0\t7\t0.6\t0\t0:00:01"]
 
-
-@pytest.fixture
-def files(tmp_path: Path) -> tuple[Path, Path]:
-    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    a.write_text(HEADER + "".join(r + "\n" for r in A))
-    b.write_text(HEADER + "".join(r + "\n" for r in B))
-    return a, b
-
-
-def test_compare_counts_the_discordant_images_and_tests_them(files: tuple[Path, Path]) -> None:
-    comparison = compare(load_results(files[0]), load_results(files[1]), [0.0, 0.5], ("A", "B"))
+def test_compare_counts_the_discordant_images_and_tests_them(paired_files: tuple[Path, Path]) -> None:
+    comparison = compare(load_results(paired_files[0]), load_results(paired_files[1]), [0.0, 0.5], ("A", "B"))
     assert comparison.count == 5
     assert [v for pair in comparison.accuracy for v in pair] == pytest.approx([0.6, 0.8, 0.2, 0.8])
     # r = 0: only A certifies idx 4, only B idx 2 and 3; r = 0.5: only B certifies idx 1, 2, 3
@@ -63,8 +48,8 @@ def test_a_supported_difference_is_named(tmp_path: Path) -> None:
     assert "B certifies more than A at r = 0.5; at r = 0 the difference is within" in describe_comparison(comparison)
 
 
-def test_compare_refuses_files_of_different_images(files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_compare_refuses_files_of_different_images(paired_files: tuple[Path, Path], tmp_path: Path) -> None:
     other = tmp_path / "c.tsv"
-    other.write_text(HEADER + "".join(r + "\n" for r in A[:4]))
+    other.write_text(CERTIFY_HEADER + "".join(r + "\n" for r in PAIRED_A[:4]))
     with pytest.raises(SmoothAdvError, match="different test images"):
-        compare(load_results(files[0]), load_results(other), [0.0])
+        compare(load_results(paired_files[0]), load_results(other), [0.0])
