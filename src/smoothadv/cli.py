@@ -547,15 +547,13 @@ def add_report(sub: Any) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
     from .report import (
-        compare_to_first,
         default_radii,
-        describe_comparison,
-        format_comparison,
         format_table,
         load_costs,
         load_published,
         load_results,
         merge,
+        paired_text,
         plot_accuracy,
         plot_format,
         plot_radius_cdf,
@@ -615,10 +613,7 @@ def run_report(args: argparse.Namespace) -> None:
     if args.paired:
         if len(certify) < 2:
             raise SmoothAdvError(f"--paired compares certify inputs with the first one, got {len(certify)} input")
-        for comparison in compare_to_first(certify, table.radii):
-            text += "\n" + format_comparison(comparison, args.format)
-            if args.format == "markdown":
-                text += "\n" + describe_comparison(comparison)
+        text += paired_text(certify, table.radii, args.format)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")

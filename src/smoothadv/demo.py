@@ -211,9 +211,7 @@ def demo_table(certify: dict[str, Any], attack: dict[str, Any], radii: list[floa
     image by image (exact McNemar per radius, Holm-adjusted; the ACR difference with its 95% interval) and
     a sentence saying which differences those tests support."""
     table = report.format_table(report.summarize(certify, radii, attack=attack, ci=True), "markdown")
-    first, second = list(certify)[:2]
-    comparison = report.compare(certify[first], certify[second], radii, (first, second))
-    return f"{table}\n{report.format_comparison(comparison)}\n{report.describe_comparison(comparison)}"
+    return table + report.paired_text(certify, radii)
 
 
 def _write_report(cfg: DemoConfig, out: Path, device: Any, training: Training, evaluations: Evaluations,

@@ -62,8 +62,8 @@ __all__ = [
     "Row", "RowCost", "SEQUENTIAL_MARK", "SEQUENTIAL_NOTE", "Table", "certified_curve", "certified_intervals",
     "certified_radii", "compare", "compare_to_first", "default_radii", "describe_comparison", "dkw_halfwidth",
     "empirical_curve", "envelope", "format_comparison", "format_table", "load_costs", "load_published",
-    "load_results", "merge", "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma",
-    "recorded_seconds", "summarize",
+    "load_results", "merge", "paired_text", "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf",
+    "recipe_sigma", "recorded_seconds", "summarize",
 ]
 
 Format = Literal["markdown", "latex", "csv"]
@@ -805,6 +805,18 @@ def compare_to_first(results: Mapping[str, Results], radii: Sequence[float], lev
     k = len(comparisons[0].radii)
     return [replace(c, adjusted=tuple(float(p) for p in adjusted[i * k:(i + 1) * k]), family=len(adjusted))
             for i, c in enumerate(comparisons)]
+
+
+def paired_text(certify: Mapping[str, Results], radii: Sequence[float], fmt: Format = "markdown") -> str:
+    """What `smoothadv report --paired` prints after its table: every certify input compared with the first on the
+    same images (`compare_to_first`), each comparison's table (`format_comparison`) followed, in markdown, by the
+    sentence saying which differences its tests support (`describe_comparison`)."""
+    text = ""
+    for comparison in compare_to_first(certify, radii):
+        text += "\n" + format_comparison(comparison, fmt)
+        if fmt == "markdown":
+            text += "\n" + describe_comparison(comparison)
+    return text
 
 
 def format_comparison(comparison: Comparison, fmt: Format = "markdown") -> str:
