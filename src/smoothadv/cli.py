@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -613,6 +614,7 @@ def run_report(args: argparse.Namespace) -> None:
     if args.paired:
         if len(certify) < 2:
             raise SmoothAdvError(f"--paired compares certify inputs with the first one, got {len(certify)} input")
+        check_same_data([path for _, path in args.results])
         text += paired_text(certify, table.radii, args.format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -654,6 +656,29 @@ def check_same_run(name: str, paths: Sequence[str]) -> None:
         if differences:
             raise SmoothAdvError(f"{name}: {path} and {known[0][0]} were run with different settings "
                                  f"({'; '.join(differences)}); give them different names")
+
+
+#: what selects a run's examples: two outputs recording the same values selected the same examples, so the digest
+#: of those examples (`data_sha256`) must be the same when they were read from the same data
+SELECTION_KEYS = ("dataset", "split", "dataset_size", "skip", "max")
+
+
+def check_same_data(paths: Sequence[str]) -> None:
+    """Refuse (one line) a paired comparison of result files that selected the same examples (`SELECTION_KEYS`
+    recorded alike) but recorded other digests of them (`data_sha256`): another dataset or --data-dir. Files
+    without a settings sidecar or a digest are not compared (their labels still are, `report.compare`)."""
+    from .rundir import read_settings
+
+    seen: dict[tuple[Any, ...], tuple[str, Any]] = {}
+    for path in paths:
+        recorded = read_settings(path)
+        if recorded is None or not isinstance(recorded.get("data_sha256"), str):
+            continue
+        key = tuple(json.dumps(recorded.get(name)) for name in SELECTION_KEYS)
+        first, digest = seen.setdefault(key, (path, recorded["data_sha256"]))
+        if digest != recorded["data_sha256"]:
+            raise SmoothAdvError(f"{path} and {first} select the same test images but were computed on different "
+                                 "data (data_sha256 differs): a paired comparison needs the same images")
 
 
 def add_validity(sub: Any) -> None:

@@ -757,7 +757,8 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
             level: float = 0.95) -> Comparison:
     """Compare two certify results on the same test images (`Comparison`).
 
-    The images are matched by idx; SmoothAdvError unless both files hold the same images. Paired tests
+    The images are matched by idx; SmoothAdvError unless both files hold the same images (the same indices
+    with the same labels; `smoothadv report --paired` also compares the recorded data digests). Paired tests
     see what the per-model intervals cannot: most images are certified by both models or by neither,
     and only the images one model certifies and the other does not tell them apart.
     """
@@ -772,6 +773,9 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
                              "needs at least 2")
     radii_a = np.asarray(radii, dtype=float)
     a_order, b_order = np.argsort(first.idx, kind="stable"), np.argsort(second.idx, kind="stable")
+    if not np.array_equal(first.label[a_order], second.label[b_order]):
+        raise SmoothAdvError(f"{first.path} and {second.path} give different labels to the same test images: they "
+                             "were computed on different data, and a paired comparison needs the same images")
     a_radius, a_correct = first.radius[a_order], first.correct[a_order].astype(bool)  # type: ignore[index]
     b_radius, b_correct = second.radius[b_order], second.correct[b_order].astype(bool)  # type: ignore[index]
     accuracy, only, pvalues = [], [], []

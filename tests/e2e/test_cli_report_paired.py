@@ -8,12 +8,14 @@ the command.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from smoothadv.cli import main
 from smoothadv.demo import demo_table
+from smoothadv.errors import SmoothAdvError
 from smoothadv.report import compare, compare_to_first, describe_comparison, load_results
 
 
@@ -64,3 +66,26 @@ def test_several_models_are_compared_with_the_first_under_one_holm_family(paired
     assert main(["report", *[f"{k}={v}" for k, v in paths.items()], "--radii", "0", "0.5", "--paired"]) == 0
     out = capsys.readouterr().out
     assert out.count("Paired over the same 12 test images") == 2 and "B certifies more than A at r = 0.5" in out
+
+
+def test_paired_files_of_other_data_are_refused_by_their_labels_and_their_recorded_digests(
+        paired_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = paired_files
+    relabelled = tmp_path / "relabelled.tsv"  # B's images with another label on image 3: other data
+    relabelled.write_text(b.read_text().replace("3\t4\t4\t0.6\t1", "3\t9\t4\t0.6\t0"))
+    with pytest.raises(SmoothAdvError, match="give different labels to the same test images"):
+        compare(load_results(a), load_results(relabelled), [0.0], ("A", "B"))
+    assert main(["report", f"A={a}", f"B={relabelled}", "--paired"]) == 2
+    assert "different labels" in capsys.readouterr().err
+    # the same images and labels, but the sidecars say they were read from other data
+    selection = {"command": "certify", "split": "test", "dataset_size": 10, "skip": 2, "max": 5}
+    Path(f"{a}.args.json").write_text(json.dumps({**selection, "data_sha256": "5:" + "a" * 64}))
+    Path(f"{b}.args.json").write_text(json.dumps({**selection, "data_sha256": "5:" + "b" * 64}))
+    assert main(["report", f"A={a}", f"B={b}", "--paired"]) == 2
+    err = capsys.readouterr().err
+    assert "select the same test images but were computed on different data" in err and err.count("\n") == 1
+    assert main(["report", f"A={a}", f"B={b}"]) == 0  # without --paired nothing is paired, nothing compared
+    Path(f"{b}.args.json").write_text(json.dumps({**selection, "skip": 3, "data_sha256": "5:" + "b" * 64}))
+    assert main(["report", f"A={a}", f"B={b}", "--paired"]) == 0  # another selection: its digest is another one
+    Path(f"{b}.args.json").write_text(json.dumps({**selection, "data_sha256": "5:" + "a" * 64}))
+    assert main(["report", f"A={a}", f"B={b}", "--paired"]) == 0
