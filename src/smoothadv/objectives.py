@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from abc import ABC, abstractmethod
@@ -682,8 +683,13 @@ class CATRS(Objective):
         return self.m
 
     def describe(self) -> dict:
+        """The settings, with `pi_sha256` (the SHA-256 of the smoothed prediction's frequencies as float32) in place
+        of pi: a resumed run is refused when the table at `smoothed_prediction` changed since it was read."""
         described = super().describe()
         described.pop("pi")
+        assert self.pi is not None
+        frequencies = self.pi.detach().to("cpu", torch.float32).contiguous().numpy()
+        described["pi_sha256"] = hashlib.sha256(frequencies.tobytes()).hexdigest()
         return described
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: NoiseSource = None,

@@ -58,7 +58,7 @@ from .settings import bookkeeping_fields, flag_name, upgraded
 
 __all__ = [
     "Difference", "EpochLog", "Rule", "RunDirectory", "compare", "described", "epochs_may_grow", "field_defaults",
-    "objective_record", "plain", "read_settings", "settings_path", "settings_record",
+    "objective_record", "plain", "read_settings", "settings_path", "settings_record", "unrecorded_digests",
 ]
 
 #: the files of a training run besides its checkpoint
@@ -150,6 +150,12 @@ def described(objective: Any) -> dict[str, Any]:
     `dataclasses.asdict`), never its repr()."""
     return {key: plain(getattr(objective, key)) if dataclasses.is_dataclass(getattr(objective, key, None)) else value
             for key, value in objective.describe().items()}
+
+
+def unrecorded_digests(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[str, ...]:
+    """The digests (`*_sha256`) an objective records now that an older record lacks (written before the digest
+    was recorded): unverified, so not compared; a digest both hold is compared like any other setting."""
+    return tuple(key for key in current if key.endswith("_sha256") and key not in recorded)
 
 
 def objective_record(objective: Any, recorded: Any = None) -> dict[str, Any]:
@@ -286,7 +292,7 @@ class RunDirectory:
             if now.get("name") != then.get("name"):
                 changed.append(f"--objective {then.get('name')} -> {now.get('name')}")
             else:  # its sigma is --sigma, compared above
-                wrong, _ = compare(then, now, free=("sigma", "name"))
+                wrong, _ = compare(then, now, free=("sigma", "name", *unrecorded_digests(then, now)))
                 changed += [f"objective {d.name} {d.before!r} -> {d.after!r}" for d in wrong]
         if changed:
             free = [flag_name(f) for name, f in fields.items()
@@ -318,7 +324,8 @@ class RunDirectory:
         refused, _ = compare(recorded, settings_record(settings), free=bookkeeping_fields(cls),
                              defaults=field_defaults(cls), keys=[f.name for f in dataclasses.fields(cls)])
         then = upgraded(recorded["objective"]) if isinstance(recorded.get("objective"), dict) else {}
-        refused += compare(then, objective_record(objective, then))[0]
+        now = objective_record(objective, then)
+        refused += compare(then, now, free=unrecorded_digests(then, now))[0]
         if refused:
             return f"was trained with other settings ({'; '.join(d.refused() for d in refused)})"
         return "was not trained to the end" if epochs < settings.epochs else None
