@@ -35,7 +35,7 @@ from . import report
 from .accel import resolve_device
 from .data import check_data_dir, dataset_info, get_dataset
 from .errors import SmoothAdvError
-from .files import atomic_write_text, make_directory, read_tsv
+from .files import atomic_write_text, file_sha256, make_directory, read_tsv
 from .models import read_checkpoint
 from .run import expected_jobs, record, run_evaluation
 from .rundir import RunDirectory, compare, described, read_settings, settings_path
@@ -175,8 +175,8 @@ def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, 
 def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluations) -> None:
     """Refuse (one line) to rebuild the report of a run that did not finish every step with these settings:
     the models by their args.json and log.tsv (`RunDirectory.unfinished`), the evaluations by their TSVs and
-    recorded settings (a TSV without them, as in the committed run, by its rows: both certify TSVs must hold
-    the same images)."""
+    recorded settings, and the checkpoint's digest when the model is there (a TSV without them, as in the
+    committed run, by its rows: both certify TSVs must hold the same images)."""
     problems = [f"{name} {why}" for name, (settings, objective) in training.items()
                 if (why := RunDirectory(settings.out_dir, CHECKPOINT).unfinished(settings, objective))]
     images = []
@@ -187,7 +187,10 @@ def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluation
             continue
         rows = read_tsv(out)[1]
         keys = set(row_settings(evaluation)) - {"batch", "skip"}  # skip: the test set's size is not read
-        refused = compare(recorded, record(run, evaluation), keys=keys)[0] if recorded is not None else []
+        model = Path(run.checkpoint)  # absent in the committed run; when there, the model the rows came from
+        facts = {"checkpoint_sha256": file_sha256(model)} if model.is_file() else {}
+        refused = compare(recorded, record(run, evaluation, **facts), keys=keys | set(facts))[0] \
+            if recorded is not None else []
         if refused:
             problems.append(f"{out.name} was made with other settings ({'; '.join(d.refused() for d in refused)})")
         elif recorded is not None and len(rows) < len(expected_jobs(recorded)):

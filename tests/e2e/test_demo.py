@@ -93,6 +93,11 @@ def test_demo_rerun_reuses_resumes_and_redoes_only_what_changed(first_run: Path,
 def test_demo_report_only_rebuilds_the_report_from_the_tsvs(first_run: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     table = (first_run / "table.md").read_text()
+    gaussian = first_run / "gaussian" / "checkpoint.pth.tar"
+    gaussian.write_bytes((first_run / "smoothadv" / "checkpoint.pth.tar").read_bytes())  # another model there
+    assert main(["demo", "--quick", "--dataset", "synthetic", "--out", str(first_run), "--report-only", "--n", "300",
+                 "--no-progress"]) == 2
+    assert "certify_gaussian.tsv was made with other settings (checkpoint_sha256" in capsys.readouterr().err
     for name in ("table.md", "report.md", "accuracy.png"):
         (first_run / name).unlink()
     for name in ("gaussian", "smoothadv"):  # no model is needed (the committed run has none)
