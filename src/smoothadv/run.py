@@ -181,14 +181,13 @@ def run_attack_recipe(settings: AttackRunSettings) -> dict[str, Any]:
 
 
 def check_radii(settings: EvaluationSettings) -> None:
-    """Refuse (one line) an attack run's attack that cannot be built at one of its radii, and radii that an
+    """Refuse (one line) an attack run's attack recipe that `attacks.attack_recipe` refuses (its types, limits and
+    the settings of another attack: what can make `build_attack` fail at a valid radius), and radii that an
     output cannot tell apart: rows are keyed by eps written with 6 significant digits (`job_key`), so two radii
     equal at that precision would share their keys (the file could be neither resumed nor merged)."""
     if not isinstance(settings, AttackRunSettings):
         return
-    recipe = run_attack_recipe(settings)
-    for eps in settings.eps:
-        build_attack(eps=eps, **recipe)
+    run_attack_recipe(settings)
     seen: dict[str, float] = {}
     for eps in settings.eps:
         key = f"{float(eps):g}"

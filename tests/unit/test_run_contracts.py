@@ -3,10 +3,16 @@ selects, which of them a shard takes, and how a written row is keyed, checked wi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from smoothadv import SmoothAdvError
-from smoothadv.run import job_key, row_key, select_indices, shard_indices
+from smoothadv.run import DIGESTED, _data_extension, _outputs, job_key, row_key, select_indices, shard_indices
+from smoothadv.rundir import data_fingerprint, settings_path
+from smoothadv.settings import CertifySettings
 
 
 def test_the_selection_takes_every_skip_th_example_up_to_max_and_refuses_what_selects_nothing() -> None:
@@ -39,3 +45,52 @@ def test_a_written_row_is_keyed_as_its_job() -> None:
     attack = ["idx", "label", "predict", "eps"]
     assert row_key(attack, ["12", "3", "3", "0.50"]) == "12@0.5" == job_key((0.5, 12))
     assert row_key(attack, ["12", "3", "3", "half"]) == "12@half"  # unreadable eps: kept as written
+
+
+def test_an_evaluation_writes_its_output_its_shard_files_their_sidecars_and_locks() -> None:
+    final = Path("o.tsv")
+
+    def sidecars(what: str, path: Path) -> list[tuple[str, Path]]:
+        return [(what, path), ("the settings sidecar", Path(f"{path}.args.json")),
+                ("the environment sidecar", Path(f"{path}.env.json")), ("the lock file", Path(f"{path}.lock"))]
+
+    assert _outputs(final, None, 1) == sidecars("--out", final)  # one process, no shard: the output alone
+    shard = Path("o.tsv.shard-1-of-3")
+    assert _outputs(final, (1, 3), 1) == sidecars("--out", final) + sidecars("the shard file", shard)
+    first, second = Path("o.tsv.shard-0-of-2"), Path("o.tsv.shard-1-of-2")  # torchrun, rank 0 of 2: its own, then all
+    assert _outputs(final, (0, 2), 2) == (sidecars("--out", final) + sidecars("the shard file", first)
+                                          + sidecars("the shard file", first) + sidecars("the shard file", second))
+
+
+class _Images(torch.utils.data.Dataset):
+    """Ten one-pixel examples: example i is the value i with label i % 3."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((1, 1, 1), float(i)), i % 3
+
+
+def test_a_larger_max_accepts_the_new_data_digest_only_when_the_recorded_selection_is_these_data(tmp_path) -> None:
+    data, out = _Images(), tmp_path / "c.tsv"
+    out.write_text("idx\n")
+
+    def recorded(maximum: object, digest: str) -> None:
+        settings_path(out).write_text(json.dumps({"command": "certify", "max": maximum, "data_sha256": digest}))
+
+    now = CertifySettings(sigma=0.25, skip=2, max=4)
+    recorded(2, data_fingerprint(data, [0, 2], DIGESTED))  # the first 2 of these data: the longer selection extends
+    rule = _data_extension(out, data, now)
+    assert list(rule) == ["data_sha256"] and rule["data_sha256"]("2:a", "4:b") is None
+    recorded(2, data_fingerprint(data, [0, 4], DIGESTED))  # another selection's digest: not these rows
+    assert _data_extension(out, data, now) == {}
+    recorded(4, "4:" + "0" * 64)  # the same max: nothing extends
+    assert _data_extension(out, data, now) == {}
+    for maximum in (0, -3, True, 2.0, "2"):  # a hand-edited max selects nothing known: no extension, no error
+        recorded(maximum, data_fingerprint(data, [0, 2], DIGESTED))
+        assert _data_extension(out, data, now) == {}
+    recorded(None, data_fingerprint(data, [0, 2, 4, 6, 8], DIGESTED))  # all of them: the rows of these data
+    assert list(_data_extension(out, data, now)) == ["data_sha256"]
+    settings_path(out).unlink()
+    assert _data_extension(out, data, now) == {}  # nothing recorded: nothing to extend
