@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from smoothadv import SmoothAdvError
-from smoothadv.run import DIGESTED, _data_extension, _outputs, job_key, row_key, select_indices, shard_indices
+from smoothadv.run import (
+    DIGESTED,
+    _data_extension,
+    _outputs,
+    _short,
+    job_key,
+    resume_differences,
+    row_key,
+    select_indices,
+    shard_indices,
+)
 from smoothadv.rundir import data_fingerprint, settings_path
 from smoothadv.settings import CertifySettings
 
@@ -94,3 +104,20 @@ def test_a_larger_max_accepts_the_new_data_digest_only_when_the_recorded_selecti
     assert list(_data_extension(out, data, now)) == ["data_sha256"]
     settings_path(out).unlink()
     assert _data_extension(out, data, now) == {}  # nothing recorded: nothing to extend
+
+
+def test_a_digest_in_a_message_is_shortened_to_its_first_12_hex_digits_and_keeps_its_count() -> None:
+    assert _short("5:" + "ab" * 32) == "5:" + "ab" * 6 + "..."
+    assert _short("a" * 12) == "a" * 12 and _short("a" * 13) == "a" * 12 + "..."
+    assert _short({"weights": "c" * 64, "n": None}) == "{weights: cccccccccccc..., n: none}"
+    assert _short(None) == "none" and _short(3) == "3"
+
+
+def test_batch_and_max_may_change_only_between_two_evaluation_records() -> None:
+    certify = {"command": "certify", "batch": 100, "max": 4, "sigma": 0.25}
+    assert resume_differences(certify, {**certify, "batch": 7, "max": 8}) == ([], ["batch: 100 -> 7", "max: 4 -> 8"])
+    training = {"command": "train", "batch": 100, "max": 4, "sigma": 0.25}
+    refused, accepted = resume_differences(training, {**training, "batch": 7, "max": 8})
+    assert accepted == [] and [line.split(":")[0] for line in refused] == ["batch", "max"]
+    refused, accepted = resume_differences(training, {**certify, "batch": 7})
+    assert accepted == [] and [line.split(":")[0] for line in refused] == ["batch", "command"]
