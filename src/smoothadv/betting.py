@@ -255,7 +255,9 @@ class _Wealth:
         ratio = math.erfc(z / _SQRT2) / math.erfc(-z / _SQRT2)  # (1 - q) / q, accurate near q = 1
         terms = self.base + self.s * np.log1p(self.u * ratio)
         top = terms.max(axis=1)
-        return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
+        with np.errstate(invalid="ignore"):
+            logs = top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
+        return np.where(np.isnan(logs), -np.inf, logs)  # every gambler broke (all in, a failure): -inf - -inf
 
     def max_log(self, z: float) -> float:
         """max over the counts of ln M at q = Phi(z)."""
