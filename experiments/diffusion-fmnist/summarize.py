@@ -1,0 +1,141 @@
+"""The certified table of diffusion denoised smoothing on Fashion-MNIST, with what each certificate cost.
+
+    OMP_NUM_THREADS=1 python experiments/diffusion-fmnist/summarize.py   # after certify.sh; writes certify/table.md
+
+Reads the sequential certify TSVs of `certify.sh` (results/diffusion-fmnist/certify/*_s0.25.tsv) and writes
+results/diffusion-fmnist/certify/table.md:
+
+- certified accuracy at r = 0, 0.25, 0.5, 0.75 with 95% Clopper-Pearson intervals, ACR and abstentions, then every
+  row compared with f o D_ddpm on the same images (exact McNemar per radius, Holm-adjusted over all comparisons;
+  the ACR difference with its 95% interval): what `smoothadv report --ci --paired` prints for these files;
+- the cost: noise samples per image (selection + estimation, from the TSVs' `samples` column: each is one forward
+  pass of the classifier, and of the denoiser when there is one), the CPU-seconds of one noise sample through each
+  model (measured here: `time.process_time` of the forward passes at the certify batch of 256, one thread, median
+  of 5 after a warm-up, on the same kind of input), and their product, the CPU-seconds per image;
+- the same images certified at fixed n = 10,000 (results/denoised/*.tsv, the same seed) beside the sequential rows,
+  for the rows that have one.
+
+When a file is not finished, every row is restricted to the images all of them hold (said in the table).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from smoothadv.report import Results, format_table, load_results, paired_text, summarize
+from smoothadv.run import load_smoothed
+from smoothadv.settings import CertifySettings, RunSettings
+from smoothadv.stats import certified_accuracy
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "results" / "diffusion-fmnist" / "certify"
+SIGMA, RADII, BATCH = 0.25, (0.0, 0.25, 0.5, 0.75), 256
+CLEAN = "results/denoised/runs/classifier_clean/checkpoint.pth.tar"
+ROWS = {  # row -> (what it is, checkpoint, denoiser, the fixed-n TSV of results/denoised on the same images)
+    "f_D_ddpm": ("f behind the DDPM, one shot (diffusion denoised smoothing)", CLEAN,
+                 "results/diffusion-fmnist/ddpm/model", None),
+    "f_D_mse": ("f behind the DnCNN trained with the MSE loss", CLEAN,
+                "results/denoised/runs/denoiser_mse/denoiser.pth.tar", "results/denoised/mse.tsv"),
+    "f_D_stab": ("f behind the DnCNN fine-tuned with the stability loss through f", CLEAN,
+                 "results/denoised/runs/denoiser_stability/denoiser.pth.tar", "results/denoised/stability.tsv"),
+    "f": ("f, the off-the-shelf fashion_cnn trained without noise, bare", CLEAN, None, "results/denoised/clean.tsv"),
+    "gaussian": ("fashion_cnn trained with Gaussian noise (white-box reference)",
+                 "results/fashion-mnist/runs/gaussian_sigma0.25/checkpoint.pth.tar", None,
+                 "results/denoised/gaussian.tsv"),
+    "consistency": ("LeNet trained with Consistency, the best row of the LeNet table by ACR",
+                    "results/fmnist-lenet/runs/consistency_s0.25/checkpoint.pth.tar", None, None),
+}
+
+
+def restricted(results: Results, keep: set[int]) -> Results:
+    """The rows of `results` whose image is in `keep`."""
+    mask = torch.tensor([int(i) in keep for i in results.idx]).numpy()
+    return Results(results.path, results.kind, results.idx[mask], results.label[mask], results.predict[mask],
+                   results.correct[mask], None if results.radius is None else results.radius[mask], None,
+                   None if results.seconds is None else results.seconds[mask], results.sequential)
+
+
+def samples(path: Path, keep: set[int]) -> list[int]:
+    """The `samples` column (selection + estimation noise samples) of the images in `keep`."""
+    with path.open(newline="") as handle:
+        return [int(row["samples"]) for row in csv.DictReader(handle, delimiter="\t") if int(row["idx"]) in keep]
+
+
+def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5) -> float:
+    """CPU-seconds of one noise sample through the model certify runs (`run.load_smoothed`: the same
+    preparation), at batch 256 on one thread: the median of `repeats` timed forward passes after a warm-up."""
+    run = RunSettings(checkpoint=str(ROOT / checkpoint), out=Path("unused.tsv"), device="cpu",
+                      denoiser=None if denoiser is None else str(ROOT / denoiser))
+    smooth, dataset, _, _ = load_smoothed(run, CertifySettings(sigma=SIGMA))
+    x = dataset[0][0].unsqueeze(0).repeat(BATCH, 1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    noisy = x + SIGMA * torch.randn(x.shape, generator=generator)
+    timings = []
+    with torch.no_grad():
+        smooth.base_classifier(noisy)
+        for _ in range(repeats):
+            began = time.process_time()
+            smooth.base_classifier(noisy)
+            timings.append((time.process_time() - began) / BATCH)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    files = {name: HERE / f"{name}_s{SIGMA}.tsv" for name in ROWS}
+    loaded = {name: load_results(path) for name, path in files.items()}
+    keep = set.intersection(*({int(i) for i in results.idx} for results in loaded.values()))
+    total = max(len(results) for results in loaded.values())
+    certify = {name: restricted(results, keep) for name, results in loaded.items()}
+    count = len(keep)
+    scope = (f"all {count} test images of certify.sh (every 50th)" if count == total else
+             f"the {count} of the {total} images (every 50th) that every row has certified so far (f o D_ddpm's "
+             "run is not finished); every row restricted to them")
+    lines = [f"Fashion-MNIST, sigma = {SIGMA}, {scope}; sequential test (`certify --mode sequential`: the "
+             "default alpha-spending grid schedule, looks 1,024 ... 111,616, adaptive class selection), n0 = 100, "
+             "alpha = 0.001, seed 0. Made by `experiments/diffusion-fmnist/summarize.py` from the TSVs beside "
+             "this file (`experiments/diffusion-fmnist/certify.sh`).", "",
+             "| row | what it is |", "|---|---|"]
+    lines += [f"| {name} | {what} |" for name, (what, *_rest) in ROWS.items()]
+    lines += ["", "Certified accuracy (%) with its 95% Clopper-Pearson interval, ACR and abstentions; then each row "
+              "against f_D_ddpm on the same images.", ""]
+    table = summarize(certify, list(RADII), ci=True)
+    lines += [format_table(table, "markdown").rstrip() + paired_text(certify, list(RADII)).rstrip(), ""]
+
+    lines += ["What a certificate cost. Noise samples per image: selection and estimation (each is one forward pass "
+              "of the classifier, and of the denoiser when there is one). CPU-s per sample: one forward through the "
+              "certified model at batch 256 on one thread, measured by this script on this machine. CPU-s per "
+              "image: their product (mean samples x CPU-s per sample).", "",
+              "| row | mean samples / image | median | max | CPU-ms / sample | CPU-s / image | x f |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    costs = {}
+    for name, (_, checkpoint, denoiser, _) in ROWS.items():
+        drawn = samples(files[name], keep)
+        per_sample = seconds_per_sample(checkpoint, denoiser)
+        costs[name] = (statistics.mean(drawn), statistics.median(drawn), max(drawn), per_sample)
+    base = costs["f"][0] * costs["f"][3]
+    for name, (mean, median, most, per_sample) in costs.items():
+        lines.append(f"| {name} | {mean:,.0f} | {median:,.0f} | {most:,} | {per_sample * 1e3:.3f} | "
+                     f"{mean * per_sample:.2f} | {mean * per_sample / base:.1f} |")
+    lines += ["", "Sequential against fixed n = 10,000 on the same images (results/denoised/, same seed): certified "
+              "accuracy (%) at each radius and the mean samples per image (fixed: n0 + n = 10,100).", "",
+              "| row | test | " + " | ".join(f"r = {r:g}" for r in RADII) + " | mean samples / image |",
+              "|---|---|" + "---:|" * (len(RADII) + 1)]
+    for name, (_, _, _, fixed) in ROWS.items():
+        if fixed is None:
+            continue
+        for label, results, mean in (("sequential", certify[name], costs[name][0]),
+                                     ("fixed n", restricted(load_results(ROOT / fixed), keep), 10_100)):
+            accuracy = 100 * certified_accuracy(results.radius, results.correct, RADII)
+            lines.append(f"| {name} | {label} | " + " | ".join(f"{a:.1f}" for a in accuracy) + f" | {mean:,.0f} |")
+    (HERE / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {HERE / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
