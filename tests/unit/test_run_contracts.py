@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -16,13 +17,15 @@ from smoothadv.run import (
     _outputs,
     _short,
     job_key,
+    record,
     resume_differences,
     row_key,
     select_indices,
     shard_indices,
+    write_rows,
 )
 from smoothadv.rundir import data_fingerprint, settings_path
-from smoothadv.settings import CertifySettings
+from smoothadv.settings import BettingSettings, CertifySettings, RunSettings, SpendingSettings
 
 
 def test_the_selection_takes_every_skip_th_example_up_to_max_and_refuses_what_selects_nothing() -> None:
@@ -121,3 +124,54 @@ def test_batch_and_max_may_change_only_between_two_evaluation_records() -> None:
     assert accepted == [] and [line.split(":")[0] for line in refused] == ["batch", "max"]
     refused, accepted = resume_differences(training, {**certify, "batch": 7})
     assert accepted == [] and [line.split(":")[0] for line in refused] == ["batch", "command"]
+
+
+def test_a_sequential_certify_records_the_test_it_resolved_and_fixed_n_records_none() -> None:
+    run = RunSettings(checkpoint="c.pth", out=Path("o.tsv"))
+    spending = record(run, CertifySettings(sigma=0.25, mode="sequential"))
+    # the schedule of docs/sequential.md at sigma 0.25, alpha 0.001: a quarter of alpha at 6,144, half at the last
+    assert spending["looks"] == [1024, 2048, 4096, 6144, 8192, 16384, 32768, 65536, 111616]
+    assert spending["levels"][3] == pytest.approx(0.00025) and spending["levels"][-1] == pytest.approx(0.0005)
+    assert sum(spending["levels"]) == pytest.approx(0.001)
+    assert {key: spending[key] for key in ("mode", "n", "class_from", "policy", "radii", "tolerance", "test",
+                                          "forecast_alpha", "selection")} == {
+        "mode": "sequential", "n": None, "class_from": "selection", "policy": "grid", "radii": [0.0, 0.25, 0.5, 0.75],
+        "tolerance": 0.0, "test": "spending", "forecast_alpha": 0.05, "selection": "adaptive"}
+    assert "sequential" not in spending  # recorded flat, as every version wrote it
+    strict = record(run, CertifySettings(sigma=0.25, mode="sequential", class_from="label",
+                                         sequential=SpendingSettings(forecast_alpha=None, radii=(0.5,))))
+    assert (strict["forecast_alpha"], strict["class_from"], strict["radii"]) == ("strict", "label", [0.5])
+    betting = record(run, CertifySettings(sigma=0.25, mode="sequential", sequential=BettingSettings()))
+    assert (betting["test"], betting["looks"], betting["levels"], betting["final_share"]) == (
+        "betting", [64, 111616], None, 0.5)
+    assert betting["bets"][0] == [1.0, 0.5] and sum(w for _, w in betting["bets"]) == pytest.approx(1.0)
+    fixed = record(run, CertifySettings(sigma=0.25, n=500), checkpoint_sha256="ab")
+    assert {key: fixed[key] for key in ("mode", "n", "class_from", "policy", "radii", "tolerance", "test", "looks",
+                                       "forecast_alpha", "selection", "checkpoint_sha256")} == {
+        "mode": "fixed", "n": 500, "class_from": None, "policy": None, "radii": None, "tolerance": None, "test": None,
+        "looks": None, "forecast_alpha": None, "selection": None, "checkpoint_sha256": "ab"}
+    assert "sequential" not in fixed
+
+
+def _rows(todo: list) -> list:
+    return [_Row(i, 2 * i) for i in todo]
+
+
+class _Row(NamedTuple):
+    idx: int
+    value: int
+
+
+def test_write_rows_refuses_a_file_of_other_settings_unless_told_to_start_over(tmp_path, monkeypatch,
+                                                                            capsys) -> None:
+    out = tmp_path / "w.tsv"
+    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1], _rows, resume=False, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
+    with pytest.raises(SmoothAdvError, match="sigma"):  # by default a change of settings is refused
+        write_rows(out, {"sigma": 0.5}, ("idx", "value"), [0, 1, 2], _rows, resume=True, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
+    monkeypatch.setattr("smoothadv.progress.LINE_INTERVAL", 0.0)  # a progress line after every row
+    capsys.readouterr()
+    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1, 2, 3], _rows, resume=True, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n2\t4\n3\t6\n"
+    assert "4/4 rows" in capsys.readouterr().err  # shown by default (every rank but torchrun's others)
