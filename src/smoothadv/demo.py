@@ -22,8 +22,6 @@ its settings sidecar, a checkpoint recording no settings) is never replaced with
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -35,20 +33,11 @@ from . import report
 from .accel import resolve_device
 from .data import check_data_dir, dataset_info, get_dataset
 from .errors import SmoothAdvError
-from .files import atomic_write_text, file_sha256, make_directory, read_tsv
+from .files import make_directory, read_tsv
 from .models import read_checkpoint
-from .run import expected_jobs, record, run_evaluation
-from .rundir import RunDirectory, compare, described, read_settings, settings_path
-from .settings import (
-    DEMO_DATASETS,
-    AttackRunSettings,
-    CertifySettings,
-    DemoConfig,
-    RunSettings,
-    TrainSettings,
-    row_settings,
-)
-from .stats import max_certifiable_radius, radius_grid
+from .run import run_evaluation, unfinished
+from .rundir import RunDirectory, described, settings_path
+from .settings import DEMO_DATASETS, AttackRunSettings, CertifySettings, DemoConfig, RunSettings, TrainSettings
 from .train import CHECKPOINT, fit, recipe
 
 __all__ = ["DEMO_DATASETS", "DEMO_FLAGS", "DemoConfig", "DemoResult", "QUICK", "REPORT_TITLE", "demo_table", "run_demo"]
@@ -60,9 +49,8 @@ QUICK = {"epochs": 1, "train_subset": 6000, "certify": 100, "n": 500, "attack_co
 #: the settings `smoothadv demo` has flags for (the others keep their defaults on the command line)
 DEMO_FLAGS = ("out", "dataset", "sigma", "epochs", "train_subset", "eps", "steps", "m", "certify", "n",
               "attack_count", "fresh", "force", "report_only", "device", "seed", "data_dir", "progress")
-REPORT_TITLE = "# smoothadv demo:"
-#: report.md, filled in by `_write_report` (a packaged markdown file: the prose is not code)
-TEMPLATE = (Path(__file__).parent / "demo_report.md").read_text(encoding="utf-8")
+REPORT_TITLE = report.DEMO_REPORT_TITLE
+demo_table = report.demo_table
 
 
 @dataclass
@@ -124,16 +112,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
             status[f"train {name}"] = _train(cfg, name, settings, objective, log)
         for step, (run, evaluation) in evaluations.items():
             done = run_evaluation(run, evaluation, restart_on_change=not cfg.fresh,
-                                  log=_prefixed(log, f"[{step}] "))
+                                  log=lambda text: log(f"[{step}] {text}"))  # noqa: B023 (called within this iteration)
             status[step] = "reused" if done.resumed == done.rows else "resumed" if done.resumed else "ran"
     files = {f"train {name}": Path(s.out_dir) / "log.tsv" for name, (s, _) in training.items()}
     files.update({step: Path(run.out) for step, (run, _) in evaluations.items()})
     timings = {step: (state, report.recorded_seconds(files[step])) for step, state in status.items()}
     return _write_report(cfg, out, device, training, evaluations, timings, log)
-
-
-def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
-    return lambda text: log(prefix + text)
 
 
 def _refuse_foreign_files(cfg: DemoConfig, out: Path, training: Training, evaluations: Evaluations) -> None:
@@ -174,29 +158,15 @@ def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, 
 
 def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluations) -> None:
     """Refuse (one line) to rebuild the report of a run that did not finish every step with these settings:
-    the models by their args.json and log.tsv (`RunDirectory.unfinished`), the evaluations by their TSVs and
-    recorded settings, and the checkpoint's digest when the model is there (a TSV without them, as in the
-    committed run, by its rows: both certify TSVs must hold the same images)."""
+    the models by their args.json and log.tsv (`RunDirectory.unfinished`), the evaluations by their TSVs,
+    sidecars and the model's digest (`run.unfinished`; a TSV without a sidecar, as in the committed run, by its
+    rows: both certify TSVs must hold the same images)."""
     problems = [f"{name} {why}" for name, (settings, objective) in training.items()
                 if (why := RunDirectory(settings.out_dir, CHECKPOINT).unfinished(settings, objective))]
-    images = []
-    for step, (run, evaluation) in evaluations.items():
-        out, recorded = Path(run.out), read_settings(run.out)
-        if not out.exists():
-            problems.append(f"{out.stem} did not finish")
-            continue
-        rows = read_tsv(out)[1]
-        keys = set(row_settings(evaluation)) - {"batch", "skip"}  # skip: the test set's size is not read
-        model = Path(run.checkpoint)  # absent in the committed run; when there, the model the rows came from
-        facts = {"checkpoint_sha256": file_sha256(model)} if model.is_file() else {}
-        refused = compare(recorded, record(run, evaluation, **facts), keys=keys | set(facts))[0] \
-            if recorded is not None else []
-        if refused:
-            problems.append(f"{out.name} was made with other settings ({'; '.join(d.refused() for d in refused)})")
-        elif recorded is not None and len(rows) < len(expected_jobs(recorded)):
-            problems.append(f"{out.stem} did not finish")
-        if step.startswith("certify"):
-            images.append(sorted(row[0] for row in rows))
+    problems += [f"{Path(run.out).name} {why}" for run, evaluation in evaluations.values()  # skip: the test
+                 if (why := unfinished(run, evaluation, free=("skip",)))]  # set's size is not read for a report
+    images = [sorted(row[0] for row in read_tsv(run.out)[1]) for step, (run, _) in evaluations.items()
+              if step.startswith("certify") and Path(run.out).exists()]
     if len(images) == 2 and images[0] != images[1]:
         problems.append("the two certify TSVs hold different images")
     attacked = [f"attack_{name}.tsv" for name in training if (Path(cfg.out) / f"attack_{name}.tsv").exists()]
@@ -208,64 +178,20 @@ def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluation
                              "without --report-only (with the flags of the run) to finish it")
 
 
-def demo_table(certify: dict[str, Any], attack: dict[str, Any], radii: list[float]) -> str:
-    """The demo's table, as `smoothadv report --ci --paired` prints it: certified accuracy at each radius with
-    its 95% Clopper-Pearson interval, ACR and abstentions, the attack rows, then the two models compared
-    image by image (exact McNemar per radius, Holm-adjusted; the ACR difference with its 95% interval) and
-    a sentence saying which differences those tests support."""
-    table = report.format_table(report.summarize(certify, radii, attack=attack, ci=True), "markdown")
-    return table + report.paired_text(certify, radii)
-
-
 def _write_report(cfg: DemoConfig, out: Path, device: Any, training: Training, evaluations: Evaluations,
                   timings: dict[str, tuple[str, float]], log: Callable[[str], None]) -> DemoResult:
-    """report.md first (so an interrupted write leaves the demo's own report), then table.md and accuracy.png."""
-    results = {step: report.load_results(run.out) for step, (run, _) in evaluations.items()}
-    certify = {step.split()[1]: r for step, r in results.items() if step.startswith("certify")}
-    attack = {step.split()[1]: r for step, r in results.items() if step.startswith("attack")}
-    indices = [int(i) for i in next(iter(certify.values())).idx]
-    step = indices[1] - indices[0] if len(indices) > 1 else 1
-    top = max_certifiable_radius(cfg.n, cfg.alpha, cfg.sigma)
-    radii = radius_grid(top, cfg.sigma / 2)
-    table = demo_table(certify, attack, radii)
-    plot = out / "accuracy.png" if importlib.util.find_spec("matplotlib") is not None else None
-    command = " ".join(["smoothadv report", *[f"{name}={r.path}" for name, r in certify.items()],
-                        *[f"--attack {name}={r.path}" for name, r in attack.items()], "--radii",
-                        *[f"{r:g}" for r in radii], "--ci", "--paired", "--plot", str(out / "accuracy.png")])
-    arch = next(iter(training.values()))[0].arch
-    objectives = "\n".join(f"- **{name}**: `{json.dumps(described(objective))}`"
-                           for name, (_, objective) in training.items())
-    attacked = min(cfg.attack_count, len(indices))
-    attack_text = (f"SmoothAdv PGD attack on the smoothed classifier (T = {cfg.attack_steps} steps, m = {cfg.attack_m} "
-                   f"noise draws) at eps in {', '.join(f'{e:g}' for e in cfg.eps_values)} on the first {attacked} of "
-                   f"those images, then PREDICT (n = {cfg.attack_n}, alpha = {cfg.alpha}) on each adversarial input: "
-                   "*empirical* accuracy, an upper bound on the true robust accuracy. At eps = 0 this is plain "
-                   "PREDICT, whose abstentions (it uses fewer samples than CERTIFY) also count as wrong: compare the "
-                   "dashed curves with their own eps = 0 point."
-                   if cfg.attack_count else "No empirical attack was run.")
-    written = ("`smoothadv demo --report-only` from the TSVs of the run in this folder" if cfg.report_only
-               else "`smoothadv demo`")
-    timing_lines = "\n".join(f"| {s} | {status} | {_duration(sec)} |" for s, (status, sec) in timings.items())
-    total = _duration(sum(sec for _, sec in timings.values()))
-    picture = f"![certified and empirical accuracy]({plot.name})\n\n" if plot else ""
-    atomic_write_text(out / "report.md", TEMPLATE.format(
-        title=REPORT_TITLE, dataset=cfg.dataset, when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        written=written, device=device, arch=arch, cfg=cfg, objectives=objectives, images=len(indices), step=step,
-        step2=2 * step, subset=cfg.train_subset or "all", top=top, attack_text=attack_text, attacked=attacked,
-        table=table, picture=picture, command=command, timing_lines=timing_lines, total=total))
-    atomic_write_text(out / "table.md", table)
-    if plot is None:
-        log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
-    else:
-        report.plot_accuracy(certify, plot, attack=attack, max_radius=max(top, *cfg.eps_values) * 1.05,
-                             title=f"{cfg.dataset}, sigma = {cfg.sigma}", ci=True)
+    """The demo's report (`report.write_demo_report`: report.md, table.md, accuracy.png), then its summary on `log`."""
+    files = {step: Path(run.out) for step, (run, _) in evaluations.items()}
+    table, plot = report.write_demo_report(
+        cfg, out, device=str(device), arch=next(iter(training.values()))[0].arch,
+        objectives={name: described(objective) for name, (_, objective) in training.items()},
+        certify_files={step.split()[1]: path for step, path in files.items() if step.startswith("certify")},
+        attack_files={step.split()[1]: path for step, path in files.items() if step.startswith("attack")},
+        timings=timings, log=log)
+    total = report.duration(sum(sec for _, sec in timings.values()))
     log(f"\n{table.rstrip()}\n\nstep                  status   time (when it ran)")
     for name, (status, seconds) in timings.items():
-        log(f"  {name:<20} {status:<8} {_duration(seconds)}")
+        log(f"  {name:<20} {status:<8} {report.duration(seconds)}")
     log(f"demo finished (all steps together took {total} when they ran)")
     log(f"report: {out / 'report.md'}" + (f"   plot: {plot}" if plot else ""))
     return DemoResult(out, out / "report.md", table, timings)
-
-
-def _duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))

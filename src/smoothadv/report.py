@@ -30,10 +30,13 @@ the Agg canvas, so importing this module never touches a display or the global b
 from __future__ import annotations
 
 import csv
+import datetime
+import importlib.util
 import io
+import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +45,8 @@ import numpy as np
 from torch import Tensor
 
 from .errors import SmoothAdvError
-from .files import atomic_write_bytes, read_tsv
-from .settings import read_toml
+from .files import atomic_write_bytes, atomic_write_text, read_tsv
+from .settings import DemoConfig, read_toml
 from .smoothing import Certificate
 from .stats import (
     ABSTAIN,
@@ -52,18 +55,20 @@ from .stats import (
     clopper_pearson_interval,
     high_prob_certified_accuracy,
     holm_adjust,
+    max_certifiable_radius,
     mcnemar_exact,
     mean_interval,
     radius_grid,
 )
 
 __all__ = [
-    "COST_NOTE", "Comparison", "Cost", "FORMATS", "Format", "OUTSIDE_NOTE", "PLOT_FORMATS", "Published", "Results",
-    "Row", "RowCost", "SEQUENTIAL_MARK", "SEQUENTIAL_NOTE", "Table", "certified_curve", "certified_intervals",
-    "certified_radii", "compare", "compare_to_first", "default_radii", "describe_comparison", "dkw_halfwidth",
-    "empirical_curve", "envelope", "format_comparison", "format_table", "load_costs", "load_published",
-    "load_results", "merge", "paired_text", "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf",
-    "recipe_sigma", "recorded_seconds", "summarize",
+    "COST_NOTE", "DEMO_REPORT_TITLE", "Comparison", "Cost", "FORMATS", "Format", "OUTSIDE_NOTE", "PLOT_FORMATS",
+    "Published", "Results", "Row", "RowCost", "SEQUENTIAL_MARK", "SEQUENTIAL_NOTE", "Table", "certified_curve",
+    "certified_intervals", "certified_radii", "compare", "compare_to_first", "default_radii", "demo_table",
+    "describe_comparison", "dkw_halfwidth", "duration", "empirical_curve", "envelope", "format_comparison",
+    "format_table", "load_costs", "load_published", "load_results", "merge", "paired_text", "parse_seconds",
+    "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma", "recorded_seconds", "summarize",
+    "write_demo_report",
 ]
 
 Format = Literal["markdown", "latex", "csv"]
@@ -1080,3 +1085,72 @@ def plot_radius_cdf(certify: Mapping[str, Results], out: str | Path, *,
     if title:
         fig.suptitle(title)
     return _save_figure(fig, out, kind)
+
+
+# ------------------------------------------------------------------ the demo's report
+
+
+#: the first line of the report.md `smoothadv demo` writes (the demo knows its own report by it)
+DEMO_REPORT_TITLE = "# smoothadv demo:"
+
+
+def demo_table(certify: Mapping[str, Results], attack: Mapping[str, Results], radii: Sequence[float]) -> str:
+    """The demo's table, as `smoothadv report --ci --paired` prints it: certified accuracy at each radius with
+    its 95% Clopper-Pearson interval, ACR and abstentions, the attack rows, then the two models compared
+    image by image (exact McNemar per radius, Holm-adjusted; the ACR difference with its 95% interval) and
+    a sentence saying which differences those tests support."""
+    table = format_table(summarize(certify, radii, attack=attack, ci=True), "markdown")
+    return table + paired_text(certify, radii)
+
+
+def write_demo_report(cfg: DemoConfig, out: Path, *, device: str, arch: str,
+                      objectives: Mapping[str, Mapping[str, Any]], certify_files: Mapping[str, Path],
+                      attack_files: Mapping[str, Path], timings: Mapping[str, tuple[str, float]],
+                      log: Callable[[str], None]) -> tuple[str, Path | None]:
+    """Write the report of a `smoothadv demo` run into `out` and return (its table, the plot or None without
+    matplotlib): report.md first (the packaged template demo_report.md filled in; so an interrupted write leaves the
+    demo's own report), then table.md (`demo_table`) and accuracy.png. `objectives` are the models' described
+    objectives, `certify_files`/`attack_files` their TSVs by model name, `timings` step -> (status, seconds)."""
+    certify = {name: load_results(path) for name, path in certify_files.items()}
+    attack = {name: load_results(path) for name, path in attack_files.items()}
+    indices = [int(i) for i in next(iter(certify.values())).idx]
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    top = max_certifiable_radius(cfg.n, cfg.alpha, cfg.sigma)
+    radii = radius_grid(top, cfg.sigma / 2)
+    table = demo_table(certify, attack, radii)
+    plot = out / "accuracy.png" if importlib.util.find_spec("matplotlib") is not None else None
+    command = " ".join(["smoothadv report", *[f"{name}={r.path}" for name, r in certify.items()],
+                        *[f"--attack {name}={r.path}" for name, r in attack.items()], "--radii",
+                        *[f"{r:g}" for r in radii], "--ci", "--paired", "--plot", str(out / "accuracy.png")])
+    described = "\n".join(f"- **{name}**: `{json.dumps(objective)}`" for name, objective in objectives.items())
+    attacked = min(cfg.attack_count, len(indices))
+    attack_text = (f"SmoothAdv PGD attack on the smoothed classifier (T = {cfg.attack_steps} steps, m = {cfg.attack_m} "
+                   f"noise draws) at eps in {', '.join(f'{e:g}' for e in cfg.eps_values)} on the first {attacked} of "
+                   f"those images, then PREDICT (n = {cfg.attack_n}, alpha = {cfg.alpha}) on each adversarial input: "
+                   "*empirical* accuracy, an upper bound on the true robust accuracy. At eps = 0 this is plain "
+                   "PREDICT, whose abstentions (it uses fewer samples than CERTIFY) also count as wrong: compare the "
+                   "dashed curves with their own eps = 0 point."
+                   if cfg.attack_count else "No empirical attack was run.")
+    written = ("`smoothadv demo --report-only` from the TSVs of the run in this folder" if cfg.report_only
+               else "`smoothadv demo`")
+    timing_lines = "\n".join(f"| {s} | {status} | {duration(sec)} |" for s, (status, sec) in timings.items())
+    total = duration(sum(sec for _, sec in timings.values()))
+    picture = f"![certified and empirical accuracy]({plot.name})\n\n" if plot else ""
+    template = (Path(__file__).parent / "demo_report.md").read_text(encoding="utf-8")
+    atomic_write_text(out / "report.md", template.format(
+        title=DEMO_REPORT_TITLE, dataset=cfg.dataset, when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        written=written, device=device, arch=arch, cfg=cfg, objectives=described, images=len(indices), step=step,
+        step2=2 * step, subset=cfg.train_subset or "all", top=top, attack_text=attack_text, attacked=attacked,
+        table=table, picture=picture, command=command, timing_lines=timing_lines, total=total))
+    atomic_write_text(out / "table.md", table)
+    if plot is None:
+        log("matplotlib is not installed: no plot (pip install 'smoothadv[plot]')")
+    else:
+        plot_accuracy(certify, plot, attack=attack, max_radius=max(top, *cfg.eps_values) * 1.05,
+                      title=f"{cfg.dataset}, sigma = {cfg.sigma}", ci=True)
+    return table, plot
+
+
+def duration(seconds: float) -> str:
+    """Seconds as h:mm:ss (rounded to the second)."""
+    return str(datetime.timedelta(seconds=round(seconds)))

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -88,6 +88,7 @@ from .settings import (
     RunSettings,
     SmoothPredictionSettings,
     bookkeeping_fields,
+    row_settings,
 )
 from .smoothing import Smooth
 
@@ -96,7 +97,7 @@ __all__ = [
     "expected_jobs", "find_shards", "job_key", "load_smoothed", "merge_shards", "normalize_record", "record",
     "resume_differences", "row_key", "rows_maker", "run_attack_recipe", "run_evaluation", "run_jobs", "select_indices",
     "sequential_test", "setting_differences", "shard_indices", "shard_path", "shards_complete", "test_name",
-    "unverified", "write_rows",
+    "unfinished", "unverified", "write_rows",
 ]
 
 #: recorded settings that cannot change a row's content; shards (and resumed runs) must agree on all others
@@ -407,6 +408,27 @@ def record(run: RunSettings, settings: EvaluationSettings, **facts: Any) -> dict
         values["attack"] = run_attack_recipe(settings)
     values["shard"] = list(run.shard) if run.shard else None
     return {**values, **facts}
+
+
+def unfinished(run: RunSettings, settings: EvaluationSettings, *, free: Collection[str] = ()) -> str | None:
+    """Why `run.out` is not an evaluation finished with `settings` ("did not finish": no file, or fewer rows than its
+    recorded selection; "was made with other settings (...)"), or None when it is: the evaluation's counterpart of
+    `RunDirectory.unfinished`. The recorded settings are compared by the one rule (`rundir.compare`, on the fields
+    that change rows but `batch` and `free`, records of earlier versions read as this one writes them), and so is
+    the checkpoint's digest when the checkpoint is there. A file without a settings sidecar (not written by
+    smoothadv, or by a version before sidecars) cannot be compared: only its existence is judged."""
+    out = Path(run.out)
+    if not out.exists():
+        return "did not finish"
+    recorded = read_settings(out)
+    if recorded is None:
+        return None
+    facts = {"checkpoint_sha256": file_sha256(run.checkpoint)} if Path(run.checkpoint).is_file() else {}
+    keys = (set(row_settings(settings)) - {"batch", *free}) | set(facts)
+    refused, _ = compare(normalize_record(recorded), record(run, settings, **facts), keys=keys)
+    if refused:
+        return f"was made with other settings ({'; '.join(d.refused() for d in refused)})"
+    return "did not finish" if len(read_tsv(out)[1]) < len(expected_jobs(recorded)) else None
 
 
 # ------------------------------------------------------------------ the run

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from smoothadv import SmoothAdvError
+from smoothadv.files import file_sha256
 from smoothadv.run import (
     DIGESTED,
     _data_extension,
@@ -22,6 +23,7 @@ from smoothadv.run import (
     row_key,
     select_indices,
     shard_indices,
+    unfinished,
     write_rows,
 )
 from smoothadv.rundir import data_fingerprint, settings_path
@@ -175,3 +177,27 @@ def test_write_rows_refuses_a_file_of_other_settings_unless_told_to_start_over(t
     write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1, 2, 3], _rows, resume=True, force=False)
     assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n2\t4\n3\t6\n"
     assert "4/4 rows" in capsys.readouterr().err  # shown by default (every rank but torchrun's others)
+
+
+def test_an_evaluation_is_finished_when_its_output_holds_every_row_with_these_settings(tmp_path) -> None:
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"weights")
+    run = RunSettings(checkpoint=str(model), out=tmp_path / "c.tsv")
+    settings = CertifySettings(sigma=0.25, n=100, skip=5, max=2)
+    assert unfinished(run, settings) == "did not finish"  # no output
+    run.out.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.2\t1\t0:00:01\n")
+    assert unfinished(run, settings) is None  # no sidecar (another tool's file): only its existence is judged
+    written = record(run, settings, dataset_size=10, checkpoint_sha256=file_sha256(model))
+    settings_path(run.out).write_text(json.dumps(written, default=str))  # paths as text, as runs write them
+    assert unfinished(run, settings) == "did not finish"  # 1 of the 2 rows its selection holds
+    with run.out.open("a") as handle:
+        handle.write("5\t2\t2\t0.3\t1\t0:00:01\n")
+    assert unfinished(run, settings) is None
+    assert unfinished(run, CertifySettings(sigma=0.25, n=100, skip=5, max=2, batch=7)) is None  # batch: no row
+    assert unfinished(run, CertifySettings(sigma=0.5, n=100, skip=5, max=2)) == \
+        "was made with other settings (sigma: 0.25 != 0.5)"
+    assert unfinished(run, CertifySettings(sigma=0.25, n=100, skip=4, max=2), free=("skip",)) is None
+    model.write_bytes(b"other weights")  # another model at the checkpoint's path
+    assert unfinished(run, settings).startswith("was made with other settings (checkpoint_sha256: ")
+    model.unlink()  # no model there: its digest cannot be compared
+    assert unfinished(run, settings) is None
