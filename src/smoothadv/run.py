@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+from torch.utils.data import Dataset
+
 from .accel import fold_batchnorm, prepare_base, resolve_device
 from .attacks import attack_recipe, attack_settings, build_attack
 from .betting import BettingConfig
@@ -626,8 +629,8 @@ def normalize_record(recorded: dict[str, Any]) -> dict[str, Any]:
     return {**recorded, **{k: v for k, v in defaults.items() if recorded.get(k) is None}}
 
 
-def rows_maker(settings: EvaluationSettings, smooth: Any, dataset: Any,
-               device: Any) -> tuple[tuple[str, ...], Callable[[list[Job]], Iterable[NamedTuple]]]:
+def rows_maker(settings: EvaluationSettings, smooth: Smooth, dataset: Dataset,
+               device: torch.device) -> tuple[tuple[str, ...], Callable[[list[Job]], Iterable[NamedTuple]]]:
     """The TSV columns of a run and the function computing the rows of a list of jobs."""
     s = settings
     if isinstance(s, CertifySettings) and s.mode == "sequential":
