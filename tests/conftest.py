@@ -163,6 +163,16 @@ def report_files(tmp_path: Path) -> dict[str, Path]:
             "C": write_rows(tmp_path / "c.tsv", CERTIFY_HEADER, C_ROWS)}
 
 
+# Certify rows of the radius-distribution figure (`report.plot_radius_cdf`, `report --radius-cdf`), as tuples
+# (idx, label, predict, radius, correct): a correct, a wrong, an abstained, two correct at larger radii
+CDF_ROWS = [(0, 3, 3, 0.10, 1), (1, 2, 5, 0.40, 0), (2, 1, -1, 0.0, 0), (3, 0, 0, 0.55, 1), (4, 7, 7, 0.30, 1)]
+
+
+def write_cdf_tsv(path: Path, rows: list[tuple[int, int, int, float, int]] = CDF_ROWS) -> Path:
+    """A certify TSV at `path` with `rows` (tuples as CDF_ROWS), each timed 0:00:01; return `path`."""
+    return write_rows(path, CERTIFY_HEADER, [f"{i}\t{y}\t{p}\t{r}\t{c}\t0:00:01.000000" for i, y, p, r, c in rows])
+
+
 # A/B pair of `report --paired` (report.compare) on the same 5 images, where counts, p-values and intervals are known.
 # A: correct at radius 0.5, 0.1, 0.3 (idx 0, 1, 4), abstains on 2, wrong on 3 -> 3 of 5 at r = 0, 1 of 5 at 0.5
 PAIRED_A = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",

@@ -12,16 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CERTIFY_HEADER, cost_inputs
+from conftest import CERTIFY_HEADER, PAIRED_A, cost_inputs, write_cdf_tsv, write_rows
 
 from smoothadv.cli import main
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import OUTSIDE_NOTE, format_table, load_costs, load_published, load_results, summarize
 from smoothadv.stats import clopper_pearson_interval
-
-# correct with radius 0.5, 0.1, 0.3; one abstention; one wrong: 3 of 5 at r = 0, 1 of 5 at r = 0.5, 0 at r = 1
-ROWS = ["0\t1\t1\t0.5\t1\t0:00:01", "1\t2\t2\t0.1\t1\t0:00:01", "2\t3\t-1\t0.0\t0\t0:00:01",
-        "3\t4\t5\t0.8\t0\t0:00:01", "4\t0\t0\t0.3\t1\t0:00:01"]
 
 
 def test_cli_report_writes_table_and_plot(report_files: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -82,7 +78,7 @@ def test_report_cost_on_the_command_line_and_its_one_line_errors(tmp_path: Path,
 
 def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> None:
     tsv = tmp_path / "a.tsv"
-    tsv.write_text(CERTIFY_HEADER + "".join(r + "\n" for r in ROWS))
+    write_rows(tsv, CERTIFY_HEADER, PAIRED_A)  # 3 of 5 correct at r = 0, 1 of 5 at r = 0.5, 0 at r = 1
     table = summarize({"A": load_results(tsv)}, [0.0, 0.5, 1.0], ci=True)
     (row,) = table.rows
     assert row.values == pytest.approx((0.6, 0.2, 0.0))
@@ -104,7 +100,7 @@ def test_report_ci_adds_intervals_to_every_certified_cell(tmp_path: Path) -> Non
 
 def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(tmp_path: Path, capsys) -> None:
     tsv = tmp_path / "a.tsv"
-    tsv.write_text(CERTIFY_HEADER + "".join(r + "\n" for r in ROWS))
+    write_rows(tsv, CERTIFY_HEADER, PAIRED_A)  # 3 of 5 correct at r = 0, 1 of 5 at r = 0.5, 0 at r = 1
     recipe = tmp_path / "recipe.toml"
     # measured: 3/5 [14.7, 94.7] at 0, 1/5 [0.5, 71.6] at 0.5, 0/5 [0, 52.2] at 1; published 0.9, 0.8 (outside), 0.0
     recipe.write_text('sigma = 0.25\n[paper]\nsource = "a paper"\nradii = [0.0, 0.5, 1.0, 2.0]\n'
@@ -147,22 +143,10 @@ def test_published_rows_come_from_a_recipe_and_are_marked_outside_the_interval(t
 
 # ------------------------------------------------------------------ --radius-cdf
 
-CDF_ROWS = [  # idx label predict radius correct: a correct, a wrong, an abstained, two correct at larger radii
-    (0, 3, 3, 0.10, 1), (1, 2, 5, 0.40, 0), (2, 1, -1, 0.0, 0), (3, 0, 0, 0.55, 1), (4, 7, 7, 0.30, 1),
-]
-
-
-def write_tsv(path: Path, rows=CDF_ROWS) -> Path:
-    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
-    lines += [f"{i}\t{y}\t{p}\t{r}\t{c}\t0:00:01.000000" for i, y, p, r, c in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_report_command_draws_the_radius_cdf(tmp_path, capsys) -> None:
     from smoothadv.cli import main
 
-    tsv = write_tsv(tmp_path / "a.tsv")
+    tsv = write_cdf_tsv(tmp_path / "a.tsv")
     figure = tmp_path / "cdf.png"
     assert main(["report", f"A={tsv}", "--radius-cdf", str(figure)]) == 0
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

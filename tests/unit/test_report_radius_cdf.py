@@ -4,29 +4,18 @@ p_A variant, and its refusals (one-line errors, no file written)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_cdf_tsv
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.report import certified_radii, dkw_halfwidth, load_results, plot_radius_cdf
 from smoothadv.stats import certified_accuracy
 
-ROWS = [  # idx label predict radius correct: a correct, a wrong, an abstained, two correct at larger radii
-    (0, 3, 3, 0.10, 1), (1, 2, 5, 0.40, 0), (2, 1, -1, 0.0, 0), (3, 0, 0, 0.55, 1), (4, 7, 7, 0.30, 1),
-]
-
-
-def write_tsv(path: Path, rows=ROWS) -> Path:
-    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
-    lines += [f"{i}\t{y}\t{p}\t{r}\t{c}\t0:00:01.000000" for i, y, p, r, c in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
 
 def test_certified_radii_put_wrong_and_abstained_examples_below_every_radius(tmp_path) -> None:
-    results = load_results(write_tsv(tmp_path / "a.tsv"))
+    results = load_results(write_cdf_tsv(tmp_path / "a.tsv"))
     radii = certified_radii(results)
     assert list(radii) == [0.10, -math.inf, -math.inf, 0.55, 0.30]
     for r in (0.0, 0.1, 0.3, 0.5, 0.6):  # the share at or above r is the certified accuracy at r
@@ -42,8 +31,8 @@ def test_dkw_band_matches_its_formula_and_shrinks_with_more_images() -> None:
 
 @pytest.mark.parametrize("suffix", ["png", "svg"])
 def test_plot_radius_cdf_writes_the_figure(tmp_path, suffix) -> None:
-    a = load_results(write_tsv(tmp_path / "a.tsv"))
-    b = load_results(write_tsv(tmp_path / "b.tsv", [(i, 1, 1, 0.2 * i, 1) for i in range(5)]))
+    a = load_results(write_cdf_tsv(tmp_path / "a.tsv"))
+    b = load_results(write_cdf_tsv(tmp_path / "b.tsv", [(i, 1, 1, 0.2 * i, 1) for i in range(5)]))
     out = plot_radius_cdf({"A": a, "B": b}, tmp_path / f"cdf.{suffix}")
     assert out.exists() and out.stat().st_size > 1000
     sigma = {"A": 0.25, "B": 0.5}
@@ -51,7 +40,7 @@ def test_plot_radius_cdf_writes_the_figure(tmp_path, suffix) -> None:
 
 
 def test_plot_radius_cdf_refuses_bad_input(tmp_path) -> None:
-    a = load_results(write_tsv(tmp_path / "a.tsv"))
+    a = load_results(write_cdf_tsv(tmp_path / "a.tsv"))
     with pytest.raises(SmoothAdvError, match="sigma"):
         plot_radius_cdf({"A": a}, tmp_path / "p.png", quantity="p_lower")
     with pytest.raises(SmoothAdvError, match="quantity"):
