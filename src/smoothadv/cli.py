@@ -658,9 +658,10 @@ def check_same_run(name: str, paths: Sequence[str]) -> None:
                                  f"({'; '.join(differences)}); give them different names")
 
 
-#: what selects a run's examples: two outputs recording the same values selected the same examples, so the digest
-#: of those examples (`data_sha256`) must be the same when they were read from the same data
-SELECTION_KEYS = ("dataset", "split", "dataset_size", "skip", "max")
+#: what selects a run's examples (an evaluation's sidecar records no dataset name, only its size): two outputs
+#: recording the same values selected the same examples, so the digest of those examples (`data_sha256`) must be
+#: the same when they were read from the same data
+SELECTION_KEYS = ("split", "dataset_size", "skip", "max")
 
 
 def check_same_data(paths: Sequence[str]) -> None:

@@ -43,10 +43,9 @@ from .errors import SmoothAdvError
 __all__ = [
     "AT_LEAST_ONE", "AttackRunSettings", "BettingSettings", "COUNT", "CertifySettings", "Check", "Choices",
     "DEFAULT_BETS", "DEFAULT_LOOKS", "DEMO_DATASETS", "DENOISER_OBJECTIVES", "DemoConfig", "DenoiserTrainSettings",
-    "EvaluationSettings",
-    "FLOAT32_MAX", "MAX_SEED", "NONNEGATIVE", "NONNEGATIVE_FLOAT32", "NORMALIZATIONS", "POLICIES", "POSITIVE",
-    "POSITIVE_FLOAT32", "PRECISIONS", "PROBABILITY", "PROGRESS_HELP", "PredictSettings", "RENAMED", "RunSettings",
-    "SEED", "SELECTIONS", "SequentialSettings", "SmoothPredictionSettings", "SpendingSettings", "TESTS",
+    "EvaluationSettings", "FLOAT32_MAX", "MAX_SEED", "NONNEGATIVE", "NONNEGATIVE_FLOAT32", "NORMALIZATIONS", "POLICIES",
+    "POSITIVE", "POSITIVE_FLOAT32", "PRECISIONS", "PROBABILITY", "PROGRESS_HELP", "PredictSettings", "RENAMED",
+    "RunSettings", "SEED", "SELECTIONS", "SequentialSettings", "SmoothPredictionSettings", "SpendingSettings", "TESTS",
     "TrainSettings", "bookkeeping_fields", "check_fields", "convert", "fields_of", "flag_keys", "flag_name", "make",
     "read_toml", "recipe_key", "register_names", "registered", "row_settings", "setting", "upgraded",
 ]
