@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from smoothadv.report import Results, format_table, load_results, paired_text, summarize
@@ -54,7 +55,7 @@ ROWS = {  # row -> (what it is, checkpoint, denoiser, the fixed-n TSV of results
 
 def restricted(results: Results, keep: set[int]) -> Results:
     """The rows of `results` whose image is in `keep`."""
-    mask = torch.tensor([int(i) in keep for i in results.idx]).numpy()
+    mask = np.isin(results.idx, sorted(keep))
     return Results(results.path, results.kind, results.idx[mask], results.label[mask], results.predict[mask],
                    results.correct[mask], None if results.radius is None else results.radius[mask], None,
                    None if results.seconds is None else results.seconds[mask], results.sequential)
