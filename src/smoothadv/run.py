@@ -495,7 +495,7 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
                                          f"run (e.g. idx {sorted(stray)[0]}); remove them, or start over with --force")
                 outcome = _append(out, log, recorded, columns, jobs, make_rows, progress, label, show)
         except BaseException:
-            if out in created:
+            if created:
                 _forget(out, created)
             raise
         _put_in_job_order(out, columns, jobs)
@@ -520,8 +520,8 @@ def _resumed_record(out: Path, previous: dict[str, Any], recorded: dict[str, Any
 
 
 def _forget(out: Path, created: Sequence[Path]) -> None:
-    """After a failed run that created `out`: remove the files it created if `out` holds no row (nothing to
-    resume)."""
+    """After a failed run: remove the files it `created` (the output, its sidecars) if `out` holds no row (nothing
+    to resume); an output that existed before the run stays."""
     with contextlib.suppress(OSError):
         if out.exists() and out.read_bytes().count(b"\n") > 1:
             return
