@@ -570,7 +570,7 @@ def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, 
     denoiser's under "denoiser", with the facts the run records under "denoiser"["facts"]."""
     _, world, local_rank = env_world()
     device = local_device(resolve_device(run.device), local_rank, world)
-    steps = getattr(run, "denoiser_steps", 1)
+    steps = run.denoiser_steps
     if run.denoiser is None and steps != 1:
         raise SmoothAdvError(f"--denoiser-steps {steps} needs --denoiser (a diffusion model directory)")
     model: Any

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import pytest
 
 from smoothadv import SmoothAdvError
-from smoothadv.run import check_radii, write_rows
+from smoothadv.run import RunOutcome, check_radii, load_smoothed, write_rows
 from smoothadv.rundir import settings_path
-from smoothadv.settings import AttackRunSettings
+from smoothadv.settings import AttackRunSettings, CertifySettings, RunSettings
 
 COLUMNS = ("idx", "value")
 
@@ -54,8 +54,9 @@ def test_a_run_failing_after_a_row_keeps_it_and_its_sidecars_for_resume(tmp_path
         write_rows(out, {"sigma": 0.25}, COLUMNS, [0, 1, 2], _failing_after(1), resume=False, force=False)
     assert out.read_text() == "idx\tvalue\n0\t0\n"  # one row is something to resume: kept, with its record
     assert all(path.exists() for path in _sidecars(out))
-    write_rows(out, {"sigma": 0.25}, COLUMNS, [0, 1, 2], _rows, resume=True, force=False)
+    outcome = write_rows(out, {"sigma": 0.25}, COLUMNS, [0, 1, 2], _rows, resume=True, force=False)
     assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n2\t4\n"
+    assert outcome == RunOutcome(out, 3, 1, None)  # 3 jobs, of which 1 was resumed
 
 
 def test_a_failed_resume_of_an_existing_file_removes_nothing(tmp_path) -> None:
@@ -150,3 +151,9 @@ def test_an_attack_recipe_is_checked_with_the_radii_before_any_work() -> None:
     with pytest.raises(SmoothAdvError, match="same radius"):
         check_radii(AttackRunSettings(sigma=0.25, eps=[0.5, 0.5000001], attack={"attack": "pgd"}))
     check_radii(AttackRunSettings(sigma=0.25, eps=[0.25, 0.5], attack={"attack": "pgd"}))
+
+
+def test_denoiser_steps_without_a_denoiser_are_refused_before_the_checkpoint_is_read(tmp_path) -> None:
+    run = RunSettings(checkpoint=str(tmp_path / "missing.pth"), out=tmp_path / "c.tsv", denoiser_steps=4)
+    with pytest.raises(SmoothAdvError, match="--denoiser-steps 4 needs --denoiser"):
+        load_smoothed(run, CertifySettings(sigma=0.25))
