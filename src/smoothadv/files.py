@@ -136,8 +136,9 @@ def check_writable_output(path: str | os.PathLike[str], *, resume: bool = False,
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one existing file (the same inode); False when either is missing."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        return os.path.samefile(a, b)
     except OSError:
         return False
 
