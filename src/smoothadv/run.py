@@ -875,7 +875,7 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
             raise SmoothAdvError(f"{shard.path} has rows this shard should not have (e.g. idx {min(seen - wanted)})")
         if wanted - seen:
             raise SmoothAdvError(f"{shard.path} is incomplete: {len(wanted - seen)} of {len(wanted)} rows missing "
-                                 f"(e.g. idx {min(wanted - seen)}); finish it with --resume")
+                                 f"(e.g. idx {min(wanted - seen, key=order.__getitem__)}); finish it with --resume")
     merged.sort(key=lambda item: item[0])
     atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
     settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}

@@ -157,3 +157,20 @@ def test_denoiser_steps_without_a_denoiser_are_refused_before_the_checkpoint_is_
     run = RunSettings(checkpoint=str(tmp_path / "missing.pth"), out=tmp_path / "c.tsv", denoiser_steps=4)
     with pytest.raises(SmoothAdvError, match="--denoiser-steps 4 needs --denoiser"):
         load_smoothed(run, CertifySettings(sigma=0.25))
+
+
+def test_the_split_asked_for_is_the_split_loaded_and_bn_folding_leaves_a_diffusion_unet_alone(toy_checkpoint,
+                                                                                             tmp_path) -> None:
+    run = RunSettings(checkpoint=str(toy_checkpoint), out=tmp_path / "c.tsv")
+    _, train, _, _ = load_smoothed(run, CertifySettings(sigma=0.25, split="train"))
+    _, test, _, _ = load_smoothed(run, CertifySettings(sigma=0.25))
+    assert (len(train), len(test)) == (512, 128)  # the synthetic data's two splits
+    pytest.importorskip("diffusers")
+    from conftest import save_tiny_ddpm
+
+    with_ddpm = RunSettings(checkpoint=str(toy_checkpoint), out=tmp_path / "c.tsv",
+                            denoiser=str(save_tiny_ddpm(tmp_path / "ddpm")))
+    parts = {fold: [type(m).__name__ for m in load_smoothed(with_ddpm, CertifySettings(sigma=0.25, fold_bn=fold))[0]
+                    .base_classifier.children()] for fold in (False, True)}
+    # torch.fx cannot trace the UNet: --fold-bn folds the classifier alone, and only when asked
+    assert parts == {False: ["DiffusionDenoiser", "Sequential"], True: ["DiffusionDenoiser", "GraphModule"]}
