@@ -117,9 +117,7 @@ class Normalize(nn.Module):
         if not isinstance(x, torch.fx.Proxy) and (x.dim() < 3 or x.shape[-3] != channels):
             raise SmoothAdvError(f"the model takes {channels}-channel images (its input normalization has {channels} "
                                  f"channel(s)), got an input of shape {tuple(x.shape)}")
-        if self.centers_only:
-            return x - self.mean
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std  # a centering layer's std is ones: x - mean, exactly
 
     def extra_repr(self) -> str:
         mean = [round(v, 4) for v in self.mean.flatten().tolist()]

@@ -42,6 +42,8 @@ def test_normalize_refuses_an_image_of_other_channels_and_takes_a_single_image()
         layer(torch.zeros(2, 1, 8, 8))  # broadcasting would make it 3 channels
     with pytest.raises(SmoothAdvError, match="shape \\(8, 8\\)"):
         layer(torch.zeros(8, 8))
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(Normalize([0.5, 0.25, 0.125])(x), x - torch.tensor([0.5, 0.25, 0.125]).view(1, 3, 1, 1))
     assert repr(Normalize([0.123456], [0.5])) == "Normalize(mean=[0.1235], std=[0.5])"
     assert repr(Normalize([0.123456])) == "Normalize(center, mean=[0.1235])"
 
@@ -164,10 +166,13 @@ def test_a_checkpoint_lacking_a_weight_is_refused_even_when_batchnorm_counters_a
 def test_a_trusted_conversion_keeps_plain_fields_and_refuses_its_own_input_or_an_existing_output(tmp_path) -> None:
     src, dst = tmp_path / "old.pth", tmp_path / "new.pth"
     state = build_model("toy_cnn", "synthetic").state_dict()
-    torch.save({"arch": "toy_cnn", "state_dict": state, "epoch": "12", "note": {"a": [1, 2]}, "obj": _Plain()}, src)
+    parameters = dict(build_model("toy_cnn", "synthetic").named_parameters())  # saved with requires_grad
+    torch.save({"arch": "toy_cnn", "state_dict": parameters, "epoch": "12", "note": {"a": [1, 2]}, "obj": _Plain()},
+               src)
     convert_trusted_checkpoint(src, dst)
     payload = read_checkpoint(dst)
     assert payload["epoch"] == 12 and payload["note"] == {"a": [1, 2]} and "obj" not in payload
+    assert not any(t.requires_grad for t in payload["state_dict"].values())  # plain tensors, as every file holds
     with pytest.raises(SmoothAdvError, match="already exists"):
         convert_trusted_checkpoint(src, dst)
     with pytest.raises(SmoothAdvError, match="is also an input"):
