@@ -203,8 +203,8 @@ def test_asking_whether_a_lock_holder_lives_sends_it_no_signal(tmp_path) -> None
         Path(f"{out}.lock").write_text(f"{files.platform.node()}:{holder.pid}")
         with pytest.raises(SmoothAdvError, match="another run is writing"), OutputLock(out):
             pass
-        time.sleep(0.2)
-        assert holder.poll() is None  # still running: probed with signal 0, not hung up or killed
+        with pytest.raises(subprocess.TimeoutExpired):  # still running a second later: probed with signal 0
+            holder.wait(timeout=1.0)
     finally:
         holder.kill()
         holder.wait()
@@ -215,6 +215,13 @@ def test_an_error_inside_a_lock_propagates_and_a_lock_not_taken_is_not_removed(t
     with pytest.raises(KeyError), OutputLock(out):
         raise KeyError("inside")
     assert not Path(f"{out}.lock").exists()
+    used = OutputLock(out)
+    with used:
+        pass
+    Path(f"{out}.lock").write_text("another-host:1")  # another run took it since
+    used.__exit__(None, None, None)  # a second exit releases nothing it no longer holds
+    assert Path(f"{out}.lock").read_text() == "another-host:1"
+    Path(f"{out}.lock").unlink()
     other = OutputLock(out)  # made, never entered
     Path(f"{out}.lock").write_text("another-host:1")
     other.__exit__(None, None, None)

@@ -174,3 +174,29 @@ def test_the_split_asked_for_is_the_split_loaded_and_bn_folding_leaves_a_diffusi
                     .base_classifier.children()] for fold in (False, True)}
     # torch.fx cannot trace the UNet: --fold-bn folds the classifier alone, and only when asked
     assert parts == {False: ["DiffusionDenoiser", "Sequential"], True: ["DiffusionDenoiser", "GraphModule"]}
+
+
+def test_an_output_that_is_a_directory_is_refused_as_such_on_resume(tmp_path) -> None:
+    out = tmp_path / "c.tsv"
+    out.mkdir()
+    with pytest.raises(SmoothAdvError, match="is a directory, expected a file path"):
+        write_rows(out, {"sigma": 0.25}, COLUMNS, [0], _rows, resume=True, force=False)
+
+
+def test_a_sequential_output_started_before_samples_was_named_resumes_under_its_own_header(toy_checkpoint,
+                                                                                          tmp_path) -> None:
+    from smoothadv.run import run_evaluation
+    from smoothadv.sequential import LEGACY_SEQUENTIAL_COLUMNS
+
+    out = tmp_path / "c.tsv"
+    run = RunSettings(checkpoint=str(toy_checkpoint), out=out, device="cpu", progress=False)
+    settings = CertifySettings(sigma=0.25, mode="sequential", n0=10, n=2000, batch=200, max=1, seed=1)
+    run_evaluation(run, settings, log=None)
+    header, first = out.read_text().splitlines()
+    legacy = "\t".join(LEGACY_SEQUENTIAL_COLUMNS)
+    out.write_text(f"{legacy}\n{first}\n")  # the column was called n then
+    run_evaluation(RunSettings(checkpoint=str(toy_checkpoint), out=out, device="cpu", progress=False, resume=True),
+                   CertifySettings(sigma=0.25, mode="sequential", n0=10, n=2000, batch=200, max=2, seed=1), log=None)
+    lines = out.read_text().splitlines()
+    assert lines[:2] == [legacy, first] and len(lines) == 3
+    assert len(lines[2].split("\t")) == len(LEGACY_SEQUENTIAL_COLUMNS)
