@@ -394,13 +394,16 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         tree = work / "tree"
         shutil.rmtree(tree, ignore_errors=True)
         tree.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True,
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True,
                                  capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tree, filter="data")
         src = tree / "src"
         os.chdir(tree)
     else:
+        commit = "working tree"
         shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         os.chdir(ROOT)
@@ -488,12 +491,14 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
         if partial is not None:  # keep what is done, should the run be stopped (a retry: with the verdicts of
             # the previous run for the mutants it has not reached yet)
             kept = [previous[m["key"]] for m in all_mutants[number:] if m["key"] in previous]
-            partial.write_text(json.dumps({"module": name, "file": spec["file"], "tests": tests, "stopped": True,
+            partial.write_text(json.dumps({"module": name, "file": spec["file"], "revision": commit,
+                                           "tests": tests, "stopped": True,
                                            "baseline_failing": failing, "slow": slow, "mutants": len(all_mutants),
                                            "records": records + kept,
                                            "seconds": round(time.monotonic() - started, 1)}, indent=1))
     copy_file.write_text(source)
-    return {"module": name, "file": spec["file"], "tests": tests, "baseline_failing": failing, "slow": slow,
+    return {"module": name, "file": spec["file"], "revision": commit, "tests": tests, "baseline_failing": failing,
+            "slow": slow,
             "baseline_seconds": round(baseline_time, 1), "mutants": len(all_mutants), "records": records,
             "seconds": round(time.monotonic() - started, 1)}
 
@@ -504,6 +509,13 @@ def _last_line(log: Path) -> str:
 
 
 # ------------------------------------------------------------------ summary
+
+
+def _measured_on(revision: str | None) -> str:
+    """', on commit <12 hex digits>' (or ', on the working tree'); nothing for a record older than the field."""
+    if not revision:
+        return ""
+    return ", on the working tree" if revision == "working tree" else f", on commit {revision[:12]}"
 
 
 def summarize(run: dict, annotations: dict, added: list[str]) -> str:
@@ -533,7 +545,7 @@ def summarize(run: dict, annotations: dict, added: list[str]) -> str:
     lines = [f"## {run['module']} ({run.get('file', '')}){stopped}", "",
              f"{len(run['records'])} of {run.get('mutants', '?')} mutants run in {run.get('seconds', 0):.0f} s: "
              f"{counts['killed']} killed ({counts.get('timeout', 0)} by a timeout), {counts['survived']} survived, "
-             f"{counts['equivalent']} equivalent. "
+             f"{counts['equivalent']} equivalent{_measured_on(run.get('revision'))}. "
              f"Score (killed / non-equivalent): **{score:.1f}%**; by the tests that existed before this benchmark "
              f"({counts['killed_before']} killed): {before:.1f}%.", "",
              "Tests: " + ", ".join(f"`{t}`" for t in run.get("tests", [])) + ".", ""]
