@@ -324,3 +324,14 @@ def test_the_environment_records_this_python_and_the_versions() -> None:
     assert env["python"] == platform.python_version()
     assert env["numpy"] == numpy.__version__ and env["torch"] == torch.__version__
     assert env["cpu_threads"] == torch.get_num_threads()
+
+
+def test_provenance_files_are_sorted_indented_json_so_committed_sidecars_diff_line_by_line(tmp_path) -> None:
+    import json
+
+    files.write_provenance(tmp_path, {"sigma": 0.25, "out": Path("c.tsv"), "alpha": 0.001, "log": print})
+    assert (tmp_path / "args.json").read_text() == '{\n  "alpha": 0.001,\n  "out": "c.tsv",\n  "sigma": 0.25\n}\n'
+    env = (tmp_path / "env.json").read_text()
+    assert env == json.dumps(json.loads(env), indent=2, sort_keys=True) + "\n" and '\n  "python": ' in env
+    files.write_provenance(tmp_path, {"sigma": 0.25}, resumed=True)  # the same environment: nothing earlier
+    assert "earlier" not in json.loads((tmp_path / "env.json").read_text())

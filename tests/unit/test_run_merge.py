@@ -187,3 +187,16 @@ def test_a_merge_of_another_command_s_shards_keys_rows_by_their_first_column(tmp
         write_shard(out, i, 2, [], settings, header="key\tnote").write_text(f"key\tnote\n{i}\tx{i}\n")
     assert merge_shards(out) == 2
     assert out.read_text() == "key\tnote\n0\tx0\n1\tx1\n"
+
+
+def test_a_complete_shard_is_never_blamed_for_the_rows_another_lacks(tmp_path) -> None:
+    out = tmp_path / "c.tsv"
+    shards = 1001
+    total = shards * shards  # each shard's share: 1001 jobs; all but one share missing, beyond the listing bound
+    assert total > shards + LISTED_BEYOND_ROWS
+    settings = certify_settings(total)
+    write_shard(out, 0, shards, range(0, total, shards), settings)  # shard 0: every one of its jobs
+    for i in range(1, shards):
+        write_shard(out, i, shards, [], settings)
+    with pytest.raises(SmoothAdvError, match=f"shard-1-of-{shards} is incomplete: {shards} of {shards} rows missing"):
+        merge_shards(out)
