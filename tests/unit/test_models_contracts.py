@@ -97,8 +97,9 @@ def test_a_checkpoint_records_its_format_version_normalization_and_class_count(t
 
 def test_weights_that_fit_no_registered_architecture_are_refused_naming_the_first_keys(tmp_path: Path) -> None:
     extra = build_model("toy_cnn", "synthetic")
-    extra.add_module("2", nn.Linear(1, 1))  # three parameters too many: named, at most three
-    with pytest.raises(SmoothAdvError, match=r"first differing keys \['2.bias', '2.weight'\]"):
+    extra.add_module("2", nn.Linear(1, 1))
+    extra.add_module("3", nn.Linear(1, 1))  # four weights too many: the first three named
+    with pytest.raises(SmoothAdvError, match=r"first differing keys \['2.bias', '2.weight', '3.bias'\]"):
         save_checkpoint(tmp_path / "x.pth", extra, arch="toy_cnn")
     lacking = nn.Sequential(nn.Identity(), nn.Module())  # every weight missing: the first three named
     with pytest.raises(SmoothAdvError, match=r"first differing keys \['1.conv.bias', '1.conv.weight', '1.fc.bias'\]"):
