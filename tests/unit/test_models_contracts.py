@@ -227,3 +227,11 @@ def test_a_denoiser_of_another_sigma_or_dataset_is_refused() -> None:
     check_dataset({"dataset": None}, "mnist")  # nothing recorded: nothing to compare
     with pytest.raises(SmoothAdvError, match="trained on mnist, but the classifier is for fashion_mnist"):
         check_dataset({"dataset": "mnist"}, "fashion_mnist")
+
+
+def test_an_unsafe_call_with_a_long_name_is_cut_to_160_characters(tmp_path: Path) -> None:
+    path = tmp_path / "long.pkl"
+    path.write_bytes(b"\x80\x02c" + b"m" * 200 + b"\nfunc\n)R.")  # GLOBAL of a 200-character module, called
+    with pytest.raises(SmoothAdvError) as info:
+        read_checkpoint(path)
+    assert f"(it would call {'m' * 146}). If you trust the file" in str(info.value)  # 160 characters in all
