@@ -235,3 +235,34 @@ def test_an_unsafe_call_with_a_long_name_is_cut_to_160_characters(tmp_path: Path
     with pytest.raises(SmoothAdvError) as info:
         read_checkpoint(path)
     assert f"(it would call {'m' * 146}). If you trust the file" in str(info.value)  # 160 characters in all
+
+
+def test_a_checkpoint_loads_for_the_dataset_it_records_else_its_architecture_s(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "i32.pth", build_model("cifar_resnet20", "imagenet32"), arch="cifar_resnet20",
+                    dataset="imagenet32")  # a CIFAR network trained on 32x32 ImageNet
+    _, meta = load_checkpoint(tmp_path / "i32.pth")
+    assert (meta["dataset"], meta["num_classes"]) == ("imagenet32", 1000)
+    save_checkpoint(tmp_path / "bare.pth", build_model("toy_cnn", "synthetic"), arch="toy_cnn")  # no dataset given
+    _, meta = load_checkpoint(tmp_path / "bare.pth")
+    assert (meta["dataset"], meta["num_classes"]) == ("synthetic", 4)
+
+
+def test_load_weights_checks_the_fields_and_fills_in_batchnorm_counters_an_old_file_lacks(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"arch": "custom", "state_dict": state}, tmp_path / "old.pth")
+    assert load_weights(tmp_path / "old.pth", nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))[
+        "weights_verified"] is False
+    torch.save({"format": FORMAT, "arch": "custom", "state_dict": state, "dataset": 3}, tmp_path / "bad.pth")
+    with pytest.raises(SmoothAdvError, match="is malformed: dataset must be a string"):
+        load_weights(tmp_path / "bad.pth", net)
+
+
+def test_nested_dicts_count_towards_the_same_depth_limit() -> None:
+    def nested(levels: int) -> object:
+        value: object = 1
+        for _ in range(levels):
+            value = {"k": value}
+        return value
+
+    assert _plain_data(nested(20)) and _plain_data(nested(32)) and not _plain_data(nested(33))
