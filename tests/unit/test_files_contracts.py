@@ -6,6 +6,7 @@ that make a write survive one can be checked."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -198,7 +199,8 @@ def test_a_lock_of_a_dead_process_on_this_host_is_taken_over_once_and_never_twic
 
 def test_asking_whether_a_lock_holder_lives_sends_it_no_signal(tmp_path) -> None:
     out = tmp_path / "c.tsv"
-    holder = subprocess.Popen(["sleep", "60"])
+    # a hang-up must kill the holder, as it does a normal process (a run started under nohup passes SIG_IGN on)
+    holder = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         Path(f"{out}.lock").write_text(f"{files.platform.node()}:{holder.pid}")
         with pytest.raises(SmoothAdvError, match="another run is writing"), OutputLock(out):

@@ -266,3 +266,61 @@ def test_nested_dicts_count_towards_the_same_depth_limit() -> None:
         return value
 
     assert _plain_data(nested(20)) and _plain_data(nested(32)) and not _plain_data(nested(33))
+
+
+def _denoiser_file(path: Path, **changes) -> Path:
+    """A DnCNN checkpoint (save_denoiser's format) with `changes` written over its fields, digest removed so that
+    the field checks, not the digest, are what a load meets."""
+    from smoothadv.denoise import DnCNN
+    from smoothadv.models import save_denoiser
+
+    torch.manual_seed(0)
+    save_denoiser(path, DnCNN(1, depth=3, width=4), arch="dncnn_small", dataset="fashion_mnist", sigma=0.25)
+    payload = torch.load(path, weights_only=True)
+    payload.pop("weights_sha256")
+    torch.save({**payload, **changes}, path)
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"channels": 0}, "channels must be a positive integer, got 0"),
+    ({"depth": True}, "depth must be a positive integer, got True"),
+    ({"width": 2.0}, "width must be a positive integer, got 2.0"),
+    ({"sigma": "0.25"}, "sigma must be a number >= 0, got '0.25'"),
+    ({"sigma": float("nan")}, "sigma must be a number >= 0, got nan"),
+    ({"sigma": -0.25}, "sigma must be a number >= 0, got -0.25"),
+    ({"arch": "unet"}, "unknown arch 'unet' or no dataset"),
+    ({"dataset": None}, "unknown arch 'dncnn_small' or no dataset"),
+    ({"state_dict": {}}, "do not fit a DnCNN of depth 3 and width 4"),
+    ({"depth": 4}, "do not fit a DnCNN of depth 4 and width 4"),
+])
+def test_a_denoiser_with_a_malformed_field_is_refused_in_one_line(tmp_path: Path, changes, message) -> None:
+    from smoothadv.models import load_denoiser
+
+    with pytest.raises(SmoothAdvError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_denoiser(_denoiser_file(tmp_path / "d.pth", **changes))
+
+
+def test_a_denoiser_for_no_noise_loads_and_a_classifier_is_not_a_denoiser(tmp_path: Path) -> None:
+    from smoothadv.models import load_denoiser
+
+    assert load_denoiser(_denoiser_file(tmp_path / "d.pth", sigma=0))[1]["sigma"] == 0  # the identity's level
+    save_checkpoint(tmp_path / "f.pth", build_model("toy_cnn", "synthetic"), arch="toy_cnn", dataset="synthetic")
+    with pytest.raises(SmoothAdvError, match="is a classifier checkpoint \\(toy_cnn\\), not a denoiser"):
+        load_denoiser(tmp_path / "f.pth")
+
+
+def test_a_diffusion_model_that_cannot_run_on_its_own_image_size_is_refused_when_attached(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from conftest import ddpm_scheduler
+
+    from smoothadv.models import attach_denoiser
+
+    # 7x7 images halve to 4x4 and double back to 8x8: the UNet's skip connections cannot be joined
+    unet = diffusers.UNet2DModel(sample_size=7, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    diffusers.DDPMPipeline(unet=unet, scheduler=ddpm_scheduler()).save_pretrained(tmp_path / "odd")
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * 7 * 7, 4))
+    with pytest.raises(SmoothAdvError, match=r"does not fit the classifier's \(3, 7, 7\) images"):
+        attach_denoiser(classifier, tmp_path / "odd", sigma=0.25, shape=(3, 7, 7))
