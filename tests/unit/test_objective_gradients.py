@@ -596,3 +596,14 @@ def test_only_smoothadv_has_an_attack_and_unknown_names_have_none() -> None:
 
     assert [name for name in OBJECTIVES if has_attack(name)] == ["smoothadv"]
     assert has_attack("no-such-objective") is False
+
+
+def test_catrs_records_its_table_by_the_digest_of_its_float32_values_whatever_their_graph() -> None:
+    import hashlib
+
+    pi = torch.tensor([[0.5, 0.5] + [0.0] * (CLASSES - 2), [1.0 / CLASSES] * CLASSES])
+    described = CATRS(0.25, pi=pi).describe()
+    assert "pi" not in described
+    assert described["pi_sha256"] == hashlib.sha256(pi.numpy().tobytes()).hexdigest()
+    learned = pi.double().requires_grad_(True)  # a table handed over from a computation that kept its graph
+    assert CATRS(0.25, pi=learned).describe()["pi_sha256"] == described["pi_sha256"]
