@@ -293,6 +293,7 @@ def _denoiser_file(path: Path, **changes) -> Path:
     ({"dataset": None}, "unknown arch 'dncnn_small' or no dataset"),
     ({"state_dict": {}}, "do not fit a DnCNN of depth 3 and width 4"),
     ({"depth": 4}, "do not fit a DnCNN of depth 4 and width 4"),
+    ({"width": 5}, "do not fit a DnCNN of depth 3 and width 5"),  # the same names, other shapes
 ])
 def test_a_denoiser_with_a_malformed_field_is_refused_in_one_line(tmp_path: Path, changes, message) -> None:
     from smoothadv.models import load_denoiser
