@@ -51,7 +51,8 @@ def test_a_tensor_with_a_graph_or_a_numpy_array_digests_as_its_values() -> None:
     assert data_digest(with_graph, [0, 1, 2]) == data_digest(as_numpy, [0, 1, 2]) == data_digest(data, [0, 1, 2])
 
 
-@pytest.mark.parametrize(("count", "expected"), [(256, 256), (DIGESTED, 1024), (5000, 3000)])
+@pytest.mark.parametrize(("count", "expected"), [(256, 256), (DIGESTED, 1024), (5000, 3000)],
+                         ids=["training-default", "evaluation", "more-than-there-are"])  # ids not built from values
 def test_a_fingerprint_reads_count_evenly_spaced_examples_and_records_how_many_there_are(count, expected) -> None:
     data = dataset(3000)
     chosen = [i * 3000 // expected for i in range(expected)] if expected < 3000 else list(range(3000))
