@@ -649,6 +649,13 @@ def _committed_results() -> dict[str, tuple[str, str]]:
     return found
 
 
+def _commit_cell(revision: str | None) -> str:
+    """The table's commit cell: the first 12 hex digits, "working tree", or "not recorded" (an older record)."""
+    if not revision:
+        return "not recorded"
+    return revision if revision == "working tree" else f"`{revision[:12]}`"
+
+
 def results_page(config: dict, annotations: dict, added: list[str], sections: list[str]) -> str:
     """results.md: how it was made, one table row per module, then each module's section."""
     rows, previous = [], _committed_results()
@@ -657,7 +664,8 @@ def results_page(config: dict, annotations: dict, added: list[str], sections: li
         if partial.exists() and (not path.exists() or partial.stat().st_mtime > path.stat().st_mtime):
             path = partial
         if not path.exists():
-            rows.append(previous[name][0] if name in previous else f"| {name} | not run | | | | | |")
+            row = previous[name][0] if name in previous else f"| {name} | not run | | | | | |"
+            rows.append(row if row.count("|") == 9 else f"{row} not recorded |")  # rows made before the column
             continue
         run = json.loads(path.read_text())
         notes = annotations.get(name, {})
@@ -674,16 +682,17 @@ def results_page(config: dict, annotations: dict, added: list[str], sections: li
         score_before = 100.0 * before / scored if scored else 100.0
         score = 100.0 * killed / scored if scored else 100.0
         rows.append(f"| {name} | {len(run['records'])} / {run.get('mutants', '?')} | {killed} | {survived} | "
-                    f"{equivalent} | {score_before:.1f}% | **{score:.1f}%** |")
+                    f"{equivalent} | {score_before:.1f}% | **{score:.1f}%** | {_commit_cell(run.get('revision'))} |")
     head = [
         "# Mutation benchmark: results", "",
         "Made by `nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation/run.py [MODULE ...]` (see",
-        "README.md), on the committed package, on two CPU cores shared with a training run. Score = killed /",
-        "(killed + survived); equivalent mutants (no input tells them apart, reason given) are left out. *Before*:",
+        "README.md), on the committed package (the commit column), on two CPU cores shared with other work. Score =",
+        "killed / (killed + survived); equivalent mutants (no input tells them apart, reason given) are left out.",
+        "*Before*:",
         "the kills of the test files that existed before this benchmark (they run first, so a mutant first failed by",
         "an added file had survived them all).", "",
-        "| module | mutants run | killed | survived | equivalent | score before | score |",
-        "|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+        "| module | mutants run | killed | survived | equivalent | score before | score | commit |",
+        "|---|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
     return "\n".join(head) + "\n" + "\n".join(sections) + "\n"
 
 
