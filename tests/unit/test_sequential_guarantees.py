@@ -548,6 +548,9 @@ def test_fitted_schedule_edge_cases_spend_exactly_alpha() -> None:
     for last_share, top_share in ((0.0, 0.1), (1.0, 0.0), (0.5, 0.5), (0.5, -0.1)):
         with pytest.raises(SmoothAdvError):
             fitted_schedule(0.5, 0.01, (0.5,), base=base, last_share=last_share, top_share=top_share)
+    # no radius to certify: no look is added for the largest one, whatever its share (the schedule of no top share)
+    assert fitted_schedule(0.5, 0.01, (), base=base) == fitted_schedule(0.5, 0.01, (), base=base, top_share=0.0)
+    assert fitted_schedule(0.5, 0.01, (), base=base) != fitted_schedule(0.5, 0.01, (1.0,), base=base)
 
 
 
