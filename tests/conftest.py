@@ -295,3 +295,11 @@ def certify_single_and_sharded(flags: list[str], tmp_path: Path) -> tuple[Path, 
     assert main(["merge", str(sharded)]) == 0
     assert result_rows(sharded) == result_rows(single)
     return single, sharded
+
+
+def toy_train_settings(**changes: object):
+    """TrainSettings of a toy_cnn on the synthetic data into `run` (never written), with `changes`: what the run
+    directory's resume rule is checked against."""
+    from smoothadv.settings import TrainSettings
+
+    return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=Path("run"), **changes)  # type: ignore[arg-type]

@@ -196,15 +196,17 @@ class _Plain:
     """An object that is not plain data (a weights-only load would refuse it)."""
 
 
-def test_plain_data_is_what_a_weights_only_load_reads_nested_up_to_32_levels() -> None:
-    def nested(levels: int, inner: object = 1) -> object:
-        value = inner
-        for _ in range(levels):
-            value = [value]
-        return value
+def _nested(levels: int, wrap=lambda value: [value]) -> object:
+    """1 inside `levels` containers made by `wrap` (lists by default)."""
+    value: object = 1
+    for _ in range(levels):
+        value = wrap(value)
+    return value
 
-    assert _plain_data(nested(32)) and not _plain_data(nested(33))
-    assert _plain_data({"a": nested(20), 3: (1.0, None, "x", torch.zeros(1), torch.float32)})
+
+def test_plain_data_is_what_a_weights_only_load_reads_nested_up_to_32_levels() -> None:
+    assert _plain_data(_nested(32)) and not _plain_data(_nested(33))
+    assert _plain_data({"a": _nested(20), 3: (1.0, None, "x", torch.zeros(1), torch.float32)})
     assert not _plain_data({(1, 2): 1}) and not _plain_data({"a": _Plain()}) and not _plain_data({1, 2})
     assert not _plain_data(_Plain())
 
@@ -259,13 +261,10 @@ def test_load_weights_checks_the_fields_and_fills_in_batchnorm_counters_an_old_f
 
 
 def test_nested_dicts_count_towards_the_same_depth_limit() -> None:
-    def nested(levels: int) -> object:
-        value: object = 1
-        for _ in range(levels):
-            value = {"k": value}
-        return value
+    def in_dicts(levels: int) -> object:
+        return _nested(levels, lambda value: {"k": value})
 
-    assert _plain_data(nested(20)) and _plain_data(nested(32)) and not _plain_data(nested(33))
+    assert _plain_data(in_dicts(20)) and _plain_data(in_dicts(32)) and not _plain_data(in_dicts(33))
 
 
 def _denoiser_file(path: Path, **changes) -> Path:

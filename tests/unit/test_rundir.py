@@ -7,14 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import toy_train_settings as settings
 
 from smoothadv.errors import SmoothAdvError
 from smoothadv.rundir import EpochLog, RunDirectory, compare, epochs_may_grow, objective_record, plain
 from smoothadv.settings import TrainSettings, bookkeeping_fields
-
-
-def settings(**changes: object) -> TrainSettings:
-    return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=Path("run"), **changes)  # type: ignore[arg-type]
 
 
 def test_free_fields_may_differ_others_must_agree_and_listed_changes_follow_their_rule() -> None:

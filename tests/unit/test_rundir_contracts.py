@@ -8,16 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import toy_train_settings as settings
 
 from smoothadv.attacks import build_attack
 from smoothadv.errors import SmoothAdvError
 from smoothadv.objectives import GaussianAugmentation, build_objective
 from smoothadv.rundir import EpochLog, RunDirectory, epochs_may_grow, unrecorded_digests
 from smoothadv.settings import TrainSettings, bookkeeping_fields, flag_name
-
-
-def settings(**changes: object) -> TrainSettings:
-    return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=Path("run"), **changes)  # type: ignore[arg-type]
 
 
 def test_epochs_may_grow_to_at_least_the_epochs_trained_and_digests_older_than_a_record_are_listed() -> None:
