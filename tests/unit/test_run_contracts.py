@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from smoothadv.run import (
     select_indices,
     shard_indices,
     unfinished,
-    write_rows,
 )
 from smoothadv.rundir import data_fingerprint, settings_path
 from smoothadv.settings import BettingSettings, CertifySettings, RunSettings, SpendingSettings
@@ -153,30 +151,6 @@ def test_a_sequential_certify_records_the_test_it_resolved_and_fixed_n_records_n
         "mode": "fixed", "n": 500, "class_from": None, "policy": None, "radii": None, "tolerance": None, "test": None,
         "looks": None, "forecast_alpha": None, "selection": None, "checkpoint_sha256": "ab"}
     assert "sequential" not in fixed
-
-
-def _rows(todo: list) -> list:
-    return [_Row(i, 2 * i) for i in todo]
-
-
-class _Row(NamedTuple):
-    idx: int
-    value: int
-
-
-def test_write_rows_refuses_a_file_of_other_settings_unless_told_to_start_over(tmp_path, monkeypatch,
-                                                                            capsys) -> None:
-    out = tmp_path / "w.tsv"
-    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1], _rows, resume=False, force=False)
-    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
-    with pytest.raises(SmoothAdvError, match="sigma"):  # by default a change of settings is refused
-        write_rows(out, {"sigma": 0.5}, ("idx", "value"), [0, 1, 2], _rows, resume=True, force=False)
-    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
-    monkeypatch.setattr("smoothadv.progress.LINE_INTERVAL", 0.0)  # a progress line after every row
-    capsys.readouterr()
-    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1, 2, 3], _rows, resume=True, force=False)
-    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n2\t4\n3\t6\n"
-    assert "4/4 rows" in capsys.readouterr().err  # shown by default (every rank but torchrun's others)
 
 
 def test_an_evaluation_is_finished_when_its_output_holds_every_row_with_these_settings(tmp_path) -> None:

@@ -200,3 +200,18 @@ def test_a_sequential_output_started_before_samples_was_named_resumes_under_its_
     lines = out.read_text().splitlines()
     assert lines[:2] == [legacy, first] and len(lines) == 3
     assert len(lines[2].split("\t")) == len(LEGACY_SEQUENTIAL_COLUMNS)
+
+
+def test_write_rows_refuses_a_file_of_other_settings_unless_told_to_start_over(tmp_path, monkeypatch,
+                                                                            capsys) -> None:
+    out = tmp_path / "w.tsv"
+    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1], _rows, resume=False, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
+    with pytest.raises(SmoothAdvError, match="sigma"):  # by default a change of settings is refused
+        write_rows(out, {"sigma": 0.5}, ("idx", "value"), [0, 1, 2], _rows, resume=True, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n"
+    monkeypatch.setattr("smoothadv.progress.LINE_INTERVAL", 0.0)  # a progress line after every row
+    capsys.readouterr()
+    write_rows(out, {"sigma": 0.25}, ("idx", "value"), [0, 1, 2, 3], _rows, resume=True, force=False)
+    assert out.read_text() == "idx\tvalue\n0\t0\n1\t2\n2\t4\n3\t6\n"
+    assert "4/4 rows" in capsys.readouterr().err  # shown by default (every rank but torchrun's others)
