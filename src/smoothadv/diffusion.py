@@ -339,6 +339,13 @@ def ddim_timesteps(t_star: int, steps: int) -> list[int]:
     return [round(t_star - i * t_star / (steps - 1)) for i in range(steps)]
 
 
+CPU_CHUNK = 64
+"""The images per UNet evaluation on a CPU (`DiffusionDenoiser(chunk=...)`, set by `diffusion_denoiser` for a CPU
+device): one thread ran the released Fashion-MNIST DDPM (`results/diffusion-fmnist/ddpm/model`) at 218 images per
+CPU-second in chunks of 64 of a batch of 256, against 128 for the whole batch at once, with bitwise the same output
+and the same certificates."""
+
+
 class DiffusionDenoiser(nn.Module):
     """The diffusion denoiser of Carlini et al. (ICLR 2023), Algorithm 1, for Gaussian noise of level `sigma`.
 
@@ -354,10 +361,17 @@ class DiffusionDenoiser(nn.Module):
     v or x_0 (the scheduler's `prediction_type`); a learned-variance UNet's extra channels are ignored.
 
     The UNet is kept in eval mode; gradients flow to the input (for attacks through f o D).
+
+    chunk = K evaluates the UNet on at most K images at a time (None: the whole batch at once). A
+    matter of speed only, per image the same computation: on a CPU the UNet's cost per image grows
+    with the batch once its activations leave the cache (`CPU_CHUNK`).
     """
 
-    def __init__(self, model: DiffusionModel, sigma: float, steps: int = 1) -> None:
+    def __init__(self, model: DiffusionModel, sigma: float, steps: int = 1, chunk: int | None = None) -> None:
         super().__init__()
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise SmoothAdvError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
+        self.chunk = chunk
         self.model = model
         self.unet = model.unet
         self.sigma = float(sigma)
@@ -397,6 +411,11 @@ class DiffusionDenoiser(nn.Module):
             want = "x".join(str(v) for v in self.model.shape)
             got = "x".join(str(v) for v in x.shape[1:]) if x.dim() == 4 else f"a {x.dim()}-d tensor"
             raise SmoothAdvError(f"diffusion model {self.model.source} takes batches of {want} images, got {got}")
+        if self.chunk is not None and x.shape[0] > self.chunk:
+            return torch.cat([self._denoise(part) for part in x.split(self.chunk)])
+        return self._denoise(x)
+
+    def _denoise(self, x: Tensor) -> Tensor:
         x_t = math.sqrt(self._abar[self.t_star]) * (2.0 * x - 1.0)
         x0 = x_t
         for i, t in enumerate(self.timesteps):
@@ -431,7 +450,8 @@ def diffusion_denoiser(path: str | os.PathLike[str], *, sigma: float, shape: Seq
     if tuple(int(v) for v in shape) != model.shape:
         want, got = ("x".join(str(v) for v in dims) for dims in (model.shape, shape))
         raise SmoothAdvError(f"diffusion model {path} denoises {want} images, but the classifier's are {got}")
-    denoiser = DiffusionDenoiser(model, sigma, steps=steps)
+    chunk = CPU_CHUNK if torch.device(device).type == "cpu" else None
+    denoiser = DiffusionDenoiser(model, sigma, steps=steps, chunk=chunk)
     provenance = model.provenance()
     digest = model_digest(provenance)
     facts = {

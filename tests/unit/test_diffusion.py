@@ -29,9 +29,11 @@ from torch import nn
 diffusers = pytest.importorskip("diffusers")
 
 from smoothadv.diffusion import (  # noqa: E402
+    CPU_CHUNK,
     DiffusionDenoiser,
     DiffusionModel,
     ddim_timesteps,
+    diffusion_denoiser,
     diffusion_timestep,
     load_diffusion,
     train_ddpm,
@@ -282,6 +284,39 @@ def test_shape_mismatch(model):
     one_line_error(lambda: denoiser(torch.rand(2, 3, 8, 8)), "takes batches of 1x8x8 images, got 3x8x8")
     one_line_error(lambda: denoiser(torch.rand(2, 1, 28, 28)), "got 1x28x28")
     one_line_error(lambda: denoiser(torch.rand(1, 8, 8)), "a 3-d tensor")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_chunked_unet_gives_the_whole_batch_result(model, steps):
+    """chunk = K: the UNet sees at most K images per call (7 = 3 + 3 + 1), the output and the input's
+    gradient are the whole batch's; chunk >= batch is one call; a bad chunk is refused in one line."""
+    torch.manual_seed(3)
+    noisy = (torch.rand(7, 1, 8, 8) + 0.25 * torch.randn(7, 1, 8, 8)).requires_grad_()
+    whole = DiffusionDenoiser(model, 0.25, steps=steps)
+    chunked = DiffusionDenoiser(model, 0.25, steps=steps, chunk=3)
+    seen: list[int] = []
+    hook = model.unet.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+    try:
+        out = chunked(noisy)
+        assert seen == [3] * steps + [3] * steps + [1] * steps  # each chunk through the whole chain
+        expected = whole(noisy)
+        seen.clear()
+        DiffusionDenoiser(model, 0.25, steps=steps, chunk=7)(noisy)
+        assert seen == [7] * steps
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    weights = torch.randn_like(out)
+    (grad_chunked,) = torch.autograd.grad((out * weights).sum(), noisy)
+    (grad_whole,) = torch.autograd.grad((expected * weights).sum(), noisy)
+    torch.testing.assert_close(grad_chunked, grad_whole, atol=1e-5, rtol=1e-5)
+    for bad in (0, -2, 2.0, True):
+        one_line_error(lambda bad=bad: DiffusionDenoiser(model, 0.25, chunk=bad), "chunk must be an integer >= 1")
+
+
+def test_loader_chunks_on_cpu_only(pipeline_dir):
+    denoiser, _ = diffusion_denoiser(pipeline_dir, sigma=0.25, shape=(1, 8, 8), device="cpu")
+    assert denoiser.chunk == CPU_CHUNK == 64
 
 
 def test_class_conditional_refused():
