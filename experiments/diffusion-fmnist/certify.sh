@@ -8,6 +8,8 @@
 #   f_D_mse    f behind the DnCNN trained with the MSE loss (results/denoised/runs/denoiser_mse)
 #   f_D_stab   f behind the DnCNN trained with the stability loss (results/denoised/runs/denoiser_stability)
 #   f_D_ddpm   f behind the DDPM, one-shot (results/diffusion-fmnist/ddpm/model)
+#   f_D_ddpm_k4  f behind the DDPM's 4-step DDIM chain (--denoiser-steps 4), on 50 of the 200 images (every 200th
+#              test image, those of trajectories.sh): 4 UNet passes per noise sample
 #   gaussian   fashion_cnn trained with Gaussian noise (results/fashion-mnist/runs/gaussian_sigma0.25)
 #   consistency  the best row of the LeNet table by ACR (results/fmnist-lenet/runs/consistency_s0.25)
 #
@@ -25,12 +27,12 @@ CLEAN=results/denoised/runs/classifier_clean/checkpoint.pth.tar
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
-certify() {  # row checkpoint [more flags]
+certify() {  # row checkpoint [more flags]; SKIP and COUNT (the images: every SKIP-th, COUNT of them) from the caller
   local row=$1 checkpoint=$2; shift 2
   local out="$OUT/${row}_s$SIGMA.tsv" resume=()
   [ -e "$out" ] && resume=(--resume)
   nice "$SMOOTHADV" certify "$checkpoint" "$@" --sigma "$SIGMA" --mode sequential --selection adaptive --n0 100 \
-    --alpha 0.001 --skip 50 --max "${MAX:-200}" --batch 256 --seed 0 --device cpu --no-progress "${resume[@]}" \
+    --alpha 0.001 --skip "${SKIP:-50}" --max "${MAX:-${COUNT:-200}}" --batch 256 --seed 0 --device cpu --no-progress "${resume[@]}" \
     --out "$out"
 }
 
@@ -40,9 +42,11 @@ row() {
     f_D_mse) certify f_D_mse "$CLEAN" --denoiser results/denoised/runs/denoiser_mse/denoiser.pth.tar ;;
     f_D_stab) certify f_D_stab "$CLEAN" --denoiser results/denoised/runs/denoiser_stability/denoiser.pth.tar ;;
     f_D_ddpm) certify f_D_ddpm "$CLEAN" --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" ;;
+    f_D_ddpm_k4) SKIP=200 COUNT=50 certify f_D_ddpm_k4 "$CLEAN" --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" \
+      --denoiser-steps 4 ;;
     gaussian) certify gaussian results/fashion-mnist/runs/gaussian_sigma0.25/checkpoint.pth.tar ;;
     consistency) certify consistency results/fmnist-lenet/runs/consistency_s0.25/checkpoint.pth.tar ;;
-    *) echo "certify.sh: unknown row '$1' (f, f_D_mse, f_D_stab, f_D_ddpm, gaussian, consistency)" >&2; exit 2 ;;
+    *) echo "certify.sh: unknown row '$1' (f, f_D_mse, f_D_stab, f_D_ddpm, f_D_ddpm_k4, gaussian, consistency)" >&2; exit 2 ;;
   esac
 }
 
@@ -50,7 +54,7 @@ if [ $# -gt 0 ]; then
   for r in "$@"; do row "$r"; done
   exit 0
 fi
-for r in f f_D_mse f_D_stab gaussian consistency f_D_ddpm; do row "$r"; done
+for r in f f_D_mse f_D_stab gaussian consistency f_D_ddpm f_D_ddpm_k4; do row "$r"; done
 [ -n "${MAX:-}" ] && exit 0
 "$SMOOTHADV" report "f_D_ddpm=$OUT/f_D_ddpm_s$SIGMA.tsv" "f_D_mse=$OUT/f_D_mse_s$SIGMA.tsv" \
   "f_D_stab=$OUT/f_D_stab_s$SIGMA.tsv" "f=$OUT/f_s$SIGMA.tsv" "gaussian=$OUT/gaussian_s$SIGMA.tsv" \
