@@ -16,6 +16,9 @@ results/diffusion-fmnist/certify/table.md:
   for the rows that have one.
 
 When a file is not finished, every row is restricted to the images all of them hold (said in the table).
+
+Then, when certify.sh's row f_D_ddpm_k4 exists (the 4-step DDIM chain, `--denoiser-steps 4`, on every 200th test
+image), one shot against 4 steps on the images both hold: the same accuracy table and paired test, and their cost.
 """
 
 from __future__ import annotations
@@ -67,11 +70,12 @@ def samples(path: Path, keep: set[int]) -> list[int]:
         return [int(row["samples"]) for row in csv.DictReader(handle, delimiter="\t") if int(row["idx"]) in keep]
 
 
-def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5) -> float:
+def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5, steps: int = 1) -> float:
     """CPU-seconds of one noise sample through the model certify runs (`run.load_smoothed`: the same
-    preparation), at batch 256 on one thread: the median of `repeats` timed forward passes after a warm-up."""
+    preparation; `steps` UNet evaluations of a diffusion denoiser), at batch 256 on one thread: the median of
+    `repeats` timed forward passes after a warm-up."""
     run = RunSettings(checkpoint=str(ROOT / checkpoint), out=Path("unused.tsv"), device="cpu",
-                      denoiser=None if denoiser is None else str(ROOT / denoiser))
+                      denoiser=None if denoiser is None else str(ROOT / denoiser), denoiser_steps=steps)
     smooth, dataset, _, _ = load_smoothed(run, CertifySettings(sigma=SIGMA))
     x = dataset[0][0].unsqueeze(0).repeat(BATCH, 1, 1, 1)
     generator = torch.Generator().manual_seed(0)
@@ -84,6 +88,27 @@ def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5) 
             smooth.base_classifier(noisy)
             timings.append((time.process_time() - began) / BATCH)
     return statistics.median(timings)
+
+
+def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) -> list[str]:
+    """The lines comparing f o D_ddpm one shot with the 4-step row on the images both hold (none without it)."""
+    path = HERE / f"f_D_ddpm_k4_s{SIGMA}.tsv"
+    if not path.exists():
+        return []
+    four = load_results(path)
+    keep = {int(i) for i in four.idx} & {int(i) for i in one_shot.idx}
+    pair = {"f_D_ddpm": restricted(one_shot, keep), "f_D_ddpm_k4": restricted(four, keep)}
+    lines = ["", f"One shot against the 4-step DDIM chain (`--denoiser-steps 4`, row f_D_ddpm_k4 of certify.sh) on the "
+             f"{len(keep)} images both rows hold (every 200th test image; the 4-step row is planned for 50), the same "
+             "test and settings. Certified accuracy (%) with its 95% interval, then the paired test.", ""]
+    lines += [format_table(summarize(pair, list(RADII), ci=True), "markdown").rstrip()
+              + paired_text(pair, list(RADII)).rstrip(), ""]
+    per_sample = seconds_per_sample(CLEAN, ROWS["f_D_ddpm"][2], steps=4)
+    lines += ["| row | mean samples / image | CPU-ms / sample | CPU-s / image |", "|---|---:|---:|---:|"]
+    for name, file, seconds in (("f_D_ddpm", one_shot_file, one_shot_seconds), ("f_D_ddpm_k4", path, per_sample)):
+        mean = statistics.mean(samples(file, keep))
+        lines.append(f"| {name} | {mean:,.0f} | {seconds * 1e3:.3f} | {mean * seconds:.2f} |")
+    return lines
 
 
 def main() -> None:
@@ -134,6 +159,7 @@ def main() -> None:
                                      ("fixed n", restricted(load_results(ROOT / fixed), keep), 10_100)):
             accuracy = 100 * certified_accuracy(results.radius, results.correct, RADII)
             lines.append(f"| {name} | {label} | " + " | ".join(f"{a:.1f}" for a in accuracy) + f" | {mean:,.0f} |")
+    lines += multi_step(loaded["f_D_ddpm"], files["f_D_ddpm"], costs["f_D_ddpm"][3])
     (HERE / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {HERE / 'table.md'}")
 
