@@ -859,7 +859,7 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
             raise SmoothAdvError(f"{shard.path} has header {head!r}, expected {header!r} (a "
                                  f"{reference.settings.get('command')} output); rerun that shard")
         columns = head.split("\t")
-        seen: set[str] = set()
+        seen: dict[str, None] = {}  # the keys in the file's order
         for row in rows:
             try:
                 int(row[columns.index("idx") if "idx" in columns else 0])
@@ -868,14 +868,16 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
             key = row_key(columns, row)
             if key in seen:
                 raise SmoothAdvError(f"{shard.path} has index {key} twice")
-            seen.add(key)
+            seen[key] = None
             merged.append((order.get(key, -1), row))
         wanted = {job_key(job) for job in shard_indices(everything, i, len(parsed))}
-        if seen - wanted:
-            raise SmoothAdvError(f"{shard.path} has rows this shard should not have (e.g. idx {min(seen - wanted)})")
-        if wanted - seen:
-            raise SmoothAdvError(f"{shard.path} is incomplete: {len(wanted - seen)} of {len(wanted)} rows missing "
-                                 f"(e.g. idx {min(wanted - seen, key=order.__getitem__)}); finish it with --resume")
+        stray = next((key for key in seen if key not in wanted), None)
+        if stray is not None:
+            raise SmoothAdvError(f"{shard.path} has rows this shard should not have (e.g. idx {stray}, its first)")
+        missing = wanted - seen.keys()
+        if missing:
+            raise SmoothAdvError(f"{shard.path} is incomplete: {len(missing)} of {len(wanted)} rows missing "
+                                 f"(e.g. idx {min(missing, key=order.__getitem__)}); finish it with --resume")
     merged.sort(key=lambda item: item[0])
     atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
     settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}

@@ -105,6 +105,17 @@ def test_far_too_few_rows_are_blamed_on_the_short_shard_before_the_jobs_are_list
         merge_shards(out)
 
 
+def test_a_shard_holding_another_shard_s_rows_is_refused_naming_its_first_stray_row(tmp_path) -> None:
+    out = tmp_path / "c.tsv"
+    settings = certify_settings(12)
+    write_shard(out, 0, 2, [0, 2, 4, 6, 8, 10], settings)
+    write_shard(out, 1, 2, [1, 3, 4, 5, 10, 11, 9, 7], settings)  # 4 and 10 are shard 0's; "10" < "4" as text
+    with pytest.raises(SmoothAdvError, match=r"shard-1-of-2 has rows this shard should not have \(e\.g\. idx 4, "
+                                              r"its first\)"):
+        merge_shards(out)
+    assert not out.exists()
+
+
 def test_at_the_listing_bound_the_jobs_are_listed_and_a_missing_row_is_named(tmp_path) -> None:
     out = tmp_path / "c.tsv"
     settings = certify_settings(LISTED_BEYOND_ROWS + 2)  # rows + the bound: still listed, the first missing named
