@@ -827,7 +827,9 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     `shards` defaults to every OUT.shard-i-of-k next to `out`. All k shards of one k must be given,
     each with its settings sidecar; they must agree on every setting but `IGNORED_SETTINGS`, and
     together hold each selected job exactly once. Any violation raises SmoothAdvError (one line)
-    and writes nothing.
+    and writes nothing. The merged sidecar is shard 0's with `merged_from` (the shards), every shard's
+    `resumed_changes` prefixed "shard i: ", the digests some shard lacks moved to `unverified`, and the
+    batch sizes when they differ.
     """
     out = Path(out)
     paths = [Path(p) for p in shards] if shards else find_shards(out)
@@ -881,6 +883,11 @@ def merge_shards(out: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     merged.sort(key=lambda item: item[0])
     atomic_write_text(out, "\n".join([header, *("\t".join(row) for _, row in merged)]) + "\n")
     settings_out = {**reference.settings, "shard": None, "merged_from": [str(s.path) for s in parsed]}
+    settings_out.pop("resumed_changes", None)  # shard 0's alone: replaced by every shard's, each named
+    history = [f"shard {i}: {change}" for i, shard in enumerate(parsed)
+               for change in _listed(shard.settings.get("resumed_changes")) if isinstance(change, str)]
+    if history:
+        settings_out["resumed_changes"] = history
     lacking = {name for shard in parsed[1:] for name in unverified(reference.settings, shard.settings)}
     for name in lacking:  # held by some shards only: the merged rows are not all verified against it
         settings_out.pop(name, None)

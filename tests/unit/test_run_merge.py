@@ -86,6 +86,23 @@ def test_a_merge_writes_rows_in_job_order_and_a_sidecar_in_the_common_format(tmp
     assert merge_shards(out, force=True) == 12
 
 
+def test_a_merge_records_the_changes_each_shard_resumed_with(tmp_path) -> None:
+    out = tmp_path / "c.tsv"
+    settings = certify_settings(4)
+    write_shard(out, 0, 2, [0, 2], {**settings, "resumed_changes": ["batch 10 -> 20"]})
+    write_shard(out, 1, 2, [1, 3], {**settings, "resumed_changes": ["batch 10 -> 30", "batch 30 -> 40"]})
+    merge_shards(out)
+    record = json.loads(settings_path(out).read_text())
+    assert record["resumed_changes"] == ["shard 0: batch 10 -> 20", "shard 1: batch 10 -> 30",
+                                         "shard 1: batch 30 -> 40"]
+    write_shard(out, 1, 2, [1, 3], settings)  # only shard 0 resumed with a change
+    merge_shards(out, force=True)
+    assert json.loads(settings_path(out).read_text())["resumed_changes"] == ["shard 0: batch 10 -> 20"]
+    write_shard(out, 0, 2, [0, 2], settings)  # none did: no history at all
+    merge_shards(out, force=True)
+    assert "resumed_changes" not in json.loads(settings_path(out).read_text())
+
+
 def test_a_merge_refuses_a_non_integer_index(tmp_path) -> None:
     out = tmp_path / "c.tsv"
     settings = certify_settings(2)
