@@ -18,6 +18,15 @@ batches of the same size, and each reports noisy samples per second; ratios are 
 
 `--fold-bn` / `--channels-last` apply the same optimisation to the model of every method, and the
 table then also shows the optimised model's forward throughput relative to the plain one.
+
+`--denoiser DIR` puts a diffusion model (diffusers layout; diffusion denoised smoothing, Carlini et al.
+2023) in front of every model, as `certify --denoiser DIR` does (`models.attach_denoiser`, sigma 0.25):
+`forward` is then the bare f o D forward (UNet + classifier, the UNet in chunks of `diffusion.CPU_CHUNK`
+images on a CPU, as certify runs it), and the table also shows f o D with the whole batch through the UNet
+at once, relative to it:
+
+    OMP_NUM_THREADS=1 python benchmarks/certify_throughput.py --models fashion_cnn --batch 256 --samples 2560 \
+        --reps 3 --clock cpu --denoiser results/diffusion-fmnist/ddpm/model
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from torch.utils.data import TensorDataset
 
 from smoothadv.accel import fold_batchnorm
 from smoothadv.evaluate import certify_dataset
-from smoothadv.models import build_model
+from smoothadv.models import attach_denoiser, build_model
 from smoothadv.smoothing import Smooth
 
 MODELS = {"fashion_cnn": ("fashion_mnist", (1, 28, 28)), "cifar_resnet20": ("cifar10", (3, 32, 32)),
@@ -100,6 +109,12 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> di
         model = fold_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    whole = None
+    if args.denoiser:
+        classifier = model
+        model, _ = attach_denoiser(classifier, args.denoiser, sigma=0.25, shape=shape, device=device)
+        whole, _ = attach_denoiser(classifier, args.denoiser, sigma=0.25, shape=shape, device=device)
+        whole.denoiser.chunk = None  # the whole batch through the UNet in one call
     batch, samples, n0 = args.batch[arch], args.samples[arch], args.n0
     n = samples - n0
     static = torch.rand(batch, *shape, device=device)
@@ -149,6 +164,8 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> di
                                              "dataset": run_dataset, "cohen": run_cohen, "overhead": run_overhead}
     if args.fold_bn or args.channels_last:
         methods["forward_plain"] = forward_of(plain)
+    if whole is not None:
+        methods["forward_whole"] = forward_of(whole)
     for fn in methods.values():  # warm-up (allocations, oneDNN primitive caches, cudnn autotuning)
         fn()
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
@@ -176,6 +193,7 @@ def main() -> None:
                              "use on a shared, oversubscribed machine)")
     parser.add_argument("--fold-bn", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--denoiser", default=None, help="a diffusion model directory: certify f o D (see above)")
     args = parser.parse_args()
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -185,7 +203,8 @@ def main() -> None:
     args.samples = {m: args.samples or (200_000 if gpu else 10_000 if m == "fashion_cnn" else 2000) for m in MODELS}
     where = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU"
     print(f"# device: {where}; torch {torch.__version__}; threads {threads}; reps {args.reps} (medians); "
-          f"clock {args.clock}; fold_bn={args.fold_bn} channels_last={args.channels_last}")
+          f"clock {args.clock}; fold_bn={args.fold_bn} channels_last={args.channels_last}"
+          + (f"; every model behind the diffusion denoiser {args.denoiser} (f o D)" if args.denoiser else ""))
     print("| model | batch | forward (samples/s) | Smooth.certify | smoothadv certify | Cohen-style loop "
           "| certify / forward | smoothadv certify / forward | Cohen-style / forward |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -197,6 +216,9 @@ def main() -> None:
               flush=True)
         print(f"|   (certify's own per-sample work, timed alone: {f / r['overhead']:.3f} of a forward pass, so the "
               f"ratio it allows is {r['overhead'] / (r['overhead'] + f):.3f}) |")
+        if "forward_whole" in r:
+            print(f"|   (f o D with the whole batch through the UNet at once: {r['forward_whole']:,.0f} samples/s; "
+                  f"in chunks / whole = {f / r['forward_whole']:.3f}) |")
         if "forward_plain" in r:
             print(f"|   (plain model forward: {r['forward_plain']:,.0f} samples/s; optimised / plain = "
                   f"{f / r['forward_plain']:.3f}) |")
