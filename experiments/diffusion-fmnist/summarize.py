@@ -1,6 +1,7 @@
 """The certified table of diffusion denoised smoothing on Fashion-MNIST, with what each certificate cost.
 
     OMP_NUM_THREADS=1 python experiments/diffusion-fmnist/summarize.py   # after certify.sh; writes certify/table.md
+    python experiments/diffusion-fmnist/summarize.py --accuracy          # prints the accuracy table (docs/dds.md)
 
 Reads the sequential certify TSVs of `certify.sh` (results/diffusion-fmnist/certify/*_s0.25.tsv) and writes
 results/diffusion-fmnist/certify/table.md:
@@ -16,6 +17,8 @@ results/diffusion-fmnist/certify/table.md:
   for the rows that have one.
 
 When a file is not finished, every row is restricted to the images all of them hold (said in the table).
+`--accuracy` prints only the accuracy table and one sentence per paired comparison (no timing: the same output from
+the same files), the generated block of docs/dds.md.
 
 Then, when certify.sh's row f_D_ddpm_k4 exists (the 4-step DDIM chain, `--denoiser-steps 4`, on every 200th test
 image), one shot against 4 steps on the images both hold: the same accuracy table and paired test, and their cost.
@@ -23,6 +26,7 @@ image), one shot against 4 steps on the images both hold: the same accuracy tabl
 
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
 import time
@@ -31,7 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoothadv.report import Results, format_table, load_results, paired_text, summarize
+from smoothadv.report import (
+    Results,
+    compare_to_first,
+    describe_comparison,
+    format_table,
+    load_results,
+    paired_text,
+    summarize,
+)
 from smoothadv.run import load_smoothed
 from smoothadv.settings import CertifySettings, RunSettings
 from smoothadv.stats import certified_accuracy
@@ -111,17 +123,37 @@ def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) 
     return lines
 
 
+def scope_of(count: int, total: int) -> str:
+    """Which images the table holds: all of certify.sh's, or those every row has so far."""
+    return (f"all {count} test images of certify.sh (every 50th)" if count == total else
+            f"the {count} of the {total} images (every 50th) that every row has certified so far (f o D_ddpm's "
+            "run is not finished); every row restricted to them")
+
+
+def accuracy_lines(certify: dict[str, Results], scope: str) -> list[str]:
+    """The `--accuracy` output: the table with intervals and one sentence per comparison with f_D_ddpm."""
+    lines = [f"Fashion-MNIST, sigma = {SIGMA}, {scope}; sequential test, n0 = 100, alpha = 0.001, seed 0. Certified "
+             "accuracy (%) with its 95% Clopper-Pearson interval, ACR and abstentions; then each row against f_D_ddpm "
+             "on the same images (the per-radius tables: results/diffusion-fmnist/certify/table.md).", ""]
+    lines.append(format_table(summarize(certify, list(RADII), ci=True), "markdown").rstrip())
+    lines += ["", *(describe_comparison(comparison) for comparison in compare_to_first(certify, list(RADII)))]
+    return lines
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accuracy", action="store_true", help="print the accuracy table only (no timing)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     files = {name: HERE / f"{name}_s{SIGMA}.tsv" for name in ROWS}
     loaded = {name: load_results(path) for name, path in files.items()}
     keep = set.intersection(*({int(i) for i in results.idx} for results in loaded.values()))
     total = max(len(results) for results in loaded.values())
     certify = {name: restricted(results, keep) for name, results in loaded.items()}
-    count = len(keep)
-    scope = (f"all {count} test images of certify.sh (every 50th)" if count == total else
-             f"the {count} of the {total} images (every 50th) that every row has certified so far (f o D_ddpm's "
-             "run is not finished); every row restricted to them")
+    scope = scope_of(len(keep), total)
+    if args.accuracy:
+        print("\n".join(accuracy_lines(certify, scope)))
+        return
     lines = [f"Fashion-MNIST, sigma = {SIGMA}, {scope}; sequential test (`certify --mode sequential`: the "
              "default alpha-spending grid schedule, looks 1,024 ... 111,616, adaptive class selection), n0 = 100, "
              "alpha = 0.001, seed 0. Made by `experiments/diffusion-fmnist/summarize.py` from the TSVs beside "
