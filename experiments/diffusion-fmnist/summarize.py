@@ -105,8 +105,8 @@ def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5, 
 def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) -> list[str]:
     """The lines comparing f o D_ddpm one shot with the 4-step row on the images both hold (none without it)."""
     path = HERE / f"f_D_ddpm_k4_s{SIGMA}.tsv"
-    if not path.exists():
-        return []
+    if not path.exists() or len(path.read_text(encoding="utf-8").splitlines()) < 3:
+        return []  # not started, or fewer than the 2 images a paired test needs
     four = load_results(path)
     keep = {int(i) for i in four.idx} & {int(i) for i in one_shot.idx}
     pair = {"f_D_ddpm": restricted(one_shot, keep), "f_D_ddpm_k4": restricted(four, keep)}
