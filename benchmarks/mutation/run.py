@@ -337,6 +337,14 @@ class _Recorder:
         self.current = ""
 
 
+def _mutant_run(src: Path, args: list[str], result: Path, log: Path, timeout: float) -> tuple[str, dict]:
+    """`_forked` on a mutant (no tracing): its outcome and what the recorder wrote ({} if nothing), the file removed."""
+    outcome = _forked(src, args, result, log, None, timeout)
+    data = json.loads(result.read_text()) if result.exists() else {}
+    result.unlink(missing_ok=True)
+    return outcome, data
+
+
 def _forked(src: Path, args: list[str], result: Path, log: Path, target: str | None, timeout: float) -> str:
     """Run pytest with `args` in a forked child importing smoothadv from `src`; 'ok', 'failed' or 'timeout'."""
     pid = os.fork()
@@ -474,16 +482,12 @@ def run_module(name: str, spec: dict, work: Path, max_minutes: float | None, par
             # generous: a busy machine slows the tests several-fold, and a slow run is not a kill
             budget = 60 + 10 * sum(baseline["durations"].get(t, 1.0) for t in selected)
             t0 = time.monotonic()
-            outcome = _forked(src, _pytest_args(selected, True), result_file, log, None, budget)
-            data = json.loads(result_file.read_text()) if result_file.exists() else {}
-            result_file.unlink(missing_ok=True)
+            outcome, data = _mutant_run(src, _pytest_args(selected, True), result_file, log, budget)
             if outcome == "failed" and not data.get("first_failure") and "no match in any of" in log.read_text(
                     errors="replace"):  # a test id built from a mutated constant: not a kill; run their files
                 files = sorted({t.split("::")[0] for t in selected}, key=lambda f: min(
                     order.index(t) for t in selected if t.startswith(f"{f}::")))
-                outcome = _forked(src, _pytest_args(files, True), result_file, log, None, budget)
-                data = json.loads(result_file.read_text()) if result_file.exists() else {}
-                result_file.unlink(missing_ok=True)
+                outcome, data = _mutant_run(src, _pytest_args(files, True), result_file, log, budget)
             if outcome == "timeout":
                 record.update(status="timeout", detail=f"over {budget:.0f} s")
             elif outcome == "failed":
