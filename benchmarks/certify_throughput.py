@@ -44,6 +44,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from smoothadv.accel import fold_batchnorm
+from smoothadv.denoise import DenoisedClassifier
+from smoothadv.diffusion import DiffusionDenoiser
 from smoothadv.evaluate import certify_dataset
 from smoothadv.models import attach_denoiser, build_model
 from smoothadv.smoothing import Smooth
@@ -113,8 +115,8 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> di
     if args.denoiser:
         classifier = model
         model, _ = attach_denoiser(classifier, args.denoiser, sigma=0.25, shape=shape, device=device)
-        whole, _ = attach_denoiser(classifier, args.denoiser, sigma=0.25, shape=shape, device=device)
-        whole.denoiser.chunk = None  # the whole batch through the UNet in one call
+        chunked = model.denoiser  # the same loaded UNet, with the whole batch through it in one call
+        whole = DenoisedClassifier(DiffusionDenoiser(chunked.model, chunked.sigma, chunked.steps), classifier).eval()
     batch, samples, n0 = args.batch[arch], args.samples[arch], args.n0
     n = samples - n0
     static = torch.rand(batch, *shape, device=device)

@@ -24,6 +24,7 @@ SMOOTHADV=${SMOOTHADV:-.venv/bin/smoothadv}
 OUT=${OUT:-results/diffusion-fmnist/certify}
 SIGMA=0.25
 CLEAN=results/denoised/runs/classifier_clean/checkpoint.pth.tar
+DDPM=${MODEL:-results/diffusion-fmnist/ddpm/model}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
@@ -32,8 +33,8 @@ certify() {  # row checkpoint [more flags]; SKIP and COUNT (the images: every SK
   local out="$OUT/${row}_s$SIGMA.tsv" resume=()
   [ -e "$out" ] && resume=(--resume)
   nice "$SMOOTHADV" certify "$checkpoint" "$@" --sigma "$SIGMA" --mode sequential --selection adaptive --n0 100 \
-    --alpha 0.001 --skip "${SKIP:-50}" --max "${MAX:-${COUNT:-200}}" --batch 256 --seed 0 --device cpu --no-progress "${resume[@]}" \
-    --out "$out"
+    --alpha 0.001 --skip "${SKIP:-50}" --max "${MAX:-${COUNT:-200}}" --batch 256 --seed 0 --device cpu --no-progress \
+    "${resume[@]}" --out "$out"
 }
 
 row() {
@@ -41,9 +42,8 @@ row() {
     f) certify f "$CLEAN" ;;
     f_D_mse) certify f_D_mse "$CLEAN" --denoiser results/denoised/runs/denoiser_mse/denoiser.pth.tar ;;
     f_D_stab) certify f_D_stab "$CLEAN" --denoiser results/denoised/runs/denoiser_stability/denoiser.pth.tar ;;
-    f_D_ddpm) certify f_D_ddpm "$CLEAN" --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" ;;
-    f_D_ddpm_k4) SKIP=200 COUNT=50 certify f_D_ddpm_k4 "$CLEAN" --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" \
-      --denoiser-steps 4 ;;
+    f_D_ddpm) certify f_D_ddpm "$CLEAN" --denoiser "$DDPM" ;;
+    f_D_ddpm_k4) SKIP=200 COUNT=50 certify f_D_ddpm_k4 "$CLEAN" --denoiser "$DDPM" --denoiser-steps 4 ;;
     gaussian) certify gaussian results/fashion-mnist/runs/gaussian_sigma0.25/checkpoint.pth.tar ;;
     consistency) certify consistency results/fmnist-lenet/runs/consistency_s0.25/checkpoint.pth.tar ;;
     *) echo "certify.sh: unknown row '$1' (f, f_D_mse, f_D_stab, f_D_ddpm, f_D_ddpm_k4, gaussian, consistency)" >&2; exit 2 ;;

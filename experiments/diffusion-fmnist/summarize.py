@@ -102,6 +102,11 @@ def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5, 
     return statistics.median(timings)
 
 
+def accuracy_table(certify: dict[str, Results]) -> str:
+    """Certified accuracy at RADII with 95% intervals, ACR and abstentions, one row per entry (markdown)."""
+    return format_table(summarize(certify, list(RADII), ci=True), "markdown").rstrip()
+
+
 def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) -> list[str]:
     """The lines comparing f o D_ddpm one shot with the 4-step row on the images both hold (none without it)."""
     path = HERE / f"f_D_ddpm_k4_s{SIGMA}.tsv"
@@ -113,8 +118,7 @@ def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) 
     lines = ["", f"One shot against the 4-step DDIM chain (`--denoiser-steps 4`, row f_D_ddpm_k4 of certify.sh) on the "
              f"{len(keep)} images both rows hold (every 200th test image; the 4-step row is planned for 50), the same "
              "test and settings. Certified accuracy (%) with its 95% interval, then the paired test.", ""]
-    lines += [format_table(summarize(pair, list(RADII), ci=True), "markdown").rstrip()
-              + paired_text(pair, list(RADII)).rstrip(), ""]
+    lines += [accuracy_table(pair) + paired_text(pair, list(RADII)).rstrip(), ""]
     per_sample = seconds_per_sample(CLEAN, ROWS["f_D_ddpm"][2], steps=4)
     lines += ["| row | mean samples / image | CPU-ms / sample | CPU-s / image |", "|---|---:|---:|---:|"]
     for name, file, seconds in (("f_D_ddpm", one_shot_file, one_shot_seconds), ("f_D_ddpm_k4", path, per_sample)):
@@ -135,7 +139,7 @@ def accuracy_lines(certify: dict[str, Results], scope: str) -> list[str]:
     lines = [f"Fashion-MNIST, sigma = {SIGMA}, {scope}; sequential test, n0 = 100, alpha = 0.001, seed 0. Certified "
              "accuracy (%) with its 95% Clopper-Pearson interval, ACR and abstentions; then each row against f_D_ddpm "
              "on the same images (the per-radius tables: results/diffusion-fmnist/certify/table.md).", ""]
-    lines.append(format_table(summarize(certify, list(RADII), ci=True), "markdown").rstrip())
+    lines.append(accuracy_table(certify))
     lines += ["", *(describe_comparison(comparison) for comparison in compare_to_first(certify, list(RADII)))]
     return lines
 
@@ -162,8 +166,7 @@ def main() -> None:
     lines += [f"| {name} | {what} |" for name, (what, *_rest) in ROWS.items()]
     lines += ["", "Certified accuracy (%) with its 95% Clopper-Pearson interval, ACR and abstentions; then each row "
               "against f_D_ddpm on the same images.", ""]
-    table = summarize(certify, list(RADII), ci=True)
-    lines += [format_table(table, "markdown").rstrip() + paired_text(certify, list(RADII)).rstrip(), ""]
+    lines += [accuracy_table(certify) + paired_text(certify, list(RADII)).rstrip(), ""]
 
     lines += ["What a certificate cost. Noise samples per image: selection and estimation (each is one forward pass "
               "of the classifier, and of the denoiser when there is one). CPU-s per sample: one forward through the "
