@@ -288,7 +288,8 @@ def _parses(text: str, kind: type) -> bool:
 
 
 def merge(parts: Sequence[Results]) -> Results:
-    """Concatenate the rows of several files of the same kind (e.g. the shards of one certify run).
+    """Concatenate the rows of several files of the same kind (e.g. the shards of one certify run). The merged
+    `path` names every part ("a.tsv + b.tsv"), so a message about the merged results points at all its files.
 
     Raises SmoothAdvError if the kinds differ or an example appears twice (at the same eps).
     """
@@ -307,8 +308,9 @@ def merge(parts: Sequence[Results]) -> Results:
     def joined(name: str) -> np.ndarray:  # a column every file has
         return np.concatenate([getattr(p, name) for p in parts])
 
-    merged = Results(parts[0].path, parts[0].kind, joined("idx"), joined("label"), joined("predict"),
-                     joined("correct"), cat("radius"), cat("eps"), cat("seconds"), any(p.sequential for p in parts))
+    merged = Results(Path(" + ".join(str(p.path) for p in parts)), parts[0].kind, joined("idx"), joined("label"),
+                     joined("predict"), joined("correct"), cat("radius"), cat("eps"), cat("seconds"),
+                     any(p.sequential for p in parts))
     keys = list(zip(merged.idx.tolist(), (merged.eps if merged.eps is not None else merged.idx * 0).tolist()))
     if len(set(keys)) != len(keys):
         raise SmoothAdvError(f"example indices repeat across {', '.join(str(p.path) for p in parts)}")

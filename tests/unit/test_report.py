@@ -99,6 +99,7 @@ def test_attack_files_give_empirical_accuracy_per_eps(tmp_path: Path) -> None:
                         ["0\t1\t1\t1\t0.5\t0.5\t0:00:01", "1\t1\t-1\t0\t0.5\t0.5\t0:00:01",
                          "2\t0\t0\t1\t0.5\t0.5\t0:00:01", "3\t0\t0\t1\t0.5\t0.5\t0:00:01"])
     merged = merge([load_results(first), load_results(second)])
+    assert str(merged.path) == f"{first} + {second}"  # messages about the merged rows name both files
     eps, accuracy = empirical_curve(merged)
     assert eps.tolist() == [0.25, 0.5] and accuracy == pytest.approx([0.5, 0.75])
     # Salman's predict format (extra basePredict column, no eps): a clean PREDICT run, eps = 0.
