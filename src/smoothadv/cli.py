@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .errors import SmoothAdvError
 from .sequential import doubling_looks
@@ -38,6 +38,12 @@ from .settings import (
     make,
     recipe_key,
 )
+
+if TYPE_CHECKING:
+    # What `add_subparsers` returns, to which each command adds its parser; and what flags are added to (a parser or
+    # one of its argument groups).
+    Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
+    ArgumentContainer: TypeAlias = argparse.ArgumentParser | argparse._ArgumentGroup
 
 __all__ = [
     "COMMANDS", "EVALUATIONS", "PAIRS", "Parser", "SEQUENTIAL_FLAGS", "add_attack", "add_certify", "add_convert",
@@ -116,8 +122,9 @@ def _field_type(field: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
     return parse
 
 
-def add_settings(parser: Any, cls: type, *, skip: Sequence[str] = (), defaults: dict[str, Any] | None = None,
-                 only: Sequence[str] | None = None, notes: dict[str, str] | None = None) -> None:
+def add_settings(parser: ArgumentContainer, cls: type, *, skip: Sequence[str] = (),
+                 defaults: dict[str, Any] | None = None, only: Sequence[str] | None = None,
+                 notes: dict[str, str] | None = None) -> None:
     """Add one flag per field of the settings dataclass `cls` (its spelling, type, limit, choices, help).
 
     Flags default to argparse.SUPPRESS: only the flags given reach the settings, whose own defaults
@@ -131,7 +138,8 @@ def add_settings(parser: Any, cls: type, *, skip: Sequence[str] = (), defaults: 
         add_field(parser, field, kind, defaults.get(name, field.default), notes.get(name))
 
 
-def add_field(parser: Any, field: dataclasses.Field, kind: Any, default: Any, note: str | None = None) -> None:
+def add_field(parser: ArgumentContainer, field: dataclasses.Field, kind: Any, default: Any,
+              note: str | None = None) -> None:
     """Add the flag of one settings field (see `add_settings`); its value reaches `args` under its recipe key."""
     meta = field.metadata
     shown = _shown(default)
@@ -187,13 +195,13 @@ def _split(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ train
 
 
-def _train_flags(parser: Any) -> None:
+def _train_flags(parser: ArgumentContainer) -> None:
     """The flags every `train` command has: --config and the training settings."""
     parser.add_argument("--config", help="TOML recipe whose keys set these flags (flags given here win)")
     add_settings(parser, TrainSettings, defaults={"device": "auto", "arch": None, "out_dir": None})
 
 
-def add_train(sub: Any) -> None:
+def add_train(sub: Subcommands) -> None:
     from .attacks import attack_settings
     from .objectives import OBJECTIVES, has_attack, hyperparameters
     from .train import TRAINING_ATTACK_DEFAULTS
@@ -280,7 +288,7 @@ def run_train(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ train-denoiser
 
 
-def add_train_denoiser(sub: Any) -> None:
+def add_train_denoiser(sub: Subcommands) -> None:
     from .settings import DenoiserTrainSettings
 
     p = sub.add_parser("train-denoiser", help="train a denoiser D for a classifier you cannot retrain (denoised "
@@ -313,7 +321,7 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ train-diffusion
 
 
-def add_train_diffusion(sub: Any) -> None:
+def add_train_diffusion(sub: Subcommands) -> None:
     from .diffusion import DiffusionTrainSettings
 
     p = sub.add_parser("train-diffusion", help="train a small DDPM (Ho et al. 2020; resumable) to use as a diffusion "
@@ -337,7 +345,7 @@ EVALUATIONS: dict[str, type] = {"certify": CertifySettings, "predict": PredictSe
                                 "smooth-prediction": SmoothPredictionSettings}
 
 
-def _add_evaluation(sub: Any, command: str, help: str) -> None:
+def _add_evaluation(sub: Subcommands, command: str, help: str) -> None:
     p = sub.add_parser(command, help=help)
     add_settings(p, RunSettings)
     add_settings(p, EVALUATIONS[command])
@@ -351,7 +359,7 @@ def _forecast(text: str) -> float | None:
     return probability(text)
 
 
-def add_certify(sub: Any) -> None:
+def add_certify(sub: Subcommands) -> None:
     _add_evaluation(sub, "certify", "CERTIFY each test example: prediction and certified L2 radius")
     p = sub.choices["certify"]
     g = p.add_argument_group("sequential test (--mode sequential; settings.SpendingSettings / BettingSettings)")
@@ -406,11 +414,11 @@ def _attack_recipe(values: dict[str, Any]) -> dict[str, Any]:
     return {key: values.pop(key) for key in attack_settings() if key != "eps" and key in values}
 
 
-def add_predict(sub: Any) -> None:
+def add_predict(sub: Subcommands) -> None:
     _add_evaluation(sub, "predict", "PREDICT each test example with the smoothed classifier (or abstain)")
 
 
-def add_attack(sub: Any) -> None:
+def add_attack(sub: Subcommands) -> None:
     from .attacks import DDN_RULE_KEYS, attack_settings
     from .run import ATTACK_RUN_DEFAULTS
 
@@ -429,7 +437,7 @@ def add_attack(sub: Any) -> None:
                   "; ".join(part for part in (rule, note) if part) or None)
 
 
-def add_smooth_prediction(sub: Any) -> None:
+def add_smooth_prediction(sub: Subcommands) -> None:
     _add_evaluation(sub, "smooth-prediction", "CAT-RS's smoothed prediction: vote counts on n noisy copies of each "
                     "training example (resumable, --shard), the target of `train --objective catrs`")
 
@@ -449,7 +457,7 @@ def run_evaluation_command(args: argparse.Namespace) -> None:
     run_evaluation(make(RunSettings, run_values), make(EVALUATIONS[command], values))
 
 
-def add_merge(sub: Any) -> None:
+def add_merge(sub: Subcommands) -> None:
     p = sub.add_parser("merge", help="merge shard TSVs (--shard i/k jobs or torchrun ranks) into one TSV")
     p.add_argument("out", help="merged output TSV; its shards are OUT.shard-i-of-k unless listed")
     p.add_argument("shards", nargs="*", help="shard files (default: every OUT.shard-*-of-* next to OUT)")
@@ -464,7 +472,7 @@ def run_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({rows} rows)")
 
 
-def add_convert(sub: Any) -> None:
+def add_convert(sub: Subcommands) -> None:
     p = sub.add_parser("convert-checkpoint", help="re-save a TRUSTED legacy checkpoint as a weights-only file")
     p.add_argument("src", help="the legacy checkpoint (a full pickle)")
     p.add_argument("dst", help="the weights-only checkpoint to write")
@@ -493,7 +501,7 @@ def _named_path(text: str) -> tuple[str, str]:
     return name, path
 
 
-def add_report(sub: Any) -> None:
+def add_report(sub: Subcommands) -> None:
     p = sub.add_parser("report", help="certified-accuracy table and plot from certify (and attack) TSVs")
     p.add_argument("results", nargs="*", type=_named_path, metavar="NAME=path",
                    help="certify TSVs (ours, Cohen's or Salman's); repeating a NAME merges files (shards)")
@@ -548,6 +556,7 @@ def add_report(sub: Any) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, check_new_output
     from .report import (
+        Results,
         default_radii,
         format_table,
         load_costs,
@@ -576,7 +585,7 @@ def run_report(args: argparse.Namespace) -> None:
     if args.radius_cdf:
         plot_format(args.radius_cdf)
 
-    def grouped(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    def grouped(pairs: list[tuple[str, str]]) -> dict[str, Results]:
         files: dict[str, list[str]] = {}
         for name, path in pairs:
             files.setdefault(name, []).append(path)
@@ -682,7 +691,7 @@ def check_same_data(paths: Sequence[str]) -> None:
                                  "data (data_sha256 differs): a paired comparison needs the same images")
 
 
-def add_validity(sub: Any) -> None:
+def add_validity(sub: Subcommands) -> None:
     p = sub.add_parser("validity", help="measure the rate of invalid certificates on classifiers with exact answers")
     p.add_argument("--trials", type=positive_int, default=2000, help="independent runs per (input, mode) "
                    "(default: 2000)")
@@ -716,7 +725,7 @@ def run_validity(args: argparse.Namespace) -> None:
         raise SmoothAdvError("some validity checks failed (see the table)")
 
 
-def add_pseudo_label(sub: Any) -> None:
+def add_pseudo_label(sub: Subcommands) -> None:
     p = sub.add_parser("pseudo-label", help="label an unlabelled .npz with a model (for train --unlabelled)")
     p.add_argument("checkpoint", help="the labelling model's checkpoint")
     p.add_argument("--images", required=True, help=".npz with an `images` array (labels, if any, are ignored)")
@@ -738,7 +747,7 @@ def run_pseudo_label(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({count} pseudo-labelled images)")
 
 
-def add_demo(sub: Any) -> None:
+def add_demo(sub: Subcommands) -> None:
     from .demo import DEMO_FLAGS, QUICK, DemoConfig
 
     p = sub.add_parser("demo", help="Gaussian vs SmoothAdv end to end: train, certify, attack, report (CPU minutes)")
@@ -757,7 +766,7 @@ def run_demo(args: argparse.Namespace) -> None:
     run_demo(make(DemoConfig, {**preset, **values}))
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,
+COMMANDS: list[Callable[[Subcommands], None]] = [add_train, add_train_denoiser, add_certify, add_predict, add_merge,
                                          add_convert, add_report, add_validity, add_attack, add_pseudo_label, add_demo,
                                          add_smooth_prediction, add_train_diffusion]
 
