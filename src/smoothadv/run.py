@@ -727,7 +727,7 @@ def _file_digest(path: str | os.PathLike[str] | None) -> str | None:
     return file_sha256(path) if path is not None and Path(path).is_file() else None
 
 
-def _refuse_changed_while_read(flag: str, path: Any, before: str | None, after: Any) -> None:
+def _refuse_changed_while_read(flag: str, path: str | Path | None, before: str | None, after: object) -> None:
     """Refuse (one line) a file whose SHA-256 after it was loaded (`after`, what the run records) is not the one
     before (`before`): it was replaced while being read (a training run writing its checkpoint), so the
     recorded digest might not be of the weights the rows come from."""
