@@ -102,14 +102,36 @@ def attack_mode(model: object) -> Iterator[None]:
             module.training = training
 
 
-class _ModelAtCallTime:
-    """Refuses the torchattacks habit of giving the model to the constructor, with what to write instead."""
+class _L2Attack:
+    """What every attack here shares: it is called as attack(model, x, y), checks the batch, returns x unchanged at
+    eps = 0 and otherwise runs its `_attack` with the model in attack mode (`attack_mode`). Making one with a model,
+    the torchattacks habit, is refused with what to write instead."""
+
+    eps: float
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if any(callable(value) and not isinstance(value, (int, float)) for value in (*args, *kwargs.values())):
             raise SmoothAdvError(f"{cls.__name__} takes the model when it is called, not when it is made: write "
                                  f"{cls.__name__}(eps=0.5, steps=10)(model, x, y)")
         return super().__new__(cls)
+
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, *,
+                 domain: Domain = (0.0, 1.0)) -> Tensor:
+        """x_adv for the batch x with labels y. `domain` is where the inputs live ([0, 1] by default): x is checked
+        against it and x_adv kept in it; (lo, hi) for another box, None for no box (eps in the inputs' units)."""
+        self._accepts(model)
+        top_label = check_batch(x, y, domain)
+        if self.eps == 0:
+            return x
+        with attack_mode(model):
+            return self._attack(model, x.detach(), y, top_label, generator, domain)
+
+    def _accepts(self, model: Model) -> None:
+        """Raise SmoothAdvError if this attack cannot use `model` (checked once, before any step)."""
+
+    def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
+                domain: Domain) -> Tensor:
+        raise NotImplementedError
 
 
 def l2_norm(t: Tensor) -> Tensor:
@@ -203,7 +225,7 @@ def _check(eps: float, steps: int) -> None:
 
 
 @dataclass(frozen=True)
-class _ProjectedL2Ascent(_ModelAtCallTime):
+class _ProjectedL2Ascent(_L2Attack):
     """The PGD loop shared by `PGDL2` and `SteinPGDL2`; subclasses say where the ascent direction comes from.
 
     T = `steps` steps of length `step_length` along the per-example normalized direction, each
@@ -230,20 +252,6 @@ class _ProjectedL2Ascent(_ModelAtCallTime):
 
     def _direction(self, model: Model, x_adv: Tensor, y: Tensor, top_label: int) -> Tensor:
         raise NotImplementedError
-
-    def _accepts(self, model: Model) -> None:
-        """Raise SmoothAdvError if this attack cannot use `model` (checked once, before any step)."""
-
-    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, *,
-                 domain: Domain = (0.0, 1.0)) -> Tensor:
-        """x_adv for the batch x with labels y. `domain` is where the inputs live ([0, 1] by default): x is checked
-        against it and x_adv kept in it; (lo, hi) for another box, None for no box (eps in the inputs' units)."""
-        self._accepts(model)
-        top_label = check_batch(x, y, domain)
-        if self.eps == 0:
-            return x
-        with attack_mode(model):
-            return self._attack(model, x.detach(), y, top_label, generator, domain)
 
     def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
                 domain: Domain) -> Tensor:
@@ -297,7 +305,7 @@ class SteinPGDL2(_ProjectedL2Ascent):
 
 
 @dataclass(frozen=True)
-class DDN(_ModelAtCallTime):
+class DDN(_L2Attack):
     """Decoupled Direction and Norm (Rony et al., CVPR 2019), as SmoothAdv adapted it (Salman et al. 2019, Section 3).
 
     Keeps a norm budget rho (starting at `init_norm`) that shrinks by (1 - gamma) while the point is
@@ -334,15 +342,6 @@ class DDN(_ModelAtCallTime):
         if (lo, span) == (0.0, 1.0):  # the SmoothAdv code's arithmetic, bit for bit
             return ((x + delta) * scale).round() / scale - x
         return ((x + delta - lo) / span * scale).round() / scale * span + lo - x
-
-    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None, *,
-                 domain: Domain = (0.0, 1.0)) -> Tensor:
-        """x_adv for the batch x with labels y; `domain` as for `PGDL2` (the quantization spans its box)."""
-        top_label = check_batch(x, y, domain)
-        if self.eps == 0:
-            return x
-        with attack_mode(model):
-            return self._attack(model, x.detach(), y, top_label, generator, domain)
 
     def _attack(self, model: Model, x: Tensor, y: Tensor, top_label: int, generator: torch.Generator | None,
                 domain: Domain) -> Tensor:
