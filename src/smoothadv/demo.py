@@ -29,12 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import report
 from .accel import resolve_device
 from .data import check_data_dir, dataset_info, get_dataset
 from .errors import SmoothAdvError
 from .files import make_directory, read_tsv
 from .models import read_checkpoint
+from .objectives import Objective
 from .run import run_evaluation, unfinished
 from .rundir import RunDirectory, described, settings_path
 from .settings import DEMO_DATASETS, AttackRunSettings, CertifySettings, DemoConfig, RunSettings, TrainSettings
@@ -61,11 +64,11 @@ class DemoResult:
     timings: dict[str, tuple[str, float]]  # step -> (ran / reused / resumed, seconds when it ran)
 
 
-Training = dict[str, tuple[TrainSettings, Any]]  # name -> (settings, objective)
+Training = dict[str, tuple[TrainSettings, Objective]]  # name -> (settings, objective)
 Evaluations = dict[str, tuple[RunSettings, CertifySettings | AttackRunSettings]]  # step -> (run, settings)
 
 
-def _plan(cfg: DemoConfig, out: Path, device: Any) -> tuple[Training, Evaluations]:
+def _plan(cfg: DemoConfig, out: Path, device: torch.device) -> tuple[Training, Evaluations]:
     """What a demo run trains and evaluates, and where: the same for a run and for a rebuilt report."""
     common = {"dataset": cfg.dataset, "arch": dataset_info(cfg.dataset).default_arch, "sigma": cfg.sigma,
               "epochs": cfg.epochs, "batch": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
@@ -139,7 +142,8 @@ def _refuse_foreign_files(cfg: DemoConfig, out: Path, training: Training, evalua
                              "choose another --out")
 
 
-def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Any, log: Callable[[str], None]) -> str:
+def _train(cfg: DemoConfig, name: str, settings: TrainSettings, objective: Objective,
+           log: Callable[[str], None]) -> str:
     """`fit` one model, resumed when the run's own rule lets its checkpoint resume with these settings
     (`RunDirectory.check_resumable`), else from the start. Returns ran / resumed / reused."""
     directory, done = RunDirectory(settings.out_dir, CHECKPOINT), 0
@@ -178,7 +182,7 @@ def _check_finished(cfg: DemoConfig, training: Training, evaluations: Evaluation
                              "without --report-only (with the flags of the run) to finish it")
 
 
-def _write_report(cfg: DemoConfig, out: Path, device: Any, training: Training, evaluations: Evaluations,
+def _write_report(cfg: DemoConfig, out: Path, device: torch.device, training: Training, evaluations: Evaluations,
                   timings: dict[str, tuple[str, float]], log: Callable[[str], None]) -> DemoResult:
     """The demo's report (`report.write_demo_report`: report.md, table.md, accuracy.png), then its summary on `log`."""
     files = {step: Path(run.out) for step, (run, _) in evaluations.items()}

@@ -683,7 +683,7 @@ def _model_step(out: Path) -> int | None:
         return None
 
 
-def _open_log(path: Path, step: int) -> Any:
+def _open_log(path: Path, step: int) -> TsvLog:
     """log.tsv, keeping the rows of steps up to `step` (those the checkpoint holds) and dropping later ones."""
     if step > 0 and path.exists():
         header, rows = read_tsv(path, what="refusing to resume it")

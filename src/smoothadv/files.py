@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import __version__  # set before the package imports its modules
 from .errors import SmoothAdvError
@@ -304,7 +304,7 @@ class TsvLog:
                 self._handle.close()
                 raise SmoothAdvError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def _open(self, mode: str) -> Any:
+    def _open(self, mode: str) -> IO[str]:
         try:
             return open(self.path, mode, encoding="utf-8")
         except OSError as exc:
