@@ -560,7 +560,8 @@ def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[
     return RunOutcome(out, len(jobs), len(jobs) - len(todo), None)
 
 
-def load_smoothed(run: RunSettings, settings: EvaluationSettings) -> tuple[Any, Any, dict[str, Any], Any]:
+def load_smoothed(run: RunSettings, settings: EvaluationSettings
+                  ) -> tuple[Smooth, Any, dict[str, Any], torch.device]:  # Any: a sized map-style Dataset
     """(Smooth, dataset, checkpoint metadata, device) for a run: the checkpoint on this process's device
     (torchrun: cuda -> cuda:LOCAL_RANK), prepared for speed as asked, and the dataset split.
 
