@@ -18,7 +18,9 @@ Monte Carlo noise. Trajectories stop at the first multiple of `step` >= n unless
 replayed policies has not stopped by then; they are then continued to the largest last look.
 `sample` appends one JSON line per image and resumes where a previous run stopped; when the
 replayed policies change, it first continues earlier trajectories that are now too short, from
-the same noise stream. `summary` prints one row per model and a total.
+the same noise stream. `sample --part I/N` records every N-th image only, so that N one-thread processes share
+the work (each image's noise streams depend on its index alone: the records are those of a single run), and
+`gather` folds their files into one. `summary` prints one row per model and a total.
 
     OMP_NUM_THREADS=1 python benchmarks/sequential_vs_fixed.py sample model.pth.tar --sigma 0.25 \\
         --skip 20 --max 500 --out g025.jsonl --channels-last
@@ -276,7 +278,12 @@ def run_sample(args: argparse.Namespace) -> None:
         if refined or extended or not out.read_text().endswith("\n"):  # rewrite atomically (an interruption keeps
             atomic_write_text(out, "".join(dump(r) for r in records))  # the old file)
             print(f"refined {refined} and extended {extended} earlier trajectories", file=sys.stderr)
-    todo = [i for i in select_indices(len(dataset), args.skip, args.max) if i not in done]
+    for other in args.also:  # images another part's file (or the gathered one) holds are done as well
+        if Path(other).exists():
+            done |= {r["idx"] for r in _load_lines(other)}
+    part, parts = args.part
+    selected = select_indices(len(dataset), args.skip, args.max)
+    todo = [i for k, i in enumerate(selected) if k % parts == part - 1 and i not in done]
     header = {"checkpoint": os.path.basename(args.checkpoint), "denoiser": args.denoiser, "sigma": args.sigma,
               "alpha": args.alpha, "n0": args.n0,
               "n": args.n, "looks": list(looks), "seed": args.seed, "batch": args.batch, "torch": torch.__version__}
@@ -289,6 +296,39 @@ def run_sample(args: argparse.Namespace) -> None:
             handle.flush()
             if count % 10 == 0:
                 print(f"{len(done) + count} images", file=sys.stderr, flush=True)
+
+
+def run_gather(args: argparse.Namespace) -> None:
+    """Fold the records of part files (`sample --part`) into `args.out`: one file in image order, as a single run
+    writes it, then remove the parts. An image both hold must have the same record (else SmoothAdvError, and
+    nothing is changed)."""
+    out = Path(args.out)
+    records = {r["idx"]: r for r in _load_lines(str(out))} if out.exists() else {}
+    added = 0
+    for part in args.parts:
+        if not Path(part).exists():
+            continue
+        for record in _load_lines(part):
+            held = records.get(record["idx"])
+            if held is not None and held != record:
+                raise SmoothAdvError(f"image {record['idx']}: {part} and {out} hold different trajectories")
+            added += held is None
+            records[record["idx"]] = record
+    atomic_write_text(out, "".join(dump(records[i]) for i in sorted(records)))
+    for part in args.parts:
+        Path(part).unlink(missing_ok=True)
+    print(f"{out}: {len(records)} images ({added} from {len(args.parts)} part file(s), now removed)", file=sys.stderr)
+
+
+def _part(text: str) -> tuple[int, int]:
+    """`--part I/N`: the I-th of N parts (1 <= I <= N)."""
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 1/2, got {text!r}") from None
+    if not 1 <= part <= parts:
+        raise argparse.ArgumentTypeError(f"expected 1 <= I <= N, got {text!r}")
+    return part, parts
 
 
 def selection_steps(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, chunk: int,
@@ -709,8 +749,12 @@ def run_check(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("sample", "selection", "table", "summary", "check", "bias", "where"):
+    for name in ("sample", "selection", "table", "summary", "check", "bias", "where", "gather"):
         p = sub.add_parser(name)
+        if name == "gather":
+            p.add_argument("out", help="the trajectory file the parts are folded into (created if missing)")
+            p.add_argument("parts", nargs="+", help="`sample --part` output files (removed once folded in)")
+            continue
         if name == "summary":
             p.add_argument("runs", nargs="+", metavar="FILE:SIGMA", help="trajectory files and their sigma")
             p.add_argument("--policies", nargs="+", default=[
@@ -724,6 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p.add_argument("--skip", type=int, default=20)
                 p.add_argument("--max", type=int, default=500)
                 p.add_argument("--n0", type=int, default=100)
+                p.add_argument("--part", type=_part, default=(1, 1), metavar="I/N",
+                               help="record only the I-th of every N selected images (N processes, one core each, "
+                               "each with its own --out; `gather` folds their files into one)")
+                p.add_argument("--also", action="append", default=[], metavar="FILE",
+                               help="images this trajectory file holds count as recorded (repeatable)")
             else:
                 p.add_argument("trajectories")
                 p.add_argument("checkpoint")
@@ -761,11 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        metavar=("FIRST", "LAST"))
         p.add_argument("--single", type=float, nargs="*", default=[0.5], help="single radii replayed")
     args = parser.parse_args(argv)
-    if args.command != "summary" and (math.isnan(args.sigma) or args.sigma <= 0):
+    if args.command not in ("summary", "gather") and (math.isnan(args.sigma) or args.sigma <= 0):
         parser.error("--sigma must be > 0")
     try:
         {"sample": run_sample, "selection": run_selection, "table": run_table, "summary": run_summary,
-         "check": run_check, "bias": run_bias, "where": run_where}[args.command](args)
+         "check": run_check, "bias": run_bias, "where": run_where, "gather": run_gather}[args.command](args)
     except SmoothAdvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

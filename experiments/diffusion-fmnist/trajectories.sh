@@ -9,11 +9,34 @@
 # Cost: at least 100,100 UNet passes per image (more for an image a replayed policy has not settled by then, up to
 # 131,072), about 5 million for 50 images: about 9 CPU-hours on one thread at the DDPM's ~150 samples per CPU-second.
 # GROUP images are sampled together and written together (2: a record every two images).
+#
+# PARTS=N runs N processes of one thread each (`sample --part I/N`, each with its own file OUT.partI, skipping the
+# images OUT holds) and then folds their files into OUT (`gather`); a run stopped half-way resumes each part's file,
+# and `gather` alone folds what is there. Each image's noise depends on its index alone, so the records are those of
+# one run. (Trajectories that a change of the
+# replayed policies leaves too short are continued in the file a process writes: run PARTS=1 once for OUT's.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-results/diffusion-fmnist/trajectories_s0.25.jsonl}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-nice "$PYTHON" benchmarks/sequential_vs_fixed.py sample results/denoised/runs/classifier_clean/checkpoint.pth.tar \
-  --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" --sigma 0.25 --skip 200 --max "${MAX:-50}" --n0 100 \
-  --batch 256 --group "${GROUP:-2}" --seed 0 --out "$OUT"
+PARTS=${PARTS:-1}
+BENCH=benchmarks/sequential_vs_fixed.py
+sample() {
+  nice "$PYTHON" "$BENCH" sample results/denoised/runs/classifier_clean/checkpoint.pth.tar \
+    --denoiser "${MODEL:-results/diffusion-fmnist/ddpm/model}" --sigma 0.25 --skip 200 --max "${MAX:-50}" --n0 100 \
+    --batch 256 --group "${GROUP:-2}" --seed 0 "$@"
+}
+if [ "$PARTS" -le 1 ]; then
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} sample --out "$OUT"
+  exit
+fi
+parts=()
+for i in $(seq 1 "$PARTS"); do parts+=("$OUT.part$i"); done
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a part that fails (or a stop) ends the others
+pids=()
+for i in $(seq 1 "$PARTS"); do
+  OMP_NUM_THREADS=1 sample --out "$OUT.part$i" --part "$i/$PARTS" --also "$OUT" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+"$PYTHON" "$BENCH" gather "$OUT" "${parts[@]}"

@@ -155,6 +155,39 @@ def test_top_up_continues_the_same_noise_stream(bench, toy_checkpoint, tmp_path)
             assert again[r["idx"]][key] == r[key], (r["idx"], key)
 
 
+def test_parts_gathered_equal_one_run(bench, toy_checkpoint, tmp_path, capsys) -> None:
+    # Two `--part` processes (each skipping what the gathered file already holds) and `gather` give the records one
+    # run writes, in its order (all but the timing): every image's noise streams depend on its index alone.
+    args = ["--max", "7", "--looks", "64", "512", "--n", "400", "--group", "2", *COMMON]
+    whole, gathered = tmp_path / "whole.jsonl", tmp_path / "gathered.jsonl"
+    assert bench.main(["sample", str(toy_checkpoint), "--out", str(whole), *args]) == 0
+    gathered.write_text(whole.read_text().splitlines(keepends=True)[0])  # image 0, recorded before the split
+    parts = [tmp_path / f"part{i}.jsonl" for i in (1, 2)]
+    for i, part in enumerate(parts, 1):
+        assert bench.main(["sample", str(toy_checkpoint), "--out", str(part), "--part", f"{i}/2",
+                           "--also", str(gathered), *args]) == 0
+    assert [r["idx"] for r in bench.load(str(parts[0]))] == [40, 80, 120]  # every other image of 0, 20, ..., 120
+    assert [r["idx"] for r in bench.load(str(parts[1]))] == [20, 60, 100]
+    assert bench.main(["gather", str(gathered), *map(str, parts)]) == 0
+
+    def untimed(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in bench.load(str(path))]
+
+    assert untimed(gathered) == untimed(whole) and len(untimed(whole)) == 7
+    before = gathered.read_bytes()
+    assert not any(part.exists() for part in parts)
+    # an image recorded differently in a part is refused, and nothing is changed
+    record = json.loads(whole.read_text().splitlines()[1])
+    parts[0].write_text(json.dumps({**record, "counts": [c + 1 for c in record["counts"]]}) + "\n")
+    capsys.readouterr()
+    assert bench.main(["gather", str(gathered), str(parts[0])]) == 2
+    assert "image 20: " in capsys.readouterr().err and gathered.read_bytes() == before
+    assert parts[0].exists()
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["sample", str(toy_checkpoint), "--out", str(parts[1]), "--part", "3/2", *args])
+    assert exited.value.code == 2 and "--part: expected 1 <= I <= N, got '3/2'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_expected_accuracy_is_exact_for_fixed_n_and_unbiased_for_a_full_schedule(bench) -> None:
     # Synthetic trajectories (no model): vote rates 1, 0.97 and 0.9 for the label, and one image whose selected
