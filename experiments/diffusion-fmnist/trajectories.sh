@@ -4,16 +4,19 @@
 # 200 images of certify.sh (every 200th test image), so that fixed-n CERTIFY and every sequential policy are replayed
 # from them without the model (`sequential_vs_fixed.py table / summary / check`, as results/sequential/ does).
 #
-#   bash experiments/diffusion-fmnist/trajectories.sh      # from the repository root; re-running resumes
+#   PARTS=2 bash experiments/diffusion-fmnist/trajectories.sh   # from the repository root; re-running resumes
 #
 # Cost: at least 100,100 UNet passes per image (more for an image a replayed policy has not settled by then, up to
-# 131,072), about 5 million for 50 images: about 9 CPU-hours on one thread at the DDPM's ~150 samples per CPU-second.
+# 131,072), about 5 million for 50 images. A record's `seconds` is the wall time per image of its process: 575 to
+# 1,180 s on these machines, with one thread or two, so 50 images take 8 to 16 hours in one process.
 # GROUP images are sampled together and written together (2: a record every two images).
 #
 # PARTS=N runs N processes of one thread each (`sample --part I/N`, each with its own file OUT.partI, skipping the
 # images OUT holds) and then folds their files into OUT (`gather`); a run stopped half-way resumes each part's file,
 # and `gather` alone folds what is there. Each image's noise depends on its index alone, so the records are those of
-# one run. (Trajectories that a change of the
+# one run. On the 2-core machine of 2026-12-07, one process of two threads took 859 s per image (images 1600 and
+# 1800, while short jobs also ran for some minutes); right after it, PARTS=2 recorded images 2000 to 2600 in 37.5
+# minutes, one every 562 s: two threads of one process gain little on this UNet. (Trajectories that a change of the
 # replayed policies leaves too short are continued in the file a process writes: run PARTS=1 once for OUT's.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
