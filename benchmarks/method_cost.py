@@ -1,7 +1,7 @@
 """Training cost of every objective, each with its recipe, against Gaussian augmentation.
 
 For each recipe (default: the eight methods of the Fashion-MNIST LeNet comparison, sigma = 0.25), the
-objective is built from the recipe exactly as `smoothadv train --config` builds it (`settings.train_recipe`),
+objective is built from the recipe exactly as `smoothadv train --config` builds it (`train.recipe`),
 then `train.train_epoch` (the loop `smoothadv train` runs, chunking included) trains the recipe's model
 (architecture, normalization, batch size, SGD with its lr, momentum and weight decay) for `--batches` loader
 batches. The measured CPU time per batch, times the batches of one epoch of the training set (235 for
@@ -52,8 +52,9 @@ import torch
 from smoothadv.data import dataset_info
 from smoothadv.models import build_model
 from smoothadv.objectives import CATRS, MACER, Objective, SmoothAdv, SmoothMix, StabilityTraining
-from smoothadv.settings import fields_of, read_toml, train_recipe
+from smoothadv.settings import fields_of, read_toml
 from smoothadv.smoothing import Smooth
+from smoothadv.train import recipe as train_recipe
 from smoothadv.train import train_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,12 +99,13 @@ def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:
     values = {k: v for k, v in read_toml(recipe).items() if k not in ("paper", "certify")}
     values["out"] = "unused"
     catrs = values.get("objective") == "catrs"
-    if catrs:
+    own = {}
+    if catrs:  # its pi comes from a precomputed file: build the settings as Gaussian's, then CAT-RS itself
         values.pop("smoothed_prediction", None)
-        values["objective"] = "gaussian"  # settings only; the objective is built below
+        own = {k: values.pop(k) for k in list(values) if k in fields_of(CATRS) and k != "sigma"}
+        values["objective"] = "gaussian"
     settings, objective = train_recipe(values, source=str(recipe))
     if catrs:
-        own = {k: v for k, v in values.items() if k in fields_of(CATRS) and k != "sigma"}
         objective = CATRS(settings.sigma, **own, pi=torch.full((train_size, 10), 0.1))
     if isinstance(objective, MACER):
         objective = objective.at_epoch(objective.deferred)
