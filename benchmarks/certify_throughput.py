@@ -37,6 +37,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> di
     dataset, shape = MODELS[arch]
     torch.manual_seed(0)
     plain = build_model(arch, dataset).to(device).eval()
-    model = plain
+    model: nn.Module = plain
     if args.fold_bn:
         model = fold_batchnorm(model)
     if args.channels_last:
@@ -115,7 +116,7 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> di
     if args.denoiser:
         classifier = model
         model, _ = attach_denoiser(classifier, args.denoiser, sigma=0.25, shape=shape, device=device)
-        chunked = model.denoiser  # the same loaded UNet, with the whole batch through it in one call
+        chunked = cast(DiffusionDenoiser, model.denoiser)  # the same loaded UNet, the whole batch in one call
         whole = DenoisedClassifier(DiffusionDenoiser(chunked.model, chunked.sigma, chunked.steps), classifier).eval()
     batch, samples, n0 = args.batch[arch], args.samples[arch], args.n0
     n = samples - n0

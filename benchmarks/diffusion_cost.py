@@ -35,6 +35,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from smoothadv.denoise import multiply_adds
 from smoothadv.diffusion import build_scheduler, build_unet
 
-CANDIDATES = {
+CANDIDATES: dict[str, dict[str, Any]] = {
     "small": dict(channels=(32, 64, 64), layers_per_block=1),
     "medium": dict(channels=(64, 128, 128), layers_per_block=2),
 }
@@ -118,11 +119,11 @@ def ddpm_cifar10_unet() -> torch.nn.Module:
     """A UNet2DModel in the configuration of `google/ddpm-cifar10-32` (Ho et al.'s CIFAR-10 DDPM), random weights."""
     import diffusers
 
-    return diffusers.UNet2DModel(
+    return cast(torch.nn.Module, diffusers.UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, norm_eps=1e-6,
-        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None))
 
 
 def cifar10_cost(repeats: int) -> None:

@@ -70,7 +70,7 @@ def label(objective: Objective) -> str:
     if isinstance(objective, SmoothAdv):
         attack = objective.attack
         name = "smoothadv + consistency" if objective.consistency else "smoothadv"
-        return f"{name} (T={attack.steps}, m={objective.m})"
+        return f"{name} (T={attack.steps}, m={objective.m})"  # type: ignore[attr-defined]  # PGD or DDN
     if isinstance(objective, (SmoothMix, CATRS)):
         return f"{type(objective).__name__.lower()} (T={objective.steps}, m={objective.m})"
     if isinstance(objective, StabilityTraining):
@@ -83,15 +83,15 @@ def label(objective: Objective) -> str:
 def cost_models(objective: Objective) -> tuple[float, float, str]:
     """(U model, pass model, the U model's formula): cost per epoch in Gaussian epochs; see the module docstring."""
     if isinstance(objective, SmoothAdv):
-        steps, m = objective.attack.steps, objective.m
+        steps, m = objective.attack.steps, objective.m  # type: ignore[attr-defined]  # PGD or DDN
         return m * (steps + 1), m * (2 * steps + 3) / 3, "m (T + 1)"
     if isinstance(objective, (SmoothMix, CATRS)):
         steps, m = objective.steps, objective.m
         return m * (steps + 2), m * (2 * steps + 6) / 3, "m (T + 2)"
     if isinstance(objective, StabilityTraining):
         return 2.0, 2.0, "2"
-    m = getattr(objective, "m", None)
-    return (float(m), float(m), "m") if m is not None else (1.0, 1.0, "1")
+    copies = getattr(objective, "m", None)
+    return (float(copies), float(copies), "m") if copies is not None else (1.0, 1.0, "1")
 
 
 def build(recipe: Path, train_size: int) -> tuple[Objective, dict]:

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,8 +149,8 @@ def certify_drills(work: Path, drills: int, rows: int, rng: np.random.Generator)
 
 # ------------------------------------------------------------------ training crash drills
 
-TRAIN = dict(dataset="synthetic", arch="toy_cnn", sigma=0.25, epochs=3, batch_size=64, lr=0.05, lr_step=1,
-             lr_gamma=0.5, seed=3, train_subset=256, eval_subset=32, progress=False)
+TRAIN: dict[str, Any] = dict(dataset="synthetic", arch="toy_cnn", sigma=0.25, epochs=3, batch_size=64, lr=0.05,
+                             lr_step=1, lr_gamma=0.5, seed=3, train_subset=256, eval_subset=32, progress=False)
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -226,7 +227,7 @@ FLAGS = {
 SWITCHES = ["--resume", "--force", "--no-progress", "--help-me", "-x"]
 
 
-def fuzz(work: Path, count: int, rng: np.random.Generator) -> dict[str, object]:
+def fuzz(work: Path, count: int, rng: np.random.Generator) -> dict[str, Any]:
     ckpt = work / "toy.pth.tar"
     bad: list[str] = []
     tried = 0
@@ -291,7 +292,8 @@ def fuzz(work: Path, count: int, rng: np.random.Generator) -> dict[str, object]:
             smooth = Smooth(model, 2, sigma)
             if n is True or (isinstance(n, (int, float)) and math.isfinite(n) and n > 50):
                 n = 50
-            smooth.certify(image, n0 if not (isinstance(n0, float) and n0 > 50) else 50, n, alpha, batch,
+            smooth.certify(image, n0 if not (isinstance(n0, float) and n0 > 50) else 50, n,  # type: ignore[arg-type]
+                           alpha, batch,  # type: ignore[arg-type]  # hostile types on purpose
                            generator=torch.Generator().manual_seed(0))
         except SmoothAdvError:
             pass
@@ -366,7 +368,7 @@ def main() -> None:
     print()
     print(format_summary(results))
     print(f"\n({time.time() - started:.0f} s; trials per input and mode: {trials}; seed {args.seed})")
-    for example in fuzzed["examples"]:  # type: ignore[union-attr]
+    for example in fuzzed["examples"]:
         print("UNCLEAN:", example)
     ok = (summary["passed"] == summary["checks"] and certify["rows_lost"] == certify["rows_duplicated"]
           == certify["rows_changed"] == certify["resume_failures"] == 0 and training["identical"] == training["drills"]

@@ -27,6 +27,11 @@ def read(path: str) -> dict[int, dict[str, str]]:
         return {int(row["idx"]): row for row in csv.DictReader(handle, delimiter="\t")}
 
 
+def samples(row: dict[str, str]) -> int:
+    """Samples an image used: the `samples` column (`n` before smoothadv 0.2)."""
+    return int(row["samples"] if "samples" in row else row["n"])
+
+
 def table(rows: list[dict[str, str]], radii: list[float]) -> np.ndarray:
     radius = [float(r["radius"]) for r in rows]
     correct = [int(r["correct"]) for r in rows]
@@ -47,7 +52,7 @@ def main() -> None:
     for spec in args.sequential:
         name, path = spec.split("=", 1)
         seq = read(path)
-        mean_n = float(np.mean([int(r.get("samples", r.get("n"))) for r in seq.values()]))
+        mean_n = float(np.mean([samples(r) for r in seq.values()]))
         acc = table(list(seq.values()), args.radii)
         cells = " | ".join(f"{100 * a:.1f}" for a in acc)
         print(f"| {name} | {len(seq)} | {mean_n:,.0f} | {args.fixed_cost / mean_n:.1f}x | {cells} |")
@@ -62,7 +67,7 @@ def main() -> None:
                 (int(seq[i]["correct"]) and float(seq[i]["radius"]) >= r)
                 != (int(fixed[i]["correct"]) and float(fixed[i]["radius"]) >= r)
                 for i in common for r in args.radii)
-            mean_c = float(np.mean([int(seq[i].get("samples", seq[i].get("n"))) for i in common]))
+            mean_c = float(np.mean([samples(seq[i]) for i in common]))
             print(f"| {name} on the {len(common)} fixed-n images | {len(common)} | {mean_c:,.0f} | "
                   f"{args.fixed_cost / mean_c:.1f}x | " + " | ".join(f"{100 * v:.1f}" for v in a) + " |")
             print(f"| fixed n on the same images | {len(common)} | {args.fixed_cost:,} | 1x | "

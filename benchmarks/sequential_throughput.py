@@ -63,11 +63,11 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device)
-    model = prepare_base(model, device, "fp32", args.channels_last)
+    loaded, meta = load_checkpoint(args.checkpoint, device)
+    model = prepare_base(loaded, device, "fp32", args.channels_last)
     dataset = get_dataset(meta["dataset"], "test", None)
     smooth = Smooth(model, meta["num_classes"], args.sigma)
-    indices = select_indices(len(dataset), args.skip, args.images)
+    indices = select_indices(len(dataset), args.skip, args.images)  # type: ignore[arg-type]
     fixed_indices = indices[:args.fixed_images]
     x0 = dataset[0][0].to(device)
     static = (x0 + args.sigma * torch.randn((args.batch, *x0.shape), generator=torch.Generator().manual_seed(0))

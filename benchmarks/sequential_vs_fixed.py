@@ -97,6 +97,13 @@ def policies(sigma: float, alpha: float, looks: Sequence[int], single: Sequence[
     return out
 
 
+def grid_of(configs: dict[str, Config]) -> SequentialConfig:
+    """The alpha-spending grid policy of `policies` (the schedule the others are compared on)."""
+    grid = configs["grid"]
+    assert isinstance(grid, SequentialConfig)
+    return grid
+
+
 def last_look(configs: Sequence[Config], step: int) -> int:
     """The largest sample size the replayed policies may need (every look must be a multiple of `step`)."""
     if any(look % step for cfg in configs if isinstance(cfg, SequentialConfig) for look in cfg.schedule.looks):
@@ -156,7 +163,7 @@ def advance(generator: torch.Generator, requests: Sequence[int], shape: Sequence
 
 
 def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Sequence[int], *, n0: int, n: int,
-                 looks: Sequence[int], configs: Sequence[SequentialConfig], batch_size: int, seed: int,
+                 looks: Sequence[int], configs: Sequence[Config], batch_size: int, seed: int,
                  device: torch.device, group: int) -> Iterator[dict]:
     """One record per image: selection counts, the tested class and the count trajectories (see module doc)."""
     step, top = looks[0], last_look(configs, looks[0])
@@ -187,7 +194,7 @@ def trajectories(smooth: Smooth, dataset: torch.utils.data.Dataset, indices: Seq
 
 
 def top_up(smooth: Smooth, dataset: torch.utils.data.Dataset, records: list[dict], *, looks: Sequence[int],
-           configs: Sequence[SequentialConfig], batch_size: int, seed: int, device: torch.device,
+           configs: Sequence[Config], batch_size: int, seed: int, device: torch.device,
            group: int) -> int:
     """Continue, in place, the trajectories that a replayed policy needs further (e.g. after the schedule
     changed), from the same noise stream; returns how many records were extended."""
@@ -282,7 +289,7 @@ def run_sample(args: argparse.Namespace) -> None:
         if Path(other).exists():
             done |= {r["idx"] for r in _load_lines(other)}
     part, parts = args.part
-    selected = select_indices(len(dataset), args.skip, args.max)
+    selected = select_indices(len(dataset), args.skip, args.max)  # type: ignore[arg-type]
     todo = [i for k, i in enumerate(selected) if k % parts == part - 1 and i not in done]
     header = {"checkpoint": os.path.basename(args.checkpoint), "denoiser": args.denoiser, "sigma": args.sigma,
               "alpha": args.alpha, "n0": args.n0,
@@ -441,8 +448,8 @@ def _load_lines(path: str) -> list[dict]:
 def run_table(args: argparse.Namespace) -> None:
     looks = doubling_looks(*args.looks)
     configs = policies(args.sigma, args.alpha, looks, args.single)
-    radii = list(args.radii or configs["grid"].schedule.radii)
-    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in configs["grid"].schedule.looks))
+    radii = list(args.radii or grid_of(configs).schedule.radii)
+    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in grid_of(configs).schedule.looks))
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
@@ -471,7 +478,7 @@ def run_table(args: argparse.Namespace) -> None:
               f"{ev['differ']} of {len(records) * len(ev['asked'])} | " + " | ".join(cells) + " |")
 
 
-def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, used_n0: int, radii: Sequence[float],
+def evaluate_policy(records: list[dict], config: Config, key: str, used_n0: int, radii: Sequence[float],
                     n: int) -> dict | None:
     """Replay one policy on every record: mean forward passes (its selection samples, by its selection rule,
     and estimation samples), its certified accuracy at `radii`, and its differences from fixed-n CERTIFY in the
@@ -479,8 +486,9 @@ def evaluate_policy(records: list[dict], config: SequentialConfig, key: str, use
     the radii it decides (None if a trajectory is too short)."""
     fixed = [fixed_row(r, n, config.alpha, config.sigma, key) for r in records]
     chosen = [tested(r, config, key) for r in records]
-    tests = [replay(config, dict(zip(r["sizes"], r[k]))) for r, (k, _, _) in zip(records, chosen)]
-    if any(t is None for t in tests):
+    replayed = [replay(config, dict(zip(r["sizes"], r[k]))) for r, (k, _, _) in zip(records, chosen)]
+    tests = [t for t in replayed if t is not None]
+    if len(tests) < len(replayed):
         return None
     results = [t.result() for t in tests]
     # correct when the tested class is the label (in label mode it is)
@@ -515,7 +523,7 @@ def run_summary(args: argparse.Namespace) -> None:
         records = load(path)
         configs = policies(sigma, args.alpha, looks, args.single)
         n0 = sum(records[0]["selection"])
-        grid_radii = configs["grid"].schedule.radii
+        grid_radii = grid_of(configs).schedule.radii
         model_bounds = {}
         for name in args.policies:
             label = name.endswith(", label mode")
@@ -564,12 +572,13 @@ def run_where(args: argparse.Namespace) -> None:
     configs = policies(args.sigma, args.alpha, looks, args.single)
     n0 = sum(records[0]["selection"])
     names = args.policies
-    radii = configs["grid"].schedule.radii
+    radii = grid_of(configs).schedule.radii
     fixed = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
     used = {}
     for name in names:
-        tests = [replay(configs[name], dict(zip(r["sizes"], r["counts"]))) for r in records]
-        if any(t is None for t in tests):
+        replayed = [replay(configs[name], dict(zip(r["sizes"], r["counts"]))) for r in records]
+        tests = [t for t in replayed if t is not None]
+        if len(tests) < len(replayed):
             raise SmoothAdvError(f"trajectories too short to replay {name!r}")
         used[name] = np.array([n0 + t.n for t in tests])
     asked = {name: radii if len(configs[name].schedule.radii) > 1 else configs[name].schedule.radii for name in names}
@@ -686,7 +695,7 @@ def expected_accuracy(records: list[dict], config: SequentialConfig, radii: Sequ
 
 def run_bias(args: argparse.Namespace) -> None:
     configs = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single)
-    config = configs["grid"]
+    config = grid_of(configs)
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
@@ -720,7 +729,7 @@ def run_check(args: argparse.Namespace) -> None:
     bad, checked = [], 0
     for row in rows:
         try:
-            samples = row.get("samples", row.get("n"))  # the column's name before 0.2: n
+            samples = row.get("samples", row.get("n")) or ""  # the column's name before 0.2: n
             idx, n, predict, radius = int(row["idx"]), int(samples), int(row["predict"]), float(row["radius"])
             label_mode = row["mode"].endswith("/label")
         except (KeyError, TypeError, ValueError):

@@ -83,7 +83,7 @@ def main() -> None:
     for steps, m in configs:
         objectives[f"smoothadv T={steps} m={m}"] = SmoothAdv(args.sigma, attack=PGDL2(args.eps, steps), m=m,
                                                               multi_noise=True, warmup=1)
-    precisions = [None]
+    precisions: list[torch.dtype | None] = [None]
     if args.precision:
         precisions.append(autocast_dtype(args.precision, device))
 

@@ -42,11 +42,12 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef, unused-ignore]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -114,7 +115,7 @@ def _class_range(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> list[int] | 
     parent = parents.get(node)
     while parent is not None:
         if isinstance(parent, ast.ClassDef):
-            found = [parent.lineno, parent.end_lineno]
+            found = [parent.lineno, parent.end_lineno or parent.lineno]
         parent = parents.get(parent)
     return found
 
@@ -167,7 +168,7 @@ def _apply(node: ast.AST, operator: str, argument: object) -> ast.AST | None:
         node.op = argument()  # type: ignore[attr-defined, operator]
     elif operator == "compare":
         ops = node.ops  # type: ignore[attr-defined]
-        ops[argument] = CMPOPS[type(ops[argument])]()  # type: ignore[index]
+        ops[argument] = CMPOPS[type(ops[argument])]()
     elif operator == "boolop":
         node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()  # type: ignore[attr-defined]
     elif operator == "unary":
@@ -208,14 +209,15 @@ def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) ->
     tree = ast.parse(source)
     parents = _parents(tree)
     index = {id(node): i for i, node in enumerate(ast.walk(tree))}
-    points = []
+    points: list[tuple[Any, str, Any]] = []
     for node in ast.walk(tree):
         if not hasattr(node, "lineno") or _excluded(node, parents, skip):
             continue
         for operator, argument in _mutations(node, parents, extra):
             points.append((node, operator, argument))
     points.sort(key=lambda p: (p[0].lineno, p[0].col_offset, p[1]))
-    result, seen = [], {}
+    result: list[dict] = []
+    seen: dict[str, int] = {}
     for node, operator, argument in points:
         target = copy.deepcopy(node)
         before = _text(target)
@@ -226,7 +228,8 @@ def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) ->
         seen[base] = seen.get(base, 0) + 1
         key = base if seen[base] == 1 else f"{base} #{seen[base]}"
         result.append({"key": key, "line": node.lineno, "operator": operator,
-                       "lines": [statement.lineno, getattr(statement, "end_lineno", statement.lineno)],
+                       "lines": [getattr(statement, "lineno", node.lineno),
+                                 getattr(statement, "end_lineno", getattr(statement, "lineno", node.lineno))],
                        "scope": _class_range(node, parents), "position": index[id(node)], "argument": argument})
     return result
 
@@ -238,7 +241,7 @@ def _text(node: ast.AST) -> str:
 
 def mutated_source(source: str, mutant: dict) -> str:
     """`source` with `mutant` applied (parsed afresh: `ast.walk` visits the nodes in the same order)."""
-    tree = ast.parse(source)
+    tree: ast.AST = ast.parse(source)
     target = list(ast.walk(tree))[mutant["position"]]
     replacement = _apply(target, mutant["operator"], mutant["argument"])
     if replacement is not None:

@@ -1,5 +1,6 @@
-"""The package type-checks: mypy over src/smoothadv with the configuration in pyproject.toml ([tool.mypy]), zero
-errors (the package ships py.typed, a promise to its users' type checkers). Also run by pre-commit."""
+"""The package and its benchmarks type-check: mypy over src/smoothadv and benchmarks/ with the configuration in
+pyproject.toml ([tool.mypy]), zero errors (the package ships py.typed, a promise to its users' type checkers; the
+benchmarks call the package's API, which a rename would otherwise break unseen). Also run by pre-commit."""
 
 from __future__ import annotations
 
