@@ -11,6 +11,7 @@
 - Every `smoothadv ...` command line of every ```bash block of the README, EXPERIMENTS.md and the guides parses
   with the current CLI (with `...` elisions filled in with the command's required arguments and `[optional]`
   brackets and `a|b` alternatives resolved), and every script those blocks run exists.
+- Every `--flag` the shell scripts of experiments/ give a smoothadv command is an option of that command.
 """
 
 from __future__ import annotations
@@ -231,3 +232,44 @@ def test_relative_links_outside_the_site_point_to_existing_files() -> None:
             if not re.match(r"^[a-z]+://", target) and not (path.parent / target).exists():
                 broken.append(f"{path.name}: {target}")
     assert not broken, f"broken links: {broken}"
+
+
+def _commands(parser) -> dict[str, object]:
+    """The parser's subcommands (name -> parser), none if it has none."""
+    return next((a.choices for a in parser._actions if isinstance(a.choices, dict)), {})
+
+
+def _subcommand_options() -> dict[str, set[str]]:
+    """Each command line prefix of the CLI ("certify", "train", "train smoothadv", ...): the options it takes."""
+    options = {}
+    for name, sub in _commands(build_parser()).items():
+        options[name] = set(sub._option_string_actions)
+        for inner, objective in _commands(sub).items():  # train OBJECTIVE: the objective's flags as well
+            options[f"{name} {inner}"] = options[name] | set(objective._option_string_actions)
+    return options
+
+
+SMOOTHADV_CALL = re.compile(  # smoothadv, .venv/bin/smoothadv, "$SMOOTHADV", -m smoothadv; then COMMAND [OBJECTIVE]
+    r"""(?:^|[\s"'])(?:\$\{?SMOOTHADV[^\s"']*"?|[\w./]*smoothadv|-m smoothadv)"""
+    r"""\s+([a-z][a-z-]*)(?:\s+([a-z][a-z_]*))?""")
+
+
+def test_experiment_scripts_pass_only_flags_the_cli_knows() -> None:
+    """The shell scripts of experiments/ regenerate committed results: every --flag they give a smoothadv command
+    on its own line (continuations joined) is an option of that command, so a renamed flag fails here and not
+    hours into a run. Flags held in shell arrays are not seen."""
+    options = _subcommand_options()
+    seen = 0
+    for script in sorted((ROOT / "experiments").rglob("*.sh")):
+        for line in command_lines(script.read_text(encoding="utf-8")):
+            match = SMOOTHADV_CALL.search(line)
+            if match is None or match.group(1) not in options:
+                continue
+            command = match.group(1)
+            if f"{command} {match.group(2)}" in options:
+                command = f"{command} {match.group(2)}"
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line[match.end(1):]):
+                seen += 1
+                assert flag in options[command], \
+                    f"{script.relative_to(ROOT)}: `smoothadv {command}` has no option {flag}"
+    assert seen >= 150  # the scripts' command lines were found (177 flags on 2026-12-07)
