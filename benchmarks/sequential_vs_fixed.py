@@ -506,6 +506,19 @@ def evaluate_policy(records: list[dict], config: Config, key: str, used_n0: int,
             "fixed_cost": used_n0 + n, "selection": selection}
 
 
+def cpu_time(totals: dict[str, list[float]], ms_per_pass: float, n: int) -> None:
+    """CPU time per image of each policy and of fixed n over all images, at `ms_per_pass` CPU-ms per forward pass:
+    every noise sample is one pass through the certified model, and the tests' own work per sample is negligible
+    against it (`benchmarks/certify_throughput.py`), so CPU time is passes times the price of one."""
+    print(f"\nCPU time at {ms_per_pass:g} CPU-ms per forward pass (one noise sample through the certified model), "
+          "over all images:\n")
+    print(f"| policy | CPU-s / image | fixed n = {n:,}: CPU-s / image | CPU time saved |")
+    print("|---|---|---|---|")
+    for name, (used, fixed_cost, count, _, _) in totals.items():
+        policy, fixed = used / count * ms_per_pass / 1e3, fixed_cost / count * ms_per_pass / 1e3
+        print(f"| {name} | {policy:,.1f} | {fixed:,.1f} | {fixed - policy:,.1f} CPU-s ({1 - policy / fixed:.1%}) |")
+
+
 def run_summary(args: argparse.Namespace) -> None:
     """One row per model and a total over all of them, for the default grid and single-radius policies, the
     alpha-spending schedule's and the betting test's: mean forward passes, the saving against fixed n in the same
@@ -562,6 +575,8 @@ def run_summary(args: argparse.Namespace) -> None:
           " test that certifies radius r as often as fixed n does (probability pi at the image's vote rate p) needs on"
           " average at least kl(pi || alpha) / KL(p || Phi(r / sigma)) samples (Wald's inequality; the oracle knows p,"
           " pays nothing to rule out the next radius and is not attainable)")
+    if args.ms_per_pass:
+        cpu_time(totals, args.ms_per_pass, args.n)
 
 
 def run_where(args: argparse.Namespace) -> None:
@@ -770,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "grid", "betting grid", "grid, label mode", "betting grid, label mode", "radius 0.5",
                 "betting radius 0.5", "radius 0.5, label mode", "betting radius 0.5, label mode"],
                            help="replayed policies; \", label mode\" tests the label (no selection samples)")
+            p.add_argument("--ms-per-pass", type=float, default=0.0,
+                           help="also give CPU-s per image at this many CPU-ms per forward pass (0: no)")
         elif name in ("sample", "selection"):
             if name == "sample":
                 p.add_argument("checkpoint")

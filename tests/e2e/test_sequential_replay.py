@@ -107,6 +107,15 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
     printed = capsys.readouterr().out
     assert "| fixed n = 400 | 416 | 1x |" in printed and "| radius 0.3 |" in printed
 
+    # CPU time = forward passes x the price of one: at 10 CPU-ms per pass, fixed n's 416 passes cost 4.16 CPU-s
+    assert bench.main(["summary", f"{traj}:0.25", "--looks", "64", "512", "--n", "400", "--single", "0.3",
+                       "--policies", "grid", "--ms-per-pass", "10"]) == 0
+    printed = capsys.readouterr().out
+    passes = float(next(line for line in printed.splitlines() if line.startswith("| all |")).split("|")[4]
+                   .replace(",", ""))
+    policy = passes * 10 / 1e3
+    assert f"| grid | {policy:,.1f} | 4.2 | {4.16 - policy:,.1f} CPU-s ({1 - policy / 4.16:.1%}) |" in printed
+
 
 def test_trajectories_extend_to_the_last_look_only_when_a_policy_needs_it(bench, toy_checkpoint, tmp_path) -> None:
     traj = tmp_path / "t.jsonl"
