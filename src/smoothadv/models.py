@@ -69,7 +69,7 @@ from .data import dataset_stats, input_shape, num_classes
 from .diffusion import diffusion_denoiser
 from .errors import SmoothAdvError
 from .files import atomic_torch_save, check_new_output, file_sha256
-from .settings import registered
+from .settings import NORMALIZATIONS, registered
 from .smoothing import eval_mode
 
 if TYPE_CHECKING:  # annotations only: `denoise` registers its DnCNN family here when imported (`register_denoisers`)
@@ -86,7 +86,6 @@ __all__ = [
 FORMAT = "smoothadv-checkpoint"
 DENOISER = "denoiser"
 LEGACY_DENOISER_FORMAT = "smoothadv-denoiser"
-NORMALIZATIONS = ("normalize", "center", "none")
 DIGEST = "weights_sha256"
 M = TypeVar("M", bound=nn.Module)
 
