@@ -493,7 +493,7 @@ def write_rows(out: Path, recorded: dict[str, Any], columns: Sequence[str], jobs
                 if stray:
                     raise SmoothAdvError(f"cannot resume {out}: it has {len(stray)} row(s) that are not part of this "
                                          f"run (e.g. idx {sorted(stray)[0]}); remove them, or start over with --force")
-                outcome = _append(out, log, recorded, columns, jobs, make_rows, progress, label, show)
+                outcome = _append(out, log, recorded, jobs, make_rows, progress, label, show)
         except BaseException:
             if created:
                 _forget(out, created)
@@ -548,7 +548,7 @@ def _put_in_job_order(out: Path, columns: Sequence[str], jobs: Sequence[Job]) ->
         atomic_write_text(out, "\n".join([header, *("\t".join(row) for row in rows)]) + "\n")
 
 
-def _append(out: Path, log: TsvLog, recorded: dict[str, Any], columns: Sequence[str], jobs: Sequence[Job],
+def _append(out: Path, log: TsvLog, recorded: dict[str, Any], jobs: Sequence[Job],
             make_rows: Callable[[list[Job]], Iterable[NamedTuple]], progress: bool, label: str,
             show: bool = True) -> RunOutcome:
     todo = [job for job in jobs if job_key(job) not in log.done]

@@ -740,7 +740,7 @@ def standard_problems(n: int, alpha: float, n0: int = 1, quick: bool = False) ->
     return problems
 
 
-def predict_problems(n: int, alpha: float, quick: bool = False) -> list[Problem]:
+def predict_problems() -> list[Problem]:
     """Inputs near a tie, where PREDICT is most likely to return the wrong class (the same for every n, alpha)."""
     problems = [Problem("linear d=16 sigma=0.25 near tie", (1, 4, 4), 0.25, (0.0,), 0.25 * 0.01, 301)]
     problems.append(Problem("linear d=1 sigma=0.5 p=0.55", (1, 1, 1), 0.5, (0.0,), -0.5 * float(norm.ppf(0.55)), 302))
@@ -877,7 +877,7 @@ def run_suite(trials: int = 2000, alpha: float = 0.1, n: int = 100, n0: int = 10
             if only is None or only in mode.name:
                 plan.append((problem, mode, seed * 1_000_003 + 1000 * i + j))
     pmode = predict_mode(n, alpha)
-    for i, problem in enumerate(predict_problems(n, alpha, quick)):
+    for i, problem in enumerate(predict_problems()):
         if only is None or only in pmode.name:
             plan.append((problem, pmode, seed * 1_000_003 + 500_000 + i))
     delta = family_delta / (2 * sum(not mode.control for _, mode, _ in plan))  # two tests per check
