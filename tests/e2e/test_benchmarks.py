@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py"))
+SCRIPTS = sorted(str(p.relative_to(BENCHMARKS)) for p in BENCHMARKS.rglob("*.py"))
 
 
 def load(name: str) -> ModuleType:
@@ -28,7 +28,7 @@ def load(name: str) -> ModuleType:
 
 
 def test_the_scripts_are_found() -> None:
-    assert {"certify_throughput.py", "method_cost.py", "sequential_vs_fixed.py"} <= set(SCRIPTS)
+    assert {"certify_throughput.py", "method_cost.py", "sequential_vs_fixed.py", "mutation/run.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
