@@ -9,7 +9,8 @@
 #   3. `summary` (appended): each policy's saving against its share of the clairvoyant and Wald bounds, and CPU-s
 #      per image at MS_PER_PASS CPU-ms per forward pass (f o D_ddpm's 8.406, measured by summarize.py on one
 #      thread at batch 256: the cost table of results/diffusion-fmnist/certify/table.md);
-#   4. `check` (appended): the rows certify.sh wrote for f_D_ddpm (the CLI's sequential test, grid schedule,
+#   4. `where` (appended): which images the grid and single-radius policies spend their samples on;
+#   5. `check` (appended): the rows certify.sh wrote for f_D_ddpm (the CLI's sequential test, grid schedule,
 #      adaptive selection) equal the replay of that policy on every image both files hold.
 #
 #   bash experiments/diffusion-fmnist/vs_fixed.sh    # from the repository root, on the images recorded so far
@@ -24,12 +25,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 nice "$PYTHON" "$BENCH" selection "$TRAJECTORIES" results/denoised/runs/classifier_clean/checkpoint.pth.tar \
   --denoiser "${MODEL:-$HERE/ddpm/model}" --sigma 0.25 --out "$HERE/selection_votes_of_trajectories_s0.25.jsonl"
 {
-  echo "<!-- bash experiments/diffusion-fmnist/vs_fixed.sh (benchmarks/sequential_vs_fixed.py table, summary, check) -->"
+  echo "<!-- bash experiments/diffusion-fmnist/vs_fixed.sh (benchmarks/sequential_vs_fixed.py table, summary, where, check) -->"
   echo
   "$PYTHON" "$BENCH" table "$TRAJECTORIES" --sigma 0.25
   echo
   "$PYTHON" "$BENCH" summary "$TRAJECTORIES:0.25" --policies "grid" "grid, adaptive selection" "betting grid" \
     "radius 0.5" "radius 0.5, adaptive selection" "betting radius 0.5" --ms-per-pass "$MS_PER_PASS"
+  echo
+  "$PYTHON" "$BENCH" where "$TRAJECTORIES" --sigma 0.25 --policies "grid" "radius 0.5"
   echo
   "$PYTHON" "$BENCH" check "$TRAJECTORIES" --tsv "$HERE/certify/f_D_ddpm_s0.25.tsv" --policy "grid, adaptive selection" \
     --sigma 0.25
