@@ -124,6 +124,12 @@ def replay(config: Config, at: dict[int, int]) -> SequentialTest | BettingTest |
     return test
 
 
+def replay_all(config: Config, counts: Sequence[dict[int, int]]) -> list[SequentialTest | BettingTest] | None:
+    """`replay` on every image's cumulative counts; None if any of them needs a size not recorded."""
+    tests = [replay(config, at) for at in counts]
+    return None if any(t is None for t in tests) else [t for t in tests if t is not None]
+
+
 def needs_more(record: dict, configs: Sequence[Config]) -> bool:
     at = dict(zip(record["sizes"], record["counts"]))
     return any(replay(cfg, at) is None for cfg in configs)
@@ -486,9 +492,8 @@ def evaluate_policy(records: list[dict], config: Config, key: str, used_n0: int,
     the radii it decides (None if a trajectory is too short)."""
     fixed = [fixed_row(r, n, config.alpha, config.sigma, key) for r in records]
     chosen = [tested(r, config, key) for r in records]
-    replayed = [replay(config, dict(zip(r["sizes"], r[k]))) for r, (k, _, _) in zip(records, chosen)]
-    tests = [t for t in replayed if t is not None]
-    if len(tests) < len(replayed):
+    tests = replay_all(config, [dict(zip(r["sizes"], r[k])) for r, (k, _, _) in zip(records, chosen)])
+    if tests is None:
         return None
     results = [t.result() for t in tests]
     # correct when the tested class is the label (in label mode it is)
@@ -591,9 +596,8 @@ def run_where(args: argparse.Namespace) -> None:
     fixed = [fixed_row(r, args.n, args.alpha, args.sigma) for r in records]
     used = {}
     for name in names:
-        replayed = [replay(configs[name], dict(zip(r["sizes"], r["counts"]))) for r in records]
-        tests = [t for t in replayed if t is not None]
-        if len(tests) < len(replayed):
+        tests = replay_all(configs[name], [dict(zip(r["sizes"], r["counts"])) for r in records])
+        if tests is None:
             raise SmoothAdvError(f"trajectories too short to replay {name!r}")
         used[name] = np.array([n0 + t.n for t in tests])
     asked = {name: radii if len(configs[name].schedule.radii) > 1 else configs[name].schedule.radii for name in names}

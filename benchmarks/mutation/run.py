@@ -227,9 +227,9 @@ def mutants(source: str, skip: set[str], extra: frozenset[str] = frozenset()) ->
         base = f"{_qualname(node, parents)}: {_short(before)} -> {_short(after)}"
         seen[base] = seen.get(base, 0) + 1
         key = base if seen[base] == 1 else f"{base} #{seen[base]}"
+        first = getattr(statement, "lineno", node.lineno)
         result.append({"key": key, "line": node.lineno, "operator": operator,
-                       "lines": [getattr(statement, "lineno", node.lineno),
-                                 getattr(statement, "end_lineno", getattr(statement, "lineno", node.lineno))],
+                       "lines": [first, getattr(statement, "end_lineno", first)],
                        "scope": _class_range(node, parents), "position": index[id(node)], "argument": argument})
     return result
 
