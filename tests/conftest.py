@@ -7,9 +7,12 @@ Test files import the constants and plain helpers (`from conftest import NAME`);
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -303,3 +306,14 @@ def toy_train_settings(**changes: object):
     from smoothadv.settings import TrainSettings
 
     return TrainSettings(dataset="synthetic", arch="toy_cnn", out_dir=Path("run"), **changes)  # type: ignore[arg-type]
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of benchmarks/ or experiments/ imported as a module named after its file (registered in
+    sys.modules, so its dataclasses and pickles resolve), as `python path` would run it minus `__main__`."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from smoothadv.cli import build_parser
 
@@ -173,12 +173,7 @@ def test_guide_python_blocks_run(workdir, guide) -> None:
 
 
 def _docs_blocks():
-    spec = importlib.util.spec_from_file_location("docs_blocks", ROOT / "experiments" / "docs_blocks.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules.setdefault("docs_blocks", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "experiments" / "docs_blocks.py")
 
 
 def test_generated_blocks_equal_their_commands_output() -> None:

@@ -8,12 +8,11 @@ streams) and fixed-n CERTIFY's bound on the first n samples of the same estimati
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from smoothadv.cli import main
 from smoothadv.data import get_dataset
@@ -27,11 +26,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sequential_vs_fix
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sequential_vs_fixed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sequential_vs_fixed"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 COMMON = ["--sigma", "0.25", "--seed", "3", "--n0", "16", "--batch", "32"]
