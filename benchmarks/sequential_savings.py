@@ -1,7 +1,8 @@
 """Forward passes saved by sequential certification, and its table against fixed-n CERTIFY.
 
 Reads certify TSVs written by `smoothadv certify` (fixed mode: Cohen's six columns; sequential
-mode: also `n`, the forward passes used per row) and prints, per sequential file:
+mode: also `samples`, the forward passes each row used, `n` before smoothadv 0.2) and prints, per
+sequential file:
 
 - the mean forward passes per image and the saving against fixed n (n0 + n per image, e.g. 100,100);
 - the certified-accuracy table at the radii, for the sequential run and (with --fixed, on the
@@ -10,32 +11,61 @@ mode: also `n`, the forward passes used per row) and prints, per sequential file
 
     python benchmarks/sequential_savings.py --fixed-cost 100100 --radii 0 0.25 0.5 0.75 \\
         --sequential grid=seq_grid.tsv single=seq_r025.tsv --fixed fixed_100k.tsv
+
+(`benchmarks/sequential_vs_fixed.py` makes the same comparison from recorded vote counts, without
+running the model twice.)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 
 import numpy as np
 
-from smoothadv.stats import certified_accuracy
+from smoothadv.errors import SmoothAdvError
+from smoothadv.report import Results, certified_curve, load_results
 
 
-def read(path: str) -> dict[int, dict[str, str]]:
-    with open(path, newline="") as handle:
-        return {int(row["idx"]): row for row in csv.DictReader(handle, delimiter="\t")}
+def certified(results: Results, idx: int, radius: float) -> bool:
+    """Whether image `idx` of `results` is certified correct at `radius`."""
+    at = int(np.flatnonzero(results.idx == idx)[0])
+    return bool(results.correct[at]) and results.radius is not None and float(results.radius[at]) >= radius
 
 
-def samples(row: dict[str, str]) -> int:
-    """Samples an image used: the `samples` column (`n` before smoothadv 0.2)."""
-    return int(row["samples"] if "samples" in row else row["n"])
-
-
-def table(rows: list[dict[str, str]], radii: list[float]) -> np.ndarray:
-    radius = [float(r["radius"]) for r in rows]
-    correct = [int(r["correct"]) for r in rows]
-    return certified_accuracy(radius, correct, radii)
+def compare(args: argparse.Namespace) -> None:
+    fixed = load_results(args.fixed) if args.fixed else None
+    header = " | ".join(f"r={r:g}" for r in args.radii)
+    print(f"| run | images | mean forward passes / image | fewer than fixed ({args.fixed_cost:,}) | {header} |")
+    print("|---|---|---|---|" + "---|" * len(args.radii))
+    for spec in args.sequential:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SmoothAdvError(f"--sequential takes NAME=path, got {spec!r}")
+        seq = load_results(path)
+        if seq.samples is None:
+            raise SmoothAdvError(f"{path} has no samples column (not a sequential certify TSV)")
+        samples = dict(zip(seq.idx.tolist(), seq.samples.tolist()))
+        mean_n = float(np.mean(seq.samples))
+        cells = " | ".join(f"{100 * a:.1f}" for a in certified_curve(seq, args.radii))
+        print(f"| {name} | {len(seq)} | {mean_n:,.0f} | {args.fixed_cost / mean_n:.1f}x | {cells} |")
+        if fixed is None:
+            continue
+        common = sorted(set(seq.idx.tolist()) & set(fixed.idx.tolist()))
+        if not common:
+            print(f"| {name}: no image in common with {args.fixed} | | | |")
+            continue
+        a = certified_curve(seq.restricted(common), args.radii)
+        b = certified_curve(fixed.restricted(common), args.radii)
+        decisions = sum(certified(seq, i, r) != certified(fixed, i, r) for i in common for r in args.radii)
+        mean_c = float(np.mean([samples[i] for i in common]))
+        print(f"| {name} on the {len(common)} fixed-n images | {len(common)} | {mean_c:,.0f} | "
+              f"{args.fixed_cost / mean_c:.1f}x | " + " | ".join(f"{100 * v:.1f}" for v in a) + " |")
+        print(f"| fixed n on the same images | {len(common)} | {args.fixed_cost:,} | 1x | "
+              + " | ".join(f"{100 * v:.1f}" for v in b) + " |")
+        print(f"| difference (pp), decisions differing | | max {100 * np.max(np.abs(a - b)):.1f} pp | "
+              f"{decisions} of {len(common) * len(args.radii)} | " + " | ".join(
+                  f"{100 * (x - y):+.1f}" for x, y in zip(a, b)) + " |")
 
 
 def main() -> None:
@@ -44,37 +74,10 @@ def main() -> None:
     parser.add_argument("--fixed", default=None, help="fixed-mode TSV to compare tables with (common images)")
     parser.add_argument("--fixed-cost", type=int, default=100_100, help="forward passes per image of fixed n")
     parser.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
-    args = parser.parse_args()
-    fixed = read(args.fixed) if args.fixed else None
-    header = " | ".join(f"r={r:g}" for r in args.radii)
-    print(f"| run | images | mean forward passes / image | fewer than fixed ({args.fixed_cost:,}) | {header} |")
-    print("|---|---|---|---|" + "---|" * len(args.radii))
-    for spec in args.sequential:
-        name, path = spec.split("=", 1)
-        seq = read(path)
-        mean_n = float(np.mean([samples(r) for r in seq.values()]))
-        acc = table(list(seq.values()), args.radii)
-        cells = " | ".join(f"{100 * a:.1f}" for a in acc)
-        print(f"| {name} | {len(seq)} | {mean_n:,.0f} | {args.fixed_cost / mean_n:.1f}x | {cells} |")
-        if fixed is not None:
-            common = sorted(set(seq) & set(fixed))
-            if not common:
-                print(f"| {name}: no image in common with {args.fixed} | | | |")
-                continue
-            a = table([seq[i] for i in common], args.radii)
-            b = table([fixed[i] for i in common], args.radii)
-            decisions = sum(
-                (int(seq[i]["correct"]) and float(seq[i]["radius"]) >= r)
-                != (int(fixed[i]["correct"]) and float(fixed[i]["radius"]) >= r)
-                for i in common for r in args.radii)
-            mean_c = float(np.mean([samples(seq[i]) for i in common]))
-            print(f"| {name} on the {len(common)} fixed-n images | {len(common)} | {mean_c:,.0f} | "
-                  f"{args.fixed_cost / mean_c:.1f}x | " + " | ".join(f"{100 * v:.1f}" for v in a) + " |")
-            print(f"| fixed n on the same images | {len(common)} | {args.fixed_cost:,} | 1x | "
-                  + " | ".join(f"{100 * v:.1f}" for v in b) + " |")
-            print(f"| difference (pp), decisions differing | | max {100 * np.max(np.abs(a - b)):.1f} pp | "
-                  f"{decisions} of {len(common) * len(args.radii)} | " + " | ".join(
-                      f"{100 * (x - y):+.1f}" for x, y in zip(a, b)) + " |")
+    try:
+        compare(parser.parse_args())
+    except SmoothAdvError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

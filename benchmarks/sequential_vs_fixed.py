@@ -45,7 +45,8 @@ import torch
 
 from smoothadv.betting import BettingConfig, BettingTest, betting_last
 from smoothadv.errors import SmoothAdvError
-from smoothadv.files import atomic_write_text
+from smoothadv.files import atomic_write_text, read_tsv
+from smoothadv.report import load_results
 from smoothadv.run import select_indices
 from smoothadv.sequential import (
     DEFAULT_LOOKS,
@@ -734,25 +735,20 @@ def run_check(args: argparse.Namespace) -> None:
     """Compare the rows of a `smoothadv certify --mode sequential` TSV with the replay of a policy on the
     trajectories (same model, seed, sigma and alpha): the end-to-end check that the recorded counts are the
     CLI's."""
-    import csv
-
     config = policies(args.sigma, args.alpha, doubling_looks(*args.looks), args.single).get(args.policy)
     if config is None:
         raise SmoothAdvError(f"unknown policy {args.policy!r}")
     records = {r["idx"]: r for r in load(args.trajectories, args.selection)}
-    try:
-        with open(args.tsv, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-    except OSError as error:
-        raise SmoothAdvError(f"cannot read {args.tsv}: {error.strerror}") from None
+    results = load_results(args.tsv)
+    header, rows = read_tsv(args.tsv)
+    columns = header.split("\t")
+    if results.samples is None or results.radius is None or "mode" not in columns:
+        raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV")
+    modes = [row[columns.index("mode")] for row in rows]
     bad, checked = [], 0
-    for row in rows:
-        try:
-            samples = row.get("samples", row.get("n")) or ""  # the column's name before 0.2: n
-            idx, n, predict, radius = int(row["idx"]), int(samples), int(row["predict"]), float(row["radius"])
-            label_mode = row["mode"].endswith("/label")
-        except (KeyError, TypeError, ValueError):
-            raise SmoothAdvError(f"{args.tsv} is not a sequential certify TSV") from None
+    for idx, n, predict, radius, mode in zip(results.idx.tolist(), results.samples.tolist(),
+                                             results.predict.tolist(), results.radius.tolist(), modes):
+        label_mode = mode.endswith("/label")
         record = records.get(idx)
         if record is None:
             continue

@@ -27,12 +27,10 @@ image), one shot against 4 steps on the images both hold: the same accuracy tabl
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from smoothadv.report import (
@@ -68,18 +66,10 @@ ROWS = {  # row -> (what it is, checkpoint, denoiser, the fixed-n TSV of results
 }
 
 
-def restricted(results: Results, keep: set[int]) -> Results:
-    """The rows of `results` whose image is in `keep`."""
-    mask = np.isin(results.idx, sorted(keep))
-    return Results(results.path, results.kind, results.idx[mask], results.label[mask], results.predict[mask],
-                   results.correct[mask], None if results.radius is None else results.radius[mask], None,
-                   None if results.seconds is None else results.seconds[mask], results.sequential)
-
-
-def samples(path: Path, keep: set[int]) -> list[int]:
-    """The `samples` column (selection + estimation noise samples) of the images in `keep`."""
-    with path.open(newline="") as handle:
-        return [int(row["samples"]) for row in csv.DictReader(handle, delimiter="\t") if int(row["idx"]) in keep]
+def samples(results: Results) -> list[int]:
+    """The `samples` column (selection + estimation noise samples per image) of a sequential certify file."""
+    assert results.samples is not None, f"{results.path} records the samples of each image"
+    return results.samples.tolist()
 
 
 def seconds_per_sample(checkpoint: str, denoiser: str | None, repeats: int = 5, steps: int = 1) -> float:
@@ -107,14 +97,14 @@ def accuracy_table(certify: dict[str, Results]) -> str:
     return format_table(summarize(certify, list(RADII), ci=True), "markdown").rstrip()
 
 
-def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) -> list[str]:
+def multi_step(one_shot: Results, one_shot_seconds: float) -> list[str]:
     """The lines comparing f o D_ddpm one shot with the 4-step row on the images both hold (none without it)."""
     path = HERE / f"f_D_ddpm_k4_s{SIGMA}.tsv"
     if not path.exists() or len(path.read_text(encoding="utf-8").splitlines()) < 3:
         return []  # not started, or fewer than the 2 images a paired test needs
     four = load_results(path)
     keep = {int(i) for i in four.idx} & {int(i) for i in one_shot.idx}
-    pair = {"f_D_ddpm": restricted(one_shot, keep), "f_D_ddpm_k4": restricted(four, keep)}
+    pair = {"f_D_ddpm": one_shot.restricted(keep), "f_D_ddpm_k4": four.restricted(keep)}
     planned = 50  # certify.sh's f_D_ddpm_k4 row: every 200th test image
     scope = (f"the {len(keep)} images of its run (every 200th test image)" if len(keep) == planned else
              f"the {len(keep)} of its {planned} images certified so far (every 200th test image; the run is not "
@@ -127,8 +117,8 @@ def multi_step(one_shot: Results, one_shot_file: Path, one_shot_seconds: float) 
               "shot's, on these images).", "",
               "| row | mean samples / image | CPU-ms / sample | CPU-s / image | x one shot |",
               "|---|---:|---:|---:|---:|"]
-    measured = (("f_D_ddpm", one_shot_file, one_shot_seconds), ("f_D_ddpm_k4", path, per_sample))
-    rows = [(name, statistics.mean(samples(file, keep)), seconds) for name, file, seconds in measured]
+    measured = (("f_D_ddpm", one_shot_seconds), ("f_D_ddpm_k4", per_sample))
+    rows = [(name, statistics.mean(samples(pair[name])), seconds) for name, seconds in measured]
     one_shot_cost = rows[0][1] * rows[0][2]
     lines += [f"| {name} | {mean:,.0f} | {seconds * 1e3:.3f} | {mean * seconds:.2f} | "
               f"{mean * seconds / one_shot_cost:.2f} |" for name, mean, seconds in rows]
@@ -161,7 +151,7 @@ def main() -> None:
     loaded = {name: load_results(path) for name, path in files.items()}
     keep = set.intersection(*({int(i) for i in results.idx} for results in loaded.values()))
     total = max(len(results) for results in loaded.values())
-    certify = {name: restricted(results, keep) for name, results in loaded.items()}
+    certify = {name: results.restricted(keep) for name, results in loaded.items()}
     scope = scope_of(len(keep), total)
     if args.accuracy:
         print("\n".join(accuracy_lines(certify, scope)))
@@ -184,7 +174,7 @@ def main() -> None:
               "|---|---:|---:|---:|---:|---:|---:|"]
     costs = {}
     for name, (_, checkpoint, denoiser, _) in ROWS.items():
-        drawn = samples(files[name], keep)
+        drawn = samples(certify[name])
         per_sample = seconds_per_sample(checkpoint, denoiser)
         costs[name] = (statistics.mean(drawn), statistics.median(drawn), max(drawn), per_sample)
     base = costs["f"][0] * costs["f"][3]
@@ -199,11 +189,11 @@ def main() -> None:
         if fixed is None:
             continue
         for label, results, mean in (("sequential", certify[name], costs[name][0]),
-                                     ("fixed n", restricted(load_results(ROOT / fixed), keep), 10_100)):
+                                     ("fixed n", load_results(ROOT / fixed).restricted(keep), 10_100)):
             assert results.radius is not None, f"{name}: a certify file has a radius column"
             accuracy = 100 * certified_accuracy(results.radius, results.correct, RADII)
             lines.append(f"| {name} | {label} | " + " | ".join(f"{a:.1f}" for a in accuracy) + f" | {mean:,.0f} |")
-    lines += multi_step(loaded["f_D_ddpm"], files["f_D_ddpm"], costs["f_D_ddpm"][3])
+    lines += multi_step(loaded["f_D_ddpm"], costs["f_D_ddpm"][3])
     (HERE / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {HERE / 'table.md'}")
 

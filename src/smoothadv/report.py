@@ -4,6 +4,7 @@ Inputs are the per-example TSVs of `smoothadv certify` / `predict` / `attack` an
 logs of Cohen et al. and Salman et al., which share the columns (extra columns are ignored):
 
     certify:           idx  label  predict  radius  correct  time
+    sequential certify: the same, then  samples  mode  (`samples` was `n` before smoothadv 0.2)
     predict / attack:  idx  label  predict  correct  [eps  norm]  time   (Salman's adds basePredict)
 
 `time` may be a `datetime.timedelta` string (`0:00:14.172309`, Cohen's scripts and ours) or float
@@ -36,7 +37,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +92,8 @@ class Results:
     `correct` is 1 only for a non-abstaining correct prediction. `sequential` says the radii come from a
     sequential test (`smoothadv certify --mode sequential`, or `SequentialCertificate`s): each is the bound
     where the test stopped, exact for the decisions at the radii the test settles and a lower bound elsewhere.
+    `samples` is the noise samples (forward passes) each row used, when the file records them (the `samples`
+    column of sequential certify files, `n` in files written before smoothadv 0.2), else None.
 
     Results held in memory make the same tables and plots as files: `Results.from_certificates(certificates,
     labels)` and `Results.from_predictions(predictions, labels, eps)`.
@@ -106,6 +109,7 @@ class Results:
     eps: np.ndarray | None
     seconds: np.ndarray | None
     sequential: bool = False
+    samples: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -125,8 +129,9 @@ class Results:
         radius = np.array([float(c.radius) for c in certificates])
         correct = ((predict == labels_a) & (predict != ABSTAIN)).astype(np.int64)
         sequential = any(hasattr(c, "stop") for c in certificates)
+        samples = np.array([c.samples for c in certificates], dtype=np.int64)
         return cls(Path(name), "certify", np.arange(len(labels_a)), labels_a, predict, correct, radius, None, None,
-                   sequential)
+                   sequential, samples)
 
     @classmethod
     def from_predictions(cls, predictions: Sequence[int] | np.ndarray | Tensor,
@@ -141,6 +146,18 @@ class Results:
         eps_a = np.broadcast_to(np.asarray(eps, dtype=float), predict.shape).copy()
         correct = ((predict == labels_a) & (predict != ABSTAIN)).astype(np.int64)
         return cls(Path(name), "attack", np.arange(len(labels_a)), labels_a, predict, correct, None, eps_a, None)
+
+    def restricted(self, images: Iterable[int]) -> Results:
+        """The rows whose `idx` is among `images`, in the file's order (e.g. the images two runs share, for a
+        comparison on the same images)."""
+        mask = np.isin(self.idx, np.fromiter(images, dtype=np.int64))
+
+        def cut(column: np.ndarray | None) -> np.ndarray | None:
+            return None if column is None else column[mask]
+
+        return replace(self, idx=self.idx[mask], label=self.label[mask], predict=self.predict[mask],
+                       correct=self.correct[mask], radius=cut(self.radius), eps=cut(self.eps),
+                       seconds=cut(self.seconds), samples=cut(self.samples))
 
     @property
     def abstain_rate(self) -> float:
@@ -258,8 +275,10 @@ def load_results(path: str | Path) -> Results:
         except ValueError as exc:
             raise SmoothAdvError(f"{file}: column 'time': {exc}") from None
     sequential = "mode" in columns and any(v.startswith(("sequential", "betting")) for v in columns["mode"])
+    samples_column = "samples" if "samples" in columns else "n" if sequential and "n" in columns else None
+    samples = None if samples_column is None else numbers(samples_column, int)
     return Results(file, "certify" if radius is not None else "attack", idx, label, predict, correct, radius, eps,
-                   seconds, sequential)
+                   seconds, sequential, samples)
 
 
 def _refuse_repeated_examples(file: Path, idx: np.ndarray, eps: np.ndarray | None) -> None:
@@ -310,7 +329,7 @@ def merge(parts: Sequence[Results]) -> Results:
 
     merged = Results(Path(" + ".join(str(p.path) for p in parts)), parts[0].kind, joined("idx"), joined("label"),
                      joined("predict"), joined("correct"), cat("radius"), cat("eps"), cat("seconds"),
-                     any(p.sequential for p in parts))
+                     any(p.sequential for p in parts), cat("samples"))
     keys = list(zip(merged.idx.tolist(), (merged.eps if merged.eps is not None else merged.idx * 0).tolist()))
     if len(set(keys)) != len(keys):
         raise SmoothAdvError(f"example indices repeat across {', '.join(str(p.path) for p in parts)}")

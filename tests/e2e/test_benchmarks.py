@@ -68,3 +68,26 @@ def test_method_cost_measures_and_writes_its_tsv(tmp_path: Path, monkeypatch: py
                                                           ("stability", "stability", "2", "2")]
     assert all(float(r[3]) > 0 for r in rows[1:])
     assert "| cohen_gaussian_s0.25.toml | gaussian |" in capsys.readouterr().out
+
+
+def test_sequential_savings_compares_a_sequential_file_with_fixed_n(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Mean passes, the saving, both tables on the common images and the decisions that differ, by hand."""
+    head = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    sequential = tmp_path / "seq.tsv"  # the column's pre-0.2 name, n, is read as samples
+    sequential.write_text(f"{head}\tn\tmode\n0\t1\t1\t0.60\t1\t0:00:01\t1100\tsequential/grid\n"
+                          "1\t2\t2\t0.20\t1\t0:00:01\t5100\tsequential/grid\n"
+                          "2\t3\t-1\t0.00\t0\t0:00:01\t100100\tsequential/grid\n")
+    fixed = tmp_path / "fixed.tsv"  # image 1 certifies farther with fixed n; image 3 is not in the other file
+    fixed.write_text(f"{head}\n0\t1\t1\t0.70\t1\t0:00:01\n1\t2\t2\t0.30\t1\t0:00:01\n2\t3\t-1\t0.00\t0\t0:00:01\n"
+                     "3\t4\t4\t0.90\t1\t0:00:01\n")
+    monkeypatch.setattr(sys, "argv", ["sequential_savings.py", "--sequential", f"grid={sequential}", "--fixed",
+                                      str(fixed), "--radii", "0", "0.25", "0.5"])
+    load("sequential_savings").main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| grid | 3 | 35,433 | 2.8x | 66.7 | 33.3 | 33.3 |"
+    assert lines[4] == "| fixed n on the same images | 3 | 100,100 | 1x | 66.7 | 66.7 | 33.3 |"
+    assert lines[5] == "| difference (pp), decisions differing | | max 33.3 pp | 1 of 9 | +0.0 | -33.3 | +0.0 |"
+    monkeypatch.setattr(sys, "argv", ["sequential_savings.py", "--sequential", f"fixed={fixed}"])
+    with pytest.raises(SystemExit, match="has no samples column"):
+        load("sequential_savings").main()

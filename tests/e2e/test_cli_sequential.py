@@ -182,6 +182,9 @@ def test_a_sequential_file_with_the_old_n_column_resumes_and_merges_as_it_was(to
     assert resumed[0] == legacy[0] and [r.split("\t")[:5] + r.split("\t")[6:] for r in resumed[1:]] == \
         [r.split("\t")[:5] + r.split("\t")[6:] for r in rows[1:]]
     assert load_results(old).radius.tolist() == load_results(new).radius.tolist()
+    # the samples column under either name (forward passes per row), and merged shards keep it
+    assert load_results(old).samples.tolist() == load_results(new).samples.tolist() == \
+        [int(r.split("\t")[6]) for r in rows[1:]]
     for i in range(2):  # shards of the old format merge under the old header
         shard = tmp_path / f"s.tsv.shard-{i}-of-2"
         assert main(["certify", str(toy_checkpoint), "--out", str(tmp_path / "s.tsv"), "--shard", f"{i}/2",
@@ -189,3 +192,4 @@ def test_a_sequential_file_with_the_old_n_column_resumes_and_merges_as_it_was(to
         shard.write_text(shard.read_text().replace("\tsamples\t", "\tn\t", 1))
     assert main(["merge", str(tmp_path / "s.tsv")]) == 0
     assert (tmp_path / "s.tsv").read_text().splitlines()[0] == legacy[0]
+    assert sorted(load_results(tmp_path / "s.tsv").samples.tolist()) == sorted(load_results(new).samples.tolist())

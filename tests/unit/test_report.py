@@ -173,6 +173,10 @@ def test_tables_and_plots_from_certificates_in_memory(tmp_path: Path) -> None:
                       "3\t1\t1\t0.7\t1\t0:00:01"])
     memory = Results.from_certificates(certificates, labels)
     assert memory.correct.tolist() == [1, 0, 0, 1] and not memory.sequential
+    assert memory.samples is not None and memory.samples.tolist() == [200] * 4 and load_results(tsv).samples is None
+    kept = memory.restricted([3, 0, 9])  # the rows of images 0 and 3, in the file's order
+    assert kept.idx.tolist() == [0, 3] and kept.radius.tolist() == [0.4, 0.7] and kept.samples.tolist() == [200, 200]
+    assert load_results(tsv).restricted({2}).label.tolist() == [4] and load_results(tsv).restricted([]).idx.size == 0
     radii = [0.0, 0.25, 0.5]
     assert format_table(summarize({"A": memory}, radii, ci=True)) == \
         format_table(summarize({"A": load_results(tsv)}, radii, ci=True))
@@ -188,7 +192,7 @@ def test_tables_and_plots_from_certificates_in_memory(tmp_path: Path) -> None:
     stopped = SequentialCertificate(prediction=3, radius=0.4, tested_class=3, p_lower=0.9, count=90, n0=16, n=1024,
                                     looks=1, stop="settled")
     marked = Results.from_certificates([stopped], [3])
-    assert marked.sequential
+    assert marked.sequential and marked.samples is not None and marked.samples.tolist() == [1040]
     text = format_table(summarize({"S": marked}, radii))
     assert "| S ‡ |" in text and "bound where the test stopped" in text
 
