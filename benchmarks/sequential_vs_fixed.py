@@ -456,25 +456,32 @@ def run_table(args: argparse.Namespace) -> None:
     looks = doubling_looks(*args.looks)
     configs = policies(args.sigma, args.alpha, looks, args.single)
     radii = list(args.radii or grid_of(configs).schedule.radii)
-    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in grid_of(configs).schedule.looks))
     records = load(args.trajectories)
     if not records:
         raise SmoothAdvError(f"{args.trajectories} has no records")
     n0, n = sum(records[0]["selection"]), args.n
+    rows = [(name, config, "counts", n0) for name, config in configs.items()]
+    rows += [(f"{name}, label mode", configs[name], "label_counts", 0) for name in configs
+             if name in ("grid", "betting grid") or ("radius" in name and not name.endswith("strict"))]
+    if args.policies:
+        unknown = sorted(set(args.policies) - {name for name, *_ in rows})
+        if unknown:
+            raise SmoothAdvError(f"unknown policy {unknown[0]!r}; the table's policies: "
+                                 + "; ".join(repr(name) for name, *_ in rows))
+        rows = [row for row in rows if row[0] in args.policies]
     fixed_acc, label_acc = (fixed_accuracy(records, [fixed_row(r, n, args.alpha, args.sigma, key) for r in records],
                                            radii) for key in ("counts", "label_counts"))
     cost = n0 + n
+    print("looks of the fitted schedule: " + ", ".join(f"{n:,}" for n in grid_of(configs).schedule.looks))
     print(f"{args.trajectories}: {len(records)} images, sigma {args.sigma:g}, alpha {args.alpha:g}, n0 {n0}, "
           f"fixed n {n:,}, base looks {looks[0]:,}..{looks[-1]:,}")
     cols = " | ".join(f"{r:g}" for r in radii)
     print(f"\n| run | forward passes / image | fewer than fixed | max diff (pp) | decisions differing | {cols} |")
     print("|---|---|---|---|---|" + "---|" * len(radii))
     print(f"| fixed n = {n:,} | {cost:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in fixed_acc) + " |")
-    print(f"| fixed n = {n:,}, label mode | {n:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in label_acc)
-          + " |")
-    rows = [(name, config, "counts", n0) for name, config in configs.items()]
-    rows += [(f"{name}, label mode", configs[name], "label_counts", 0) for name in configs
-             if name in ("grid", "betting grid") or ("radius" in name and not name.endswith("strict"))]
+    if any(key == "label_counts" for _, _, key, _ in rows):
+        print(f"| fixed n = {n:,}, label mode | {n:,} | 1x | | | " + " | ".join(f"{100 * a:.1f}" for a in label_acc)
+              + " |")
     for name, config, key, used_n0 in rows:
         ev = evaluate_policy(records, config, key, used_n0, radii, n)
         if ev is None:
@@ -828,6 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("trajectories")
             p.add_argument("--radii", type=float, nargs="+", default=None, help="table radii (default: the grid's)")
+            p.add_argument("--policies", nargs="+", default=None, help="the rows of these replayed policies only "
+                           "(default: every policy, in both modes)")
         if name != "summary":
             p.add_argument("--sigma", type=float, required=True)
         p.add_argument("--alpha", type=float, default=0.001)

@@ -101,6 +101,15 @@ def test_replay_gives_the_cli_rows_and_fixed_n_certify(bench, toy_checkpoint, tm
                        "--single", "0.3"]) == 0
     printed = capsys.readouterr().out
     assert "| fixed n = 400 | 416 | 1x |" in printed and "| radius 0.3 |" in printed
+    full = {line.split(" | ")[0]: line for line in printed.splitlines() if line.startswith("| ")}
+    # --policies keeps those rows (the same lines) and fixed n's; a label-mode row brings fixed n's label row
+    assert bench.main(["table", str(traj), "--looks", "64", "512", "--n", "400", "--sigma", "0.25", "--single", "0.3",
+                       "--policies", "radius 0.3", "grid, label mode"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert rows == [full[f"| {name}"] for name in ("fixed n = 400", "fixed n = 400, label mode", "radius 0.3",
+                                                   "grid, label mode")]
+    assert bench.main(["table", str(traj), "--sigma", "0.25", "--policies", "gird"]) == 2
+    assert "unknown policy 'gird'" in capsys.readouterr().err
 
     # CPU time = forward passes x the price of one: at 10 CPU-ms per pass, fixed n's 416 passes cost 4.16 CPU-s
     assert bench.main(["summary", f"{traj}:0.25", "--looks", "64", "512", "--n", "400", "--single", "0.3",
