@@ -27,10 +27,13 @@ from smoothadv.errors import SmoothAdvError
 from smoothadv.report import Results, certified_curve, load_results
 
 
-def certified(results: Results, idx: int, radius: float) -> bool:
-    """Whether image `idx` of `results` is certified correct at `radius`."""
-    at = int(np.flatnonzero(results.idx == idx)[0])
-    return bool(results.correct[at]) and results.radius is not None and float(results.radius[at]) >= radius
+def certified_by_image(results: Results, radii: list[float]) -> np.ndarray:
+    """Booleans (image, radius), the images in increasing `idx`: certified correct at each radius."""
+    order = np.argsort(results.idx, kind="stable")
+    if results.radius is None:
+        raise SmoothAdvError(f"{results.path} has no radius column (not a certify TSV)")
+    radius = results.radius[order]
+    return results.correct[order].astype(bool)[:, None] & (radius[:, None] >= np.asarray(radii)[None, :])
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -45,7 +48,6 @@ def compare(args: argparse.Namespace) -> None:
         seq = load_results(path)
         if seq.samples is None:
             raise SmoothAdvError(f"{path} has no samples column (not a sequential certify TSV)")
-        samples = dict(zip(seq.idx.tolist(), seq.samples.tolist()))
         mean_n = float(np.mean(seq.samples))
         cells = " | ".join(f"{100 * a:.1f}" for a in certified_curve(seq, args.radii))
         print(f"| {name} | {len(seq)} | {mean_n:,.0f} | {args.fixed_cost / mean_n:.1f}x | {cells} |")
@@ -55,10 +57,12 @@ def compare(args: argparse.Namespace) -> None:
         if not common:
             print(f"| {name}: no image in common with {args.fixed} | | | |")
             continue
-        a = certified_curve(seq.restricted(common), args.radii)
-        b = certified_curve(fixed.restricted(common), args.radii)
-        decisions = sum(certified(seq, i, r) != certified(fixed, i, r) for i in common for r in args.radii)
-        mean_c = float(np.mean([samples[i] for i in common]))
+        seq_common, fixed_common = seq.restricted(common), fixed.restricted(common)
+        a = certified_curve(seq_common, args.radii)
+        b = certified_curve(fixed_common, args.radii)
+        decisions = int(np.sum(certified_by_image(seq_common, args.radii)
+                               != certified_by_image(fixed_common, args.radii)))
+        mean_c = float(np.mean(seq.samples[np.isin(seq.idx, common)]))
         print(f"| {name} on the {len(common)} fixed-n images | {len(common)} | {mean_c:,.0f} | "
               f"{args.fixed_cost / mean_c:.1f}x | " + " | ".join(f"{100 * v:.1f}" for v in a) + " |")
         print(f"| fixed n on the same images | {len(common)} | {args.fixed_cost:,} | 1x | "
