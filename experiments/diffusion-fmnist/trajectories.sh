@@ -7,8 +7,9 @@
 #   PARTS=2 bash experiments/diffusion-fmnist/trajectories.sh   # from the repository root; re-running resumes
 #
 # Cost: at least 100,100 UNet passes per image (more for an image a replayed policy has not settled by then, up to
-# 131,072), about 5 million for 50 images. A record's `seconds` is the wall time per image of its process: 575 to
-# 1,180 s on these machines, with one thread or two, so 50 images take 8 to 16 hours in one process.
+# 131,072), about 5 million for 50 images. A record's `seconds` is the wall time per image of its process: for the
+# 50 images of results/diffusion-fmnist/ it ranged from 576 to 2,093 s (17.1 process-hours in all, mostly PARTS=2 on
+# 2 cores that other jobs shared at times), so about 9 hours of wall time with PARTS=2.
 # GROUP images are sampled together and written together (2: a record every two images).
 #
 # PARTS=N runs N processes of one thread each (`sample --part I/N`, each with its own file OUT.partI, skipping the
