@@ -24,16 +24,7 @@ import sys
 import numpy as np
 
 from smoothadv.errors import SmoothAdvError
-from smoothadv.report import Results, certified_curve, load_results
-
-
-def certified_by_image(results: Results, radii: list[float]) -> np.ndarray:
-    """Booleans (image, radius), the images in increasing `idx`: certified correct at each radius."""
-    order = np.argsort(results.idx, kind="stable")
-    if results.radius is None:
-        raise SmoothAdvError(f"{results.path} has no radius column (not a certify TSV)")
-    radius = results.radius[order]
-    return results.correct[order].astype(bool)[:, None] & (radius[:, None] >= np.asarray(radii)[None, :])
+from smoothadv.report import certified_by_image, certified_curve, load_results
 
 
 def compare(args: argparse.Namespace) -> None:

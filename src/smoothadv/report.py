@@ -65,10 +65,10 @@ from .stats import (
 __all__ = [
     "COST_NOTE", "DEMO_REPORT_TITLE", "Comparison", "Cost", "FORMATS", "Format", "OUTSIDE_NOTE", "PLOT_FORMATS",
     "Published", "Results", "Row", "RowCost", "SEQUENTIAL_MARK", "SEQUENTIAL_NOTE", "Table", "certified_curve",
-    "certified_intervals", "certified_radii", "compare", "compare_to_first", "default_radii", "demo_table",
-    "describe_comparison", "dkw_halfwidth", "duration", "empirical_curve", "envelope", "format_comparison",
-    "format_table", "load_costs", "load_published", "load_results", "merge", "paired_text", "parse_seconds",
-    "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma", "recorded_seconds", "summarize",
+    "certified_by_image", "certified_intervals", "certified_radii", "compare", "compare_to_first", "default_radii",
+    "demo_table", "describe_comparison", "dkw_halfwidth", "duration", "empirical_curve", "envelope",
+    "format_comparison", "format_table", "load_costs", "load_published", "load_results", "merge", "paired_text",
+    "parse_seconds", "plot_accuracy", "plot_format", "plot_radius_cdf", "recipe_sigma", "recorded_seconds", "summarize",
     "write_demo_report",
 ]
 
@@ -779,6 +779,16 @@ class Comparison:
         return self.names[1] if low > 0 else self.names[0] if high < 0 else None
 
 
+def certified_by_image(results: Results, radii: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Booleans (image, radius), the images in increasing idx: whether each image is certified correct at each
+    radius (correct and radius >= r; abstentions never are). Two files of the same images give aligned rows."""
+    if results.radius is None:
+        raise SmoothAdvError(f"{results.path} has no radius column: only certify results have certified images")
+    order = np.argsort(results.idx, kind="stable")
+    radii_a = np.asarray(radii, dtype=float)
+    return results.correct[order].astype(bool)[:, None] & (results.radius[order][:, None] >= radii_a[None, :])
+
+
 def compare(first: Results, second: Results, radii: Sequence[float], names: tuple[str, str] = ("A", "B"),
             level: float = 0.95) -> Comparison:
     """Compare two certify results on the same test images (`Comparison`).
@@ -805,8 +815,7 @@ def compare(first: Results, second: Results, radii: Sequence[float], names: tupl
     a_radius, a_correct = first.radius[a_order], first.correct[a_order].astype(bool)  # type: ignore[index]
     b_radius, b_correct = second.radius[b_order], second.correct[b_order].astype(bool)  # type: ignore[index]
     accuracy, only, pvalues = [], [], []
-    for r in radii_a:
-        a_ok, b_ok = a_correct & (a_radius >= r), b_correct & (b_radius >= r)
+    for a_ok, b_ok in zip(certified_by_image(first, radii_a).T, certified_by_image(second, radii_a).T):
         counts = (int(np.sum(a_ok & ~b_ok)), int(np.sum(b_ok & ~a_ok)))
         accuracy.append((float(a_ok.mean()), float(b_ok.mean())))
         only.append(counts)

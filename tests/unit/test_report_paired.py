@@ -12,7 +12,7 @@ import pytest
 from conftest import CERTIFY_HEADER, PAIRED_A
 
 from smoothadv.errors import SmoothAdvError
-from smoothadv.report import compare, describe_comparison, format_comparison, load_results
+from smoothadv.report import certified_by_image, compare, describe_comparison, format_comparison, load_results
 
 
 def test_compare_counts_the_discordant_images_and_tests_them(paired_files: tuple[Path, Path]) -> None:
@@ -33,6 +33,14 @@ def test_compare_counts_the_discordant_images_and_tests_them(paired_files: tuple
     assert "| ACR | 0.180 | 0.480 | +0.300 [-0.189, +0.789] |  |  |  |  | – |" in markdown
     assert "no radius shows a supported difference" in describe_comparison(comparison)
     assert format_comparison(comparison, "csv").splitlines()[2] == "0.5,0.200000,0.800000,0.600000,,,0,3,0.25,0.5,"
+
+
+def test_certified_by_image_aligns_files_by_idx(paired_files: tuple[Path, Path]) -> None:
+    """Rows in increasing idx whatever the file order; abstained (idx 2) and wrong (idx 3) never certified."""
+    a, b = (load_results(path) for path in paired_files)
+    assert certified_by_image(a, [0.0, 0.5]).tolist() == [[True, True], [True, False], [False, False],
+                                                          [False, False], [True, False]]
+    assert certified_by_image(b, [0.0, 0.6, 0.7]).tolist() == [[True, True, False]] * 4 + [[False, False, False]]
 
 
 def test_a_supported_difference_is_named(tmp_path: Path) -> None:
